@@ -1,0 +1,234 @@
+"""Per-request capture state, the request/batch handles, and ``integrations.flag()``.
+
+The state of the request being served lives in a :class:`contextvars.ContextVar`, so concurrent
+requests on threads or asyncio tasks never see each other's context. Hooks read it on every
+forward call; when nothing fires they return after one ``ContextVar.get``.
+
+Example::
+
+    with rec.request(request_id="r-1", tenant="acme") as req:
+        out = model.generate(**inputs)
+        if bad(out):
+            req.flag("prompt_injection")     # or integrations.flag("prompt_injection")
+"""
+
+from __future__ import annotations
+
+import contextvars
+import threading
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from .triggers import Fire, RequestView
+
+if TYPE_CHECKING:
+    import torch
+
+    from ._recorder import Recorder
+
+__all__ = ["BatchHandle", "RequestHandle", "current_request", "flag"]
+
+
+@dataclass
+class _Row:
+    """One tensor copied during a request, waiting to become an incident row."""
+
+    kind: str
+    site: str
+    module_path: str
+    step: int
+    tensor: torch.Tensor
+
+
+@dataclass
+class RequestState:
+    """Everything recorded for one request (one future incident). Internal."""
+
+    request_id: str
+    tenant: str | None
+    headers: Mapping[str, str]
+    traceparent: str | None
+    rows: slice                      # which batch rows of every tensor belong to this request
+    started_at: float = field(default_factory=time.time)
+    flags: list[str] = field(default_factory=list)
+    flag_step: int | None = None     # last forward step completed when first flagged
+    fire: Fire | None = None         # set when activations are being captured
+    decided: bool = False            # pre-trigger evaluated (at the first forward)
+    capturing: bool = False
+    capture_from_step: int | None = None
+    records: list[_Row] = field(default_factory=list)
+    nbytes: int = 0
+    too_large: bool = False
+    error: str | None = None         # capture error (never raised into the model call)
+    output_ids: torch.Tensor | None = None
+    output_text: str | None = None
+    input_text: str | None = None
+    generation: dict[str, Any] | None = None
+    rng_state: torch.Tensor | None = None
+    request_error: str | None = None
+
+    def view(self, *, with_output: bool = False) -> RequestView:
+        return RequestView(request_id=self.request_id, tenant=self.tenant, headers=self.headers,
+                           flags=tuple(self.flags),
+                           output_text=self.output_text if with_output else None)
+
+
+class _StepCounter:
+    """Forward-call counter shared by all requests of one batch (0 = prefill)."""
+
+    def __init__(self) -> None:
+        self.next_step = 0
+        self.depth = 0      # nested top-level forwards (re-entrancy guard)
+
+
+@dataclass
+class _Active:
+    """What the hooks see: the requests of the batch being served and its step counter."""
+
+    recorder: Recorder
+    states: list[RequestState]
+    counter: _StepCounter
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+_current: contextvars.ContextVar[_Active | None] = contextvars.ContextVar(
+    "forensics_request", default=None)
+
+
+def current_request() -> RequestHandle | None:
+    """The handle of the request being served in this context, if exactly one."""
+    act = _current.get()
+    if act is None or len(act.states) != 1:
+        return None
+    return RequestHandle(act.recorder, act.states[0], act)
+
+
+def flag(reason: str, *, request_id: str | None = None) -> bool:
+    """Flag the current request (anywhere inside ``rec.request(...)``) as a failure.
+
+    Returns False — never raises — when there is no request to flag (forensics never breaks the
+    serving path). Inside ``rec.batch(...)`` pass ``request_id``.
+    """
+    act = _current.get()
+    if act is None:
+        return False
+    for st in act.states:
+        if request_id is None and len(act.states) == 1 or st.request_id == request_id:
+            _add_flag(st, act, reason)
+            return True
+    return False
+
+
+def _add_flag(st: RequestState, act: _Active, reason: str) -> None:
+    if st.flag_step is None:
+        st.flag_step = act.counter.next_step - 1
+    st.flags.append(str(reason))
+
+
+class RequestHandle:
+    """Handle of one request: flag it, attach its output / generation config."""
+
+    def __init__(self, recorder: Recorder, state: RequestState, active: _Active) -> None:
+        self._recorder = recorder
+        self._state = state
+        self._active = active
+
+    @property
+    def request_id(self) -> str:
+        return self._state.request_id
+
+    @property
+    def capturing(self) -> bool:
+        """True when this request's activations are being captured."""
+        return self._state.capturing
+
+    def flag(self, reason: str) -> None:
+        """Mark this request as a failure with ``reason`` (e.g. ``"prompt_injection"``)."""
+        _add_flag(self._state, self._active, reason)
+
+    def set_output(self, *, ids: Any = None, text: str | None = None) -> None:
+        """Attach the request's output: token ids (any int tensor/list) and/or decoded text.
+
+        Text is used by ``OutputContains`` and stored only when content capture is on.
+        """
+        import torch
+
+        if ids is not None:
+            t = ids if isinstance(ids, torch.Tensor) else torch.as_tensor(ids)
+            t = t.detach().to("cpu")
+            if self._state.rows != slice(None) and t.dim() >= 1 and t.shape[0] > 1:
+                t = t[self._state.rows]
+            self._state.output_ids = t.clone()
+            if text is None:
+                text = self._recorder._decode(self._state.output_ids)
+        if text is not None:
+            self._state.output_text = text
+
+    def set_input(self, *, text: str | None = None) -> None:
+        """Attach the raw input text (stored only when content capture is on)."""
+        self._state.input_text = text
+
+    def set_generation(self, **config: Any) -> None:
+        """Record the generation config used (``max_new_tokens``, ``do_sample``, ...)."""
+        self._state.generation = {k: _jsonable(v) for k, v in config.items()}
+
+
+class BatchHandle:
+    """Handle of a served batch: one :class:`RequestHandle` per request, by id or row."""
+
+    def __init__(self, recorder: Recorder, active: _Active) -> None:
+        self._active = active
+        self._handles = {st.request_id: RequestHandle(recorder, st, active)
+                         for st in active.states}
+
+    def __getitem__(self, key: str | int) -> RequestHandle:
+        if isinstance(key, int):
+            return self._handles[self._active.states[key].request_id]
+        return self._handles[key]
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(self._handles.values())
+
+    def __len__(self) -> int:
+        return len(self._handles)
+
+    def flag(self, request_id: str, reason: str) -> None:
+        self._handles[request_id].flag(reason)
+
+    def set_output(self, *, ids: Any = None, texts: Sequence[str] | None = None) -> None:
+        """Attach the batch's outputs, row by row."""
+        for i, h in enumerate(self._handles.values()):
+            h.set_output(ids=None if ids is None else ids[i:i + 1],
+                         text=None if texts is None else texts[i])
+
+
+def new_state(*, request_id: str | None, tenant: str | None, headers: Mapping[str, str] | None,
+              traceparent: str | None, rows: slice) -> RequestState:
+    return RequestState(request_id=request_id or uuid.uuid4().hex, tenant=tenant,
+                        headers=dict(headers or {}),
+                        traceparent=traceparent or _otel_traceparent(), rows=rows)
+
+
+def _otel_traceparent() -> str | None:
+    """W3C traceparent of the current OpenTelemetry span, if a valid one is active."""
+    try:
+        from opentelemetry import trace
+    except ImportError:  # opentelemetry-api is optional at run time
+        return None
+    ctx = trace.get_current_span().get_span_context()
+    if not ctx.is_valid:
+        return None
+    return f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-{int(ctx.trace_flags):02x}"
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, (str, int, float, bool)) or v is None:
+        return v
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, dict):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    return repr(v)

@@ -1,0 +1,62 @@
+"""The ``forensics`` command line: demo, replay, scenarios, baselines, sidecar, incidents.
+
+Example::
+
+    forensics demo                      # record SmolLM2 serving a benign and an injected prompt
+    forensics sidecar serve --config configs/sidecar.yaml
+    forensics incidents list --filter "tenant = 'acme'"
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+__all__ = ["build_parser", "main"]
+
+# Sub-command groups contributed by other packages: module -> register(subparsers) function.
+_PLUGINS = ("sidecar.cli", "analysis.cli")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="forensics", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    d = sub.add_parser("demo", help="record SmolLM2-135M-Instruct serving a benign and an "
+                                    "injected prompt; print what was captured")
+    d.add_argument("--out", default="forensics-data/demo", help="output directory")
+    d.add_argument("--max-new-tokens", type=int, default=12)
+    d.set_defaults(func=_cmd_demo)
+    for mod in _PLUGINS:
+        try:
+            m = importlib.import_module(mod)
+        except ImportError as e:  # an optional extra is not installed
+            if e.name and e.name.split(".")[0] == mod.split(".")[0] and "No module" in str(e):
+                continue
+            raise
+        m.register(sub)
+    return p
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from model_forensics._demo import run_demo
+
+    return run_demo(out_dir=args.out, max_new_tokens=args.max_new_tokens)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from integrations.errors import ForensicsError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except ForensicsError as e:
+        print(f"forensics: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
