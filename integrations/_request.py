@@ -69,6 +69,9 @@ class RequestState:
     generation: dict[str, Any] | None = None
     rng_state: torch.Tensor | None = None
     request_error: str | None = None
+    # External calls (tools, retrieval) made while serving, in order: JSON-able dicts
+    # {"name", "args", "result"} appended by ``integrations.external``; replayed from here.
+    external_calls: list[dict[str, Any]] = field(default_factory=list)
 
     def view(self, *, with_output: bool = False) -> RequestView:
         return RequestView(request_id=self.request_id, tenant=self.tenant, headers=self.headers,

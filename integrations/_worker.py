@@ -170,6 +170,7 @@ class ExportWorker:
             "content_captured": content is not None,
             "content": content,
             "activations": p.activations,
+            "external_calls": list(st.external_calls),
             "sites": [b.site for b in rec.bound] if p.activations == "captured" else [],
             "steps": p.last_step + 1,
         }

@@ -1,0 +1,135 @@
+"""Recorder overhead on the serving path, measured as ratios in one interleaved run.
+
+Three modes on the same work (batch 1, 64-token prompt, greedy ``generate`` of 16 new tokens):
+
+* ``plain``     — no recorder on the model at all;
+* ``not_firing``— recorder installed (default sites: residual stream of every block), request
+                  context active, trigger ``OnFlag`` never fires;
+* ``firing``    — same recorder, request flagged before the first forward: every step's
+                  activations, inputs and logits are copied and queued.
+
+Modes rotate inside every repetition (so drift hits all of them alike); we report medians and
+the median ratios to ``plain``. Timings cover the serving call only (the export worker's build
+and hand-off run after the timed region: ``force_flush`` is outside it).
+
+Usage::
+
+    python benchmarks/recorder_overhead.py --reps 15           # tiny GPT-2 and SmolLM2
+    python benchmarks/recorder_overhead.py --models tiny-gpt2 --reps 30
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+
+def _tiny_gpt2() -> tuple[Any, int]:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = GPT2Config(vocab_size=512, n_positions=128, n_embd=64, n_layer=4, n_head=4,
+                     bos_token_id=1, eos_token_id=2)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        m = GPT2LMHeadModel(cfg).eval()
+    return m, 512
+
+
+def _smollm2() -> tuple[Any, int]:
+    from analysis.models import load_smollm2
+
+    m, tok = load_smollm2()
+    return m, int(m.config.vocab_size)
+
+
+def _bench(name: str, model: Any, vocab: int, reps: int, warmup: int) -> dict[str, Any]:
+    from prometheus_client import CollectorRegistry
+
+    from integrations import Recorder, exporters, triggers
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(10, vocab - 1, (1, 64), generator=g)
+    mask = torch.ones_like(ids)
+
+    def gen() -> None:
+        with torch.no_grad():
+            model.generate(ids, attention_mask=mask, max_new_tokens=16, min_new_tokens=16,
+                           do_sample=False, pad_token_id=0)
+
+    def run_plain() -> float:
+        t = time.perf_counter()
+        gen()
+        return time.perf_counter() - t
+
+    def run_recorded(fire: bool) -> float:
+        ex = exporters.InMemoryExporter()
+        rec = Recorder(model, trigger=triggers.OnFlag(), exporter=ex,
+                       metrics_registry=CollectorRegistry())
+        try:
+            t = time.perf_counter()
+            with rec.request(request_id="bench") as req:
+                if fire:
+                    req.flag("bench")
+                gen()
+            dt = time.perf_counter() - t
+            rec.force_flush(timeout_s=120)
+            if fire:
+                inc = ex.incidents[-1]
+                assert len(inc.steps(inc.sites()[0])) == 16, "expected 16 recorded steps"
+            else:
+                assert not ex.incidents
+        finally:
+            rec.shutdown()
+        return dt
+
+    modes: dict[str, Callable[[], float]] = {
+        "plain": run_plain,
+        "not_firing": lambda: run_recorded(False),
+        "firing": lambda: run_recorded(True),
+    }
+    for _ in range(warmup):
+        for f in modes.values():
+            f()
+    times: dict[str, list[float]] = {k: [] for k in modes}
+    order = list(modes)
+    for r in range(reps):
+        for k in order[r % 3:] + order[:r % 3]:  # rotate the order every repetition
+            times[k].append(modes[k]())
+    med = {k: statistics.median(v) for k, v in times.items()}
+    # paired ratios per repetition, then the median (robust to drift between repetitions)
+    ratio = {k: statistics.median(a / b for a, b in zip(times[k], times["plain"]))
+             for k in ("not_firing", "firing")}
+    return {"model": name, "reps": reps, "median_s": med, "median_ratio_vs_plain": ratio,
+            "threads": torch.get_num_threads()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="tiny-gpt2,smollm2")
+    ap.add_argument("--reps", type=int, default=15)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--json", help="also write the results as JSON here")
+    a = ap.parse_args()
+    loaders = {"tiny-gpt2": _tiny_gpt2, "smollm2": _smollm2}
+    out = []
+    for name in a.models.split(","):
+        model, vocab = loaders[name]()
+        res = _bench(name, model, vocab, a.reps, a.warmup)
+        out.append(res)
+        m, r = res["median_s"], res["median_ratio_vs_plain"]
+        print(f"{name:10s} plain {m['plain'] * 1e3:8.1f} ms | not firing {m['not_firing'] * 1e3:8.1f}"
+              f" ms ({r['not_firing']:.3f}x) | firing {m['firing'] * 1e3:8.1f} ms "
+              f"({r['firing']:.3f}x)  [median of {res['reps']}, {res['threads']} threads]")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(out, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
