@@ -114,7 +114,7 @@ class ExportWorker:
         b = IncidentBuilder(manifest=manifest)
         for r in p.rows:
             b.add(kind=r.kind, site=r.site, module_path=r.module_path, step=r.step,
-                  tensor=r.tensor)
+                  tensor=r.tensor, copy=False)  # rows are already private copies
         st = p.state
         if st.output_ids is not None:
             b.add(kind="output", site="output_ids", module_path="", step=p.last_step,
@@ -123,12 +123,13 @@ class ExportWorker:
             b.add(kind="reference", site="rng.cpu", module_path="", step=0,
                   tensor=st.rng_state)
         try:
-            data = b.to_bytes(max_bytes=self._rec.max_bundle_bytes)
+            data = b.to_buffer(max_bytes=self._rec.max_bundle_bytes,
+                               compression=self._compression)
         except IncidentTooLargeError as e:
             _log.warning("forensics: incident %s dropped: %s", p.incident_id, e)
             self._rec.metrics.dropped("too_large")
             return
-        incident = Incident.from_bytes(data)
+        incident = Incident.from_bytes(data, verify=False)  # just built and digested here
         p.rows.clear()  # release the copies early
         if self._rec.exporter.export(incident) is ExportResult.SUCCESS:
             self._rec.metrics.exported()

@@ -321,3 +321,25 @@ def test_arrow_file_exporter_roundtrip(tiny_gpt2, tmp_path):  # type: ignore[no-
     assert inc.manifest["request"]["id"] == "file"
     assert inc.manifest["model"]["fingerprint"]
     assert inc.tensor("blocks.1.attn", step=0).shape == (1, 6, 32)
+
+
+def test_compression_ratio_below_one_writes_zstd_losslessly(tiny_gpt2, tmp_path):  # type: ignore[no-untyped-def]
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("recorder:\n  compression_ratio: 0.5\n")
+    plain = _rec(tiny_gpt2, sites=["blocks.*.resid_post"], trigger=triggers.Always())
+    comp = _rec(tiny_gpt2, sites=["blocks.*.resid_post"], trigger=triggers.Always(),
+                config=str(cfg))
+    ids = _ids(32)
+    for rec in (plain, comp):
+        with rec.request(request_id="z"):
+            with torch.no_grad():
+                tiny_gpt2(ids)
+        rec.shutdown()
+    a = plain.exporter.incidents[-1]  # type: ignore[attr-defined]
+    b = comp.exporter.incidents[-1]  # type: ignore[attr-defined]
+    assert len(b.to_bytes()) < len(a.to_bytes())  # zstd body compression is on
+    for site in a.sites():
+        assert torch.equal(a.tensor(site, step=0), b.tensor(site, step=0))
+    reread = Incident.from_bytes(b.to_bytes())
+    assert torch.equal(reread.tensor("blocks.0.resid_post", step=0),
+                       a.tensor("blocks.0.resid_post", step=0))
