@@ -103,9 +103,10 @@ class Recorder:
             cfg.recorder.max_bundle_size_mb
         self.max_bundle_bytes = int(mb * 1024 * 1024)
         self.metrics = RecorderMetrics(registry=metrics_registry)
+        known = getattr(getattr(model, "config", None), "forensics_model_ref", None) or {}
         self.model_ref = {
-            "name": model_name or _model_name(model),
-            "revision": model_revision,
+            "name": model_name or known.get("name") or _model_name(model),
+            "revision": model_revision or known.get("revision"),
             "class": type(model).__name__,
         }
         self._ambient: _Active | None = None
