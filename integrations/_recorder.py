@@ -103,6 +103,9 @@ class Recorder:
             cfg.recorder.max_bundle_size_mb
         self.max_bundle_bytes = int(mb * 1024 * 1024)
         self.metrics = RecorderMetrics(registry=metrics_registry)
+        bind = getattr(self.exporter, "bind_metrics", None)
+        if callable(bind):  # exporters that count their own drops / spool bytes
+            bind(self.metrics)
         known = getattr(getattr(model, "config", None), "forensics_model_ref", None) or {}
         self.model_ref = {
             "name": model_name or known.get("name") or _model_name(model),

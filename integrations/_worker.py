@@ -131,9 +131,11 @@ class ExportWorker:
             return
         incident = Incident.from_bytes(data, verify=False)  # just built and digested here
         p.rows.clear()  # release the copies early
-        if self._rec.exporter.export(incident) is ExportResult.SUCCESS:
+        ex = self._rec.exporter
+        if ex.export(incident) is ExportResult.SUCCESS:
             self._rec.metrics.exported()
-        else:
+        elif not getattr(ex, "counts_own_drops", False):
+            # exporters that count their own drops by reason (spool_full, ...) already did
             self._rec.metrics.dropped("export_failed")
 
     def _manifest(self, p: PendingIncident) -> dict[str, Any]:
@@ -156,9 +158,13 @@ class ExportWorker:
             "tokenizer": None if tok is None else {
                 "name": str(getattr(tok, "name_or_path", "") or type(tok).__name__),
                 "revision": None, "class": type(tok).__name__},
-            "trigger": {"rule": p.fire.rule, "reason": p.fire.reason,
+            # A flagged request is described by its (first) flag; the rule that decided the
+            # capture (e.g. sampling) is kept as captured_by.
+            "trigger": {"rule": "flag" if st.flags else p.fire.rule,
+                        "reason": st.flags[0] if st.flags else p.fire.reason,
                         "step": st.flag_step if st.flag_step is not None else p.last_step,
-                        "flags": list(st.flags)},
+                        "flags": list(st.flags),
+                        "captured_by": {"rule": p.fire.rule, "reason": p.fire.reason}},
             "request": {"id": st.request_id, "tenant": st.tenant,
                         "traceparent": st.traceparent, "error": st.request_error,
                         "started_at": _dt.datetime.fromtimestamp(

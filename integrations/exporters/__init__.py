@@ -17,14 +17,21 @@ from ._file import ArrowFileExporter
 from ._memory import InMemoryExporter
 
 if TYPE_CHECKING:
-    from ._sidecar import SidecarExporter
+    from ._sidecar import SidecarExporter, TLSConfig
 
-__all__ = ["ArrowFileExporter", "ExportResult", "Exporter", "InMemoryExporter", "SidecarExporter"]
+__all__ = [
+    "ArrowFileExporter",
+    "ExportResult",
+    "Exporter",
+    "InMemoryExporter",
+    "SidecarExporter",
+    "TLSConfig",
+]
 
 
 def __getattr__(name: str) -> Any:  # lazy: the gRPC client is only imported when used
-    if name == "SidecarExporter":
-        from ._sidecar import SidecarExporter
+    if name in ("SidecarExporter", "TLSConfig"):
+        from . import _sidecar
 
-        return SidecarExporter
+        return getattr(_sidecar, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
