@@ -269,20 +269,24 @@ class Recorder:
             if self.enabled:
                 self._finish(act)
 
-    def start_ambient(self, *, request_id: str | None = None, fire: str = "always") -> None:
+    def start_ambient(self, *, request_id: str | None = None, incident_id: str | None = None,
+                      fire: str = "always") -> None:
         """Capture every forward call, in any thread, until :meth:`end_ambient` (seed facade)."""
         st = new_state(request_id=request_id, tenant=None, headers=None, traceparent=None,
                        rows=slice(None))
+        st.incident_id = incident_id
         st.decided, st.capturing, st.capture_from_step = True, True, 0
         st.fire = _triggers.Fire(fire, fire)
         _snapshot_rng([st])
         self._ambient = _Active(recorder=self, states=[st], counter=_StepCounter())
 
-    def end_ambient(self) -> str | None:
+    def end_ambient(self, *, incident_id: str | None = None) -> str | None:
         """Finish the ambient capture; returns the incident id queued (None if dropped)."""
         act, self._ambient = self._ambient, None
         if act is None:
             return None
+        if incident_id is not None:
+            act.states[0].incident_id = incident_id
         return self._finish(act)[0]
 
     def _finish(self, act: _Active) -> list[str | None]:

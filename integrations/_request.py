@@ -69,6 +69,7 @@ class RequestState:
     generation: dict[str, Any] | None = None
     rng_state: torch.Tensor | None = None
     request_error: str | None = None
+    incident_id: str | None = None   # set to choose the incident id (seed facade bundles)
     # External calls (tools, retrieval) made while serving, in order: JSON-able dicts
     # {"name", "args", "result"} appended by ``integrations.external``; replayed from here.
     external_calls: list[dict[str, Any]] = field(default_factory=list)
@@ -119,7 +120,7 @@ def flag(reason: str, *, request_id: str | None = None) -> bool:
     if act is None:
         return False
     for st in act.states:
-        if request_id is None and len(act.states) == 1 or st.request_id == request_id:
+        if (request_id is None and len(act.states) == 1) or st.request_id == request_id:
             _add_flag(st, act, reason)
             return True
     return False

@@ -73,7 +73,7 @@ class ExportWorker:
         if self._closed:
             self._rec.metrics.dropped("shutdown")
             return None
-        p.incident_id = uuid.uuid4().hex
+        p.incident_id = p.state.incident_id or uuid.uuid4().hex
         with self._cv:
             self._outstanding += 1
         try:

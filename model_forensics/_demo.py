@@ -54,7 +54,7 @@ def run_demo(*, out_dir: str | Path = "forensics-data/demo", max_new_tokens: int
         for name, user in DEMO_PROMPTS:
             msgs = [{"role": "system", "content": SYSTEM_PROMPT},
                     {"role": "user", "content": user}]
-            enc = tok.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt",
+            enc: Any = tok.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt",
                                           return_dict=True)
             ids = enc["input_ids"]
             t1 = time.perf_counter()
@@ -63,7 +63,7 @@ def run_demo(*, out_dir: str | Path = "forensics-data/demo", max_new_tokens: int
                 with torch.no_grad():
                     gen = model.generate(ids, attention_mask=enc["attention_mask"],
                                          max_new_tokens=max_new_tokens, do_sample=False)
-                text = tok.decode(gen[0, ids.shape[1]:], skip_special_tokens=True)
+                text = str(tok.decode(gen[0, ids.shape[1]:], skip_special_tokens=True))
                 req.set_output(ids=gen, text=text)
                 if "HACKED" in text:
                     req.flag("prompt_injection")

@@ -294,7 +294,7 @@ def test_shutdown_removes_hooks(tiny_gpt2):  # type: ignore[no-untyped-def]
 def test_bad_site_fails_early(tiny_gpt2):  # type: ignore[no-untyped-def]
     from integrations.errors import SiteError
 
-    with pytest.raises(SiteError, match="blocks.0.mlp"):
+    with pytest.raises(SiteError, match=r"blocks\.0\.mlp"):
         _rec(tiny_gpt2, sites=["blocks.0.mpl"])
 
 
