@@ -58,7 +58,7 @@ class RecorderHooks:
                                  exporter=exporters.InMemoryExporter(), config=self.config,
                                  tokenizer=tokenizer, metrics_registry=CollectorRegistry())
         self.model = model
-        _register(model)
+        _register(str(self.recorder.model_ref["name"]), model, tokenizer)
         self.recorder.start_ambient(request_id="seed-recorder")
 
     def create_bundle(self, name: str) -> Incident:
@@ -98,10 +98,10 @@ class RecorderHooks:
             self.recorder = None
 
 
-def _register(model: Any) -> None:
+def _register(name: str, model: Any, tokenizer: Any) -> None:
     """Make the model findable by ``SandboxReplayer()`` from a bundle's model reference."""
     try:
         from analysis.registry import register_model
     except ImportError:  # the analysis extra is not installed: replay needs an explicit model
         return
-    register_model(model)
+    register_model(name, model, tokenizer=tokenizer)
