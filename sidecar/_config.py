@@ -1,0 +1,326 @@
+"""Sidecar configuration: embedded defaults, a YAML file on top, every key validated.
+
+Unknown keys and bad values raise :class:`~integrations.errors.ConfigError` naming the key, so a
+typo never silently falls back to a default.
+
+Example::
+
+    cfg = load_config("configs/sidecar.yaml")        # or SidecarConfig.defaults()
+    cfg.data_dir, cfg.grpc.address, cfg.limits.max_incident_bytes
+    cfg = SidecarConfig.from_dict({"data_dir": "/tmp/x", "auth": {"tokens": [
+        {"token": "s3cret", "tenant": "acme"}]}})
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from integrations.errors import ConfigError
+
+__all__ = [
+    "AuthConfig",
+    "GrpcConfig",
+    "JobsConfig",
+    "LimitsConfig",
+    "MetricsConfig",
+    "ModelSpec",
+    "SidecarConfig",
+    "TelemetryConfig",
+    "TlsConfig",
+    "load_config",
+]
+
+MiB = 1024 * 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class TlsConfig:
+    """Server TLS. ``client_ca_file`` + ``require_client_auth`` = mTLS."""
+
+    cert_file: str | None = None
+    key_file: str | None = None
+    client_ca_file: str | None = None
+    require_client_auth: bool = False
+
+    @property
+    def enabled(self) -> bool:
+        return self.cert_file is not None
+
+
+@dataclasses.dataclass(frozen=True)
+class GrpcConfig:
+    """gRPC listener: address ``host:port``, thread pool, concurrency and size caps."""
+
+    address: str = "127.0.0.1:7431"
+    max_workers: int = 16
+    max_concurrent_rpcs: int = 64
+    grace_s: float = 5.0
+    tls: TlsConfig = dataclasses.field(default_factory=TlsConfig)
+
+    @property
+    def host(self) -> str:
+        return self.address.rsplit(":", 1)[0]
+
+    @property
+    def port(self) -> int:
+        return int(self.address.rsplit(":", 1)[1])
+
+
+@dataclasses.dataclass(frozen=True)
+class LimitsConfig:
+    """Ingest caps: one chunk, one incident, and the page size of ListIncidents."""
+
+    max_chunk_bytes: int = MiB
+    max_incident_bytes: int = 512 * MiB
+    max_page_size: int = 1000
+    default_page_size: int = 50
+
+
+@dataclasses.dataclass(frozen=True)
+class AuthConfig:
+    """Bearer tokens. Empty ``tokens`` and ``admin_tokens`` = auth off (single-tenant mode).
+
+    ``tokens`` maps a token to its tenant; each entry in YAML is ``{token: ..., tenant: ...}`` or
+    ``{token_env: VAR, tenant: ...}`` (the token read from the environment).
+    """
+
+    tokens: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    admin_tokens: tuple[str, ...] = ()
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.tokens) or bool(self.admin_tokens)
+
+
+@dataclasses.dataclass(frozen=True)
+class MetricsConfig:
+    """Prometheus ``/metrics`` HTTP endpoint (served by ``sidecar.telemetry``)."""
+
+    enabled: bool = True
+    address: str = "127.0.0.1:9464"
+
+
+@dataclasses.dataclass(frozen=True)
+class TelemetryConfig:
+    """OpenTelemetry span export; off unless ``otlp_endpoint`` is set."""
+
+    otlp_endpoint: str | None = None
+    otlp_protocol: str = "grpc"          # grpc | http/protobuf
+    service_name: str = "forensics-sidecar"
+
+
+@dataclasses.dataclass(frozen=True)
+class JobsConfig:
+    """Analysis job runner: worker threads, retries, kinds enqueued on every new incident."""
+
+    workers: int = 2
+    max_attempts: int = 3
+    on_ingest: tuple[str, ...] = ()
+    poll_interval_s: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """A model the sidecar can load for replay: ``loader`` is ``"module:function"`` returning a
+    model or ``(model, tokenizer)``; matched by ``fingerprint`` (preferred) or ``name``."""
+
+    name: str
+    loader: str
+    fingerprint: str | None = None
+    kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class SidecarConfig:
+    """The whole sidecar configuration (see ``configs/sidecar.yaml`` for every key)."""
+
+    data_dir: str = "./forensics-data"
+    grpc: GrpcConfig = dataclasses.field(default_factory=GrpcConfig)
+    limits: LimitsConfig = dataclasses.field(default_factory=LimitsConfig)
+    auth: AuthConfig = dataclasses.field(default_factory=AuthConfig)
+    metrics: MetricsConfig = dataclasses.field(default_factory=MetricsConfig)
+    telemetry: TelemetryConfig = dataclasses.field(default_factory=TelemetryConfig)
+    jobs: JobsConfig = dataclasses.field(default_factory=JobsConfig)
+    models: tuple[ModelSpec, ...] = ()
+
+    @classmethod
+    def defaults(cls, **overrides: Any) -> SidecarConfig:
+        """The embedded defaults, with top-level fields replaced by ``overrides``."""
+        return dataclasses.replace(cls(), **overrides)
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any] | None) -> SidecarConfig:
+        """Build from a parsed YAML mapping (missing keys take the embedded defaults)."""
+        raw = dict(raw or {})
+        _check_keys(raw, {"data_dir", "grpc", "limits", "auth", "metrics", "telemetry", "jobs",
+                          "models"}, "")
+        grpc_raw = dict(_mapping(raw.get("grpc"), "grpc"))
+        tls = _section(TlsConfig, grpc_raw.pop("tls", None), "grpc.tls")
+        grpc_cfg = dataclasses.replace(_section(GrpcConfig, grpc_raw, "grpc"), tls=tls)
+        _parse_address(grpc_cfg.address, "grpc.address")
+        if tls.enabled != (tls.key_file is not None):
+            raise ConfigError("grpc.tls needs both cert_file and key_file")
+        if tls.require_client_auth and not tls.client_ca_file:
+            raise ConfigError("grpc.tls.require_client_auth needs grpc.tls.client_ca_file")
+        limits = _section(LimitsConfig, raw.get("limits"), "limits")
+        if not 0 < limits.max_chunk_bytes <= 4 * MiB:
+            raise ConfigError("limits.max_chunk_bytes must be in (0, 4 MiB]")
+        if limits.max_incident_bytes <= 0:
+            raise ConfigError("limits.max_incident_bytes must be positive")
+        jobs_raw = dict(_mapping(raw.get("jobs"), "jobs"))
+        if "on_ingest" in jobs_raw:
+            jobs_raw["on_ingest"] = tuple(_str_list(jobs_raw["on_ingest"], "jobs.on_ingest"))
+        jobs = _section(JobsConfig, jobs_raw, "jobs")
+        if jobs.workers < 1 or jobs.max_attempts < 1:
+            raise ConfigError("jobs.workers and jobs.max_attempts must be >= 1")
+        metrics = _section(MetricsConfig, raw.get("metrics"), "metrics")
+        _parse_address(metrics.address, "metrics.address")
+        telemetry = _section(TelemetryConfig, raw.get("telemetry"), "telemetry")
+        if telemetry.otlp_protocol not in ("grpc", "http/protobuf"):
+            raise ConfigError("telemetry.otlp_protocol must be 'grpc' or 'http/protobuf'")
+        data_dir = raw.get("data_dir", cls.data_dir)
+        if not isinstance(data_dir, str) or not data_dir:
+            raise ConfigError("data_dir must be a non-empty path string")
+        return cls(data_dir=data_dir, grpc=grpc_cfg, limits=limits,
+                   auth=_auth(raw.get("auth")), metrics=metrics, telemetry=telemetry, jobs=jobs,
+                   models=_models(raw.get("models")))
+
+    def find_model(self, *, name: str | None, fingerprint: str | None) -> ModelSpec | None:
+        """The registered model for an incident's model reference: a fingerprint match first,
+        then a name match among specs without a fingerprint; ``None`` when not registered."""
+        if fingerprint:
+            for spec in self.models:
+                if spec.fingerprint == fingerprint:
+                    return spec
+        for spec in self.models:
+            if name and spec.name == name and spec.fingerprint is None:
+                return spec
+        return None
+
+
+def load_config(path: str | os.PathLike[str] | None = None) -> SidecarConfig:
+    """Load ``path`` (YAML) over the embedded defaults; ``None`` → the defaults alone."""
+    if path is None:
+        return SidecarConfig()
+    import yaml
+
+    p = Path(path)
+    try:
+        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"sidecar config {p} not found; pass an existing --config") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"sidecar config {p} is not valid YAML: {e}") from None
+    if raw is not None and not isinstance(raw, Mapping):
+        raise ConfigError(f"sidecar config {p} must be a mapping at the top level")
+    return SidecarConfig.from_dict(raw)
+
+
+def _mapping(value: Any, where: str) -> Mapping[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{where} must be a mapping, got {type(value).__name__}")
+    return value
+
+
+def _check_keys(raw: Mapping[str, Any], allowed: set[str], where: str) -> None:
+    unknown = sorted(set(raw) - allowed)
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise ConfigError(f"unknown config key(s) {', '.join(prefix + k for k in unknown)}; "
+                          f"valid: {', '.join(sorted(prefix + k for k in allowed))}")
+
+
+def _section(cls: Any, value: Any, where: str) -> Any:
+    raw = dict(_mapping(value, where))
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    _check_keys(raw, set(fields), where)
+    default = cls()
+    for key, val in raw.items():
+        want = type(getattr(default, key))
+        if want is float and isinstance(val, int) and not isinstance(val, bool):
+            val = float(val)
+            raw[key] = val
+        ok = (val is None and getattr(default, key) is None) or isinstance(val, want) or (
+            getattr(default, key) is None and isinstance(val, str))
+        if not ok or (want is int and isinstance(val, bool)):
+            raise ConfigError(f"{where}.{key} must be {want.__name__}, got {val!r}")
+    return cls(**raw)
+
+
+def _parse_address(address: str, where: str) -> None:
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ConfigError(f"{where} must be 'host:port', got {address!r}")
+
+
+def _str_list(value: Any, where: str) -> list[str]:
+    if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{where} must be a list of strings")
+    return list(value)
+
+
+def _auth(value: Any) -> AuthConfig:
+    raw = _mapping(value, "auth")
+    _check_keys(raw, {"tokens", "admin_tokens"}, "auth")
+    tokens: dict[str, str] = {}
+    entries = raw.get("tokens") or []
+    if not isinstance(entries, list):
+        raise ConfigError("auth.tokens must be a list of {token|token_env, tenant}")
+    for i, entry in enumerate(entries):
+        where = f"auth.tokens[{i}]"
+        entry = _mapping(entry, where)
+        _check_keys(entry, {"token", "token_env", "tenant"}, where)
+        token = _token(entry, where)
+        tenant = entry.get("tenant")
+        if not isinstance(tenant, str) or not tenant:
+            raise ConfigError(f"{where}.tenant must be a non-empty string")
+        if token in tokens:
+            raise ConfigError(f"{where}: duplicate token")
+        tokens[token] = tenant
+    admin: list[str] = []
+    for i, entry in enumerate(raw.get("admin_tokens") or []):
+        where = f"auth.admin_tokens[{i}]"
+        admin.append(entry if isinstance(entry, str) else _token(_mapping(entry, where), where))
+    return AuthConfig(tokens=tokens, admin_tokens=tuple(admin))
+
+
+def _token(entry: Mapping[str, Any], where: str) -> str:
+    if "token_env" in entry:
+        var = entry["token_env"]
+        token = os.environ.get(var) if isinstance(var, str) else None
+        if not token:
+            raise ConfigError(f"{where}.token_env: environment variable {var!r} is not set")
+        return token
+    token = entry.get("token")
+    if not isinstance(token, str) or len(token) < 8:
+        raise ConfigError(f"{where}.token must be a string of at least 8 characters")
+    return token
+
+
+def _models(value: Any) -> tuple[ModelSpec, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise ConfigError("models must be a list of {name, loader, fingerprint?, kwargs?}")
+    specs = []
+    for i, entry in enumerate(value):
+        where = f"models[{i}]"
+        entry = _mapping(entry, where)
+        _check_keys(entry, {"name", "loader", "fingerprint", "kwargs"}, where)
+        name, loader = entry.get("name"), entry.get("loader")
+        if not isinstance(name, str) or not name:
+            raise ConfigError(f"{where}.name must be a non-empty string")
+        if not isinstance(loader, str) or ":" not in loader:
+            raise ConfigError(f"{where}.loader must be 'module:function', got {loader!r}")
+        fp = entry.get("fingerprint")
+        if fp is not None and not isinstance(fp, str):
+            raise ConfigError(f"{where}.fingerprint must be a string")
+        specs.append(ModelSpec(name=name, loader=loader, fingerprint=fp,
+                               kwargs=dict(_mapping(entry.get("kwargs"), f"{where}.kwargs"))))
+    return tuple(specs)

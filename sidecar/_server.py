@@ -1,0 +1,163 @@
+"""The sidecar process in one object: gRPC server, health, reflection, store, jobs, telemetry.
+
+``create_server`` builds everything from a :class:`SidecarConfig` and binds the port (``0`` =
+any free port); ``start`` resumes jobs, starts serving and reports ``SERVING`` on
+``grpc.health.v1``; ``stop`` reports ``NOT_SERVING``, drains RPCs for ``grace`` seconds, stops
+the jobs and closes the store.
+
+Example::
+
+    sidecar, port = create_server(SidecarConfig.defaults(data_dir="/tmp/fx"), port=0)
+    sidecar.start()
+    ...                                  # clients on 127.0.0.1:{port}
+    sidecar.stop()
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import logging
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from integrations.errors import ConfigError, SidecarError
+
+from ._auth import Authenticator, AuthInterceptor
+from ._config import SidecarConfig
+from ._hooks import CountingTelemetry, Telemetry, fan_out
+from ._jobs import JobRunner
+from ._servicer import IncidentServicer
+from ._store import LocalStore
+from .api import v1
+
+__all__ = ["Sidecar", "create_server", "grpc_options"]
+
+log = logging.getLogger("sidecar.server")
+
+
+def grpc_options(config: SidecarConfig) -> list[tuple[str, Any]]:
+    """Channel options of the server: message-size caps (a chunk plus framing headroom)."""
+    cap = config.limits.max_chunk_bytes + 64 * 1024
+    return [
+        ("grpc.max_receive_message_length", cap),
+        ("grpc.max_send_message_length", cap),
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+def _credentials(config: SidecarConfig) -> grpc.ServerCredentials | None:
+    tls = config.grpc.tls
+    if not tls.enabled:
+        return None
+    assert tls.cert_file is not None and tls.key_file is not None
+    try:
+        key = Path(tls.key_file).read_bytes()
+        cert = Path(tls.cert_file).read_bytes()
+        ca = Path(tls.client_ca_file).read_bytes() if tls.client_ca_file else None
+    except OSError as e:
+        raise ConfigError(f"grpc.tls: cannot read {e.filename}: {e.strerror}") from e
+    return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca,
+                                       require_client_auth=tls.require_client_auth)
+
+
+class Sidecar:
+    """A configured sidecar (use :func:`create_server`)."""
+
+    def __init__(self, config: SidecarConfig, *, port: int | None = 0,
+                 telemetry: Telemetry | None = None) -> None:
+        from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+        from grpc_reflection.v1alpha import reflection
+
+        self.config = config
+        self.counters = CountingTelemetry()
+        self.telemetry = fan_out(self.counters, telemetry)
+        self.store = LocalStore(config.data_dir, max_incident_bytes=config.limits.max_incident_bytes,
+                                telemetry=self.telemetry)
+        self.jobs = JobRunner(self.store, config=config, telemetry=self.telemetry)
+        self.auth = Authenticator(config.auth)
+        self.servicer = IncidentServicer(store=self.store, jobs=self.jobs, auth=self.auth,
+                                         config=config, telemetry=self.telemetry)
+        self.health = health.HealthServicer()
+        self._serving = health_pb2.HealthCheckResponse.SERVING
+        self._not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", v1.SERVICE_NAME):
+            self.health.set(name, self._not_serving)
+        self.server = grpc.server(
+            cf.ThreadPoolExecutor(max_workers=config.grpc.max_workers,
+                                  thread_name_prefix="forensics-grpc"),
+            interceptors=[AuthInterceptor(self.auth, telemetry=self.telemetry)],
+            options=grpc_options(config),
+            maximum_concurrent_rpcs=config.grpc.max_concurrent_rpcs)
+        v1.add_IncidentServiceServicer_to_server(self.servicer, self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (v1.SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+             reflection.SERVICE_NAME), self.server)
+        bind_port = config.grpc.port if port is None else port
+        address = f"{config.grpc.host}:{bind_port}"
+        creds = _credentials(config)
+        try:
+            self.port = (self.server.add_secure_port(address, creds) if creds is not None
+                         else self.server.add_insecure_port(address))
+        except RuntimeError as e:
+            self.port = 0
+            err: Exception | None = e
+        else:
+            err = None
+        if not self.port:
+            self.store.close()
+            raise SidecarError(f"cannot listen on {address}: {err or 'address in use?'}; "
+                               "choose another grpc.address port")
+        self.address = f"{config.grpc.host}:{self.port}"
+        self._started = False
+        self._stopped = False
+
+    def start(self) -> Sidecar:
+        """Resume jobs, start serving, report SERVING."""
+        self.jobs.start()
+        self.server.start()
+        for name in ("", v1.SERVICE_NAME):
+            self.health.set(name, self._serving)
+        self._started = True
+        log.info("forensics sidecar serving on %s (data in %s)", self.address,
+                 self.config.data_dir)
+        return self
+
+    def stop(self, grace: float | None = None) -> None:
+        """NOT_SERVING, drain for ``grace`` s (default ``grpc.grace_s``), stop jobs, close."""
+        if self._stopped:
+            return
+        self._stopped = True
+        self.health.enter_graceful_shutdown()
+        self.servicer.closing = True
+        self.server.stop(self.config.grpc.grace_s if grace is None else grace).wait()
+        self.jobs.stop(timeout_s=self.config.grpc.grace_s if grace is None else grace)
+        self.store.close()
+
+    def wait_for_termination(self, timeout: float | None = None) -> bool:
+        """Block until the server stops (or ``timeout``); True when it stopped."""
+        return bool(self.server.wait_for_termination(timeout))
+
+    def stats(self) -> dict[str, Any]:
+        """In-process counters: received, received_bytes, rejected by reason, job counts."""
+        c = self.counters
+        return {"received": c.received, "received_bytes": c.received_bytes,
+                "rejected": dict(c.rejected), "jobs": self.jobs.counts()}
+
+    def __enter__(self) -> Sidecar:
+        if not self._started:
+            self.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop(grace=1.0)
+
+
+def create_server(config: SidecarConfig, *, port: int | None = 0,
+                  telemetry: Telemetry | None = None) -> tuple[Sidecar, int]:
+    """Build a :class:`Sidecar` bound to ``port`` (``0``: any free port; ``None``: the port of
+    ``config.grpc.address``); returns it (not started) and the bound port."""
+    sidecar = Sidecar(config, port=port, telemetry=telemetry)
+    return sidecar, sidecar.port

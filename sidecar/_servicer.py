@@ -1,0 +1,380 @@
+"""``forensics.v1.IncidentService``: a thin servicer over pure helpers, the store and the jobs.
+
+Every rejection is a specific status with a message saying what to do, trailing metadata
+``forensics-reject-reason: <reason>`` (one of :data:`sidecar._hooks.REJECT_REASONS`), and one
+``Telemetry.on_rejected(reason)`` count; nothing is written for a rejected upload.
+
+Example::
+
+    servicer = IncidentServicer(store=store, jobs=runner, auth=auth, config=cfg)
+    v1.add_IncidentServiceServicer_to_server(servicer, server)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import queue
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, NoReturn, Protocol
+
+import grpc
+from google.protobuf import empty_pb2
+
+from integrations.errors import IncidentFormatError, IncidentTooLargeError
+
+from ._auth import Authenticator, Principal
+from ._config import LimitsConfig, SidecarConfig
+from ._filters import (
+    FilterError,
+    compile_filter,
+    compile_order_by,
+    decode_page_token,
+    encode_page_token,
+    query_key,
+)
+from ._hooks import Telemetry, as_telemetry
+from ._jobs import JobRecord, JobRunner, UnknownJobKindError
+from ._store import ID_PATTERN, AlreadyExistsError, IncidentStore, StoreError
+from ._store_index import IncidentRow
+from .api import v1
+
+__all__ = ["IncidentServicer", "Rejection", "Sink", "Upload", "job_to_proto", "receive_upload",
+           "row_to_proto"]
+
+log = logging.getLogger("sidecar.servicer")
+REASON_KEY = "forensics-reject-reason"
+
+_JOB_STATE = {"pending": v1.JOB_STATE_PENDING, "running": v1.JOB_STATE_RUNNING,
+              "done": v1.JOB_STATE_DONE, "failed": v1.JOB_STATE_FAILED}
+
+
+class Rejection(Exception):
+    """A request refused with ``code`` for a counted ``reason``."""
+
+    def __init__(self, code: grpc.StatusCode, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.code, self.reason, self.message = code, reason, message
+
+
+class Sink(Protocol):
+    """Where received chunks go (``LocalStore.incoming`` returns one)."""
+
+    def write(self, chunk: bytes) -> None: ...
+
+    def finish(self) -> str: ...
+
+    def abort(self) -> None: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class Upload:
+    """A completely received, sha256-verified upload (its bytes are in ``sink``)."""
+
+    header: v1.UploadHeader
+    sink: Any
+    sha256: str
+
+
+def receive_upload(requests: Iterable[v1.UploadIncidentRequest], limits: LimitsConfig,
+                   open_sink: Callable[[v1.UploadHeader], Sink]) -> Upload:
+    """Read header → chunks → trailer into ``open_sink(header)``, enforcing framing, size caps
+    and the sha256. On any rejection or error the sink is aborted."""
+    it = iter(requests)
+    first = next(it, None)
+    if first is None or first.WhichOneof("part") != "header":
+        raise Rejection(grpc.StatusCode.INVALID_ARGUMENT, "bad_framing",
+                        "UploadIncident must start with a header message")
+    header = first.header
+    if not ID_PATTERN.fullmatch(header.incident_id):
+        raise Rejection(grpc.StatusCode.INVALID_ARGUMENT, "bad_id",
+                        f"incident id {header.incident_id!r} must be 1-200 characters of "
+                        "[A-Za-z0-9._-] starting with a letter or digit")
+    if header.total_size <= 0:
+        raise Rejection(grpc.StatusCode.INVALID_ARGUMENT, "bad_framing",
+                        "header.total_size must be the positive byte size of the incident")
+    if header.total_size > limits.max_incident_bytes:
+        raise Rejection(grpc.StatusCode.RESOURCE_EXHAUSTED, "too_large",
+                        f"incident is {header.total_size} bytes, over this sidecar's "
+                        f"limits.max_incident_bytes = {limits.max_incident_bytes}")
+    sink = open_sink(header)
+    try:
+        received = 0
+        trailer: v1.UploadTrailer | None = None
+        for msg in it:
+            part = msg.WhichOneof("part")
+            if trailer is not None or part not in ("chunk", "trailer"):
+                raise Rejection(grpc.StatusCode.INVALID_ARGUMENT, "bad_framing",
+                                f"unexpected {part or 'empty'} message: after the header send "
+                                "only chunks, then exactly one trailer")
+            if part == "trailer":
+                trailer = msg.trailer
+                continue
+            data = msg.chunk.data
+            if len(data) > limits.max_chunk_bytes:
+                raise Rejection(grpc.StatusCode.RESOURCE_EXHAUSTED, "chunk_too_large",
+                                f"chunk of {len(data)} bytes is over limits.max_chunk_bytes = "
+                                f"{limits.max_chunk_bytes}; send smaller chunks")
+            received += len(data)
+            if received > header.total_size:
+                raise Rejection(grpc.StatusCode.INVALID_ARGUMENT, "size_mismatch",
+                                f"more bytes than header.total_size = {header.total_size}")
+            sink.write(data)
+        if trailer is None:
+            raise Rejection(grpc.StatusCode.INVALID_ARGUMENT, "bad_framing",
+                            "stream ended without a trailer (sha256); the upload is incomplete")
+        if received != header.total_size:
+            raise Rejection(grpc.StatusCode.INVALID_ARGUMENT, "size_mismatch",
+                            f"received {received} bytes but header.total_size = "
+                            f"{header.total_size}")
+        hexdigest = sink.finish()
+        if trailer.sha256.lower() != hexdigest:
+            raise Rejection(grpc.StatusCode.DATA_LOSS, "sha256_mismatch",
+                            f"sha256 of the received bytes is {hexdigest}, the trailer says "
+                            f"{trailer.sha256!r}; the data was corrupted in transit — resend")
+    except BaseException:
+        sink.abort()
+        raise
+    return Upload(header=header, sink=sink, sha256=hexdigest)
+
+
+def row_to_proto(row: IncidentRow, *, full: bool = False) -> v1.Incident:
+    """The API message for an index row (``full``: with the manifest JSON)."""
+    msg = v1.Incident(
+        id=row.id, tenant=row.tenant, model_name=row.model_name or "",
+        model_fingerprint=row.model_fingerprint or "", trigger_rule=row.trigger_rule or "",
+        trigger_reason=row.trigger_reason or "", request_id=row.request_id or "",
+        traceparent=row.traceparent or "", size_bytes=row.size_bytes, sha256=row.sha256,
+        activations=row.activations or "", n_sites=row.n_sites,
+        manifest_json=row.manifest_json if full else "")
+    if row.created_at is not None:
+        msg.created_at.FromDatetime(row.created_at)
+    msg.received_at.FromDatetime(row.received_at)
+    return msg
+
+
+def job_to_proto(job: JobRecord) -> v1.Analysis:
+    """The API message for a job record."""
+    msg = v1.Analysis(analysis_id=job.id, incident_id=job.incident_id, kind=job.kind,
+                      state=_JOB_STATE.get(job.state, v1.JOB_STATE_UNSPECIFIED),
+                      attempts=job.attempts, error=job.error or "", params_json=job.params_json,
+                      result_json=job.result_json or "")
+    msg.created_at.FromDatetime(job.created_at)
+    if job.started_at is not None:
+        msg.started_at.FromDatetime(job.started_at)
+    if job.finished_at is not None:
+        msg.finished_at.FromDatetime(job.finished_at)
+    return msg
+
+
+class IncidentServicer(v1.IncidentServiceServicer):
+    """Implements ``forensics.v1.IncidentService`` (thread-safe; one instance per server)."""
+
+    def __init__(self, *, store: IncidentStore, jobs: JobRunner, auth: Authenticator,
+                 config: SidecarConfig, telemetry: Telemetry | None = None) -> None:
+        self.store, self.jobs, self.auth, self.config = store, jobs, auth, config
+        self.limits = config.limits
+        self.telemetry = as_telemetry(telemetry)
+        self.closing = False
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def _abort(self, context: grpc.ServicerContext, rej: Rejection) -> NoReturn:
+        self.telemetry.on_rejected(rej.reason)
+        context.set_trailing_metadata(((REASON_KEY, rej.reason),))
+        context.abort(rej.code, rej.message)
+
+    def _principal(self, context: grpc.ServicerContext) -> Principal:
+        p = self.auth.principal(context)
+        if p is None:   # the interceptor already refuses these; defence in depth
+            self._abort(context, Rejection(grpc.StatusCode.UNAUTHENTICATED, "unauthenticated",
+                                           "missing or invalid bearer token"))
+        return p
+
+    def _row(self, incident_id: str, principal: Principal,
+             context: grpc.ServicerContext) -> IncidentRow:
+        row = self.store.get(incident_id, tenant=principal.scope())
+        if row is None:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"incident {incident_id!r} not found")
+        return row
+
+    # -- ingest ------------------------------------------------------------------------------
+
+    def UploadIncident(self, request_iterator: Iterator[v1.UploadIncidentRequest],
+                       context: grpc.ServicerContext) -> v1.UploadIncidentResponse:
+        principal = self._principal(context)
+        try:
+            try:
+                upload = receive_upload(request_iterator, self.limits,
+                                        lambda h: self.store.incoming(h.incident_id))
+            except StoreError as e:
+                log.exception("store failure while receiving")
+                raise Rejection(grpc.StatusCode.UNAVAILABLE, "internal",
+                                f"{e}; nothing was acknowledged — retry later") from e
+            header = upload.header
+            tenant: str | None = principal.tenant
+            if principal.admin:
+                tenant = header.tenant or None
+            elif header.tenant and header.tenant != principal.tenant:
+                upload.sink.abort()
+                raise Rejection(grpc.StatusCode.PERMISSION_DENIED, "permission_denied",
+                                f"header.tenant {header.tenant!r} is not the tenant of this "
+                                "token; leave header.tenant empty")
+            remaining = context.time_remaining()
+            if remaining is not None and remaining <= 0:
+                upload.sink.abort()
+                raise Rejection(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline_exceeded",
+                                "deadline passed before the incident was stored; retry")
+            with self.telemetry.span("ingest", traceparent=header.traceparent or None,
+                                     attributes={"forensics.incident.id": header.incident_id,
+                                                 "forensics.incident.bytes": header.total_size}):
+                try:
+                    result = self.store.put_incoming(upload.sink, tenant=tenant,
+                                                     sha256=upload.sha256)
+                except IncidentTooLargeError as e:
+                    raise Rejection(grpc.StatusCode.RESOURCE_EXHAUSTED, "too_large",
+                                    str(e)) from e
+                except AlreadyExistsError as e:
+                    raise Rejection(grpc.StatusCode.ALREADY_EXISTS, "already_exists",
+                                    str(e)) from e
+                except IncidentFormatError as e:
+                    raise Rejection(grpc.StatusCode.INVALID_ARGUMENT, "invalid_incident",
+                                    f"not a valid incident: {e}") from e
+                except StoreError as e:
+                    log.exception("store failure for %s", header.incident_id)
+                    raise Rejection(grpc.StatusCode.UNAVAILABLE, "internal",
+                                    f"{e}; nothing was acknowledged — retry later") from e
+        except Rejection as rej:
+            self._abort(context, rej)
+        if result.created:
+            self.telemetry.on_received(result.row.size_bytes)
+            for kind in self.config.jobs.on_ingest:
+                try:
+                    self.jobs.submit(result.row.id, kind, tenant=result.row.tenant,
+                                     request_id=f"on_ingest:{kind}")
+                except Exception:
+                    log.exception("could not enqueue %s for %s", kind, result.row.id)
+        return v1.UploadIncidentResponse(incident_id=result.row.id, sha256=result.row.sha256,
+                                         size=result.row.size_bytes, created=result.created)
+
+    # -- queries -----------------------------------------------------------------------------
+
+    def GetIncident(self, request: v1.GetIncidentRequest,
+                    context: grpc.ServicerContext) -> v1.Incident:
+        row = self._row(request.incident_id, self._principal(context), context)
+        return row_to_proto(row, full=request.view == v1.INCIDENT_VIEW_FULL)
+
+    def _compile(self, filter_text: str, scope: str | None) -> tuple[str, list[Any]]:
+        flt = compile_filter(filter_text)
+        if scope is None:
+            return flt.sql, list(flt.params)
+        return f'"tenant" = ? AND ({flt.sql})', [scope, *flt.params]
+
+    def ListIncidents(self, request: v1.ListIncidentsRequest,
+                      context: grpc.ServicerContext) -> v1.ListIncidentsResponse:
+        scope = self._principal(context).scope()
+        try:
+            where, params = self._compile(request.filter, scope)
+            order = compile_order_by(request.order_by)
+            if request.page_size < 0:
+                raise FilterError("page_size must be >= 0")
+            size = min(request.page_size or self.limits.default_page_size,
+                       self.limits.max_page_size)
+            key = query_key(request.filter, request.order_by, scope or "*")
+            offset = decode_page_token(request.page_token, key) if request.page_token else 0
+        except FilterError as e:
+            self._abort(context, Rejection(grpc.StatusCode.INVALID_ARGUMENT, "bad_filter", str(e)))
+        rows = self.store.index.query_incidents(where, params, order, limit=size + 1,
+                                                offset=offset)
+        full = request.view == v1.INCIDENT_VIEW_FULL
+        resp = v1.ListIncidentsResponse(
+            incidents=[row_to_proto(r, full=full) for r in rows[:size]],
+            total_size=self.store.index.count_incidents(where, params))
+        if len(rows) > size:
+            resp.next_page_token = encode_page_token(offset + size, key)
+        return resp
+
+    def WatchIncidents(self, request: v1.WatchIncidentsRequest,
+                       context: grpc.ServicerContext) -> Iterator[v1.WatchIncidentsResponse]:
+        scope = self._principal(context).scope()
+        try:
+            where, params = self._compile(request.filter, scope)
+        except FilterError as e:
+            self._abort(context, Rejection(grpc.StatusCode.INVALID_ARGUMENT, "bad_filter", str(e)))
+        q = self.store.subscribe()
+
+        def wake() -> None:
+            with contextlib.suppress(queue.Full):
+                q.put_nowait(None)
+
+        context.add_callback(wake)
+        try:
+            while context.is_active():
+                try:
+                    row = q.get(timeout=1.0)
+                except queue.Empty:
+                    continue
+                if row is None:
+                    if not context.is_active() or self.closing:
+                        return
+                    context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                  "watcher fell behind the incident stream; list with a "
+                                  "received_at filter to catch up, then watch again")
+                if self.store.index.count_incidents(f"id = ? AND {where}", [row.id, *params]):
+                    yield v1.WatchIncidentsResponse(incident=row_to_proto(row))
+        finally:
+            self.store.unsubscribe(q)
+
+    def DownloadIncident(self, request: v1.DownloadIncidentRequest,
+                         context: grpc.ServicerContext) -> Iterator[v1.DownloadIncidentResponse]:
+        row = self._row(request.incident_id, self._principal(context), context)
+        yield v1.DownloadIncidentResponse(header=v1.DownloadHeader(
+            incident_id=row.id, total_size=row.size_bytes, sha256=row.sha256))
+        try:
+            for chunk in self.store.read_chunks(row.id, self.limits.max_chunk_bytes):
+                if not context.is_active():
+                    return
+                yield v1.DownloadIncidentResponse(chunk=v1.Chunk(data=chunk))
+        except FileNotFoundError:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"incident {row.id!r} was deleted")
+
+    def DeleteIncident(self, request: v1.DeleteIncidentRequest,
+                       context: grpc.ServicerContext) -> empty_pb2.Empty:
+        scope = self._principal(context).scope()
+        if not self.store.delete(request.incident_id, tenant=scope):
+            context.abort(grpc.StatusCode.NOT_FOUND, f"incident {request.incident_id!r} not found")
+        return empty_pb2.Empty()
+
+    # -- analyses ----------------------------------------------------------------------------
+
+    def RunAnalysis(self, request: v1.RunAnalysisRequest,
+                    context: grpc.ServicerContext) -> v1.Analysis:
+        row = self._row(request.incident_id, self._principal(context), context)
+        try:
+            params = json.loads(request.params_json) if request.params_json else {}
+        except ValueError as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"params_json is not JSON: {e}")
+        if not isinstance(params, dict):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "params_json must be a JSON object")
+        try:
+            job = self.jobs.submit(row.id, request.kind, tenant=row.tenant, params=params,
+                                   request_id=request.request_id or None)
+        except UnknownJobKindError as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        return job_to_proto(job)
+
+    def GetAnalysis(self, request: v1.GetAnalysisRequest,
+                    context: grpc.ServicerContext) -> v1.Analysis:
+        job = self.jobs.get(request.analysis_id, tenant=self._principal(context).scope())
+        if job is None:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"analysis {request.analysis_id!r} not found")
+        return job_to_proto(job)
+
+    def ListAnalyses(self, request: v1.ListAnalysesRequest,
+                     context: grpc.ServicerContext) -> v1.ListAnalysesResponse:
+        principal = self._principal(context)
+        row = self._row(request.incident_id, principal, context)
+        jobs = self.jobs.list_for(row.id, tenant=principal.scope())
+        return v1.ListAnalysesResponse(analyses=[job_to_proto(j) for j in jobs])

@@ -1,0 +1,405 @@
+"""The incident store: Arrow files are the source of truth, a DuckDB index makes them queryable.
+
+:class:`IncidentStore` is the seam (DESIGN §12): today :class:`LocalStore` (a directory + DuckDB
+file); later object storage with a shared catalog. ``put`` verifies (size cap, sha256, full Arrow
+validation + schema + manifest through ``Incident.from_bytes``), writes ``incidents/<id>.arrow``
+atomically (temp file, fsync, rename, directory fsync) beside a small receipt
+``incidents/<id>.json`` (tenant, received_at, sha256) so :meth:`LocalStore.reindex` rebuilds the
+index exactly, then inserts the index row. It returns only when both are durable.
+
+Example::
+
+    store = LocalStore("forensics-data")
+    res = store.put("inc-1", data, tenant="acme")      # PutResult(created=True, ...)
+    store.get("inc-1", tenant="acme").model_name
+    store.reindex()                                    # rebuild the index from the files
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import queue
+import re
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from integrations.errors import IncidentFormatError, IncidentTooLargeError
+
+from ._hooks import Telemetry, as_telemetry
+from ._store_files import IncomingFile, StoreError, _fsync_dir, _write_tmp
+from ._store_index import IncidentRow, Index, row_from_manifest, utcnow
+
+if TYPE_CHECKING:
+    from integrations.incident import Incident
+
+__all__ = [
+    "ID_PATTERN",
+    "AlreadyExistsError",
+    "IncidentRow",
+    "IncidentStore",
+    "IncomingFile",
+    "LocalStore",
+    "PutResult",
+    "ReindexReport",
+    "StoreError",
+]
+
+log = logging.getLogger("sidecar.store")
+
+#: Incident ids the store accepts (the incident format's id rule; safe as a file name).
+ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
+
+
+class AlreadyExistsError(StoreError):
+    """An incident with this id exists with different bytes (sha256 differs)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PutResult:
+    """Outcome of :meth:`IncidentStore.put`."""
+
+    row: IncidentRow
+    created: bool
+
+
+@dataclasses.dataclass
+class ReindexReport:
+    """What :meth:`LocalStore.reindex` / start-up recovery did."""
+
+    indexed: int = 0
+    kept: int = 0
+    removed_rows: int = 0
+    quarantined: list[str] = dataclasses.field(default_factory=list)
+    tmp_removed: int = 0
+
+
+class IncidentStore(Protocol):
+    """What the servicer and the job runner need from a store."""
+
+    index: Index
+
+    def put(self, incident_id: str, data: bytes, *, tenant: str | None,
+            sha256: str | None = None) -> PutResult: ...
+
+    def incoming(self, incident_id: str) -> IncomingFile: ...
+
+    def put_incoming(self, incoming: IncomingFile, *, tenant: str | None,
+                     sha256: str) -> PutResult: ...
+
+    def get(self, incident_id: str, *, tenant: str | None = None) -> IncidentRow | None: ...
+
+    def path(self, incident_id: str) -> Path: ...
+
+    def open(self, incident_id: str) -> Incident: ...
+
+    def read_chunks(self, incident_id: str, chunk_size: int) -> Iterator[bytes]: ...
+
+    def delete(self, incident_id: str, *, tenant: str | None = None) -> bool: ...
+
+    def subscribe(self) -> queue.Queue[IncidentRow | None]: ...
+
+    def unsubscribe(self, q: queue.Queue[IncidentRow | None]) -> None: ...
+
+    def reindex(self) -> ReindexReport: ...
+
+    def close(self) -> None: ...
+
+
+class LocalStore:
+    """Incidents in ``<root>/incidents/<id>.arrow``, index in ``<root>/index.duckdb``.
+
+    Thread-safe. On construction, stray temp files are removed, files without an index row are
+    indexed and rows whose file is gone are dropped (see :meth:`recover`).
+    """
+
+    def __init__(self, root: str | os.PathLike[str], *,
+                 max_incident_bytes: int = 512 * 1024 * 1024, watch_queue: int = 1024,
+                 telemetry: Telemetry | None = None) -> None:
+        self.root = Path(root)
+        self.incidents_dir = self.root / "incidents"
+        self.quarantine_dir = self.root / "quarantine"
+        self.incidents_dir.mkdir(parents=True, exist_ok=True)
+        self.max_incident_bytes = max_incident_bytes
+        self.telemetry = as_telemetry(telemetry)
+        self._watch_queue = watch_queue
+        self.index = Index(self.root / "index.duckdb")
+        self._put_lock = threading.Lock()   # id check + rename + insert are one step
+        self._subs: list[queue.Queue[IncidentRow | None]] = []
+        self._subs_lock = threading.Lock()
+        self.last_recovery = self.recover()
+
+    # -- paths -------------------------------------------------------------------------------
+
+    def _check_id(self, incident_id: str) -> None:
+        if not ID_PATTERN.fullmatch(incident_id):
+            raise IncidentFormatError(
+                f"incident id {incident_id!r} must be 1-200 characters of [A-Za-z0-9._-] "
+                "starting with a letter or digit")
+
+    def path(self, incident_id: str) -> Path:
+        """The Arrow file of ``incident_id`` (which may not exist)."""
+        self._check_id(incident_id)
+        return self.incidents_dir / f"{incident_id}.arrow"
+
+    def _receipt_path(self, incident_id: str) -> Path:
+        return self.incidents_dir / f"{incident_id}.json"
+
+    # -- write -------------------------------------------------------------------------------
+
+    def incoming(self, incident_id: str) -> IncomingFile:
+        """Start receiving ``incident_id``: chunks go to a temp file as they arrive."""
+        self._check_id(incident_id)
+        return IncomingFile(self.incidents_dir, incident_id)
+
+    def put(self, incident_id: str, data: bytes, *, tenant: str | None,
+            sha256: str | None = None) -> PutResult:
+        """Verify and store one incident given as bytes (see :meth:`put_incoming`).
+
+        ``sha256``, when given, must equal the digest of ``data`` (else :class:`StoreError`).
+        """
+        self._check_size(incident_id, len(data))
+        inc = self.incoming(incident_id)
+        try:
+            inc.write(data)
+            digest = inc.finish()
+        except BaseException:
+            inc.abort()
+            raise
+        if sha256 is not None and sha256 != digest:
+            inc.abort()
+            raise StoreError(f"incident {incident_id}: sha256 {digest} differs from the "
+                             f"claimed {sha256}")
+        return self.put_incoming(inc, tenant=tenant, sha256=digest)
+
+    def _check_size(self, incident_id: str, size: int) -> None:
+        if size > self.max_incident_bytes:
+            raise IncidentTooLargeError(
+                f"incident {incident_id} is {size} bytes, over this sidecar's "
+                f"limits.max_incident_bytes = {self.max_incident_bytes}; raise the limit or "
+                "record fewer sites")
+
+    def put_incoming(self, incoming: IncomingFile, *, tenant: str | None,
+                     sha256: str) -> PutResult:
+        """Verify a finished upload and make it durable; idempotent on the incident id.
+
+        ``sha256`` is the verified digest from :meth:`IncomingFile.finish`. Validation is
+        ``Incident.open`` (full Arrow validation, schema, manifest, row digest); then the
+        receipt and the Arrow file are renamed into place, the directory fsynced and the index
+        row inserted. ``tenant`` is the owner recorded in the index (``None``: the manifest's
+        ``request.tenant``, else ``""``). On any error the temp file is removed.
+
+        Raises :class:`IncidentTooLargeError`, :class:`IncidentFormatError` (not a valid
+        incident, manifest id ≠ upload id), :class:`AlreadyExistsError` (same id, different
+        bytes), :class:`StoreError` (I/O).
+        """
+        from integrations.incident import Incident
+
+        incident_id = incoming.incident_id
+        tmp = incoming.path
+        tmp_receipt: Path | None = None
+        try:
+            self._check_size(incident_id, incoming.size)
+            existing = self.index.get_incident(incident_id)
+            if existing is not None:
+                return self._existing(existing, sha256)
+            inc = Incident.open(tmp)
+            if inc.id != incident_id:
+                raise IncidentFormatError(
+                    f"upload header says incident id {incident_id!r} but the manifest says "
+                    f"{inc.id!r}; send the manifest's id in the header")
+            manifest = inc.manifest
+            if tenant is None:
+                tenant = str((manifest.get("request") or {}).get("tenant") or "")
+            sites = manifest.get("sites")
+            n_sites = len(sites) if isinstance(sites, list) else len(inc.sites())
+            del inc
+            received_at = utcnow()
+            row = row_from_manifest(manifest, tenant=tenant, size_bytes=incoming.size,
+                                    sha256=sha256, path=f"incidents/{incident_id}.arrow",
+                                    received_at=received_at, n_sites=n_sites)
+            receipt = json.dumps({"tenant": tenant, "received_at": received_at.isoformat(),
+                                  "sha256": sha256}).encode("utf-8")
+            tmp_receipt = _write_tmp(self.incidents_dir, incident_id, receipt)
+            with self._put_lock:
+                existing = self.index.get_incident(incident_id)
+                if existing is not None:   # a concurrent upload of the same id won the race
+                    return self._existing(existing, sha256)
+                os.replace(tmp_receipt, self._receipt_path(incident_id))
+                os.replace(tmp, self.path(incident_id))
+                _fsync_dir(self.incidents_dir)
+                with self.telemetry.span("index", traceparent=row.traceparent,
+                                         attributes={"forensics.incident.id": incident_id}), \
+                        self.index.write() as con:
+                    self.index.insert_incident(con, row)
+        except OSError as e:
+            raise StoreError(f"cannot store incident {incident_id}: {e}; check free disk "
+                             "space and permissions") from e
+        finally:
+            tmp.unlink(missing_ok=True)
+            if tmp_receipt is not None:
+                tmp_receipt.unlink(missing_ok=True)
+        self._publish(row)
+        return PutResult(row=row, created=True)
+
+    def _existing(self, row: IncidentRow, digest: str) -> PutResult:
+        if row.sha256 != digest:
+            raise AlreadyExistsError(
+                f"incident {row.id} already exists with different content (sha256 "
+                f"{row.sha256[:12]}… vs {digest[:12]}…); incident ids must be unique — "
+                "generate a new id")
+        return PutResult(row=row, created=False)
+
+    # -- read --------------------------------------------------------------------------------
+
+    def get(self, incident_id: str, *, tenant: str | None = None) -> IncidentRow | None:
+        """The index row, or ``None`` when absent or owned by another tenant."""
+        if not ID_PATTERN.fullmatch(incident_id):
+            return None
+        row = self.index.get_incident(incident_id)
+        if row is None or (tenant is not None and row.tenant != tenant):
+            return None
+        return row
+
+    def open(self, incident_id: str) -> Incident:
+        """The stored incident, memory-mapped and validated."""
+        from integrations.incident import Incident
+
+        return Incident.open(self.path(incident_id))
+
+    def read_chunks(self, incident_id: str, chunk_size: int) -> Iterator[bytes]:
+        """The stored bytes in chunks of at most ``chunk_size``."""
+        with open(self.path(incident_id), "rb") as f:
+            while chunk := f.read(chunk_size):
+                yield chunk
+
+    def delete(self, incident_id: str, *, tenant: str | None = None) -> bool:
+        """Delete file, receipt, row, jobs and analyses; False when absent (or another
+        tenant's). The file goes first: a crash in between leaves a row that recovery drops."""
+        if self.get(incident_id, tenant=tenant) is None:
+            return False
+        with self._put_lock:
+            self.path(incident_id).unlink(missing_ok=True)
+            self._receipt_path(incident_id).unlink(missing_ok=True)
+            _fsync_dir(self.incidents_dir)
+            return self.index.delete_incident(incident_id)
+
+    # -- watch -------------------------------------------------------------------------------
+
+    def subscribe(self) -> queue.Queue[IncidentRow | None]:
+        """A queue receiving every newly stored row; ``None`` = closed or overflowed."""
+        q: queue.Queue[IncidentRow | None] = queue.Queue(maxsize=self._watch_queue)
+        with self._subs_lock:
+            self._subs.append(q)
+        return q
+
+    def unsubscribe(self, q: queue.Queue[IncidentRow | None]) -> None:
+        with self._subs_lock, contextlib.suppress(ValueError):
+            self._subs.remove(q)
+
+    def _publish(self, row: IncidentRow | None) -> None:
+        with self._subs_lock:
+            subs = list(self._subs)
+        for q in subs:
+            try:
+                q.put_nowait(row)
+            except queue.Full:   # the watcher fell behind: end its stream rather than skip
+                self.unsubscribe(q)
+                with contextlib.suppress(queue.Empty):
+                    q.get_nowait()
+                q.put_nowait(None)
+
+    # -- recovery ----------------------------------------------------------------------------
+
+    def recover(self) -> ReindexReport:
+        """Start-up reconciliation: remove temp files, index unindexed files, drop rows whose
+        file is gone, remove receipts without a file."""
+        return self._reconcile(full=False)
+
+    def reindex(self) -> ReindexReport:
+        """Rebuild the whole ``incidents`` index from the files (each re-validated and
+        re-hashed); files that fail validation move to ``<root>/quarantine/``."""
+        return self._reconcile(full=True)
+
+    def _reconcile(self, *, full: bool) -> ReindexReport:
+        report = ReindexReport()
+        with self._put_lock:
+            for tmp in self.incidents_dir.glob(".*.tmp"):
+                tmp.unlink(missing_ok=True)
+                report.tmp_removed += 1
+            files = {p.stem: p for p in self.incidents_dir.glob("*.arrow")}
+            for receipt in self.incidents_dir.glob("*.json"):
+                if receipt.stem not in files:
+                    receipt.unlink(missing_ok=True)
+            indexed = self.index.incident_ids()
+            for gone in sorted(indexed - set(files)):
+                self.index.delete_incident(gone)
+                report.removed_rows += 1
+            for incident_id, path in sorted(files.items()):
+                if incident_id in indexed and not full:
+                    report.kept += 1
+                    continue
+                try:
+                    row = self._row_from_file(incident_id, path)
+                except (IncidentFormatError, OSError, ValueError) as e:
+                    self._quarantine(path, e)
+                    report.quarantined.append(incident_id)
+                    if incident_id in indexed:
+                        self.index.delete_incident(incident_id)
+                    continue
+                with self.index.write() as con:
+                    con.execute("DELETE FROM incidents WHERE id = ?", [incident_id])
+                    self.index.insert_incident(con, row)
+                report.indexed += 1
+        return report
+
+    def _row_from_file(self, incident_id: str, path: Path) -> IncidentRow:
+        from integrations.incident import Incident
+
+        data = path.read_bytes()
+        inc = Incident.from_bytes(data)
+        if inc.id != incident_id:
+            raise IncidentFormatError(f"{path.name} holds incident {inc.id!r}")
+        digest = hashlib.sha256(data).hexdigest()
+        tenant, received_at = None, None
+        receipt_path = self._receipt_path(incident_id)
+        if receipt_path.exists():
+            receipt = json.loads(receipt_path.read_text(encoding="utf-8"))
+            if receipt.get("sha256") == digest:
+                tenant = receipt.get("tenant")
+                received_at = receipt.get("received_at")
+        manifest = inc.manifest
+        if tenant is None:
+            tenant = str((manifest.get("request") or {}).get("tenant") or "")
+        import datetime as dt
+
+        when = dt.datetime.fromisoformat(received_at) if received_at else utcnow()
+        sites = manifest.get("sites")
+        return row_from_manifest(manifest, tenant=str(tenant), size_bytes=len(data),
+                                 sha256=digest, path=f"incidents/{incident_id}.arrow",
+                                 received_at=when,
+                                 n_sites=len(sites) if isinstance(sites, list) else 0)
+
+    def _quarantine(self, path: Path, error: Exception) -> None:
+        self.quarantine_dir.mkdir(exist_ok=True)
+        log.error("incident file %s is invalid (%s); moved to %s", path, error,
+                  self.quarantine_dir)
+        os.replace(path, self.quarantine_dir / path.name)
+        self._receipt_path(path.stem).unlink(missing_ok=True)
+
+    def close(self) -> None:
+        """Close watchers and the index."""
+        self._publish(None)
+        self.index.close()
+
+    def __enter__(self) -> LocalStore:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()

@@ -1,0 +1,122 @@
+"""Durable file primitives of the local store: streamed temp files, fsync helpers.
+
+:class:`IncomingFile` receives an upload chunk by chunk on a writer thread (sha256 + write
+overlap with the network); nothing becomes visible until the store renames it into place.
+
+Example::
+
+    inc = IncomingFile(Path("forensics-data/incidents"), "inc-1")
+    inc.write(chunk)
+    digest = inc.finish()          # fsynced; or inc.abort()
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import queue
+import threading
+import uuid
+from pathlib import Path
+
+from integrations.errors import SidecarError
+
+__all__ = ["IncomingFile", "StoreError"]
+
+
+class StoreError(SidecarError):
+    """The store could not complete an operation (I/O or index failure)."""
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_tmp(directory: Path, stem: str, data: bytes | memoryview) -> Path:
+    tmp = directory / f".{stem}.{uuid.uuid4().hex}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+    try:
+        view = memoryview(data)
+        while view:
+            n = os.write(fd, view)
+            view = view[n:]
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        tmp.unlink(missing_ok=True)
+        raise
+    os.close(fd)
+    return tmp
+
+
+class IncomingFile:
+    """An upload being streamed into a temp file by a writer thread (hashing as it writes), so
+    disk I/O and sha256 overlap with the network. ``finish`` fsyncs and returns the digest;
+    ``abort`` removes the temp file. Nothing is visible to readers until ``put_incoming``."""
+
+    def __init__(self, directory: Path, incident_id: str, *, queue_chunks: int = 16) -> None:
+        self.incident_id = incident_id
+        self.path = directory / f".{incident_id}.{uuid.uuid4().hex}.tmp"
+        self.size = 0
+        self._digest = hashlib.sha256()
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        self._q: queue.Queue[bytes | None] = queue.Queue(maxsize=queue_chunks)
+        self._error: BaseException | None = None
+        self._done = False
+        self._thread = threading.Thread(target=self._drain, name="forensics-ingest-writer",
+                                        daemon=True)
+        self._thread.start()
+
+    def _drain(self) -> None:
+        while (chunk := self._q.get()) is not None:
+            if self._error is not None:
+                continue
+            try:
+                self._digest.update(chunk)
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(self._fd, view):]
+            except BaseException as e:   # reported by write()/finish()
+                self._error = e
+
+    def write(self, chunk: bytes) -> None:
+        """Queue one chunk (blocks when the writer is behind: back-pressure)."""
+        if self._error is not None:
+            raise StoreError(f"cannot write incident {self.incident_id}: {self._error}")
+        self.size += len(chunk)
+        self._q.put(chunk)
+
+    def finish(self) -> str:
+        """Flush, fsync, close; the sha256 hex digest of everything written."""
+        self._q.put(None)
+        self._thread.join()
+        try:
+            if self._error is None:
+                os.fsync(self._fd)
+        except OSError as e:
+            self._error = e
+        finally:
+            self._close()
+        if self._error is not None:
+            self.path.unlink(missing_ok=True)
+            raise StoreError(f"cannot write incident {self.incident_id} to {self.path.parent}: "
+                             f"{self._error}; check free disk space and permissions")
+        return self._digest.hexdigest()
+
+    def abort(self) -> None:
+        """Stop and remove the temp file (idempotent)."""
+        if self._thread.is_alive():
+            self._error = self._error or StoreError("aborted")
+            self._q.put(None)
+            self._thread.join()
+        self._close()
+        self.path.unlink(missing_ok=True)
+
+    def _close(self) -> None:
+        if not self._done:
+            self._done = True
+            os.close(self._fd)

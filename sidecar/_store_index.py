@@ -1,0 +1,239 @@
+"""The DuckDB catalog of the local store: ``incidents``, ``jobs`` and ``analyses`` tables.
+
+One DuckDB connection owns every write, behind one lock (DuckDB is a single-writer engine);
+reads use short-lived cursors (own connections to the same database, MVCC snapshots). All SQL is
+parameterised; identifiers only ever come from constants or the filter whitelist.
+
+Example::
+
+    idx = Index(Path("forensics-data/index.duckdb"))
+    with idx.write() as con:
+        con.execute("DELETE FROM incidents WHERE id = ?", ["inc-1"])
+    rows = idx.read("SELECT id FROM incidents WHERE tenant = ?", ["acme"])
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime as dt
+import json
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["INCIDENT_COLUMNS", "IncidentRow", "Index", "row_from_manifest", "utcnow"]
+
+SCHEMA_VERSION = "1"
+
+_DDL = (
+    """CREATE TABLE IF NOT EXISTS meta (key VARCHAR PRIMARY KEY, value VARCHAR NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS incidents (
+        id VARCHAR PRIMARY KEY,
+        tenant VARCHAR NOT NULL,
+        created_at TIMESTAMP,
+        received_at TIMESTAMP NOT NULL,
+        model_name VARCHAR,
+        model_fingerprint VARCHAR,
+        trigger_rule VARCHAR,
+        trigger_reason VARCHAR,
+        request_id VARCHAR,
+        traceparent VARCHAR,
+        size_bytes BIGINT NOT NULL,
+        sha256 VARCHAR NOT NULL,
+        activations VARCHAR,
+        n_sites INTEGER NOT NULL,
+        path VARCHAR NOT NULL,
+        manifest_json VARCHAR NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS jobs (
+        id VARCHAR PRIMARY KEY,
+        incident_id VARCHAR NOT NULL,
+        tenant VARCHAR NOT NULL,
+        kind VARCHAR NOT NULL,
+        state VARCHAR NOT NULL,
+        attempts INTEGER NOT NULL,
+        max_attempts INTEGER NOT NULL,
+        error VARCHAR,
+        params_json VARCHAR NOT NULL,
+        request_id VARCHAR,
+        created_at TIMESTAMP NOT NULL,
+        started_at TIMESTAMP,
+        finished_at TIMESTAMP)""",
+    """CREATE TABLE IF NOT EXISTS analyses (
+        job_id VARCHAR PRIMARY KEY,
+        incident_id VARCHAR NOT NULL,
+        kind VARCHAR NOT NULL,
+        result_json VARCHAR NOT NULL,
+        created_at TIMESTAMP NOT NULL)""",
+    "CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state)",
+    "CREATE INDEX IF NOT EXISTS jobs_incident ON jobs (incident_id)",
+)
+
+INCIDENT_COLUMNS = (
+    "id", "tenant", "created_at", "received_at", "model_name", "model_fingerprint",
+    "trigger_rule", "trigger_reason", "request_id", "traceparent", "size_bytes", "sha256",
+    "activations", "n_sites", "path", "manifest_json",
+)
+
+
+def utcnow() -> dt.datetime:
+    """Now as a naive UTC datetime (the index stores UTC without a zone)."""
+    return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+
+
+@dataclasses.dataclass(frozen=True)
+class IncidentRow:
+    """One ``incidents`` index row (``path`` relative to the store root)."""
+
+    id: str
+    tenant: str
+    created_at: dt.datetime | None
+    received_at: dt.datetime
+    model_name: str | None
+    model_fingerprint: str | None
+    trigger_rule: str | None
+    trigger_reason: str | None
+    request_id: str | None
+    traceparent: str | None
+    size_bytes: int
+    sha256: str
+    activations: str | None
+    n_sites: int
+    path: str
+    manifest_json: str
+
+    def values(self) -> list[Any]:
+        return [getattr(self, c) for c in INCIDENT_COLUMNS]
+
+
+def _s(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
+def _parse_time(value: Any) -> dt.datetime | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        when = dt.datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    if when.tzinfo is not None:
+        when = when.astimezone(dt.timezone.utc).replace(tzinfo=None)
+    return when
+
+
+def row_from_manifest(manifest: Mapping[str, Any], *, tenant: str, size_bytes: int, sha256: str,
+                      path: str, received_at: dt.datetime, n_sites: int) -> IncidentRow:
+    """The index row for a validated incident's manifest."""
+    model = manifest.get("model") or {}
+    trigger = manifest.get("trigger") or {}
+    request = manifest.get("request") or {}
+    return IncidentRow(
+        id=str(manifest["id"]), tenant=tenant, created_at=_parse_time(manifest.get("created_at")),
+        received_at=received_at, model_name=_s(model.get("name")),
+        model_fingerprint=_s(model.get("fingerprint")), trigger_rule=_s(trigger.get("rule")),
+        trigger_reason=_s(trigger.get("reason")), request_id=_s(request.get("id")),
+        traceparent=_s(request.get("traceparent")), size_bytes=size_bytes, sha256=sha256,
+        activations=_s(manifest.get("activations")), n_sites=n_sites, path=path,
+        manifest_json=json.dumps(manifest, sort_keys=True, separators=(",", ":")),
+    )
+
+
+class Index:
+    """The DuckDB catalog file; thread-safe (one writer lock, cursors for reads)."""
+
+    def __init__(self, path: Path) -> None:
+        import duckdb
+
+        self.path = path
+        self._lock = threading.RLock()
+        self._con = duckdb.connect(str(path))
+        self._closed = False
+        with self.write() as con:
+            for ddl in _DDL:
+                con.execute(ddl)
+            con.execute("INSERT INTO meta VALUES ('schema_version', ?) ON CONFLICT DO NOTHING",
+                        [SCHEMA_VERSION])
+        found = self.read("SELECT value FROM meta WHERE key = 'schema_version'")[0][0]
+        if found != SCHEMA_VERSION:
+            from integrations.errors import SidecarError
+
+            raise SidecarError(f"index {path} has schema version {found}, this sidecar reads "
+                               f"{SCHEMA_VERSION}; run `forensics sidecar reindex` on a fresh "
+                               "index file")
+
+    @contextlib.contextmanager
+    def write(self) -> Iterator[Any]:
+        """The write connection inside one transaction (committed on success)."""
+        with self._lock:
+            self._con.execute("BEGIN TRANSACTION")
+            try:
+                yield self._con
+            except BaseException:
+                self._con.execute("ROLLBACK")
+                raise
+            self._con.execute("COMMIT")
+
+    def read(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        """Run a read-only query on a fresh cursor; returns all rows."""
+        with self._lock:
+            cur = self._con.cursor()
+        try:
+            return cur.execute(sql, list(params)).fetchall()
+        finally:
+            cur.close()
+
+    def read_dicts(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
+        """Like :meth:`read`, each row as a column-name → value dict."""
+        with self._lock:
+            cur = self._con.cursor()
+        try:
+            res = cur.execute(sql, list(params))
+            names = [d[0] for d in res.description or []]
+            return [dict(zip(names, row)) for row in res.fetchall()]
+        finally:
+            cur.close()
+
+    # -- incidents ---------------------------------------------------------------------------
+
+    def insert_incident(self, con: Any, row: IncidentRow) -> None:
+        """Insert ``row`` inside an open :meth:`write` transaction."""
+        placeholders = ", ".join("?" for _ in INCIDENT_COLUMNS)
+        con.execute(f"INSERT INTO incidents ({', '.join(INCIDENT_COLUMNS)}) "
+                    f"VALUES ({placeholders})", row.values())
+
+    def get_incident(self, incident_id: str) -> IncidentRow | None:
+        rows = self.read_dicts(f"SELECT {', '.join(INCIDENT_COLUMNS)} FROM incidents "
+                               "WHERE id = ?", [incident_id])
+        return IncidentRow(**rows[0]) if rows else None
+
+    def query_incidents(self, where_sql: str, params: Sequence[Any], order_sql: str, *,
+                        limit: int, offset: int) -> list[IncidentRow]:
+        """Rows matching ``where_sql`` (a compiled filter; ``?`` params) in ``order_sql``."""
+        rows = self.read_dicts(
+            f"SELECT {', '.join(INCIDENT_COLUMNS)} FROM incidents WHERE {where_sql} "
+            f"ORDER BY {order_sql} LIMIT ? OFFSET ?", [*params, limit, offset])
+        return [IncidentRow(**r) for r in rows]
+
+    def count_incidents(self, where_sql: str, params: Sequence[Any]) -> int:
+        return int(self.read(f"SELECT count(*) FROM incidents WHERE {where_sql}", params)[0][0])
+
+    def incident_ids(self) -> set[str]:
+        return {r[0] for r in self.read("SELECT id FROM incidents")}
+
+    def delete_incident(self, incident_id: str) -> bool:
+        """Delete the row and its jobs/analyses; True when a row existed."""
+        with self.write() as con:
+            found = con.execute("SELECT count(*) FROM incidents WHERE id = ?",
+                                [incident_id]).fetchone()[0]
+            con.execute("DELETE FROM analyses WHERE incident_id = ?", [incident_id])
+            con.execute("DELETE FROM jobs WHERE incident_id = ?", [incident_id])
+            con.execute("DELETE FROM incidents WHERE id = ?", [incident_id])
+        return bool(found)
+
+    def close(self) -> None:
+        with self._lock:
+            if not self._closed:
+                self._con.close()
+                self._closed = True

@@ -1,0 +1,190 @@
+"""The real implementation of the sidecar's telemetry hooks: OpenTelemetry + Prometheus.
+
+:class:`SidecarTelemetry` implements :class:`sidecar._hooks.Telemetry`: the servicer, store and
+job runner call it; it turns the calls into spans (a new trace per incident/job, linked to the
+request's traceparent) and Prometheus series (served on ``/metrics`` when a port is given).
+Every method is thread-safe and never raises into the core.
+
+Example::
+
+    from prometheus_client import CollectorRegistry
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    tel = SidecarTelemetry(registry=CollectorRegistry(), span_exporter=InMemorySpanExporter(),
+                           metrics_port=0)
+    server, port = create_server(config, port=0, telemetry=tel)   # the core calls it from here
+    print(tel.metrics_url)                                         # http://127.0.0.1:<port>/metrics
+    tel.shutdown()
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CollectorRegistry
+
+from sidecar._hooks import JOB_STATES, REJECT_REASONS, NoopTelemetry
+
+from ._prometheus import MetricsHTTPServer, SidecarMetrics
+from ._tracing import OTLPProtocol, Tracing, parse_traceparent
+
+if TYPE_CHECKING:
+    from sidecar._config import SidecarConfig
+
+__all__ = ["SidecarTelemetry"]
+
+_log = logging.getLogger(__name__)
+
+
+class SidecarTelemetry(NoopTelemetry):
+    """OpenTelemetry spans and Prometheus metrics for one sidecar.
+
+    Args:
+        registry: Prometheus registry (default: a new private one; pass
+            ``prometheus_client.REGISTRY`` to share the process-global one).
+        metrics_port: serve ``/metrics`` on this port (0 = any free port; None = no server).
+        metrics_addr: address the metrics server binds (default loopback).
+        tracer_provider / span_exporter / otlp_endpoint / otlp_protocol / otlp_headers /
+            service_name: see :class:`~sidecar.telemetry.Tracing`. OTLP is off unless
+            ``otlp_endpoint`` is set.
+    """
+
+    def __init__(self, *, registry: CollectorRegistry | None = None,
+                 metrics_port: int | None = None, metrics_addr: str = "127.0.0.1",
+                 tracer_provider: Any = None, span_exporter: Any = None,
+                 otlp_endpoint: str | None = None, otlp_protocol: OTLPProtocol = "grpc",
+                 otlp_headers: Mapping[str, str] | None = None,
+                 service_name: str = "forensics-sidecar") -> None:
+        self.metrics = SidecarMetrics(registry=registry, reject_reasons=REJECT_REASONS,
+                                      job_states=JOB_STATES)
+        self.tracing = Tracing(tracer_provider=tracer_provider, span_exporter=span_exporter,
+                               otlp_endpoint=otlp_endpoint, otlp_protocol=otlp_protocol,
+                               otlp_headers=otlp_headers, service_name=service_name)
+        self.http: MetricsHTTPServer | None = None
+        if metrics_port is not None:
+            self.http = MetricsHTTPServer(self.metrics.registry, port=metrics_port,
+                                          addr=metrics_addr)
+
+    @classmethod
+    def from_config(cls, config: SidecarConfig, *, registry: CollectorRegistry | None = None,
+                    span_exporter: Any = None, tracer_provider: Any = None,
+                    metrics_port: int | None = None) -> SidecarTelemetry:
+        """Telemetry as ``config.metrics`` / ``config.telemetry`` say: ``/metrics`` on
+        ``metrics.address`` when ``metrics.enabled`` (``metrics_port`` overrides the port, 0 =
+        any free one), OTLP export when ``telemetry.otlp_endpoint`` is set.
+
+        Example::
+
+            tel = SidecarTelemetry.from_config(load_config("configs/sidecar.yaml"))
+            sidecar, port = create_server(cfg, telemetry=tel)
+        """
+        port: int | None = None
+        addr = "127.0.0.1"
+        if config.metrics.enabled:
+            host, _, p = config.metrics.address.rpartition(":")
+            addr = host.strip("[]") or "127.0.0.1"
+            port = int(p) if metrics_port is None else metrics_port
+        t = config.telemetry
+        protocol: OTLPProtocol = "grpc" if t.otlp_protocol == "grpc" else "http/protobuf"
+        return cls(registry=registry, metrics_port=port, metrics_addr=addr,
+                   tracer_provider=tracer_provider, span_exporter=span_exporter,
+                   otlp_endpoint=t.otlp_endpoint or None, otlp_protocol=protocol,
+                   service_name=t.service_name)
+
+    @property
+    def registry(self) -> CollectorRegistry:
+        return self.metrics.registry
+
+    @property
+    def metrics_url(self) -> str | None:
+        """``http://addr:port/metrics`` when the HTTP server runs, else None."""
+        return None if self.http is None else self.http.url
+
+    # -- counters ----------------------------------------------------------------------------
+
+    def on_received(self, nbytes: int) -> None:
+        try:
+            self.metrics.received_total.inc()
+            self.metrics.ingest_bytes_total.inc(max(0, int(nbytes)))
+        except Exception as e:
+            _log.warning("telemetry: on_received failed: %s", e)
+
+    def on_rejected(self, reason: str) -> None:
+        try:
+            self.metrics.rejected_total.labels(reason=self.metrics.reason_label(reason)).inc()
+        except Exception as e:
+            _log.warning("telemetry: on_rejected failed: %s", e)
+
+    def on_job_finished(self, kind: str, state: str, seconds: float) -> None:
+        try:
+            self.metrics.job_duration.labels(kind=kind).observe(max(0.0, float(seconds)))
+            self.metrics.jobs_finished_total.labels(kind=kind, state=state).inc()
+        except Exception as e:
+            _log.warning("telemetry: on_job_finished failed: %s", e)
+
+    def set_job_counts(self, counts: Mapping[str, int]) -> None:
+        try:
+            for state in JOB_STATES:
+                self.metrics.jobs.labels(state=state).set(int(counts.get(state, 0)))
+        except Exception as e:
+            _log.warning("telemetry: set_job_counts failed: %s", e)
+
+    def _exemplar(self, traceparent: str | None) -> dict[str, str] | None:
+        """Exemplar labels: the request's trace id (from ``traceparent``) — the trace an
+        operator jumps to from a high score, and the one every sidecar trace links to; without
+        a usable traceparent, the trace of the sidecar span open here (if any)."""
+        sc = parse_traceparent(traceparent)
+        tid = format(sc.trace_id, "032x") if sc is not None else self.tracing.current_trace_id()
+        return None if tid is None else {"trace_id": tid}
+
+    def on_anomaly_score(self, score: float, *, traceparent: str | None = None) -> None:
+        try:
+            self.metrics.anomaly_score.observe(float(score),
+                                               exemplar=self._exemplar(traceparent))
+        except Exception as e:
+            _log.warning("telemetry: on_anomaly_score failed: %s", e)
+
+    def on_fix_set_size(self, size: int, *, traceparent: str | None = None) -> None:
+        """A CCA search produced a minimal fix set of ``size`` interventions."""
+        try:
+            self.metrics.fix_set_size.observe(float(size), exemplar=self._exemplar(traceparent))
+        except Exception as e:
+            _log.warning("telemetry: on_fix_set_size failed: %s", e)
+
+    # -- spans -------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def span(self, name: str, *, traceparent: str | None = None,
+             attributes: Mapping[str, Any] | None = None) -> Iterator[Any]:
+        """A span ``name`` (``ingest``, ``index``, ``job.<kind>``): a child of the enclosing
+        sidecar span, else the root of a new trace linked to ``traceparent``."""
+        try:
+            cm = self.tracing.span(name, traceparent=traceparent, attributes=attributes)
+            span = cm.__enter__()
+        except Exception as e:  # telemetry must not break ingest
+            _log.warning("telemetry: starting span %r failed: %s", name, e)
+            yield _NullSpan()
+            return
+        try:
+            yield span
+        except BaseException as exc:
+            if not cm.__exit__(type(exc), exc, exc.__traceback__):
+                raise
+        else:
+            cm.__exit__(None, None, None)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def shutdown(self) -> None:
+        """Stop the metrics server and flush/shut down the tracer provider. Idempotent."""
+        if self.http is not None:
+            self.http.close()
+            self.http = None
+        self.tracing.shutdown()
+
+
+class _NullSpan:
+    def set_attribute(self, key: str, value: Any) -> None:
+        pass

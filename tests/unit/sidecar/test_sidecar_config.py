@@ -1,0 +1,68 @@
+"""Sidecar config: embedded defaults, the shipped YAML, strict validation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from integrations.errors import ConfigError
+from sidecar._auth import ANONYMOUS_ADMIN, Authenticator, Principal
+from sidecar._config import AuthConfig, SidecarConfig, load_config
+
+REPO = Path(__file__).resolve().parents[3]
+
+
+def test_shipped_yaml_is_the_embedded_defaults() -> None:
+    cfg = load_config(REPO / "configs" / "sidecar.yaml")
+    assert cfg == SidecarConfig() == load_config(None)
+    assert (cfg.data_dir, cfg.grpc.address, cfg.metrics.address) == \
+        ("./forensics-data", "127.0.0.1:7431", "127.0.0.1:9464")
+    assert cfg.limits.max_chunk_bytes == 1024 * 1024 and not cfg.auth.enabled
+
+
+@pytest.mark.parametrize(("raw", "match"), [
+    ({"grpc": {"adress": "x:1"}}, r"unknown config key\(s\) grpc.adress"),
+    ({"grpc": {"address": "nohost"}}, "grpc.address must be 'host:port'"),
+    ({"grpc": {"max_workers": "8"}}, "grpc.max_workers must be int"),
+    ({"grpc": {"tls": {"cert_file": "c.pem"}}}, "both cert_file and key_file"),
+    ({"grpc": {"tls": {"cert_file": "c", "key_file": "k", "require_client_auth": True}}},
+     "client_ca_file"),
+    ({"limits": {"max_chunk_bytes": 64 * 1024 * 1024}}, "max_chunk_bytes"),
+    ({"jobs": {"workers": 0}}, "jobs.workers"),
+    ({"jobs": {"on_ingest": "stats"}}, "jobs.on_ingest must be a list"),
+    ({"auth": {"tokens": [{"token": "short", "tenant": "a"}]}}, "at least 8"),
+    ({"auth": {"tokens": [{"token_env": "FORENSICS_NOPE_UNSET", "tenant": "a"}]}}, "not set"),
+    ({"models": [{"name": "m", "loader": "nocolon"}]}, "module:function"),
+    ({"telemetry": {"otlp_protocol": "carrier-pigeon"}}, "otlp_protocol"),
+    ({"bogus": 1}, "unknown config key"),
+])
+def test_bad_config_is_refused_naming_the_key(raw: dict, match: str) -> None:  # type: ignore[type-arg]
+    with pytest.raises(ConfigError, match=match):
+        SidecarConfig.from_dict(raw)
+
+
+def test_tokens_from_env_and_yaml(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FORENSICS_T_ACME", "acme-secret-token")
+    p = tmp_path / "s.yaml"
+    p.write_text("auth:\n  tokens:\n    - {tenant: acme, token_env: FORENSICS_T_ACME}\n"
+                 "    - {tenant: globex, token: globex-secret}\n"
+                 "  admin_tokens: [admin-secret-token]\njobs: {on_ingest: [stats]}\n")
+    cfg = load_config(p)
+    assert dict(cfg.auth.tokens) == {"acme-secret-token": "acme", "globex-secret": "globex"}
+    assert cfg.jobs.on_ingest == ("stats",)
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_authenticator() -> None:
+    auth = Authenticator(AuthConfig(tokens={"acme-secret": "acme", "globex-secret": "globex"},
+                                    admin_tokens=("root-secret",)))
+    assert auth.resolve("Bearer acme-secret") == Principal(tenant="acme", admin=False)
+    assert auth.resolve("Bearer globex-secret").scope() == "globex"
+    assert auth.resolve("Bearer root-secret") == ANONYMOUS_ADMIN
+    assert ANONYMOUS_ADMIN.scope() is None
+    for bad in (None, "", "acme-secret", "Bearer acme-secre", "Bearer acme-secretX",
+                "Basic acme-secret"):
+        assert auth.resolve(bad) is None
+    assert Authenticator(AuthConfig()).resolve(None) == ANONYMOUS_ADMIN   # auth off

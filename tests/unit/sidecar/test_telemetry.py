@@ -1,0 +1,238 @@
+"""sidecar.telemetry: linked-trace spans (OTel in-memory exporter) and a real /metrics scrape."""
+
+from __future__ import annotations
+
+import urllib.request
+
+import pytest
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import StatusCode
+from prometheus_client import CollectorRegistry
+
+from sidecar._hooks import JOB_STATES, REJECT_REASONS, Telemetry, as_telemetry
+from sidecar.telemetry import (
+    MetricsHTTPServer,
+    SidecarTelemetry,
+    Tracing,
+    make_otlp_exporter,
+    parse_traceparent,
+)
+
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+SPAN_ID = "00f067aa0ba902b7"
+TRACEPARENT = f"00-{TRACE_ID}-{SPAN_ID}-01"
+
+
+@pytest.fixture
+def tel():
+    mem = InMemorySpanExporter()
+    t = SidecarTelemetry(registry=CollectorRegistry(), span_exporter=mem)
+    t.mem = mem  # type: ignore[attr-defined]
+    yield t
+    t.shutdown()
+
+
+def _value(reg: CollectorRegistry, name: str, labels: dict[str, str] | None = None) -> float:
+    v = reg.get_sample_value(name, labels or {})
+    assert v is not None, f"{name}{labels} not exported"
+    return v
+
+
+def test_implements_the_core_hook_protocol(tel):
+    assert isinstance(tel, Telemetry)
+    assert as_telemetry(tel) is tel
+
+
+def test_parse_traceparent_uses_w3c_rules():
+    sc = parse_traceparent(TRACEPARENT)
+    assert sc is not None and sc.is_remote
+    assert format(sc.trace_id, "032x") == TRACE_ID and format(sc.span_id, "016x") == SPAN_ID
+    assert parse_traceparent(None) is None
+    assert parse_traceparent("garbage") is None
+    assert parse_traceparent(f"00-{'0' * 32}-{SPAN_ID}-01") is None  # all-zero trace id
+
+
+def test_ingest_and_index_are_a_new_trace_linked_to_the_request(tel):
+    with tel.span("ingest", traceparent=TRACEPARENT,
+                  attributes={"forensics.incident.id": "inc-1", "forensics.tenant": "acme",
+                              "forensics.incident.bytes": 1234,
+                              "forensics.sites": ["blocks.0.mlp", "blocks.1.mlp"],
+                              "forensics.none": None}) as sp:
+        sp.set_attribute("forensics.n_sites", 2)
+        with tel.span("index", attributes={"forensics.incident.id": "inc-1"}):
+            pass
+    spans = {s.name: s for s in tel.mem.get_finished_spans()}
+    ingest, index = spans["ingest"], spans["index"]
+    # A NEW trace (not the request's), rooted at ingest; index is its child.
+    assert ingest.parent is None
+    assert format(ingest.context.trace_id, "032x") != TRACE_ID
+    assert index.parent is not None and index.parent.span_id == ingest.context.span_id
+    assert index.context.trace_id == ingest.context.trace_id
+    # ... linked to the request's span.
+    (link,) = ingest.links
+    assert format(link.context.trace_id, "032x") == TRACE_ID
+    assert format(link.context.span_id, "016x") == SPAN_ID
+    assert ingest.attributes["forensics.incident.id"] == "inc-1"
+    assert ingest.attributes["forensics.tenant"] == "acme"
+    assert ingest.attributes["forensics.incident.bytes"] == 1234
+    assert tuple(ingest.attributes["forensics.sites"]) == ("blocks.0.mlp", "blocks.1.mlp")
+    assert ingest.attributes["forensics.n_sites"] == 2
+    assert "forensics.none" not in ingest.attributes
+
+
+def test_each_job_is_its_own_trace_linked_to_the_request(tel):
+    for kind in ("cf", "cca"):
+        with tel.span(f"job.{kind}", traceparent=TRACEPARENT, attributes={"forensics.job": kind}):
+            pass
+    cf, cca = tel.mem.get_finished_spans()
+    assert (cf.name, cca.name) == ("job.cf", "job.cca")
+    assert cf.parent is None and cca.parent is None
+    assert cf.context.trace_id != cca.context.trace_id
+    for s in (cf, cca):
+        assert format(s.links[0].context.trace_id, "032x") == TRACE_ID
+
+
+def test_bad_or_missing_traceparent_gives_an_unlinked_span_not_an_error(tel):
+    with tel.span("ingest", traceparent="00-nothex-nothex-01"):
+        pass
+    with tel.span("ingest"):
+        pass
+    bad, none = tel.mem.get_finished_spans()
+    assert not bad.links and bad.attributes["forensics.traceparent_invalid"] == "00-nothex-nothex-01"
+    assert not none.links
+
+
+def test_exception_in_span_propagates_and_marks_the_span(tel):
+    with pytest.raises(RuntimeError, match="disk full"), tel.span("index"):
+        raise RuntimeError("disk full")
+    (s,) = tel.mem.get_finished_spans()
+    assert s.status.status_code is StatusCode.ERROR
+    assert any(e.name == "exception" for e in s.events)
+
+
+def test_counters_gauges_histograms(tel):
+    reg = tel.registry
+    tel.on_received(1000)
+    tel.on_received(24)
+    tel.on_rejected("sha256_mismatch")
+    tel.on_rejected("sha256_mismatch")
+    tel.on_rejected("something-new")  # unknown reasons collapse to "other" (bounded labels)
+    tel.set_job_counts({"pending": 3, "running": 1})
+    tel.on_job_finished("cf", "done", 0.25)
+    tel.on_job_finished("cf", "failed", 3.0)
+    tel.on_fix_set_size(2)
+    assert _value(reg, "forensics_incidents_received_total") == 2
+    assert _value(reg, "forensics_ingest_bytes_total") == 1024
+    assert _value(reg, "forensics_ingest_rejected_total", {"reason": "sha256_mismatch"}) == 2
+    assert _value(reg, "forensics_ingest_rejected_total", {"reason": "other"}) == 1
+    for reason in REJECT_REASONS:  # pre-created at zero so rate() works from the start
+        assert reg.get_sample_value("forensics_ingest_rejected_total", {"reason": reason}) is not None
+    assert _value(reg, "forensics_jobs", {"state": "pending"}) == 3
+    assert _value(reg, "forensics_jobs", {"state": "running"}) == 1
+    for state in set(JOB_STATES) - {"pending", "running"}:
+        assert _value(reg, "forensics_jobs", {"state": state}) == 0
+    assert _value(reg, "forensics_job_duration_seconds_count", {"kind": "cf"}) == 2
+    assert _value(reg, "forensics_job_duration_seconds_sum", {"kind": "cf"}) == 3.25
+    assert _value(reg, "forensics_jobs_finished_total", {"kind": "cf", "state": "failed"}) == 1
+    assert _value(reg, "forensics_fix_set_size_bucket", {"le": "2.0"}) == 1
+    assert _value(reg, "forensics_fix_set_size_bucket", {"le": "1.0"}) == 0
+
+
+def _scrape(url: str, accept: str | None) -> tuple[str, str]:
+    req = urllib.request.Request(url)
+    if accept:
+        req.add_header("Accept", accept)
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        return resp.headers["Content-Type"], resp.read().decode()
+
+
+def test_metrics_endpoint_negotiates_openmetrics_with_trace_exemplars(tel):
+    tel.http = MetricsHTTPServer(tel.registry, port=0)
+    with tel.span("job.cf", traceparent=TRACEPARENT):
+        tel.on_anomaly_score(4.2, traceparent=TRACEPARENT)  # exemplar: the request's trace
+    with tel.span("job.cf"):
+        job_trace = Tracing.current_trace_id()
+        tel.on_anomaly_score(0.3)  # no request trace: the sidecar's own trace
+    tel.on_anomaly_score(1.2)      # no trace at all: no exemplar
+    tel.on_received(10)
+    assert tel.metrics_url is not None and tel.metrics_url.endswith("/metrics")
+
+    ctype, om = _scrape(tel.metrics_url, "application/openmetrics-text; version=1.0.0")
+    assert ctype.startswith("application/openmetrics-text")
+    assert om.rstrip().endswith("# EOF")
+    for name in ("forensics_incidents_received_total", "forensics_ingest_rejected_total",
+                 "forensics_ingest_bytes_total", "forensics_jobs", "forensics_job_duration_seconds",
+                 "forensics_anomaly_score", "forensics_fix_set_size"):
+        assert f"# TYPE {name.removesuffix('_total')} " in om, name
+    # cumulative buckets: 0.3 -> le=0.5 (1), 1.2 -> le=1.5 (2), 4.2 -> le=5.0 (3)
+    assert f'forensics_anomaly_score_bucket{{le="5.0"}} 3.0 # {{trace_id="{TRACE_ID}"}} 4.2 ' in om
+    assert f'forensics_anomaly_score_bucket{{le="0.5"}} 1.0 # {{trace_id="{job_trace}"}} 0.3 ' in om
+    assert 'forensics_anomaly_score_bucket{le="1.5"} 2.0\n' in om
+    assert job_trace != TRACE_ID
+
+    ctype, text = _scrape(tel.metrics_url, None)  # classic Prometheus text: no exemplars
+    assert ctype.startswith("text/plain")
+    assert "forensics_incidents_received_total 1.0" in text
+    assert "trace_id" not in text
+
+
+def test_shutdown_stops_the_metrics_server():
+    tel = SidecarTelemetry(registry=CollectorRegistry(), metrics_port=0)
+    url = tel.metrics_url
+    assert url is not None
+    tel.shutdown()
+    tel.shutdown()  # idempotent
+    assert tel.metrics_url is None
+    with pytest.raises(OSError):
+        _scrape(url, None)
+
+
+def test_no_metrics_server_unless_asked():
+    t = SidecarTelemetry(registry=CollectorRegistry())
+    assert t.metrics_url is None
+    with t.span("ingest", traceparent=TRACEPARENT):  # spans still work (no exporter)
+        assert Tracing.current_trace_id() is not None
+    t.shutdown()
+
+
+def test_otlp_exporters_are_configurable_and_off_by_default():
+    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as G
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as H
+
+    from integrations.errors import ConfigError
+
+    assert isinstance(make_otlp_exporter("localhost:4317"), G)
+    h = make_otlp_exporter("localhost:4318", protocol="http")
+    assert isinstance(h, H) and h._endpoint == "http://localhost:4318/v1/traces"
+    with pytest.raises(ConfigError, match="grpc' or 'http"):
+        make_otlp_exporter("x", protocol="thrift")  # type: ignore[arg-type]
+    tr = Tracing()
+    assert not tr.provider._active_span_processor._span_processors  # nothing exported
+    tr.shutdown()
+
+
+def test_prometheus_rules_and_scrape_config_use_only_real_series():
+    import re
+    from pathlib import Path
+
+    import yaml
+
+    from integrations._metrics import RecorderMetrics
+    from sidecar.telemetry import SidecarMetrics
+
+    rec_reg = CollectorRegistry()
+    RecorderMetrics(registry=rec_reg)
+    names: set[str] = set()
+    for reg in (SidecarMetrics(registry=CollectorRegistry()).registry, rec_reg):
+        for fam in reg.collect():
+            names |= {fam.name + suffix for suffix in ("", "_total", "_bucket", "_count", "_sum")}
+
+    deploy = Path(__file__).resolve().parents[3] / "deploy" / "prometheus"
+    config = yaml.safe_load((deploy / "prometheus.yaml").read_text())
+    assert "OpenMetricsText1.0.0" == config["global"]["scrape_protocols"][0]  # exemplars
+    for rule_file in config["rule_files"]:
+        rules = yaml.safe_load((deploy / rule_file).read_text())
+        exprs = [r["expr"] for g in rules["groups"] for r in g["rules"]]
+        assert len(exprs) >= 8
+        used = {m for e in exprs for m in re.findall(r"\b(forensics_[a-z_]+)", e)}
+        assert used and used <= names, used - names
