@@ -15,7 +15,12 @@ from typing import Any
 
 # public name -> module that defines it (imported lazily)
 _LAZY = {
+    "CFBaseline": "analysis.cf",
+    "CFReport": "analysis.cf",
+    "CompressionForensics": "analysis.cf",
     "Incident": "integrations.incident",
+    "MahalanobisDetector": "analysis.cf",
+    "NormDetector": "analysis.cf",
 }
 
 __all__ = sorted(_LAZY)

@@ -1,0 +1,39 @@
+"""Compression Forensics (DESIGN §7) and the simple detectors it is measured against.
+
+Every detector has the same interface: ``build_baseline(benign_incidents) -> CFBaseline`` (a
+classmethod; persisted with ``save``/``load``, versioned per model fingerprint) and
+``analyze(incident_or_session) -> CFReport`` with ``score``, ``flagged``, ``ranked_sites`` and
+per-site ``score``/``p``/``q``/``flagged``. Scoring is explained in
+:mod:`analysis.cf._detector`.
+
+Example::
+
+    from analysis.cf import CompressionForensics, CFBaseline
+    base = CompressionForensics.build_baseline(benign_incidents)   # at most baseline_samples
+    base.save("cf-baseline.npz")
+    cf = CompressionForensics(baseline=CFBaseline.load("cf-baseline.npz"))
+    report = cf.analyze(incident)          # or a replay session (uses session.incident)
+    report.score, report.flagged, report.ranked_sites[:3]
+"""
+
+from __future__ import annotations
+
+from ._baseline import BASELINE_FORMAT_VERSION, CFBaseline
+from ._detector import Detector
+from ._detectors import CompressionForensics, MahalanobisDetector, NormDetector
+from ._report import CFReport, SiteScore, WorstUnit
+from ._units import DEFAULT_POSITION_BUCKETS, KINDS
+
+__all__ = [
+    "BASELINE_FORMAT_VERSION",
+    "DEFAULT_POSITION_BUCKETS",
+    "KINDS",
+    "CFBaseline",
+    "CFReport",
+    "CompressionForensics",
+    "Detector",
+    "MahalanobisDetector",
+    "NormDetector",
+    "SiteScore",
+    "WorstUnit",
+]

@@ -1,0 +1,100 @@
+"""Detector results: per-site scores, p/q-values, flags, and the incident-level score.
+
+Example::
+
+    report = CompressionForensics(baseline=base).analyze(inc)
+    report.score, report.flagged            # incident level
+    report.ranked_sites[:3]                 # [(site, score), ...] most anomalous first
+    report.sites["blocks.2.mlp"].worst      # where in the site: step kind, bucket, step, position
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+__all__ = ["CFReport", "SiteScore", "WorstUnit"]
+
+
+@dataclass(frozen=True)
+class WorstUnit:
+    """The single most anomalous unit (token position of one step) of a site."""
+
+    kind: str        # prefill | last | decode
+    bucket: int      # position bucket index (-1 when the pooled reference was used)
+    step: int
+    position: int    # absolute position in the sequence
+    value: float     # the unit statistic (CF: bits/value; norm: log2 RMS; Mahalanobis: D²/d)
+    z: float         # its robust z against the cell reference
+
+
+@dataclass(frozen=True)
+class SiteScore:
+    """One site's result.
+
+    ``stat``: the site statistic, max |robust z| over the site's units; ``score``: robust z of
+    ``stat`` against the same statistic of the benign baseline incidents (higher = more
+    anomalous); ``p``: empirical p-value of ``stat`` against the baseline (+1 correction);
+    ``q``: Benjamini–Hochberg across the incident's sites; ``flagged``: ``score >=
+    anomaly_threshold``; ``significant``: ``q <= fdr``.
+    """
+
+    site: str
+    score: float
+    stat: float
+    p: float
+    q: float
+    flagged: bool
+    significant: bool
+    n_units: int
+    worst: WorstUnit
+    clipped: int = 0  # CF only: values beyond the int16 range of the fixed scale
+
+
+@dataclass(frozen=True)
+class CFReport:
+    """The result of one detector on one incident (the same type for every detector).
+
+    ``score``: robust z (double MAD) of the incident's max site score against the max site
+    score of every benign baseline incident; ``flagged``: ``score >= threshold``.
+    """
+
+    detector: str
+    incident_id: str
+    score: float
+    flagged: bool
+    threshold: float
+    fdr: float
+    sites: dict[str, SiteScore]
+    ranked_sites: list[tuple[str, float]]
+    baseline_samples: int
+    model_fingerprint: str | None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def flagged_sites(self) -> list[str]:
+        """Sites with ``score >= threshold``, most anomalous first."""
+        return [s for s, _ in self.ranked_sites if self.sites[s].flagged]
+
+    @property
+    def significant_sites(self) -> list[str]:
+        """Sites with BH q-value ``<= fdr``, most anomalous first."""
+        return [s for s, _ in self.ranked_sites if self.sites[s].significant]
+
+    def rank_of(self, site: str) -> int | None:
+        """1-based rank of ``site`` in :attr:`ranked_sites` (None if not scored)."""
+        for i, (s, _) in enumerate(self.ranked_sites, start=1):
+            if s == site:
+                return i
+        return None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (for DuckDB rows, gRPC and the CLI)."""
+        d = asdict(self)
+        d["ranked_sites"] = [[s, v] for s, v in self.ranked_sites]
+        return d
+
+    def __repr__(self) -> str:
+        top = ", ".join(f"{s}={v:.2f}" for s, v in self.ranked_sites[:3])
+        return (f"CFReport(detector={self.detector!r}, incident={self.incident_id!r}, "
+                f"score={self.score:.2f}, flagged={self.flagged}, top=[{top}])")

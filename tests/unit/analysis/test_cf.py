@@ -1,0 +1,262 @@
+"""Compression Forensics and the baseline detectors, on incidents recorded from real tiny models
+by the real Recorder (``triggers.Always()``); anomalies are planted with a forward hook that adds
+a spike to one MLP neuron at the last prompt position."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from analysis.cf import (
+    CFBaseline,
+    CompressionForensics,
+    MahalanobisDetector,
+    NormDetector,
+)
+from analysis.cf._score import benjamini_hochberg, empirical_p, loo_tail_z, tail_ref
+from analysis.cf._units import site_units
+from integrations import Recorder, exporters, triggers
+from integrations.errors import AnalysisError, FingerprintMismatchError
+
+SITES = ["embed", "blocks.*.mlp", "blocks.*.mlp.post", "blocks.*.resid_post"]
+DETECTORS = [CompressionForensics, NormDetector, MahalanobisDetector]
+SPIKED = "blocks.1.mlp.post"  # the perturbed site (neuron 17 of layer 1's MLP)
+
+
+def record(model: Any, n: int, *, seed: int, spike: tuple[int, int, float] | None = None,
+           generate: int = 0, min_len: int = 6, max_len: int = 16) -> list[Any]:
+    """Record ``n`` incidents of random-token prompts with ``triggers.Always()``.
+
+    ``spike=(layer, neuron, value)`` adds ``value`` to one GPT-2 MLP neuron at the last prompt
+    position (forward hook on the MLP activation, i.e. ``blocks.{layer}.mlp.post``)."""
+    ex = exporters.InMemoryExporter()
+    from prometheus_client import CollectorRegistry
+
+    rec = Recorder(model, sites=SITES, trigger=triggers.Always(), exporter=ex,
+                   max_queue=4 * n + 8, metrics_registry=CollectorRegistry())
+    g = torch.Generator().manual_seed(seed)
+    vocab = int(model.config.vocab_size)
+    handle = None
+    if spike is not None:
+        layer, neuron, value = spike
+
+        def hook(mod: Any, inp: Any, out: torch.Tensor) -> torch.Tensor | None:
+            if out.shape[1] == 1:  # decode steps: leave alone
+                return None
+            out = out.clone()  # [batch, pos, d_mlp]
+            out[:, -1, neuron] += value
+            return out
+
+        handle = model.transformer.h[layer].mlp.act.register_forward_hook(hook)
+    try:
+        for i in range(n):
+            length = int(torch.randint(min_len, max_len + 1, (1,), generator=g))
+            ids = torch.randint(3, vocab, (1, length), generator=g)  # [batch, pos]
+            with rec.request(request_id=f"s{seed}-{i}"), torch.no_grad():
+                if generate:
+                    model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                   max_new_tokens=generate, do_sample=False, pad_token_id=0)
+                else:
+                    model(input_ids=ids)
+        assert rec.force_flush(timeout_s=60)
+    finally:
+        if handle is not None:
+            handle.remove()
+        rec.shutdown(timeout_s=10)
+    assert len(ex.incidents) == n
+    return list(ex.incidents)
+
+
+def wide_gpt2() -> Any:
+    """A seeded 2-layer GPT-2 with d_model=128. CF's resolution is one compressed byte per token
+    position (8/d bits/value); at d=32 ties at the reference maximum inflate benign flags."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = GPT2Config(vocab_size=97, n_positions=64, n_embd=128, n_layer=2, n_head=4,
+                     bos_token_id=1, eos_token_id=2, resid_pdrop=0.0, embd_pdrop=0.0,
+                     attn_pdrop=0.0)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = GPT2LMHeadModel(cfg)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def model() -> Any:
+    return wide_gpt2()
+
+
+@pytest.fixture(scope="module")
+def data(model: Any) -> dict[str, Any]:
+    return {"benign": record(model, 20, seed=1),
+            "anomalous": record(model, 2, seed=2, spike=(1, 17, 10.0))}
+
+
+@pytest.fixture(scope="module")
+def baselines(data: dict[str, Any]) -> dict[str, CFBaseline]:
+    return {d.name: d.build_baseline(data["benign"]) for d in DETECTORS}
+
+
+# ------------------------------------------------------------------------- errors
+
+
+def test_no_baseline_is_a_clear_error(data: dict[str, Any]) -> None:
+    for det in DETECTORS:
+        with pytest.raises(AnalysisError, match="build_baseline"):
+            det().analyze(data["anomalous"][0])
+
+
+def test_baseline_of_another_detector_is_rejected(data: dict[str, Any],
+                                                  baselines: dict[str, CFBaseline]) -> None:
+    with pytest.raises(AnalysisError, match="'cf' detector"):
+        NormDetector(baseline=baselines["cf"]).analyze(data["benign"][0])
+
+
+def test_fingerprint_mismatch(data: dict[str, Any], baselines: dict[str, CFBaseline]) -> None:
+    inc = data["anomalous"][0]
+    other = inc.with_manifest(model={**inc.manifest["model"], "fingerprint": "sha256:" + "0" * 64})
+    with pytest.raises(FingerprintMismatchError, match="fingerprint"):
+        CompressionForensics(baseline=baselines["cf"]).analyze(other)
+    with pytest.raises(FingerprintMismatchError, match="different models"):
+        CompressionForensics.build_baseline([*data["benign"][:3], other])
+
+
+def test_bad_options_and_too_few_incidents(data: dict[str, Any]) -> None:
+    with pytest.raises(AnalysisError, match="at least 2"):
+        NormDetector.build_baseline(data["benign"][:1])
+    with pytest.raises(AnalysisError, match="unknown options"):
+        NormDetector.build_baseline(data["benign"], zstd_level=3)
+    with pytest.raises(AnalysisError, match="position_buckets"):
+        NormDetector.build_baseline(data["benign"], position_buckets=(1, 2))
+
+
+# ------------------------------------------------------------------------- detection
+
+
+@pytest.mark.parametrize("det", DETECTORS, ids=lambda d: d.name)
+def test_spiked_neuron_is_flagged_and_localised(det: Any, data: dict[str, Any],
+                                                baselines: dict[str, CFBaseline]) -> None:
+    detector = det(baseline=baselines[det.name], anomaly_threshold=2.0)
+    for inc in data["anomalous"]:
+        rep = detector.analyze(inc)
+        assert rep.flagged and rep.score >= 2.0, rep
+        top = rep.ranked_sites[0][0]
+        if det is CompressionForensics:
+            # CF sees a one-neuron spike mostly through the MLP's output (d_model values that
+            # all grow), not the 1-in-128 neuron itself: top site is layer 1's MLP component.
+            assert top in (SPIKED, "blocks.1.mlp"), rep.ranked_sites[:4]
+        else:
+            assert top == SPIKED, rep.ranked_sites[:4]
+        worst = rep.sites[top].worst
+        assert worst.kind == "last" and worst.position == inc.tensor(top).shape[1] - 1
+        assert rep.sites[top].flagged
+        assert [s for s, _ in rep.ranked_sites] == sorted(
+            rep.sites, key=lambda s: (-rep.sites[s].score, s))
+        assert all(0 < v.p <= 1 and v.p <= v.q <= 1 for v in rep.sites.values())
+        assert not any(s.startswith("blocks.0") for s in rep.flagged_sites)  # upstream: clean
+
+
+def test_session_duck_typing(data: dict[str, Any], baselines: dict[str, CFBaseline]) -> None:
+    class Session:
+        def __init__(self, incident: Any) -> None:
+            self.incident = incident
+
+    cf = CompressionForensics(baseline=baselines["cf"])
+    inc = data["anomalous"][0]
+    assert cf.analyze(Session(inc)).score == cf.analyze(inc).score
+    with pytest.raises(AnalysisError, match="Incident"):
+        cf.analyze(object())
+
+
+def test_site_patterns_restrict_scoring(data: dict[str, Any],
+                                        baselines: dict[str, CFBaseline]) -> None:
+    rep = NormDetector(baseline=baselines["norm"], sites=["blocks.*.resid_post"]).analyze(
+        data["anomalous"][0])
+    assert sorted(rep.sites) == ["blocks.0.resid_post", "blocks.1.resid_post"]
+    base = NormDetector.build_baseline(data["benign"], sites=["embed"])
+    assert base.sites == ["embed"]
+
+
+# ------------------------------------------------------------------------- baselines
+
+
+def test_persistence_round_trip(tmp_path: Any, data: dict[str, Any],
+                                baselines: dict[str, CFBaseline]) -> None:
+    for name, base in baselines.items():
+        path = tmp_path / f"{name}.npz"
+        base.save(path)
+        with np.load(path, allow_pickle=False) as z:  # plain arrays, no pickle needed
+            assert "meta" in z.files
+        loaded = CFBaseline.load(path)
+        assert loaded.detector == name and loaded.sites == base.sites
+        assert loaded.model_fingerprint == base.model_fingerprint
+        assert loaded.sample_count == base.sample_count == 20
+        assert loaded.created_at == base.created_at and loaded.format_version == 1
+        np.testing.assert_array_equal(loaded.site_stats, base.site_stats)
+        det = {d.name: d for d in DETECTORS}[name]
+        inc = data["anomalous"][1]
+        assert det(baseline=loaded).analyze(inc) == det(baseline=base).analyze(inc)
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(b"not a baseline")
+    with pytest.raises(AnalysisError, match="rebuild"):
+        CFBaseline.load(bad)
+
+
+def test_determinism_and_sampling(data: dict[str, Any], baselines: dict[str, CFBaseline]) -> None:
+    again = CompressionForensics.build_baseline(data["benign"])
+    np.testing.assert_array_equal(again.site_stats, baselines["cf"].site_stats)
+    np.testing.assert_array_equal(again.cell_values, baselines["cf"].cell_values)
+    r1 = CompressionForensics(baseline=again).analyze(data["anomalous"][0])
+    r2 = CompressionForensics(baseline=baselines["cf"]).analyze(data["anomalous"][0])
+    assert r1 == r2
+    s1 = NormDetector.build_baseline(data["benign"], max_samples=5, seed=3)
+    s2 = NormDetector.build_baseline(data["benign"], max_samples=5, seed=3)
+    assert s1.sample_count == 5 and s1.incident_ids == s2.incident_ids
+
+
+def test_decode_steps_are_units_at_their_absolute_position(model: Any) -> None:
+    incs = record(model, 4, seed=5, generate=3, min_len=6, max_len=6)
+    u = site_units(incs[0], "blocks.0.resid_post", buckets=(0, 1, 2, 4, 8))
+    # 6 prompt positions, then 2 decode forward calls (the 3rd new token needs no forward)
+    assert u.position.tolist() == list(range(8))
+    assert u.kind.tolist() == [0] * 5 + [1] + [2] * 2
+    assert u.bucket.tolist() == [0, 1, 2, 2, 3, 3, 3, 3]
+    base = NormDetector.build_baseline(incs[:3], min_cell_units=2)
+    rep = NormDetector(baseline=base).analyze(incs[3])
+    assert rep.sites["blocks.0.resid_post"].n_units == 8
+
+
+# ------------------------------------------------------------------------- statistics
+
+
+def test_robust_statistics() -> None:
+    ref = np.arange(1.0, 20.0)  # 19 values
+    assert empirical_p(100.0, ref) == pytest.approx(1 / 20)
+    assert empirical_p(0.0, ref) == 1.0
+    q = benjamini_hochberg(np.array([0.01, 0.04, 0.03, 0.2]))
+    np.testing.assert_allclose(q, [0.04, 0.16 / 3, 0.16 / 3, 0.2])  # sorted p * 4 / rank, monotone
+    r = tail_ref(np.zeros(10), floor=0.1)  # constant reference: floored, never divide by 0
+    assert r.hi == r.lo == 0.1
+    z = loo_tail_z(np.array([0.0, 1.0, 2.0, 3.0, np.nan, 50.0]), floor=0.1)
+    assert np.isnan(z[4]) and z[5] > 10
+
+
+# ------------------------------------------------------------------------- calibration
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("det", DETECTORS, ids=lambda d: d.name)
+def test_benign_false_positive_rate_at_default_threshold(det: Any) -> None:
+    model = wide_gpt2()
+    base = det.build_baseline(record(model, 30, seed=11))
+    detector = det(baseline=base)  # anomaly_threshold from config: 2.0
+    assert detector.anomaly_threshold == 2.0
+    held_out = [detector.analyze(i) for i in record(model, 40, seed=12)]
+    fpr = float(np.mean([r.flagged for r in held_out]))
+    assert fpr <= 0.05, sorted(r.score for r in held_out)[-5:]
+    spiked = [detector.analyze(i) for i in record(model, 5, seed=13, spike=(1, 17, 10.0))]
+    assert all(r.flagged for r in spiked)
+    assert min(r.score for r in spiked) > max(r.score for r in held_out)
