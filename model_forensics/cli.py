@@ -17,7 +17,7 @@ from collections.abc import Sequence
 __all__ = ["build_parser", "main"]
 
 # Sub-command groups contributed by other packages: module -> register(subparsers) function.
-_PLUGINS = ("sidecar.cli", "analysis.cli")
+_PLUGINS = ("sidecar.cli", "analysis.cli", "analysis.scenarios.cli")
 
 
 def build_parser() -> argparse.ArgumentParser:
