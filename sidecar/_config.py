@@ -17,12 +17,16 @@ import dataclasses
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from integrations.errors import ConfigError
 
+if TYPE_CHECKING:
+    from integrations.config import ModulesConfig
+
 __all__ = [
     "AuthConfig",
+    "BaselinesConfig",
     "GrpcConfig",
     "JobsConfig",
     "LimitsConfig",
@@ -124,6 +128,23 @@ class JobsConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class BaselinesConfig:
+    """Detector baselines kept by the sidecar, per model fingerprint (DESIGN §7).
+
+    Built from sampled benign traffic: incidents whose trigger rule is in ``sample_rules`` (the
+    sampling trigger, never a flag) and that CF did not flag, at most
+    ``modules.cf.baseline_samples`` of them, newest first. The first build happens once
+    ``min_samples`` such incidents exist; it is rebuilt after ``refresh_every`` more arrive
+    (0 = never automatically; ``forensics baseline build`` always works)."""
+
+    detector: str = "cf"                      # cf | norm | mahalanobis
+    min_samples: int = 30
+    refresh_every: int = 200
+    sample_rules: tuple[str, ...] = ("ratio",)
+    cca_benign: int = 8                       # benign incidents for CCA side effects / means
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelSpec:
     """A model the sidecar can load for replay: ``loader`` is ``"module:function"`` returning a
     model or ``(model, tokenizer)``; matched by ``fingerprint`` (preferred) or ``name``."""
@@ -146,6 +167,18 @@ class SidecarConfig:
     telemetry: TelemetryConfig = dataclasses.field(default_factory=TelemetryConfig)
     jobs: JobsConfig = dataclasses.field(default_factory=JobsConfig)
     models: tuple[ModelSpec, ...] = ()
+    #: ``modules.cf`` / ``modules.cca``: the seed's keys (``integrations.config.ModulesConfig``,
+    #: same names, defaults and validation as ``configs/default.yaml``).
+    modules: ModulesConfig = dataclasses.field(default_factory=lambda: _modules(None))
+    baselines: BaselinesConfig = dataclasses.field(default_factory=BaselinesConfig)
+
+    def ingest_kinds(self) -> tuple[str, ...]:
+        """Job kinds enqueued for every new incident: ``jobs.on_ingest`` plus ``cf`` when
+        ``modules.cf.enabled`` (CCA follows CF, see ``sidecar._kinds_cf``)."""
+        kinds = list(self.jobs.on_ingest)
+        if self.modules.cf.enabled and "cf" not in kinds:
+            kinds.append("cf")
+        return tuple(kinds)
 
     @classmethod
     def defaults(cls, **overrides: Any) -> SidecarConfig:
@@ -157,7 +190,7 @@ class SidecarConfig:
         """Build from a parsed YAML mapping (missing keys take the embedded defaults)."""
         raw = dict(raw or {})
         _check_keys(raw, {"data_dir", "grpc", "limits", "auth", "metrics", "telemetry", "jobs",
-                          "models"}, "")
+                          "models", "modules", "baselines"}, "")
         grpc_raw = dict(_mapping(raw.get("grpc"), "grpc"))
         tls = _section(TlsConfig, grpc_raw.pop("tls", None), "grpc.tls")
         grpc_cfg = dataclasses.replace(_section(GrpcConfig, grpc_raw, "grpc"), tls=tls)
@@ -185,9 +218,20 @@ class SidecarConfig:
         data_dir = raw.get("data_dir", cls.data_dir)
         if not isinstance(data_dir, str) or not data_dir:
             raise ConfigError("data_dir must be a non-empty path string")
+        base_raw = dict(_mapping(raw.get("baselines"), "baselines"))
+        if "sample_rules" in base_raw:
+            base_raw["sample_rules"] = tuple(_str_list(base_raw["sample_rules"],
+                                                       "baselines.sample_rules"))
+        baselines = _section(BaselinesConfig, base_raw, "baselines")
+        if baselines.detector not in ("cf", "norm", "mahalanobis"):
+            raise ConfigError("baselines.detector must be 'cf', 'norm' or 'mahalanobis'")
+        if baselines.min_samples < 2 or baselines.refresh_every < 0 or baselines.cca_benign < 0:
+            raise ConfigError("baselines.min_samples must be >= 2; refresh_every and cca_benign "
+                              ">= 0")
         return cls(data_dir=data_dir, grpc=grpc_cfg, limits=limits,
                    auth=_auth(raw.get("auth")), metrics=metrics, telemetry=telemetry, jobs=jobs,
-                   models=_models(raw.get("models")))
+                   models=_models(raw.get("models")), modules=_modules(raw.get("modules")),
+                   baselines=baselines)
 
     def find_model(self, *, name: str | None, fingerprint: str | None) -> ModelSpec | None:
         """The registered model for an incident's model reference: a fingerprint match first,
@@ -301,6 +345,15 @@ def _token(entry: Mapping[str, Any], where: str) -> str:
     if not isinstance(token, str) or len(token) < 8:
         raise ConfigError(f"{where}.token must be a string of at least 8 characters")
     return token
+
+
+def _modules(value: Any) -> Any:
+    """``modules:`` validated by ``integrations.config`` (the seed's keys, one schema)."""
+    from integrations.config import load_config as load_forensics_config
+
+    raw = _mapping(value, "modules")
+    return load_forensics_config(overrides={"modules": dict(raw)} if raw else None,
+                                 env={}).modules
 
 
 def _models(value: Any) -> tuple[ModelSpec, ...]:

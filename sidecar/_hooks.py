@@ -16,6 +16,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import json
 import threading
 from collections import Counter
 from collections.abc import Iterator, Mapping
@@ -29,6 +30,7 @@ __all__ = [
     "Telemetry",
     "as_telemetry",
     "fan_out",
+    "incident_attributes",
 ]
 
 #: Every reason an upload or query can be rejected for (label values of
@@ -77,6 +79,11 @@ class Telemetry(Protocol):
         """An analysis produced an incident-level anomaly score (exemplar: the trace id)."""
         ...
 
+    def on_fix_set_size(self, size: int, *, traceparent: str | None = None) -> None:
+        """A CCA search found a verified minimal fix set of ``size`` interventions (searches that
+        found none are not observed: they have no size); exemplar: the trace id."""
+        ...
+
     def span(self, name: str, *, traceparent: str | None = None,
              attributes: Mapping[str, Any] | None = None) -> contextlib.AbstractContextManager[Any]:
         """A span named ``name`` ("ingest", "index", "job.stats", ...) in a new trace *linked*
@@ -91,9 +98,44 @@ class Telemetry(Protocol):
         ...
 
 
+#: At most this many sites go into a span's ``forensics.incident.sites`` attribute.
+MAX_SPAN_SITES = 256
+
+
+def incident_attributes(row: Any) -> dict[str, Any]:
+    """Span attributes describing a stored incident: id, tenant, size, model, trigger and its
+    sites as a list (sites are span attributes, never Prometheus labels). ``row`` is an index
+    row (``sidecar._store_index.IncidentRow``)."""
+    try:
+        sites = json.loads(row.manifest_json).get("sites") or []
+    except (ValueError, AttributeError):
+        sites = []
+    sites = [str(s) for s in sites] if isinstance(sites, list) else []
+    attrs: dict[str, Any] = {
+        "forensics.incident.id": row.id, "forensics.incident.tenant": row.tenant,
+        "forensics.incident.bytes": row.size_bytes, "forensics.incident.n_sites": row.n_sites,
+        "forensics.incident.sites": sites[:MAX_SPAN_SITES],
+        "forensics.model.name": row.model_name or "",
+        "forensics.trigger.rule": row.trigger_rule or "",
+        "forensics.trigger.reason": row.trigger_reason or "",
+    }
+    if len(sites) > MAX_SPAN_SITES:
+        attrs["forensics.incident.sites_truncated"] = True
+    return attrs
+
+
 class _NullSpan:
     def set_attribute(self, key: str, value: Any) -> None:
         pass
+
+
+class _DictSpan:
+    def __init__(self, attrs: dict[str, Any], lock: threading.Lock) -> None:
+        self._attrs, self._lock = attrs, lock
+
+    def set_attribute(self, key: str, value: Any) -> None:
+        with self._lock:
+            self._attrs[key] = value
 
 
 class NoopTelemetry:
@@ -112,6 +154,9 @@ class NoopTelemetry:
         pass
 
     def on_anomaly_score(self, score: float, *, traceparent: str | None = None) -> None:
+        pass
+
+    def on_fix_set_size(self, size: int, *, traceparent: str | None = None) -> None:
         pass
 
     @contextlib.contextmanager
@@ -136,7 +181,9 @@ class CountingTelemetry(NoopTelemetry):
         self.jobs_finished: Counter[tuple[str, str]] = Counter()
         self.job_counts: dict[str, int] = {}
         self.anomaly_scores: list[float] = []
+        self.fix_set_sizes: list[int] = []
         self.spans: list[str] = []
+        self.span_attributes: dict[str, dict[str, Any]] = {}
 
     def on_received(self, nbytes: int) -> None:
         with self._lock:
@@ -159,12 +206,18 @@ class CountingTelemetry(NoopTelemetry):
         with self._lock:
             self.anomaly_scores.append(score)
 
+    def on_fix_set_size(self, size: int, *, traceparent: str | None = None) -> None:
+        with self._lock:
+            self.fix_set_sizes.append(int(size))
+
     @contextlib.contextmanager
     def span(self, name: str, *, traceparent: str | None = None,
              attributes: Mapping[str, Any] | None = None) -> Iterator[Any]:
+        attrs: dict[str, Any] = dict(attributes or {})
         with self._lock:
             self.spans.append(name)
-        yield _NullSpan()
+            self.span_attributes[name] = attrs   # the last span of each name
+        yield _DictSpan(attrs, self._lock)
 
 
 class _FanOut(NoopTelemetry):
@@ -190,6 +243,10 @@ class _FanOut(NoopTelemetry):
     def on_anomaly_score(self, score: float, *, traceparent: str | None = None) -> None:
         for p in self._parts:
             p.on_anomaly_score(score, traceparent=traceparent)
+
+    def on_fix_set_size(self, size: int, *, traceparent: str | None = None) -> None:
+        for p in self._parts:
+            p.on_fix_set_size(size, traceparent=traceparent)
 
     @contextlib.contextmanager
     def span(self, name: str, *, traceparent: str | None = None,
@@ -219,7 +276,7 @@ class _Adapted(NoopTelemetry):
     def __init__(self, inner: Any) -> None:
         self._inner = inner
         for name in ("on_received", "on_rejected", "on_job_finished", "set_job_counts",
-                     "on_anomaly_score", "span", "shutdown"):
+                     "on_anomaly_score", "on_fix_set_size", "span", "shutdown"):
             fn = getattr(inner, name, None)
             if callable(fn):
                 setattr(self, name, fn)

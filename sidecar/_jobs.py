@@ -1,8 +1,7 @@
 """Analysis jobs: persisted in DuckDB, run by a bounded worker pool, resumed after a restart.
 
-A job kind is a function ``fn(ctx: JobContext) -> dict`` (JSON-able result) registered by name.
-The context is plain data (paths, params, config) so the executor seam can be a thread pool
-(default), a process pool, or Ray tasks later (DESIGN §12). States: pending → running → done |
+Job kinds and their hooks are registered in :mod:`sidecar._job_registry` (re-exported here).
+States: pending → running → done |
 failed; a retryable failure goes back to pending until ``max_attempts``. On start, jobs left
 ``running`` by a crash are pending again (or failed once their attempts are used up).
 
@@ -18,6 +17,7 @@ Example::
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import dataclasses
 import datetime as dt
 import json
@@ -25,109 +25,52 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping
-from pathlib import Path
+from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 from integrations.errors import IncidentFormatError, SidecarError
 
 from ._hooks import JOB_STATES, Telemetry, as_telemetry
+from ._job_registry import (
+    AfterFn,
+    JobContext,
+    JobFailed,
+    JobFn,
+    JobKind,
+    PrepareFn,
+    RecordFn,
+    UnknownJobKindError,
+    _Stopped,
+    execute_job,
+    job_kind,
+    job_kinds,
+    register_job_kind,
+)
 from ._store_index import utcnow
 
 if TYPE_CHECKING:
-    from integrations.incident import Incident
 
     from ._config import SidecarConfig
     from ._store import IncidentStore
 
 __all__ = [
+    "AfterFn",
     "JobContext",
     "JobFailed",
+    "JobFn",
+    "JobKind",
     "JobRecord",
     "JobRunner",
+    "PrepareFn",
+    "RecordFn",
     "UnknownJobKindError",
     "execute_job",
+    "job_kind",
     "job_kinds",
     "register_job_kind",
 ]
 
 log = logging.getLogger("sidecar.jobs")
-
-JobFn = Callable[["JobContext"], Mapping[str, Any]]
-_KINDS: dict[str, JobFn] = {}
-_KINDS_LOCK = threading.Lock()
-
-
-class JobFailed(SidecarError):
-    """Raised by a job kind: the message is the job's recorded error."""
-
-    def __init__(self, message: str, *, retryable: bool = False) -> None:
-        super().__init__(message)
-        self.retryable = retryable
-
-
-class UnknownJobKindError(SidecarError, ValueError):
-    """No job kind of that name is registered."""
-
-
-def register_job_kind(name: str, fn: JobFn | None = None, *,
-                      replace: bool = False) -> Any:
-    """Register ``fn`` as job kind ``name`` (also usable as a decorator)."""
-    def deco(f: JobFn) -> JobFn:
-        with _KINDS_LOCK:
-            if name in _KINDS and not replace and _KINDS[name] is not f:
-                raise ValueError(f"job kind {name!r} is already registered; pass replace=True")
-            _KINDS[name] = f
-        return f
-    return deco(fn) if fn is not None else deco
-
-
-def _builtin() -> None:
-    from . import _kinds  # noqa: F401  (registers "stats" and "replay")
-
-
-def job_kinds() -> list[str]:
-    """Registered job kind names, sorted."""
-    _builtin()
-    with _KINDS_LOCK:
-        return sorted(_KINDS)
-
-
-def _kind(name: str) -> JobFn:
-    _builtin()
-    with _KINDS_LOCK:
-        fn = _KINDS.get(name)
-    if fn is None:
-        raise UnknownJobKindError(f"unknown analysis kind {name!r}; registered kinds: "
-                                  f"{', '.join(sorted(_KINDS))}")
-    return fn
-
-
-@dataclasses.dataclass(frozen=True)
-class JobContext:
-    """Everything a job kind gets (picklable: no store, no connections)."""
-
-    job_id: str
-    incident_id: str
-    kind: str
-    attempt: int
-    params: Mapping[str, Any]
-    incident_path: Path
-    config: SidecarConfig
-
-    def open_incident(self) -> Incident:
-        """The job's incident, memory-mapped and validated."""
-        from integrations.incident import Incident
-
-        return Incident.open(self.incident_path)
-
-
-def execute_job(ctx: JobContext) -> dict[str, Any]:
-    """Run one job attempt (top-level so process pools can pickle it); returns the result."""
-    result = dict(_kind(ctx.kind)(ctx))
-    json.dumps(result, allow_nan=False)   # fail here, not when storing
-    return result
-
 
 @dataclasses.dataclass(frozen=True)
 class JobRecord:
@@ -176,6 +119,8 @@ class JobRunner:
         self._inflight = 0
         self._inflight_lock = threading.Lock()
         self._counts_lock = threading.Lock()
+        self._db_lock = threading.RLock()
+        self._closed = False
         self._thread: threading.Thread | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -205,6 +150,8 @@ class JobRunner:
         with self._changed:
             while self._inflight and time.monotonic() < deadline:
                 self._changed.wait(0.05)
+        with self._db_lock:   # no runner thread touches the index after this
+            self._closed = True
         if self._own_executor:
             self._executor.shutdown(wait=False, cancel_futures=True)
 
@@ -215,9 +162,10 @@ class JobRunner:
                request_id: str | None = None) -> JobRecord:
         """Enqueue a job (state pending). With ``request_id``, the same (incident, key) returns
         the existing job instead of a new one."""
-        _kind(kind)
+        job_kind(kind)
         params_json = json.dumps(dict(params or {}), sort_keys=True, allow_nan=False)
         job_id = f"job-{uuid.uuid4().hex}"
+        created: JobRecord | None = None
         with self.store.index.write() as con:
             found = None
             if request_id:
@@ -226,15 +174,20 @@ class JobRunner:
             if found:
                 job_id = found[0]
             else:
+                created = JobRecord(
+                    id=job_id, incident_id=incident_id, tenant=tenant, kind=kind,
+                    state="pending", attempts=0, max_attempts=self.config.jobs.max_attempts,
+                    error=None, params_json=params_json, request_id=request_id or None,
+                    created_at=utcnow(), started_at=None, finished_at=None)
                 con.execute(
                     "INSERT INTO jobs (id, incident_id, tenant, kind, state, attempts, "
                     "max_attempts, error, params_json, request_id, created_at) "
                     "VALUES (?, ?, ?, ?, 'pending', 0, ?, NULL, ?, ?, ?)",
-                    [job_id, incident_id, tenant, kind, self.config.jobs.max_attempts,
-                     params_json, request_id or None, utcnow()])
+                    [job_id, incident_id, tenant, kind, created.max_attempts, params_json,
+                     created.request_id, created.created_at])
         self._report_counts()
         self._wake.set()
-        job = self.get(job_id)
+        job = created or self.get(job_id)   # a new job is returned as enqueued (pending)
         assert job is not None
         return job
 
@@ -283,10 +236,13 @@ class JobRunner:
         while not self._stopping.is_set():
             try:
                 while self._inflight < self.workers and not self._stopping.is_set():
-                    job = self._claim()
-                    if job is None:
-                        break
-                    self._start(job)
+                    with self._db():
+                        job = self._claim()
+                        if job is None:
+                            break
+                        self._start(job)
+            except _Stopped:
+                return
             except Exception:   # keep dispatching; the index error is logged
                 log.exception("job dispatcher error")
             self._wake.wait(self.config.jobs.poll_interval_s)
@@ -299,25 +255,44 @@ class JobRunner:
         threading.Thread(target=self._run, args=(job,), name=f"forensics-job-{job.kind}",
                          daemon=True).start()
 
+    @contextlib.contextmanager
+    def _db(self) -> Iterator[None]:
+        """Index access from runner threads: serialised with :meth:`stop`, refused once stopped
+        (the store may be closed then; an unfinished job is resumed at the next start)."""
+        with self._db_lock:
+            if self._closed:
+                raise _Stopped
+            yield
+
     def _run(self, job: JobRecord) -> None:
-        row = self.store.get(job.incident_id)
         t0 = time.monotonic()
         state, result, error = "failed", None, None
-        traceparent = row.traceparent if row is not None else None
         try:
+            with self._db():
+                row = self.store.get(job.incident_id)
+            traceparent = row.traceparent if row is not None else None
             with self.telemetry.span(f"job.{job.kind}", traceparent=traceparent,
                                      attributes={"forensics.incident.id": job.incident_id,
+                                                 "forensics.incident.tenant": job.tenant,
+                                                 "forensics.job.kind": job.kind,
                                                  "forensics.job.id": job.id,
                                                  "forensics.job.attempt": job.attempts}) as span:
                 try:
                     if row is None:
                         raise JobFailed(f"incident {job.incident_id} no longer exists")
+                    kind = job_kind(job.kind)
+                    params = json.loads(job.params_json)
+                    if kind.prepare is not None:
+                        with self._db():
+                            params = kind.prepare(self, job, params)
                     ctx = JobContext(job_id=job.id, incident_id=job.incident_id, kind=job.kind,
-                                     attempt=job.attempts, params=json.loads(job.params_json),
+                                     attempt=job.attempts, params=params,
                                      incident_path=self.store.path(job.incident_id),
                                      config=self.config)
                     result = self._executor.submit(execute_job, ctx).result()
                     state = "done"
+                except _Stopped:
+                    raise
                 except JobFailed as e:
                     error = str(e)
                     state = "pending" if e.retryable and job.attempts < job.max_attempts else "failed"
@@ -328,20 +303,50 @@ class JobRunner:
                     error = f"{type(e).__name__}: {e}"
                     state = "pending" if job.attempts < job.max_attempts else "failed"
                 span.set_attribute("forensics.job.state", state)
-            self._finish(job, state, result, error)
-            if result is not None and isinstance(result.get("anomaly_score"), int | float):
-                self.telemetry.on_anomaly_score(float(result["anomaly_score"]),
-                                                traceparent=traceparent)
+            with self._db():
+                try:
+                    self._finish(job, state, result, error)
+                except Exception as e:   # e.g. a result table rejected the row: fail, visibly
+                    log.exception("recording the result of job %s failed", job.id)
+                    state, result = "failed", None
+                    self._finish(job, state, None, f"recording the result failed: "
+                                                   f"{type(e).__name__}: {e}")
+                if state == "done" and result is not None:
+                    self._observe(result, traceparent)
+                    self._after(job, result)
             self.telemetry.on_job_finished(job.kind, state, time.monotonic() - t0)
+        except _Stopped:
+            log.info("job %s (%s) left running at shutdown; it is resumed at the next start",
+                     job.id, job.kind)
         except Exception:
             log.exception("could not record the outcome of job %s", job.id)
         finally:
-            self._report_counts()
+            with contextlib.suppress(_Stopped), self._db():
+                self._report_counts()
             with self._inflight_lock:
                 self._inflight -= 1
             self._wake.set()
             with self._changed:
                 self._changed.notify_all()
+
+    def _after(self, job: JobRecord, result: dict[str, Any]) -> None:
+        after = job_kind(job.kind).after
+        if after is None:
+            return
+        try:
+            after(self, job, result)
+        except Exception:
+            log.exception("follow-up of job %s (%s) failed", job.id, job.kind)
+
+    def _observe(self, result: Mapping[str, Any], traceparent: str | None) -> None:
+        """Report a finished job's measured numbers: ``anomaly_score`` (a number; absent or
+        None when there was nothing to score) and ``fix_set_size`` (an int)."""
+        score = result.get("anomaly_score")
+        if isinstance(score, int | float) and not isinstance(score, bool):
+            self.telemetry.on_anomaly_score(float(score), traceparent=traceparent)
+        size = result.get("fix_set_size")
+        if isinstance(size, int) and not isinstance(size, bool):
+            self.telemetry.on_fix_set_size(size, traceparent=traceparent)
 
     def _finish(self, job: JobRecord, state: str, result: dict[str, Any] | None,
                 error: str | None) -> None:
@@ -355,6 +360,9 @@ class JobRunner:
                             "created_at) VALUES (?, ?, ?, ?, ?)",
                             [job.id, job.incident_id, job.kind,
                              json.dumps(result, allow_nan=False), now])
+                record = job_kind(job.kind).record
+                if record is not None:
+                    record(con, job, result)
 
     def _report_counts(self) -> None:
         with self._counts_lock:   # read + report as one step: the last report is the newest

@@ -1,4 +1,6 @@
-"""Built-in analysis job kinds: ``stats`` (per-site tensor statistics) and ``replay``.
+"""Built-in analysis job kinds: ``stats`` (per-site tensor statistics) and ``replay``; importing
+this module also registers ``cf`` and ``baseline`` (:mod:`sidecar._kinds_cf`) and ``cca``
+(:mod:`sidecar._kinds_cca`).
 
 ``stats`` reads the stored tensors and reports, per (kind, site, step), mean / std / L2 norm /
 min / max / count of non-finite values, computed in float64 from the Arrow data.
@@ -30,7 +32,8 @@ if TYPE_CHECKING:
 
     from ._config import ModelSpec
 
-__all__ = ["load_registered_model", "replay_job", "stats_job", "tensor_stats"]
+__all__ = ["load_registered", "load_registered_model", "replay_job", "stats_job",
+           "tensor_stats"]
 
 _STAT_KINDS = ("activation", "logits", "reference")
 
@@ -84,13 +87,14 @@ _MODEL_CACHE: dict[str, Any] = {}
 _MODEL_LOCK = threading.Lock()
 
 
-def load_registered_model(spec: ModelSpec) -> Any:
-    """Load (once per process) the model of a registry entry via its ``module:function``."""
+def load_registered(spec: ModelSpec) -> tuple[Any, Any]:
+    """Load (once per process) ``(model, tokenizer or None)`` of a registry entry via its
+    ``module:function`` (which returns a model or ``(model, tokenizer)``)."""
     key = json.dumps([spec.name, spec.loader, spec.fingerprint, dict(spec.kwargs)],
                      sort_keys=True, default=str)
     with _MODEL_LOCK:
         if key in _MODEL_CACHE:
-            return _MODEL_CACHE[key]
+            return _MODEL_CACHE[key]  # type: ignore[no-any-return]
         module_name, _, fn_name = spec.loader.partition(":")
         try:
             fn = getattr(importlib.import_module(module_name), fn_name)
@@ -98,11 +102,17 @@ def load_registered_model(spec: ModelSpec) -> Any:
             raise JobFailed(f"model {spec.name!r}: loader {spec.loader!r} cannot be imported "
                             f"({e}); fix models[].loader in the sidecar config") from e
         loaded = fn(**dict(spec.kwargs))
-        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        model, tok = (loaded[0], loaded[1] if len(loaded) > 1 else None) \
+            if isinstance(loaded, tuple) else (loaded, None)
         if hasattr(model, "eval"):
             model.eval()
-        _MODEL_CACHE[key] = model
-        return model
+        _MODEL_CACHE[key] = (model, tok)
+        return model, tok
+
+
+def load_registered_model(spec: ModelSpec) -> Any:
+    """The model of a registry entry (see :func:`load_registered`)."""
+    return load_registered(spec)[0]
 
 
 def _fidelity_dict(fid: Any) -> dict[str, Any]:
@@ -131,7 +141,7 @@ def replay_job(ctx: JobContext) -> dict[str, Any]:
             f"(fingerprint {fp}); add it to the sidecar config under `models:` as "
             "{name, fingerprint, loader: 'module:function'} and run the analysis again")
     try:
-        from analysis import Replayer
+        from analysis.replay import Replayer
     except ImportError as e:
         raise JobFailed(f"analysis.Replayer is not available in this install ({e}); install "
                         "model-forensics[analysis] on the sidecar") from e
@@ -144,3 +154,10 @@ def replay_job(ctx: JobContext) -> dict[str, Any]:
         "fidelity": None if fidelity is None else _fidelity_dict(fidelity),
         "tensors": tensor_stats(inc),
     }
+
+
+def _register_analysis_kinds() -> None:
+    from . import _kinds_cca, _kinds_cf  # noqa: F401  (register cf, baseline, cca)
+
+
+_register_analysis_kinds()

@@ -35,7 +35,8 @@ from ._filters import (
     encode_page_token,
     query_key,
 )
-from ._hooks import Telemetry, as_telemetry
+from ._hooks import Telemetry, as_telemetry, incident_attributes
+from ._ingest_digest import VerifyingSink
 from ._jobs import JobRecord, JobRunner, UnknownJobKindError
 from ._store import ID_PATTERN, AlreadyExistsError, IncidentStore, StoreError
 from ._store_index import IncidentRow
@@ -178,6 +179,9 @@ class IncidentServicer(v1.IncidentServiceServicer):
         self.limits = config.limits
         self.telemetry = as_telemetry(telemetry)
         self.closing = False
+        #: Verify the incident's row digest while it streams in (see sidecar._ingest_digest);
+        #: False = the store verifies it after the upload (a second pass; for comparisons).
+        self.stream_digest = True
 
     # -- helpers -----------------------------------------------------------------------------
 
@@ -202,13 +206,16 @@ class IncidentServicer(v1.IncidentServiceServicer):
 
     # -- ingest ------------------------------------------------------------------------------
 
+    def _open_sink(self, header: v1.UploadHeader) -> Sink:
+        incoming = self.store.incoming(header.incident_id)
+        return VerifyingSink(incoming, header.total_size) if self.stream_digest else incoming
+
     def UploadIncident(self, request_iterator: Iterator[v1.UploadIncidentRequest],
                        context: grpc.ServicerContext) -> v1.UploadIncidentResponse:
         principal = self._principal(context)
         try:
             try:
-                upload = receive_upload(request_iterator, self.limits,
-                                        lambda h: self.store.incoming(h.incident_id))
+                upload = receive_upload(request_iterator, self.limits, self._open_sink)
             except StoreError as e:
                 log.exception("store failure while receiving")
                 raise Rejection(grpc.StatusCode.UNAVAILABLE, "internal",
@@ -229,10 +236,15 @@ class IncidentServicer(v1.IncidentServiceServicer):
                                 "deadline passed before the incident was stored; retry")
             with self.telemetry.span("ingest", traceparent=header.traceparent or None,
                                      attributes={"forensics.incident.id": header.incident_id,
-                                                 "forensics.incident.bytes": header.total_size}):
+                                                 "forensics.incident.bytes": header.total_size,
+                                                 "forensics.incident.tenant": tenant or ""}
+                                     ) as span:
                 try:
-                    result = self.store.put_incoming(upload.sink, tenant=tenant,
-                                                     sha256=upload.sha256)
+                    streamed = isinstance(upload.sink, VerifyingSink)
+                    result = self.store.put_incoming(
+                        upload.sink.inner if streamed else upload.sink, tenant=tenant,
+                        sha256=upload.sha256,
+                        digest_verified=streamed and upload.sink.digest_verified)
                 except IncidentTooLargeError as e:
                     raise Rejection(grpc.StatusCode.RESOURCE_EXHAUSTED, "too_large",
                                     str(e)) from e
@@ -246,11 +258,16 @@ class IncidentServicer(v1.IncidentServiceServicer):
                     log.exception("store failure for %s", header.incident_id)
                     raise Rejection(grpc.StatusCode.UNAVAILABLE, "internal",
                                     f"{e}; nothing was acknowledged — retry later") from e
+                for key, value in incident_attributes(result.row).items():
+                    span.set_attribute(key, value)
+                span.set_attribute("forensics.ingest.created", result.created)
+                span.set_attribute("forensics.ingest.digest_streamed",
+                                   bool(getattr(upload.sink, "digest_verified", False)))
         except Rejection as rej:
             self._abort(context, rej)
         if result.created:
             self.telemetry.on_received(result.row.size_bytes)
-            for kind in self.config.jobs.on_ingest:
+            for kind in self.config.ingest_kinds():
                 try:
                     self.jobs.submit(result.row.id, kind, tenant=result.row.tenant,
                                      request_id=f"on_ingest:{kind}")

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from integrations.errors import IncidentFormatError, IncidentTooLargeError
 
-from ._hooks import Telemetry, as_telemetry
+from ._hooks import Telemetry, as_telemetry, incident_attributes
 from ._store_files import IncomingFile, StoreError, _fsync_dir, _write_tmp
 from ._store_index import IncidentRow, Index, row_from_manifest, utcnow
 
@@ -91,7 +91,7 @@ class IncidentStore(Protocol):
     def incoming(self, incident_id: str) -> IncomingFile: ...
 
     def put_incoming(self, incoming: IncomingFile, *, tenant: str | None,
-                     sha256: str) -> PutResult: ...
+                     sha256: str, digest_verified: bool = False) -> PutResult: ...
 
     def get(self, incident_id: str, *, tenant: str | None = None) -> IncidentRow | None: ...
 
@@ -186,11 +186,13 @@ class LocalStore:
                 "record fewer sites")
 
     def put_incoming(self, incoming: IncomingFile, *, tenant: str | None,
-                     sha256: str) -> PutResult:
+                     sha256: str, digest_verified: bool = False) -> PutResult:
         """Verify a finished upload and make it durable; idempotent on the incident id.
 
         ``sha256`` is the verified digest from :meth:`IncomingFile.finish`. Validation is
-        ``Incident.open`` (full Arrow validation, schema, manifest, row digest); then the
+        ``Incident.open`` (full Arrow validation, schema, manifest, row digest — the digest pass
+        is skipped when ``digest_verified``: the caller proved it while receiving, see
+        :mod:`sidecar._ingest_digest`); then the
         receipt and the Arrow file are renamed into place, the directory fsynced and the index
         row inserted. ``tenant`` is the owner recorded in the index (``None``: the manifest's
         ``request.tenant``, else ``""``). On any error the temp file is removed.
@@ -209,7 +211,7 @@ class LocalStore:
             existing = self.index.get_incident(incident_id)
             if existing is not None:
                 return self._existing(existing, sha256)
-            inc = Incident.open(tmp)
+            inc = Incident.open(tmp, verify=not digest_verified)
             if inc.id != incident_id:
                 raise IncidentFormatError(
                     f"upload header says incident id {incident_id!r} but the manifest says "
@@ -235,7 +237,7 @@ class LocalStore:
                 os.replace(tmp, self.path(incident_id))
                 _fsync_dir(self.incidents_dir)
                 with self.telemetry.span("index", traceparent=row.traceparent,
-                                         attributes={"forensics.incident.id": incident_id}), \
+                                         attributes=incident_attributes(row)), \
                         self.index.write() as con:
                     self.index.insert_incident(con, row)
         except OSError as e:

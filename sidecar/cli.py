@@ -9,6 +9,7 @@
     forensics incidents download ID [-o FILE]
     forensics incidents delete ID
     forensics incidents analyze ID [--kind stats] [--params JSON] [--wait SECONDS]
+    forensics baseline build (--fingerprint FP | --from-dir DIR) [--detector cf]
 
 Client commands talk gRPC to ``--address`` (env ``FORENSICS_SIDECAR``, default
 127.0.0.1:7431) with ``--token`` (env ``FORENSICS_TOKEN``) and optional TLS (``--ca-cert``,
@@ -85,6 +86,21 @@ def register(subparsers: Any) -> None:
     an.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
                     help="poll until the job finishes (0 = return at once)")
     an.set_defaults(func=_cmd_analyze)
+
+    bl = subparsers.add_parser("baseline", help="detector baselines kept by the sidecar")
+    bls = bl.add_subparsers(dest="baseline_command", metavar="COMMAND", required=True)
+    build = bls.add_parser("build", help="build (or refresh) a model's CF baseline in the "
+                                         "sidecar from benign incidents")
+    _client_args(build)
+    src = build.add_mutually_exclusive_group(required=True)
+    src.add_argument("--fingerprint", help="model fingerprint: use its stored sampled benign "
+                                           "incidents (trigger rule ratio, not flagged)")
+    src.add_argument("--from-dir", metavar="DIR", help="upload DIR/*.arrow (e.g. a scenario's "
+                                                       "benign set) and build from exactly those")
+    build.add_argument("--detector", choices=("cf", "norm", "mahalanobis"), default=None,
+                       help="default: the sidecar's baselines.detector")
+    build.add_argument("--wait", type=float, default=600.0, metavar="SECONDS")
+    build.set_defaults(func=_cmd_baseline_build)
 
 
 def _server_args(p: argparse.ArgumentParser) -> None:
@@ -278,6 +294,9 @@ def _cmd_show(args: argparse.Namespace) -> int:
             at.add_row(a.analysis_id, a.kind, state.removeprefix("JOB_STATE_").lower(),
                        str(a.attempts), _ts(a, "finished_at"), a.error)
         console.print(at)
+        from ._cli_render import render_analyses
+
+        render_analyses(console, analyses)
     return 0
 
 
@@ -311,3 +330,60 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
             job = c.get_analysis(job.analysis_id)
     print(json.dumps(_incident_dict(job), indent=2))
     return 1 if job.state == v1.JOB_STATE_FAILED else 0
+
+
+def _wait_job(c: Any, job: Any, seconds: float) -> Any:
+    from .api import v1
+
+    deadline = time.monotonic() + seconds
+    while job.state not in (v1.JOB_STATE_DONE, v1.JOB_STATE_FAILED) and \
+            time.monotonic() < deadline:
+        time.sleep(0.2)
+        job = c.get_analysis(job.analysis_id)
+    return job
+
+
+@_rpc
+def _cmd_baseline_build(args: argparse.Namespace) -> int:
+    from integrations.errors import SidecarError
+
+    from .api import v1
+
+    params: dict[str, Any] = {}
+    if args.detector:
+        params["detector"] = args.detector
+    with _client(args) as c:
+        if args.fingerprint:
+            page = c.list(filter=f"model_fingerprint = {json.dumps(args.fingerprint)}",
+                          page_size=1)
+            if not page.incidents:
+                raise SidecarError(f"no stored incident has model fingerprint "
+                                   f"{args.fingerprint}; record sampled benign traffic first")
+            anchor = page.incidents[0].id
+            params["fingerprint"] = args.fingerprint
+        else:
+            files = sorted(Path(args.from_dir).glob("*.arrow"))
+            if len(files) < 2:
+                raise SidecarError(f"{args.from_dir} holds {len(files)} .arrow incident(s); a "
+                                   "baseline needs at least 2 benign incidents")
+            from integrations.incident import Incident
+
+            ids = []
+            for f in files:
+                data = f.read_bytes()
+                inc_id = Incident.from_bytes(data).id
+                c.upload(inc_id, data)
+                ids.append(inc_id)
+            print(f"uploaded {len(ids)} incident(s) from {args.from_dir}")
+            anchor, params["incident_ids"] = ids[0], ids
+        job = c.run_analysis(anchor, "baseline", params_json=json.dumps(params))
+        job = _wait_job(c, job, args.wait)
+    if job.state != v1.JOB_STATE_DONE:
+        state = v1.JobState.Name(job.state).removeprefix("JOB_STATE_").lower()
+        print(f"baseline job {job.analysis_id}: {state} {job.error}".rstrip(), file=sys.stderr)
+        return 1
+    r = json.loads(job.result_json)
+    print(f"built {r['detector']} baseline v{r['version']} for model {r.get('model_name')!r} "
+          f"(fingerprint {r['fingerprint'][:16]}…) from {r['sample_count']} benign incidents, "
+          f"{len(r['sites'])} sites -> {r['path']}")
+    return 0

@@ -101,7 +101,15 @@ def test_recorded_incident_reaches_the_sidecar_with_linked_spans_and_metrics(tin
         for s in (ingest, jobspan):  # new traces, each linked to the request's trace
             assert format(s.context.trace_id, "032x") != TRACE_ID
             assert [format(link.context.trace_id, "032x") for link in s.links] == [TRACE_ID]
-        assert ingest.attributes["forensics.incident.id"] == row.id
+        sites = [f"blocks.{i}.resid_post" for i in range(3)]
+        for s in (ingest, index):   # sites are span attributes (never Prometheus labels)
+            assert s.attributes["forensics.incident.id"] == row.id
+            assert s.attributes["forensics.incident.tenant"] == "acme"
+            assert s.attributes["forensics.incident.bytes"] == inc.nbytes
+            assert s.attributes["forensics.incident.n_sites"] == 3
+            assert list(s.attributes["forensics.incident.sites"]) == sites
+        assert ingest.attributes["forensics.ingest.digest_streamed"] is True
+        assert jobspan.attributes["forensics.job.kind"] == "test_anomaly_score"
 
         om = _scrape_openmetrics(tel.metrics_url)
         assert "forensics_incidents_received_total 1.0" in om

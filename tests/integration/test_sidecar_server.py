@@ -138,6 +138,10 @@ def _messages(case: str, data: bytes) -> list[v1.UploadIncidentRequest]:
         return list(upload_requests("inc-1", _wrong_schema()))
     if case == "id_mismatch":
         return list(upload_requests("inc-2", data))
+    if case == "corrupt_tensor":   # valid framing and transport sha256, wrong row digest
+        bad = bytearray(data)
+        bad[len(data) - 100] ^= 0x40   # inside the last tensor's bytes
+        return list(upload_requests("inc-1", bytes(bad), chunk_size=16 * KiB))
     raise AssertionError(case)
 
 
@@ -153,6 +157,7 @@ def _messages(case: str, data: bytes) -> list[v1.UploadIncidentRequest]:
     ("non_arrow", grpc.StatusCode.INVALID_ARGUMENT, "invalid_incident"),
     ("wrong_schema", grpc.StatusCode.INVALID_ARGUMENT, "invalid_incident"),
     ("id_mismatch", grpc.StatusCode.INVALID_ARGUMENT, "invalid_incident"),
+    ("corrupt_tensor", grpc.StatusCode.INVALID_ARGUMENT, "invalid_incident"),
 ])
 def test_rejections_are_specific_counted_and_write_nothing(
         serve: Callable[..., tuple[Sidecar, str]], case: str, code: grpc.StatusCode,
@@ -252,8 +257,12 @@ def test_analyses_over_grpc(serve: Callable[..., tuple[Sidecar, str]]) -> None:
     sc, addr = serve(jobs={"on_ingest": ["stats"]})
     with SidecarClient(addr) as c:
         c.upload("inc-1", build_incident("inc-1"))
-        [auto] = c.list_analyses("inc-1")
-        assert auto.kind == "stats"
+        autos = {a.kind: a for a in c.list_analyses("inc-1")}
+        assert set(autos) == {"stats", "cf"}        # jobs.on_ingest + modules.cf.enabled
+        auto = autos["stats"]
+        cf = sc.jobs.wait(autos["cf"].analysis_id, timeout_s=60)
+        assert cf.state == "done" and cf.result is not None
+        assert cf.result["status"] == "no_baseline" and cf.result["anomaly_score"] is None
         job = c.run_analysis("inc-1", "stats", params_json='{"kinds": ["activation"]}')
         assert job.state in (v1.JOB_STATE_PENDING, v1.JOB_STATE_RUNNING, v1.JOB_STATE_DONE)
         for a in (auto, job):

@@ -167,9 +167,7 @@ def test_model_registry_matching() -> None:
 @pytest.mark.slow
 def test_replay_job_with_registered_model(tmp_path: Path) -> None:
     """Records a real incident of the tiny GPT-2 and replays it in the sidecar's job runner."""
-    analysis = pytest.importorskip("analysis")
-    if not hasattr(analysis, "Replayer"):
-        pytest.skip("analysis.Replayer is not implemented yet")
+    pytest.importorskip("analysis.replay")
     from integrations import Recorder, exporters, triggers
     from integrations.incident import model_fingerprint
     from tests.conftest import make_tiny_gpt2
@@ -200,3 +198,45 @@ def test_replay_job_with_registered_model(tmp_path: Path) -> None:
     result = job.result or {}
     assert result["fidelity"]["exact"] is True
     assert result["tensors"]
+
+
+def test_kind_hooks_prepare_record_after(tmp_path: Path,
+                                         make_incident: Callable[..., bytes]) -> None:
+    """prepare (runner side, index access) → fn (plain data) → record (same transaction as
+    'done') → after (follow-ups); a failing record turns the job into a visible failure."""
+    calls: list[str] = []
+
+    def prepare(runner: JobRunner, job: object, params: dict) -> dict:  # type: ignore[type-arg]
+        calls.append("prepare")
+        n = runner.store.index.read("SELECT count(*) FROM incidents")[0][0]
+        return {**params, "n_incidents": n}
+
+    def fn(ctx: JobContext) -> dict:  # type: ignore[type-arg]
+        calls.append("fn")
+        return {"seen": ctx.params["n_incidents"], "fail_record": ctx.params.get("bad", False)}
+
+    def record(con: object, job: object, result: dict) -> None:  # type: ignore[type-arg]
+        calls.append("record")
+        if result["fail_record"]:
+            raise ValueError("result table refused the row")
+
+    def after(runner: JobRunner, job: object, result: dict) -> None:  # type: ignore[type-arg]
+        calls.append("after")
+
+    register_job_kind("test_hooks", fn, replace=True, prepare=prepare, record=record,
+                      after=after)
+    with LocalStore(tmp_path) as store:
+        store.put("inc-1", make_incident("inc-1"), tenant="acme")
+        runner = JobRunner(store, config=_config(tmp_path))
+        runner.start()
+        try:
+            ok = runner.wait(runner.submit("inc-1", "test_hooks", tenant="acme").id,
+                             timeout_s=30)
+            assert calls == ["prepare", "fn", "record", "after"]
+            assert ok.state == "done" and ok.result == {"seen": 1, "fail_record": False}
+            bad = runner.wait(runner.submit("inc-1", "test_hooks", tenant="acme",
+                                            params={"bad": True}).id, timeout_s=30)
+        finally:
+            runner.stop()
+    assert bad.state == "failed" and bad.result is None
+    assert bad.error is not None and "result table refused the row" in bad.error

@@ -19,6 +19,8 @@ def test_shipped_yaml_is_the_embedded_defaults() -> None:
     assert (cfg.data_dir, cfg.grpc.address, cfg.metrics.address) == \
         ("./forensics-data", "127.0.0.1:7431", "127.0.0.1:9464")
     assert cfg.limits.max_chunk_bytes == 1024 * 1024 and not cfg.auth.enabled
+    assert cfg.modules.cf.enabled and cfg.ingest_kinds() == ("cf",)
+    assert cfg.baselines.sample_rules == ("ratio",) and cfg.baselines.detector == "cf"
 
 
 @pytest.mark.parametrize(("raw", "match"), [
@@ -36,6 +38,11 @@ def test_shipped_yaml_is_the_embedded_defaults() -> None:
     ({"models": [{"name": "m", "loader": "nocolon"}]}, "module:function"),
     ({"telemetry": {"otlp_protocol": "carrier-pigeon"}}, "otlp_protocol"),
     ({"bogus": 1}, "unknown config key"),
+    ({"modules": {"cf": {"anomaly_treshold": 2}}}, "modules.cf.anomaly_treshold"),
+    ({"modules": {"cca": {"search_strategy": "random"}}}, "search_strategy"),
+    ({"baselines": {"detector": "magic"}}, "baselines.detector"),
+    ({"baselines": {"min_samples": 1}}, "min_samples"),
+    ({"baselines": {"sample_rules": "ratio"}}, "sample_rules must be a list"),
 ])
 def test_bad_config_is_refused_naming_the_key(raw: dict, match: str) -> None:  # type: ignore[type-arg]
     with pytest.raises(ConfigError, match=match):
@@ -66,3 +73,11 @@ def test_authenticator() -> None:
                 "Basic acme-secret"):
         assert auth.resolve(bad) is None
     assert Authenticator(AuthConfig()).resolve(None) == ANONYMOUS_ADMIN   # auth off
+
+
+def test_modules_follow_the_seed_keys() -> None:
+    cfg = SidecarConfig.from_dict({"modules": {"cf": {"enabled": False, "anomaly_threshold": 3},
+                                               "cca": {"max_fix_set_size": 2}},
+                                   "jobs": {"on_ingest": ["stats"]}})
+    assert cfg.modules.cf.anomaly_threshold == 3.0 and cfg.modules.cca.max_fix_set_size == 2
+    assert cfg.ingest_kinds() == ("stats",)      # cf disabled: not enqueued on ingest

@@ -1,0 +1,199 @@
+"""CF and CCA inside the sidecar, end to end with real components: a planted-fault tiny GPT-2
+recorded by the real Recorder, uploaded by the real SidecarExporter to a real sidecar on port 0
+(real DuckDB): "no baseline" states, the baseline built automatically from sampled benign
+traffic, a flagged incident scored (per-site scores in DuckDB and over gRPC, the anomaly score
+histogram with the request's trace id as exemplar), CCA run after CF with the registered model,
+the fix set in DuckDB / gRPC / ``forensics incidents show``, and ``forensics baseline build``."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from prometheus_client import CollectorRegistry
+
+from integrations import Recorder, exporters, triggers
+from integrations.incident import model_fingerprint
+from sidecar._client import SidecarClient
+from sidecar._config import SidecarConfig
+from sidecar._server import Sidecar, create_server
+from sidecar.telemetry import SidecarTelemetry
+
+pytestmark = pytest.mark.slow
+
+PLANTED = {"arch": "gpt2", "seed": 0, "layer": 2, "neuron": 17, "trigger_token": 5,
+           "target_token": 7}
+SITES = ["blocks.*.mlp.post", "blocks.*.resid_post"]
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+TRACEPARENT = f"00-{TRACE_ID}-00f067aa0ba902b7-01"
+
+
+def planted_model() -> Any:
+    """The sidecar's model loader for the planted scenario (``module:function``)."""
+    from analysis.scenarios.planted import build_planted
+
+    return build_planted(PLANTED).model
+
+
+def _wait(cond: Any, timeout_s: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = cond()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _jobs_idle(sc: Sidecar) -> bool:
+    counts = sc.jobs.counts()
+    return counts["pending"] == 0 and counts["running"] == 0
+
+
+def _serve(rec: Recorder, model: Any, ids: list[int], request_id: str, *,
+           flag: str | None = None) -> None:
+    with rec.request(request_id=request_id, tenant="acme", traceparent=TRACEPARENT) as req, \
+            torch.no_grad():
+        model(input_ids=torch.tensor([ids]))   # [batch, pos]
+        if flag:
+            req.flag(flag)
+
+
+def test_cf_and_cca_in_the_sidecar(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from analysis.scenarios.planted import build_planted
+    from model_forensics.cli import main as cli
+
+    pm = build_planted(PLANTED)
+    fp = model_fingerprint(pm.model)
+    cfg = SidecarConfig.from_dict({
+        "data_dir": str(tmp_path / "data"), "jobs": {"poll_interval_s": 0.05, "workers": 2},
+        "metrics": {"enabled": False},
+        "baselines": {"min_samples": 10, "refresh_every": 0, "cca_benign": 4},
+        "modules": {"cca": {"max_fix_set_size": 4}},
+        "models": [{"name": "planted", "fingerprint": fp,
+                    "loader": "tests.integration.test_sidecar_analysis:planted_model"}]})
+    tel = SidecarTelemetry(registry=CollectorRegistry(), span_exporter=InMemorySpanExporter(),
+                           metrics_port=0)
+    sc, port = create_server(cfg, port=0, telemetry=tel)
+    sc.start()
+    addr = f"127.0.0.1:{port}"
+    ex = exporters.SidecarExporter(addr)
+    rec = Recorder(pm.model, sites=SITES, trigger=triggers.AnyOf(triggers.OnFlag(),
+                                                                 triggers.Ratio(1.0)),
+                   exporter=ex, metrics_registry=CollectorRegistry(), max_queue=64)
+    try:
+        # 1. sampled benign traffic: scored "no_baseline" until min_samples exist, then built
+        for i, ids in enumerate(pm.benign_prompts(12, seed=3)):
+            _serve(rec, pm.model, ids, f"benign-{i}")
+        assert rec.force_flush(timeout_s=60)
+        idx = sc.store.index
+        _wait(lambda: idx.read("SELECT count(*) FROM incidents")[0][0] == 12, 60, "uploads")
+        _wait(lambda: _jobs_idle(sc) and idx.read(
+            "SELECT count(*) FROM jobs WHERE kind = 'baseline' AND state = 'done'")[0][0], 240,
+            "the automatic baseline")
+        (version, samples, path), = idx.read(
+            "SELECT version, sample_count, path FROM baselines WHERE fingerprint = ?", [fp])
+        assert version == 1 and samples >= 10 and (tmp_path / "data" / path).is_file()
+        early = idx.read("SELECT status, score, flagged FROM cf_results ORDER BY created_at")
+        assert early[0] == ("no_baseline", None, None)      # never a made-up score
+        assert {s for s, _, _ in early} <= {"no_baseline", "scored"}
+
+        # 2. a flagged failure: CF scores it, then CCA runs with the registered model
+        bad = pm.failing_prompts(1, seed=21)[0]
+        _serve(rec, pm.model, bad, "attack", flag="prompt_injection")
+        assert rec.force_flush(timeout_s=60)
+        inc_id = _wait(lambda: idx.read(
+            "SELECT id FROM incidents WHERE trigger_rule = 'flag'"), 60, "the flagged upload")[0][0]
+        _wait(lambda: idx.read("SELECT count(*) FROM jobs WHERE incident_id = ? AND kind = 'cca'"
+                               " AND state IN ('done', 'failed')", [inc_id])[0][0], 600, "CCA")
+        cf = idx.read_dicts("SELECT * FROM cf_results WHERE incident_id = ?", [inc_id])[0]
+        assert cf["status"] == "scored" and cf["flagged"] is True
+        assert cf["score"] >= cfg.modules.cf.anomaly_threshold
+        ranks = idx.read("SELECT site, rank, score, q FROM cf_site_scores WHERE job_id = ? "
+                         "ORDER BY rank", [cf["job_id"]])
+        assert len(ranks) == 8 and ranks[0][0] == cf["top_site"]
+        assert [r[1] for r in ranks] == list(range(1, 9))
+        assert any(r[0].startswith("blocks.2.") for r in ranks[:3]), ranks   # planted layer
+
+        with SidecarClient(addr) as c:
+            analyses = c.list_analyses(inc_id)
+            by_kind = {a.kind: a for a in analyses}
+            assert {"cf", "cca"} <= set(by_kind)
+            cf_json = json.loads(c.get_analysis(by_kind["cf"].analysis_id).result_json)
+            cca_job = c.get_analysis(by_kind["cca"].analysis_id)
+        sites = cf_json["report"]["sites"]
+        assert set(sites) == {r[0] for r in ranks}
+        assert all(0 < s["p"] <= 1 and 0 < s["q"] <= 1 for s in sites.values())
+        assert cca_job.error == "", cca_job.error
+        cca = json.loads(cca_job.result_json)
+        assert cca["fidelity"]["exact"] is True and cca["cf_guided"] is True
+        assert cca["status"] == "found", cca["fix_set"]["reason"]
+        fix = cca["fix_set"]
+        fixed_sites = [iv["site"] for iv in fix["interventions"]]
+        assert "blocks.2.mlp" in fixed_sites and fix["one_minimal"] is True
+        row = idx.read_dicts("SELECT * FROM cca_results WHERE incident_id = ?", [inc_id])[0]
+        assert row["flip"] is True and row["size"] == len(fixed_sites) == cca["fix_set_size"]
+        assert row["forward_passes"] == fix["forward_passes"] > 0
+        assert [r[0] for r in idx.read("SELECT site FROM cca_interventions WHERE job_id = ? "
+                                       "ORDER BY idx", [row["job_id"]])] == fixed_sites
+
+        # 3. telemetry: the score (exemplar = the request's trace) and the fix-set size
+        assert sc.counters.fix_set_sizes == [len(fixed_sites)]
+        assert cf["score"] in sc.counters.anomaly_scores
+        req = urllib.request.Request(str(tel.metrics_url),
+                                     headers={"Accept": "application/openmetrics-text"})
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            om = resp.read().decode()
+        assert f'# {{trace_id="{TRACE_ID}"}} {cf["score"]}' in om
+        assert "forensics_fix_set_size_count 1.0" in om
+
+        # 4. the CLI prints the CF top sites and the fix set with its statistics
+        capsys.readouterr()
+        assert cli(["incidents", "show", inc_id, "--address", addr]) == 0
+        out = capsys.readouterr().out
+        assert "Compression Forensics" in out and "FLAGGED" in out and ranks[0][0] in out
+        assert "Causal fix set" in out and "flip rate" in out and "replays vs" in out
+
+        # 5. forensics baseline build: by fingerprint, and from a directory of incidents
+        assert cli(["baseline", "build", "--fingerprint", fp, "--address", addr]) == 0
+        assert "baseline v2" in capsys.readouterr().out
+        bdir = tmp_path / "benign"
+        bdir.mkdir()
+        benign_ids = [r[0] for r in idx.read("SELECT id FROM incidents WHERE trigger_rule = "
+                                              "'ratio' ORDER BY id LIMIT 5")]
+        with SidecarClient(addr) as c:
+            for i in benign_ids:
+                c.download(i, to=bdir / f"{i}.arrow")
+        assert cli(["baseline", "build", "--from-dir", str(bdir), "--address", addr]) == 0
+        assert "from 5 benign incidents" in capsys.readouterr().out
+        got = idx.read("SELECT version, sample_count FROM baselines ORDER BY version")
+        assert got[1:] == [(2, got[1][1]), (3, 5)]
+    finally:
+        rec.shutdown(timeout_s=10)
+        sc.stop(grace=1.0)
+        tel.shutdown()
+
+
+def test_alert_rule_matches_the_flag_threshold() -> None:
+    """The example alert counts incidents above the default CF flag threshold, and that
+    threshold is a bucket boundary of forensics_anomaly_score."""
+    import yaml
+
+    from integrations.config import load_config
+    from sidecar.telemetry import ANOMALY_SCORE_BUCKETS
+
+    threshold = load_config(env={}).modules.cf.anomaly_threshold
+    assert SidecarConfig().modules.cf.anomaly_threshold == threshold
+    assert threshold in ANOMALY_SCORE_BUCKETS
+    rules = yaml.safe_load((Path(__file__).resolve().parents[2] / "deploy" / "prometheus"
+                            / "alerts.yaml").read_text())
+    (rule,) = [r for g in rules["groups"] for r in g["rules"]
+               if r["alert"] == "ForensicsAnomalousIncidents"]
+    assert f'forensics_anomaly_score_bucket{{le="{threshold}"}}' in rule["expr"]
+    assert 'forensics_anomaly_score_bucket{le="+Inf"}' in rule["expr"]
