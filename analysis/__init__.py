@@ -15,7 +15,17 @@ from typing import Any
 
 # public name -> module that defines it (imported lazily)
 _LAZY = {
+    "Baseline": "analysis.interventions",
+    "CausalCCA": "analysis.cca",
     "CFBaseline": "analysis.cf",
+    "Failure": "analysis.cca",
+    "Fidelity": "analysis.replay",
+    "FixSet": "analysis.cca",
+    "Intervention": "analysis.interventions",
+    "MeanBaseline": "analysis.interventions",
+    "ReplayResult": "analysis.replay",
+    "ReplaySession": "analysis.replay",
+    "Replayer": "analysis.replay",
     "CFReport": "analysis.cf",
     "CompressionForensics": "analysis.cf",
     "Incident": "integrations.incident",

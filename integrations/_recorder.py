@@ -41,6 +41,7 @@ from ._request import (
     new_state,
 )
 from ._worker import ExportWorker, PendingIncident
+from .external import active_sandbox
 
 if TYPE_CHECKING:
     import torch
@@ -148,8 +149,8 @@ class Recorder:
 
     def _active(self) -> _Active | None:
         act = _current.get()
-        if act is None:
-            act = self._ambient
+        if act is None and self._ambient is not None and active_sandbox() is None:
+            act = self._ambient  # never record a deterministic replay as served traffic
         if act is None or act.recorder is not self:
             return None
         return act

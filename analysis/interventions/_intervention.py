@@ -1,0 +1,182 @@
+"""One intervention: what to do to a site (+ selector) during a replay.
+
+Kinds (DESIGN §6):
+
+``zero``      the selected entries become 0.
+``scale``     the selected entries are multiplied by ``factor`` (``scale`` 1.0 is an exact no-op).
+``patch``     the selected entries take a donor's values: ``value=`` (a tensor broadcastable to
+              the site's full tensor at every step, or ``{step: tensor}``), or ``donor=`` another
+              :class:`~integrations.incident.Incident` (its recorded activation at the same site and
+              step, computed by replaying it when not recorded), or ``donor=`` a counterfactual
+              prompt (token ids; the model is run on it, teacher-forced on the incident's decode
+              tokens). Donor positions are aligned **from the end** at the prefill step (the
+              donor's last position meets the incident's last position); a selected position with
+              no donor counterpart is an error. Decode steps have one position each and match 1:1.
+``mean``      the selected entries take the per-site baseline mean (``donor=`` a
+              :class:`~analysis.interventions.Baseline`): one position-agnostic vector per site.
+``resample``  each selected position takes a vector drawn from the baseline pool of the site,
+              with a generator seeded from ``seed``, the site and the step (never the global RNG).
+
+Selectors and steps: ``site`` is a site string (wildcards expand, selectors restrict); position
+selectors are **absolute sequence positions** (prefill positions 0..n-1, decode step ``k`` adds
+position n+k-1; negative positions count from the end of the sequence so far, so ``[pos=-1]`` is
+the newest token of every step). ``steps`` restricts the intervention to some forward calls
+(default: every step; negative steps count from the last one).
+
+Example::
+
+    from analysis.interventions import Intervention
+    ivs = [Intervention("blocks.1.mlp.post[neuron=7]", "zero"),
+           Intervention("blocks.0.attn.z[head=2]", "scale", factor=0.5),
+           Intervention("blocks.2.resid_post[pos=-1]", "mean", donor=baseline)]
+    result = session.run(interventions=ivs)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import KW_ONLY, dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+
+from integrations.errors import InterventionError
+
+if TYPE_CHECKING:
+    from ._baseline import Baseline
+
+__all__ = ["KINDS", "Intervention", "InterventionKind"]
+
+InterventionKind = Literal["patch", "mean", "zero", "resample", "scale"]
+KINDS: tuple[str, ...] = ("patch", "mean", "zero", "resample", "scale")
+
+
+@dataclass(frozen=True, eq=False)
+class Intervention:
+    """An intervention on ``site`` (see the module doc for kinds, donors and positions).
+
+    Example::
+
+        Intervention("blocks.0.mlp", "zero")
+        Intervention("blocks.0.mlp", "scale", factor=2.0, steps=(0,))
+        Intervention("blocks.1.resid_post[pos=-1]", "patch", donor=benign_prompt_ids)
+        Intervention("blocks.1.attn", "resample", donor=baseline, seed=3)
+    """
+
+    site: str
+    kind: InterventionKind
+    _: KW_ONLY
+    value: torch.Tensor | Mapping[int, torch.Tensor] | None = None
+    donor: Any = None
+    factor: float | None = None
+    steps: tuple[int, ...] | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        from integrations.incident import Incident
+
+        from ._baseline import Baseline
+
+        if not isinstance(self.site, str) or not self.site:
+            raise InterventionError(f"intervention site must be a site string, got {self.site!r}")
+        if self.kind not in KINDS:
+            raise InterventionError(
+                f"unknown intervention kind {self.kind!r}; use one of {', '.join(KINDS)}")
+        if self.steps is not None:
+            object.__setattr__(self, "steps", tuple(int(s) for s in self.steps))
+        k = self.kind
+        if k == "scale":
+            if self.factor is None:
+                raise InterventionError(f"scale on {self.site!r} needs factor=, e.g. factor=0.5")
+            object.__setattr__(self, "factor", float(self.factor))
+        elif self.factor is not None:
+            raise InterventionError(f"factor= is only for kind 'scale' (got kind {k!r})")
+        if k in ("mean", "resample") and not isinstance(self.donor, Baseline):
+            raise InterventionError(
+                f"{k} on {self.site!r} needs donor=Baseline.from_incidents(benign_incidents, "
+                f"...), got {type(self.donor).__name__}")
+        if k == "patch":
+            if (self.value is None) == (self.donor is None):
+                raise InterventionError(
+                    f"patch on {self.site!r} needs exactly one of value= (a tensor or "
+                    "{step: tensor}) or donor= (an Incident or counterfactual prompt token ids)")
+            if self.donor is not None and not isinstance(self.donor, Incident):
+                object.__setattr__(self, "donor", _prompt_ids(self.donor, self.site))
+        elif k in ("zero", "scale") and (self.donor is not None or self.value is not None):
+            raise InterventionError(f"{k} on {self.site!r} takes no value= or donor=")
+        if self.value is not None and k != "patch":
+            raise InterventionError(f"value= is only for kind 'patch' (got kind {k!r})")
+
+    @property
+    def label(self) -> str:
+        """Short human-readable form, e.g. ``zero(blocks.0.mlp)``."""
+        extra = f", factor={self.factor:g}" if self.kind == "scale" and self.factor is not None \
+            else ""
+        steps = f", steps={list(self.steps)}" if self.steps is not None else ""
+        return f"{self.kind}({self.site}{extra}{steps})"
+
+    @property
+    def prompt_donor(self) -> torch.Tensor | None:
+        """The counterfactual prompt ids ``[1, n]`` when the donor is a prompt."""
+        return self.donor if isinstance(self.donor, torch.Tensor) else None
+
+    @property
+    def baseline(self) -> Baseline | None:
+        from ._baseline import Baseline
+
+        return self.donor if isinstance(self.donor, Baseline) else None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able description (donors by identity, not by value)."""
+        from integrations.incident import Incident
+
+        donor: Any = None
+        if isinstance(self.donor, Incident):
+            donor = {"incident": self.donor.id}
+        elif isinstance(self.donor, torch.Tensor):
+            donor = {"prompt_ids": self.donor.reshape(-1).tolist()}
+        elif self.donor is not None:
+            donor = {"baseline": getattr(self.donor, "describe", lambda: "baseline")()}
+        return {"site": self.site, "kind": self.kind, "factor": self.factor,
+                "steps": None if self.steps is None else list(self.steps), "seed": self.seed,
+                "donor": donor, "value": None if self.value is None else "explicit"}
+
+    def __repr__(self) -> str:
+        return f"Intervention({self.label})"
+
+
+def _prompt_ids(donor: Any, site: str) -> torch.Tensor:
+    if isinstance(donor, torch.Tensor):
+        t = donor
+    elif isinstance(donor, Sequence) and not isinstance(donor, (str, bytes)):
+        t = torch.tensor(list(donor), dtype=torch.long)
+    else:
+        raise InterventionError(
+            f"patch donor for {site!r} must be an Incident or counterfactual prompt token ids "
+            f"(a list or int tensor), got {type(donor).__name__}; tokenize text first")
+    if t.is_floating_point() or t.is_complex():
+        raise InterventionError(f"patch donor prompt for {site!r} must be integer token ids")
+    if t.dim() == 1:
+        t = t.unsqueeze(0)
+    if t.dim() != 2 or t.shape[0] != 1 or t.shape[1] == 0:
+        raise InterventionError(
+            f"patch donor prompt for {site!r} must be token ids of shape [n] or [1, n], got "
+            f"{tuple(t.shape)}")
+    return t.detach().to("cpu", torch.long).clone()
+
+
+def normalize_sets(sets: Sequence[Sequence[Intervention]]) -> list[list[Intervention]]:
+    """Check a list of intervention sets (each a sequence of :class:`Intervention`)."""
+    out: list[list[Intervention]] = []
+    for i, s in enumerate(sets):
+        if isinstance(s, Intervention):
+            raise InterventionError(
+                "run_batch() takes a list of intervention *sets* (lists); wrap single "
+                "interventions: run_batch([[iv1], [iv2]])")
+        items = list(s)
+        for iv in items:
+            if not isinstance(iv, Intervention):
+                raise InterventionError(
+                    f"set {i} holds {type(iv).__name__}; build Intervention(site, kind, ...)")
+        out.append(items)
+    return out

@@ -1,0 +1,217 @@
+"""Apply B intervention sets at once in a batched replay (row block ``r`` gets set ``r``).
+
+Every intervention is an affine map on the selected entries of a site's full tensor: ``zero``
+and the donor kinds *set* entries, ``scale`` multiplies them. For each (site, step, shape) the
+plan composes all sets into three tensors once — a set-mask ``M``, set values ``A`` and factors
+``S`` over the whole batch — so the hook is one vectorised expression for all B candidates::
+
+    new = torch.where(M, A, value * S)       # untouched entries: value * 1 == value, bit-exact
+
+Only the row blocks of the sets that touch a site are computed on (``index_select`` /
+``index_copy``); the other rows pass through untouched.
+
+Later interventions in a set compose on earlier ones (set then scale = scaled donor value).
+Position selectors are absolute positions (see :mod:`analysis.interventions._intervention`);
+they are translated to the positions of each forward call using the number of cached positions.
+
+Example::
+
+    plan = InterventionPlan(model, [[iv_a], [iv_a, iv_b]], rows_per_set=1, lengths=[6, 1, 1],
+                            donor_fn=session_donors)
+    with attach(model, plan.bound, lambda b, v: plan.apply(b, v, step)):
+        model(**batched_inputs)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from integrations.errors import InterventionError
+from integrations.sites import BoundSite, resolve_sites
+
+from ._intervention import Intervention
+
+__all__ = ["DonorFn", "InterventionPlan", "localize"]
+
+#: ``donor_fn(iv, bound, step, rows_shape) -> (values [rows, ...], coverage [pos] | None)``.
+DonorFn = Callable[[Intervention, BoundSite, int, tuple[int, ...]],
+                   tuple[torch.Tensor, "torch.Tensor | None"]]
+
+#: (rows: None = all | slice = one contiguous block | index tensor, M, A, S, has_set, has_scale)
+_Ops = tuple["slice | torch.Tensor | None", torch.Tensor, torch.Tensor, torch.Tensor, bool, bool]
+
+
+def localize(entry: Any, offset: int, length: int) -> Any:
+    """Translate an absolute position index ``entry`` to a call of ``length`` positions starting
+    at absolute position ``offset``; ``None`` when it selects no position of this call."""
+    total = offset + length
+    if isinstance(entry, slice):
+        if entry == slice(None):
+            return entry
+        kept = [a - offset for a in range(total)[entry] if a >= offset]
+        if not kept:
+            return None
+        if kept == list(range(kept[0], kept[-1] + 1)):
+            return slice(kept[0], kept[-1] + 1)
+        return tuple(kept)
+    if isinstance(entry, int):
+        a = entry if entry >= 0 else total + entry
+        return a - offset if offset <= a < total else None
+    if isinstance(entry, tuple):
+        nested = bool(entry) and isinstance(entry[0], tuple)
+        flat = [e[0] for e in entry] if nested else list(entry)
+        kept = [x for x in (localize(int(p), offset, length) for p in flat) if x is not None]
+        if not kept:
+            return None
+        return tuple((k,) for k in kept) if nested else tuple(kept)
+    return entry  # Ellipsis or anything else: not a position index
+
+
+class InterventionPlan:
+    """B intervention sets resolved on a model, applied jointly by :meth:`apply` (module doc).
+
+    ``inplace=True`` (batched evaluation only) writes the touched rows into the site's tensor in
+    place instead of copying the whole batch per hooked site. It is used only without autograd
+    and on canonical sites, whose tensors are fresh intermediate values consumed after the hook
+    (never on ``torch:`` sites, which may return parameters or buffers); verified batch-1 runs
+    always use out-of-place replacements.
+    """
+
+    def __init__(self, model: torch.nn.Module, sets: Sequence[Sequence[Intervention]], *,
+                 rows_per_set: int, lengths: Sequence[int], donor_fn: DonorFn,
+                 resolve: Callable[[str], list[BoundSite]] | None = None,
+                 inplace: bool = False) -> None:
+        self.n_sets = len(sets)
+        self.rows_per_set = rows_per_set
+        self.inplace = inplace
+        self._lengths = list(lengths)  # positions fed by each step's call
+        self._offsets = [sum(self._lengths[:k]) for k in range(len(self._lengths))]
+        self._n_steps = len(self._lengths)
+        self._donor_fn = donor_fn
+        resolved: dict[str, list[BoundSite]] = {}
+        self._entries: dict[str, list[tuple[int, Intervention, BoundSite]]] = {}
+        bound: dict[str, BoundSite] = {}
+        for r, ivs in enumerate(sets):
+            for iv in ivs:
+                if iv.site not in resolved:
+                    resolved[iv.site] = resolve(iv.site) if resolve is not None else \
+                        resolve_sites(model, [iv.site])
+                for b in resolved[iv.site]:
+                    self._entries.setdefault(b.site, []).append((r, iv, b))
+                    bound.setdefault(b.site, b)
+        self.bound: list[BoundSite] = list(bound.values())
+        self._ops: dict[tuple[str, int, tuple[int, ...]], _Ops | None] = {}
+
+    def _steps_of(self, iv: Intervention) -> set[int] | None:
+        if iv.steps is None:
+            return None
+        return {s if s >= 0 else self._n_steps + s for s in iv.steps}
+
+    def apply(self, b: BoundSite, value: torch.Tensor, step: int) -> torch.Tensor | None:
+        """The replacement for ``value`` (site ``b`` at ``step``), or None if untouched."""
+        key = (b.site, step, tuple(value.shape))
+        if key not in self._ops:
+            self._ops[key] = self._build(b.site, step, value)
+        ops = self._ops[key]
+        if ops is None:
+            return None
+        rows, m, a, s, has_set, has_scale = ops
+        if rows is None:
+            sub = value
+        elif isinstance(rows, slice):
+            sub = value[rows]
+        else:
+            sub = value.index_select(0, rows)
+        out = sub * s if has_scale else sub
+        if has_set:
+            out = torch.where(m, a, out)
+        if rows is None:
+            return out
+        inplace = self.inplace and b.kind != "torch" and not torch.is_grad_enabled() and \
+            not value.requires_grad
+        if isinstance(rows, slice):
+            new = value if inplace else value.clone()
+            new[rows] = out
+            return new
+        if inplace:
+            value.index_copy_(0, rows, out)  # see the class doc: only the touched rows move
+            return value
+        return value.index_copy(0, rows, out)
+
+    def _build(self, site: str, step: int, value: torch.Tensor) -> _Ops | None:
+        shape = tuple(value.shape)
+        rows = self.rows_per_set
+        if shape[0] != rows * self.n_sets:
+            raise InterventionError(
+                f"site {site!r} has batch {shape[0]} at step {step}, expected {self.n_sets} sets "
+                f"x {rows} rows")
+        has_pos = value.dim() >= 3
+        length = shape[1] if has_pos else 1
+        # Absolute position of this tensor's first position: cached positions before the call,
+        # plus any leading positions the call did not output (``logits_to_keep``).
+        offset = 0
+        if step < self._n_steps:
+            offset = self._offsets[step] + max(0, self._lengths[step] - length)
+        todo: list[tuple[int, Intervention, BoundSite, list[Any]]] = []
+        for r, iv, b in self._entries.get(site, ()):
+            steps = self._steps_of(iv)
+            if steps is not None and step not in steps:
+                continue
+            rest = list(b.index[1:])
+            if has_pos and rest:
+                loc = localize(rest[0], offset, length)
+                if loc is None:
+                    continue  # the selected positions are not in this call
+                rest[0] = loc
+            todo.append((r, iv, b, rest))
+        if not todo:
+            return None
+        # Only the row blocks of the sets that touch this site are computed on.
+        touched = sorted({r for r, *_ in todo})
+        block = {r: i for i, r in enumerate(touched)}
+        row_idx: slice | torch.Tensor | None = None
+        if touched == list(range(touched[0], touched[-1] + 1)):
+            if len(touched) < self.n_sets:
+                row_idx = slice(touched[0] * rows, (touched[-1] + 1) * rows)
+        else:
+            row_idx = torch.cat([torch.arange(r * rows, (r + 1) * rows) for r in touched]).to(
+                value.device)
+        sub_shape = (len(touched) * rows, *shape[1:])
+        dev, dt = value.device, value.dtype
+        has_set = any(iv.kind != "scale" for _, iv, _, _ in todo)
+        has_scale = any(iv.kind == "scale" for _, iv, _, _ in todo)
+        # Tensors a kind does not need are not allocated (the hook skips them too).
+        empty = value.new_empty(0)
+        m = torch.zeros(sub_shape, dtype=torch.bool, device=dev) if has_set else empty
+        a = torch.zeros(sub_shape, dtype=dt, device=dev) if has_set else empty
+        s = torch.ones(sub_shape, dtype=dt, device=dev) if has_scale else empty
+        for r, iv, b, rest in todo:
+            i = block[r]
+            rsel = (slice(i * rows, (i + 1) * rows), *rest)
+            local = (slice(None), *rest)
+            if iv.kind == "scale":
+                assert iv.factor is not None
+                s[rsel] *= iv.factor
+                if has_set:
+                    a[rsel] *= iv.factor
+                continue
+            if has_scale:
+                s[rsel] = 1
+            m[rsel] = True
+            if iv.kind == "zero":
+                a[rsel] = 0
+                continue
+            donor, cov = self._donor_fn(iv, b, step, (rows, *shape[1:]))
+            if cov is not None and has_pos:
+                view = cov.to(dev).view(1, length, *([1] * (value.dim() - 2)))
+                if not bool(view.expand(rows, *shape[1:])[local].all()):
+                    raise InterventionError(
+                        f"{iv.label}: the donor has fewer positions than the incident at step "
+                        f"{step} (aligned from the end), and the selector reaches positions "
+                        "without a donor counterpart; select positions within the donor's "
+                        "length (e.g. [pos=-k:]) or use a donor of the incident's length")
+            a[rsel] = donor.to(device=dev, dtype=dt)[local]
+        return row_idx, m, a, s, has_set, has_scale
