@@ -16,6 +16,12 @@ from typing import Any
 
 # public name -> module that defines it
 _LAZY = {
+    "CausalCCA": "model_forensics._seed_analysis",
+    "CompressionForensics": "model_forensics._seed_analysis",
+    "Failure": "analysis.cca",
+    "Replayer": "analysis.replay",
+    "SandboxReplayer": "model_forensics._seed_analysis",
+    "prepare": "model_forensics._seed_analysis",
     "RecorderHooks": "model_forensics._seed",
     "Recorder": "integrations",
     "flag": "integrations",
