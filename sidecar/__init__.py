@@ -1,13 +1,16 @@
 """The Model Forensics sidecar: gRPC ingest + queries, durable store, analysis jobs, telemetry.
 
-Importing ``sidecar`` (or ``sidecar.api.v1``) is light: the server, the DuckDB-backed store and
-the job runner are loaded on first attribute access.
+Importing ``sidecar`` is light (no torch, duckdb, grpc server or OpenTelemetry SDK): every public
+name below is loaded from its private module on first attribute access.
 
 Example::
 
-    from sidecar import SidecarConfig, create_server
+    from sidecar import SidecarClient, SidecarConfig, create_server
     server, port = create_server(SidecarConfig.defaults(data_dir="./forensics-data"), port=0)
     server.start()
+    with SidecarClient(f"127.0.0.1:{port}") as c:
+        c.list(filter="anomaly_score > 2.5", order_by="anomaly_score desc")
+    server.stop()
 """
 
 from __future__ import annotations
@@ -16,21 +19,31 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from sidecar._client import SidecarClient
     from sidecar._config import SidecarConfig, load_config
     from sidecar._filters import FilterError, compile_filter, compile_order_by
     from sidecar._hooks import NoopTelemetry, Telemetry
-    from sidecar._jobs import JobRunner, register_job_kind
+    from sidecar._jobs import JobRecord, JobRunner, register_job_kind
     from sidecar._server import Sidecar, create_server
-    from sidecar._store import IncidentStore, LocalStore, StoreError
+    from sidecar._store import IncidentRow, IncidentStore, LocalStore, ReindexReport, StoreError
+    from sidecar.telemetry import MetricsHTTPServer, SidecarMetrics, SidecarTelemetry
 
+#: Public name → the module that defines it (imported on first access).
 _LAZY = {
     "FilterError": "sidecar._filters",
+    "IncidentRow": "sidecar._store",
     "IncidentStore": "sidecar._store",
+    "JobRecord": "sidecar._jobs",
     "JobRunner": "sidecar._jobs",
     "LocalStore": "sidecar._store",
+    "MetricsHTTPServer": "sidecar.telemetry",
     "NoopTelemetry": "sidecar._hooks",
+    "ReindexReport": "sidecar._store",
     "Sidecar": "sidecar._server",
+    "SidecarClient": "sidecar._client",
     "SidecarConfig": "sidecar._config",
+    "SidecarMetrics": "sidecar.telemetry",
+    "SidecarTelemetry": "sidecar.telemetry",
     "StoreError": "sidecar._store",
     "Telemetry": "sidecar._hooks",
     "compile_filter": "sidecar._filters",
@@ -42,12 +55,19 @@ _LAZY = {
 
 __all__ = [
     "FilterError",
+    "IncidentRow",
     "IncidentStore",
+    "JobRecord",
     "JobRunner",
     "LocalStore",
+    "MetricsHTTPServer",
     "NoopTelemetry",
+    "ReindexReport",
     "Sidecar",
+    "SidecarClient",
     "SidecarConfig",
+    "SidecarMetrics",
+    "SidecarTelemetry",
     "StoreError",
     "Telemetry",
     "compile_filter",
@@ -65,3 +85,7 @@ def __getattr__(name: str) -> Any:
     value = getattr(importlib.import_module(module), name)
     globals()[name] = value
     return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

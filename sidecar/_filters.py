@@ -4,15 +4,24 @@ Supported filter subset: comparisons ``field = value`` ``!=`` ``<`` ``>`` ``<=``
 operator ``field : value`` (substring for strings; ``field:*`` = present and non-empty),
 ``AND``, ``OR``, ``NOT`` / ``-``, parentheses, string literals (double or single quotes; a
 trailing ``*`` in an ``=`` string is a prefix match), numbers, bare words, and RFC 3339
-timestamps (as strings) for time fields. As in AIP-160, ``OR`` binds tighter than ``AND``:
-``a AND b OR c`` is ``a AND (b OR c)``. Identifiers are never interpolated from user text: only
-whitelisted column names reach the SQL, every value is a ``?`` parameter.
+timestamps (as strings) for time fields, ``true`` / ``false`` for boolean fields. As in
+AIP-160, ``OR`` binds tighter than ``AND``: ``a AND b OR c`` is ``a AND (b OR c)``. Identifiers
+are never interpolated from user text: only whitelisted column names reach the SQL, every value
+is a ``?`` parameter.
+
+Besides the ``incidents`` columns, the incident's current Compression Forensics result can be
+filtered and sorted on (the store LEFT JOINs it in, ``sidecar._store_index.listing_from``):
+``anomaly_score`` (robust z; absent until CF scored the incident), ``cf_flagged`` and
+``cf_status`` (``scored`` | ``no_baseline`` | ``no_activations``). A comparison on an absent
+value matches nothing, and ``NOT`` is the complement of what matches: ``NOT cf_flagged = true``
+includes incidents CF has not scored; ``anomaly_score:*`` selects the scored ones.
 
 Example::
 
     f = compile_filter('tenant = "acme" AND created_at >= "2025-01-01T00:00:00Z"')
     f.sql, f.params     # ('("tenant" = ? AND "created_at" >= ?)', ['acme', datetime(...)])
-    compile_order_by("created_at desc")   # '"created_at" DESC, "id" ASC'
+    compile_filter("anomaly_score > 2.5 AND cf_flagged = true")  # CF results (LEFT JOIN)
+    compile_order_by("anomaly_score desc")  # '"anomaly_score" DESC NULLS LAST, "id" ASC'
     compile_filter("tenant = 'a'; DROP TABLE x")   # FilterError: ... at position 13 ...
 """
 
@@ -40,12 +49,14 @@ __all__ = [
     "query_key",
 ]
 
-#: Filterable / sortable fields → value type ("str", "int", "time").
+#: Filterable / sortable fields → value type ("str", "int", "float", "bool", "time"). The last
+#: three come from the incident's current CF result (``_store_index.CF_LISTING_COLUMNS``).
 FIELDS: dict[str, str] = {
     "id": "str", "tenant": "str", "created_at": "time", "received_at": "time",
     "model_name": "str", "model_fingerprint": "str", "trigger_rule": "str",
     "trigger_reason": "str", "request_id": "str", "traceparent": "str", "size_bytes": "int",
     "sha256": "str", "activations": "str", "n_sites": "int",
+    "anomaly_score": "float", "cf_flagged": "bool", "cf_status": "str",
 }
 MAX_FILTER_CHARS = 4096
 MAX_DEPTH = 32
@@ -166,7 +177,9 @@ class _Parser:
     def term(self) -> str:
         if (self.tok.kind == "kw" and self.tok.text == "NOT") or self.tok.kind == "minus":
             self.i += 1
-            return f"(NOT ({self.simple()}))"
+            # complement of the matches: a comparison on a NULL (e.g. no CF score) is unknown,
+            # which NOT must turn into a match, not into another unknown
+            return f"(NOT coalesce({self.simple()}, FALSE))"
         return self.simple()
 
     # simple := '(' expression ')' | comparison
@@ -232,6 +245,16 @@ class _Parser:
                 raise FilterError(f"invalid filter: {field!r} needs an integer at position "
                                   f"{tok.pos}, got {tok.text!r}", position=tok.pos)
             return int(raw)
+        if ftype == "float":
+            if tok.kind != "num":
+                raise FilterError(f"invalid filter: {field!r} needs a number such as 2.5 at "
+                                  f"position {tok.pos}, got {tok.text!r}", position=tok.pos)
+            return float(raw)
+        if ftype == "bool":
+            if tok.kind not in ("word", "str") or raw.lower() not in ("true", "false"):
+                raise FilterError(f"invalid filter: {field!r} needs true or false at position "
+                                  f"{tok.pos}, got {tok.text!r}", position=tok.pos)
+            return raw.lower() == "true"
         try:  # time
             when = dt.datetime.fromisoformat(raw)
         except ValueError:
@@ -259,6 +282,8 @@ def compile_order_by(text: str, *, default: str = "received_at desc") -> str:
     """Compile an AIP-132 ``order_by`` (``"field [asc|desc], ..."``) to a SQL ORDER BY list.
 
     Only whitelisted fields; ``id`` is appended as a final tie-breaker so pages are stable.
+    Absent values (NULL, e.g. ``anomaly_score`` of an unscored incident) sort last in either
+    direction.
     """
     text = text.strip() or default
     parts: list[str] = []
@@ -283,7 +308,8 @@ def compile_order_by(text: str, *, default: str = "received_at desc") -> str:
             raise FilterError(f"invalid order_by: field {field!r} repeated at position {where}",
                               position=where)
         seen.add(field)
-        parts.append(f'"{field}" {direction.upper()}')
+        nulls = "" if field == "id" else " NULLS LAST"
+        parts.append(f'"{field}" {direction.upper()}{nulls}')
     if "id" not in seen:
         parts.append('"id" ASC')
     return ", ".join(parts)

@@ -1,4 +1,5 @@
-"""The DuckDB catalog of the local store: ``incidents``, ``jobs`` and ``analyses`` tables.
+"""The DuckDB catalog of the local store: ``incidents``, ``jobs`` and ``analyses`` tables (and
+the analysis result tables of :mod:`sidecar._results`, created with them).
 
 One DuckDB connection owns every write, behind one lock (DuckDB is a single-writer engine);
 reads use short-lived cursors (own connections to the same database, MVCC snapshots). All SQL is
@@ -23,7 +24,16 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["INCIDENT_COLUMNS", "IncidentRow", "Index", "row_from_manifest", "utcnow"]
+__all__ = [
+    "CF_LISTING_COLUMNS",
+    "INCIDENT_COLUMNS",
+    "RESULT_TABLES",
+    "IncidentRow",
+    "Index",
+    "listing_from",
+    "row_from_manifest",
+    "utcnow",
+]
 
 SCHEMA_VERSION = "1"
 
@@ -75,6 +85,40 @@ INCIDENT_COLUMNS = (
     "trigger_rule", "trigger_reason", "request_id", "traceparent", "size_bytes", "sha256",
     "activations", "n_sites", "path", "manifest_json",
 )
+
+
+#: Per-incident analysis result tables (``sidecar._results``), child rows first: deleting an
+#: incident deletes its rows in each.
+RESULT_TABLES = ("cf_site_scores", "cf_results", "cca_interventions", "cca_results")
+
+#: Columns the incident listing gains from the incident's current CF result (see
+#: :func:`listing_from`): filterable / sortable in ``ListIncidents`` (``sidecar._filters``).
+CF_LISTING_COLUMNS = ("anomaly_score", "cf_flagged", "cf_status")
+
+# The current CF result of each incident: its newest scored result, else its newest result
+# (``no_baseline`` / ``no_activations``: status set, score and flag NULL). Constant SQL; every
+# value of a query on the listing stays a ``?`` parameter of the WHERE clause.
+_CF_JOIN = (
+    "incidents LEFT JOIN (SELECT incident_id AS cf_incident_id, score AS anomaly_score, "
+    "flagged AS cf_flagged, status AS cf_status FROM cf_results "
+    "QUALIFY row_number() OVER (PARTITION BY incident_id "
+    "ORDER BY (score IS NOT NULL) DESC, created_at DESC, job_id DESC) = 1) AS cf "
+    "ON cf.cf_incident_id = incidents.id")
+_CF_REFS = tuple(f'"{c}"' for c in CF_LISTING_COLUMNS)
+
+
+def listing_from(*sql: str) -> str:
+    """The FROM clause for a listing query whose WHERE / ORDER BY are ``sql``: ``incidents``, or
+    ``incidents`` LEFT JOIN each incident's current CF result when ``sql`` references one of
+    :data:`CF_LISTING_COLUMNS` (compiled filters quote every identifier, and values are always
+    ``?`` parameters, so a quoted column name in the text is a column reference).
+
+    Example::
+
+        listing_from('"anomaly_score" > ?')   # 'incidents LEFT JOIN (SELECT ...) AS cf ON ...'
+        listing_from('"tenant" = ?')          # 'incidents'
+    """
+    return _CF_JOIN if any(ref in part for part in sql for ref in _CF_REFS) else "incidents"
 
 
 def utcnow() -> dt.datetime:
@@ -153,6 +197,10 @@ class Index:
         with self.write() as con:
             for ddl in _DDL:
                 con.execute(ddl)
+            from ._results import DDL as result_ddl  # lazy: _results imports this module
+
+            for ddl in result_ddl:
+                con.execute(ddl)
             con.execute("INSERT INTO meta VALUES ('schema_version', ?) ON CONFLICT DO NOTHING",
                         [SCHEMA_VERSION])
         found = self.read("SELECT value FROM meta WHERE key = 'schema_version'")[0][0]
@@ -210,23 +258,37 @@ class Index:
 
     def query_incidents(self, where_sql: str, params: Sequence[Any], order_sql: str, *,
                         limit: int, offset: int) -> list[IncidentRow]:
-        """Rows matching ``where_sql`` (a compiled filter; ``?`` params) in ``order_sql``."""
+        """Rows matching ``where_sql`` (a compiled filter; ``?`` params) in ``order_sql``.
+
+        Both may reference :data:`CF_LISTING_COLUMNS` (joined in by :func:`listing_from`).
+        """
+        cols = ", ".join(f"incidents.{c}" for c in INCIDENT_COLUMNS)
         rows = self.read_dicts(
-            f"SELECT {', '.join(INCIDENT_COLUMNS)} FROM incidents WHERE {where_sql} "
+            f"SELECT {cols} FROM {listing_from(where_sql, order_sql)} WHERE {where_sql} "
             f"ORDER BY {order_sql} LIMIT ? OFFSET ?", [*params, limit, offset])
         return [IncidentRow(**r) for r in rows]
 
     def count_incidents(self, where_sql: str, params: Sequence[Any]) -> int:
-        return int(self.read(f"SELECT count(*) FROM incidents WHERE {where_sql}", params)[0][0])
+        """How many rows match ``where_sql`` (which may reference CF listing columns)."""
+        return int(self.read(f"SELECT count(*) FROM {listing_from(where_sql)} "
+                             f"WHERE {where_sql}", params)[0][0])
 
     def incident_ids(self) -> set[str]:
         return {r[0] for r in self.read("SELECT id FROM incidents")}
 
     def delete_incident(self, incident_id: str) -> bool:
-        """Delete the row and its jobs/analyses; True when a row existed."""
+        """Delete the row and everything derived from it, in one transaction: its CF / CCA
+        result rows (:data:`RESULT_TABLES`), analyses and jobs. True when a row existed.
+
+        Detector baselines built from the incident stay: a baseline is an aggregate of many
+        incidents (its ``incident_ids_json`` records provenance); rebuild it with
+        ``forensics baseline build`` to drop the incident's contribution.
+        """
         with self.write() as con:
             found = con.execute("SELECT count(*) FROM incidents WHERE id = ?",
                                 [incident_id]).fetchone()[0]
+            for table in RESULT_TABLES:   # constants, never user text
+                con.execute(f"DELETE FROM {table} WHERE incident_id = ?", [incident_id])
             con.execute("DELETE FROM analyses WHERE incident_id = ?", [incident_id])
             con.execute("DELETE FROM jobs WHERE incident_id = ?", [incident_id])
             con.execute("DELETE FROM incidents WHERE id = ?", [incident_id])

@@ -7,6 +7,7 @@ import datetime as dt
 import pytest
 
 from sidecar._filters import (
+    FIELDS,
     FilterError,
     compile_filter,
     compile_order_by,
@@ -61,6 +62,7 @@ def ids(db, text: str) -> list[str]:  # type: ignore[no-untyped-def]
     ("trigger_reason:inject", ["a"]),
     ("traceparent:*", ["b", "d"]),
     ("NOT tenant = acme", ["c", "d"]),
+    ("NOT model_fingerprint = x", ["a", "b", "c", "d"]),   # NOT of unknown (NULL) matches
     ("-tenant = acme", ["c", "d"]),
     ("(tenant = acme OR tenant = globex) AND trigger_rule = flag", ["a", "c"]),
     # AIP-160: OR binds tighter than AND
@@ -90,6 +92,10 @@ def test_values_are_parameters_never_sql() -> None:
     ("tenant", 7, "comparison operator"),
     ("tenant = a AND", 15, "expected a field name"),
     ("1 = 1", 1, "expected a field name"),
+    ("anomaly_score > high", 17, "needs a number"),
+    ('anomaly_score > "2.5"', 17, "needs a number"),
+    ("cf_flagged = yes", 14, "needs true or false"),
+    ("cf_flagged = 1", 14, "needs true or false"),
 ])
 def test_bad_filters_name_the_position(text: str, position: int, fragment: str) -> None:
     with pytest.raises(FilterError) as e:
@@ -107,9 +113,9 @@ def test_deep_nesting_and_huge_filters_are_refused() -> None:
 
 
 def test_order_by() -> None:
-    assert compile_order_by("") == '"received_at" DESC, "id" ASC'
+    assert compile_order_by("") == '"received_at" DESC NULLS LAST, "id" ASC'
     assert compile_order_by("created_at desc, tenant") == \
-        '"created_at" DESC, "tenant" ASC, "id" ASC'
+        '"created_at" DESC NULLS LAST, "tenant" ASC NULLS LAST, "id" ASC'
     assert compile_order_by("id desc") == '"id" DESC'
     for bad, pos in (("created_at sideways", 1), ("tenant, id; DROP", 9), ("nope", 1),
                      ("tenant, tenant", 9)):
@@ -127,3 +133,123 @@ def test_page_tokens_are_bound_to_the_query() -> None:
     for junk in ("not-base64!!", "eyJ4IjoxfQ", encode_page_token(-1, key)):
         with pytest.raises(FilterError):
             decode_page_token(junk, key)
+
+
+# -- CF result fields: the store LEFT JOINs each incident's current CF result ------------------
+
+
+def _cf(index, job_id: str, incident_id: str, *, status: str = "scored",  # type: ignore[no-untyped-def]
+        score: float | None = None, flagged: bool | None = None, minute: int = 0) -> None:
+    """Record a CF job's result rows the way the runner does (``_results.record_cf``)."""
+    from sidecar._jobs import JobRecord
+    from sidecar._results import record_cf
+
+    when = dt.datetime(2025, 1, 1, 0, minute)
+    job = JobRecord(id=job_id, incident_id=incident_id, tenant="acme", kind="cf", state="done",
+                    attempts=1, max_attempts=3, error=None, params_json="{}", request_id=None,
+                    created_at=when, started_at=when, finished_at=when)
+    result: dict[str, object] = {"status": status, "model_fingerprint": "f" * 64,
+                                 "detector": "cf", "threshold": 2.0}
+    if status == "scored":
+        result.update(anomaly_score=score, flagged=flagged,
+                      report={"ranked_sites": [["blocks.0.resid_post", score]],
+                              "sites": {"blocks.0.resid_post": {"score": score}}})
+    with index.write() as con:
+        record_cf(con, job, result)
+        con.execute("UPDATE cf_results SET created_at = ? WHERE job_id = ?", [when, job_id])
+
+
+@pytest.fixture(scope="module")
+def scored(tmp_path_factory):  # type: ignore[no-untyped-def]
+    """Five stored incidents: s1 flagged (3.1), s2 benign (0.4), s3 re-scored (1.0 then 2.7,
+    flagged), s4 no baseline yet, s5 never analysed."""
+    from sidecar._store import LocalStore
+    from tests.unit.sidecar.conftest import build_incident
+
+    store = LocalStore(tmp_path_factory.mktemp("scored"))
+    for i in range(1, 6):
+        store.put(f"s{i}", build_incident(f"s{i}", tenant="acme" if i != 2 else "globex"),
+                  tenant=None)
+    idx = store.index
+    _cf(idx, "j1", "s1", score=3.1, flagged=True)
+    _cf(idx, "j2", "s2", score=0.4, flagged=False)
+    _cf(idx, "j3a", "s3", score=1.0, flagged=False, minute=1)
+    _cf(idx, "j3b", "s3", score=2.7, flagged=True, minute=2)          # newest scored wins
+    _cf(idx, "j3c", "s3", status="no_baseline", minute=3)            # unscored never hides it
+    _cf(idx, "j4", "s4", status="no_baseline")
+    yield store
+    store.close()
+
+
+def _list(store, text: str, order: str = "id") -> list[str]:  # type: ignore[no-untyped-def]
+    f = compile_filter(text)
+    rows = store.index.query_incidents(f.sql, f.params, compile_order_by(order),
+                                       limit=100, offset=0)
+    assert store.index.count_incidents(f.sql, f.params) == len(rows)
+    return [r.id for r in rows]
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("anomaly_score > 2.5", ["s1", "s3"]),
+    ("anomaly_score >= 0.4 AND anomaly_score < 3", ["s2", "s3"]),
+    ("anomaly_score > -1", ["s1", "s2", "s3"]),
+    ("anomaly_score:*", ["s1", "s2", "s3"]),
+    ("NOT anomaly_score:*", ["s4", "s5"]),
+    ("cf_flagged = true", ["s1", "s3"]),
+    ("cf_flagged = FALSE", ["s2"]),
+    ("NOT cf_flagged = true", ["s2", "s4", "s5"]),                 # complement: unscored too
+    ('cf_status = "no_baseline"', ["s4"]),
+    ("cf_flagged = true AND tenant = acme", ["s1", "s3"]),
+    ('cf_flagged = false OR tenant = "acme" AND n_sites = 2', ["s1", "s2", "s3", "s4", "s5"]),
+])
+def test_filter_on_cf_results(scored, text: str, expected: list[str]) -> None:  # type: ignore[no-untyped-def]
+    assert _list(scored, text) == expected
+
+
+def test_order_by_anomaly_score(scored) -> None:  # type: ignore[no-untyped-def]
+    assert _list(scored, "", "anomaly_score desc") == ["s1", "s3", "s2", "s4", "s5"]
+    assert _list(scored, "", "anomaly_score asc") == ["s2", "s3", "s1", "s4", "s5"]  # NULLs last
+    assert _list(scored, "cf_flagged = true", "anomaly_score") == ["s3", "s1"]
+    assert compile_order_by("anomaly_score desc") == '"anomaly_score" DESC NULLS LAST, "id" ASC'
+
+
+def test_cf_fields_are_parameters_and_join_only_when_used(scored) -> None:  # type: ignore[no-untyped-def]
+    from sidecar._store_index import CF_LISTING_COLUMNS, listing_from
+
+    f = compile_filter("anomaly_score > 2.5 AND cf_flagged = true")
+    assert f.sql == '("anomaly_score" > ? AND "cf_flagged" = ?)'
+    assert f.params == (2.5, True)
+    assert set(CF_LISTING_COLUMNS) <= set(FIELDS)
+    assert listing_from('"tenant" = ?', '"id" ASC') == "incidents"
+    assert "LEFT JOIN" in listing_from('"tenant" = ?', '"anomaly_score" DESC NULLS LAST')
+    # the servicer's watch check composes an unqualified id with a CF filter
+    assert scored.index.count_incidents(f"id = ? AND {f.sql}", ["s3", *f.params]) == 1
+
+
+def test_list_incidents_over_grpc_filters_on_cf_score(tmp_path, make_incident) -> None:  # type: ignore[no-untyped-def]
+    """The same filter through ListIncidents with token auth: tenant scope AND the CF join."""
+    from sidecar._client import SidecarClient
+    from sidecar._config import SidecarConfig
+    from sidecar._server import create_server
+
+    cfg = SidecarConfig.from_dict({
+        "data_dir": str(tmp_path / "data"), "modules": {"cf": {"enabled": False}},
+        "auth": {"tokens": [{"token": "acme-token-1", "tenant": "acme"}],
+                 "admin_tokens": ["admin-token-1"]}})
+    sc, port = create_server(cfg, port=0)
+    sc.start()
+    try:
+        with SidecarClient(f"127.0.0.1:{port}", token="admin-token-1") as admin:
+            for i, tenant in ((1, "acme"), (2, "globex"), (3, "acme")):
+                admin.upload(f"g{i}", make_incident(f"g{i}", tenant=tenant))
+        _cf(sc.store.index, "j1", "g1", score=3.0, flagged=True)
+        _cf(sc.store.index, "j2", "g2", score=9.0, flagged=True)
+        _cf(sc.store.index, "j3", "g3", score=0.1, flagged=False)
+        with SidecarClient(f"127.0.0.1:{port}", token="acme-token-1") as c:
+            page = c.list(filter="anomaly_score > 2.5", order_by="anomaly_score desc")
+            assert [i.id for i in page.incidents] == ["g1"] and page.total_size == 1
+            page = c.list(order_by="anomaly_score desc", page_size=1)
+            assert [i.id for i in page.incidents] == ["g1"] and page.next_page_token
+            assert page.total_size == 2
+    finally:
+        sc.stop(grace=0.5)

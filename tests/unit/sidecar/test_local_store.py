@@ -27,7 +27,7 @@ def test_put_writes_file_and_row(store: LocalStore, make_incident: Callable[...,
     assert row is not None
     assert (row.tenant, row.model_name, row.trigger_rule, row.trigger_reason) == \
         ("acme", "tiny-gpt2", "flag", "prompt_injection")
-    assert row.request_id == "req-inc-1" and row.traceparent.startswith("00-0af7")
+    assert row.request_id == "req-inc-1" and (row.traceparent or "").startswith("00-0af7")
     assert row.size_bytes == len(data) and row.sha256 == hashlib.sha256(data).hexdigest()
     assert row.n_sites == 3 and row.activations == "captured"
     assert json.loads(row.manifest_json)["id"] == "inc-1"
@@ -95,8 +95,9 @@ def test_recovery_indexes_orphans_and_drops_stale_rows(
         rep = s.last_recovery
         assert (rep.tmp_removed, rep.indexed, rep.removed_rows, rep.kept) == (1, 1, 1, 1)
         assert sorted(s.index.incident_ids()) == ["inc-1", "inc-3"]
-        assert s.get("inc-3").tenant == "globex"          # from the manifest (no receipt)
-        assert s.get("inc-1").tenant == "token-tenant"    # receipt kept
+        inc3, inc1 = s.get("inc-3"), s.get("inc-1")
+        assert inc3 is not None and inc3.tenant == "globex"     # from the manifest (no receipt)
+        assert inc1 is not None and inc1.tenant == "token-tenant"  # receipt kept
         assert _files(s) == ["inc-1.arrow", "inc-1.json", "inc-3.arrow"]
 
 
@@ -145,3 +146,52 @@ def test_stored_file_reads_back_exactly(store: LocalStore,
     t1, t2 = a.tensor("blocks.1.resid_post", step=0), b.tensor("blocks.1.resid_post", step=0)
     assert t1.dtype == t2.dtype and t1.shape == t2.shape and bool((t1 == t2).all())
     assert b"".join(store.read_chunks("inc-1", 100)) == data
+
+
+def test_delete_removes_derived_rows(store: LocalStore,
+                                     make_incident: Callable[..., bytes]) -> None:
+    """Deleting an incident deletes its jobs, analyses and CF / CCA result rows (recorded the
+    way the job runner records them), and nothing of another incident."""
+    from sidecar._jobs import JobRecord
+    from sidecar._results import record_cca, record_cf
+    from sidecar._store_index import RESULT_TABLES, utcnow
+
+    def job(job_id: str, incident_id: str, kind: str) -> JobRecord:
+        now = utcnow()
+        return JobRecord(id=job_id, incident_id=incident_id, tenant="acme", kind=kind,
+                         state="done", attempts=1, max_attempts=3, error=None, params_json="{}",
+                         request_id=None, created_at=now, started_at=now, finished_at=now)
+
+    cf_result = {"status": "scored", "anomaly_score": 3.5, "flagged": True, "detector": "cf",
+                 "report": {"ranked_sites": [["blocks.0.resid_post", 3.5],
+                                             ["blocks.1.resid_post", 0.2]],
+                            "sites": {"blocks.0.resid_post": {"score": 3.5, "flagged": True}}}}
+    cca_result = {"status": "found", "fix_set": {
+        "flip": True, "flip_rate": 0.9, "flip_rate_ci": [0.6, 0.98],
+        "interventions": [{"site": "blocks.0.mlp.post[neuron=3]", "kind": "zero"}],
+        "necessity": [{"site": "blocks.0.mlp.post[neuron=3]", "delta": 1.2}]}}
+    for iid in ("inc-1", "inc-2"):
+        store.put(iid, make_incident(iid), tenant="acme")
+        jobs = [job(f"{iid}-cf", iid, "cf"), job(f"{iid}-cca", iid, "cca")]
+        with store.index.write() as con:
+            for j in jobs:
+                con.execute("INSERT INTO jobs (id, incident_id, tenant, kind, state, attempts, "
+                            "max_attempts, params_json, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, "
+                            "?, ?)", [j.id, iid, j.tenant, j.kind, j.state, 1, 3, "{}",
+                                      j.created_at])
+                con.execute("INSERT INTO analyses VALUES (?, ?, ?, ?, ?)",
+                            [j.id, iid, j.kind, "{}", j.created_at])
+            record_cf(con, jobs[0], cf_result)
+            record_cca(con, jobs[1], cca_result)
+
+    def counts(iid: str) -> dict[str, int]:
+        return {t: store.index.read(f"SELECT count(*) FROM {t} WHERE incident_id = ?",
+                                    [iid])[0][0]
+                for t in (*RESULT_TABLES, "analyses", "jobs")}
+
+    assert counts("inc-1") == {"cf_site_scores": 2, "cf_results": 1, "cca_interventions": 1,
+                               "cca_results": 1, "analyses": 2, "jobs": 2}
+    before = counts("inc-2")
+    assert store.delete("inc-1", tenant="acme")
+    assert set(counts("inc-1").values()) == {0}
+    assert counts("inc-2") == before and store.get("inc-2") is not None
