@@ -1,0 +1,187 @@
+"""The result of a fix-set search: the interventions, and the measurements that back them.
+
+Every number in a :class:`FixSet` comes from replaying the model (see :mod:`._search`); when no
+set within ``max_fix_set_size`` flips the failure, ``flip`` is False, ``interventions`` is empty,
+``reason`` says what was tried, and no rate is reported.
+
+Forward-pass accounting (``forward_passes`` and friends) counts *replays of an incident*: one
+evaluated intervention set = one replay, whether it shared a batched forward with others or not
+(a generate incident's replay is one model call per step up to the decision step). The
+exhaustive baseline ``exhaustive_forward_passes`` is single-candidate exhaustive patching: one
+replay per candidate.
+
+Example::
+
+    fix = CausalCCA().search_fix_set(session, benign=benign, failure=Failure.token(7))
+    fix.flip, [iv.site for iv in fix.interventions], fix.flip_rate, fix.flip_rate_ci
+    fix.necessity[0].metric_without, fix.side_effects.mean_kl, fix.p_value
+    fix.forward_passes, fix.exhaustive_forward_passes
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from ._stats import PermutationTest, SideEffects
+
+if TYPE_CHECKING:
+    from analysis.interventions import Intervention
+
+__all__ = ["FixSet", "Necessity", "VariantResult"]
+
+
+@dataclass(frozen=True)
+class Necessity:
+    """One element's necessity: the verified metric of the fix set without it, and the change
+    (``metric_without - metric_with``; > 0 means removing it brings the failure back closer)."""
+
+    site: str
+    metric_without: float
+    delta: float
+    flips_without: bool
+    role: str = "core"  # core: needed for the incident; variants: added for variants
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class VariantResult:
+    """The fix set on one variant: its clean and fixed metric (both replayed, batch 1)."""
+
+    id: str
+    metric_clean: float
+    metric_fixed: float
+    flipped: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class FixSet:
+    """A verified minimal fix set, or an honest "none found" (module doc).
+
+    ``flip``: the set's replay at the incident's own shapes flips the failure (metric <= 0).
+    ``greedy_check`` (text failures): a free greedy continuation with the fix no longer contains
+    the text (``greedy_output``); the flip itself is measured teacher-forced at the decision step.
+    ``one_minimal``: removing any single element was replayed and un-flips the failure (for
+    elements added for variants: lowers the variant flip rate). ``flip_rate`` /
+    ``flip_rate_ci``: share of failing variants the set flips, Wilson 95 %. ``p_value``: vs
+    random same-size candidate sets. ``total_flip_rate``: the seed's name for ``flip_rate``.
+    """
+
+    flip: bool
+    interventions: list[Intervention]
+    reason: str
+    failure: str
+    incident_id: str
+    strategy: str
+    intervention_kind: str
+    n_candidates: int
+    metric_before: float
+    metric_after: float | None = None
+    one_minimal: bool = False
+    necessity: list[Necessity] = field(default_factory=list)
+    flip_rate: float | None = None
+    flip_rate_ci: tuple[float, float] | None = None
+    variants: list[VariantResult] = field(default_factory=list)
+    variants_tried: int = 0
+    side_effects: SideEffects | None = None
+    permutation: PermutationTest | None = None
+    forward_passes: int = 0
+    exhaustive_forward_passes: int = 0
+    statistics_forward_passes: int = 0
+    model_calls: int = 0
+    gradient_passes: int = 0
+    greedy_check: bool | None = None
+    greedy_output: str | None = None
+    ranking: list[tuple[str, float]] = field(default_factory=list)
+    trace: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def sites(self) -> list[str]:
+        """The intervened sites, in fix-set order."""
+        return [iv.site for iv in self.interventions]
+
+    @property
+    def size(self) -> int:
+        return len(self.interventions)
+
+    @property
+    def total_flip_rate(self) -> float | None:
+        """Alias of :attr:`flip_rate` (the seed README's name)."""
+        return self.flip_rate
+
+    @property
+    def p_value(self) -> float | None:
+        return None if self.permutation is None else self.permutation.p_value
+
+    @property
+    def search_fraction(self) -> float | None:
+        """``forward_passes / exhaustive_forward_passes``."""
+        if not self.exhaustive_forward_passes:
+            return None
+        return self.forward_passes / self.exhaustive_forward_passes
+
+    def rank_of(self, site: str) -> int | None:
+        """1-based position of ``site`` in the prior ranking (None when not ranked)."""
+        for i, (s, _) in enumerate(self.ranking, start=1):
+            if s == site:
+                return i
+        return None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (DuckDB rows, gRPC, CLI)."""
+        return {
+            "flip": self.flip, "reason": self.reason, "failure": self.failure,
+            "incident_id": self.incident_id, "strategy": self.strategy,
+            "intervention_kind": self.intervention_kind, "n_candidates": self.n_candidates,
+            "interventions": [iv.to_dict() for iv in self.interventions],
+            "metric_before": self.metric_before, "metric_after": self.metric_after,
+            "one_minimal": self.one_minimal,
+            "necessity": [n.to_dict() for n in self.necessity],
+            "flip_rate": self.flip_rate,
+            "flip_rate_ci": None if self.flip_rate_ci is None else list(self.flip_rate_ci),
+            "variants": [v.to_dict() for v in self.variants],
+            "variants_tried": self.variants_tried,
+            "side_effects": None if self.side_effects is None else self.side_effects.to_dict(),
+            "permutation": None if self.permutation is None else self.permutation.to_dict(),
+            "p_value": self.p_value,
+            "forward_passes": self.forward_passes,
+            "exhaustive_forward_passes": self.exhaustive_forward_passes,
+            "statistics_forward_passes": self.statistics_forward_passes,
+            "model_calls": self.model_calls, "gradient_passes": self.gradient_passes,
+            "greedy_check": self.greedy_check, "greedy_output": self.greedy_output,
+            "ranking_top": [[s, v] for s, v in self.ranking[:20]],
+            "trace": list(self.trace), "notes": list(self.notes),
+        }
+
+    def summary(self) -> str:
+        """A few lines for logs and the CLI."""
+        if not self.flip:
+            return f"no fix set: {self.reason}"
+        lines = [f"fix set ({self.size}, {self.intervention_kind}, strategy {self.strategy}): "
+                 + ", ".join(self.sites)]
+        if self.flip_rate is not None and self.flip_rate_ci is not None:
+            lines.append(f"flip rate {self.flip_rate:.2f} "
+                         f"[{self.flip_rate_ci[0]:.2f}, {self.flip_rate_ci[1]:.2f}] over "
+                         f"{len(self.variants)} variants")
+        if self.side_effects is not None:
+            se = self.side_effects
+            lines.append(f"benign: mean KL {se.mean_kl:.4f} nats, top-1 agreement "
+                         f"{se.top1_agreement:.3f} ({se.n_incidents} incidents)")
+        if self.permutation is not None:
+            lines.append(f"p = {self.permutation.p_value:.3g} vs "
+                         f"{self.permutation.n_permutations} random sets")
+        lines.append(f"{self.forward_passes} replays vs {self.exhaustive_forward_passes} "
+                     "for exhaustive single-candidate patching")
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        if not self.flip:
+            return f"FixSet(flip=False, reason={self.reason!r})"
+        return (f"FixSet(flip=True, sites={self.sites}, flip_rate={self.flip_rate}, "
+                f"forward_passes={self.forward_passes})")
