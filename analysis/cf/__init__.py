@@ -14,6 +14,11 @@ Example::
     cf = CompressionForensics(baseline=CFBaseline.load("cf-baseline.npz"))
     report = cf.analyze(incident)          # or a replay session (uses session.incident)
     report.score, report.flagged, report.ranked_sites[:3]
+
+Which detector to use is a measured choice (``benchmarks/RESULTS_cf.md``):
+``make_detector(name)`` with ``name`` in :data:`DETECTOR_NAMES`, ``default_detector()`` for
+:data:`DEFAULT_DETECTOR`, and ``build_baseline_from_dir(folder, detector=...)`` for a folder of
+benign incident files.
 """
 
 from __future__ import annotations
@@ -21,12 +26,22 @@ from __future__ import annotations
 from ._baseline import BASELINE_FORMAT_VERSION, CFBaseline
 from ._detector import Detector
 from ._detectors import CompressionForensics, MahalanobisDetector, NormDetector
+from ._factory import (
+    DEFAULT_DETECTOR,
+    DETECTOR_NAMES,
+    build_baseline_from_dir,
+    default_detector,
+    detector_class,
+    make_detector,
+)
 from ._report import CFReport, SiteScore, WorstUnit
 from ._units import DEFAULT_POSITION_BUCKETS, KINDS
 
 __all__ = [
     "BASELINE_FORMAT_VERSION",
+    "DEFAULT_DETECTOR",
     "DEFAULT_POSITION_BUCKETS",
+    "DETECTOR_NAMES",
     "KINDS",
     "CFBaseline",
     "CFReport",
@@ -36,4 +51,8 @@ __all__ = [
     "NormDetector",
     "SiteScore",
     "WorstUnit",
+    "build_baseline_from_dir",
+    "default_detector",
+    "detector_class",
+    "make_detector",
 ]

@@ -24,7 +24,7 @@ import numpy as np
 
 from integrations.errors import AnalysisError
 
-from ._codec import Codec
+from ._codec import CODEC_MODES, Codec
 from ._detector import Detector
 from ._units import SiteUnits
 
@@ -44,7 +44,11 @@ class CompressionForensics(Detector):
     Per site, a FIXED quantisation scale is learned from the benign baseline: the median over
     benign incidents of the ``scale_quantile`` (default 0.999) of |activation|, mapped to ±127
     in int16. Each token position's vector is quantised, zigzag byte-planed and compressed with
-    zstd at ``zstd_level``; the unit statistic is compressed bits / value. Unusually large,
+    zstd at ``zstd_level``; the unit statistic is compressed bits / value. ``codec="frame"``
+    (default) compresses each position in its own zstd frame; ``codec="share"`` compresses a
+    site's positions in one frame and gives each position its entropy-coded share of it (up to
+    1.3x faster at d=576, but measurably worse at localising planted faults and on prompt
+    injection: benchmarks/RESULTS_cf.md); see :mod:`analysis.cf._codec`. Unusually large,
     dense or irregular activations need more bits; collapsed ones fewer (both are scored).
     Scoring (cells, robust z, p/q, incident score): see :mod:`analysis.cf._detector`.
 
@@ -58,7 +62,7 @@ class CompressionForensics(Detector):
 
     Example::
 
-        base = CompressionForensics.build_baseline(benign)     # options: zstd_level=1
+        base = CompressionForensics.build_baseline(benign)     # options: zstd_level=1, codec="frame"
         rep = CompressionForensics(baseline=base).analyze(inc)
     """
 
@@ -72,7 +76,11 @@ class CompressionForensics(Detector):
         q = float(options.pop("scale_quantile", 0.999))
         if not 0.5 <= q <= 1.0:
             raise AnalysisError(f"scale_quantile={q} must be in [0.5, 1]")
-        return {**super()._options(**options), "zstd_level": level, "scale_quantile": q}
+        codec = options.pop("codec", "frame")
+        if codec not in CODEC_MODES:
+            raise AnalysisError(f"codec={codec!r} must be one of {list(CODEC_MODES)}")
+        return {**super()._options(**options), "zstd_level": level, "scale_quantile": q,
+                "codec": codec}
 
     @classmethod
     def _fit_start(cls, site: str, options: dict[str, Any]) -> Any:
@@ -93,12 +101,16 @@ class CompressionForensics(Detector):
                     options: dict[str, Any], state: dict[str, Any]) -> tuple[np.ndarray, int]:
         codec = state.get("codec")
         if codec is None:
-            codec = state["codec"] = Codec(level=int(options["zstd_level"]))
+            # baselines saved before the "share" codec existed used one frame per position
+            codec = state["codec"] = Codec(level=int(options["zstd_level"]),
+                                           mode=options.get("codec", "frame"))
         return codec.bits_per_value(units.vectors, scale=float(params["scale"][0]))
 
     @classmethod
     def _unit_floor(cls, n_features: int, options: dict[str, Any]) -> float:
-        return 8.0 / max(n_features, 1)  # one compressed byte per unit
+        if options.get("codec", "frame") == "frame":
+            return 8.0 / max(n_features, 1)  # one compressed byte per unit
+        return 1.0 / max(n_features, 1)  # one bit per unit (the share codec is sub-byte)
 
 
 class NormDetector(Detector):

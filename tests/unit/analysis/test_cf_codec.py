@@ -1,0 +1,138 @@
+"""The CF codec (share vs frame modes), the detector factory and baselines from a folder of
+incident files written by the real FileExporter from a real tiny GPT-2."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from analysis.cf import (
+    DEFAULT_DETECTOR,
+    DETECTOR_NAMES,
+    CFBaseline,
+    CompressionForensics,
+    MahalanobisDetector,
+    build_baseline_from_dir,
+    default_detector,
+    make_detector,
+)
+from analysis.cf._codec import Codec, byte_planes, quantize, zigzag
+from integrations.errors import AnalysisError
+from integrations.incident import Incident
+
+
+def _x(n: int, d: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal((n, d)) * np.exp(0.5 * rng.standard_normal(d))).astype(np.float32)
+
+
+def test_quantize_counts_clipping_and_non_finite() -> None:
+    x = np.array([[0.5, -1.0, 1e9, np.nan, -np.inf, 0.0]], dtype=np.float32)
+    q, clipped = quantize(x, 1.0)
+    assert q.dtype == np.int16
+    assert q[0].tolist() == [64, -127, 32767, 0, -32767, 0]
+    assert clipped == 3  # 1e9, nan, -inf
+
+
+def test_zigzag_and_planes_are_lossless() -> None:
+    q = np.array([[0, -1, 1, -2, 300, -32767]], dtype=np.int16)
+    z = zigzag(q)
+    assert z[0].tolist() == [0, 1, 2, 3, 600, 65533]
+    planes = byte_planes(q)  # [n, 2d]: low plane then high plane
+    assert (planes[:, :6].astype(np.uint16) | (planes[:, 6:].astype(np.uint16) << 8)
+            ).tolist() == z.tolist()
+
+
+@pytest.mark.parametrize("mode", ["share", "frame"])
+def test_codec_spike_costs_more_bits(mode: str) -> None:
+    x = _x(32, 64)
+    scale = float(np.quantile(np.abs(x), 0.999))
+    codec = Codec(level=1, mode=mode)  # type: ignore[arg-type]
+    bits, clipped = codec.bits_per_value(x, scale=scale)
+    assert bits.shape == (32,) and clipped == 0 and np.all(bits > 0)
+    y = x.copy()
+    y[7] *= 6.0  # one position 6x larger: more significant bits per value
+    bits2, _ = codec.bits_per_value(y, scale=scale)
+    assert bits2[7] > bits[7] + 1.0
+    assert int(np.argmax(bits2 - bits)) == 7
+
+
+def test_share_mode_matches_the_measured_frame_size() -> None:
+    import zstandard
+
+    x = _x(20, 96, seed=3)
+    codec = Codec(level=1, mode="share")
+    bits, _ = codec.bits_per_value(x, scale=2.0)
+    z = zigzag(quantize(x, 2.0)[0])
+    frame = zstandard.ZstdCompressor(level=1, write_checksum=False, write_content_size=False,
+                                     write_dict_id=False).compress(
+        (z & 0xFF).astype(np.uint8).tobytes() + (z >> 8).astype(np.uint8).tobytes())
+    assert bits.sum() * 96 / 8 == pytest.approx(len(frame))  # shares add up to the frame
+    assert codec.bits_per_value(np.zeros((0, 4), np.float32), scale=1.0)[0].shape == (0,)
+    with pytest.raises(ValueError, match="mode"):
+        Codec(mode="bogus")  # type: ignore[arg-type]
+
+
+def _record_to_dir(model: Any, n: int, directory: Path, *, seed: int) -> list[Path]:
+    from prometheus_client import CollectorRegistry
+
+    from integrations import Recorder, exporters, triggers
+
+    ex = exporters.InMemoryExporter()
+    rec = Recorder(model, sites=["blocks.*.resid_post", "blocks.*.mlp"],
+                   trigger=triggers.Always(), exporter=ex, max_queue=n + 4,
+                   metrics_registry=CollectorRegistry())
+    g = torch.Generator().manual_seed(seed)
+    try:
+        for i in range(n):
+            ids = torch.randint(3, int(model.config.vocab_size), (1, 8), generator=g)  # [1, pos]
+            with rec.request(request_id=f"d{seed}-{i}"), torch.no_grad():
+                model(input_ids=ids)
+        assert rec.force_flush(timeout_s=60)
+    finally:
+        rec.shutdown(timeout_s=10)
+    for inc in ex.incidents:
+        inc.write(directory / f"{inc.id}.arrow")
+    return sorted(directory.glob("*.arrow"))
+
+
+def test_factory_and_baseline_from_dir(tiny_gpt2: Any, tmp_path: Path) -> None:
+    paths = _record_to_dir(tiny_gpt2, 8, tmp_path, seed=5)
+    assert len(paths) == 8
+    assert DEFAULT_DETECTOR in DETECTOR_NAMES == ("cf", "mahalanobis", "norm")
+    base = build_baseline_from_dir(tmp_path, detector="cf", folds=4)
+    assert base.detector == "cf" and base.sample_count == 8
+    assert base.options["codec"] == "frame"
+    rep = make_detector("cf", baseline=base).analyze(Incident.open(paths[0]))
+    assert set(rep.sites) == set(base.sites) and rep.detector == "cf"
+    # default_detector follows a given baseline's detector; without one it is the default
+    assert isinstance(default_detector(baseline=base), CompressionForensics)
+    assert default_detector(anomaly_threshold=3.0).name == DEFAULT_DETECTOR
+    mb = build_baseline_from_dir(tmp_path, detector="mahalanobis", folds=4)
+    assert isinstance(default_detector(baseline=mb), MahalanobisDetector)
+    with pytest.raises(AnalysisError, match="unknown detector"):
+        make_detector("zip")
+    with pytest.raises(AnalysisError, match="not a directory"):
+        build_baseline_from_dir(tmp_path / "nope")
+    with pytest.raises(AnalysisError, match="at least 2"):
+        build_baseline_from_dir(tmp_path, pattern="*.none")
+    with pytest.raises(AnalysisError, match="codec"):
+        CompressionForensics.build_baseline(paths, codec="lz4")
+
+
+def test_baseline_without_codec_option_uses_frame_codec(tiny_gpt2: Any, tmp_path: Path) -> None:
+    """Baselines saved before the ``codec`` option existed keep scoring with one frame per
+    position, the codec their reference values were computed with."""
+    paths = _record_to_dir(tiny_gpt2, 6, tmp_path, seed=6)
+    new = CompressionForensics.build_baseline(paths, folds=3)
+    assert new.options["codec"] == "frame"
+    old = CFBaseline.from_bytes(new.to_bytes())
+    del old.options["codec"]
+    inc = Incident.open(paths[0])
+    a = CompressionForensics(baseline=new).analyze(inc)
+    b = CompressionForensics(baseline=old).analyze(inc)
+    assert a.score == b.score and a.ranked_sites == b.ranked_sites
