@@ -137,7 +137,7 @@ class BaselinesConfig:
     ``min_samples`` such incidents exist; it is rebuilt after ``refresh_every`` more arrive
     (0 = never automatically; ``forensics baseline build`` always works)."""
 
-    detector: str = "cf"                      # cf | norm | mahalanobis
+    detector: str = "mahalanobis"             # cf | norm | mahalanobis (benchmarks/RESULTS_cf.md)
     min_samples: int = 30
     refresh_every: int = 200
     sample_rules: tuple[str, ...] = ("ratio",)

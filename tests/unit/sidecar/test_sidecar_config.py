@@ -20,7 +20,7 @@ def test_shipped_yaml_is_the_embedded_defaults() -> None:
         ("./forensics-data", "127.0.0.1:7431", "127.0.0.1:9464")
     assert cfg.limits.max_chunk_bytes == 1024 * 1024 and not cfg.auth.enabled
     assert cfg.modules.cf.enabled and cfg.ingest_kinds() == ("cf",)
-    assert cfg.baselines.sample_rules == ("ratio",) and cfg.baselines.detector == "cf"
+    assert cfg.baselines.sample_rules == ("ratio",) and cfg.baselines.detector == "mahalanobis"
 
 
 @pytest.mark.parametrize(("raw", "match"), [
