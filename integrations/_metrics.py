@@ -14,6 +14,7 @@ Example::
 from __future__ import annotations
 
 import threading
+import weakref
 from collections import Counter as _Counter
 from typing import Any
 
@@ -31,6 +32,33 @@ DROP_REASONS = (
 )
 
 
+# registry -> namespace -> collectors (weak: a test's throw-away registry takes them with it)
+_SHARED: weakref.WeakKeyDictionary[Any, dict[str, tuple[Any, ...]]] = weakref.WeakKeyDictionary()
+_SHARED_LOCK = threading.Lock()
+
+
+def _make_collectors(reg: Any, namespace: str, counter: Any, gauge: Any) -> tuple[Any, ...]:
+    try:
+        return (
+            counter("recorder_dropped_total", "Captured incidents dropped, by reason.",
+                    ["reason"], namespace=namespace, registry=reg),
+            counter("recorder_captured_total", "Incidents captured (trigger fired).",
+                    namespace=namespace, registry=reg),
+            counter("recorder_exported_total", "Incidents acknowledged by the exporter.",
+                    namespace=namespace, registry=reg),
+            gauge("recorder_queue_depth", "Incidents waiting in the export queue.",
+                  namespace=namespace, registry=reg),
+            gauge("recorder_spool_bytes", "Bytes held in the local disk spool.",
+                  namespace=namespace, registry=reg),
+        )
+    except ValueError as e:  # the names are taken in this registry by something else
+        from .errors import ConfigError
+
+        raise ConfigError(
+            f"{e}; pass metrics_registry=prometheus_client.CollectorRegistry() to the "
+            "Recorder, or free these metric names") from e
+
+
 class RecorderMetrics:
     """Counters and gauges for one recorder, plus an in-process tally for ``Recorder.stats()``."""
 
@@ -42,28 +70,15 @@ class RecorderMetrics:
         self._drops: _Counter[str] = _Counter()
         self._captured = 0
         self._exported = 0
-        try:
-            self.dropped_total = Counter(
-                "recorder_dropped_total", "Captured incidents dropped, by reason.",
-                ["reason"], namespace=namespace, registry=reg)
-            self.captured_total = Counter(
-                "recorder_captured_total", "Incidents captured (trigger fired).",
-                namespace=namespace, registry=reg)
-            self.exported_total = Counter(
-                "recorder_exported_total", "Incidents acknowledged by the exporter.",
-                namespace=namespace, registry=reg)
-            self.queue_depth = Gauge(
-                "recorder_queue_depth", "Incidents waiting in the export queue.",
-                namespace=namespace, registry=reg)
-            self.spool_bytes = Gauge(
-                "recorder_spool_bytes", "Bytes held in the local disk spool.",
-                namespace=namespace, registry=reg)
-        except ValueError as e:  # duplicated timeseries in this registry
-            from .errors import ConfigError
-
-            raise ConfigError(
-                f"{e}; a second Recorder on the same Prometheus registry: pass "
-                "metrics_registry=prometheus_client.CollectorRegistry() to one of them") from e
+        # Collectors are process-wide per registry: several recorders in one process (one per
+        # model, say) add to the same series; the in-process tallies above stay per recorder.
+        with _SHARED_LOCK:
+            per_ns = _SHARED.setdefault(reg, {})
+            shared = per_ns.get(namespace)
+            if shared is None:
+                shared = per_ns[namespace] = _make_collectors(reg, namespace, Counter, Gauge)
+        (self.dropped_total, self.captured_total, self.exported_total, self.queue_depth,
+         self.spool_bytes) = shared
 
     def dropped(self, reason: str, n: int = 1) -> None:
         """Count ``n`` dropped incidents for ``reason`` (one of :data:`DROP_REASONS`)."""

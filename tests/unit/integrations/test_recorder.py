@@ -343,3 +343,16 @@ def test_compression_ratio_below_one_writes_zstd_losslessly(tiny_gpt2, tmp_path)
     reread = Incident.from_bytes(b.to_bytes())
     assert torch.equal(reread.tensor("blocks.0.resid_post", step=0),
                        a.tensor("blocks.0.resid_post", step=0))
+
+
+def test_two_recorders_share_one_registry(tiny_gpt2, tiny_llama):  # type: ignore[no-untyped-def]
+    reg = CollectorRegistry()
+    a = Recorder(tiny_gpt2, trigger=triggers.Always(), metrics_registry=reg)
+    b = Recorder(tiny_llama, trigger=triggers.Always(), metrics_registry=reg)
+    for rec, model in ((a, tiny_gpt2), (b, tiny_llama)):
+        with rec.request(request_id="x"):
+            with torch.no_grad():
+                model(_ids())
+        rec.shutdown()
+    assert a.stats()["captured"] == 1 and b.stats()["captured"] == 1  # per recorder
+    assert reg.get_sample_value("forensics_recorder_captured_total") == 2.0  # process-wide
