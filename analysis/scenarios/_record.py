@@ -130,7 +130,8 @@ SCENARIOS: dict[str, ScenarioSpec] = {
                      _load_real("injection"), _judge_real, real_model=True),
         ScenarioSpec("sentiment", "MiniLM-L6 sentiment classifier bypassed by adversarial suffixes",
                      _load_real("sentiment"), _judge_real, real_model=True),
-        ScenarioSpec("toxic", "toxic generation (see analysis/scenarios/toxic.py)",
+        ScenarioSpec("toxic", "toxic generation: no real SmolLM2 case found in 84 searched "
+                     "prompts; raises and points to the planted GPT-2 fallback",
                      _load_real("toxic"), _judge_real, real_model=True),
     ]
 }
