@@ -9,9 +9,10 @@ to almost nothing), then compressed with zstd. The statistic is compressed bits 
 
 Two ways to turn zstd output into a per-position cost (``mode``):
 
-* ``"frame"`` (default): one zstd frame per unit; the cost is that frame's size. Its
-  resolution is one compressed byte per position; per-call overhead makes it 4-10x slower than
-  one zstd call on the same float32 bytes (``benchmarks/RESULTS_cf.md``).
+* ``"frame"`` (default): one zstd frame per unit — a position, or a group of consecutive
+  positions (``offsets``: the (step, position-bucket) units of DESIGN §7, the default since
+  per-position frames cost 4-10x one zstd call on the same float32 bytes,
+  ``benchmarks/RESULTS_cf.md``); the cost is that frame's size.
 * ``"share"``: ONE zstd frame for all the units of a call (planes laid out low plane
   then high plane); each unit gets the share of that frame's measured size proportional to its
   entropy-coded length under the frame's own byte statistics (one 256-symbol model per plane,
@@ -27,6 +28,7 @@ Example::
 
 from __future__ import annotations
 
+import itertools
 from typing import Literal
 
 import numpy as np
@@ -40,11 +42,18 @@ _I16 = 32767
 CODEC_MODES: tuple[str, ...] = ("frame", "share")
 
 
-def quantize(x: np.ndarray, scale: float) -> tuple[np.ndarray, int]:
-    """``round(x / (scale / 127))`` as int16 ``[n, d]`` (clipped to ±32767; NaN -> 0) and the
-    number of values clipped (NaN and ±inf included)."""
-    y = np.multiply(np.asarray(x, dtype=np.float32), np.float32(QMAX_BENIGN / scale),
-                    dtype=np.float32)
+def quantize(x: np.ndarray, scale: float | np.ndarray,
+             center: np.ndarray | None = None) -> tuple[np.ndarray, int]:
+    """``round((x - center) / (scale / 127))`` as int16 ``[n, d]`` (clipped to ±32767; NaN -> 0)
+    and the number of values clipped (NaN and ±inf included). ``scale`` is one number or one
+    per feature ``[d]``; ``center`` (optional) one per feature ``[d]``."""
+    x = np.asarray(x, dtype=np.float32)
+    mult = (np.float32(QMAX_BENIGN) / np.asarray(scale, dtype=np.float32)).astype(np.float32)
+    if center is None:
+        y = np.multiply(x, mult, dtype=np.float32)
+    else:
+        y = np.subtract(x, np.asarray(center, dtype=np.float32), dtype=np.float32)
+        np.multiply(y, mult, out=y)
     np.rint(y, out=y)
     lo, hi = float(y.min()) if y.size else 0.0, float(y.max()) if y.size else 0.0
     clipped = 0
@@ -97,11 +106,18 @@ class Codec:
         self._c = zstandard.ZstdCompressor(level=level, write_checksum=False,
                                            write_content_size=False, write_dict_id=False)
 
-    def compressed_sizes(self, planes: np.ndarray) -> np.ndarray:
-        """Compressed byte count of every row of ``planes`` (one zstd frame per row)."""
+    def compressed_sizes(self, planes: np.ndarray,
+                         offsets: np.ndarray | None = None) -> np.ndarray:
+        """Compressed byte count of every row of ``planes`` (one zstd frame per row), or with
+        ``offsets`` ([n_units + 1] row offsets) of every row group ``planes[o[i]:o[i+1]]``
+        (one frame per group; rows are contiguous, so no copy)."""
         c = self._c.compress
-        return np.fromiter((len(c(row.tobytes())) for row in planes), dtype=np.float64,
-                           count=planes.shape[0])
+        if offsets is None:
+            return np.fromiter((len(c(row.data)) for row in planes), dtype=np.float64,
+                               count=planes.shape[0])
+        bounds = offsets.tolist()
+        return np.fromiter((len(c(planes[a:b].data)) for a, b in itertools.pairwise(bounds)),
+                           dtype=np.float64, count=len(bounds) - 1)
 
     def shared_sizes(self, z: np.ndarray) -> np.ndarray:
         """Per-row share (bytes) of one zstd frame over zigzag codes ``z`` ``[n, d]`` uint16.
@@ -132,14 +148,22 @@ class Codec:
             return np.full(n, frame / max(n, 1), dtype=np.float64)
         return h * (frame / total)
 
-    def bits_per_value(self, x: np.ndarray, *, scale: float) -> tuple[np.ndarray, int]:
-        """Bits per value of every row of ``x`` ``[n_units, features]`` and the clip count."""
-        q, clipped = quantize(x, scale)
-        width = max(x.shape[1], 1)
-        if x.shape[0] == 0:
-            return np.zeros(0, dtype=np.float64), clipped
+    def bits_per_value(self, x: np.ndarray, *, scale: float | np.ndarray,
+                       offsets: np.ndarray | None = None,
+                       center: np.ndarray | None = None) -> tuple[np.ndarray, int]:
+        """Bits per value of every row of ``x`` ``[n_rows, features]`` — or, with ``offsets``
+        ([n_units + 1]), of every row group (a unit of several positions) — and the clip count.
+        ``scale``/``center``: see :func:`quantize`."""
+        q, clipped = quantize(x, scale, center)
+        n_units = x.shape[0] if offsets is None else len(offsets) - 1
+        if n_units == 0 or x.shape[0] == 0:
+            return np.zeros(n_units, dtype=np.float64), clipped
         if self.mode == "frame":
-            sizes = self.compressed_sizes(byte_planes(q))
+            sizes = self.compressed_sizes(byte_planes(q), offsets)
         else:
             sizes = self.shared_sizes(zigzag(q))
-        return sizes * 8.0 / width, clipped
+            if offsets is not None:
+                sizes = np.add.reduceat(sizes, offsets[:-1])
+        width = max(x.shape[1], 1)
+        values = width if offsets is None else width * np.diff(offsets).astype(np.float64)
+        return sizes * 8.0 / values, clipped

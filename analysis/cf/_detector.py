@@ -42,6 +42,7 @@ import numpy as np
 from integrations.errors import AnalysisError, FingerprintMismatchError
 
 from ._baseline import CFBaseline
+from ._cells import cell_values, min_cell_units, n_features, strip, unit_z
 from ._report import CFReport, SiteScore, WorstUnit
 from ._score import (
     RobustRef,
@@ -150,6 +151,16 @@ class Detector:
         """Floor of the unit-level reference scales (the statistic's resolution)."""
         return 1e-3
 
+    @classmethod
+    def _robust_fit(cls, options: dict[str, Any]) -> bool:
+        """Whether the fit is robust enough to skip refitting per cross-fitting fold."""
+        return cls.robust_fit
+
+    @classmethod
+    def _scoring_units(cls, units: SiteUnits, options: dict[str, Any]) -> SiteUnits:
+        """The units a detector scores: one per position (default) or e.g. position groups."""
+        return units
+
     # ----------------------------------------------------------------- baseline
     @classmethod
     def build_baseline(cls, benign_incidents: Iterable[Any], *, max_samples: int | None = None,
@@ -195,7 +206,7 @@ class Detector:
         k_folds = min(int(opts["folds"]), n)
         fold = np.arange(n) % k_folds
         full = k_folds  # key of the parameter set fitted on every incident
-        refit = cls.needs_fit and not cls.robust_fit
+        refit = cls.needs_fit and not cls._robust_fit(opts)
         keys = [full, *range(k_folds)] if refit else [full]
         params: dict[int, dict[str, dict[str, np.ndarray]]] = {k: {} for k in keys}
         if cls.needs_fit:
@@ -217,29 +228,29 @@ class Detector:
             row_meta: dict[str, SiteUnits] = {}
             rows: dict[int, dict[str, np.ndarray]] = {k: {} for k in keys}
             for site in chosen:
-                u = site_units(inc, site, buckets=buckets)
+                u = cls._scoring_units(site_units(inc, site, buckets=buckets), opts)
                 for k in keys:
                     rows[k][site] = cls._unit_stats(u, params[k].get(site, {}), opts, state)[0]
-                row_meta[site] = _strip(u)
+                row_meta[site] = strip(u)
             meta.append(row_meta)
             for k in keys:
                 stats[k].append(rows[k])
 
-        floors = {si: cls._unit_floor(_n_features(meta[0][s]), opts)
+        floors = {si: cls._unit_floor(n_features(meta[0][s]), opts)
                   for si, s in enumerate(chosen)}
-        cells, values = _cell_values(chosen, meta, stats[full], range(n))
+        cells, values = cell_values(chosen, meta, stats[full], range(n))
         refs = [RobustRef.fit(v, floor=floors[c[0]]) for c, v in zip(cells, values)]
         lengths = np.array([v.size for v in values], dtype=np.int64)
         site_stats = np.full((n, len(chosen)), np.nan)
-        min_n = _min_cell_units(opts)
+        min_n = min_cell_units(opts)
         for f in range(k_folds):  # cross-fitted site statistics: references without fold f
             k = f if refit else full
             others = [j for j in range(n) if fold[j] != f]
-            fc, fv = _cell_values(chosen, meta, stats[k], others)
+            fc, fv = cell_values(chosen, meta, stats[k], others)
             fold_refs = {c: RobustRef.fit(v, floor=floors[c[0]]) for c, v in zip(fc, fv)}
             for i in map(int, np.flatnonzero(fold == f)):
                 for si, site in enumerate(chosen):
-                    z, _, _ = _unit_z(fold_refs, si, meta[i][site], stats[k][i][site], min_n)
+                    z, _, _ = unit_z(fold_refs, si, meta[i][site], stats[k][i][site], min_n)
                     if np.isfinite(z).any():
                         site_stats[i, si] = float(np.nanmax(np.abs(z)))
         return CFBaseline(
@@ -284,15 +295,15 @@ class Detector:
                 f"incident {inc.id!r} has none of the baseline's sites {base.sites[:10]}; "
                 "record the same sites as the benign traffic the baseline was built from")
         opts = base.options
-        min_n = _min_cell_units(opts)
+        min_n = min_cell_units(opts)
         state: dict[str, Any] = {}
         rows: list[tuple[str, int, float, float, int, WorstUnit, int]] = []
         for site in todo:
             si = base.site_index(site)
             assert si is not None
-            u = site_units(inc, site, buckets=base.position_buckets)
+            u = self._scoring_units(site_units(inc, site, buckets=base.position_buckets), opts)
             stats, clipped = self._unit_stats(u, base.params.get(site, {}), opts, state)
-            z, used_bucket, unscored = _unit_z(base.refs, si, u, stats, min_n)
+            z, used_bucket, unscored = unit_z(base.refs, si, u, stats, min_n)
             if unscored:
                 kinds = sorted({KINDS[int(k)] for k in u.kind[~np.isfinite(z)]})
                 notes.append(f"{site}: {unscored} unit(s) of step kind(s) {kinds} absent from "
@@ -370,65 +381,3 @@ class Detector:
                 f"{list(base.position_buckets)}; rebuild the baseline with the same buckets or "
                 "leave position_buckets unset")
         return base
-
-
-def _min_cell_units(opts: dict[str, Any]) -> int:
-    return int(opts.get("min_cell_units", 8))
-
-
-def _n_features(u: SiteUnits) -> int:
-    return int(u.vectors.shape[1])
-
-
-def _strip(u: SiteUnits) -> SiteUnits:
-    """Drop the vectors (keep the width) once statistics are computed, to bound memory."""
-    return SiteUnits(site=u.site, vectors=np.empty((0, u.vectors.shape[1]), np.float32),
-                     kind=u.kind, bucket=u.bucket, step=u.step, position=u.position)
-
-
-def _cell_values(sites: Sequence[str], meta: list[dict[str, SiteUnits]],
-                 stats: list[dict[str, np.ndarray]], which: Iterable[int],
-                 ) -> tuple[list[tuple[int, int, int]], list[np.ndarray]]:
-    """Reference values per cell (site index, kind, bucket; bucket -1 = pooled over buckets)
-    from the unit statistics of the incidents ``which``."""
-    which = list(which)
-    cells: list[tuple[int, int, int]] = []
-    values: list[np.ndarray] = []
-    for si, site in enumerate(sites):
-        by_cell: dict[tuple[int, int], list[np.ndarray]] = {}
-        for i in which:
-            u, st = meta[i][site], stats[i][site]
-            for k in np.unique(u.kind):
-                mk = u.kind == k
-                by_cell.setdefault((int(k), -1), []).append(st[mk])
-                for b in np.unique(u.bucket[mk]):
-                    by_cell.setdefault((int(k), int(b)), []).append(st[mk & (u.bucket == b)])
-        for (k, b), vs in sorted(by_cell.items()):
-            cells.append((si, k, b))
-            values.append(np.concatenate(vs).astype(np.float32))
-    return cells, values
-
-
-def _lookup(refs: dict[tuple[int, int, int], RobustRef], si: int, kind: int, bucket: int,
-            min_n: int) -> tuple[RobustRef | None, int]:
-    r = refs.get((si, kind, bucket))
-    if r is not None and r.n >= min_n:
-        return r, bucket
-    return refs.get((si, kind, -1)), -1
-
-
-def _unit_z(refs: dict[tuple[int, int, int], RobustRef], si: int, u: SiteUnits,
-            stats: np.ndarray, min_n: int) -> tuple[np.ndarray, np.ndarray, int]:
-    """Unit robust z against the cell references (NaN where the step kind has no reference),
-    the bucket actually used per unit (-1 = pooled) and the count of unscored units."""
-    z = np.full(stats.shape, np.nan)
-    used = np.full(stats.shape, -1, dtype=np.int64)
-    for k in np.unique(u.kind):
-        for b in np.unique(u.bucket[u.kind == k]):
-            m = (u.kind == k) & (u.bucket == b)
-            ref, b_used = _lookup(refs, si, int(k), int(b), min_n)
-            if ref is None:
-                continue
-            z[m] = robust_z(stats[m], ref)
-            used[m] = b_used
-    return z, used, int(np.count_nonzero(~np.isfinite(z)))

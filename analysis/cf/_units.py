@@ -35,6 +35,7 @@ __all__ = [
     "as_incident",
     "bucket_of",
     "fingerprint_of",
+    "group_units",
     "select_sites",
     "site_units",
 ]
@@ -55,10 +56,19 @@ class SiteUnits:
     kind: np.ndarray      # [n_units] int64, index into KINDS
     bucket: np.ndarray    # [n_units] int64, index into the position buckets
     step: np.ndarray      # [n_units] int64
-    position: np.ndarray  # [n_units] int64, absolute position in the sequence
+    position: np.ndarray  # [n_units] int64, absolute position in the sequence (a group's first)
+    #: ``None``: unit i is row i of ``vectors``. Otherwise units are position GROUPS (see
+    #: :func:`group_units`): unit i is rows ``offsets[i]:offsets[i + 1]``. [n_units + 1] int64
+    offsets: np.ndarray | None = None
 
     def __len__(self) -> int:
-        return int(self.vectors.shape[0])
+        return int(self.kind.shape[0])
+
+    def rows(self, i: int) -> np.ndarray:
+        """The feature rows of unit ``i`` ``[n_rows, features]`` (one row for a position unit)."""
+        if self.offsets is None:
+            return self.vectors[i:i + 1]
+        return self.vectors[int(self.offsets[i]):int(self.offsets[i + 1])]
 
 
 def check_buckets(buckets: Sequence[int]) -> tuple[int, ...]:
@@ -160,3 +170,31 @@ def site_units(inc: Any, site: str, *, buckets: Sequence[int]) -> SiteUnits:
     return SiteUnits(site=site, vectors=np.ascontiguousarray(np.concatenate(vecs)),
                      kind=np.concatenate(kinds), bucket=bucket_of(position, buckets),
                      step=np.concatenate(steps), position=position)
+
+
+def group_units(u: SiteUnits) -> SiteUnits:
+    """The same rows as ``u`` grouped into (step, step kind, position bucket) units: each unit
+    is a maximal run of consecutive positions of one sequence that share step, kind and bucket
+    (DESIGN §7 scores per (site, step, position bucket)). A decode step is one position, so it
+    stays its own unit; a prefill of 40 tokens with the default buckets becomes 7 units
+    ([0], [1], [2,4), [4,8), [8,16), [16,32), [32,39)) plus its last position (kind ``last``).
+
+    Example::
+
+        g = group_units(site_units(inc, "blocks.0.resid_post", buckets=DEFAULT_POSITION_BUCKETS))
+        g.rows(0).shape     # [n_positions_in_group, d_model]
+    """
+    if u.offsets is not None:
+        return u
+    n = int(u.vectors.shape[0])
+    if n == 0:
+        return SiteUnits(site=u.site, vectors=u.vectors, kind=u.kind, bucket=u.bucket,
+                         step=u.step, position=u.position, offsets=np.zeros(1, np.int64))
+    brk = np.ones(n, dtype=bool)  # brk[i]: row i starts a new unit
+    brk[1:] = ((u.step[1:] != u.step[:-1]) | (u.kind[1:] != u.kind[:-1])
+               | (u.bucket[1:] != u.bucket[:-1]) | (u.position[1:] != u.position[:-1] + 1))
+    starts = np.flatnonzero(brk)
+    return SiteUnits(site=u.site, vectors=u.vectors, kind=u.kind[starts],
+                     bucket=u.bucket[starts], step=u.step[starts],
+                     position=u.position[starts],
+                     offsets=np.append(starts, n).astype(np.int64))

@@ -3,6 +3,7 @@ incident files written by the real FileExporter from a real tiny GPT-2."""
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +60,33 @@ def test_codec_spike_costs_more_bits(mode: str) -> None:
     bits2, _ = codec.bits_per_value(y, scale=scale)
     assert bits2[7] > bits[7] + 1.0
     assert int(np.argmax(bits2 - bits)) == 7
+
+
+@pytest.mark.parametrize("mode", ["share", "frame"])
+def test_grouped_units_are_one_frame_each(mode: str) -> None:
+    """With ``offsets`` a unit is a group of rows: frame mode compresses exactly that group's
+    planes in one frame; share mode sums its rows' shares; a group made 6x larger costs more."""
+    import zstandard
+
+    x = _x(12, 64, seed=1)
+    offsets = np.array([0, 1, 2, 4, 8, 12])
+    codec = Codec(level=1, mode=mode)  # type: ignore[arg-type]
+    bits, _ = codec.bits_per_value(x, scale=2.0, offsets=offsets)
+    assert bits.shape == (5,)
+    if mode == "frame":
+        planes = byte_planes(quantize(x, 2.0)[0])
+        c = zstandard.ZstdCompressor(level=1, write_checksum=False, write_content_size=False,
+                                     write_dict_id=False)
+        want = [len(c.compress(planes[a:b].tobytes())) * 8.0 / ((b - a) * 64)
+                for a, b in itertools.pairwise(offsets)]
+        np.testing.assert_allclose(bits, want)
+    else:
+        per_row, _ = codec.bits_per_value(x, scale=2.0)
+        np.testing.assert_allclose(bits * np.diff(offsets), np.add.reduceat(per_row, offsets[:-1]))
+    y = x.copy()
+    y[4:8] *= 6.0
+    bits2, _ = codec.bits_per_value(y, scale=2.0, offsets=offsets)
+    assert int(np.argmax(bits2 - bits)) == 3 and bits2[3] > bits[3] + 1.0
 
 
 def test_share_mode_matches_the_measured_frame_size() -> None:
@@ -122,6 +150,25 @@ def test_factory_and_baseline_from_dir(tiny_gpt2: Any, tmp_path: Path) -> None:
         build_baseline_from_dir(tmp_path, pattern="*.none")
     with pytest.raises(AnalysisError, match="codec"):
         CompressionForensics.build_baseline(paths, codec="lz4")
+
+
+def test_baseline_without_unit_option_scores_positions(tiny_gpt2: Any, tmp_path: Path) -> None:
+    """Baselines saved before the ``unit`` option existed scored one unit per position and keep
+    doing so; ``unit="bucket"`` scores (step, position bucket) groups."""
+    paths = _record_to_dir(tiny_gpt2, 6, tmp_path, seed=7)
+    per_pos = CompressionForensics.build_baseline(paths, folds=3, unit="position")
+    old = CFBaseline.from_bytes(per_pos.to_bytes())
+    del old.options["unit"]
+    inc = Incident.open(paths[0])
+    a = CompressionForensics(baseline=per_pos).analyze(inc)
+    b = CompressionForensics(baseline=old).analyze(inc)
+    assert a.score == b.score and a.ranked_sites == b.ranked_sites
+    assert a.sites["blocks.0.mlp"].n_units == 8  # 8 prompt positions
+    grouped = CompressionForensics(baseline=CompressionForensics.build_baseline(
+        paths, folds=3, unit="bucket"))
+    assert grouped.analyze(inc).sites["blocks.0.mlp"].n_units == 5  # [0] [1] [2,4) [4,7) [7]
+    with pytest.raises(AnalysisError, match="unit"):
+        CompressionForensics.build_baseline(paths, unit="token")
 
 
 def test_baseline_without_codec_option_uses_frame_codec(tiny_gpt2: Any, tmp_path: Path) -> None:
