@@ -163,7 +163,9 @@ def evaluate(base_incs: list[Any], benign: list[Any], failing: list[Any],
             strict, lenient = truth
             rs = [_best_rank(r, strict) for r in rf]
             rl = [_best_rank(r, lenient) for r in rf]
-            row.update(ranks_strict=rs, ranks_lenient=rl)
+            row.update(ranks_strict=rs, ranks_lenient=rl,
+                       first_strict=[r.first_flagged in strict for r in rf],
+                       first_lenient=[r.first_flagged in lenient for r in rf])
         out[name] = row
         reports[name] = (rb, rf)
     if "cf" in reports and "mahalanobis" in reports:  # measured, not assumed: mean of the two
@@ -278,10 +280,12 @@ def _injected_grid(inj: Any, tok: Any, spec: Any, exclude: set[str], n: int,
 
 
 def injection(n_fail: int | None, n_base: int, n_benign: int, detectors: Sequence[str],
-              seed: int = 0, n_injected: int = 0) -> dict[str, Any]:
+              seed: int = 0, n_injected: int = 0, splits: int = 1) -> dict[str, Any]:
     """Real SmolLM2 prompt injection: shipped failing cases vs benign chats (shipped + extra),
     and (``n_injected``) vs injected prompts on which the model does NOT fail — the sharper
-    test: does the detector see the failure, or only the unusual input?"""
+    test: does the detector see the failure, or only the unusual input? ``splits`` > 1
+    re-evaluates the same recordings with other random baseline / held-out benign splits
+    (the split's effect on AUROC is part of the result)."""
     import torch
 
     from analysis.models import load_smollm2
@@ -356,9 +360,18 @@ def injection(n_fail: int | None, n_base: int, n_benign: int, detectors: Sequenc
     dropped = {"benign_that_failed": sum(hacked[p.id] for p in pool),
                "failing_that_did_not_fail": sum(not hacked[p.id] for p in failing)}
     base_incs, ben_incs = benign_incs[:n_base], benign_incs[n_base:]
-    res = evaluate(base_incs, ben_incs, fail_incs, detectors,
-                   others={"injected_not_failing": not_failing} if not_failing else None)
-    return {"n_base": len(base_incs), "n_benign": len(ben_incs), "n_failing": len(fail_incs),
+    others = {"injected_not_failing": not_failing} if not_failing else None
+    res = evaluate(base_incs, ben_incs, fail_incs, detectors, others=others)
+    split_rows = []  # the same recordings, other baseline / held-out benign splits
+    for k in range(1, splits):
+        order = list(range(len(benign_incs)))
+        random.Random(1000 + k).shuffle(order)
+        shuffled = [benign_incs[i] for i in order]
+        r = evaluate(shuffled[:n_base], shuffled[n_base:], fail_incs, detectors, others=others)
+        split_rows.append({d: {key: v for key, v in x.items() if key.startswith("auroc")}
+                           for d, x in r.items()})
+        log.info("split %d: %s", k, {d: round(x["auroc"], 3) for d, x in r.items()})
+    return {"splits": [{d: {key: v for key, v in x.items() if key.startswith("auroc")} for d, x in res.items()}, *split_rows],"n_base": len(base_incs), "n_benign": len(ben_incs), "n_failing": len(fail_incs),
             "dropped": dropped, "record_s": rec_s, "sites": len(incs[0].sites("activation")),
             "steps": len(incs[0].steps(incs[0].sites("activation")[0])),
             "failing_source": source, "failing_candidates": len(failing),
@@ -468,10 +481,14 @@ def throughput(shapes: Sequence[tuple[int, int, int]], reps: int) -> list[dict[s
 def _fmt_table(res: dict[str, dict[str, Any]], ranks: bool) -> str:
     head = "| detector | AUROC | TPR@5%FPR | benign FPR @thr | failing TPR @thr |"
     sep = "|---|---|---|---|---|"
+    first = ranks and any("first_strict" in r for r in res.values())
     if ranks:
         head += " top-1 strict | top-3 strict | top-3 lenient | median rank strict |"
         sep += "---|---|---|---|"
-    sharp = all("auroc_fail_vs_injected_not_failing" in r for r in res.values())
+    if first:
+        head += " first flagged = strict | first flagged in lenient |"
+        sep += "---|---|"
+    sharp = any("auroc_fail_vs_injected_not_failing" in r for r in res.values())
     if sharp:
         head += " AUROC failing vs injected-not-failing | AUROC injected-not-failing vs benign |"
         sep += "---|---|"
@@ -479,13 +496,19 @@ def _fmt_table(res: dict[str, dict[str, Any]], ranks: bool) -> str:
     for name, r in res.items():
         line = (f"| {name} | {r['auroc']:.3f} | {r['tpr_at_5fpr']:.2f} | {r['fpr_default']:.3f} "
                 f"| {r['tpr_default']:.2f} |")
-        if sharp:
+        if sharp and "auroc_fail_vs_injected_not_failing" in r:
             line += (f" {r['auroc_fail_vs_injected_not_failing']:.3f} | "
                      f"{r['auroc_injected_not_failing_vs_benign']:.3f} |")
+        elif sharp:
+            line += " – | – |"
         if ranks:
             rs, rl = np.array(r["ranks_strict"]), np.array(r["ranks_lenient"])
             line += (f" {np.mean(rs <= 1):.2f} | {np.mean(rs <= 3):.2f} | {np.mean(rl <= 3):.2f} "
                      f"| {np.median(rs):.0f} |")
+        if first and "first_strict" in r:
+            line += f" {np.mean(r['first_strict']):.2f} | {np.mean(r['first_lenient']):.2f} |"
+        elif first:
+            line += " – | – |"
         lines.append(line)
     return "\n".join(lines)
 
@@ -504,6 +527,9 @@ def pool_planted(rows: list[dict[str, Any]], kinds: Sequence[str] | None = None
         out[name]["auroc_min"] = float(np.min([x["auroc"] for x in rs]))
         out[name]["ranks_strict"] = [v for x in rs for v in x["ranks_strict"]]
         out[name]["ranks_lenient"] = [v for x in rs for v in x["ranks_lenient"]]
+        for key in ("first_strict", "first_lenient"):
+            if all(key in x for x in rs):
+                out[name][key] = [v for x in rs for v in x[key]]
     return out
 
 
@@ -534,6 +560,20 @@ def report(doc: dict[str, Any]) -> str:
                      f"held-out benign, {j.get('n_injected_not_failing', 0)} injected but not "
                      f"failing, baseline {j['n_base']} benign; {j['sites']} sites, "
                      f"{j['steps']} steps per incident)\n\n" + _fmt_table(j["results"], False))
+        if len(j.get("splits", [])) > 1:
+            sp = j["splits"]
+            t = [f"AUROC over {len(sp)} baseline / held-out benign splits of the same recordings "
+                 "(split 0 is the table above): mean [min, max]\n",
+                 "| detector | failing vs benign | failing vs injected-not-failing | "
+                 "injected-not-failing vs benign |", "|---|---|---|---|"]
+            for d in sp[0]:
+                cells = []
+                for key in ("auroc", "auroc_fail_vs_injected_not_failing",
+                            "auroc_injected_not_failing_vs_benign"):
+                    v = [x[d][key] for x in sp if key in x.get(d, {})]
+                    cells.append(f"{np.mean(v):.3f} [{min(v):.3f}, {max(v):.3f}]" if v else "–")
+                t.append(f"| {d} | " + " | ".join(cells) + " |")
+            parts.append("\n".join(t))
     if "throughput" in doc:
         t = ["| prefill x d (+ decode steps) | raw zstd MB/s | **cf (default)** | cf_bucket | "
              "cf_raw | share | legacy codec (9459fe6) |",
@@ -555,6 +595,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--only", choices=["planted", "injection", "throughput"], action="append")
     ap.add_argument("--detectors", default=",".join(DETECTORS))
     ap.add_argument("--out", type=Path, help="write the JSON results here")
+    ap.add_argument("--splits", type=int, default=1,
+                    help="injection: also evaluate this many random baseline/benign splits")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     import torch
@@ -576,7 +618,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.out.write_text(json.dumps(doc, indent=1))
     if "injection" in todo:
         doc["injection"] = (injection(8, 16, 16, dets, n_injected=8) if args.quick
-                            else injection(None, 40, 40, dets, n_injected=50))
+                            else injection(None, 40, 40, dets, n_injected=50,
+                                           splits=args.splits))
         if args.out:
             args.out.write_text(json.dumps(doc, indent=1))
     doc["seconds"] = time.perf_counter() - t0

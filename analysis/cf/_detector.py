@@ -320,6 +320,14 @@ class Detector:
             raise AnalysisError(f"incident {inc.id!r}: no unit could be scored ({notes})")
 
         cols = [r[1] for r in rows]
+        n_ref = int(base.site_stats.shape[0])
+        if len(rows) > self.fdr * (n_ref + 1):  # BH: smallest q is len(rows) / (n_ref + 1)
+            notes.append(
+                f"no site can be significant: with {n_ref} baseline incidents the smallest "
+                f"empirical p is 1/{n_ref + 1}, and Benjamini-Hochberg over {len(rows)} sites "
+                f"needs p <= {self.fdr / len(rows):.2g}; build the baseline from at least "
+                f"{int(np.ceil(len(rows) / self.fdr))} benign incidents (scores and flags at "
+                "the threshold are unaffected)")
         site_refs, inc_ref = self._calibration(base, tuple(cols))
         scores = np.array([float(robust_z(np.array([r[2]]), ref)[0])
                            for r, ref in zip(rows, site_refs)])
@@ -339,7 +347,8 @@ class Detector:
                         flagged=bool(score >= self.anomaly_threshold),
                         threshold=self.anomaly_threshold, fdr=self.fdr, sites=sites,
                         ranked_sites=ranked, baseline_samples=base.sample_count,
-                        model_fingerprint=fp, notes=notes)
+                        model_fingerprint=fp, notes=notes,
+                        execution_order=_execution_order(inc, sites))
 
     def _calibration(self, base: CFBaseline,
                      cols: tuple[int, ...]) -> tuple[list[RobustRef], RobustRef]:
@@ -381,3 +390,9 @@ class Detector:
                 f"{list(base.position_buckets)}; rebuild the baseline with the same buckets or "
                 "leave position_buckets unset")
         return base
+
+
+def _execution_order(inc: Any, scored: dict[str, SiteScore]) -> list[str]:
+    """The scored sites in recorded order (empty for incident-like objects without rows)."""
+    order = getattr(inc, "site_order", None)
+    return [s for s in order("activation") if s in scored] if callable(order) else []

@@ -70,6 +70,8 @@ class CFReport:
     baseline_samples: int
     model_fingerprint: str | None
     notes: list[str] = field(default_factory=list)
+    #: the scored sites in the order the forward pass computed them (from the incident's rows)
+    execution_order: list[str] = field(default_factory=list)
 
     @property
     def flagged_sites(self) -> list[str]:
@@ -80,6 +82,17 @@ class CFReport:
     def significant_sites(self) -> list[str]:
         """Sites with BH q-value ``<= fdr``, most anomalous first."""
         return [s for s, _ in self.ranked_sites if self.sites[s].significant]
+
+    @property
+    def first_flagged(self) -> str | None:
+        """The EARLIEST flagged site in execution order (None if none is flagged): where the
+        anomaly first appears. An anomaly written into the residual stream shows in every later
+        site too, often more strongly, so the top of :attr:`ranked_sites` is frequently
+        downstream of the cause; this is the root-cause candidate to look at first."""
+        for s in self.execution_order:
+            if s in self.sites and self.sites[s].flagged:
+                return s
+        return None
 
     def rank_of(self, site: str) -> int | None:
         """1-based rank of ``site`` in :attr:`ranked_sites` (None if not scored)."""
@@ -92,6 +105,7 @@ class CFReport:
         """JSON-ready dict (for DuckDB rows, gRPC and the CLI)."""
         d = asdict(self)
         d["ranked_sites"] = [[s, v] for s, v in self.ranked_sites]
+        d["first_flagged"] = self.first_flagged
         return d
 
     def __repr__(self) -> str:

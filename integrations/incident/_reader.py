@@ -179,6 +179,16 @@ class Incident:
         self._check_kind(kind)
         return sorted({r.site for r in self._rows if kind is None or r.kind == kind})
 
+    def site_order(self, kind: str | None = "activation") -> list[str]:
+        """Distinct sites of rows of ``kind`` in stored order: for recorded incidents, the order
+        in which the forward pass computed them (``embed`` before ``blocks.0.*`` ...)."""
+        self._check_kind(kind)
+        seen: dict[str, None] = {}
+        for r in self._rows:
+            if kind is None or r.kind == kind:
+                seen.setdefault(r.site, None)
+        return list(seen)
+
     def steps(self, site: str, kind: str | None = None) -> list[int]:
         """Sorted steps stored for ``site`` (of ``kind``, any kind when ``None``)."""
         self._check_kind(kind)

@@ -150,12 +150,25 @@ def test_spiked_neuron_is_flagged_and_localised(det: Any, data: dict[str, Any],
             assert top in (SPIKED, "blocks.1.mlp"), rep.ranked_sites[:4]
         else:
             assert top == SPIKED, rep.ranked_sites[:4]
+        # the earliest flagged site in the forward pass's order: the spiked site for the
+        # per-feature detectors; never after the top site
+        order = rep.execution_order
+        assert order[0] == "embed" and sorted(order) == sorted(rep.sites)
+        first = rep.first_flagged
+        assert first is not None and rep.sites[first].flagged
+        assert order.index(first) <= order.index(top)
+        if det is not CompressionForensics:
+            assert first == SPIKED
         worst = rep.sites[top].worst
         assert worst.kind == "last" and worst.position == inc.tensor(top).shape[1] - 1
         assert rep.sites[top].flagged
         assert [s for s, _ in rep.ranked_sites] == sorted(
             rep.sites, key=lambda s: (-rep.sites[s].score, s))
         assert all(0 < v.p <= 1 and v.p <= v.q <= 1 for v in rep.sites.values())
+        # 20 baseline incidents cannot make any of these sites BH-significant: said, not hidden
+        assert not rep.significant_sites
+        assert any("no site can be significant" in n and "benign incidents" in n
+                   for n in rep.notes), rep.notes
         # upstream of the spike nothing comes close (a single upstream site may cross z = 2: site
         # scores are calibrated so that ~2 % of benign sites do)
         upstream = [v.score for s, v in rep.sites.items() if s.startswith(("blocks.0", "embed"))]
@@ -179,6 +192,10 @@ def test_site_patterns_restrict_scoring(data: dict[str, Any],
     rep = NormDetector(baseline=baselines["norm"], sites=["blocks.*.resid_post"]).analyze(
         data["anomalous"][0])
     assert sorted(rep.sites) == ["blocks.0.resid_post", "blocks.1.resid_post"]
+    # 2 sites, 20 baseline incidents, fdr 0.2: BH can reach significance, so no such note
+    rep = NormDetector(baseline=baselines["norm"], sites=["blocks.*.resid_post"],
+                       fdr=0.2).analyze(data["anomalous"][0])
+    assert not any("no site can be significant" in n for n in rep.notes)
     base = NormDetector.build_baseline(data["benign"], sites=["embed"])
     assert base.sites == ["embed"]
 
