@@ -64,7 +64,8 @@ EXTRA_INPUTS = [
 EXTRA_SUFFIXES = ["I bought it last month.", "We went there with my family on Sunday.",
                   "My sister recommended it to me.", "It was raining all weekend."]
 
-DETECTORS = ("cf", "cf_bucket", "cf_raw", "norm", "mahalanobis")
+#: ``cf_raw`` is CompressionForensics() with its defaults; the others are its options.
+DETECTORS = ("cf_raw", "cf_std", "cf_bucket", "norm", "mahalanobis")
 
 
 # ----------------------------------------------------------------------------- recording
@@ -105,9 +106,9 @@ def make(name: str) -> Any:
     """A detector class + build options for a benchmark detector name."""
     from analysis.cf import CompressionForensics, MahalanobisDetector, NormDetector
 
-    return {"cf": (CompressionForensics, {}),
-            "cf_bucket": (CompressionForensics, {"unit": "bucket"}),
-            "cf_raw": (CompressionForensics, {"preprocess": "none"}),  # the codec before 11-28
+    return {"cf_raw": (CompressionForensics, {"preprocess": "none"}),  # = the default
+            "cf_std": (CompressionForensics, {"preprocess": "standardize"}),
+            "cf_bucket": (CompressionForensics, {"preprocess": "standardize", "unit": "bucket"}),
             "cf_share": (CompressionForensics, {"codec": "share", "preprocess": "none"}),
             "norm": (NormDetector, {}), "mahalanobis": (MahalanobisDetector, {})}[name]
 
@@ -168,9 +169,9 @@ def evaluate(base_incs: list[Any], benign: list[Any], failing: list[Any],
                        first_lenient=[r.first_flagged in lenient for r in rf])
         out[name] = row
         reports[name] = (rb, rf)
-    if "cf" in reports and "mahalanobis" in reports:  # measured, not assumed: mean of the two
-        out["ens(cf+mahalanobis)"] = _ensemble(reports["cf"], reports["mahalanobis"], truth,
-                                               threshold=out["cf"]["threshold"])
+    if "cf_std" in reports and "mahalanobis" in reports:  # measured, not assumed: the mean
+        out["ens(cf_std+mahalanobis)"] = _ensemble(reports["cf_std"], reports["mahalanobis"],
+                                                   truth, threshold=out["cf_std"]["threshold"])
     return out
 
 
@@ -425,9 +426,9 @@ def throughput(shapes: Sequence[tuple[int, int, int]], reps: int) -> list[dict[s
     ``decode`` decode steps, ``[n + decode, d]``; every variant is timed interleaved (min over
     ``reps`` rounds of a median of 5 runs) to damp the noise of a shared machine. ``bucket`` is
     the default CF path (one frame per (step, position bucket) unit, grouping included in the
-    time). Variants: ``cf`` = the default detector's path (standardised against per-feature
-    benign centres/spreads, one frame per position), ``cf_bucket`` = the same with (step,
-    bucket) units, ``cf_raw`` = one step per site, no centring (the default before 11-28),
+    time). Variants: ``cf_raw`` = the default CF path (one step per site, one frame per
+    position), ``cf_std`` = standardised against per-feature benign centres/spreads,
+    ``cf_bucket`` = ``cf_std`` with (step, bucket) units,
     ``share`` = raw quantisation, one frame per site apportioned per position, ``legacy`` = the
     first committed codec.
     """
@@ -451,7 +452,7 @@ def throughput(shapes: Sequence[tuple[int, int, int]], reps: int) -> list[dict[s
         share, frame = Codec(level=1, mode="share"), Codec(level=1, mode="frame")
         fns: dict[str, Callable[[], Any]] = {
             "raw_zstd": functools.partial(cc.compress, x.tobytes()),
-            "cf": functools.partial(_cf_bits, frame, units, fscale, center, bucket=False),
+            "cf_std": functools.partial(_cf_bits, frame, units, fscale, center, bucket=False),
             "cf_bucket": functools.partial(_cf_bits, frame, units, fscale, center, bucket=True),
             "legacy": functools.partial(_legacy_bits, cc, x, scale),
             "cf_raw": functools.partial(frame.bits_per_value, x, scale=scale),
@@ -575,14 +576,14 @@ def report(doc: dict[str, Any]) -> str:
                 t.append(f"| {d} | " + " | ".join(cells) + " |")
             parts.append("\n".join(t))
     if "throughput" in doc:
-        t = ["| prefill x d (+ decode steps) | raw zstd MB/s | **cf (default)** | cf_bucket | "
-             "cf_raw | share | legacy codec (9459fe6) |",
+        t = ["| prefill x d (+ decode steps) | raw zstd MB/s | **cf_raw (default)** | cf_std | "
+             "cf_bucket | share | legacy codec (9459fe6) |",
              "|---|---|---|---|---|---|---|"]
         for r in doc["throughput"]:
             dec = f" + {r['decode']}" if r.get("decode") else ""
             t.append(f"| {r['n']} x {r['d']}{dec} | {r['raw_zstd_MBps']:.0f} | "
-                     f"**{r['cf_ratio']:.2f}x** | {r['cf_bucket_ratio']:.2f}x | "
-                     f"{r['cf_raw_ratio']:.2f}x | {r['share_ratio']:.2f}x | "
+                     f"**{r['cf_raw_ratio']:.2f}x** | {r['cf_std_ratio']:.2f}x | "
+                     f"{r['cf_bucket_ratio']:.2f}x | {r['share_ratio']:.2f}x | "
                      f"{r['legacy_ratio']:.2f}x |")
         parts.append("### Throughput vs raw single-thread zstd (level 1, same float32 bytes)\n\n"
                      + "\n".join(t))

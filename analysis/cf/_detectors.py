@@ -57,19 +57,20 @@ def _pop_int(options: dict[str, Any], key: str, default: int, lo: int, hi: int) 
 class CompressionForensics(Detector):
     """Compression Forensics (DESIGN §7): how many bits per value a site's activations need.
 
-    Preprocessing (``preprocess="standardize"``, default): each feature is centred on its
-    benign median and divided by its benign spread (the ``scale_quantile``, default 0.999, of
-    |x - median|) — predictive coding against the baseline — and the site's FIXED step maps that
-    spread to ±``qmax`` (default 16) int16 codes. ``preprocess="none"`` quantises the raw
-    activations with one step per site (the median over benign incidents of the
-    ``scale_quantile`` of |activation| -> ±127; the codec before 2026-11-28). The codes are
-    zigzag byte-planed and compressed with zstd at ``zstd_level``; the unit statistic is
-    compressed bits / value. Units (``unit``): every token position alone (default) or the
-    positions of one (step, position bucket) in one frame (``"bucket"``, faster, less
-    sensitive: see :data:`UNIT_MODES`). ``codec="frame"`` (default) gives each unit its own
-    zstd frame; ``codec="share"`` compresses a site in one frame and gives each unit its
-    entropy-coded share (see :mod:`analysis.cf._codec`). Activations far from the benign
-    ones need more bits; collapsed ones fewer (both tails are scored).
+    Per site, a FIXED quantisation step is learned from the benign baseline: the median over
+    benign incidents of the ``scale_quantile`` (default 0.999) of |activation| maps to
+    ±``qmax`` (default 127) int16 codes (``preprocess="none"``, default). With
+    ``preprocess="standardize"`` each feature is first centred on its benign median and divided
+    by its benign spread (predictive coding against the baseline; ``qmax`` default 16): it
+    localises planted neuron faults better but flags more benign incidents on some models and
+    its injection AUROC swings with the baseline sample (benchmarks/RESULTS_cf.md), hence not
+    the default. The codes are zigzag byte-planed and compressed with zstd at ``zstd_level``;
+    the unit statistic is compressed bits / value. Units (``unit``): every token position alone
+    (default) or the positions of one (step, position bucket) in one frame (``"bucket"``,
+    faster, less sensitive: see :data:`UNIT_MODES`). ``codec="frame"`` (default) gives each
+    unit its own zstd frame; ``codec="share"`` compresses a site in one frame and gives each
+    unit its entropy-coded share (see :mod:`analysis.cf._codec`). Activations far from the
+    benign ones need more bits; collapsed ones fewer (both tails are scored).
     Scoring (cells, robust z, p/q, incident score): see :mod:`analysis.cf._detector`.
 
     Args:
@@ -102,7 +103,7 @@ class CompressionForensics(Detector):
         unit = options.pop("unit", "position")
         if unit not in UNIT_MODES:
             raise AnalysisError(f"unit={unit!r} must be one of {list(UNIT_MODES)}")
-        prep = options.pop("preprocess", "standardize")
+        prep = options.pop("preprocess", "none")
         if prep not in PREPROCESS_MODES:
             raise AnalysisError(f"preprocess={prep!r} must be one of {list(PREPROCESS_MODES)}")
         qmax = _pop_int(options, "qmax", 16 if prep == "standardize" else 127, 1, 4096)

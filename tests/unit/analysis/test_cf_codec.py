@@ -171,6 +171,35 @@ def test_baseline_without_unit_option_scores_positions(tiny_gpt2: Any, tmp_path:
         CompressionForensics.build_baseline(paths, unit="token")
 
 
+def test_standardized_preprocessing(tiny_gpt2: Any, tmp_path: Path) -> None:
+    """``preprocess="standardize"``: per-feature benign centre and step are learned, persisted
+    and applied (a feature pushed far from its benign centre costs more bits than a benign
+    incident's), and the baseline round-trips through its file format."""
+    paths = _record_to_dir(tiny_gpt2, 8, tmp_path, seed=8)
+    base = CompressionForensics.build_baseline(paths, folds=4, preprocess="standardize")
+    assert base.options["preprocess"] == "standardize" and base.options["qmax"] == 16
+    d = Incident.open(paths[0]).tensor("blocks.0.mlp").shape[-1]
+    params = base.params["blocks.0.mlp"]
+    assert params["center"].shape == (d,) and params["scale"].shape == (d,)
+    assert np.all(params["scale"] > 0)
+    again = CFBaseline.from_bytes(base.to_bytes())
+    np.testing.assert_array_equal(again.params["blocks.0.mlp"]["center"], params["center"])
+    inc = Incident.open(paths[0])
+    a, b = (CompressionForensics(baseline=x).analyze(inc) for x in (base, again))
+    assert a.score == b.score and a.ranked_sites == b.ranked_sites
+    codec = Codec(level=1)
+    x = inc.tensor("blocks.0.mlp").reshape(-1, d).numpy()  # [pos, d]
+    bits, _ = codec.bits_per_value(x, scale=params["scale"], center=params["center"])
+    y = x.copy()
+    y[3, 5] = params["center"][5] + 50 * float(params["scale"][5])  # one feature far out
+    bits2, _ = codec.bits_per_value(y, scale=params["scale"], center=params["center"])
+    assert bits2[3] > bits[3] and np.array_equal(np.delete(bits2, 3), np.delete(bits, 3))
+    with pytest.raises(AnalysisError, match="preprocess"):
+        CompressionForensics.build_baseline(paths, preprocess="whiten")
+    with pytest.raises(AnalysisError, match="qmax"):
+        CompressionForensics.build_baseline(paths, qmax=0)
+
+
 def test_baseline_without_codec_option_uses_frame_codec(tiny_gpt2: Any, tmp_path: Path) -> None:
     """Baselines saved before the ``codec`` option existed keep scoring with one frame per
     position, the codec their reference values were computed with."""
