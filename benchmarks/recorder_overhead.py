@@ -44,7 +44,7 @@ def _tiny_gpt2() -> tuple[Any, int]:
 def _smollm2() -> tuple[Any, int]:
     from analysis.models import load_smollm2
 
-    m, tok = load_smollm2()
+    m, _tok = load_smollm2()
     return m, int(m.config.vocab_size)
 
 
