@@ -110,7 +110,10 @@ def make(name: str) -> Any:
             "cf_std": (CompressionForensics, {"preprocess": "standardize"}),
             "cf_bucket": (CompressionForensics, {"preprocess": "standardize", "unit": "bucket"}),
             "cf_share": (CompressionForensics, {"codec": "share", "preprocess": "none"}),
-            "norm": (NormDetector, {}), "mahalanobis": (MahalanobisDetector, {})}[name]
+            "norm": (NormDetector, {}), "mahalanobis": (MahalanobisDetector, {}),
+            # only the decode steps: what the model computed while generating its answer
+            "mahalanobis_decode": (MahalanobisDetector, {"step_kinds": ["decode"]}),
+            "cf_decode": (CompressionForensics, {"step_kinds": ["decode"]})}[name]
 
 
 def tpr_at_fpr(benign: np.ndarray, failing: np.ndarray, fpr: float = 0.05) -> float:

@@ -123,10 +123,18 @@ class Detector:
         for key, v, lo in (("folds", folds, 2), ("min_cell_units", min_n, 1)):
             if not isinstance(v, int) or isinstance(v, bool) or v < lo:
                 raise AnalysisError(f"{key}={v!r} must be an int >= {lo}")
+        kinds = options.pop("step_kinds", None)
+        if kinds is not None:
+            kinds = [kinds] if isinstance(kinds, str) else list(kinds)
+            if not kinds or any(k not in KINDS for k in kinds):
+                raise AnalysisError(f"step_kinds={kinds!r}: choose from {list(KINDS)}, e.g. "
+                                    "['decode'] to score only what the model computed while "
+                                    "generating")
+            kinds = sorted(set(kinds), key=KINDS.index)
         if options:
             raise AnalysisError(f"{cls.__name__}.build_baseline got unknown options "
                                 f"{sorted(options)}")
-        return {"folds": folds, "min_cell_units": min_n}
+        return {"folds": folds, "min_cell_units": min_n, "step_kinds": kinds}
 
     @classmethod
     def _fit_start(cls, site: str, options: dict[str, Any]) -> Any:
@@ -158,8 +166,15 @@ class Detector:
 
     @classmethod
     def _scoring_units(cls, units: SiteUnits, options: dict[str, Any]) -> SiteUnits:
-        """The units a detector scores: one per position (default) or e.g. position groups."""
-        return units
+        """The units a detector scores: one per position (default) or e.g. position groups;
+        only those of the baseline's ``step_kinds`` when it restricts them."""
+        kinds = options.get("step_kinds")
+        if not kinds:
+            return units
+        keep = np.isin(units.kind, [KINDS.index(k) for k in kinds])
+        return SiteUnits(site=units.site, vectors=units.vectors[keep], kind=units.kind[keep],
+                         bucket=units.bucket[keep], step=units.step[keep],
+                         position=units.position[keep])
 
     # ----------------------------------------------------------------- baseline
     @classmethod
@@ -172,7 +187,9 @@ class Detector:
         At most ``max_samples`` (default ``modules.cf.baseline_samples``) incidents are used, a
         deterministic sample (``seed``) when more are given. All must come from one model
         (same fingerprint). ``sites``: patterns (``*`` wildcard); default every activation site
-        recorded in all of them. Example::
+        recorded in all of them. Options every detector takes: ``folds`` (cross-fitting, 5),
+        ``min_cell_units`` (8), ``step_kinds`` (score only units of these step kinds, e.g.
+        ``["decode"]``: what the model computed while generating; default all). Example::
 
             base = CompressionForensics.build_baseline(benign, max_samples=500)
         """
@@ -317,7 +334,10 @@ class Detector:
             rows.append((site, si, float(abs(z[j])), 0.0, int(np.isfinite(z).sum()), worst,
                          clipped))
         if not rows:
-            raise AnalysisError(f"incident {inc.id!r}: no unit could be scored ({notes})")
+            only = opts.get("step_kinds")
+            hint = (f"; the baseline scores only step kinds {only} and this incident has none"
+                    if only else "")
+            raise AnalysisError(f"incident {inc.id!r}: no unit could be scored ({notes}){hint}")
 
         cols = [r[1] for r in rows]
         n_ref = int(base.site_stats.shape[0])

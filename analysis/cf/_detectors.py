@@ -117,6 +117,7 @@ class CompressionForensics(Detector):
 
     @classmethod
     def _scoring_units(cls, units: SiteUnits, options: dict[str, Any]) -> SiteUnits:
+        units = super()._scoring_units(units, options)
         # baselines saved before the "unit" option existed scored single positions
         return group_units(units) if options.get("unit", "position") == "bucket" else units
 

@@ -247,6 +247,17 @@ def test_decode_steps_are_units_at_their_absolute_position(model: Any) -> None:
     base = NormDetector.build_baseline(incs[:3], min_cell_units=2)
     rep = NormDetector(baseline=base).analyze(incs[3])
     assert rep.sites["blocks.0.resid_post"].n_units == 8
+    # step_kinds restricts scoring to some step kinds, in the baseline and in the analysis
+    dec = NormDetector.build_baseline(incs[:3], min_cell_units=2, step_kinds=["decode"])
+    assert dec.options["step_kinds"] == ["decode"]
+    drep = NormDetector(baseline=dec).analyze(incs[3])
+    assert drep.sites["blocks.0.resid_post"].n_units == 2  # the 2 decode forward calls
+    assert drep.sites["blocks.0.resid_post"].worst.kind == "decode"
+    with pytest.raises(AnalysisError, match="step_kinds"):
+        NormDetector.build_baseline(incs[:3], step_kinds=["prompt"])
+    no_decode = record(model, 1, seed=9)[0]  # a plain forward: nothing of kind "decode"
+    with pytest.raises(AnalysisError, match="only step kinds"):
+        NormDetector(baseline=dec).analyze(no_decode)
     # CF scores (step, position-bucket) groups: [0] [1] [2,4) [4] | last [5] | decode [6] [7]
     g = group_units(u)
     assert g.offsets is not None and g.offsets.tolist() == [0, 1, 2, 4, 5, 6, 7, 8]
