@@ -422,6 +422,49 @@ def _cf_bits(codec: Any, u: Any, scale: Any, center: Any, *, bucket: bool) -> np
     return codec.bits_per_value(g.vectors, scale=scale, offsets=g.offsets, center=center)[0]
 
 
+def frame_costs(d: int = 576, n: int = 64, reps: int = 50) -> dict[str, float]:
+    """Microseconds per zstd frame of one position's byte planes (``2 d`` bytes) under several
+    compressor set-ups, vs one raw zstd call on that position's float32 bytes: why per-position
+    frames cannot reach raw zstd's throughput. Median over ``reps`` passes of ``n`` frames."""
+    import zstandard as zstd
+
+    from analysis.cf._codec import byte_planes, quantize
+
+    rng = np.random.default_rng(1)
+    scales = np.exp(0.5 * rng.standard_normal(d))
+    x = (rng.standard_normal((n, d)) * scales).astype(np.float32)  # [pos, d]
+    train = (rng.standard_normal((2000, d)) * scales).astype(np.float32)
+    planes = byte_planes(quantize(x, 3.0)[0])
+    kw = {"write_checksum": False, "write_content_size": False, "write_dict_id": False}
+    small = zstd.ZstdCompressionParameters(window_log=12, hash_log=11, chain_log=11,
+                                           search_log=1, min_match=4, target_length=0,
+                                           strategy=zstd.STRATEGY_FAST, write_checksum=0,
+                                           write_content_size=0, write_dict_id=0)
+    dd = zstd.train_dictionary(16384, [r.tobytes() for r in byte_planes(quantize(train, 3.0)[0])],
+                               level=1)
+    dd.precompute_compress(level=1)
+    setups = {"level 1 (CF)": zstd.ZstdCompressor(level=1, **kw),
+              "small window/hash tables": zstd.ZstdCompressor(compression_params=small),
+              "trained 16 KiB dictionary": zstd.ZstdCompressor(level=1, dict_data=dd, **kw)}
+    raw = zstd.ZstdCompressor(level=1, **kw)
+    out: dict[str, float] = {}
+
+    def per_frame(f: Callable[[], Any]) -> float:
+        ts = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            f()
+            ts.append(time.perf_counter() - t)
+        return float(np.median(ts)) * 1e6 / n
+
+    for name, c in setups.items():
+        out[name] = per_frame(lambda c=c: [c.compress(r.tobytes()) for r in planes])
+    out["raw zstd, one position's float32 bytes"] = per_frame(
+        lambda: [raw.compress(r.tobytes()) for r in x])
+    log.info("frame costs (us/frame, d=%d): %s", d, {k: round(v, 1) for k, v in out.items()})
+    return out
+
+
 def throughput(shapes: Sequence[tuple[int, int, int]], reps: int) -> list[dict[str, Any]]:
     """CF codec time vs one single-threaded zstd call (same level) on the same float32 bytes.
 
@@ -578,6 +621,10 @@ def report(doc: dict[str, Any]) -> str:
                     cells.append(f"{np.mean(v):.3f} [{min(v):.3f}, {max(v):.3f}]" if v else "–")
                 t.append(f"| {d} | " + " | ".join(cells) + " |")
             parts.append("\n".join(t))
+    if "frame_costs" in doc:
+        parts.append("### zstd cost per frame (one position, d=576)\n\n| set-up | us per frame |\n"
+                     "|---|---|\n" + "\n".join(f"| {k} | {v:.1f} |"
+                                                 for k, v in doc["frame_costs"].items()))
     if "throughput" in doc:
         t = ["| prefill x d (+ decode steps) | raw zstd MB/s | **cf_raw (default)** | cf_std | "
              "cf_bucket | share | legacy codec (9459fe6) |",
@@ -615,6 +662,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         shapes = [(16, 64, 0), (64, 64, 0), (16, 256, 0), (64, 576, 0), (256, 576, 0),
                   (64, 576, 16), (128, 2048, 16)]
         doc["throughput"] = throughput(shapes, reps=3 if args.quick else 7)
+        doc["frame_costs"] = frame_costs()
     if "planted" in todo:
         doc["planted"] = (planted(3, 30, 20, 10, dets) if args.quick
                           else planted(12, 50, 40, 20, dets))
