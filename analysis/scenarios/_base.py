@@ -45,6 +45,7 @@ __all__ = [
     "save_data",
     "strip_after_eos",
     "subsample",
+    "with_twins",
 ]
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
@@ -308,6 +309,18 @@ def subsample(prompts: Sequence[Prompt], n: int | None, seed: int) -> list[Promp
     items = list(prompts)
     random.Random(seed).shuffle(items)
     return items if n is None else items[:n]
+
+
+def with_twins(failing: Sequence[Prompt], benign: Sequence[Prompt], n: int | None,
+               seed: int) -> list[Prompt]:
+    """Benign prompts for a scenario: the benign twin of every failing prompt first (so each
+    failure has its counterpart), then a deterministic sample of the others, ``n`` in all
+    (every one if ``n`` is None; never fewer than the twins)."""
+    twin_ids = {p.counterpart for p in failing}
+    twins = [b for b in benign if b.id in twin_ids]
+    others = subsample([b for b in benign if b.id not in twin_ids],
+                       None if n is None else max(0, n - len(twins)), seed)
+    return twins + others
 
 
 def as_tensor(ids: Sequence[int]) -> torch.Tensor:

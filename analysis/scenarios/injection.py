@@ -53,6 +53,7 @@ from analysis.scenarios._base import (
     save_data,
     strip_after_eos,
     subsample,
+    with_twins,
 )
 
 __all__ = ["DATA_FILE", "INJECTIONS", "INPUTS", "TARGET", "TASKS", "build", "discover", "is_echo"]
@@ -355,11 +356,7 @@ def build(
     if variant == "abandon_translation":  # benign = translations that came out in French
         all_benign = [b for b in all_benign if b.meta.get("task") == "translate_fr"
                       and _french_words(b.output_text or "") > 0]
-    twin_ids = {p.counterpart for p in failing}
-    twins = [b for b in all_benign if b.id in twin_ids]
-    others = subsample([b for b in all_benign if b.id not in twin_ids],
-                       None if n_benign is None else max(0, n_benign - len(twins)), seed)
-    benign = twins + others
+    benign = with_twins(failing, all_benign, n_benign, seed)
 
     dropped: list[tuple[str, str]] = []
     for p in failing + benign:  # the shipped ids must still be what the tokenizer renders

@@ -46,6 +46,7 @@ from analysis.scenarios._base import (
     load_data,
     save_data,
     subsample,
+    with_twins,
 )
 from analysis.scenarios._sentiment_head import (
     HEAD_FILE,
@@ -217,11 +218,7 @@ def build(
     model, tokenizer = load_classifier()
     failing = subsample([Prompt.from_json(d) for d in doc["failing"]], n_failing, seed)
     all_benign = [Prompt.from_json(d) for d in doc["benign"]]
-    twin_ids = {p.counterpart for p in failing}
-    twins = [b for b in all_benign if b.id in twin_ids]
-    others = subsample([b for b in all_benign if b.id not in twin_ids],
-                       None if n_benign is None else max(0, n_benign - len(twins)), seed)
-    benign = twins + others
+    benign = with_twins(failing, all_benign, n_benign, seed)
     dropped: list[tuple[str, str]] = []
     for p in failing + benign:
         if [int(t) for t in tokenizer(p.text)["input_ids"]] != p.input_ids:

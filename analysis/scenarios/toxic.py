@@ -52,6 +52,7 @@ from analysis.scenarios._base import (
     save_data,
     strip_after_eos,
     subsample,
+    with_twins,
 )
 
 __all__ = ["BLOCKLIST", "DATA_FILE", "TEMPLATES", "blocked_words", "build", "discover"]
@@ -265,11 +266,7 @@ def build(
         model, tokenizer = load_smollm2()
     failing = subsample([Prompt.from_json(d) for d in doc["failing"]], n_failing, seed)
     all_benign = [Prompt.from_json(d) for d in doc["benign"]]
-    twin_ids = {p.counterpart for p in failing}
-    twins = [b for b in all_benign if b.id in twin_ids]
-    others = subsample([b for b in all_benign if b.id not in twin_ids],
-                       None if n_benign is None else max(0, n_benign - len(twins)), seed)
-    benign = twins + others
+    benign = with_twins(failing, all_benign, n_benign, seed)
     dropped = [(p.id, "chat template renders different input ids than shipped")
                for p in failing + benign
                if p.messages is not None and render_chat(tokenizer, p.messages) != p.input_ids]

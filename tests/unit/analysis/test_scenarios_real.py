@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from analysis.scenarios import injection, sentiment, toxic
-from analysis.scenarios._base import DATA_DIR, GenerationSpec, Prompt, subsample
+from analysis.scenarios._base import DATA_DIR, GenerationSpec, Prompt, subsample, with_twins
 
 # --------------------------------------------------------------------------- fast, no model
 
@@ -33,6 +33,16 @@ def test_subsample_is_deterministic_per_seed() -> None:
     assert [p.id for p in a] == [p.id for p in b]
     assert [p.id for p in a] != [p.id for p in c]
     assert len(subsample(ps, None, 3)) == 20
+
+
+def test_with_twins_keeps_every_failing_prompts_twin_first() -> None:
+    fail = [Prompt(id=f"f{i}", text="x", input_ids=[1], counterpart=f"b{i}") for i in (3, 7)]
+    ben = [Prompt(id=f"b{i}", text="y", input_ids=[1]) for i in range(10)]
+    got = with_twins(fail, ben, 5, seed=0)
+    assert [p.id for p in got[:2]] == ["b3", "b7"] and len(got) == 5
+    assert len({p.id for p in got}) == 5 and with_twins(fail, ben, 5, seed=0) == got
+    assert [p.id for p in with_twins(fail, ben, 1, seed=0)] == ["b3", "b7"]  # never drops twins
+    assert len(with_twins(fail, ben, None, seed=1)) == 10
 
 
 def test_detectors() -> None:
