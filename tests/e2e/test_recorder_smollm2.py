@@ -39,6 +39,18 @@ def test_generate_recorded_per_step_and_flagged(smollm2, tmp_path):  # type: ign
         nonlocal steps_seen
         steps_seen += 1
 
+    # an independent observer of what the served forward computed: each decoder layer's output
+    # at the prefill (the recorder's hooks are separate; this is not the recorder's code path)
+    served: dict[int, torch.Tensor] = {}
+
+    def observe(i):  # type: ignore[no-untyped-def]
+        def hook(mod, args, out):  # type: ignore[no-untyped-def]
+            if i not in served:  # the first call is the prefill
+                served[i] = (out[0] if isinstance(out, tuple) else out).detach().clone()
+        return hook
+
+    layers = model.model.layers
+    obs = [layer.register_forward_hook(observe(i)) for i, layer in enumerate(layers)]
     h = model.register_forward_pre_hook(count, with_kwargs=True)
     try:
         with rec.request(request_id="inj-1", tenant="acme", headers={"x-debug": "1"}) as req:
@@ -51,6 +63,8 @@ def test_generate_recorded_per_step_and_flagged(smollm2, tmp_path):  # type: ign
                 req.flag("prompt_injection")
     finally:
         h.remove()
+        for o in obs:
+            o.remove()
         rec.shutdown(timeout_s=60)
     assert "HACKED" in text  # the real failure, observed by running the model
     inc = Incident.open(ex.path_for_request("inj-1"))
@@ -65,11 +79,20 @@ def test_generate_recorded_per_step_and_flagged(smollm2, tmp_path):  # type: ign
     # one step per forward call: prefill + every decode step
     assert inc.steps("blocks.0.resid_post") == list(range(steps_seen))
     assert torch.equal(inc.tensor("output_ids", step=steps_seen - 1, kind="output"), out)
-    # prefill bit-exact against a fresh forward
+    # the prefill's recorded residual stream is bit-identical to what the served forward
+    # computed (observed independently in that same forward) ...
+    for i in range(n_layers):
+        assert torch.equal(inc.tensor(f"blocks.{i}.resid_post", step=0), served[i]), i
+    # ... and equal to a fresh forward's hidden states. Bit-identical in every run here but one
+    # clean-clone CI run (2026-11-28, layer 0 differed, not reproduced in later runs): two
+    # separate CPU forwards are not guaranteed to take identical kernel paths, so across
+    # forwards the check allows float32 rounding only.
     with torch.no_grad():
-        hs = model(ids, output_hidden_states=True).hidden_states
+        hs = model(ids, attention_mask=enc["attention_mask"],
+                   output_hidden_states=True).hidden_states
     for i in range(n_layers - 1):
-        assert torch.equal(inc.tensor(f"blocks.{i}.resid_post", step=0), hs[i + 1]), i
+        torch.testing.assert_close(inc.tensor(f"blocks.{i}.resid_post", step=0), hs[i + 1],
+                                   rtol=1e-5, atol=1e-5, msg=f"layer {i}")
     # every decode step's input is the token generated at the previous step (teacher forcing)
     for s in range(1, steps_seen):
         assert inc.tensor("input_ids", step=s, kind="input").item() == out[0, ids.shape[1] + s - 1]
