@@ -169,7 +169,11 @@ def evaluate(base_incs: list[Any], benign: list[Any], failing: list[Any],
             rl = [_best_rank(r, lenient) for r in rf]
             row.update(ranks_strict=rs, ranks_lenient=rl,
                        first_strict=[r.first_flagged in strict for r in rf],
-                       first_lenient=[r.first_flagged in lenient for r in rf])
+                       first_lenient=[r.first_flagged in lenient for r in rf],
+                       cand3_strict=[bool(set(r.root_cause_candidates[:3]) & set(strict))
+                                     for r in rf],
+                       cand3_lenient=[bool(set(r.root_cause_candidates[:3]) & set(lenient))
+                                      for r in rf])
         out[name] = row
         reports[name] = (rb, rf)
     if "cf_std" in reports and "mahalanobis" in reports:  # measured, not assumed: the mean
@@ -218,43 +222,57 @@ def truth_sites(fault_sites: Sequence[str]) -> tuple[list[str], list[str]]:
 
 # ----------------------------------------------------------------------------- planted
 
+def planted_kind(pm: Any) -> str:
+    """Fault kind label of a planted model: gpt2 | gpt2-head | bert, ``-or`` for two sites."""
+    return ("gpt2-head" if pm.params.get("head") is not None else pm.arch) + (
+        "-or" if pm.params.get("or_fault") else "")
+
+
+def planted_recordings(spec: dict[str, Any], n_base: int, n_benign: int, n_fail: int
+                       ) -> tuple[Any, list[Any], list[Any], list[Any]]:
+    """Build one planted model and record ``(model, baseline, benign, failing)`` incidents;
+    baseline and evaluation benign prompts are disjoint."""
+    import torch
+
+    from analysis.scenarios.planted import build_planted
+
+    pm = build_planted(spec)
+    pool = pm.benign_prompts(n_base + 2 * n_benign, seed=11)
+    seen: set[tuple[int, ...]] = set()
+    uniq = []
+    for p in pool:
+        if tuple(p) not in seen:
+            seen.add(tuple(p))
+            uniq.append(p)
+    base_p, ben_p = uniq[:n_base], uniq[n_base:n_base + n_benign]
+    fail_p = pm.failing_prompts(n_fail, seed=12)
+    sites = PLANTED_GPT2_SITES if pm.arch == "gpt2" else PLANTED_BERT_SITES
+
+    def runner(ids: list[int], model: Any = pm.model) -> Callable[[], None]:
+        def run() -> None:
+            with torch.no_grad():
+                model(input_ids=torch.tensor([ids]))
+        return run
+
+    incs = record(pm.model, [runner(p) for p in base_p + ben_p + fail_p], sites,
+                  f"planted{spec['seed']}")
+    nb, nben = len(base_p), len(ben_p)
+    return pm, incs[:nb], incs[nb:nb + nben], incs[nb + nben:]
+
+
 def planted(n_models: int, n_base: int, n_benign: int, n_fail: int,
             detectors: Sequence[str]) -> list[dict[str, Any]]:
     """Planted-fault suite: one row per model."""
-    import torch
-
-    from analysis.scenarios.planted import build_planted, planted_suite
+    from analysis.scenarios.planted import planted_suite
 
     rows = []
     for spec in planted_suite(n_models):
         t0 = time.perf_counter()
-        pm = build_planted(spec)
-        pool = pm.benign_prompts(n_base + 2 * n_benign, seed=11)
-        seen: set[tuple[int, ...]] = set()
-        uniq = []
-        for p in pool:  # baseline and evaluation benign prompts are disjoint
-            if tuple(p) not in seen:
-                seen.add(tuple(p))
-                uniq.append(p)
-        base_p, ben_p = uniq[:n_base], uniq[n_base:n_base + n_benign]
-        fail_p = pm.failing_prompts(n_fail, seed=12)
-        sites = PLANTED_GPT2_SITES if pm.arch == "gpt2" else PLANTED_BERT_SITES
-
-        def runner(ids: list[int], model: Any = pm.model) -> Callable[[], None]:
-            def run() -> None:
-                with torch.no_grad():
-                    model(input_ids=torch.tensor([ids]))
-            return run
-
-        incs = record(pm.model, [runner(p) for p in base_p + ben_p + fail_p], sites,
-                      f"planted{spec['seed']}")
-        nb = len(base_p)
-        res = evaluate(incs[:nb], incs[nb:nb + len(ben_p)], incs[nb + len(ben_p):], detectors,
-                       truth=truth_sites(pm.fault_sites))
-        kind = ("gpt2-head" if pm.params.get("head") is not None else pm.arch) + (
-            "-or" if pm.params.get("or_fault") else "")
+        pm, base, benign, failing = planted_recordings(spec, n_base, n_benign, n_fail)
+        res = evaluate(base, benign, failing, detectors, truth=truth_sites(pm.fault_sites))
+        kind = planted_kind(pm)
         rows.append({"seed": spec["seed"], "kind": kind, "fault_sites": pm.fault_sites,
-                     "n_sites": len(incs[0].sites("activation")), "results": res,
+                     "n_sites": len(base[0].sites("activation")), "results": res,
                      "seconds": time.perf_counter() - t0})
         log.info("planted %s %s: %s (%.0fs)", kind, pm.fault_sites,
                  {d: round(r["auroc"], 3) for d, r in res.items()}, time.perf_counter() - t0)
@@ -533,8 +551,9 @@ def _fmt_table(res: dict[str, dict[str, Any]], ranks: bool) -> str:
         head += " top-1 strict | top-3 strict | top-3 lenient | median rank strict |"
         sep += "---|---|---|---|"
     if first:
-        head += " first flagged = strict | first flagged in lenient |"
-        sep += "---|---|"
+        head += (" first flagged = strict | first flagged in lenient | strict in first 3 "
+                 "root-cause candidates |")
+        sep += "---|---|---|"
     sharp = any("auroc_fail_vs_injected_not_failing" in r for r in res.values())
     if sharp:
         head += " AUROC failing vs injected-not-failing | AUROC injected-not-failing vs benign |"
@@ -554,8 +573,9 @@ def _fmt_table(res: dict[str, dict[str, Any]], ranks: bool) -> str:
                      f"| {np.median(rs):.0f} |")
         if first and "first_strict" in r:
             line += f" {np.mean(r['first_strict']):.2f} | {np.mean(r['first_lenient']):.2f} |"
+            line += (f" {np.mean(r['cand3_strict']):.2f} |" if "cand3_strict" in r else " – |")
         elif first:
-            line += " – | – |"
+            line += " – | – | – |"
         lines.append(line)
     return "\n".join(lines)
 
@@ -574,7 +594,7 @@ def pool_planted(rows: list[dict[str, Any]], kinds: Sequence[str] | None = None
         out[name]["auroc_min"] = float(np.min([x["auroc"] for x in rs]))
         out[name]["ranks_strict"] = [v for x in rs for v in x["ranks_strict"]]
         out[name]["ranks_lenient"] = [v for x in rs for v in x["ranks_lenient"]]
-        for key in ("first_strict", "first_lenient"):
+        for key in ("first_strict", "first_lenient", "cand3_strict", "cand3_lenient"):
             if all(key in x for x in rs):
                 out[name][key] = [v for x in rs for v in x[key]]
     return out

@@ -57,9 +57,12 @@ def render_cf(console: Any, r: dict[str, Any], *, top: int = 10) -> None:
         table.add_row(str(i), site, _f(s.get("score"), ".2f"), _f(s.get("p")), _f(s.get("q")),
                       "yes" if s.get("flagged") else "", f"{w.get('step')}:{w.get('position')}")
     console.print(table)
-    if rep.get("first_flagged"):
-        console.print(f"  earliest flagged site in execution order (root-cause candidate): "
-                      f"{rep['first_flagged']}")
+    cands = rep.get("root_cause_candidates") or (
+        [rep["first_flagged"]] if rep.get("first_flagged") else [])
+    if cands:
+        more = f" (+{len(cands) - 3} more)" if len(cands) > 3 else ""
+        console.print("  root-cause candidates (flagged sites, earliest in the forward pass "
+                      f"first): {', '.join(cands[:3])}{more}")
     for note in rep.get("notes") or []:
         console.print(f"  note: {note}")
 

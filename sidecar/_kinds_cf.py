@@ -151,6 +151,7 @@ def cf_job(ctx: JobContext) -> dict[str, Any]:
     return {**out, "status": "scored", "anomaly_score": float(report.score),
             "flagged": bool(report.flagged), "top_sites": rep["ranked_sites"][:10],
             "first_flagged": report.first_flagged,
+            "root_cause_candidates": report.root_cause_candidates[:10],
             "baseline": {"version": version, "path": str(path.relative_to(ctx.config.data_dir)),
                          "sample_count": base.sample_count, "created_at": base.created_at},
             "report": rep}

@@ -132,6 +132,9 @@ def test_cf_and_cca_in_the_sidecar(tmp_path: Path, capsys: pytest.CaptureFixture
         assert all(0 < s["p"] <= 1 and 0 < s["q"] <= 1 for s in sites.values())
         first = cf_json["first_flagged"]  # earliest flagged site in the forward pass's order
         assert first == cf_json["report"]["first_flagged"] and sites[first]["flagged"]
+        cands = cf_json["root_cause_candidates"]  # every flagged site, in forward order
+        assert cands[0] == first and cands == cf_json["report"]["root_cause_candidates"][:10]
+        assert sorted(cands) == sorted(s for s, v in sites.items() if v["flagged"])
         order = cf_json["report"]["execution_order"]
         assert sorted(order) == sorted(sites) and order.index(first) <= order.index(ranks[0][0])
         assert cca_job.error == "", cca_job.error
@@ -162,7 +165,7 @@ def test_cf_and_cca_in_the_sidecar(tmp_path: Path, capsys: pytest.CaptureFixture
         assert cli(["incidents", "show", inc_id, "--address", addr]) == 0
         out = capsys.readouterr().out
         assert "Compression Forensics" in out and "FLAGGED" in out and ranks[0][0] in out
-        assert f"root-cause candidate): {first}" in " ".join(out.split())
+        assert f"first): {', '.join(cands[:3])}" in " ".join(out.split())
         assert "Causal fix set" in out and "flip rate" in out and "replays vs" in out
 
         # 5. forensics baseline build: by fingerprint, and from a directory of incidents

@@ -156,6 +156,10 @@ def test_spiked_neuron_is_flagged_and_localised(det: Any, data: dict[str, Any],
         assert order[0] == "embed" and sorted(order) == sorted(rep.sites)
         first = rep.first_flagged
         assert first is not None and rep.sites[first].flagged
+        cands = rep.root_cause_candidates  # every flagged site, in forward order
+        assert cands[0] == first and set(cands) == set(rep.flagged_sites)
+        assert [order.index(s) for s in cands] == sorted(order.index(s) for s in cands)
+        assert rep.to_dict()["root_cause_candidates"] == cands
         assert order.index(first) <= order.index(top)
         if det is not CompressionForensics:
             assert first == SPIKED
