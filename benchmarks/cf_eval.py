@@ -8,6 +8,9 @@ score (failing vs held-out benign, ``sklearn.metrics.roc_auc_score``), TPR at 5 
 benign 95th-percentile score as threshold), benign FPR and failing TPR at the default threshold
 (``modules.cf.anomaly_threshold``), and on planted faults the rank of the responsible site.
 
+Scenarios: planted faults (tiny GPT-2 / BERT with a planted neuron or head), real SmolLM2
+prompt injection, and the real MiniLM-L6 sentiment bypass (``benchmarks/cf_sentiment.py``).
+
 Site-rank rules (planted faults): a fault ``blocks.L.mlp.post[neuron=k]`` lives in the recorded
 tensor ``blocks.L.mlp.post`` and ``blocks.L.attn.z[head=h]`` in ``blocks.L.attn.z``: these are
 the **strict** responsible sites. **Lenient** also accepts the component's own output one linear
@@ -19,6 +22,7 @@ Run (full, ~10-15 min on 2 CPU cores)::
 
     python benchmarks/cf_eval.py --out benchmarks/cf_eval.json
     python benchmarks/cf_eval.py --quick          # ~3 min smoke run
+    python benchmarks/cf_eval.py --only sentiment --splits 5
     python benchmarks/cf_eval.py --only throughput
 
 Prints markdown tables (pasted into ``benchmarks/RESULTS_cf.md``) and writes JSON with ``--out``.
@@ -383,17 +387,8 @@ def injection(n_fail: int | None, n_base: int, n_benign: int, detectors: Sequenc
                "failing_that_did_not_fail": sum(not hacked[p.id] for p in failing)}
     base_incs, ben_incs = benign_incs[:n_base], benign_incs[n_base:]
     others = {"injected_not_failing": not_failing} if not_failing else None
-    res = evaluate(base_incs, ben_incs, fail_incs, detectors, others=others)
-    split_rows = []  # the same recordings, other baseline / held-out benign splits
-    for k in range(1, splits):
-        order = list(range(len(benign_incs)))
-        random.Random(1000 + k).shuffle(order)
-        shuffled = [benign_incs[i] for i in order]
-        r = evaluate(shuffled[:n_base], shuffled[n_base:], fail_incs, detectors, others=others)
-        split_rows.append({d: {key: v for key, v in x.items() if key.startswith("auroc")}
-                           for d, x in r.items()})
-        log.info("split %d: %s", k, {d: round(x["auroc"], 3) for d, x in r.items()})
-    return {"splits": [{d: {key: v for key, v in x.items() if key.startswith("auroc")} for d, x in res.items()}, *split_rows],"n_base": len(base_incs), "n_benign": len(ben_incs), "n_failing": len(fail_incs),
+    res, split_rows = evaluate_splits(benign_incs, fail_incs, n_base, detectors, others, splits)
+    return {"splits": split_rows, "n_base": len(base_incs), "n_benign": len(ben_incs), "n_failing": len(fail_incs),
             "dropped": dropped, "record_s": rec_s, "sites": len(incs[0].sites("activation")),
             "steps": len(incs[0].steps(incs[0].sites("activation")[0])),
             "failing_source": source, "failing_candidates": len(failing),
@@ -554,18 +549,20 @@ def _fmt_table(res: dict[str, dict[str, Any]], ranks: bool) -> str:
         head += (" first flagged = strict | first flagged in lenient | strict in first 3 "
                  "root-cause candidates |")
         sep += "---|---|---|"
-    sharp = any("auroc_fail_vs_injected_not_failing" in r for r in res.values())
-    if sharp:
-        head += " AUROC failing vs injected-not-failing | AUROC injected-not-failing vs benign |"
+    group = next((k[len("auroc_fail_vs_"):] for r in res.values() for k in r
+                  if k.startswith("auroc_fail_vs_")), None)  # e.g. injected_not_failing
+    if group:
+        g = group.replace("_", "-")
+        head += f" AUROC failing vs {g} | AUROC {g} vs benign |"
         sep += "---|---|"
     lines = [head, sep]
     for name, r in res.items():
         line = (f"| {name} | {r['auroc']:.3f} | {r['tpr_at_5fpr']:.2f} | {r['fpr_default']:.3f} "
                 f"| {r['tpr_default']:.2f} |")
-        if sharp and "auroc_fail_vs_injected_not_failing" in r:
-            line += (f" {r['auroc_fail_vs_injected_not_failing']:.3f} | "
-                     f"{r['auroc_injected_not_failing_vs_benign']:.3f} |")
-        elif sharp:
+        if group and f"auroc_fail_vs_{group}" in r:
+            line += (f" {r[f'auroc_fail_vs_{group}']:.3f} | "
+                     f"{r[f'auroc_{group}_vs_benign']:.3f} |")
+        elif group:
             line += " – | – |"
         if ranks:
             rs, rl = np.array(r["ranks_strict"]), np.array(r["ranks_lenient"])
@@ -600,6 +597,39 @@ def pool_planted(rows: list[dict[str, Any]], kinds: Sequence[str] | None = None
     return out
 
 
+def splits_table(sp: list[dict[str, Any]], group: str) -> str:
+    """AUROC mean [min, max] over baseline / held-out benign splits, with the sharper group."""
+    g = group.replace("_", "-")
+    t = [f"AUROC over {len(sp)} baseline / held-out benign splits of the same recordings "
+         "(split 0 is the table above): mean [min, max]\n",
+         f"| detector | failing vs benign | failing vs {g} | {g} vs benign |", "|---|---|---|---|"]
+    for d in sp[0]:
+        cells = []
+        for key in ("auroc", f"auroc_fail_vs_{group}", f"auroc_{group}_vs_benign"):
+            v = [x[d][key] for x in sp if key in x.get(d, {})]
+            cells.append(f"{np.mean(v):.3f} [{min(v):.3f}, {max(v):.3f}]" if v else "–")
+        t.append(f"| {d} | " + " | ".join(cells) + " |")
+    return "\n".join(t)
+
+
+def evaluate_splits(benign: list[Any], failing: list[Any], n_base: int,
+                    detectors: Sequence[str], others: dict[str, list[Any]] | None,
+                    splits: int) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
+    """``evaluate`` on the first ``n_base`` benign incidents as baseline, then on ``splits - 1``
+    random re-splits of the same recordings; returns (split-0 results, AUROCs per split)."""
+    res = evaluate(benign[:n_base], benign[n_base:], failing, detectors, others=others)
+    rows = [{d: {k: v for k, v in x.items() if k.startswith("auroc")} for d, x in res.items()}]
+    for k in range(1, splits):
+        order = list(range(len(benign)))
+        random.Random(1000 + k).shuffle(order)
+        shuffled = [benign[i] for i in order]
+        r = evaluate(shuffled[:n_base], shuffled[n_base:], failing, detectors, others=others)
+        rows.append({d: {key: v for key, v in x.items() if key.startswith("auroc")}
+                     for d, x in r.items()})
+        log.info("split %d: %s", k, {d: round(x["auroc"], 3) for d, x in r.items()})
+    return res, rows
+
+
 def report(doc: dict[str, Any]) -> str:
     parts = []
     if "planted" in doc:
@@ -628,19 +658,11 @@ def report(doc: dict[str, Any]) -> str:
                      f"failing, baseline {j['n_base']} benign; {j['sites']} sites, "
                      f"{j['steps']} steps per incident)\n\n" + _fmt_table(j["results"], False))
         if len(j.get("splits", [])) > 1:
-            sp = j["splits"]
-            t = [f"AUROC over {len(sp)} baseline / held-out benign splits of the same recordings "
-                 "(split 0 is the table above): mean [min, max]\n",
-                 "| detector | failing vs benign | failing vs injected-not-failing | "
-                 "injected-not-failing vs benign |", "|---|---|---|---|"]
-            for d in sp[0]:
-                cells = []
-                for key in ("auroc", "auroc_fail_vs_injected_not_failing",
-                            "auroc_injected_not_failing_vs_benign"):
-                    v = [x[d][key] for x in sp if key in x.get(d, {})]
-                    cells.append(f"{np.mean(v):.3f} [{min(v):.3f}, {max(v):.3f}]" if v else "–")
-                t.append(f"| {d} | " + " | ".join(cells) + " |")
-            parts.append("\n".join(t))
+            parts.append(splits_table(j["splits"], "injected_not_failing"))
+    if "sentiment" in doc:
+        import cf_sentiment
+
+        parts.append(cf_sentiment.report(doc["sentiment"]))
     if "frame_costs" in doc:
         parts.append("### zstd cost per frame (one position, d=576)\n\n| set-up | us per frame |\n"
                      "|---|---|\n" + "\n".join(f"| {k} | {v:.1f} |"
@@ -663,18 +685,20 @@ def report(doc: dict[str, Any]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="small smoke run (~3 min)")
-    ap.add_argument("--only", choices=["planted", "injection", "throughput"], action="append")
+    ap.add_argument("--only", choices=["planted", "injection", "sentiment", "throughput"],
+                    action="append")
     ap.add_argument("--detectors", default=",".join(DETECTORS))
     ap.add_argument("--out", type=Path, help="write the JSON results here")
     ap.add_argument("--splits", type=int, default=1,
-                    help="injection: also evaluate this many random baseline/benign splits")
+                    help="injection, sentiment: also evaluate this many random baseline/benign "
+                         "splits")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     import torch
 
     torch.set_num_threads(1 if args.quick else 2)
     dets = [d for d in args.detectors.split(",") if d]
-    todo = set(args.only or ["planted", "injection", "throughput"])
+    todo = set(args.only or ["planted", "injection", "sentiment", "throughput"])
     doc: dict[str, Any] = {"command": " ".join(["python", "benchmarks/cf_eval.py",
                                                 *(argv if argv is not None else sys.argv[1:])])}
     t0 = time.perf_counter()
@@ -692,6 +716,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         doc["injection"] = (injection(8, 16, 16, dets, n_injected=8) if args.quick
                             else injection(None, 40, 40, dets, n_injected=50,
                                            splits=args.splits))
+        if args.out:
+            args.out.write_text(json.dumps(doc, indent=1))
+    if "sentiment" in todo:
+        import cf_sentiment
+
+        doc["sentiment"] = (cf_sentiment.sentiment(20, 20, dets, n_suffixed=10) if args.quick
+                            else cf_sentiment.sentiment(80, 80, dets, splits=args.splits))
         if args.out:
             args.out.write_text(json.dumps(doc, indent=1))
     doc["seconds"] = time.perf_counter() - t0
