@@ -159,6 +159,9 @@ def evaluate(base_incs: list[Any], benign: list[Any], failing: list[Any],
             "auroc": float(roc_auc_score(np.r_[np.zeros(len(b)), np.ones(len(f))], np.r_[b, f])),
             "tpr_at_5fpr": tpr_at_fpr(b, f), "fpr_default": float(np.mean(b >= det.anomaly_threshold)),
             "tpr_default": float(np.mean(f >= det.anomaly_threshold)),
+            # the incident p-value rule (report.p <= 0.05) instead of the z threshold
+            "fpr_p05": float(np.mean([r.p <= 0.05 for r in rb])),
+            "tpr_p05": float(np.mean([r.p <= 0.05 for r in rf])),
             "threshold": det.anomaly_threshold, "build_s": t1 - t0,
             "analyze_ms": 1000 * (t2 - t1) / max(len(rb) + len(rf), 1),
         }
@@ -539,8 +542,9 @@ def throughput(shapes: Sequence[tuple[int, int, int]], reps: int) -> list[dict[s
 # ----------------------------------------------------------------------------- reporting
 
 def _fmt_table(res: dict[str, dict[str, Any]], ranks: bool) -> str:
-    head = "| detector | AUROC | TPR@5%FPR | benign FPR @thr | failing TPR @thr |"
-    sep = "|---|---|---|---|---|"
+    head = ("| detector | AUROC | TPR@5%FPR | benign FPR @thr | failing TPR @thr | benign p≤0.05 "
+            "| failing p≤0.05 |")
+    sep = "|---|---|---|---|---|---|---|"
     first = ranks and any("first_strict" in r for r in res.values())
     if ranks:
         head += " top-1 strict | top-3 strict | top-3 lenient | median rank strict |"
@@ -559,6 +563,7 @@ def _fmt_table(res: dict[str, dict[str, Any]], ranks: bool) -> str:
     for name, r in res.items():
         line = (f"| {name} | {r['auroc']:.3f} | {r['tpr_at_5fpr']:.2f} | {r['fpr_default']:.3f} "
                 f"| {r['tpr_default']:.2f} |")
+        line += (f" {r['fpr_p05']:.3f} | {r['tpr_p05']:.2f} |" if "fpr_p05" in r else " – | – |")
         if group and f"auroc_fail_vs_{group}" in r:
             line += (f" {r[f'auroc_fail_vs_{group}']:.3f} | "
                      f"{r[f'auroc_{group}_vs_benign']:.3f} |")
@@ -588,6 +593,9 @@ def pool_planted(rows: list[dict[str, Any]], kinds: Sequence[str] | None = None
         rs = [r["results"][name] for r in sel]
         out[name] = {k: float(np.mean([x[k] for x in rs]))
                      for k in ("auroc", "tpr_at_5fpr", "fpr_default", "tpr_default")}
+        for k in ("fpr_p05", "tpr_p05"):
+            if all(k in x for x in rs):
+                out[name][k] = float(np.mean([x[k] for x in rs]))
         out[name]["auroc_min"] = float(np.min([x["auroc"] for x in rs]))
         out[name]["ranks_strict"] = [v for x in rs for v in x["ranks_strict"]]
         out[name]["ranks_lenient"] = [v for x in rs for v in x["ranks_lenient"]]

@@ -42,8 +42,8 @@ def render_cf(console: Any, r: dict[str, Any], *, top: int = 10) -> None:
     verdict = "[red]FLAGGED[/red]" if r.get("flagged") else "not flagged"
     console.print(f"[bold]Compression Forensics[/bold] ({r.get('detector')}, baseline "
                   f"v{base.get('version')} of {base.get('sample_count')} benign incidents): "
-                  f"score {_f(r.get('anomaly_score'), '.2f')}, {verdict} at >= "
-                  f"{_f(r.get('threshold'), 'g')}")
+                  f"score {_f(r.get('anomaly_score'), '.2f')} (p {_f(rep.get('p'))} vs the "
+                  f"baseline), {verdict} at >= {_f(r.get('threshold'), 'g')}")
     table = Table(title=f"top {top} sites (robust z vs benign; p empirical, q BH)")
     shown = (rep.get("ranked_sites") or [])[:top]
     for col in ("rank", "site", "score", "p", "q", "flagged", "worst step:pos"):

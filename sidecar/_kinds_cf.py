@@ -150,6 +150,7 @@ def cf_job(ctx: JobContext) -> dict[str, Any]:
     rep = clean_json(report.to_dict())
     return {**out, "status": "scored", "anomaly_score": float(report.score),
             "flagged": bool(report.flagged), "top_sites": rep["ranked_sites"][:10],
+            "anomaly_p": rep.get("p"),
             "first_flagged": report.first_flagged,
             "root_cause_candidates": report.root_cause_candidates[:10],
             "baseline": {"version": version, "path": str(path.relative_to(ctx.config.data_dir)),

@@ -348,7 +348,7 @@ class Detector:
                 f"needs p <= {self.fdr / len(rows):.2g}; build the baseline from at least "
                 f"{int(np.ceil(len(rows) / self.fdr))} benign incidents (scores and flags at "
                 "the threshold are unaffected)")
-        site_refs, inc_ref = self._calibration(base, tuple(cols))
+        site_refs, inc_ref, inc_ref_values = self._calibration(base, tuple(cols))
         scores = np.array([float(robust_z(np.array([r[2]]), ref)[0])
                            for r, ref in zip(rows, site_refs)])
         pvals = np.array([empirical_p(r[2], base.site_stats[:, r[1]]) for r in rows])
@@ -364,20 +364,21 @@ class Detector:
 
         score = float(robust_z(np.array([ranked[0][1]]), inc_ref)[0])
         return CFReport(detector=self.name, incident_id=inc.id, score=score,
+                        p=empirical_p(ranked[0][1], inc_ref_values),
                         flagged=bool(score >= self.anomaly_threshold),
                         threshold=self.anomaly_threshold, fdr=self.fdr, sites=sites,
                         ranked_sites=ranked, baseline_samples=base.sample_count,
                         model_fingerprint=fp, notes=notes,
                         execution_order=_execution_order(inc, sites))
 
-    def _calibration(self, base: CFBaseline,
-                     cols: tuple[int, ...]) -> tuple[list[RobustRef], RobustRef]:
-        """Site references (tail-calibrated, from the cross-fitted baseline site statistics)
-        and the incident reference: the max over ``cols`` of each baseline incident's
-        leave-one-out site scores. Cached per baseline and site set."""
+    def _calibration(self, base: CFBaseline, cols: tuple[int, ...]
+                     ) -> tuple[list[RobustRef], RobustRef, np.ndarray]:
+        """Site references (tail-calibrated, from the cross-fitted baseline site statistics),
+        the incident reference and its values: the max over ``cols`` of each baseline
+        incident's leave-one-out site scores. Cached per baseline and site set."""
         key = (id(base), cols)
-        cache: dict[Any, tuple[list[RobustRef], RobustRef]] = self.__dict__.setdefault(
-            "_cal_cache", {})
+        cache: dict[Any, tuple[list[RobustRef], RobustRef, np.ndarray]] = (
+            self.__dict__.setdefault("_cal_cache", {}))
         if key not in cache:
             site_refs = [tail_ref(base.site_stats[:, c], floor=_SITE_FLOOR) for c in cols]
             loo = np.column_stack([loo_tail_z(base.site_stats[:, c], floor=_SITE_FLOOR)
@@ -389,7 +390,7 @@ class Detector:
                 raise AnalysisError("the baseline has no usable site statistics for these sites;"
                                     " rebuild it from more benign incidents")
             cache.clear()
-            cache[key] = (site_refs, tail_ref(finite, floor=_INCIDENT_FLOOR))
+            cache[key] = (site_refs, tail_ref(finite, floor=_INCIDENT_FLOOR), finite)
         return cache[key]
 
     def _check_baseline(self) -> CFBaseline:

@@ -57,7 +57,10 @@ class CFReport:
     """The result of one detector on one incident (the same type for every detector).
 
     ``score``: robust z (double MAD) of the incident's max site score against the max site
-    score of every benign baseline incident; ``flagged``: ``score >= threshold``.
+    score of every benign baseline incident (each scored leave-one-out); ``flagged``: ``score
+    >= threshold``; ``p``: the incident's empirical p-value against those same baseline maxima
+    (``(1 + #{baseline >= this}) / (n + 1)``, smallest ``1/(n+1)``): alert on ``p <= alpha``
+    for a benign flag rate of about ``alpha`` whatever the score's scale.
     """
 
     detector: str
@@ -73,6 +76,8 @@ class CFReport:
     notes: list[str] = field(default_factory=list)
     #: the scored sites in the order the forward pass computed them (from the incident's rows)
     execution_order: list[str] = field(default_factory=list)
+    #: incident-level empirical p-value (see the class doc); NaN in reports built without it
+    p: float = float("nan")
 
     @property
     def flagged_sites(self) -> list[str]:
@@ -126,4 +131,5 @@ class CFReport:
     def __repr__(self) -> str:
         top = ", ".join(f"{s}={v:.2f}" for s, v in self.ranked_sites[:3])
         return (f"CFReport(detector={self.detector!r}, incident={self.incident_id!r}, "
-                f"score={self.score:.2f}, flagged={self.flagged}, top=[{top}])")
+                f"score={self.score:.2f}, p={self.p:.3g}, flagged={self.flagged}, "
+                f"top=[{top}])")

@@ -130,6 +130,9 @@ def test_cf_and_cca_in_the_sidecar(tmp_path: Path, capsys: pytest.CaptureFixture
         sites = cf_json["report"]["sites"]
         assert set(sites) == {r[0] for r in ranks}
         assert all(0 < s["p"] <= 1 and 0 < s["q"] <= 1 for s in sites.values())
+        # the incident's empirical p against the baseline: far beyond every benign incident
+        assert cf_json["anomaly_p"] == cf_json["report"]["p"]
+        assert cf_json["anomaly_p"] == 1 / (cf_json["baseline"]["sample_count"] + 1)
         first = cf_json["first_flagged"]  # earliest flagged site in the forward pass's order
         assert first == cf_json["report"]["first_flagged"] and sites[first]["flagged"]
         cands = cf_json["root_cause_candidates"]  # every flagged site, in forward order
@@ -165,6 +168,7 @@ def test_cf_and_cca_in_the_sidecar(tmp_path: Path, capsys: pytest.CaptureFixture
         assert cli(["incidents", "show", inc_id, "--address", addr]) == 0
         out = capsys.readouterr().out
         assert "Compression Forensics" in out and "FLAGGED" in out and ranks[0][0] in out
+        assert f"(p {cf_json['anomaly_p']:.3g} vs the baseline)" in " ".join(out.split())
         assert f"first): {', '.join(cands[:3])}" in " ".join(out.split())
         assert "Causal fix set" in out and "flip rate" in out and "replays vs" in out
 

@@ -321,3 +321,10 @@ def test_benign_false_positive_rate_at_default_threshold(det: Any) -> None:
     spiked = [detector.analyze(i) for i in record(model, 5, seed=13, spike=(1, 17, 10.0))]
     assert all(r.flagged for r in spiked)
     assert min(r.score for r in spiked) > max(r.score for r in held_out)
+    # incident p-values: exchangeable benign draws give (near-)uniform p, so p <= 0.1 flags
+    # about 10 % of them; a spike beyond every baseline incident gets the smallest p, 1/31
+    p_benign = np.array([r.p for r in held_out])
+    assert np.all((p_benign >= 1 / 31) & (p_benign <= 1.0))
+    assert float(np.mean(p_benign <= 0.1)) <= 0.25, np.sort(p_benign)[:8]
+    assert len(set(p_benign.round(6))) > 5  # spread out, not a constant
+    assert all(r.p == 1 / 31 and r.to_dict()["p"] == r.p for r in spiked)
