@@ -4,23 +4,16 @@ model inside each recorded request, the sharper group built, and the report rend
 from __future__ import annotations
 
 import random
-import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+from tests.unit._bench import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def cf_sentiment() -> Any:
-    sys.path.insert(0, str(BENCH))
-    try:
-        import cf_sentiment as mod
-    finally:
-        sys.path.remove(str(BENCH))
-    return mod
+    return load_benchmark("cf_sentiment")
 
 
 def test_suffixes_are_neutral_words_of_the_failing_lengths(cf_sentiment: Any) -> None:

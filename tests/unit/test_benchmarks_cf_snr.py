@@ -3,24 +3,17 @@ planted model (recorded by the real Recorder) with the numbers it reports consis
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+from tests.unit._bench import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def cf_snr() -> Any:
-    sys.path.insert(0, str(BENCH))
-    try:
-        import cf_snr as mod
-    finally:
-        sys.path.remove(str(BENCH))
-    return mod
+    return load_benchmark("cf_snr")
 
 
 def test_fault_columns(cf_snr: Any) -> None:
