@@ -11,7 +11,8 @@ is a ``?`` parameter.
 
 Besides the ``incidents`` columns, the incident's current Compression Forensics result can be
 filtered and sorted on (the store LEFT JOINs it in, ``sidecar._store_index.listing_from``):
-``anomaly_score`` (robust z; absent until CF scored the incident), ``cf_flagged`` and
+``anomaly_score`` (robust z; absent until CF scored the incident), ``anomaly_p`` (its
+empirical p-value against the baseline; e.g. ``anomaly_p <= 0.05``), ``cf_flagged`` and
 ``cf_status`` (``scored`` | ``no_baseline`` | ``no_activations``). A comparison on an absent
 value matches nothing, and ``NOT`` is the complement of what matches: ``NOT cf_flagged = true``
 includes incidents CF has not scored; ``anomaly_score:*`` selects the scored ones.
@@ -56,7 +57,7 @@ FIELDS: dict[str, str] = {
     "model_name": "str", "model_fingerprint": "str", "trigger_rule": "str",
     "trigger_reason": "str", "request_id": "str", "traceparent": "str", "size_bytes": "int",
     "sha256": "str", "activations": "str", "n_sites": "int",
-    "anomaly_score": "float", "cf_flagged": "bool", "cf_status": "str",
+    "anomaly_score": "float", "anomaly_p": "float", "cf_flagged": "bool", "cf_status": "str",
 }
 MAX_FILTER_CHARS = 4096
 MAX_DEPTH = 32

@@ -4,8 +4,8 @@ baselines, and CCA fix sets — queryable with plain SQL beside ``incidents`` an
 Tables (created on first use, ``CREATE TABLE IF NOT EXISTS``):
 
 * ``cf_results``: one row per CF job — ``status`` (``scored`` | ``no_baseline`` |
-  ``no_activations``), ``score`` / ``flagged`` (NULL unless scored: never a fake number),
-  threshold, detector, baseline version and size, top site.
+  ``no_activations``), ``score`` / ``flagged`` / ``p`` (the incident's empirical p-value; NULL
+  unless scored: never a fake number), threshold, detector, baseline version and size, top site.
 * ``cf_site_scores``: one row per scored site of a CF job — rank, score, stat, p, q, flagged,
   significant, and where the worst unit was (step, position).
 * ``baselines``: one row per built baseline version (fingerprint, detector, version, file path
@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DDL",
+    "MIGRATIONS",
     "benign_candidates",
     "clean_json",
     "ensure_tables",
@@ -53,7 +54,7 @@ DDL = (
         model_fingerprint VARCHAR, detector VARCHAR NOT NULL, status VARCHAR NOT NULL,
         score DOUBLE, flagged BOOLEAN, threshold DOUBLE, baseline_version INTEGER,
         baseline_samples INTEGER, n_sites INTEGER, top_site VARCHAR,
-        created_at TIMESTAMP NOT NULL)""",
+        created_at TIMESTAMP NOT NULL, p DOUBLE)""",
     """CREATE TABLE IF NOT EXISTS cf_site_scores (
         job_id VARCHAR NOT NULL, incident_id VARCHAR NOT NULL, rank INTEGER NOT NULL,
         site VARCHAR NOT NULL, score DOUBLE, stat DOUBLE, p DOUBLE, q DOUBLE, flagged BOOLEAN,
@@ -78,6 +79,10 @@ DDL = (
     "CREATE INDEX IF NOT EXISTS cf_results_incident ON cf_results (incident_id)",
     "CREATE INDEX IF NOT EXISTS cca_results_incident ON cca_results (incident_id)",
 )
+
+#: Additive upgrades of index files written by earlier versions (run when an index opens):
+#: ``cf_results.p`` arrived after schema version 1 (older rows keep NULL: never invented).
+MIGRATIONS = ("ALTER TABLE cf_results ADD COLUMN IF NOT EXISTS p DOUBLE",)
 
 _READY: set[int] = set()
 
@@ -122,12 +127,12 @@ def record_cf(con: Any, job: JobRecord, result: dict[str, Any]) -> None:
     con.execute(
         "INSERT INTO cf_results (job_id, incident_id, tenant, model_fingerprint, detector, "
         "status, score, flagged, threshold, baseline_version, baseline_samples, n_sites, "
-        "top_site, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        "top_site, created_at, p) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         [job.id, job.incident_id, job.tenant, result.get("model_fingerprint"),
          result.get("detector") or "cf", result["status"], _num(result.get("anomaly_score")),
          result.get("flagged"), _num(result.get("threshold")), base.get("version"),
          base.get("sample_count"), len(ranked) if ranked else None,
-         ranked[0][0] if ranked else None, utcnow()])
+         ranked[0][0] if ranked else None, utcnow(), _num(result.get("anomaly_p"))])
     sites = report.get("sites") or {}
     for rank, (site, _) in enumerate(ranked, start=1):
         s = sites.get(site) or {}

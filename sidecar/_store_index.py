@@ -93,14 +93,14 @@ RESULT_TABLES = ("cf_site_scores", "cf_results", "cca_interventions", "cca_resul
 
 #: Columns the incident listing gains from the incident's current CF result (see
 #: :func:`listing_from`): filterable / sortable in ``ListIncidents`` (``sidecar._filters``).
-CF_LISTING_COLUMNS = ("anomaly_score", "cf_flagged", "cf_status")
+CF_LISTING_COLUMNS = ("anomaly_score", "anomaly_p", "cf_flagged", "cf_status")
 
 # The current CF result of each incident: its newest scored result, else its newest result
 # (``no_baseline`` / ``no_activations``: status set, score and flag NULL). Constant SQL; every
 # value of a query on the listing stays a ``?`` parameter of the WHERE clause.
 _CF_JOIN = (
     "incidents LEFT JOIN (SELECT incident_id AS cf_incident_id, score AS anomaly_score, "
-    "flagged AS cf_flagged, status AS cf_status FROM cf_results "
+    "p AS anomaly_p, flagged AS cf_flagged, status AS cf_status FROM cf_results "
     "QUALIFY row_number() OVER (PARTITION BY incident_id "
     "ORDER BY (score IS NOT NULL) DESC, created_at DESC, job_id DESC) = 1) AS cf "
     "ON cf.cf_incident_id = incidents.id")
@@ -198,8 +198,9 @@ class Index:
             for ddl in _DDL:
                 con.execute(ddl)
             from ._results import DDL as result_ddl  # lazy: _results imports this module
+            from ._results import MIGRATIONS
 
-            for ddl in result_ddl:
+            for ddl in (*result_ddl, *MIGRATIONS):
                 con.execute(ddl)
             con.execute("INSERT INTO meta VALUES ('schema_version', ?) ON CONFLICT DO NOTHING",
                         [SCHEMA_VERSION])

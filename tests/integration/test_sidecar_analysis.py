@@ -131,8 +131,12 @@ def test_cf_and_cca_in_the_sidecar(tmp_path: Path, capsys: pytest.CaptureFixture
         assert set(sites) == {r[0] for r in ranks}
         assert all(0 < s["p"] <= 1 and 0 < s["q"] <= 1 for s in sites.values())
         # the incident's empirical p against the baseline: far beyond every benign incident
-        assert cf_json["anomaly_p"] == cf_json["report"]["p"]
+        assert cf_json["anomaly_p"] == cf_json["report"]["p"] == cf["p"]
         assert cf_json["anomaly_p"] == 1 / (cf_json["baseline"]["sample_count"] + 1)
+        with SidecarClient(addr) as c:  # filterable over gRPC: the smallest p, i.e. beyond
+            cut = f"anomaly_p <= {cf['p'] * 1.000001!r}"  # every baseline incident
+            listed = [i.id for i in c.list_all(filter=cut, order_by="anomaly_p")]
+        assert inc_id in listed and len(listed) < 11
         first = cf_json["first_flagged"]  # earliest flagged site in the forward pass's order
         assert first == cf_json["report"]["first_flagged"] and sites[first]["flagged"]
         cands = cf_json["root_cause_candidates"]  # every flagged site, in forward order

@@ -151,7 +151,7 @@ def _cf(index, job_id: str, incident_id: str, *, status: str = "scored",  # type
     result: dict[str, object] = {"status": status, "model_fingerprint": "f" * 64,
                                  "detector": "cf", "threshold": 2.0}
     if status == "scored":
-        result.update(anomaly_score=score, flagged=flagged,
+        result.update(anomaly_score=score, flagged=flagged, anomaly_p=1 / (1 + (score or 0)),
                       report={"ranked_sites": [["blocks.0.resid_post", score]],
                               "sites": {"blocks.0.resid_post": {"score": score}}})
     with index.write() as con:
@@ -196,6 +196,9 @@ def _list(store, text: str, order: str = "id") -> list[str]:  # type: ignore[no-
     ("anomaly_score:*", ["s1", "s2", "s3"]),
     ("NOT anomaly_score:*", ["s4", "s5"]),
     ("cf_flagged = true", ["s1", "s3"]),
+    ("anomaly_p <= 0.3", ["s1", "s3"]),                            # p = 1/(1 + score) here
+    ("anomaly_p > 0.5", ["s2"]),
+    ("NOT anomaly_p:*", ["s4", "s5"]),
     ("cf_flagged = FALSE", ["s2"]),
     ("NOT cf_flagged = true", ["s2", "s4", "s5"]),                 # complement: unscored too
     ('cf_status = "no_baseline"', ["s4"]),
@@ -211,6 +214,32 @@ def test_order_by_anomaly_score(scored) -> None:  # type: ignore[no-untyped-def]
     assert _list(scored, "", "anomaly_score asc") == ["s2", "s3", "s1", "s4", "s5"]  # NULLs last
     assert _list(scored, "cf_flagged = true", "anomaly_score") == ["s3", "s1"]
     assert compile_order_by("anomaly_score desc") == '"anomaly_score" DESC NULLS LAST, "id" ASC'
+    assert _list(scored, "", "anomaly_p") == ["s1", "s3", "s2", "s4", "s5"]
+
+
+def test_index_written_before_the_p_column_is_upgraded_on_open(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """An index file whose cf_results lacks ``p`` (schema 1 as first shipped) gains the column
+    when opened; its old rows keep NULL and stay listable."""
+    import duckdb
+
+    from sidecar._results import DDL
+    from sidecar._store_index import Index
+
+    path = tmp_path / "index.duckdb"
+    old_ddl = DDL[0].replace(", p DOUBLE)", ")")
+    assert "p DOUBLE" not in old_ddl
+    con = duckdb.connect(str(path))
+    con.execute(old_ddl)
+    con.execute("INSERT INTO cf_results (job_id, incident_id, tenant, detector, status, score, "
+                "created_at) VALUES ('j0', 'old', 'acme', 'cf', 'scored', 3.0, now())")
+    con.close()
+    idx = Index(path)
+    try:
+        cols = [r[0] for r in idx.read("DESCRIBE cf_results")]
+        assert "p" in cols
+        assert idx.read("SELECT score, p FROM cf_results") == [(3.0, None)]
+    finally:
+        idx.close()
 
 
 def test_cf_fields_are_parameters_and_join_only_when_used(scored) -> None:  # type: ignore[no-untyped-def]
