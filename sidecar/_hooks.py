@@ -79,6 +79,10 @@ class Telemetry(Protocol):
         """An analysis produced an incident-level anomaly score (exemplar: the trace id)."""
         ...
 
+    def on_anomaly_p(self, p: float, *, traceparent: str | None = None) -> None:
+        """... and the incident's empirical p-value against the model's benign baseline."""
+        ...
+
     def on_fix_set_size(self, size: int, *, traceparent: str | None = None) -> None:
         """A CCA search found a verified minimal fix set of ``size`` interventions (searches that
         found none are not observed: they have no size); exemplar: the trace id."""
@@ -156,6 +160,9 @@ class NoopTelemetry:
     def on_anomaly_score(self, score: float, *, traceparent: str | None = None) -> None:
         pass
 
+    def on_anomaly_p(self, p: float, *, traceparent: str | None = None) -> None:
+        pass
+
     def on_fix_set_size(self, size: int, *, traceparent: str | None = None) -> None:
         pass
 
@@ -181,6 +188,7 @@ class CountingTelemetry(NoopTelemetry):
         self.jobs_finished: Counter[tuple[str, str]] = Counter()
         self.job_counts: dict[str, int] = {}
         self.anomaly_scores: list[float] = []
+        self.anomaly_ps: list[float] = []
         self.fix_set_sizes: list[int] = []
         self.spans: list[str] = []
         self.span_attributes: dict[str, dict[str, Any]] = {}
@@ -205,6 +213,10 @@ class CountingTelemetry(NoopTelemetry):
     def on_anomaly_score(self, score: float, *, traceparent: str | None = None) -> None:
         with self._lock:
             self.anomaly_scores.append(score)
+
+    def on_anomaly_p(self, p: float, *, traceparent: str | None = None) -> None:
+        with self._lock:
+            self.anomaly_ps.append(p)
 
     def on_fix_set_size(self, size: int, *, traceparent: str | None = None) -> None:
         with self._lock:
@@ -244,6 +256,10 @@ class _FanOut(NoopTelemetry):
         for p in self._parts:
             p.on_anomaly_score(score, traceparent=traceparent)
 
+    def on_anomaly_p(self, p: float, *, traceparent: str | None = None) -> None:
+        for part in self._parts:
+            part.on_anomaly_p(p, traceparent=traceparent)
+
     def on_fix_set_size(self, size: int, *, traceparent: str | None = None) -> None:
         for p in self._parts:
             p.on_fix_set_size(size, traceparent=traceparent)
@@ -276,7 +292,8 @@ class _Adapted(NoopTelemetry):
     def __init__(self, inner: Any) -> None:
         self._inner = inner
         for name in ("on_received", "on_rejected", "on_job_finished", "set_job_counts",
-                     "on_anomaly_score", "on_fix_set_size", "span", "shutdown"):
+                     "on_anomaly_score", "on_anomaly_p", "on_fix_set_size", "span",
+                     "shutdown"):
             fn = getattr(inner, name, None)
             if callable(fn):
                 setattr(self, name, fn)

@@ -339,11 +339,15 @@ class JobRunner:
             log.exception("follow-up of job %s (%s) failed", job.id, job.kind)
 
     def _observe(self, result: Mapping[str, Any], traceparent: str | None) -> None:
-        """Report a finished job's measured numbers: ``anomaly_score`` (a number; absent or
-        None when there was nothing to score) and ``fix_set_size`` (an int)."""
+        """Report a finished job's measured numbers: ``anomaly_score`` and ``anomaly_p``
+        (numbers; absent or None when there was nothing to score) and ``fix_set_size`` (an
+        int)."""
         score = result.get("anomaly_score")
         if isinstance(score, int | float) and not isinstance(score, bool):
             self.telemetry.on_anomaly_score(float(score), traceparent=traceparent)
+        p = result.get("anomaly_p")
+        if isinstance(p, int | float) and not isinstance(p, bool):
+            self.telemetry.on_anomaly_p(float(p), traceparent=traceparent)
         size = result.get("fix_set_size")
         if isinstance(size, int) and not isinstance(size, bool):
             self.telemetry.on_fix_set_size(size, traceparent=traceparent)

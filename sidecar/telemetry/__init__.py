@@ -6,7 +6,7 @@ trace linked (span link) to the request's W3C traceparent from the incident mani
 (gRPC or HTTP) is off unless an endpoint is configured. Prometheus series (all ``forensics_``):
 ``incidents_received_total``, ``ingest_rejected_total{reason}``, ``ingest_bytes_total``,
 ``jobs{state}``, ``jobs_finished_total{kind,state}``, ``job_duration_seconds{kind}``,
-``anomaly_score`` (trace-id exemplars, OpenMetrics exposition) and ``fix_set_size``.
+``anomaly_score`` and ``anomaly_p`` (trace-id exemplars, OpenMetrics exposition) and ``fix_set_size``.
 
 Example::
 
@@ -19,6 +19,7 @@ Example::
 """
 
 from ._prometheus import (
+    ANOMALY_P_BUCKETS,
     ANOMALY_SCORE_BUCKETS,
     FIX_SET_SIZE_BUCKETS,
     JOB_DURATION_BUCKETS,
@@ -29,6 +30,7 @@ from ._telemetry import SidecarTelemetry
 from ._tracing import OTLPProtocol, Tracing, make_otlp_exporter, parse_traceparent
 
 __all__ = [
+    "ANOMALY_P_BUCKETS",
     "ANOMALY_SCORE_BUCKETS",
     "FIX_SET_SIZE_BUCKETS",
     "JOB_DURATION_BUCKETS",

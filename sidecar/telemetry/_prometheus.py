@@ -36,6 +36,9 @@ _log = logging.getLogger(__name__)
 #: Incident-level anomaly scores are robust z-scores (unbounded; ~0 for benign traffic).
 ANOMALY_SCORE_BUCKETS = (-2.0, -1.0, 0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 7.5, 10.0,
                          15.0, 20.0, 50.0, float("inf"))
+#: Incident p-values against the benign baseline: the smallest is 1/(n+1) (n baseline
+#: incidents, default up to 1000); 0.05 is the suggested alerting level.
+ANOMALY_P_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, float("inf"))
 #: Fix sets are small by construction (``max_fix_set_size`` defaults to 8).
 FIX_SET_SIZE_BUCKETS = (0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0, 12.0, 16.0, 32.0, float("inf"))
 #: From a stats job (ms) to a CCA search (the proposal's budget is 2 h).
@@ -48,7 +51,8 @@ class SidecarMetrics:
 
     Instruments: ``incidents_received_total``, ``ingest_rejected_total{reason}``,
     ``ingest_bytes_total``, ``jobs{state}`` (gauge), ``jobs_finished_total{kind,state}``,
-    ``job_duration_seconds{kind}``, ``anomaly_score`` (exemplars), ``fix_set_size``.
+    ``job_duration_seconds{kind}``, ``anomaly_score`` and ``anomaly_p`` (exemplars),
+    ``fix_set_size``.
     """
 
     def __init__(self, *, registry: CollectorRegistry | None = None,
@@ -77,6 +81,9 @@ class SidecarMetrics:
         self.anomaly_score = Histogram(
             "anomaly_score", "Incident-level anomaly scores (CF robust z); exemplar = trace id.",
             buckets=ANOMALY_SCORE_BUCKETS, namespace=ns, registry=reg)
+        self.anomaly_p = Histogram(
+            "anomaly_p", "Incident p-values against the model's benign baseline (CF); "
+            "exemplar = trace id.", buckets=ANOMALY_P_BUCKETS, namespace=ns, registry=reg)
         self.fix_set_size = Histogram(
             "fix_set_size", "Size of minimal fix sets found by CCA.",
             buckets=FIX_SET_SIZE_BUCKETS, namespace=ns, registry=reg)

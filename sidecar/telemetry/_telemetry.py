@@ -146,6 +146,13 @@ class SidecarTelemetry(NoopTelemetry):
         except Exception as e:
             _log.warning("telemetry: on_anomaly_score failed: %s", e)
 
+    def on_anomaly_p(self, p: float, *, traceparent: str | None = None) -> None:
+        """The incident's empirical p-value against the baseline (exemplar: the trace id)."""
+        try:
+            self.metrics.anomaly_p.observe(float(p), exemplar=self._exemplar(traceparent))
+        except Exception as e:
+            _log.warning("telemetry: on_anomaly_p failed: %s", e)
+
     def on_fix_set_size(self, size: int, *, traceparent: str | None = None) -> None:
         """A CCA search produced a minimal fix set of ``size`` interventions."""
         try:

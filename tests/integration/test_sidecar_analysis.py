@@ -159,12 +159,13 @@ def test_cf_and_cca_in_the_sidecar(tmp_path: Path, capsys: pytest.CaptureFixture
 
         # 3. telemetry: the score (exemplar = the request's trace) and the fix-set size
         assert sc.counters.fix_set_sizes == [len(fixed_sites)]
-        assert cf["score"] in sc.counters.anomaly_scores
+        assert cf["score"] in sc.counters.anomaly_scores and cf["p"] in sc.counters.anomaly_ps
         req = urllib.request.Request(str(tel.metrics_url),
                                      headers={"Accept": "application/openmetrics-text"})
         with urllib.request.urlopen(req, timeout=10) as resp:
             om = resp.read().decode()
         assert f'# {{trace_id="{TRACE_ID}"}} {cf["score"]}' in om
+        assert f'# {{trace_id="{TRACE_ID}"}} {cf["p"]}' in om   # forensics_anomaly_p's exemplar
         assert "forensics_fix_set_size_count 1.0" in om
 
         # 4. the CLI prints the CF top sites and the fix set with its statistics

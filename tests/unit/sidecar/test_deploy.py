@@ -79,7 +79,7 @@ def _code_metrics() -> dict[str, tuple[str, frozenset[str]]]:
             for series in names[fam.type]:
                 extra = {"le"} if series.endswith("_bucket") else set()
                 out[series] = (fam.name, labels[fam.name] | extra)
-    assert len({fam for fam, _ in out.values()}) == 13
+    assert len({fam for fam, _ in out.values()}) == 14
     return out
 
 
@@ -128,12 +128,13 @@ def test_dashboard_shows_scores_with_exemplars() -> None:
     quant = [t for p in dash["panels"] for t in p.get("targets", [])
              if "histogram_quantile" in t["expr"] and "anomaly_score" in t["expr"]]
     assert quant and all(t.get("exemplar") for t in quant)
-    from sidecar.telemetry import ANOMALY_SCORE_BUCKETS
+    from sidecar.telemetry import ANOMALY_P_BUCKETS, ANOMALY_SCORE_BUCKETS
 
-    for p in dash["panels"]:             # le="x" must be a real bucket boundary
-        for t in p.get("targets", []):
-            for le in re.findall(r'le="([^"]+)"', t["expr"]):
-                assert float(le) in ANOMALY_SCORE_BUCKETS
+    buckets = {"forensics_anomaly_score": ANOMALY_SCORE_BUCKETS,
+               "forensics_anomaly_p": ANOMALY_P_BUCKETS}
+    for where, expr in _exprs():         # le="x" must be a real bucket boundary of its histogram
+        for name, le in re.findall(r'(forensics_[a-z_]+)_bucket\{le="([^"]+)"\}', expr):
+            assert name in buckets and float(le) in buckets[name], f"{where}: {name} le={le}"
 
 
 # -- Kubernetes ---------------------------------------------------------------------------------

@@ -150,6 +150,7 @@ def test_metrics_endpoint_negotiates_openmetrics_with_trace_exemplars(tel):
     tel.http = MetricsHTTPServer(tel.registry, port=0)
     with tel.span("job.cf", traceparent=TRACEPARENT):
         tel.on_anomaly_score(4.2, traceparent=TRACEPARENT)  # exemplar: the request's trace
+        tel.on_anomaly_p(0.004, traceparent=TRACEPARENT)
     with tel.span("job.cf"):
         job_trace = Tracing.current_trace_id()
         tel.on_anomaly_score(0.3)  # no request trace: the sidecar's own trace
@@ -162,12 +163,13 @@ def test_metrics_endpoint_negotiates_openmetrics_with_trace_exemplars(tel):
     assert om.rstrip().endswith("# EOF")
     for name in ("forensics_incidents_received_total", "forensics_ingest_rejected_total",
                  "forensics_ingest_bytes_total", "forensics_jobs", "forensics_job_duration_seconds",
-                 "forensics_anomaly_score", "forensics_fix_set_size"):
+                 "forensics_anomaly_score", "forensics_anomaly_p", "forensics_fix_set_size"):
         assert f"# TYPE {name.removesuffix('_total')} " in om, name
     # cumulative buckets: 0.3 -> le=0.5 (1), 1.2 -> le=1.5 (2), 4.2 -> le=5.0 (3)
     assert f'forensics_anomaly_score_bucket{{le="5.0"}} 3.0 # {{trace_id="{TRACE_ID}"}} 4.2 ' in om
     assert f'forensics_anomaly_score_bucket{{le="0.5"}} 1.0 # {{trace_id="{job_trace}"}} 0.3 ' in om
     assert 'forensics_anomaly_score_bucket{le="1.5"} 2.0\n' in om
+    assert f'forensics_anomaly_p_bucket{{le="0.005"}} 1.0 # {{trace_id="{TRACE_ID}"}} 0.004 ' in om
     assert job_trace != TRACE_ID
 
     ctype, text = _scrape(tel.metrics_url, None)  # classic Prometheus text: no exemplars
