@@ -152,17 +152,24 @@ def test_factory_and_baseline_from_dir(tiny_gpt2: Any, tmp_path: Path) -> None:
         CompressionForensics.build_baseline(paths, codec="lz4")
 
 
+def _same_report_without_option(base: CFBaseline, option: str, inc: Any) -> Any:
+    """Score ``inc`` with ``base`` and with a copy saved before ``option`` existed (the option
+    removed); assert both reports agree and return the first."""
+    old = CFBaseline.from_bytes(base.to_bytes())
+    del old.options[option]
+    a = CompressionForensics(baseline=base).analyze(inc)
+    b = CompressionForensics(baseline=old).analyze(inc)
+    assert a.score == b.score and a.ranked_sites == b.ranked_sites
+    return a
+
+
 def test_baseline_without_unit_option_scores_positions(tiny_gpt2: Any, tmp_path: Path) -> None:
     """Baselines saved before the ``unit`` option existed scored one unit per position and keep
     doing so; ``unit="bucket"`` scores (step, position bucket) groups."""
     paths = _record_to_dir(tiny_gpt2, 6, tmp_path, seed=7)
     per_pos = CompressionForensics.build_baseline(paths, folds=3, unit="position")
-    old = CFBaseline.from_bytes(per_pos.to_bytes())
-    del old.options["unit"]
     inc = Incident.open(paths[0])
-    a = CompressionForensics(baseline=per_pos).analyze(inc)
-    b = CompressionForensics(baseline=old).analyze(inc)
-    assert a.score == b.score and a.ranked_sites == b.ranked_sites
+    a = _same_report_without_option(per_pos, "unit", inc)
     assert a.sites["blocks.0.mlp"].n_units == 8  # 8 prompt positions
     grouped = CompressionForensics(baseline=CompressionForensics.build_baseline(
         paths, folds=3, unit="bucket"))
@@ -206,9 +213,5 @@ def test_baseline_without_codec_option_uses_frame_codec(tiny_gpt2: Any, tmp_path
     paths = _record_to_dir(tiny_gpt2, 6, tmp_path, seed=6)
     new = CompressionForensics.build_baseline(paths, folds=3)
     assert new.options["codec"] == "frame"
-    old = CFBaseline.from_bytes(new.to_bytes())
-    del old.options["codec"]
     inc = Incident.open(paths[0])
-    a = CompressionForensics(baseline=new).analyze(inc)
-    b = CompressionForensics(baseline=old).analyze(inc)
-    assert a.score == b.score and a.ranked_sites == b.ranked_sites
+    _same_report_without_option(new, "codec", inc)
