@@ -9,10 +9,10 @@ to almost nothing), then compressed with zstd. The statistic is compressed bits 
 
 Two ways to turn zstd output into a per-position cost (``mode``):
 
-* ``"frame"`` (default): one zstd frame per unit — a position, or a group of consecutive
-  positions (``offsets``: the (step, position-bucket) units of DESIGN §7, the default since
-  per-position frames cost 4-10x one zstd call on the same float32 bytes,
-  ``benchmarks/RESULTS_cf.md``); the cost is that frame's size.
+* ``"frame"`` (default): one zstd frame per unit — a position (the detector's default unit),
+  or a group of consecutive positions (``offsets``: the (step, position-bucket) units of
+  DESIGN §7, ``unit="bucket"``, 2x faster: per-position frames cost 3-4x one zstd call on the
+  same float32 bytes at d=576, ``benchmarks/RESULTS_cf.md``); the cost is that frame's size.
 * ``"share"``: ONE zstd frame for all the units of a call (planes laid out low plane
   then high plane); each unit gets the share of that frame's measured size proportional to its
   entropy-coded length under the frame's own byte statistics (one 256-symbol model per plane,
