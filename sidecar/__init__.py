@@ -22,10 +22,18 @@ if TYPE_CHECKING:
     from sidecar._client import SidecarClient
     from sidecar._config import SidecarConfig, load_config
     from sidecar._filters import FilterError, compile_filter, compile_order_by
-    from sidecar._hooks import NoopTelemetry, Telemetry
-    from sidecar._jobs import JobRecord, JobRunner, register_job_kind
+    from sidecar._observer import Metric, NoopTelemetry, Telemetry
     from sidecar._server import Sidecar, create_server
     from sidecar._store import IncidentRow, IncidentStore, LocalStore, ReindexReport, StoreError
+    from sidecar.jobs import (
+        JobContext,
+        JobFailed,
+        JobHost,
+        JobKind,
+        JobRecord,
+        JobRunner,
+        builtin_kinds,
+    )
     from sidecar.telemetry import MetricsHTTPServer, SidecarMetrics, SidecarTelemetry
 
 #: Public name → the module that defines it (imported on first access).
@@ -33,11 +41,16 @@ _LAZY = {
     "FilterError": "sidecar._filters",
     "IncidentRow": "sidecar._store",
     "IncidentStore": "sidecar._store",
-    "JobRecord": "sidecar._jobs",
-    "JobRunner": "sidecar._jobs",
+    "JobContext": "sidecar.jobs",
+    "JobFailed": "sidecar.jobs",
+    "JobHost": "sidecar.jobs",
+    "JobKind": "sidecar.jobs",
+    "JobRecord": "sidecar.jobs",
+    "JobRunner": "sidecar.jobs",
     "LocalStore": "sidecar._store",
+    "Metric": "sidecar._observer",
     "MetricsHTTPServer": "sidecar.telemetry",
-    "NoopTelemetry": "sidecar._hooks",
+    "NoopTelemetry": "sidecar._observer",
     "ReindexReport": "sidecar._store",
     "Sidecar": "sidecar._server",
     "SidecarClient": "sidecar._client",
@@ -45,21 +58,26 @@ _LAZY = {
     "SidecarMetrics": "sidecar.telemetry",
     "SidecarTelemetry": "sidecar.telemetry",
     "StoreError": "sidecar._store",
-    "Telemetry": "sidecar._hooks",
+    "Telemetry": "sidecar._observer",
+    "builtin_kinds": "sidecar.jobs",
     "compile_filter": "sidecar._filters",
     "compile_order_by": "sidecar._filters",
     "create_server": "sidecar._server",
     "load_config": "sidecar._config",
-    "register_job_kind": "sidecar._jobs",
 }
 
 __all__ = [
     "FilterError",
     "IncidentRow",
     "IncidentStore",
+    "JobContext",
+    "JobFailed",
+    "JobHost",
+    "JobKind",
     "JobRecord",
     "JobRunner",
     "LocalStore",
+    "Metric",
     "MetricsHTTPServer",
     "NoopTelemetry",
     "ReindexReport",
@@ -70,11 +88,11 @@ __all__ = [
     "SidecarTelemetry",
     "StoreError",
     "Telemetry",
+    "builtin_kinds",
     "compile_filter",
     "compile_order_by",
     "create_server",
     "load_config",
-    "register_job_kind",
 ]
 
 

@@ -23,7 +23,8 @@ from typing import Any
 import grpc
 
 from ._config import AuthConfig
-from ._hooks import Telemetry, as_telemetry
+from ._observer import Telemetry, as_telemetry
+from ._reject import count_rejection
 
 __all__ = ["ANONYMOUS_ADMIN", "AuthInterceptor", "Authenticator", "Principal"]
 
@@ -107,7 +108,7 @@ class AuthInterceptor(grpc.ServerInterceptor):
         header = _header(handler_call_details.invocation_metadata)
         if self._auth.resolve(header) is not None:
             return continuation(handler_call_details)
-        self._telemetry.on_rejected("unauthenticated")
+        count_rejection(self._telemetry, "unauthenticated")
         msg = ("missing bearer token: send metadata 'authorization: Bearer <token>'"
                if header is None else "invalid bearer token; check the token configured for "
                "this client against the sidecar's auth.tokens")

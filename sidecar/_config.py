@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from integrations.config import ModulesConfig
 
 __all__ = [
+    "DETECTORS",
     "AuthConfig",
     "BaselinesConfig",
     "GrpcConfig",
@@ -39,6 +40,8 @@ __all__ = [
 ]
 
 MiB = 1024 * 1024
+#: ``baselines.detector`` values (the detectors of ``analysis.cf`` the sidecar offers).
+DETECTORS = ("cf", "norm", "mahalanobis")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,6 +146,11 @@ class BaselinesConfig:
     sample_rules: tuple[str, ...] = ("ratio",)
     cca_benign: int = 8                       # benign incidents for CCA side effects / means
 
+    def is_sampled(self, trigger_rule: str | None) -> bool:
+        """Whether an incident with this trigger rule is sampled traffic (a baseline
+        candidate), not a flag."""
+        return trigger_rule in self.sample_rules
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
@@ -174,7 +182,7 @@ class SidecarConfig:
 
     def ingest_kinds(self) -> tuple[str, ...]:
         """Job kinds enqueued for every new incident: ``jobs.on_ingest`` plus ``cf`` when
-        ``modules.cf.enabled`` (CCA follows CF, see ``sidecar._kinds_cf``)."""
+        ``modules.cf.enabled`` (CCA follows CF, see ``sidecar.jobs._cf``)."""
         kinds = list(self.jobs.on_ingest)
         if self.modules.cf.enabled and "cf" not in kinds:
             kinds.append("cf")
@@ -223,8 +231,8 @@ class SidecarConfig:
             base_raw["sample_rules"] = tuple(_str_list(base_raw["sample_rules"],
                                                        "baselines.sample_rules"))
         baselines = _section(BaselinesConfig, base_raw, "baselines")
-        if baselines.detector not in ("cf", "norm", "mahalanobis"):
-            raise ConfigError("baselines.detector must be 'cf', 'norm' or 'mahalanobis'")
+        if baselines.detector not in DETECTORS:
+            raise ConfigError(f"baselines.detector must be one of {', '.join(DETECTORS)}")
         if baselines.min_samples < 2 or baselines.refresh_every < 0 or baselines.cca_benign < 0:
             raise ConfigError("baselines.min_samples must be >= 2; refresh_every and cca_benign "
                               ">= 0")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import logging
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -26,11 +27,13 @@ from integrations.errors import ConfigError, SidecarError
 
 from ._auth import Authenticator, AuthInterceptor
 from ._config import SidecarConfig
-from ._hooks import CountingTelemetry, Telemetry, fan_out
-from ._jobs import JobRunner
+from ._ingest import INCIDENTS_RECEIVED, INGEST_BYTES
+from ._observer import CountingTelemetry, Telemetry, fan_out
+from ._reject import INGEST_REJECTED
 from ._servicer import IncidentServicer
 from ._store import LocalStore
 from .api import v1
+from .jobs import JobKind, JobRunner, builtin_kinds
 
 __all__ = ["Sidecar", "create_server", "grpc_options"]
 
@@ -63,19 +66,21 @@ def _credentials(config: SidecarConfig) -> grpc.ServerCredentials | None:
 
 
 class Sidecar:
-    """A configured sidecar (use :func:`create_server`)."""
+    """A configured sidecar (use :func:`create_server`); ``kinds`` are the analysis job kinds
+    its runner knows (default: :func:`sidecar.jobs.builtin_kinds`)."""
 
     def __init__(self, config: SidecarConfig, *, port: int | None = 0,
-                 telemetry: Telemetry | None = None) -> None:
+                 telemetry: Telemetry | None = None,
+                 kinds: Iterable[JobKind] | None = None) -> None:
         from grpc_health.v1 import health, health_pb2, health_pb2_grpc
         from grpc_reflection.v1alpha import reflection
 
         self.config = config
         self.counters = CountingTelemetry()
         self.telemetry = fan_out(self.counters, telemetry)
-        self.store = LocalStore(config.data_dir, max_incident_bytes=config.limits.max_incident_bytes,
-                                telemetry=self.telemetry)
-        self.jobs = JobRunner(self.store, config=config, telemetry=self.telemetry)
+        self.store = LocalStore.from_config(config, telemetry=self.telemetry)
+        self.jobs = JobRunner(self.store, config=config, telemetry=self.telemetry,
+                              kinds=builtin_kinds() if kinds is None else kinds)
         self.auth = Authenticator(config.auth)
         self.servicer = IncidentServicer(store=self.store, jobs=self.jobs, auth=self.auth,
                                          config=config, telemetry=self.telemetry)
@@ -132,8 +137,9 @@ class Sidecar:
         self._stopped = True
         self.health.enter_graceful_shutdown()
         self.servicer.closing = True
-        self.server.stop(self.config.grpc.grace_s if grace is None else grace).wait()
-        self.jobs.stop(timeout_s=self.config.grpc.grace_s if grace is None else grace)
+        grace_s = self.config.grpc.grace_s if grace is None else grace
+        self.server.stop(grace_s).wait()
+        self.jobs.stop(timeout_s=grace_s)
         self.store.close()
 
     def wait_for_termination(self, timeout: float | None = None) -> bool:
@@ -143,8 +149,10 @@ class Sidecar:
     def stats(self) -> dict[str, Any]:
         """In-process counters: received, received_bytes, rejected by reason, job counts."""
         c = self.counters
-        return {"received": c.received, "received_bytes": c.received_bytes,
-                "rejected": dict(c.rejected), "jobs": self.jobs.counts()}
+        return {"received": int(c.total(INCIDENTS_RECEIVED)),
+                "received_bytes": int(c.total(INGEST_BYTES)),
+                "rejected": {k: int(v) for k, v in c.totals(INGEST_REJECTED, "reason").items()},
+                "jobs": self.jobs.counts()}
 
     def __enter__(self) -> Sidecar:
         if not self._started:
@@ -156,8 +164,10 @@ class Sidecar:
 
 
 def create_server(config: SidecarConfig, *, port: int | None = 0,
-                  telemetry: Telemetry | None = None) -> tuple[Sidecar, int]:
+                  telemetry: Telemetry | None = None,
+                  kinds: Iterable[JobKind] | None = None) -> tuple[Sidecar, int]:
     """Build a :class:`Sidecar` bound to ``port`` (``0``: any free port; ``None``: the port of
-    ``config.grpc.address``); returns it (not started) and the bound port."""
-    sidecar = Sidecar(config, port=port, telemetry=telemetry)
+    ``config.grpc.address``) with the job ``kinds`` (default: the built-in ones); returns it
+    (not started) and the bound port."""
+    sidecar = Sidecar(config, port=port, telemetry=telemetry, kinds=kinds)
     return sidecar, sidecar.port

@@ -1,8 +1,7 @@
 """``forensics.v1.IncidentService``: a thin servicer over pure helpers, the store and the jobs.
 
-Every rejection is a specific status with a message saying what to do, trailing metadata
-``forensics-reject-reason: <reason>`` (one of :data:`sidecar._hooks.REJECT_REASONS`), and one
-``Telemetry.on_rejected(reason)`` count; nothing is written for a rejected upload.
+Ingest is :mod:`sidecar._ingest`; every refusal is a counted :class:`sidecar._reject.Rejection`
+(specific status, a message saying what to do, ``forensics-reject-reason`` trailing metadata).
 
 Example::
 
@@ -13,20 +12,17 @@ Example::
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import logging
 import queue
-from collections.abc import Callable, Iterable, Iterator
-from typing import Any, NoReturn, Protocol
+from collections.abc import Iterator
+from typing import Any, NoReturn
 
 import grpc
 from google.protobuf import empty_pb2
 
-from integrations.errors import IncidentFormatError, IncidentTooLargeError
-
 from ._auth import Authenticator, Principal
-from ._config import LimitsConfig, SidecarConfig
+from ._config import SidecarConfig
 from ._filters import (
     FilterError,
     compile_filter,
@@ -35,110 +31,28 @@ from ._filters import (
     encode_page_token,
     query_key,
 )
-from ._hooks import Telemetry, as_telemetry, incident_attributes
+from ._ingest import (
+    Sink,
+    count_received,
+    receive_upload,
+    store_upload,
+    unavailable,
+    upload_tenant,
+)
 from ._ingest_digest import VerifyingSink
-from ._jobs import JobRecord, JobRunner, UnknownJobKindError
-from ._store import ID_PATTERN, AlreadyExistsError, IncidentStore, StoreError
+from ._observer import Telemetry, as_telemetry
+from ._reject import Rejection, reject
+from ._store import IncidentStore, StoreError
 from ._store_index import IncidentRow
 from .api import v1
+from .jobs import JobRecord, JobRunner, UnknownJobKindError
 
-__all__ = ["IncidentServicer", "Rejection", "Sink", "Upload", "job_to_proto", "receive_upload",
-           "row_to_proto"]
+__all__ = ["IncidentServicer", "job_to_proto", "row_to_proto"]
 
 log = logging.getLogger("sidecar.servicer")
-REASON_KEY = "forensics-reject-reason"
 
 _JOB_STATE = {"pending": v1.JOB_STATE_PENDING, "running": v1.JOB_STATE_RUNNING,
               "done": v1.JOB_STATE_DONE, "failed": v1.JOB_STATE_FAILED}
-
-
-class Rejection(Exception):
-    """A request refused with ``code`` for a counted ``reason``."""
-
-    def __init__(self, code: grpc.StatusCode, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.code, self.reason, self.message = code, reason, message
-
-
-class Sink(Protocol):
-    """Where received chunks go (``LocalStore.incoming`` returns one)."""
-
-    def write(self, chunk: bytes) -> None: ...
-
-    def finish(self) -> str: ...
-
-    def abort(self) -> None: ...
-
-
-@dataclasses.dataclass(frozen=True)
-class Upload:
-    """A completely received, sha256-verified upload (its bytes are in ``sink``)."""
-
-    header: v1.UploadHeader
-    sink: Any
-    sha256: str
-
-
-def receive_upload(requests: Iterable[v1.UploadIncidentRequest], limits: LimitsConfig,
-                   open_sink: Callable[[v1.UploadHeader], Sink]) -> Upload:
-    """Read header → chunks → trailer into ``open_sink(header)``, enforcing framing, size caps
-    and the sha256. On any rejection or error the sink is aborted."""
-    it = iter(requests)
-    first = next(it, None)
-    if first is None or first.WhichOneof("part") != "header":
-        raise Rejection(grpc.StatusCode.INVALID_ARGUMENT, "bad_framing",
-                        "UploadIncident must start with a header message")
-    header = first.header
-    if not ID_PATTERN.fullmatch(header.incident_id):
-        raise Rejection(grpc.StatusCode.INVALID_ARGUMENT, "bad_id",
-                        f"incident id {header.incident_id!r} must be 1-200 characters of "
-                        "[A-Za-z0-9._-] starting with a letter or digit")
-    if header.total_size <= 0:
-        raise Rejection(grpc.StatusCode.INVALID_ARGUMENT, "bad_framing",
-                        "header.total_size must be the positive byte size of the incident")
-    if header.total_size > limits.max_incident_bytes:
-        raise Rejection(grpc.StatusCode.RESOURCE_EXHAUSTED, "too_large",
-                        f"incident is {header.total_size} bytes, over this sidecar's "
-                        f"limits.max_incident_bytes = {limits.max_incident_bytes}")
-    sink = open_sink(header)
-    try:
-        received = 0
-        trailer: v1.UploadTrailer | None = None
-        for msg in it:
-            part = msg.WhichOneof("part")
-            if trailer is not None or part not in ("chunk", "trailer"):
-                raise Rejection(grpc.StatusCode.INVALID_ARGUMENT, "bad_framing",
-                                f"unexpected {part or 'empty'} message: after the header send "
-                                "only chunks, then exactly one trailer")
-            if part == "trailer":
-                trailer = msg.trailer
-                continue
-            data = msg.chunk.data
-            if len(data) > limits.max_chunk_bytes:
-                raise Rejection(grpc.StatusCode.RESOURCE_EXHAUSTED, "chunk_too_large",
-                                f"chunk of {len(data)} bytes is over limits.max_chunk_bytes = "
-                                f"{limits.max_chunk_bytes}; send smaller chunks")
-            received += len(data)
-            if received > header.total_size:
-                raise Rejection(grpc.StatusCode.INVALID_ARGUMENT, "size_mismatch",
-                                f"more bytes than header.total_size = {header.total_size}")
-            sink.write(data)
-        if trailer is None:
-            raise Rejection(grpc.StatusCode.INVALID_ARGUMENT, "bad_framing",
-                            "stream ended without a trailer (sha256); the upload is incomplete")
-        if received != header.total_size:
-            raise Rejection(grpc.StatusCode.INVALID_ARGUMENT, "size_mismatch",
-                            f"received {received} bytes but header.total_size = "
-                            f"{header.total_size}")
-        hexdigest = sink.finish()
-        if trailer.sha256.lower() != hexdigest:
-            raise Rejection(grpc.StatusCode.DATA_LOSS, "sha256_mismatch",
-                            f"sha256 of the received bytes is {hexdigest}, the trailer says "
-                            f"{trailer.sha256!r}; the data was corrupted in transit — resend")
-    except BaseException:
-        sink.abort()
-        raise
-    return Upload(header=header, sink=sink, sha256=hexdigest)
 
 
 def row_to_proto(row: IncidentRow, *, full: bool = False) -> v1.Incident:
@@ -186,9 +100,7 @@ class IncidentServicer(v1.IncidentServiceServicer):
     # -- helpers -----------------------------------------------------------------------------
 
     def _abort(self, context: grpc.ServicerContext, rej: Rejection) -> NoReturn:
-        self.telemetry.on_rejected(rej.reason)
-        context.set_trailing_metadata(((REASON_KEY, rej.reason),))
-        context.abort(rej.code, rej.message)
+        reject(context, self.telemetry, rej)
 
     def _principal(self, context: grpc.ServicerContext) -> Principal:
         p = self.auth.principal(context)
@@ -218,63 +130,29 @@ class IncidentServicer(v1.IncidentServiceServicer):
                 upload = receive_upload(request_iterator, self.limits, self._open_sink)
             except StoreError as e:
                 log.exception("store failure while receiving")
-                raise Rejection(grpc.StatusCode.UNAVAILABLE, "internal",
-                                f"{e}; nothing was acknowledged — retry later") from e
-            header = upload.header
-            tenant: str | None = principal.tenant
-            if principal.admin:
-                tenant = header.tenant or None
-            elif header.tenant and header.tenant != principal.tenant:
-                upload.sink.abort()
-                raise Rejection(grpc.StatusCode.PERMISSION_DENIED, "permission_denied",
-                                f"header.tenant {header.tenant!r} is not the tenant of this "
-                                "token; leave header.tenant empty")
+                raise unavailable(e) from e
+            tenant = upload_tenant(principal, upload)
             remaining = context.time_remaining()
             if remaining is not None and remaining <= 0:
                 upload.sink.abort()
                 raise Rejection(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline_exceeded",
                                 "deadline passed before the incident was stored; retry")
-            with self.telemetry.span("ingest", traceparent=header.traceparent or None,
-                                     attributes={"forensics.incident.id": header.incident_id,
-                                                 "forensics.incident.bytes": header.total_size,
-                                                 "forensics.incident.tenant": tenant or ""}
-                                     ) as span:
-                try:
-                    streamed = isinstance(upload.sink, VerifyingSink)
-                    result = self.store.put_incoming(
-                        upload.sink.inner if streamed else upload.sink, tenant=tenant,
-                        sha256=upload.sha256,
-                        digest_verified=streamed and upload.sink.digest_verified)
-                except IncidentTooLargeError as e:
-                    raise Rejection(grpc.StatusCode.RESOURCE_EXHAUSTED, "too_large",
-                                    str(e)) from e
-                except AlreadyExistsError as e:
-                    raise Rejection(grpc.StatusCode.ALREADY_EXISTS, "already_exists",
-                                    str(e)) from e
-                except IncidentFormatError as e:
-                    raise Rejection(grpc.StatusCode.INVALID_ARGUMENT, "invalid_incident",
-                                    f"not a valid incident: {e}") from e
-                except StoreError as e:
-                    log.exception("store failure for %s", header.incident_id)
-                    raise Rejection(grpc.StatusCode.UNAVAILABLE, "internal",
-                                    f"{e}; nothing was acknowledged — retry later") from e
-                for key, value in incident_attributes(result.row).items():
-                    span.set_attribute(key, value)
-                span.set_attribute("forensics.ingest.created", result.created)
-                span.set_attribute("forensics.ingest.digest_streamed",
-                                   bool(getattr(upload.sink, "digest_verified", False)))
+            result = store_upload(self.store, upload, tenant=tenant, telemetry=self.telemetry)
         except Rejection as rej:
             self._abort(context, rej)
         if result.created:
-            self.telemetry.on_received(result.row.size_bytes)
-            for kind in self.config.ingest_kinds():
-                try:
-                    self.jobs.submit(result.row.id, kind, tenant=result.row.tenant,
-                                     request_id=f"on_ingest:{kind}")
-                except Exception:
-                    log.exception("could not enqueue %s for %s", kind, result.row.id)
+            count_received(self.telemetry, result.row.size_bytes)
+            self._enqueue_ingest_jobs(result.row)
         return v1.UploadIncidentResponse(incident_id=result.row.id, sha256=result.row.sha256,
                                          size=result.row.size_bytes, created=result.created)
+
+    def _enqueue_ingest_jobs(self, row: IncidentRow) -> None:
+        """The analyses every new incident gets (``SidecarConfig.ingest_kinds``)."""
+        for kind in self.config.ingest_kinds():
+            try:
+                self.jobs.submit(row.id, kind, tenant=row.tenant, request_id=f"on_ingest:{kind}")
+            except Exception:
+                log.exception("could not enqueue %s for %s", kind, row.id)
 
     # -- queries -----------------------------------------------------------------------------
 

@@ -32,12 +32,14 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from integrations.errors import IncidentFormatError, IncidentTooLargeError
 
-from ._hooks import Telemetry, as_telemetry, incident_attributes
+from ._observer import Telemetry, as_telemetry, incident_attributes
 from ._store_files import IncomingFile, StoreError, _fsync_dir, _write_tmp
 from ._store_index import IncidentRow, Index, row_from_manifest, utcnow
 
 if TYPE_CHECKING:
     from integrations.incident import Incident
+
+    from ._config import SidecarConfig
 
 __all__ = [
     "ID_PATTERN",
@@ -134,6 +136,13 @@ class LocalStore:
         self._subs: list[queue.Queue[IncidentRow | None]] = []
         self._subs_lock = threading.Lock()
         self.last_recovery = self.recover()
+
+    @classmethod
+    def from_config(cls, config: SidecarConfig, *,
+                    telemetry: Telemetry | None = None) -> LocalStore:
+        """The store of ``config.data_dir`` with ``limits.max_incident_bytes``."""
+        return cls(config.data_dir, max_incident_bytes=config.limits.max_incident_bytes,
+                   telemetry=telemetry)
 
     # -- paths -------------------------------------------------------------------------------
 

@@ -1,5 +1,5 @@
-"""The DuckDB catalog of the local store: ``incidents``, ``jobs`` and ``analyses`` tables (and
-the analysis result tables of :mod:`sidecar._results`, created with them).
+"""The DuckDB catalog of the local store: ``incidents``, ``jobs`` and ``analyses`` tables and the
+analysis result tables (their schema is :mod:`sidecar._schema`).
 
 One DuckDB connection owns every write, behind one lock (DuckDB is a single-writer engine);
 reads use short-lived cursors (own connections to the same database, MVCC snapshots). All SQL is
@@ -24,10 +24,11 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ._schema import CATALOG_DDL, MIGRATIONS, RESULT_DDL, RESULT_TABLES, SCHEMA_VERSION
+
 __all__ = [
     "CF_LISTING_COLUMNS",
     "INCIDENT_COLUMNS",
-    "RESULT_TABLES",
     "IncidentRow",
     "Index",
     "listing_from",
@@ -35,61 +36,12 @@ __all__ = [
     "utcnow",
 ]
 
-SCHEMA_VERSION = "1"
-
-_DDL = (
-    """CREATE TABLE IF NOT EXISTS meta (key VARCHAR PRIMARY KEY, value VARCHAR NOT NULL)""",
-    """CREATE TABLE IF NOT EXISTS incidents (
-        id VARCHAR PRIMARY KEY,
-        tenant VARCHAR NOT NULL,
-        created_at TIMESTAMP,
-        received_at TIMESTAMP NOT NULL,
-        model_name VARCHAR,
-        model_fingerprint VARCHAR,
-        trigger_rule VARCHAR,
-        trigger_reason VARCHAR,
-        request_id VARCHAR,
-        traceparent VARCHAR,
-        size_bytes BIGINT NOT NULL,
-        sha256 VARCHAR NOT NULL,
-        activations VARCHAR,
-        n_sites INTEGER NOT NULL,
-        path VARCHAR NOT NULL,
-        manifest_json VARCHAR NOT NULL)""",
-    """CREATE TABLE IF NOT EXISTS jobs (
-        id VARCHAR PRIMARY KEY,
-        incident_id VARCHAR NOT NULL,
-        tenant VARCHAR NOT NULL,
-        kind VARCHAR NOT NULL,
-        state VARCHAR NOT NULL,
-        attempts INTEGER NOT NULL,
-        max_attempts INTEGER NOT NULL,
-        error VARCHAR,
-        params_json VARCHAR NOT NULL,
-        request_id VARCHAR,
-        created_at TIMESTAMP NOT NULL,
-        started_at TIMESTAMP,
-        finished_at TIMESTAMP)""",
-    """CREATE TABLE IF NOT EXISTS analyses (
-        job_id VARCHAR PRIMARY KEY,
-        incident_id VARCHAR NOT NULL,
-        kind VARCHAR NOT NULL,
-        result_json VARCHAR NOT NULL,
-        created_at TIMESTAMP NOT NULL)""",
-    "CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state)",
-    "CREATE INDEX IF NOT EXISTS jobs_incident ON jobs (incident_id)",
-)
-
 INCIDENT_COLUMNS = (
     "id", "tenant", "created_at", "received_at", "model_name", "model_fingerprint",
     "trigger_rule", "trigger_reason", "request_id", "traceparent", "size_bytes", "sha256",
     "activations", "n_sites", "path", "manifest_json",
 )
 
-
-#: Per-incident analysis result tables (``sidecar._results``), child rows first: deleting an
-#: incident deletes its rows in each.
-RESULT_TABLES = ("cf_site_scores", "cf_results", "cca_interventions", "cca_results")
 
 #: Columns the incident listing gains from the incident's current CF result (see
 #: :func:`listing_from`): filterable / sortable in ``ListIncidents`` (``sidecar._filters``).
@@ -195,12 +147,7 @@ class Index:
         self._con = duckdb.connect(str(path))
         self._closed = False
         with self.write() as con:
-            for ddl in _DDL:
-                con.execute(ddl)
-            from ._results import DDL as result_ddl  # lazy: _results imports this module
-            from ._results import MIGRATIONS
-
-            for ddl in (*result_ddl, *MIGRATIONS):
+            for ddl in (*CATALOG_DDL, *RESULT_DDL, *MIGRATIONS):
                 con.execute(ddl)
             con.execute("INSERT INTO meta VALUES ('schema_version', ?) ON CONFLICT DO NOTHING",
                         [SCHEMA_VERSION])

@@ -34,6 +34,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ._config import DETECTORS
+
 __all__ = ["register"]
 
 DEFAULT_ADDRESS = "127.0.0.1:7431"
@@ -97,7 +99,7 @@ def register(subparsers: Any) -> None:
                                            "incidents (trigger rule ratio, not flagged)")
     src.add_argument("--from-dir", metavar="DIR", help="upload DIR/*.arrow (e.g. a scenario's "
                                                        "benign set) and build from exactly those")
-    build.add_argument("--detector", choices=("cf", "norm", "mahalanobis"), default=None,
+    build.add_argument("--detector", choices=DETECTORS, default=None,
                        help="default: the sidecar's baselines.detector")
     build.add_argument("--wait", type=float, default=600.0, metavar="SECONDS")
     build.set_defaults(func=_cmd_baseline_build)

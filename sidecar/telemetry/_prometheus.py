@@ -1,16 +1,18 @@
-"""Prometheus metrics of the sidecar, and the HTTP ``/metrics`` endpoint that serves them.
+"""Prometheus instruments for the sidecar's :class:`~sidecar._observer.Metric` definitions, and
+the HTTP ``/metrics`` endpoint that serves them.
 
-All names start with ``forensics_``. Labels are bounded sets (rejection reasons, job states,
-job kinds); incident ids, tenants and sites are never labels (they live in span attributes,
-Arrow and DuckDB). The anomaly-score histogram carries the trace id as an exemplar, which only
-the OpenMetrics exposition shows: the endpoint negotiates on ``Accept`` (a scraper sending
+All names start with ``forensics_``. :class:`SidecarMetrics` creates one instrument per metric
+definition (by default every metric the sidecar declares, :func:`sidecar._metrics.sidecar_metrics`,
+so every series exists from the first scrape; a metric first seen in ``observe`` is created
+then). Labels are bounded sets; incident ids, tenants and sites are never labels. Exemplars
+only show in the OpenMetrics exposition: the endpoint negotiates on ``Accept`` (a scraper sending
 ``application/openmetrics-text`` gets OpenMetrics, anyone else the classic text format).
 
 Example::
 
     from prometheus_client import CollectorRegistry
     m = SidecarMetrics(registry=CollectorRegistry())
-    m.received_total.inc()
+    m.observe(INCIDENTS_RECEIVED, 1.0)
     server = MetricsHTTPServer(m.registry, port=0)       # 127.0.0.1, a free port
     urllib.request.urlopen(f"http://127.0.0.1:{server.port}/metrics").read()
     server.close()
@@ -19,85 +21,82 @@ Example::
 from __future__ import annotations
 
 import logging
+import threading
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.metrics import MetricWrapperBase
 
-__all__ = [
-    "ANOMALY_SCORE_BUCKETS",
-    "FIX_SET_SIZE_BUCKETS",
-    "JOB_DURATION_BUCKETS",
-    "MetricsHTTPServer",
-    "SidecarMetrics",
-]
+from sidecar._observer import Metric
+
+__all__ = ["MetricsHTTPServer", "SidecarMetrics"]
 
 _log = logging.getLogger(__name__)
 
-#: Incident-level anomaly scores are robust z-scores (unbounded; ~0 for benign traffic).
-ANOMALY_SCORE_BUCKETS = (-2.0, -1.0, 0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 7.5, 10.0,
-                         15.0, 20.0, 50.0, float("inf"))
-#: Incident p-values against the benign baseline: the smallest is 1/(n+1) (n baseline
-#: incidents, default up to 1000); 0.05 is the suggested alerting level.
-ANOMALY_P_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, float("inf"))
-#: Fix sets are small by construction (``max_fix_set_size`` defaults to 8).
-FIX_SET_SIZE_BUCKETS = (0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0, 12.0, 16.0, 32.0, float("inf"))
-#: From a stats job (ms) to a CCA search (the proposal's budget is 2 h).
-JOB_DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
-                        300.0, 600.0, 1800.0, 3600.0, 7200.0, float("inf"))
-
 
 class SidecarMetrics:
-    """The sidecar's Prometheus instruments, registered in ``registry`` (default: a new one).
-
-    Instruments: ``incidents_received_total``, ``ingest_rejected_total{reason}``,
-    ``ingest_bytes_total``, ``jobs{state}`` (gauge), ``jobs_finished_total{kind,state}``,
-    ``job_duration_seconds{kind}``, ``anomaly_score`` and ``anomaly_p`` (exemplars),
-    ``fix_set_size``.
-    """
+    """The Prometheus instruments of ``metrics`` (default: every metric the sidecar declares),
+    registered in ``registry`` (default: a new one); ``instruments`` maps a metric's name to
+    its instrument."""
 
     def __init__(self, *, registry: CollectorRegistry | None = None,
-                 namespace: str = "forensics", reject_reasons: tuple[str, ...] = (),
-                 job_states: tuple[str, ...] = ()) -> None:
+                 metrics: Iterable[Metric] | None = None, namespace: str = "forensics") -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
-        reg = self.registry
-        ns = namespace
-        self.received_total = Counter(
-            "incidents_received", "Incidents made durable and indexed (idempotent retries "
-            "not counted).", namespace=ns, registry=reg)
-        self.rejected_total = Counter(
-            "ingest_rejected", "Uploads and queries rejected, by reason.", ["reason"],
-            namespace=ns, registry=reg)
-        self.ingest_bytes_total = Counter(
-            "ingest_bytes", "Bytes of incidents made durable.", namespace=ns, registry=reg)
-        self.jobs = Gauge(
-            "jobs", "Analysis jobs by state (pending = the analysis queue depth).", ["state"],
-            namespace=ns, registry=reg)
-        self.jobs_finished_total = Counter(
-            "jobs_finished", "Job attempts that ended, by kind and state.", ["kind", "state"],
-            namespace=ns, registry=reg)
-        self.job_duration = Histogram(
-            "job_duration_seconds", "Wall time of one analysis job attempt, by kind.", ["kind"],
-            buckets=JOB_DURATION_BUCKETS, namespace=ns, registry=reg)
-        self.anomaly_score = Histogram(
-            "anomaly_score", "Incident-level anomaly scores (CF robust z); exemplar = trace id.",
-            buckets=ANOMALY_SCORE_BUCKETS, namespace=ns, registry=reg)
-        self.anomaly_p = Histogram(
-            "anomaly_p", "Incident p-values against the model's benign baseline (CF); "
-            "exemplar = trace id.", buckets=ANOMALY_P_BUCKETS, namespace=ns, registry=reg)
-        self.fix_set_size = Histogram(
-            "fix_set_size", "Size of minimal fix sets found by CCA.",
-            buckets=FIX_SET_SIZE_BUCKETS, namespace=ns, registry=reg)
-        self.reject_reasons = frozenset(reject_reasons)
-        for reason in reject_reasons:  # export zeros, so rate() and alerts work from the start
-            self.rejected_total.labels(reason=reason)
-        for state in job_states:
-            self.jobs.labels(state=state).set(0)
+        self.namespace = namespace
+        self.instruments: dict[str, MetricWrapperBase] = {}
+        self._lock = threading.Lock()
+        if metrics is None:
+            from sidecar._metrics import sidecar_metrics
 
-    def reason_label(self, reason: str) -> str:
-        """``reason`` if it is a known rejection reason, else ``"other"`` (bounded labels)."""
-        if not self.reject_reasons or reason in self.reject_reasons:
-            return reason
-        return "other"
+            metrics = sidecar_metrics()
+        for metric in metrics:
+            self.instrument(metric)
+
+    def instrument(self, metric: Metric) -> MetricWrapperBase:
+        """The instrument of ``metric``, created on first use (bounded label values are
+        exported at zero from the start, so ``rate()`` and alerts work at once)."""
+        with self._lock:
+            found = self.instruments.get(metric.name)
+            if found is None:
+                found = self.instruments[metric.name] = self._create(metric)
+            return found
+
+    def _create(self, metric: Metric) -> MetricWrapperBase:
+        common: dict[str, Any] = {"namespace": self.namespace, "registry": self.registry}
+        if metric.kind == "histogram":
+            return Histogram(metric.name, metric.help, list(metric.labels),
+                             buckets=metric.buckets or Histogram.DEFAULT_BUCKETS, **common)
+        cls = Counter if metric.kind == "counter" else Gauge
+        inst: MetricWrapperBase = cls(metric.name, metric.help, list(metric.labels), **common)
+        if len(metric.labels) == 1 and metric.labels[0] in metric.values:
+            for value in metric.values[metric.labels[0]]:
+                inst.labels(value)
+        return inst
+
+    def observe(self, metric: Metric, value: float, *, labels: Mapping[str, str] | None = None,
+                exemplar: Mapping[str, str] | None = None) -> None:
+        """Add (counter, never negative), set (gauge) or record (histogram) ``value``."""
+        inst = self.instrument(metric)
+        if metric.labels:
+            inst = inst.labels(**self.label_values(metric, labels or {}))
+        if metric.kind == "counter":
+            inst.inc(max(0.0, float(value)))  # type: ignore[attr-defined]
+        elif metric.kind == "gauge":
+            inst.set(float(value))  # type: ignore[attr-defined]
+        else:
+            inst.observe(float(value), exemplar=dict(exemplar) if exemplar else None)  # type: ignore[attr-defined]
+
+    @staticmethod
+    def label_values(metric: Metric, labels: Mapping[str, str]) -> dict[str, str]:
+        """``labels`` for ``metric``'s label names; a value outside a bounded label's known
+        values becomes ``"other"`` (bounded cardinality)."""
+        out: dict[str, str] = {}
+        for name in metric.labels:
+            value = str(labels.get(name, ""))
+            known = metric.values.get(name)
+            out[name] = value if known is None or value in known else "other"
+        return out
 
 
 class MetricsHTTPServer:
@@ -130,3 +129,9 @@ class MetricsHTTPServer:
         except Exception as e:  # never raise from telemetry
             _log.warning("telemetry: stopping the metrics server failed: %s", e)
         self._thread.join(timeout=5)
+
+    def __enter__(self) -> MetricsHTTPServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

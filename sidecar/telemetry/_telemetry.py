@@ -1,8 +1,9 @@
 """The real implementation of the sidecar's telemetry hooks: OpenTelemetry + Prometheus.
 
-:class:`SidecarTelemetry` implements :class:`sidecar._hooks.Telemetry`: the servicer, store and
-job runner call it; it turns the calls into spans (a new trace per incident/job, linked to the
-request's traceparent) and Prometheus series (served on ``/metrics`` when a port is given).
+:class:`SidecarTelemetry` implements :class:`sidecar._observer.Telemetry`: the servicer, store,
+job runner and job kinds call it; it turns the calls into spans (a new trace per incident/job,
+linked to the request's traceparent) and Prometheus series (served on ``/metrics`` when a port
+is given).
 Every method is thread-safe and never raises into the core.
 
 Example::
@@ -25,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry
 
-from sidecar._hooks import JOB_STATES, REJECT_REASONS, NoopTelemetry
+from sidecar._observer import Metric, NoopTelemetry, NullSpan
 
 from ._prometheus import MetricsHTTPServer, SidecarMetrics
 from ._tracing import OTLPProtocol, Tracing, parse_traceparent
@@ -57,8 +58,7 @@ class SidecarTelemetry(NoopTelemetry):
                  otlp_endpoint: str | None = None, otlp_protocol: OTLPProtocol = "grpc",
                  otlp_headers: Mapping[str, str] | None = None,
                  service_name: str = "forensics-sidecar") -> None:
-        self.metrics = SidecarMetrics(registry=registry, reject_reasons=REJECT_REASONS,
-                                      job_states=JOB_STATES)
+        self.metrics = SidecarMetrics(registry=registry)
         self.tracing = Tracing(tracer_provider=tracer_provider, span_exporter=span_exporter,
                                otlp_endpoint=otlp_endpoint, otlp_protocol=otlp_protocol,
                                otlp_headers=otlp_headers, service_name=service_name)
@@ -102,34 +102,18 @@ class SidecarTelemetry(NoopTelemetry):
         """``http://addr:port/metrics`` when the HTTP server runs, else None."""
         return None if self.http is None else self.http.url
 
-    # -- counters ----------------------------------------------------------------------------
+    # -- metrics ---------------------------------------------------------------------------
 
-    def on_received(self, nbytes: int) -> None:
+    def observe(self, metric: Metric, value: float = 1.0, *,
+                labels: Mapping[str, str] | None = None,
+                traceparent: str | None = None) -> None:
+        """Report ``value`` for ``metric`` to Prometheus; a histogram declared with
+        ``exemplar`` carries the trace id (see :meth:`_exemplar`)."""
         try:
-            self.metrics.received_total.inc()
-            self.metrics.ingest_bytes_total.inc(max(0, int(nbytes)))
+            exemplar = self._exemplar(traceparent) if metric.exemplar else None
+            self.metrics.observe(metric, value, labels=labels, exemplar=exemplar)
         except Exception as e:
-            _log.warning("telemetry: on_received failed: %s", e)
-
-    def on_rejected(self, reason: str) -> None:
-        try:
-            self.metrics.rejected_total.labels(reason=self.metrics.reason_label(reason)).inc()
-        except Exception as e:
-            _log.warning("telemetry: on_rejected failed: %s", e)
-
-    def on_job_finished(self, kind: str, state: str, seconds: float) -> None:
-        try:
-            self.metrics.job_duration.labels(kind=kind).observe(max(0.0, float(seconds)))
-            self.metrics.jobs_finished_total.labels(kind=kind, state=state).inc()
-        except Exception as e:
-            _log.warning("telemetry: on_job_finished failed: %s", e)
-
-    def set_job_counts(self, counts: Mapping[str, int]) -> None:
-        try:
-            for state in JOB_STATES:
-                self.metrics.jobs.labels(state=state).set(int(counts.get(state, 0)))
-        except Exception as e:
-            _log.warning("telemetry: set_job_counts failed: %s", e)
+            _log.warning("telemetry: observing %s failed: %s", metric.name, e)
 
     def _exemplar(self, traceparent: str | None) -> dict[str, str] | None:
         """Exemplar labels: the request's trace id (from ``traceparent``) — the trace an
@@ -138,27 +122,6 @@ class SidecarTelemetry(NoopTelemetry):
         sc = parse_traceparent(traceparent)
         tid = format(sc.trace_id, "032x") if sc is not None else self.tracing.current_trace_id()
         return None if tid is None else {"trace_id": tid}
-
-    def on_anomaly_score(self, score: float, *, traceparent: str | None = None) -> None:
-        try:
-            self.metrics.anomaly_score.observe(float(score),
-                                               exemplar=self._exemplar(traceparent))
-        except Exception as e:
-            _log.warning("telemetry: on_anomaly_score failed: %s", e)
-
-    def on_anomaly_p(self, p: float, *, traceparent: str | None = None) -> None:
-        """The incident's empirical p-value against the baseline (exemplar: the trace id)."""
-        try:
-            self.metrics.anomaly_p.observe(float(p), exemplar=self._exemplar(traceparent))
-        except Exception as e:
-            _log.warning("telemetry: on_anomaly_p failed: %s", e)
-
-    def on_fix_set_size(self, size: int, *, traceparent: str | None = None) -> None:
-        """A CCA search produced a minimal fix set of ``size`` interventions."""
-        try:
-            self.metrics.fix_set_size.observe(float(size), exemplar=self._exemplar(traceparent))
-        except Exception as e:
-            _log.warning("telemetry: on_fix_set_size failed: %s", e)
 
     # -- spans -------------------------------------------------------------------------------
 
@@ -172,7 +135,7 @@ class SidecarTelemetry(NoopTelemetry):
             span = cm.__enter__()
         except Exception as e:  # telemetry must not break ingest
             _log.warning("telemetry: starting span %r failed: %s", name, e)
-            yield _NullSpan()
+            yield NullSpan()
             return
         try:
             yield span
@@ -191,7 +154,3 @@ class SidecarTelemetry(NoopTelemetry):
             self.http = None
         self.tracing.shutdown()
 
-
-class _NullSpan:
-    def set_attribute(self, key: str, value: Any) -> None:
-        pass

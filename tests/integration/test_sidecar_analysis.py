@@ -23,6 +23,8 @@ from integrations.incident import model_fingerprint
 from sidecar._client import SidecarClient
 from sidecar._config import SidecarConfig
 from sidecar._server import Sidecar, create_server
+from sidecar.jobs._cca import FIX_SET_SIZE
+from sidecar.jobs._cf import ANOMALY_P, ANOMALY_SCORE
 from sidecar.telemetry import SidecarTelemetry
 
 pytestmark = pytest.mark.slow
@@ -158,8 +160,9 @@ def test_cf_and_cca_in_the_sidecar(tmp_path: Path, capsys: pytest.CaptureFixture
                                        "ORDER BY idx", [row["job_id"]])] == fixed_sites
 
         # 3. telemetry: the score (exemplar = the request's trace) and the fix-set size
-        assert sc.counters.fix_set_sizes == [len(fixed_sites)]
-        assert cf["score"] in sc.counters.anomaly_scores and cf["p"] in sc.counters.anomaly_ps
+        assert sc.counters.values(FIX_SET_SIZE) == [len(fixed_sites)]
+        assert cf["score"] in sc.counters.values(ANOMALY_SCORE)
+        assert cf["p"] in sc.counters.values(ANOMALY_P)
         req = urllib.request.Request(str(tel.metrics_url),
                                      headers={"Accept": "application/openmetrics-text"})
         with urllib.request.urlopen(req, timeout=10) as resp:
@@ -203,11 +206,10 @@ def test_alert_rule_matches_the_flag_threshold() -> None:
     import yaml
 
     from integrations.config import load_config
-    from sidecar.telemetry import ANOMALY_SCORE_BUCKETS
 
     threshold = load_config(env={}).modules.cf.anomaly_threshold
     assert SidecarConfig().modules.cf.anomaly_threshold == threshold
-    assert threshold in ANOMALY_SCORE_BUCKETS
+    assert ANOMALY_SCORE.buckets is not None and threshold in ANOMALY_SCORE.buckets
     rules = yaml.safe_load((Path(__file__).resolve().parents[2] / "deploy" / "prometheus"
                             / "alerts.yaml").read_text())
     (rule,) = [r for g in rules["groups"] for r in g["rules"]

@@ -21,19 +21,27 @@ from prometheus_client import CollectorRegistry
 
 from integrations import Recorder, exporters, triggers
 from integrations.incident import Incident
-from sidecar import SidecarConfig, create_server, register_job_kind
+from sidecar import JobKind, SidecarConfig, builtin_kinds, create_server
+from sidecar.jobs._cf import ANOMALY_SCORE
 from sidecar.telemetry import SidecarTelemetry
 
 TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
 TRACEPARENT = f"00-{TRACE_ID}-b7ad6b7169203331-01"
 
 
-@register_job_kind("test_anomaly_score", replace=True)
 def _score_job(ctx: Any) -> dict[str, Any]:
     """A job that measures something real from the stored incident (its mean |activation|)."""
     inc = ctx.open_incident()
     vals = [inc.tensor(s, step=0).abs().mean().item() for s in inc.sites()]
     return {"anomaly_score": float(sum(vals) / len(vals)), "n_sites": len(vals)}
+
+
+def _observe_score(host: Any, job: Any, result: dict[str, Any]) -> None:
+    """The kind reports its own number (exemplar: the incident's request trace)."""
+    host.observe(ANOMALY_SCORE, result["anomaly_score"])
+
+
+SCORE_KIND = JobKind("test_anomaly_score", run=_score_job, after=_observe_score)
 
 
 def _free_port() -> int:
@@ -46,7 +54,7 @@ def _free_port() -> int:
 def _sidecar(data: Path, *, port: int = 0,
              telemetry: SidecarTelemetry | None = None) -> Iterator[tuple[Any, int]]:
     srv, bound = create_server(SidecarConfig.defaults(data_dir=str(data)), port=port,
-                               telemetry=telemetry)
+                               telemetry=telemetry, kinds=(*builtin_kinds(), SCORE_KIND))
     srv.start()
     try:
         yield srv, bound

@@ -65,21 +65,27 @@ def _code_metrics() -> dict[str, tuple[str, frozenset[str]]]:
     from prometheus_client.metrics import MetricWrapperBase
 
     from integrations._metrics import RecorderMetrics
-    from sidecar.telemetry import SidecarMetrics
+    from sidecar.telemetry import SidecarMetrics, sidecar_metrics
 
     out: dict[str, tuple[str, frozenset[str]]] = {}
+    families: dict[type, set[str]] = {}
     for make in (SidecarMetrics, RecorderMetrics):
         reg = CollectorRegistry()
         owner = make(registry=reg)
-        labels = {m._name: frozenset(m._labelnames) for m in vars(owner).values()
+        instruments = [*vars(owner).values(), *getattr(owner, "instruments", {}).values()]
+        labels = {m._name: frozenset(m._labelnames) for m in instruments
                   if isinstance(m, MetricWrapperBase)}
+        families[make] = {fam.name for fam in reg.collect()}
         for fam in reg.collect():
             names = {"counter": [f"{fam.name}_total"], "gauge": [fam.name],
                      "histogram": [f"{fam.name}_{s}" for s in ("bucket", "sum", "count")]}
             for series in names[fam.type]:
                 extra = {"le"} if series.endswith("_bucket") else set()
                 out[series] = (fam.name, labels[fam.name] | extra)
-    assert len({fam for fam, _ in out.values()}) == 14
+    # every metric the sidecar declares is a family, and nothing else is
+    assert families[SidecarMetrics] == {f"forensics_{m.name}" for m in sidecar_metrics()}
+    assert len({fam for fam, _ in out.values()}) == len(sidecar_metrics()) + \
+        len(families[RecorderMetrics])
     return out
 
 
@@ -128,10 +134,10 @@ def test_dashboard_shows_scores_with_exemplars() -> None:
     quant = [t for p in dash["panels"] for t in p.get("targets", [])
              if "histogram_quantile" in t["expr"] and "anomaly_score" in t["expr"]]
     assert quant and all(t.get("exemplar") for t in quant)
-    from sidecar.telemetry import ANOMALY_P_BUCKETS, ANOMALY_SCORE_BUCKETS
+    from sidecar.telemetry import sidecar_metrics
 
-    buckets = {"forensics_anomaly_score": ANOMALY_SCORE_BUCKETS,
-               "forensics_anomaly_p": ANOMALY_P_BUCKETS}
+    buckets = {f"forensics_{m.name}": m.buckets for m in sidecar_metrics() if m.buckets}
+    assert {"forensics_anomaly_score", "forensics_anomaly_p"} <= set(buckets)
     for where, expr in _exprs():         # le="x" must be a real bucket boundary of its histogram
         for name, le in re.findall(r'(forensics_[a-z_]+)_bucket\{le="([^"]+)"\}', expr):
             assert name in buckets and float(le) in buckets[name], f"{where}: {name} le={le}"

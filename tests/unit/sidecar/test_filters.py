@@ -140,9 +140,9 @@ def test_page_tokens_are_bound_to_the_query() -> None:
 
 def _cf(index, job_id: str, incident_id: str, *, status: str = "scored",  # type: ignore[no-untyped-def]
         score: float | None = None, flagged: bool | None = None, minute: int = 0) -> None:
-    """Record a CF job's result rows the way the runner does (``_results.record_cf``)."""
-    from sidecar._jobs import JobRecord
-    from sidecar._results import record_cf
+    """Record a CF job's result rows the way the ``cf`` kind does (``record_cf``)."""
+    from sidecar.jobs import JobRecord
+    from sidecar.jobs._cf import record_cf
 
     when = dt.datetime(2025, 1, 1, 0, minute)
     job = JobRecord(id=job_id, incident_id=incident_id, tenant="acme", kind="cf", state="done",
@@ -222,11 +222,11 @@ def test_index_written_before_the_p_column_is_upgraded_on_open(tmp_path) -> None
     when opened; its old rows keep NULL and stay listable."""
     import duckdb
 
-    from sidecar._results import DDL
+    from sidecar._schema import RESULT_DDL
     from sidecar._store_index import Index
 
     path = tmp_path / "index.duckdb"
-    old_ddl = DDL[0].replace(", p DOUBLE)", ")")
+    old_ddl = RESULT_DDL[0].replace(", p DOUBLE)", ")")
     assert "p DOUBLE" not in old_ddl
     con = duckdb.connect(str(path))
     con.execute(old_ddl)

@@ -151,10 +151,12 @@ def test_stored_file_reads_back_exactly(store: LocalStore,
 def test_delete_removes_derived_rows(store: LocalStore,
                                      make_incident: Callable[..., bytes]) -> None:
     """Deleting an incident deletes its jobs, analyses and CF / CCA result rows (recorded the
-    way the job runner records them), and nothing of another incident."""
-    from sidecar._jobs import JobRecord
-    from sidecar._results import record_cca, record_cf
-    from sidecar._store_index import RESULT_TABLES, utcnow
+    way the kinds record them), and nothing of another incident."""
+    from sidecar._schema import RESULT_TABLES
+    from sidecar._store_index import utcnow
+    from sidecar.jobs import JobRecord
+    from sidecar.jobs._cca import CCA
+    from sidecar.jobs._cf import CF
 
     def job(job_id: str, incident_id: str, kind: str) -> JobRecord:
         now = utcnow()
@@ -181,8 +183,9 @@ def test_delete_removes_derived_rows(store: LocalStore,
                                       j.created_at])
                 con.execute("INSERT INTO analyses VALUES (?, ?, ?, ?, ?)",
                             [j.id, iid, j.kind, "{}", j.created_at])
-            record_cf(con, jobs[0], cf_result)
-            record_cca(con, jobs[1], cca_result)
+            assert CF.record is not None and CCA.record is not None
+            CF.record(con, jobs[0], cf_result)
+            CCA.record(con, jobs[1], cca_result)
 
     def counts(iid: str) -> dict[str, int]:
         return {t: store.index.read(f"SELECT count(*) FROM {t} WHERE incident_id = ?",

@@ -9,13 +9,21 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import StatusCode
 from prometheus_client import CollectorRegistry
 
-from sidecar._hooks import JOB_STATES, REJECT_REASONS, Telemetry, as_telemetry
+from sidecar._ingest import INCIDENTS_RECEIVED, INGEST_BYTES
+from sidecar._observer import Telemetry, as_telemetry, counter
+from sidecar._reject import INGEST_REJECTED, REJECT_REASONS
+from sidecar.jobs import JOB_STATES
+from sidecar.jobs._cca import FIX_SET_SIZE
+from sidecar.jobs._cf import ANOMALY_P, ANOMALY_SCORE
+from sidecar.jobs._runner import JOB_DURATION, JOBS, JOBS_FINISHED
 from sidecar.telemetry import (
     MetricsHTTPServer,
+    SidecarMetrics,
     SidecarTelemetry,
     Tracing,
     make_otlp_exporter,
     parse_traceparent,
+    sidecar_metrics,
 )
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -110,17 +118,29 @@ def test_exception_in_span_propagates_and_marks_the_span(tel):
     assert any(e.name == "exception" for e in s.events)
 
 
+def _received(tel, nbytes: int) -> None:
+    tel.observe(INCIDENTS_RECEIVED)
+    tel.observe(INGEST_BYTES, nbytes)
+
+
+def _finished(tel, kind: str, state: str, seconds: float) -> None:
+    tel.observe(JOB_DURATION, seconds, labels={"kind": kind})
+    tel.observe(JOBS_FINISHED, labels={"kind": kind, "state": state})
+
+
 def test_counters_gauges_histograms(tel):
     reg = tel.registry
-    tel.on_received(1000)
-    tel.on_received(24)
-    tel.on_rejected("sha256_mismatch")
-    tel.on_rejected("sha256_mismatch")
-    tel.on_rejected("something-new")  # unknown reasons collapse to "other" (bounded labels)
-    tel.set_job_counts({"pending": 3, "running": 1})
-    tel.on_job_finished("cf", "done", 0.25)
-    tel.on_job_finished("cf", "failed", 3.0)
-    tel.on_fix_set_size(2)
+    _received(tel, 1000)
+    _received(tel, 24)
+    tel.observe(INGEST_REJECTED, labels={"reason": "sha256_mismatch"})
+    tel.observe(INGEST_REJECTED, labels={"reason": "sha256_mismatch"})
+    # unknown reasons collapse to "other" (bounded labels)
+    tel.observe(INGEST_REJECTED, labels={"reason": "something-new"})
+    tel.observe(JOBS, 3, labels={"state": "pending"})
+    tel.observe(JOBS, 1, labels={"state": "running"})
+    _finished(tel, "cf", "done", 0.25)
+    _finished(tel, "cf", "failed", 3.0)
+    tel.observe(FIX_SET_SIZE, 2)
     assert _value(reg, "forensics_incidents_received_total") == 2
     assert _value(reg, "forensics_ingest_bytes_total") == 1024
     assert _value(reg, "forensics_ingest_rejected_total", {"reason": "sha256_mismatch"}) == 2
@@ -149,13 +169,13 @@ def _scrape(url: str, accept: str | None) -> tuple[str, str]:
 def test_metrics_endpoint_negotiates_openmetrics_with_trace_exemplars(tel):
     tel.http = MetricsHTTPServer(tel.registry, port=0)
     with tel.span("job.cf", traceparent=TRACEPARENT):
-        tel.on_anomaly_score(4.2, traceparent=TRACEPARENT)  # exemplar: the request's trace
-        tel.on_anomaly_p(0.004, traceparent=TRACEPARENT)
+        tel.observe(ANOMALY_SCORE, 4.2, traceparent=TRACEPARENT)  # exemplar: the request's trace
+        tel.observe(ANOMALY_P, 0.004, traceparent=TRACEPARENT)
     with tel.span("job.cf"):
         job_trace = Tracing.current_trace_id()
-        tel.on_anomaly_score(0.3)  # no request trace: the sidecar's own trace
-    tel.on_anomaly_score(1.2)      # no trace at all: no exemplar
-    tel.on_received(10)
+        tel.observe(ANOMALY_SCORE, 0.3)  # no request trace: the sidecar's own trace
+    tel.observe(ANOMALY_SCORE, 1.2)      # no trace at all: no exemplar
+    _received(tel, 10)
     assert tel.metrics_url is not None and tel.metrics_url.endswith("/metrics")
 
     ctype, om = _scrape(tel.metrics_url, "application/openmetrics-text; version=1.0.0")
@@ -178,6 +198,23 @@ def test_metrics_endpoint_negotiates_openmetrics_with_trace_exemplars(tel):
     assert "trace_id" not in text
 
 
+def test_a_metric_declared_elsewhere_is_created_on_first_use(tel):
+    """A kind's own metric (not in the sidecar's catalogue) needs no registration anywhere."""
+    mine = counter("custom_things", "Things a custom job kind counted.", labels=("kind",))
+    assert mine.name not in {m.name for m in sidecar_metrics()}
+    tel.observe(mine, 2, labels={"kind": "x"})
+    tel.observe(mine, -5, labels={"kind": "x"})   # counters never go down
+    assert _value(tel.registry, "forensics_custom_things_total", {"kind": "x"}) == 2
+
+
+def test_every_declared_metric_is_exported_from_the_start():
+    reg = CollectorRegistry()
+    metrics = SidecarMetrics(registry=reg)
+    assert set(metrics.instruments) == {m.name for m in sidecar_metrics()}
+    families = {fam.name for fam in reg.collect()}
+    assert families == {f"forensics_{m.name}" for m in sidecar_metrics()}
+
+
 def test_shutdown_stops_the_metrics_server():
     tel = SidecarTelemetry(registry=CollectorRegistry(), metrics_port=0)
     url = tel.metrics_url
@@ -191,10 +228,12 @@ def test_shutdown_stops_the_metrics_server():
 
 def test_no_metrics_server_unless_asked():
     t = SidecarTelemetry(registry=CollectorRegistry())
-    assert t.metrics_url is None
-    with t.span("ingest", traceparent=TRACEPARENT):  # spans still work (no exporter)
-        assert Tracing.current_trace_id() is not None
-    t.shutdown()
+    try:
+        assert t.metrics_url is None
+        with t.span("ingest", traceparent=TRACEPARENT):  # spans still work (no exporter)
+            assert Tracing.current_trace_id() is not None
+    finally:
+        t.shutdown()
 
 
 def test_otlp_exporters_are_configurable_and_off_by_default():
@@ -209,8 +248,10 @@ def test_otlp_exporters_are_configurable_and_off_by_default():
     with pytest.raises(ConfigError, match="grpc' or 'http"):
         make_otlp_exporter("x", protocol="thrift")  # type: ignore[arg-type]
     tr = Tracing()
-    assert not tr.provider._active_span_processor._span_processors  # nothing exported
-    tr.shutdown()
+    try:
+        assert not tr.provider._active_span_processor._span_processors  # nothing exported
+    finally:
+        tr.shutdown()
 
 
 def test_prometheus_rules_and_scrape_config_use_only_real_series():

@@ -1,0 +1,115 @@
+"""The schema of the store's DuckDB index: the catalog tables and the analysis result tables.
+
+Catalog: ``meta`` (schema version), ``incidents`` (one row per stored incident), ``jobs`` and
+``analyses`` (the job queue and each done job's result JSON). Result tables, queryable with plain
+SQL beside them (written by the job kinds that own them, in the transaction that marks the job
+done):
+
+* ``cf_results``: one row per CF job — ``status`` (``scored`` | ``no_baseline`` |
+  ``no_activations``), ``score`` / ``flagged`` / ``p`` (the incident's empirical p-value; NULL
+  unless scored: never a fake number), threshold, detector, baseline version and size, top site.
+* ``cf_site_scores``: one row per scored site of a CF job — rank, score, stat, p, q, flagged,
+  significant, and where the worst unit was (step, position).
+* ``baselines``: one row per built baseline version (fingerprint, detector, version, file path
+  relative to the data dir, sample count, sites, the incident ids it was built from).
+* ``cca_results`` / ``cca_interventions``: one row per CCA job (flip, size, flip rate and its
+  Wilson interval, p-value, side effects, forward passes vs exhaustive) and one per element of
+  the fix set (site, kind, necessity).
+
+Every table is ``CREATE TABLE IF NOT EXISTS``, created when the index opens; :data:`MIGRATIONS`
+upgrade index files written by earlier versions.
+
+Example::
+
+    index.read("SELECT incident_id, score, flagged FROM cf_results WHERE status = 'scored' "
+               "ORDER BY score DESC LIMIT 10")
+"""
+
+from __future__ import annotations
+
+__all__ = ["CATALOG_DDL", "MIGRATIONS", "RESULT_DDL", "RESULT_TABLES", "SCHEMA_VERSION"]
+
+SCHEMA_VERSION = "1"
+
+CATALOG_DDL = (
+    """CREATE TABLE IF NOT EXISTS meta (key VARCHAR PRIMARY KEY, value VARCHAR NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS incidents (
+        id VARCHAR PRIMARY KEY,
+        tenant VARCHAR NOT NULL,
+        created_at TIMESTAMP,
+        received_at TIMESTAMP NOT NULL,
+        model_name VARCHAR,
+        model_fingerprint VARCHAR,
+        trigger_rule VARCHAR,
+        trigger_reason VARCHAR,
+        request_id VARCHAR,
+        traceparent VARCHAR,
+        size_bytes BIGINT NOT NULL,
+        sha256 VARCHAR NOT NULL,
+        activations VARCHAR,
+        n_sites INTEGER NOT NULL,
+        path VARCHAR NOT NULL,
+        manifest_json VARCHAR NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS jobs (
+        id VARCHAR PRIMARY KEY,
+        incident_id VARCHAR NOT NULL,
+        tenant VARCHAR NOT NULL,
+        kind VARCHAR NOT NULL,
+        state VARCHAR NOT NULL,
+        attempts INTEGER NOT NULL,
+        max_attempts INTEGER NOT NULL,
+        error VARCHAR,
+        params_json VARCHAR NOT NULL,
+        request_id VARCHAR,
+        created_at TIMESTAMP NOT NULL,
+        started_at TIMESTAMP,
+        finished_at TIMESTAMP)""",
+    """CREATE TABLE IF NOT EXISTS analyses (
+        job_id VARCHAR PRIMARY KEY,
+        incident_id VARCHAR NOT NULL,
+        kind VARCHAR NOT NULL,
+        result_json VARCHAR NOT NULL,
+        created_at TIMESTAMP NOT NULL)""",
+    "CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state)",
+    "CREATE INDEX IF NOT EXISTS jobs_incident ON jobs (incident_id)",
+)
+
+RESULT_DDL = (
+    """CREATE TABLE IF NOT EXISTS cf_results (
+        job_id VARCHAR PRIMARY KEY, incident_id VARCHAR NOT NULL, tenant VARCHAR NOT NULL,
+        model_fingerprint VARCHAR, detector VARCHAR NOT NULL, status VARCHAR NOT NULL,
+        score DOUBLE, flagged BOOLEAN, threshold DOUBLE, baseline_version INTEGER,
+        baseline_samples INTEGER, n_sites INTEGER, top_site VARCHAR,
+        created_at TIMESTAMP NOT NULL, p DOUBLE)""",
+    """CREATE TABLE IF NOT EXISTS cf_site_scores (
+        job_id VARCHAR NOT NULL, incident_id VARCHAR NOT NULL, rank INTEGER NOT NULL,
+        site VARCHAR NOT NULL, score DOUBLE, stat DOUBLE, p DOUBLE, q DOUBLE, flagged BOOLEAN,
+        significant BOOLEAN, n_units INTEGER, worst_step INTEGER, worst_position INTEGER,
+        PRIMARY KEY (job_id, site))""",
+    """CREATE TABLE IF NOT EXISTS baselines (
+        fingerprint VARCHAR NOT NULL, detector VARCHAR NOT NULL, version INTEGER NOT NULL,
+        path VARCHAR NOT NULL, model_name VARCHAR, sample_count INTEGER NOT NULL,
+        sites_json VARCHAR NOT NULL, incident_ids_json VARCHAR NOT NULL, job_id VARCHAR,
+        created_at TIMESTAMP NOT NULL, PRIMARY KEY (fingerprint, detector, version))""",
+    """CREATE TABLE IF NOT EXISTS cca_results (
+        job_id VARCHAR PRIMARY KEY, incident_id VARCHAR NOT NULL, tenant VARCHAR NOT NULL,
+        status VARCHAR NOT NULL, flip BOOLEAN NOT NULL, size INTEGER NOT NULL,
+        one_minimal BOOLEAN, flip_rate DOUBLE, flip_rate_lo DOUBLE, flip_rate_hi DOUBLE,
+        p_value DOUBLE, mean_kl DOUBLE, top1_agreement DOUBLE, forward_passes INTEGER,
+        exhaustive_forward_passes INTEGER, strategy VARCHAR, intervention_kind VARCHAR,
+        failure VARCHAR, reason VARCHAR, created_at TIMESTAMP NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS cca_interventions (
+        job_id VARCHAR NOT NULL, incident_id VARCHAR NOT NULL, idx INTEGER NOT NULL,
+        site VARCHAR NOT NULL, kind VARCHAR NOT NULL, metric_without DOUBLE, delta DOUBLE,
+        flips_without BOOLEAN, PRIMARY KEY (job_id, idx))""",
+    "CREATE INDEX IF NOT EXISTS cf_results_incident ON cf_results (incident_id)",
+    "CREATE INDEX IF NOT EXISTS cca_results_incident ON cca_results (incident_id)",
+)
+
+#: Additive upgrades of index files written by earlier versions (run when an index opens):
+#: ``cf_results.p`` arrived after schema version 1 (older rows keep NULL: never invented).
+MIGRATIONS = ("ALTER TABLE cf_results ADD COLUMN IF NOT EXISTS p DOUBLE",)
+
+#: Per-incident analysis result tables (above), child rows first: deleting an
+#: incident deletes its rows in each.
+RESULT_TABLES = ("cf_site_scores", "cf_results", "cca_interventions", "cca_results")

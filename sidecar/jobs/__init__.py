@@ -1,0 +1,54 @@
+"""Sidecar analysis jobs: a package of self-contained job kinds and the runner they are given to.
+
+A kind (:class:`JobKind`) is a name, a plain picklable ``run(ctx) -> result`` and optional hooks
+that see a narrow :class:`JobHost`; the built-in kinds (``stats``, ``replay``, ``cf``,
+``baseline``, ``cca``) are listed by :func:`builtin_kinds` and injected into the
+:class:`JobRunner`, which persists jobs in the store's DuckDB index (they survive restarts).
+There is no global registry: a runner knows exactly the kinds it was given.
+
+Example::
+
+    from sidecar.jobs import JobKind, JobRunner, builtin_kinds
+    runner = JobRunner(store, config=cfg, kinds=builtin_kinds())
+    runner.start()
+    job = runner.submit("inc-1", "stats", tenant="acme")
+    runner.wait(job.id, timeout_s=30).result["n_tensors"]
+    runner.stop()
+"""
+
+from ._builtin import builtin_kinds
+from ._kind import (
+    AfterFn,
+    JobContext,
+    JobFailed,
+    JobHost,
+    JobKind,
+    JobKinds,
+    PrepareFn,
+    RecordFn,
+    RunFn,
+    UnknownJobKindError,
+    execute_job,
+)
+from ._queue import JOB_STATES, JobQueue, JobRecord
+from ._runner import METRICS, JobRunner
+
+__all__ = [
+    "JOB_STATES",
+    "METRICS",
+    "AfterFn",
+    "JobContext",
+    "JobFailed",
+    "JobHost",
+    "JobKind",
+    "JobKinds",
+    "JobQueue",
+    "JobRecord",
+    "JobRunner",
+    "PrepareFn",
+    "RecordFn",
+    "RunFn",
+    "UnknownJobKindError",
+    "builtin_kinds",
+    "execute_job",
+]

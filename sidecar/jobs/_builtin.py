@@ -1,0 +1,23 @@
+"""The built-in job kinds, listed in one place (the sidecar injects them into its runner).
+
+Example::
+
+    [k.name for k in builtin_kinds()]   # ['stats', 'replay', 'cf', 'baseline', 'cca']
+    JobRunner(store, config=cfg, kinds=(*builtin_kinds(), MY_KIND))
+"""
+
+from __future__ import annotations
+
+from ._baseline import BASELINE
+from ._cca import CCA
+from ._cf import CF
+from ._kind import JobKind
+from ._replay import REPLAY
+from ._stats import STATS
+
+__all__ = ["builtin_kinds"]
+
+
+def builtin_kinds() -> tuple[JobKind, ...]:
+    """``stats``, ``replay``, ``cf``, ``baseline`` and ``cca``."""
+    return (STATS, REPLAY, CF, BASELINE, CCA)

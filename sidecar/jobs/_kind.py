@@ -1,0 +1,175 @@
+"""What a job kind is, what it sees, and the errors it raises.
+
+A kind is data (:class:`JobKind`): a name, ``run`` — a plain, picklable function of the job's
+:class:`JobContext` (incident path, params, config) returning a JSON-able result, so the
+executor seam can be a thread pool (default), a process pool or Ray tasks (DESIGN §12) — and
+optional runner-side hooks that see a narrow :class:`JobHost` (config, read access to the index,
+the job's incident, submitting follow-ups, metrics), never the runner:
+
+* ``prepare(host, job, params) -> params`` before an attempt (e.g. pick benign incidents);
+* ``record(con, job, result)`` inside the transaction that marks the job done (result tables);
+* ``after(host, job, result)`` after that commit (the kind's metrics, follow-up jobs).
+
+Kinds are listed in one place (:func:`sidecar.jobs.builtin_kinds`) and injected into the
+runner; tests and deployments pass their own tuple.
+
+Example::
+
+    def norms(ctx: JobContext) -> dict:
+        return {"n_sites": len(ctx.open_incident().sites())}
+
+    NORMS = JobKind("norms", run=norms)
+    runner = JobRunner(store, config=cfg, kinds=(*builtin_kinds(), NORMS))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from integrations.errors import SidecarError
+
+if TYPE_CHECKING:
+    from integrations.incident import Incident
+
+    from .._config import SidecarConfig
+    from .._observer import Metric
+    from .._store_index import IncidentRow
+    from ._queue import JobRecord
+
+__all__ = [
+    "AfterFn",
+    "JobContext",
+    "JobFailed",
+    "JobHost",
+    "JobKind",
+    "JobKinds",
+    "PrepareFn",
+    "RecordFn",
+    "RunFn",
+    "UnknownJobKindError",
+    "execute_job",
+]
+
+
+class JobFailed(SidecarError):
+    """Raised by a job kind: the message is the job's recorded error."""
+
+    def __init__(self, message: str, *, retryable: bool = False) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+
+
+class UnknownJobKindError(SidecarError, ValueError):
+    """The runner has no job kind of that name."""
+
+
+@dataclasses.dataclass(frozen=True)
+class JobContext:
+    """Everything ``run`` gets (picklable: no store, no connections)."""
+
+    job_id: str
+    incident_id: str
+    kind: str
+    attempt: int
+    params: Mapping[str, Any]
+    incident_path: Path
+    config: SidecarConfig
+
+    def open_incident(self) -> Incident:
+        """The job's incident, memory-mapped and validated."""
+        from integrations.incident import Incident
+
+        return Incident.open(self.incident_path)
+
+
+class JobHost(Protocol):
+    """What a kind's runner-side hooks see of the sidecar (one per job attempt)."""
+
+    @property
+    def config(self) -> SidecarConfig:
+        """The sidecar configuration."""
+        ...
+
+    def incident(self, incident_id: str) -> IncidentRow | None:
+        """An incident's index row, in the job's tenant (None when absent or another's)."""
+        ...
+
+    def incident_path(self, incident_id: str) -> Path:
+        """The stored Arrow file of an incident (for a JobContext's params)."""
+        ...
+
+    def read(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        """A read-only query on the index."""
+        ...
+
+    def read_dicts(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
+        """Like :meth:`read`, each row as a dict."""
+        ...
+
+    def submit(self, incident_id: str, kind: str, *, tenant: str | None = None,
+               params: Mapping[str, Any] | None = None,
+               request_id: str | None = None) -> None:
+        """Enqueue a follow-up job (``tenant`` defaults to the job's)."""
+        ...
+
+    def observe(self, metric: Metric, value: float = 1.0, *,
+                labels: Mapping[str, str] | None = None) -> None:
+        """Report a metric; the exemplar is the trace of the job's incident."""
+        ...
+
+
+RunFn = Callable[[JobContext], Mapping[str, Any]]
+PrepareFn = Callable[[JobHost, "JobRecord", dict[str, Any]], dict[str, Any]]
+RecordFn = Callable[[Any, "JobRecord", dict[str, Any]], None]
+AfterFn = Callable[[JobHost, "JobRecord", dict[str, Any]], None]
+
+
+@dataclasses.dataclass(frozen=True)
+class JobKind:
+    """One kind of analysis job: ``run`` plus the optional hooks of the module doc, and the
+    metrics its hooks observe (declared so they are exported from the first scrape)."""
+
+    name: str
+    run: RunFn
+    prepare: PrepareFn | None = None
+    record: RecordFn | None = None
+    after: AfterFn | None = None
+    metrics: tuple[Metric, ...] = ()
+
+
+class JobKinds:
+    """The kinds one runner knows, by name (names must be unique)."""
+
+    def __init__(self, kinds: Iterable[JobKind]) -> None:
+        self._kinds: dict[str, JobKind] = {}
+        for kind in kinds:
+            if kind.name in self._kinds:
+                raise ValueError(f"two job kinds are named {kind.name!r}")
+            self._kinds[kind.name] = kind
+
+    def __getitem__(self, name: str) -> JobKind:
+        """The kind ``name`` (:class:`UnknownJobKindError` when there is none)."""
+        kind = self._kinds.get(name)
+        if kind is None:
+            raise UnknownJobKindError(f"unknown analysis kind {name!r}; registered kinds: "
+                                      f"{', '.join(self.names())}")
+        return kind
+
+    def __iter__(self) -> Iterator[JobKind]:
+        return iter(self._kinds.values())
+
+    def names(self) -> list[str]:
+        """Every kind's name, sorted."""
+        return sorted(self._kinds)
+
+
+def execute_job(run: RunFn, ctx: JobContext) -> dict[str, Any]:
+    """Run one job attempt (top-level so process pools can pickle it); returns the result,
+    checked to be strict JSON."""
+    result = dict(run(ctx))
+    json.dumps(result, allow_nan=False)   # fail here, not when storing
+    return result

@@ -1,0 +1,157 @@
+"""The persistent job queue: the ``jobs`` and ``analyses`` tables of the store's DuckDB index.
+
+States: pending → running → done | failed; a retryable failure goes back to pending until
+``max_attempts``. :meth:`JobQueue.resume` (at start-up) makes jobs left ``running`` by a crash
+pending again, or failed once their attempts are used up. Timestamps come from ``clock``
+(injectable: tests pass explicit times instead of waiting for the wall clock to move).
+
+Example::
+
+    queue = JobQueue(store.index, max_attempts=3)
+    job = queue.submit("inc-1", "stats", tenant="acme")
+    claimed = queue.claim()                 # the oldest pending job, now running
+    queue.finish(claimed, "done", {"n": 1}, None)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import uuid
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from .._store_index import utcnow
+
+if TYPE_CHECKING:
+    from .._store_index import Index
+
+__all__ = ["JOB_STATES", "JobQueue", "JobRecord"]
+
+#: Job states (label values of ``forensics_jobs{state}``).
+JOB_STATES = ("pending", "running", "done", "failed")
+
+
+@dataclasses.dataclass(frozen=True)
+class JobRecord:
+    """One row of the ``jobs`` table (+ its result once done)."""
+
+    id: str
+    incident_id: str
+    tenant: str
+    kind: str
+    state: str
+    attempts: int
+    max_attempts: int
+    error: str | None
+    params_json: str
+    request_id: str | None
+    created_at: dt.datetime
+    started_at: dt.datetime | None
+    finished_at: dt.datetime | None
+    result_json: str | None = None
+
+    @property
+    def result(self) -> dict[str, Any] | None:
+        return None if self.result_json is None else dict(json.loads(self.result_json))
+
+
+_JOB_SELECT = ("SELECT j.id, j.incident_id, j.tenant, j.kind, j.state, j.attempts, "
+               "j.max_attempts, j.error, j.params_json, j.request_id, j.created_at, j.started_at, "
+               "j.finished_at, a.result_json FROM jobs j LEFT JOIN analyses a ON a.job_id = j.id")
+
+
+class JobQueue:
+    """Jobs persisted in ``index`` (survive restarts); every method is one transaction."""
+
+    def __init__(self, index: Index, *, max_attempts: int,
+                 clock: Callable[[], dt.datetime] = utcnow) -> None:
+        self.index = index
+        self.max_attempts = max_attempts
+        self.clock = clock
+
+    def resume(self) -> None:
+        """Start-up: jobs left running by a stopped or crashed sidecar are pending again, or
+        failed when their attempts are used up."""
+        with self.index.write() as con:
+            con.execute("UPDATE jobs SET state = 'failed', finished_at = ?, error = "
+                        "'interrupted ' || attempts || ' time(s) (sidecar stopped while running); "
+                        "giving up — run the analysis again' "
+                        "WHERE state = 'running' AND attempts >= max_attempts", [self.clock()])
+            con.execute("UPDATE jobs SET state = 'pending' WHERE state = 'running'")
+
+    def submit(self, incident_id: str, kind: str, *, tenant: str,
+               params: Mapping[str, Any] | None = None,
+               request_id: str | None = None) -> JobRecord:
+        """Enqueue a pending job; with ``request_id`` the same (incident, key) returns the
+        existing job instead of a new one."""
+        params_json = json.dumps(dict(params or {}), sort_keys=True, allow_nan=False)
+        with self.index.write() as con:
+            found = con.execute("SELECT id FROM jobs WHERE incident_id = ? AND request_id = ?",
+                                [incident_id, request_id]).fetchone() if request_id else None
+            if found is None:
+                job = JobRecord(
+                    id=f"job-{uuid.uuid4().hex}", incident_id=incident_id, tenant=tenant,
+                    kind=kind, state="pending", attempts=0, max_attempts=self.max_attempts,
+                    error=None, params_json=params_json, request_id=request_id or None,
+                    created_at=self.clock(), started_at=None, finished_at=None)
+                con.execute(
+                    "INSERT INTO jobs (id, incident_id, tenant, kind, state, attempts, "
+                    "max_attempts, error, params_json, request_id, created_at) "
+                    "VALUES (?, ?, ?, ?, 'pending', 0, ?, NULL, ?, ?, ?)",
+                    [job.id, incident_id, tenant, kind, job.max_attempts, params_json,
+                     job.request_id, job.created_at])
+                return job   # a new job is returned as enqueued (pending)
+        existing = self.get(found[0])
+        assert existing is not None
+        return existing
+
+    def get(self, job_id: str, *, tenant: str | None = None) -> JobRecord | None:
+        """A job (with its result), or None when absent or another tenant's."""
+        rows = self.index.read_dicts(f"{_JOB_SELECT} WHERE j.id = ?", [job_id])
+        if not rows or (tenant is not None and rows[0]["tenant"] != tenant):
+            return None
+        return JobRecord(**rows[0])
+
+    def list_for(self, incident_id: str, *, tenant: str | None = None) -> list[JobRecord]:
+        """An incident's jobs, newest first."""
+        sql = f"{_JOB_SELECT} WHERE j.incident_id = ?"
+        params: list[Any] = [incident_id]
+        if tenant is not None:
+            sql += " AND j.tenant = ?"
+            params.append(tenant)
+        rows = self.index.read_dicts(sql + " ORDER BY j.created_at DESC, j.id", params)
+        return [JobRecord(**r) for r in rows]
+
+    def counts(self) -> dict[str, int]:
+        """Jobs per state (every state of :data:`JOB_STATES`)."""
+        found = dict(self.index.read("SELECT state, count(*) FROM jobs GROUP BY state"))
+        return {s: int(found.get(s, 0)) for s in JOB_STATES}
+
+    def claim(self) -> JobRecord | None:
+        """The oldest pending job, marked running (one more attempt); None when none."""
+        with self.index.write() as con:
+            row = con.execute(
+                "UPDATE jobs SET state = 'running', attempts = attempts + 1, started_at = ?, "
+                "finished_at = NULL WHERE id = (SELECT id FROM jobs WHERE state = 'pending' "
+                "ORDER BY created_at, id LIMIT 1) RETURNING id", [self.clock()]).fetchone()
+        return None if row is None else self.get(row[0])
+
+    def finish(self, job: JobRecord, state: str, result: dict[str, Any] | None,
+               error: str | None, *,
+               record: Callable[[Any, JobRecord, dict[str, Any]], None] | None = None) -> None:
+        """Record an attempt's outcome; a done job's result (and the result-table rows that
+        ``record(con, job, result)`` writes: a kind's hook) in the same transaction."""
+        now = self.clock()
+        with self.index.write() as con:
+            con.execute("UPDATE jobs SET state = ?, error = ?, finished_at = ? WHERE id = ?",
+                        [state, error, None if state == "pending" else now, job.id])
+            if state == "done" and result is not None:
+                con.execute("DELETE FROM analyses WHERE job_id = ?", [job.id])
+                con.execute("INSERT INTO analyses (job_id, incident_id, kind, result_json, "
+                            "created_at) VALUES (?, ?, ?, ?, ?)",
+                            [job.id, job.incident_id, job.kind,
+                             json.dumps(result, allow_nan=False), now])
+                if record is not None:
+                    record(con, job, result)

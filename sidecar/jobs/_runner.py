@@ -1,0 +1,279 @@
+"""The job runner: claims pending jobs from the queue and runs at most ``jobs.workers`` at once.
+
+The runner knows kinds only through :class:`~sidecar.jobs.JobKind` (injected: ``kinds=``) and
+nothing of what their results mean: a kind's result tables, metrics and follow-up jobs are its
+own hooks, which see a narrow :class:`~sidecar.jobs.JobHost`. Each attempt runs in a
+``job.<kind>`` span linked to the incident's request trace; ``run`` goes through the executor
+(a thread pool unless another is given).
+
+Example::
+
+    runner = JobRunner(store, config=cfg, kinds=builtin_kinds())
+    runner.start()
+    job = runner.submit("inc-1", "stats", tenant="acme")
+    runner.wait(job.id, timeout_s=30).state      # "done"
+    runner.stop()
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import contextlib
+import datetime as dt
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any
+
+from integrations.errors import IncidentFormatError, SidecarError
+
+from .._observer import Telemetry, as_telemetry, counter, gauge, histogram
+from .._store_index import utcnow
+from ._host import RunnerHost
+from ._kind import JobContext, JobFailed, JobKind, JobKinds, UnknownJobKindError, execute_job
+from ._queue import JOB_STATES, JobQueue, JobRecord
+
+if TYPE_CHECKING:
+    from .._config import SidecarConfig
+    from .._store import IncidentStore
+
+__all__ = ["JOBS", "JOBS_FINISHED", "JOB_DURATION", "METRICS", "JobRunner"]
+
+log = logging.getLogger("sidecar.jobs")
+
+JOBS = gauge("jobs", "Analysis jobs by state (pending = the analysis queue depth).",
+             labels=("state",), values={"state": JOB_STATES})
+JOBS_FINISHED = counter("jobs_finished", "Job attempts that ended, by kind and state.",
+                        labels=("kind", "state"))
+#: From a stats job (ms) to a CCA search (the proposal's budget is 2 h).
+JOB_DURATION = histogram(
+    "job_duration_seconds", "Wall time of one analysis job attempt, by kind.", labels=("kind",),
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+             1800.0, 3600.0, 7200.0, float("inf")))
+METRICS = (JOBS, JOBS_FINISHED, JOB_DURATION)
+
+
+class _Stopped(Exception):
+    """The runner was stopped: runner threads no longer touch the index."""
+
+
+class JobRunner:
+    """Runs the jobs of ``store``'s queue with ``kinds`` (see the module doc)."""
+
+    def __init__(self, store: IncidentStore, *, config: SidecarConfig, kinds: Iterable[JobKind],
+                 telemetry: Telemetry | None = None, executor: cf.Executor | None = None,
+                 clock: Callable[[], dt.datetime] = utcnow) -> None:
+        self.store = store
+        self.config = config
+        self.kinds = JobKinds(kinds)
+        self.queue = JobQueue(store.index, max_attempts=config.jobs.max_attempts, clock=clock)
+        self.telemetry = as_telemetry(telemetry)
+        self.workers = config.jobs.workers
+        self._executor = executor or cf.ThreadPoolExecutor(
+            max_workers=self.workers, thread_name_prefix="forensics-job")
+        self._own_executor = executor is None
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._changed = threading.Condition()
+        self._inflight = 0
+        self._inflight_lock = threading.Lock()
+        self._counts_lock = threading.Lock()
+        self._db_lock = threading.RLock()
+        self._closed = False
+        self._thread: threading.Thread | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Resume interrupted jobs and start dispatching."""
+        self.queue.resume()
+        self._report_counts()
+        self._thread = threading.Thread(target=self._dispatch, name="forensics-job-dispatch",
+                                        daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Stop claiming; wait up to ``timeout_s`` for running attempts (unfinished ones are
+        resumed at the next start)."""
+        self._stopping.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+        deadline = time.monotonic() + timeout_s
+        with self._changed:
+            while self._inflight and time.monotonic() < deadline:
+                self._changed.wait(0.05)
+        with self._db_lock:   # no runner thread touches the index after this
+            self._closed = True
+        if self._own_executor:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+
+    # -- API ---------------------------------------------------------------------------------
+
+    def submit(self, incident_id: str, kind: str, *, tenant: str,
+               params: Mapping[str, Any] | None = None,
+               request_id: str | None = None) -> JobRecord:
+        """Enqueue a job of a known kind (state pending). With ``request_id``, the same
+        (incident, key) returns the existing job instead of a new one."""
+        self.kinds[kind]
+        job = self.queue.submit(incident_id, kind, tenant=tenant, params=params,
+                                request_id=request_id)
+        self._report_counts()
+        self._wake.set()
+        return job
+
+    def get(self, job_id: str, *, tenant: str | None = None) -> JobRecord | None:
+        return self.queue.get(job_id, tenant=tenant)
+
+    def list_for(self, incident_id: str, *, tenant: str | None = None) -> list[JobRecord]:
+        return self.queue.list_for(incident_id, tenant=tenant)
+
+    def counts(self) -> dict[str, int]:
+        return self.queue.counts()
+
+    def wait(self, job_id: str, *, timeout_s: float = 60.0) -> JobRecord:
+        """Block until the job is done or failed (or the timeout passes); returns its record."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            job = self.get(job_id)
+            if job is None:
+                raise SidecarError(f"job {job_id} does not exist")
+            if job.state in ("done", "failed") or time.monotonic() >= deadline:
+                return job
+            with self._changed:
+                self._changed.wait(0.05)
+
+    # -- dispatch ----------------------------------------------------------------------------
+
+    def _dispatch(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                while self._inflight < self.workers and not self._stopping.is_set():
+                    with self._db():
+                        job = self.queue.claim()
+                        if job is None:
+                            break
+                        self._start(job)
+            except _Stopped:
+                return
+            except Exception:   # keep dispatching; the index error is logged
+                log.exception("job dispatcher error")
+            self._wake.wait(self.config.jobs.poll_interval_s)
+            self._wake.clear()
+
+    def _start(self, job: JobRecord) -> None:
+        self._report_counts()
+        with self._inflight_lock:
+            self._inflight += 1
+        threading.Thread(target=self._run, args=(job,), name=f"forensics-job-{job.kind}",
+                         daemon=True).start()
+
+    @contextlib.contextmanager
+    def _db(self) -> Iterator[None]:
+        """Index access from runner threads: serialised with :meth:`stop`, refused once stopped
+        (the store may be closed then; an unfinished job is resumed at the next start)."""
+        with self._db_lock:
+            if self._closed:
+                raise _Stopped
+            yield
+
+    # -- one attempt -------------------------------------------------------------------------
+
+    def _run(self, job: JobRecord) -> None:
+        t0 = time.monotonic()
+        try:
+            with self._db():
+                row = self.store.get(job.incident_id)
+            traceparent = row.traceparent if row is not None else None
+            host = RunnerHost(self.store, config=self.config, job=job, submit=self.submit,
+                              telemetry=self.telemetry, traceparent=traceparent)
+            state, result, error = self._attempt(job, host, traceparent, found=row is not None)
+            state = self._conclude(job, host, state, result, error)
+            self.telemetry.observe(JOB_DURATION, time.monotonic() - t0,
+                                   labels={"kind": job.kind})
+            self.telemetry.observe(JOBS_FINISHED, labels={"kind": job.kind, "state": state})
+        except _Stopped:
+            log.info("job %s (%s) left running at shutdown; it is resumed at the next start",
+                     job.id, job.kind)
+        except Exception:
+            log.exception("could not record the outcome of job %s", job.id)
+        finally:
+            with contextlib.suppress(_Stopped), self._db():
+                self._report_counts()
+            with self._inflight_lock:
+                self._inflight -= 1
+            self._wake.set()
+            with self._changed:
+                self._changed.notify_all()
+
+    def _attempt(self, job: JobRecord, host: RunnerHost, traceparent: str | None, *,
+                 found: bool) -> tuple[str, dict[str, Any] | None, str | None]:
+        """Prepare and run one attempt inside its span: (state, result, error)."""
+        state, result, error = "failed", None, None
+        with self.telemetry.span(f"job.{job.kind}", traceparent=traceparent,
+                                 attributes={"forensics.incident.id": job.incident_id,
+                                             "forensics.incident.tenant": job.tenant,
+                                             "forensics.job.kind": job.kind,
+                                             "forensics.job.id": job.id,
+                                             "forensics.job.attempt": job.attempts}) as span:
+            try:
+                if not found:
+                    raise JobFailed(f"incident {job.incident_id} no longer exists")
+                result = self._execute(job, host)
+                state = "done"
+            except _Stopped:
+                raise
+            except JobFailed as e:
+                error = str(e)
+                state = "pending" if e.retryable and job.attempts < job.max_attempts else "failed"
+            except (IncidentFormatError, UnknownJobKindError) as e:
+                error = f"{type(e).__name__}: {e}"
+            except Exception as e:   # a bug or a transient failure: retry, then fail
+                log.exception("job %s (%s) failed", job.id, job.kind)
+                error = f"{type(e).__name__}: {e}"
+                state = "pending" if job.attempts < job.max_attempts else "failed"
+            span.set_attribute("forensics.job.state", state)
+        return state, result, error
+
+    def _execute(self, job: JobRecord, host: RunnerHost) -> dict[str, Any]:
+        kind = self.kinds[job.kind]
+        params = json.loads(job.params_json)
+        if kind.prepare is not None:
+            with self._db():
+                params = kind.prepare(host, job, params)
+        ctx = JobContext(job_id=job.id, incident_id=job.incident_id, kind=job.kind,
+                         attempt=job.attempts, params=params,
+                         incident_path=self.store.path(job.incident_id), config=self.config)
+        return self._executor.submit(execute_job, kind.run, ctx).result()
+
+    def _conclude(self, job: JobRecord, host: RunnerHost, state: str,
+                  result: dict[str, Any] | None, error: str | None) -> str:
+        """Record the outcome (the kind's ``record`` in the same transaction), then the kind's
+        ``after`` for a done job; a failing ``record`` fails the job, visibly. Returns the
+        recorded state."""
+        kind = self.kinds[job.kind] if state == "done" else None
+        with self._db():
+            try:
+                self.queue.finish(job, state, result, error,
+                                  record=kind.record if kind is not None else None)
+            except Exception as e:   # e.g. a result table rejected the row
+                log.exception("recording the result of job %s failed", job.id)
+                state, kind = "failed", None
+                self.queue.finish(job, state, None, f"recording the result failed: "
+                                                    f"{type(e).__name__}: {e}")
+            if kind is not None and kind.after is not None and result is not None:
+                try:
+                    kind.after(host, job, result)
+                except Exception:
+                    log.exception("follow-up of job %s (%s) failed", job.id, job.kind)
+        return state
+
+    def _report_counts(self) -> None:
+        with self._counts_lock:   # read + report as one step: the last report is the newest
+            try:
+                for state, n in self.counts().items():
+                    self.telemetry.observe(JOBS, n, labels={"state": state})
+            except Exception:
+                log.exception("could not report job counts")
