@@ -19,9 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
-import json
-import logging
 import os
 import queue
 import re
@@ -35,6 +32,14 @@ from integrations.errors import IncidentFormatError, IncidentTooLargeError
 from ._observer import Telemetry, as_telemetry, incident_attributes
 from ._store_files import IncomingFile, StoreError, _fsync_dir, _write_tmp
 from ._store_index import IncidentRow, Index, row_from_manifest, utcnow
+from ._store_recovery import (
+    ReindexReport,
+    manifest_tenant,
+    receipt_bytes,
+    receipt_path,
+    reconcile,
+    stored_path,
+)
 
 if TYPE_CHECKING:
     from integrations.incident import Incident
@@ -53,8 +58,6 @@ __all__ = [
     "StoreError",
 ]
 
-log = logging.getLogger("sidecar.store")
-
 #: Incident ids the store accepts (the incident format's id rule; safe as a file name).
 ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
 
@@ -69,17 +72,6 @@ class PutResult:
 
     row: IncidentRow
     created: bool
-
-
-@dataclasses.dataclass
-class ReindexReport:
-    """What :meth:`LocalStore.reindex` / start-up recovery did."""
-
-    indexed: int = 0
-    kept: int = 0
-    removed_rows: int = 0
-    quarantined: list[str] = dataclasses.field(default_factory=list)
-    tmp_removed: int = 0
 
 
 class IncidentStore(Protocol):
@@ -158,7 +150,7 @@ class LocalStore:
         return self.incidents_dir / f"{incident_id}.arrow"
 
     def _receipt_path(self, incident_id: str) -> Path:
-        return self.incidents_dir / f"{incident_id}.json"
+        return receipt_path(self.incidents_dir, incident_id)
 
     # -- write -------------------------------------------------------------------------------
 
@@ -210,40 +202,22 @@ class LocalStore:
         incident, manifest id ≠ upload id), :class:`AlreadyExistsError` (same id, different
         bytes), :class:`StoreError` (I/O).
         """
-        from integrations.incident import Incident
-
         incident_id = incoming.incident_id
-        tmp = incoming.path
         tmp_receipt: Path | None = None
         try:
             self._check_size(incident_id, incoming.size)
             existing = self.index.get_incident(incident_id)
             if existing is not None:
                 return self._existing(existing, sha256)
-            inc = Incident.open(tmp, verify=not digest_verified)
-            if inc.id != incident_id:
-                raise IncidentFormatError(
-                    f"upload header says incident id {incident_id!r} but the manifest says "
-                    f"{inc.id!r}; send the manifest's id in the header")
-            manifest = inc.manifest
-            if tenant is None:
-                tenant = str((manifest.get("request") or {}).get("tenant") or "")
-            sites = manifest.get("sites")
-            n_sites = len(sites) if isinstance(sites, list) else len(inc.sites())
-            del inc
-            received_at = utcnow()
-            row = row_from_manifest(manifest, tenant=tenant, size_bytes=incoming.size,
-                                    sha256=sha256, path=f"incidents/{incident_id}.arrow",
-                                    received_at=received_at, n_sites=n_sites)
-            receipt = json.dumps({"tenant": tenant, "received_at": received_at.isoformat(),
-                                  "sha256": sha256}).encode("utf-8")
-            tmp_receipt = _write_tmp(self.incidents_dir, incident_id, receipt)
+            row = self._verified_row(incoming, tenant=tenant, sha256=sha256,
+                                     digest_verified=digest_verified)
+            tmp_receipt = _write_tmp(self.incidents_dir, incident_id, receipt_bytes(row))
             with self._put_lock:
                 existing = self.index.get_incident(incident_id)
                 if existing is not None:   # a concurrent upload of the same id won the race
                     return self._existing(existing, sha256)
                 os.replace(tmp_receipt, self._receipt_path(incident_id))
-                os.replace(tmp, self.path(incident_id))
+                os.replace(incoming.path, self.path(incident_id))
                 _fsync_dir(self.incidents_dir)
                 with self.telemetry.span("index", traceparent=row.traceparent,
                                          attributes=incident_attributes(row)), \
@@ -253,11 +227,29 @@ class LocalStore:
             raise StoreError(f"cannot store incident {incident_id}: {e}; check free disk "
                              "space and permissions") from e
         finally:
-            tmp.unlink(missing_ok=True)
+            incoming.path.unlink(missing_ok=True)
             if tmp_receipt is not None:
                 tmp_receipt.unlink(missing_ok=True)
         self._publish(row)
         return PutResult(row=row, created=True)
+
+    def _verified_row(self, incoming: IncomingFile, *, tenant: str | None, sha256: str,
+                      digest_verified: bool) -> IncidentRow:
+        """The index row of a received upload, after ``Incident.open`` validated it."""
+        from integrations.incident import Incident
+
+        inc = Incident.open(incoming.path, verify=not digest_verified)
+        if inc.id != incoming.incident_id:
+            raise IncidentFormatError(
+                f"upload header says incident id {incoming.incident_id!r} but the manifest "
+                f"says {inc.id!r}; send the manifest's id in the header")
+        manifest = inc.manifest
+        sites = manifest.get("sites")
+        return row_from_manifest(
+            manifest, tenant=manifest_tenant(manifest) if tenant is None else tenant,
+            size_bytes=incoming.size, sha256=sha256, path=stored_path(incoming.incident_id),
+            received_at=utcnow(),
+            n_sites=len(sites) if isinstance(sites, list) else len(inc.sites()))
 
     def _existing(self, row: IncidentRow, digest: str) -> PutResult:
         if row.sha256 != digest:
@@ -331,78 +323,14 @@ class LocalStore:
     def recover(self) -> ReindexReport:
         """Start-up reconciliation: remove temp files, index unindexed files, drop rows whose
         file is gone, remove receipts without a file."""
-        return self._reconcile(full=False)
+        with self._put_lock:
+            return reconcile(self.incidents_dir, self.quarantine_dir, self.index, full=False)
 
     def reindex(self) -> ReindexReport:
         """Rebuild the whole ``incidents`` index from the files (each re-validated and
         re-hashed); files that fail validation move to ``<root>/quarantine/``."""
-        return self._reconcile(full=True)
-
-    def _reconcile(self, *, full: bool) -> ReindexReport:
-        report = ReindexReport()
         with self._put_lock:
-            for tmp in self.incidents_dir.glob(".*.tmp"):
-                tmp.unlink(missing_ok=True)
-                report.tmp_removed += 1
-            files = {p.stem: p for p in self.incidents_dir.glob("*.arrow")}
-            for receipt in self.incidents_dir.glob("*.json"):
-                if receipt.stem not in files:
-                    receipt.unlink(missing_ok=True)
-            indexed = self.index.incident_ids()
-            for gone in sorted(indexed - set(files)):
-                self.index.delete_incident(gone)
-                report.removed_rows += 1
-            for incident_id, path in sorted(files.items()):
-                if incident_id in indexed and not full:
-                    report.kept += 1
-                    continue
-                try:
-                    row = self._row_from_file(incident_id, path)
-                except (IncidentFormatError, OSError, ValueError) as e:
-                    self._quarantine(path, e)
-                    report.quarantined.append(incident_id)
-                    if incident_id in indexed:
-                        self.index.delete_incident(incident_id)
-                    continue
-                with self.index.write() as con:
-                    con.execute("DELETE FROM incidents WHERE id = ?", [incident_id])
-                    self.index.insert_incident(con, row)
-                report.indexed += 1
-        return report
-
-    def _row_from_file(self, incident_id: str, path: Path) -> IncidentRow:
-        from integrations.incident import Incident
-
-        data = path.read_bytes()
-        inc = Incident.from_bytes(data)
-        if inc.id != incident_id:
-            raise IncidentFormatError(f"{path.name} holds incident {inc.id!r}")
-        digest = hashlib.sha256(data).hexdigest()
-        tenant, received_at = None, None
-        receipt_path = self._receipt_path(incident_id)
-        if receipt_path.exists():
-            receipt = json.loads(receipt_path.read_text(encoding="utf-8"))
-            if receipt.get("sha256") == digest:
-                tenant = receipt.get("tenant")
-                received_at = receipt.get("received_at")
-        manifest = inc.manifest
-        if tenant is None:
-            tenant = str((manifest.get("request") or {}).get("tenant") or "")
-        import datetime as dt
-
-        when = dt.datetime.fromisoformat(received_at) if received_at else utcnow()
-        sites = manifest.get("sites")
-        return row_from_manifest(manifest, tenant=str(tenant), size_bytes=len(data),
-                                 sha256=digest, path=f"incidents/{incident_id}.arrow",
-                                 received_at=when,
-                                 n_sites=len(sites) if isinstance(sites, list) else 0)
-
-    def _quarantine(self, path: Path, error: Exception) -> None:
-        self.quarantine_dir.mkdir(exist_ok=True)
-        log.error("incident file %s is invalid (%s); moved to %s", path, error,
-                  self.quarantine_dir)
-        os.replace(path, self.quarantine_dir / path.name)
-        self._receipt_path(path.stem).unlink(missing_ok=True)
+            return reconcile(self.incidents_dir, self.quarantine_dir, self.index, full=True)
 
     def close(self) -> None:
         """Close watchers and the index."""

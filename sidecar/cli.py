@@ -42,7 +42,14 @@ DEFAULT_ADDRESS = "127.0.0.1:7431"
 
 
 def register(subparsers: Any) -> None:
-    """Add the ``sidecar`` and ``incidents`` command groups to an argparse sub-parser set."""
+    """Add the ``sidecar``, ``incidents`` and ``baseline`` command groups to an argparse
+    sub-parser set."""
+    _register_sidecar(subparsers)
+    _register_incidents(subparsers)
+    _register_baseline(subparsers)
+
+
+def _register_sidecar(subparsers: Any) -> None:
     sc = subparsers.add_parser("sidecar", help="run or maintain the forensics sidecar")
     scs = sc.add_subparsers(dest="sidecar_command", metavar="COMMAND", required=True)
     serve = scs.add_parser("serve", help="serve gRPC ingest/queries, jobs and /metrics")
@@ -55,6 +62,8 @@ def register(subparsers: Any) -> None:
     _server_args(reindex)
     reindex.set_defaults(func=_cmd_reindex)
 
+
+def _register_incidents(subparsers: Any) -> None:
     inc = subparsers.add_parser("incidents", help="query incidents stored in a sidecar")
     incs = inc.add_subparsers(dest="incidents_command", metavar="COMMAND", required=True)
     ls = incs.add_parser("list", help="list incidents (AIP-160 filter, order_by)")
@@ -89,6 +98,8 @@ def register(subparsers: Any) -> None:
                     help="poll until the job finishes (0 = return at once)")
     an.set_defaults(func=_cmd_analyze)
 
+
+def _register_baseline(subparsers: Any) -> None:
     bl = subparsers.add_parser("baseline", help="detector baselines kept by the sidecar")
     bls = bl.add_subparsers(dest="baseline_command", metavar="COMMAND", required=True)
     build = bls.add_parser("build", help="build (or refresh) a model's CF baseline in the "
@@ -321,20 +332,17 @@ def _cmd_delete(args: argparse.Namespace) -> int:
 
 @_rpc
 def _cmd_analyze(args: argparse.Namespace) -> int:
-    with _client(args) as c:
-        job = c.run_analysis(args.incident_id, args.kind, params_json=args.params)
-        deadline = time.monotonic() + args.wait
-        from .api import v1
+    from .api import v1
 
-        while job.state not in (v1.JOB_STATE_DONE, v1.JOB_STATE_FAILED) and \
-                time.monotonic() < deadline:
-            time.sleep(0.2)
-            job = c.get_analysis(job.analysis_id)
+    with _client(args) as c:
+        job = _wait_job(c, c.run_analysis(args.incident_id, args.kind, params_json=args.params),
+                        args.wait)
     print(json.dumps(_incident_dict(job), indent=2))
     return 1 if job.state == v1.JOB_STATE_FAILED else 0
 
 
 def _wait_job(c: Any, job: Any, seconds: float) -> Any:
+    """Poll ``job`` until it is done or failed, for at most ``seconds``."""
     from .api import v1
 
     deadline = time.monotonic() + seconds
