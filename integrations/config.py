@@ -38,7 +38,8 @@ are ``FORENSICS_<SECTION>__<KEY>`` with ``__`` between levels, values parsed as 
 
 ``FORENSICS_*`` names without ``__`` belong to other components (``FORENSICS_CACHE_DIR``,
 ``FORENSICS_CONFIG`` = default file path) and are ignored here, except ones that look like a
-mistyped config key (``FORENSICS_RECORDER_ENABLED``), which are errors. Unknown keys and bad
+mistyped config key (``FORENSICS_RECORDER_ENABLED``), which are errors; so are the sidecar's
+``FORENSICS_SIDECAR__*`` (its own configuration, loaded the same way: :func:`read_settings`). Unknown keys and bad
 values raise :class:`~integrations.errors.ConfigError` naming the key and where it came from.
 PyYAML is imported only when a file or an environment value has to be parsed.
 
@@ -57,19 +58,28 @@ import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 from typing import Any, ClassVar
 
+from integrations._config_sources import (
+    SIDECAR_ENV_PREFIX,
+    Setting,
+    merge_settings,
+    read_settings,
+)
 from integrations.errors import ConfigError
 
 __all__ = [
+    "SIDECAR_ENV_PREFIX",
     "CCAConfig",
     "CFConfig",
     "ForensicsConfig",
     "ModulesConfig",
     "RecorderConfig",
+    "Setting",
     "default_sites",
     "load_config",
+    "merge_settings",
+    "read_settings",
 ]
 
 ENV_PREFIX = "FORENSICS_"
@@ -293,65 +303,6 @@ def _build(cls: type[_Section], layer: dict[str, Any]) -> Any:
     return cls(**kwargs)
 
 
-def _yaml() -> Any:
-    try:
-        import yaml
-    except ImportError as e:
-        raise ConfigError("reading YAML config (a file or FORENSICS_* environment values) needs "
-                          "PyYAML: `pip install pyyaml`") from e
-    return yaml
-
-
-def _read_file(path: Path) -> Mapping[str, Any]:
-    yaml = _yaml()
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise ConfigError(f"cannot read config file {path}: {e}") from e
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
-    if data is None:
-        return {}
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"config file {path} must hold a mapping with keys recorder, modules; "
-                          f"got {type(data).__name__}")
-    return data
-
-
-def _env_entries(env: Mapping[str, str], errors: list[str]) -> list[tuple[list[str], Any, str]]:
-    sections = list(_schema_keys(ForensicsConfig))
-    out: list[tuple[list[str], Any, str]] = []
-    for var in sorted(env):
-        if not var.startswith(ENV_PREFIX):
-            continue
-        rest = var[len(ENV_PREFIX):].lower()
-        if "__" not in rest:
-            for s in sections:
-                if rest == s or rest.startswith(s + "_"):
-                    errors.append(f"environment variable {var} looks like a config key but keys "
-                                  f"are separated by '__', e.g. FORENSICS_RECORDER__ENABLED")
-                    break
-            continue
-        parts = rest.split("__")
-        if any(not p for p in parts):
-            errors.append(f"environment variable {var}: empty key segment")
-            continue
-        try:
-            value = _yaml().safe_load(env[var])
-        except ConfigError:
-            raise
-        except Exception as e:
-            errors.append(f"environment variable {var}: value is not a YAML scalar ({e})")
-            continue
-        if isinstance(value, (dict, list)):
-            errors.append(f"environment variable {var}: value must be a scalar, got {value!r}")
-            continue
-        out.append((parts, value, f"environment variable {var}"))
-    return out
-
-
 def _nest(parts: list[str], value: Any) -> dict[str, Any]:
     out: Any = value
     for p in reversed(parts[1:]):
@@ -367,6 +318,7 @@ def load_config(path: str | os.PathLike[str] | None = None, *,
     ``path`` defaults to ``$FORENSICS_CONFIG`` if set, else no file. ``overrides`` is a nested
     mapping (``{"recorder": {"enabled": False}}``) or dotted keys (``{"recorder.enabled":
     False}``). Unknown keys and bad values raise one ConfigError listing every problem.
+    Layering: :func:`read_settings`.
 
     Example::
 
@@ -375,25 +327,14 @@ def load_config(path: str | os.PathLike[str] | None = None, *,
     """
     errors: list[str] = []
     merged: dict[str, Any] = {}
-
-    def put(parts: list[str], value: Any, source: str) -> None:
-        top = _nest(parts, value)
-        for k, v in top.items():
-            _merge(merged, ForensicsConfig, [], k, v, source, errors)
-
     if path is None and env.get("FORENSICS_CONFIG"):
         path = env["FORENSICS_CONFIG"]
-    if path is not None:
-        p = Path(path)
-        for k, v in _read_file(p).items():
-            put([str(k)], v, f"file {p}")
-    for parts, value, source in _env_entries(env, errors):
-        put(parts, value, source)
-    for k, v in (overrides or {}).items():
-        if not isinstance(k, str) or not k:
-            errors.append(f"override key {k!r} must be a non-empty string")
-            continue
-        put(k.split("."), v, "overrides")
+    sections = list(_schema_keys(ForensicsConfig))
+    for setting in read_settings(path, env=env, overrides=overrides, env_prefix=ENV_PREFIX,
+                                 sections=sections, errors=errors):
+        parts = list(setting.key)
+        for k, v in _nest(parts, setting.value).items():
+            _merge(merged, ForensicsConfig, [], k, v, setting.source, errors)
     if errors:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(errors))
     cfg: ForensicsConfig = _build(ForensicsConfig, merged)

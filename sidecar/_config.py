@@ -1,4 +1,4 @@
-"""Sidecar configuration: embedded defaults, a YAML file on top, every key validated.
+"""Sidecar configuration: embedded defaults < a YAML file < environment < explicit arguments.
 
 Unknown keys and bad values raise :class:`~integrations.errors.ConfigError` naming the key, so a
 typo never silently falls back to a default.
@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Mapping
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from integrations.errors import ConfigError
@@ -26,6 +25,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DETECTORS",
+    "SECTIONS",
     "AuthConfig",
     "BaselinesConfig",
     "GrpcConfig",
@@ -40,6 +40,9 @@ __all__ = [
 ]
 
 MiB = 1024 * 1024
+#: The top-level keys of the sidecar configuration.
+SECTIONS = ("data_dir", "grpc", "limits", "auth", "metrics", "telemetry", "jobs", "models",
+            "modules", "baselines")
 #: ``baselines.detector`` values (the detectors of ``analysis.cf`` the sidecar offers).
 DETECTORS = ("cf", "norm", "mahalanobis")
 
@@ -109,6 +112,12 @@ class MetricsConfig:
 
     enabled: bool = True
     address: str = "127.0.0.1:9464"
+
+    @property
+    def bind(self) -> tuple[str, int]:
+        """(host without IPv6 brackets, default loopback; port) to serve ``/metrics`` on."""
+        host, _, port = self.address.rpartition(":")
+        return host.strip("[]") or "127.0.0.1", int(port)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,8 +206,7 @@ class SidecarConfig:
     def from_dict(cls, raw: Mapping[str, Any] | None) -> SidecarConfig:
         """Build from a parsed YAML mapping (missing keys take the embedded defaults)."""
         raw = dict(raw or {})
-        _check_keys(raw, {"data_dir", "grpc", "limits", "auth", "metrics", "telemetry", "jobs",
-                          "models", "modules", "baselines"}, "")
+        _check_keys(raw, set(SECTIONS), "")
         grpc_raw = dict(_mapping(raw.get("grpc"), "grpc"))
         tls = _section(TlsConfig, grpc_raw.pop("tls", None), "grpc.tls")
         grpc_cfg = dataclasses.replace(_section(GrpcConfig, grpc_raw, "grpc"), tls=tls)
@@ -254,22 +262,29 @@ class SidecarConfig:
         return None
 
 
-def load_config(path: str | os.PathLike[str] | None = None) -> SidecarConfig:
-    """Load ``path`` (YAML) over the embedded defaults; ``None`` → the defaults alone."""
-    if path is None:
-        return SidecarConfig()
-    import yaml
+def load_config(path: str | os.PathLike[str] | None = None, *,
+                overrides: Mapping[str, Any] | None = None,
+                env: Mapping[str, str] = os.environ) -> SidecarConfig:
+    """The sidecar configuration: embedded defaults < the YAML file at ``path`` < environment
+    variables ``FORENSICS_SIDECAR__<SECTION>__<KEY>`` (YAML scalars) < ``overrides`` (nested
+    or dotted keys, e.g. the CLI's ``--data-dir`` / ``--address``) — the project's one loading
+    mechanism (:func:`integrations.config.read_settings`). Unknown keys and bad values raise
+    :class:`~integrations.errors.ConfigError` naming them.
 
-    p = Path(path)
-    try:
-        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"sidecar config {p} not found; pass an existing --config") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"sidecar config {p} is not valid YAML: {e}") from None
-    if raw is not None and not isinstance(raw, Mapping):
-        raise ConfigError(f"sidecar config {p} must be a mapping at the top level")
-    return SidecarConfig.from_dict(raw)
+    Example::
+
+        cfg = load_config("configs/sidecar.yaml", overrides={"grpc.address": "0.0.0.0:7431"},
+                          env={"FORENSICS_SIDECAR__JOBS__WORKERS": "4"})
+        cfg.jobs.workers       # 4
+    """
+    from integrations.config import SIDECAR_ENV_PREFIX, merge_settings, read_settings
+
+    errors: list[str] = []
+    settings = read_settings(path, env=env, overrides=overrides, env_prefix=SIDECAR_ENV_PREFIX,
+                             sections=SECTIONS, errors=errors)
+    if errors:
+        raise ConfigError("invalid sidecar configuration:\n  " + "\n  ".join(errors))
+    return SidecarConfig.from_dict(merge_settings(settings))
 
 
 def _mapping(value: Any, where: str) -> Mapping[str, Any]:

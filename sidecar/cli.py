@@ -132,20 +132,13 @@ def _client_args(p: argparse.ArgumentParser) -> None:
 
 
 def _config(args: argparse.Namespace) -> Any:
-    import dataclasses
-
+    """The sidecar config: ``--config`` (file) < ``FORENSICS_SIDECAR__*`` < ``--data-dir`` /
+    ``--address`` (explicit arguments)."""
     from ._config import load_config
 
-    cfg = load_config(args.config)
-    if getattr(args, "data_dir", None):
-        cfg = dataclasses.replace(cfg, data_dir=args.data_dir)
-    if getattr(args, "address", None):
-        from ._config import SidecarConfig
-
-        raw_grpc = dataclasses.replace(cfg.grpc, address=args.address)
-        SidecarConfig.from_dict({"grpc": {"address": args.address}})   # validates the address
-        cfg = dataclasses.replace(cfg, grpc=raw_grpc)
-    return cfg
+    given = {"data_dir": getattr(args, "data_dir", None),
+             "grpc.address": getattr(args, "address", None)}
+    return load_config(args.config, overrides={k: v for k, v in given.items() if v})
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -188,7 +181,7 @@ def _cmd_reindex(args: argparse.Namespace) -> int:
     cfg = _config(args)
     t0 = time.monotonic()
     try:
-        store = LocalStore(cfg.data_dir, max_incident_bytes=cfg.limits.max_incident_bytes)
+        store = LocalStore.from_config(cfg)
     except Exception as e:
         if "lock" in str(e).lower():
             from integrations.errors import SidecarError

@@ -83,9 +83,8 @@ class SidecarTelemetry(NoopTelemetry):
         port: int | None = None
         addr = "127.0.0.1"
         if config.metrics.enabled:
-            host, _, p = config.metrics.address.rpartition(":")
-            addr = host.strip("[]") or "127.0.0.1"
-            port = int(p) if metrics_port is None else metrics_port
+            addr, port = config.metrics.bind
+            port = port if metrics_port is None else metrics_port
         t = config.telemetry
         protocol: OTLPProtocol = "grpc" if t.otlp_protocol == "grpc" else "http/protobuf"
         return cls(registry=registry, metrics_port=port, metrics_addr=addr,

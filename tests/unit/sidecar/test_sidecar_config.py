@@ -81,3 +81,40 @@ def test_modules_follow_the_seed_keys() -> None:
                                    "jobs": {"on_ingest": ["stats"]}})
     assert cfg.modules.cf.anomaly_threshold == 3.0 and cfg.modules.cca.max_fix_set_size == 2
     assert cfg.ingest_kinds() == ("stats",)      # cf disabled: not enqueued on ingest
+
+
+def test_one_loading_mechanism_defaults_file_env_arguments(tmp_path: Path) -> None:
+    """Embedded defaults < file < FORENSICS_SIDECAR__* < explicit arguments, key by key; the
+    middleware's loader (same mechanism, ``FORENSICS_`` namespace) leaves the sidecar's alone."""
+    from integrations.config import load_config as load_forensics_config
+
+    p = tmp_path / "s.yaml"
+    p.write_text("data_dir: /from-file\njobs: {workers: 3, max_attempts: 5}\n"
+                 "grpc: {address: '127.0.0.1:1111', grace_s: 2.5}\n")
+    env = {"FORENSICS_SIDECAR__JOBS__WORKERS": "4",
+           "FORENSICS_SIDECAR__GRPC__ADDRESS": "127.0.0.1:2222",
+           "FORENSICS_MODULES__CF__ENABLED": "false"}
+    cfg = load_config(p, env=env, overrides={"grpc.address": "127.0.0.1:3333"})
+    assert cfg.data_dir == "/from-file"                                 # file over defaults
+    assert (cfg.jobs.workers, cfg.jobs.max_attempts) == (4, 5)          # env over file
+    assert (cfg.grpc.address, cfg.grpc.grace_s) == ("127.0.0.1:3333", 2.5)  # args over env
+    assert cfg.grpc.max_workers == SidecarConfig().grpc.max_workers     # defaults below all
+    assert cfg.modules.cf.enabled                  # FORENSICS_MODULES__* is the middleware's
+    assert load_forensics_config(env=env).modules.cf.enabled is False   # ... and ignores ours
+    nested = load_config(p, env={}, overrides={"jobs": {"workers": 7}})
+    assert (nested.jobs.workers, nested.jobs.max_attempts) == (7, 5)    # mappings merge
+
+
+@pytest.mark.parametrize(("env", "overrides", "match"), [
+    ({"FORENSICS_SIDECAR__JOBS__WORKERZ": "2"}, None, r"unknown config key\(s\) jobs.workerz"),
+    ({}, {"grpc.adress": "x:1"}, r"unknown config key\(s\) grpc.adress"),
+    ({"FORENSICS_SIDECAR__BOGUS": "1"}, None, r"unknown config key\(s\) bogus"),
+    ({"FORENSICS_SIDECAR__GRPC__ADDRESS": "nohost"}, None, "grpc.address must be 'host:port'"),
+    ({"FORENSICS_SIDECAR__JOBS__ON_INGEST": "[stats]"}, None, "must be a scalar"),
+    ({"FORENSICS_SIDECAR__GRPC": "1", "FORENSICS_SIDECAR__GRPC__ADDRESS": "a:1"}, None,
+     "grpc: is a section"),
+])
+def test_every_layer_is_validated_naming_the_key(env: dict[str, str], overrides: dict | None,  # type: ignore[type-arg]
+                                                 match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        load_config(env=env, overrides=overrides)
