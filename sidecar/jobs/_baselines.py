@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeGuard
 
-from .._config import DETECTORS
+from .._config_sections import DETECTORS
 from ._kind import JobFailed
 
 if TYPE_CHECKING:

@@ -153,3 +153,9 @@ class SidecarTelemetry(NoopTelemetry):
             self.http = None
         self.tracing.shutdown()
 
+    def __enter__(self) -> SidecarTelemetry:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+

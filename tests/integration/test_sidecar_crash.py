@@ -11,6 +11,7 @@ sidecar is SIGKILLed while uploads are in flight and restarted on the same data 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import socket
@@ -33,6 +34,7 @@ from sidecar.api import v1
 REPO = Path(__file__).resolve().parents[2]
 N = 200
 KILL_AFTER = 100
+KILL_RACE = 10   # exports that race the SIGKILL; the other 90 (> the spool's 40) find it dead
 
 
 def _incident(i: int) -> Incident:
@@ -53,22 +55,83 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _start_sidecar(config: Path, log: Path) -> subprocess.Popen[bytes]:
-    out = open(log, "ab")
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, "-m", "model_forensics", "sidecar", "serve",
-                             "--config", str(config), "--log-level", "WARNING"],
-                            cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
-    out.close()
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if "listening on" in log.read_text(errors="replace"):
-            return proc
-        if proc.poll() is not None:
-            raise AssertionError(f"sidecar exited early:\n{log.read_text(errors='replace')}")
-        time.sleep(0.05)
-    proc.kill()
-    raise AssertionError(f"sidecar did not start:\n{log.read_text(errors='replace')}")
+class _SidecarProcess:
+    """``forensics sidecar serve`` as a subprocess; stopped on exit whatever happened."""
+
+    def __init__(self, config: Path, log: Path) -> None:
+        self.config, self.log = config, log
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> _SidecarProcess:
+        out = open(self.log, "ab")
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        self.proc = proc = subprocess.Popen(
+            [sys.executable, "-m", "model_forensics", "sidecar", "serve", "--config",
+             str(self.config), "--log-level", "WARNING"],
+            cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+        out.close()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if "listening on" in self.log.read_text(errors="replace"):
+                return self
+            if proc.poll() is not None:
+                raise AssertionError(f"sidecar exited early:\n{self.log.read_text(errors='replace')}")
+            time.sleep(0.05)
+        raise AssertionError(f"sidecar did not start:\n{self.log.read_text(errors='replace')}")
+
+    def __enter__(self) -> _SidecarProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=30)
+
+
+@dataclasses.dataclass
+class _Outcome:
+    acked: list[str] = dataclasses.field(default_factory=list)    # acknowledged in export()
+    spooled: list[str] = dataclasses.field(default_factory=list)  # SUCCESS via the spool
+    failed: list[str] = dataclasses.field(default_factory=list)   # FAILURE (counted drops)
+
+
+def _export_killing_midway(ex: SidecarExporter, incidents: list[Incident],
+                           sidecar: _SidecarProcess) -> _Outcome:
+    """Export every incident; SIGKILL lands while the uploads after ``KILL_AFTER`` are in
+    flight, and from ``KILL_AFTER + KILL_RACE`` on the sidecar is dead, whatever the timing:
+    the spool fills, then drops are counted."""
+    assert sidecar.proc is not None
+    out = _Outcome()
+    killer = threading.Timer(0.003, sidecar.proc.send_signal, args=(signal.SIGKILL,))
+    try:
+        for i, inc in enumerate(incidents):
+            if i == KILL_AFTER:
+                killer.start()
+            if i == KILL_AFTER + KILL_RACE:
+                killer.join()
+                assert sidecar.proc.wait(timeout=10) == -signal.SIGKILL
+            before = ex.stats()["acked"]
+            result = ex.export(inc)
+            if result is ExportResult.FAILURE:
+                out.failed.append(inc.id)
+            elif ex.stats()["acked"] == before + 1:
+                out.acked.append(inc.id)
+            else:
+                out.spooled.append(inc.id)
+    finally:
+        killer.cancel()
+    return out
+
+
+def _listed(port: int) -> set[str]:
+    """What the restarted sidecar serves (it indexed every incident file, including ones
+    written just before the kill whose index row or ack never happened)."""
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+        page = v1.IncidentServiceStub(ch).ListIncidents(
+            v1.ListIncidentsRequest(page_size=1000), timeout=30)
+    listed = {i.id for i in page.incidents}
+    assert page.total_size == len(listed)
+    return listed
 
 
 @pytest.mark.slow
@@ -78,80 +141,49 @@ def test_sigkill_mid_stream_then_restart_loses_nothing_silently(tmp_path):
     config = tmp_path / "sidecar.yaml"
     config.write_text(f"data_dir: {data}\ngrpc: {{address: '127.0.0.1:{port}'}}\n"
                       "metrics: {enabled: false}\n")
-    log = tmp_path / "sidecar.log"
     incidents = [_incident(i) for i in range(N)]
-    size = incidents[0].nbytes
     metrics = RecorderMetrics(registry=CollectorRegistry())
-    # The spool holds 40 incidents: the ~100 exported while the sidecar is dead overflow it,
+    # The spool holds 40 incidents: the 90 exported while the sidecar is dead overflow it,
     # so both branches (re-sent from the spool / counted as dropped) are exercised.
     ex = SidecarExporter(f"127.0.0.1:{port}", spool_dir=tmp_path / "spool",
-                         spool_max_bytes=40 * size, deadline_s=10, backoff_initial_s=0.02,
-                         backoff_max_s=0.3, metrics=metrics)
-
-    proc = _start_sidecar(config, log)
-    acked: list[str] = []      # acknowledged by the sidecar inside export()
-    spooled: list[str] = []    # SUCCESS via the spool
-    failed: list[str] = []     # FAILURE (must all be counted drops)
-    killer: threading.Timer | None = None
+                         spool_max_bytes=40 * incidents[0].nbytes, deadline_s=10,
+                         backoff_initial_s=0.02, backoff_max_s=0.3, metrics=metrics)
     try:
-        for i, inc in enumerate(incidents):
-            if i == KILL_AFTER:  # SIGKILL lands while the next uploads are in flight
-                killer = threading.Timer(0.003, proc.send_signal, args=(signal.SIGKILL,))
-                killer.start()
-            before = ex.stats()["acked"]
-            result = ex.export(inc)
-            if result is ExportResult.FAILURE:
-                failed.append(inc.id)
-            elif ex.stats()["acked"] == before + 1:
-                acked.append(inc.id)
-            else:
-                spooled.append(inc.id)
-        assert killer is not None
-        killer.join()
-        assert proc.wait(timeout=10) == -signal.SIGKILL
-
-        # Ack = durable: everything acknowledged before the kill is already on disk, readable.
-        assert len(acked) >= KILL_AFTER
-        for iid in acked:
-            got = Incident.open(data / "incidents" / f"{iid}.arrow")
-            assert got.id == iid
-        assert spooled and failed, (len(acked), len(spooled), len(failed))
-        assert ex.force_flush(timeout_s=0.2) is False  # the sidecar is dead
-
-        proc = _start_sidecar(config, log)  # same data dir, same port
-        assert ex.force_flush(timeout_s=60), ex.stats()
-
-        # The restarted sidecar indexed everything (including incidents written just before
-        # the kill whose index row or ack never happened) and serves it.
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
-            stub = v1.IncidentServiceStub(ch)
-            page = stub.ListIncidents(v1.ListIncidentsRequest(page_size=1000), timeout=30)
-        listed = {i.id for i in page.incidents}
-        assert page.total_size == len(listed)
+        with _SidecarProcess(config, tmp_path / "sidecar.log") as sidecar:
+            out = _export_killing_midway(ex, incidents, sidecar)
+            # Ack = durable: everything acknowledged before the kill is on disk, readable.
+            assert len(out.acked) >= KILL_AFTER
+            for iid in out.acked:
+                assert Incident.open(data / "incidents" / f"{iid}.arrow").id == iid
+            assert out.spooled and out.failed, (len(out.acked), len(out.spooled),
+                                                len(out.failed))
+            assert ex.force_flush(timeout_s=0.2) is False  # the sidecar is dead
+            sidecar.start()                                # same data dir, same port
+            assert ex.force_flush(timeout_s=60), ex.stats()
+            listed = _listed(port)
     finally:
-        if killer is not None:
-            killer.cancel()
         ex.shutdown(timeout_s=5)
-        if proc.poll() is None:
-            proc.terminate()
-            proc.wait(timeout=30)
+    on_disk = _check_nothing_lost_silently(ex, metrics, out, incidents, tmp_path)
+    assert listed == on_disk
 
-    # No silent loss: every incident is present and intact, or counted as dropped.
+
+def _check_nothing_lost_silently(ex: SidecarExporter, metrics: RecorderMetrics, out: _Outcome,
+                                 incidents: list[Incident], tmp_path: Path) -> set[str]:
+    """Every incident is present and intact, or counted as dropped; returns what is on disk."""
     stats = ex.stats()
     drops = metrics.snapshot()["dropped"]
-    assert sum(drops.values()) == len(failed) == sum(stats["dropped"].values())
+    assert sum(drops.values()) == len(out.failed) == sum(stats["dropped"].values())
     assert set(drops) <= {"spool_full", "export_failed"}
-    assert stats["drained"] == len(spooled)
-    assert len(acked) + len(spooled) + len(failed) == N
-    on_disk = {p.stem for p in (data / "incidents").glob("*.arrow")}
-    assert on_disk == set(acked) | set(spooled)
-    assert not on_disk & set(failed)
+    assert stats["drained"] == len(out.spooled)
+    assert len(out.acked) + len(out.spooled) + len(out.failed) == N
+    on_disk = {p.stem for p in (tmp_path / "data" / "incidents").glob("*.arrow")}
+    assert on_disk == set(out.acked) | set(out.spooled)
+    assert not on_disk & set(out.failed)
     for inc in incidents:
         if inc.id in on_disk:
-            stored = Incident.open(data / "incidents" / f"{inc.id}.arrow")
+            stored = Incident.open(tmp_path / "data" / "incidents" / f"{inc.id}.arrow")
             assert stored.to_bytes() == inc.to_bytes()
     assert not list((tmp_path / "spool").glob("*.arrow"))
-
-    assert listed == on_disk
-    print(f"acked={len(acked)} spooled={len(spooled)} dropped={drops} "
+    print(f"acked={len(out.acked)} spooled={len(out.spooled)} dropped={drops} "
           f"drained={stats['drained']} retries={stats['retries']}")
+    return on_disk

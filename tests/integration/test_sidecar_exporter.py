@@ -79,79 +79,78 @@ def _serve_flagged(rec: Recorder, model: torch.nn.Module, request_id: str) -> No
 def test_recorded_incident_reaches_the_sidecar_with_linked_spans_and_metrics(tiny_gpt2,
                                                                              tmp_path):
     mem = InMemorySpanExporter()
-    tel = SidecarTelemetry(registry=CollectorRegistry(), span_exporter=mem, metrics_port=0)
-    with _sidecar(tmp_path / "data", telemetry=tel) as (srv, port):
+    with SidecarTelemetry(registry=CollectorRegistry(), span_exporter=mem,
+                          metrics_port=0) as tel, \
+            _sidecar(tmp_path / "data", telemetry=tel) as (srv, port):
         ex = exporters.SidecarExporter(f"127.0.0.1:{port}", spool_dir=tmp_path / "spool")
-        rec = Recorder(tiny_gpt2, sites=["blocks.*.resid_post"], trigger=triggers.OnFlag(),
-                       exporter=ex, metrics_registry=CollectorRegistry())
-        ex.bind_metrics(rec.metrics)
-        _serve_flagged(rec, tiny_gpt2, "r-1")
-        assert rec.force_flush(timeout_s=60)
-        assert rec.stats()["exported"] == 1 and rec.stats()["dropped"] == {}
-        assert ex.stats()["acked"] == 1
+        with Recorder(tiny_gpt2, sites=["blocks.*.resid_post"], trigger=triggers.OnFlag(),
+                      exporter=ex, metrics_registry=CollectorRegistry()) as rec:
+            ex.bind_metrics(rec.metrics)
+            _serve_flagged(rec, tiny_gpt2, "r-1")
+            assert rec.force_flush(timeout_s=60)
+            assert rec.stats()["exported"] == 1 and rec.stats()["dropped"] == {}
+            assert ex.stats()["acked"] == 1
 
-        (path,) = srv.store.incidents_dir.glob("*.arrow")
-        row = srv.store.get(path.stem)
-        inc = Incident.open(srv.store.path(row.id))
-        assert inc.manifest["request"]["traceparent"] == TRACEPARENT
-        assert inc.sites() == [f"blocks.{i}.resid_post" for i in range(3)]
-        assert tuple(inc.tensor("blocks.2.resid_post", step=0).shape) == (1, 4, 32)
+            (path,) = srv.store.incidents_dir.glob("*.arrow")
+            row = srv.store.get(path.stem)
+            inc = Incident.open(srv.store.path(row.id))
+            assert inc.manifest["request"]["traceparent"] == TRACEPARENT
+            assert inc.sites() == [f"blocks.{i}.resid_post" for i in range(3)]
+            assert tuple(inc.tensor("blocks.2.resid_post", step=0).shape) == (1, 4, 32)
 
-        job = srv.jobs.submit(row.id, "test_anomaly_score", tenant="acme")
-        done = srv.jobs.wait(job.id, timeout_s=60)
-        assert done.state == "done"
+            job = srv.jobs.submit(row.id, "test_anomaly_score", tenant="acme")
+            done = srv.jobs.wait(job.id, timeout_s=60)
+            assert done.state == "done"
 
-        spans = {s.name: s for s in mem.get_finished_spans()}
-        assert {"ingest", "index", "job.test_anomaly_score"} <= set(spans)
-        ingest, index, jobspan = spans["ingest"], spans["index"], spans["job.test_anomaly_score"]
-        assert ingest.parent is None and index.parent.span_id == ingest.context.span_id
-        assert jobspan.parent is None and jobspan.context.trace_id != ingest.context.trace_id
-        for s in (ingest, jobspan):  # new traces, each linked to the request's trace
-            assert format(s.context.trace_id, "032x") != TRACE_ID
-            assert [format(link.context.trace_id, "032x") for link in s.links] == [TRACE_ID]
-        sites = [f"blocks.{i}.resid_post" for i in range(3)]
-        for s in (ingest, index):   # sites are span attributes (never Prometheus labels)
-            assert s.attributes["forensics.incident.id"] == row.id
-            assert s.attributes["forensics.incident.tenant"] == "acme"
-            assert s.attributes["forensics.incident.bytes"] == inc.nbytes
-            assert s.attributes["forensics.incident.n_sites"] == 3
-            assert list(s.attributes["forensics.incident.sites"]) == sites
-        assert ingest.attributes["forensics.ingest.digest_streamed"] is True
-        assert jobspan.attributes["forensics.job.kind"] == "test_anomaly_score"
+            spans = {s.name: s for s in mem.get_finished_spans()}
+            assert {"ingest", "index", "job.test_anomaly_score"} <= set(spans)
+            ingest, index, jobspan = spans["ingest"], spans["index"], spans["job.test_anomaly_score"]
+            assert ingest.parent is None and index.parent.span_id == ingest.context.span_id
+            assert jobspan.parent is None and jobspan.context.trace_id != ingest.context.trace_id
+            for s in (ingest, jobspan):  # new traces, each linked to the request's trace
+                assert format(s.context.trace_id, "032x") != TRACE_ID
+                assert [format(link.context.trace_id, "032x") for link in s.links] == [TRACE_ID]
+            sites = [f"blocks.{i}.resid_post" for i in range(3)]
+            for s in (ingest, index):   # sites are span attributes (never Prometheus labels)
+                assert s.attributes["forensics.incident.id"] == row.id
+                assert s.attributes["forensics.incident.tenant"] == "acme"
+                assert s.attributes["forensics.incident.bytes"] == inc.nbytes
+                assert s.attributes["forensics.incident.n_sites"] == 3
+                assert list(s.attributes["forensics.incident.sites"]) == sites
+            assert ingest.attributes["forensics.ingest.digest_streamed"] is True
+            assert jobspan.attributes["forensics.job.kind"] == "test_anomaly_score"
 
-        om = _scrape_openmetrics(tel.metrics_url)
-        assert "forensics_incidents_received_total 1.0" in om
-        assert f"forensics_ingest_bytes_total {float(inc.nbytes)}" in om
-        # the measured score, with the request's trace id as exemplar
-        assert done.result is not None
-        score = done.result["anomaly_score"]
-        assert f'# {{trace_id="{TRACE_ID}"}} {score}' in om
-        assert "forensics_anomaly_score_count 1.0" in om
-        assert 'forensics_job_duration_seconds_count{kind="test_anomaly_score"} 1.0' in om
-        rec.shutdown(timeout_s=10)
-    tel.shutdown()
+            om = _scrape_openmetrics(tel.metrics_url)
+            assert "forensics_incidents_received_total 1.0" in om
+            assert f"forensics_ingest_bytes_total {float(inc.nbytes)}" in om
+            # the measured score, with the request's trace id as exemplar
+            assert done.result is not None
+            score = done.result["anomaly_score"]
+            assert f'# {{trace_id="{TRACE_ID}"}} {score}' in om
+            assert "forensics_anomaly_score_count 1.0" in om
+            assert 'forensics_job_duration_seconds_count{kind="test_anomaly_score"} 1.0' in om
 
 
 def test_recorder_flush_waits_for_the_spool_to_drain(tiny_gpt2, tmp_path):
     port = _free_port()
     ex = exporters.SidecarExporter(f"127.0.0.1:{port}", spool_dir=tmp_path / "spool",
                                    backoff_initial_s=0.01, backoff_max_s=0.1)
-    rec = Recorder(tiny_gpt2, sites=["blocks.0.resid_post"], trigger=triggers.OnFlag(),
-                   exporter=ex, metrics_registry=CollectorRegistry())
-    ex.bind_metrics(rec.metrics)
-    for i in range(3):
-        _serve_flagged(rec, tiny_gpt2, f"r-{i}")
-    assert rec.force_flush(timeout_s=0.5) is False  # sidecar down: spooled, not yet delivered
-    assert rec.stats()["exported"] == 3 and ex.stats()["spooled"] == 3
-    assert rec.metrics.spool_bytes._value.get() > 0
-    with _sidecar(tmp_path / "data", port=port) as (srv, _):
-        assert rec.force_flush(timeout_s=30)
-        ids = sorted(p.stem for p in srv.store.incidents_dir.glob("*.arrow"))
-        assert len(ids) == 3
-        reqs = sorted(Incident.open(srv.store.path(i)).manifest["request"]["id"] for i in ids)
-        assert reqs == ["r-0", "r-1", "r-2"]
-        assert rec.metrics.spool_bytes._value.get() == 0
-    rec.shutdown(timeout_s=5)
+    with Recorder(tiny_gpt2, sites=["blocks.0.resid_post"], trigger=triggers.OnFlag(),
+                  exporter=ex, metrics_registry=CollectorRegistry()) as rec:
+        ex.bind_metrics(rec.metrics)
+        for i in range(3):
+            _serve_flagged(rec, tiny_gpt2, f"r-{i}")
+        assert rec.force_flush(timeout_s=0.5) is False  # sidecar down: spooled, not delivered
+        assert rec.stats()["exported"] == 3 and ex.stats()["spooled"] == 3
+        assert rec.metrics.spool_bytes._value.get() > 0
+        with _sidecar(tmp_path / "data", port=port) as (srv, _):
+            assert rec.force_flush(timeout_s=30)
+            ids = sorted(p.stem for p in srv.store.incidents_dir.glob("*.arrow"))
+            assert len(ids) == 3
+            reqs = sorted(Incident.open(srv.store.path(i)).manifest["request"]["id"]
+                          for i in ids)
+            assert reqs == ["r-0", "r-1", "r-2"]
+            assert rec.metrics.spool_bytes._value.get() == 0
 
 
 @pytest.mark.parametrize("protocol", ["grpc", "http/protobuf"])

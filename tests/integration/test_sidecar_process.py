@@ -15,17 +15,18 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
 import pytest
 
 from integrations.incident import Incident
-from sidecar._client import SidecarClient
+from sidecar._client import SidecarClient, upload_requests
 from sidecar._config import SidecarConfig
 from sidecar._server import Sidecar, create_server
-from tests.integration.test_sidecar_server import build_incident
+from sidecar.api import v1
+from tests.integration.conftest import build_incident
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -181,11 +182,17 @@ class _Proc:
         self.proc.send_signal(sig)
         return self.proc.wait(30)
 
+    def __enter__(self) -> _Proc:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc.poll() is None:   # a failed test never leaves the process running
+            self.kill(signal.SIGTERM)
+
 
 @pytest.mark.slow
 def test_serve_subprocess_metrics_and_sigterm(tmp_path: Path) -> None:
-    p = _Proc(tmp_path, tmp_path / "data")
-    try:
+    with _Proc(tmp_path, tmp_path / "data") as p:
         with SidecarClient(p.address) as c:
             assert c.upload("inc-1", build_incident("inc-1")).created
             with pytest.raises(grpc.RpcError):
@@ -194,52 +201,83 @@ def test_serve_subprocess_metrics_and_sigterm(tmp_path: Path) -> None:
                                       timeout=10).read().decode()
         assert "forensics_incidents_received_total 1.0" in body
         assert 'forensics_ingest_rejected_total{reason="invalid_incident"} 1.0' in body
-    finally:
         rc = p.kill(signal.SIGTERM)
-    assert rc == 0, p.log.read_text()
+        assert rc == 0, p.log.read_text()
+
+
+def _wait_for(cond: Callable[[], bool], timeout_s: float, what: str) -> None:
+    """Poll ``cond`` until it holds; fail after ``timeout_s`` (never a fixed sleep)."""
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+        time.sleep(0.01)
+
+
+def _stalled(iid: str, data: bytes, mid_stream: threading.Event,
+             killed: threading.Event) -> Iterator[v1.UploadIncidentRequest]:
+    """The upload stream of ``iid``: header and first chunk, then it waits for the kill."""
+    for i, msg in enumerate(upload_requests(iid, data, chunk_size=1024)):
+        if i == 2:
+            mid_stream.set()
+            killed.wait(60)
+        yield msg
 
 
 @pytest.mark.slow
 def test_sigkill_during_uploads_loses_no_acked_incident(tmp_path: Path) -> None:
+    """40 uploads are acknowledged, the 41st is half-streamed when SIGKILL lands (the stream
+    waits for it), every later one fails: no assertion depends on how fast anything ran."""
     data_dir = tmp_path / "data"
     incidents = {f"inc-{i:03d}": build_incident(f"inc-{i:03d}", seed=i, n_sites=4)
                  for i in range(200)}
-    p = _Proc(tmp_path, data_dir)
+    ids = list(incidents)
     acked: list[str] = []
     failed: list[str] = []
+    mid_stream, killed = threading.Event(), threading.Event()
 
-    def upload_all() -> None:
-        with SidecarClient(p.address, timeout_s=10) as c:
-            for iid, data in incidents.items():
+    def upload_all(address: str) -> None:
+        with SidecarClient(address, timeout_s=10) as c:
+            for n, iid in enumerate(ids):
                 try:
-                    c.upload(iid, data)
+                    if n == 40:
+                        c.stub.UploadIncident(_stalled(iid, incidents[iid], mid_stream, killed),
+                                              timeout=60)
+                    else:
+                        c.upload(iid, incidents[iid])
                     acked.append(iid)
                 except grpc.RpcError:
                     failed.append(iid)
 
-    t = threading.Thread(target=upload_all)
-    t.start()
-    while len(acked) < 40 and t.is_alive():
-        time.sleep(0.005)
-    p.kill(signal.SIGKILL)
-    t.join(120)
-    assert 40 <= len(acked) < 200 and failed, (len(acked), len(failed))
-    p2 = _Proc(tmp_path, data_dir)            # restart on the same files + DuckDB
-    try:
-        with SidecarClient(p2.address) as c:
-            stored = {i.id: i for i in c.list_all(page_size=500)}
-            for iid in acked:                  # every acknowledged incident is durable + valid
-                assert iid in stored, iid
-                data = c.download(iid)
-                assert hashlib.sha256(data).hexdigest() == \
-                    hashlib.sha256(incidents[iid]).hexdigest()
-                assert Incident.from_bytes(data).id == iid
-            for iid in set(stored) - set(acked):   # unacked but stored: must be intact
-                assert c.download(iid) == incidents[iid]
-            # the client's retry of everything unacked is idempotent and completes the set
-            for iid in failed:
-                c.upload(iid, incidents[iid])
-            assert c.list().total_size == 200
-    finally:
-        p2.kill(signal.SIGTERM)
+    with _Proc(tmp_path, data_dir) as p:
+        t = threading.Thread(target=upload_all, args=(p.address,))
+        t.start()
+        try:
+            _wait_for(mid_stream.is_set, 60, "the 41st upload to be half-streamed")
+            assert p.kill(signal.SIGKILL) == -signal.SIGKILL
+        finally:
+            killed.set()
+            t.join(120)
+    assert not t.is_alive(), "the uploader did not finish"
+    assert acked == ids[:40] and failed == ids[40:]
+    with _Proc(tmp_path, data_dir) as p2:      # restart on the same files + DuckDB
+        _check_after_restart(p2, incidents, acked, failed)
     assert not list((data_dir / "incidents").glob(".*.tmp"))
+
+
+def _check_after_restart(p: _Proc, incidents: dict[str, bytes], acked: list[str],
+                         failed: list[str]) -> None:
+    with SidecarClient(p.address) as c:
+        stored = {i.id: i for i in c.list_all(page_size=500)}
+        for iid in acked:                  # every acknowledged incident is durable + valid
+            assert iid in stored, iid
+            data = c.download(iid)
+            assert hashlib.sha256(data).hexdigest() == hashlib.sha256(incidents[iid]).hexdigest()
+            assert Incident.from_bytes(data).id == iid
+        for iid in set(stored) - set(acked):   # unacked but stored: must be intact
+            assert c.download(iid) == incidents[iid]
+        # the client's retry of everything unacked is idempotent and completes the set
+        for iid in failed:
+            c.upload(iid, incidents[iid])
+        assert c.list().total_size == 200
+    assert p.kill(signal.SIGTERM) == 0, p.log.read_text()

@@ -1,5 +1,5 @@
 """The sidecar over real gRPC on 127.0.0.1 port 0, in-process: ingest, rejections, queries,
-watch, analyses, auth + tenant isolation, health, TLS/mTLS, limits, restart."""
+watch, analyses, auth + tenant isolation, health, limits, restart (TLS: test_sidecar_tls)."""
 
 from __future__ import annotations
 
@@ -7,62 +7,18 @@ import dataclasses
 import datetime as dt
 import hashlib
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import grpc
 import pyarrow as pa
 import pytest
-import torch
 
-from integrations.incident import Incident, IncidentBuilder, new_manifest
+from integrations.incident import Incident
 from sidecar._client import SidecarClient, upload_requests
-from sidecar._config import SidecarConfig
 from sidecar._server import Sidecar, create_server
 from sidecar.api import v1
-
-KiB = 1024
-
-
-def build_incident(incident_id: str, *, tenant: str = "acme", n_sites: int = 2, seed: int = 0,
-                   created_at: str | None = None, rule: str = "flag") -> bytes:
-    gen = torch.Generator().manual_seed(seed)
-    m = new_manifest(id=incident_id, created_at=created_at,
-                     model={"name": "tiny-gpt2", "revision": None, "fingerprint": "f" * 64},
-                     trigger={"rule": rule, "reason": "prompt_injection", "step": 0},
-                     request={"id": f"req-{incident_id}", "tenant": tenant, "traceparent": None},
-                     runtime={"python": "3.11"})
-    b = IncidentBuilder(manifest=m)
-    for i in range(n_sites):
-        b.add(kind="activation", site=f"blocks.{i}.resid_post", module_path=f"h.{i}", step=0,
-              tensor=torch.randn(1, 4, 8, generator=gen))   # [batch, pos, d_model]
-    return b.to_bytes()
-
-
-def _cfg(tmp_path: Path, **raw: Any) -> SidecarConfig:
-    base: dict[str, Any] = {"data_dir": str(tmp_path / "data"),
-                            "jobs": {"poll_interval_s": 0.05},
-                            "limits": {"max_chunk_bytes": 64 * KiB,
-                                       "max_incident_bytes": 1024 * KiB}}
-    for key, value in raw.items():
-        base[key] = {**base.get(key, {}), **value} if isinstance(value, dict) else value
-    return SidecarConfig.from_dict(base)
-
-
-@pytest.fixture
-def serve(tmp_path: Path) -> Iterator[Callable[..., tuple[Sidecar, str]]]:
-    started: list[Sidecar] = []
-
-    def start(**raw: Any) -> tuple[Sidecar, str]:
-        sc, port = create_server(_cfg(tmp_path, **raw), port=0)
-        sc.start()
-        started.append(sc)
-        return sc, f"127.0.0.1:{port}"
-
-    yield start
-    for sc in started:
-        sc.stop(grace=0.5)
+from tests.integration.conftest import KiB, build_incident, make_config
 
 
 def _stored(sc: Sidecar) -> tuple[list[str], int]:
@@ -358,91 +314,15 @@ def test_max_concurrent_rpcs(serve: Callable[..., tuple[Sidecar, str]]) -> None:
         call.cancel()
 
 
-def _certs(tmp_path: Path) -> dict[str, Path]:
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    now = dt.datetime.now(dt.timezone.utc)
-    out: dict[str, Path] = {}
-
-    def write(name: str, key: Any, cert: Any) -> None:
-        out[f"{name}_key"] = tmp_path / f"{name}.key"
-        out[f"{name}_key"].write_bytes(key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption()))
-        out[f"{name}_cert"] = tmp_path / f"{name}.pem"
-        out[f"{name}_cert"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-
-    def make(cn: str, issuer: Any, issuer_key: Any, *, ca: bool) -> tuple[Any, Any]:
-        key = ec.generate_private_key(ec.SECP256R1())
-        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-        b = (x509.CertificateBuilder().subject_name(subject)
-             .issuer_name(issuer or subject).public_key(key.public_key())
-             .serial_number(x509.random_serial_number())
-             .not_valid_before(now - dt.timedelta(minutes=5))
-             .not_valid_after(now + dt.timedelta(days=1))
-             .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
-        if not ca:
-            import ipaddress
-
-            b = b.add_extension(x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                critical=False)
-        return key, b.sign(issuer_key or key, hashes.SHA256())
-
-    ca_key, ca_cert = make("forensics-test-ca", None, None, ca=True)
-    write("ca", ca_key, ca_cert)
-    for name in ("server", "client"):
-        key, cert = make(name, ca_cert.subject, ca_key, ca=False)
-        write(name, key, cert)
-    return out
-
-
-@pytest.mark.parametrize("mtls", [False, True])
-def test_tls_and_mtls(serve: Callable[..., tuple[Sidecar, str]], tmp_path: Path,
-                      mtls: bool) -> None:
-    pytest.importorskip("cryptography")
-    certs = _certs(tmp_path)
-    tls: dict[str, Any] = {"cert_file": str(certs["server_cert"]),
-                           "key_file": str(certs["server_key"])}
-    if mtls:
-        tls.update(client_ca_file=str(certs["ca_cert"]), require_client_auth=True)
-    _, addr = serve(grpc={"tls": tls})
-    ca = certs["ca_cert"].read_bytes()
-    client_creds = {"private_key": certs["client_key"].read_bytes(),
-                    "certificate_chain": certs["client_cert"].read_bytes()}
-    with SidecarClient(addr, root_certificates=ca, **(client_creds if mtls else {})) as c:
-        assert c.upload("inc-1", build_incident("inc-1")).created
-        assert [i.id for i in c.list().incidents] == ["inc-1"]
-    with SidecarClient(addr, timeout_s=3) as plain, pytest.raises(grpc.RpcError) as e:
-        plain.list()
-    assert e.value.code() == grpc.StatusCode.UNAVAILABLE
-    if mtls:   # TLS without a client certificate is refused
-        with SidecarClient(addr, root_certificates=ca, timeout_s=3) as c, \
-                pytest.raises(grpc.RpcError) as e:
-            c.list()
-        assert e.value.code() == grpc.StatusCode.UNAVAILABLE
-
-
 def test_restart_keeps_incidents_and_resumes_jobs(tmp_path: Path) -> None:
-    cfg = dataclasses.replace(_cfg(tmp_path), jobs=dataclasses.replace(
-        _cfg(tmp_path).jobs, poll_interval_s=0.05))
-    sc, port = create_server(cfg, port=0)
-    sc.start()
-    with SidecarClient(f"127.0.0.1:{port}") as c:
+    cfg = dataclasses.replace(make_config(tmp_path), jobs=dataclasses.replace(
+        make_config(tmp_path).jobs, poll_interval_s=0.05))
+    with create_server(cfg, port=0)[0] as sc, SidecarClient(sc.address) as c:
         data = build_incident("inc-1")
         c.upload("inc-1", data)
         sc.jobs.stop()                                    # jobs stay pending
         pending = c.run_analysis("inc-1", "stats")
-    sc.stop(grace=0.5)
-    sc2, port2 = create_server(cfg, port=0)
-    sc2.start()
-    try:
-        with SidecarClient(f"127.0.0.1:{port2}") as c:
-            assert c.download("inc-1") == data
-            sc2.jobs.wait(pending.analysis_id, timeout_s=30)
-            assert c.get_analysis(pending.analysis_id).state == v1.JOB_STATE_DONE
-    finally:
-        sc2.stop(grace=0.5)
+    with create_server(cfg, port=0)[0] as sc2, SidecarClient(sc2.address) as c:
+        assert c.download("inc-1") == data
+        sc2.jobs.wait(pending.analysis_id, timeout_s=30)
+        assert c.get_analysis(pending.analysis_id).state == v1.JOB_STATE_DONE

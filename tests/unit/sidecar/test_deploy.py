@@ -333,20 +333,17 @@ def test_example_app_serves_health_and_metrics() -> None:
     spec.loader.exec_module(mod)
     reg = CollectorRegistry()
     model = torch.nn.Sequential(torch.nn.Linear(4, 2))
-    rec = Recorder(model, sites=["torch:0"], exporter=exporters.InMemoryExporter(),
-                   metrics_registry=reg)
-    app = mod.build_app(model=None, tokenizer=None, recorder=rec, registry=reg)
 
-    async def go() -> tuple[httpx.Response, httpx.Response, httpx.Response]:
+    async def go(app: Any) -> tuple[httpx.Response, httpx.Response, httpx.Response]:
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
                                      base_url="http://app") as c:
             return (await c.get("/healthz"), await c.get("/metrics"),
                     await c.post("/classify", json={"review": ""}))
 
-    try:
-        health, metrics, bad = asyncio.run(go())
-    finally:
-        rec.shutdown(timeout_s=5)
+    with Recorder(model, sites=["torch:0"], exporter=exporters.InMemoryExporter(),
+                  metrics_registry=reg) as rec:
+        app = mod.build_app(model=None, tokenizer=None, recorder=rec, registry=reg)
+        health, metrics, bad = asyncio.run(go(app))
     assert health.status_code == 200 and health.text == "ok"
     assert "forensics_recorder_queue_depth" in metrics.text
     assert bad.status_code == 400 and "review" in bad.json()["error"]

@@ -34,10 +34,9 @@ TRACEPARENT = f"00-{TRACE_ID}-{SPAN_ID}-01"
 @pytest.fixture
 def tel():
     mem = InMemorySpanExporter()
-    t = SidecarTelemetry(registry=CollectorRegistry(), span_exporter=mem)
-    t.mem = mem  # type: ignore[attr-defined]
-    yield t
-    t.shutdown()
+    with SidecarTelemetry(registry=CollectorRegistry(), span_exporter=mem) as t:
+        t.mem = mem  # type: ignore[attr-defined]
+        yield t
 
 
 def _value(reg: CollectorRegistry, name: str, labels: dict[str, str] | None = None) -> float:
@@ -216,24 +215,21 @@ def test_every_declared_metric_is_exported_from_the_start():
 
 
 def test_shutdown_stops_the_metrics_server():
-    tel = SidecarTelemetry(registry=CollectorRegistry(), metrics_port=0)
-    url = tel.metrics_url
-    assert url is not None
-    tel.shutdown()
-    tel.shutdown()  # idempotent
+    with SidecarTelemetry(registry=CollectorRegistry(), metrics_port=0) as tel:
+        url = tel.metrics_url
+        assert url is not None
+        tel.shutdown()
+    tel.shutdown()  # idempotent (the context exit shut it down once more)
     assert tel.metrics_url is None
     with pytest.raises(OSError):
         _scrape(url, None)
 
 
 def test_no_metrics_server_unless_asked():
-    t = SidecarTelemetry(registry=CollectorRegistry())
-    try:
+    with SidecarTelemetry(registry=CollectorRegistry()) as t:
         assert t.metrics_url is None
         with t.span("ingest", traceparent=TRACEPARENT):  # spans still work (no exporter)
             assert Tracing.current_trace_id() is not None
-    finally:
-        t.shutdown()
 
 
 def test_otlp_exporters_are_configurable_and_off_by_default():

@@ -1,0 +1,160 @@
+"""The sections of the sidecar configuration: one frozen dataclass each, with embedded defaults
+and the values derived from them (``grpc.host``, ``metrics.bind``, ``auth.enabled``, ...).
+
+``sidecar._config`` assembles them into :class:`~sidecar._config.SidecarConfig`, validates raw
+mappings into them and loads them (see ``configs/sidecar.yaml`` for every key).
+
+Example::
+
+    GrpcConfig().port                     # 7431
+    MetricsConfig(address="0.0.0.0:9464").bind   # ('0.0.0.0', 9464)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+__all__ = [
+    "DETECTORS",
+    "AuthConfig",
+    "BaselinesConfig",
+    "GrpcConfig",
+    "JobsConfig",
+    "LimitsConfig",
+    "MetricsConfig",
+    "MiB",
+    "ModelSpec",
+    "TelemetryConfig",
+    "TlsConfig",
+]
+
+MiB = 1024 * 1024
+#: ``baselines.detector`` values (the detectors of ``analysis.cf`` the sidecar offers).
+DETECTORS = ("cf", "norm", "mahalanobis")
+
+
+@dataclasses.dataclass(frozen=True)
+class TlsConfig:
+    """Server TLS. ``client_ca_file`` + ``require_client_auth`` = mTLS."""
+
+    cert_file: str | None = None
+    key_file: str | None = None
+    client_ca_file: str | None = None
+    require_client_auth: bool = False
+
+    @property
+    def enabled(self) -> bool:
+        return self.cert_file is not None
+
+
+@dataclasses.dataclass(frozen=True)
+class GrpcConfig:
+    """gRPC listener: address ``host:port``, thread pool, concurrency and size caps."""
+
+    address: str = "127.0.0.1:7431"
+    max_workers: int = 16
+    max_concurrent_rpcs: int = 64
+    grace_s: float = 5.0
+    tls: TlsConfig = dataclasses.field(default_factory=TlsConfig)
+
+    @property
+    def host(self) -> str:
+        return self.address.rsplit(":", 1)[0]
+
+    @property
+    def port(self) -> int:
+        return int(self.address.rsplit(":", 1)[1])
+
+
+@dataclasses.dataclass(frozen=True)
+class LimitsConfig:
+    """Ingest caps: one chunk, one incident, and the page size of ListIncidents."""
+
+    max_chunk_bytes: int = MiB
+    max_incident_bytes: int = 512 * MiB
+    max_page_size: int = 1000
+    default_page_size: int = 50
+
+
+@dataclasses.dataclass(frozen=True)
+class AuthConfig:
+    """Bearer tokens. Empty ``tokens`` and ``admin_tokens`` = auth off (single-tenant mode).
+
+    ``tokens`` maps a token to its tenant; each entry in YAML is ``{token: ..., tenant: ...}`` or
+    ``{token_env: VAR, tenant: ...}`` (the token read from the environment).
+    """
+
+    tokens: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    admin_tokens: tuple[str, ...] = ()
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.tokens) or bool(self.admin_tokens)
+
+
+@dataclasses.dataclass(frozen=True)
+class MetricsConfig:
+    """Prometheus ``/metrics`` HTTP endpoint (served by ``sidecar.telemetry``)."""
+
+    enabled: bool = True
+    address: str = "127.0.0.1:9464"
+
+    @property
+    def bind(self) -> tuple[str, int]:
+        """(host without IPv6 brackets, default loopback; port) to serve ``/metrics`` on."""
+        host, _, port = self.address.rpartition(":")
+        return host.strip("[]") or "127.0.0.1", int(port)
+
+
+@dataclasses.dataclass(frozen=True)
+class TelemetryConfig:
+    """OpenTelemetry span export; off unless ``otlp_endpoint`` is set."""
+
+    otlp_endpoint: str | None = None
+    otlp_protocol: str = "grpc"          # grpc | http/protobuf
+    service_name: str = "forensics-sidecar"
+
+
+@dataclasses.dataclass(frozen=True)
+class JobsConfig:
+    """Analysis job runner: worker threads, retries, kinds enqueued on every new incident."""
+
+    workers: int = 2
+    max_attempts: int = 3
+    on_ingest: tuple[str, ...] = ()
+    poll_interval_s: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class BaselinesConfig:
+    """Detector baselines kept by the sidecar, per model fingerprint (DESIGN §7).
+
+    Built from sampled benign traffic: incidents whose trigger rule is in ``sample_rules`` (the
+    sampling trigger, never a flag) and that CF did not flag, at most
+    ``modules.cf.baseline_samples`` of them, newest first. The first build happens once
+    ``min_samples`` such incidents exist; it is rebuilt after ``refresh_every`` more arrive
+    (0 = never automatically; ``forensics baseline build`` always works)."""
+
+    detector: str = "mahalanobis"             # cf | norm | mahalanobis (benchmarks/RESULTS_cf.md)
+    min_samples: int = 30
+    refresh_every: int = 200
+    sample_rules: tuple[str, ...] = ("ratio",)
+    cca_benign: int = 8                       # benign incidents for CCA side effects / means
+
+    def is_sampled(self, trigger_rule: str | None) -> bool:
+        """Whether an incident with this trigger rule is sampled traffic (a baseline
+        candidate), not a flag."""
+        return trigger_rule in self.sample_rules
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """A model the sidecar can load for replay: ``loader`` is ``"module:function"`` returning a
+    model or ``(model, tokenizer)``; matched by ``fingerprint`` (preferred) or ``name``."""
+
+    name: str
+    loader: str
+    fingerprint: str | None = None
+    kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
