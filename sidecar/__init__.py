@@ -1,5 +1,8 @@
 """The Model Forensics sidecar: gRPC ingest + queries, durable store, analysis jobs, telemetry.
 
+Job kinds (``JobKind``, ``builtin_kinds``; the host and context a kind sees) are in
+:mod:`sidecar.jobs`.
+
 Importing ``sidecar`` is light (no torch, duckdb, grpc server or OpenTelemetry SDK): every public
 name below is loaded from its private module on first attribute access.
 
@@ -25,15 +28,7 @@ if TYPE_CHECKING:
     from sidecar._observer import Metric, NoopTelemetry, Telemetry
     from sidecar._server import Sidecar, create_server
     from sidecar._store import IncidentRow, IncidentStore, LocalStore, ReindexReport, StoreError
-    from sidecar.jobs import (
-        JobContext,
-        JobFailed,
-        JobHost,
-        JobKind,
-        JobRecord,
-        JobRunner,
-        builtin_kinds,
-    )
+    from sidecar.jobs import JobKind, JobRecord, JobRunner, builtin_kinds
     from sidecar.telemetry import MetricsHTTPServer, SidecarMetrics, SidecarTelemetry
 
 #: Public name → the module that defines it (imported on first access).
@@ -41,9 +36,6 @@ _LAZY = {
     "FilterError": "sidecar._filters",
     "IncidentRow": "sidecar._store",
     "IncidentStore": "sidecar._store",
-    "JobContext": "sidecar.jobs",
-    "JobFailed": "sidecar.jobs",
-    "JobHost": "sidecar.jobs",
     "JobKind": "sidecar.jobs",
     "JobRecord": "sidecar.jobs",
     "JobRunner": "sidecar.jobs",
@@ -70,9 +62,6 @@ __all__ = [
     "FilterError",
     "IncidentRow",
     "IncidentStore",
-    "JobContext",
-    "JobFailed",
-    "JobHost",
     "JobKind",
     "JobRecord",
     "JobRunner",

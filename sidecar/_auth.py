@@ -22,7 +22,7 @@ from typing import Any
 
 import grpc
 
-from ._config import AuthConfig
+from ._config_sections import AuthConfig
 from ._observer import Telemetry, as_telemetry
 from ._reject import count_rejection
 

@@ -37,21 +37,7 @@ from ._config_sections import (
 if TYPE_CHECKING:
     from integrations.config import ModulesConfig
 
-__all__ = [
-    "DETECTORS",
-    "SECTIONS",
-    "AuthConfig",
-    "BaselinesConfig",
-    "GrpcConfig",
-    "JobsConfig",
-    "LimitsConfig",
-    "MetricsConfig",
-    "ModelSpec",
-    "SidecarConfig",
-    "TelemetryConfig",
-    "TlsConfig",
-    "load_config",
-]
+__all__ = ["SECTIONS", "SidecarConfig", "load_config"]   # sections: sidecar._config_sections
 
 #: The top-level keys of the sidecar configuration.
 SECTIONS = ("data_dir", "grpc", "limits", "auth", "metrics", "telemetry", "jobs", "models",

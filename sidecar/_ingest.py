@@ -25,7 +25,7 @@ import grpc
 from integrations.errors import IncidentFormatError, IncidentTooLargeError
 
 from ._auth import Principal
-from ._config import LimitsConfig
+from ._config_sections import LimitsConfig
 from ._ingest_digest import VerifyingSink
 from ._observer import Telemetry, counter, incident_attributes
 from ._reject import Rejection

@@ -22,8 +22,8 @@ def sidecar_metrics() -> tuple[Metric, ...]:
     """The metrics of ingest, refusals, the job runner and every built-in job kind (unique by
     name, in that order)."""
     from . import _ingest, _reject
-    from .jobs import METRICS as JOB_METRICS
     from .jobs import builtin_kinds
+    from .jobs._runner import METRICS as JOB_METRICS
 
     found: dict[str, Metric] = {}
     for m in (*_reject.METRICS, *_ingest.METRICS, *JOB_METRICS,

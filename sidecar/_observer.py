@@ -25,7 +25,7 @@ import contextlib
 import dataclasses
 import json
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Literal, Protocol, runtime_checkable
 
 __all__ = [
@@ -201,22 +201,20 @@ class CountingTelemetry(NoopTelemetry):
 
     def totals(self, metric: Metric | str, label: str) -> dict[str, float]:
         """The sum of the observed values per value of ``label``."""
-        out: dict[str, float] = {}
-        name = _key(metric)
-        with self._lock:
-            for n, v, lab in self._seen:
-                if n == name and label in lab:
-                    out[lab[label]] = out.get(lab[label], 0.0) + v
-        return out
+        return self._by_label(metric, label, lambda old, value: old + value)
 
     def latest(self, metric: Metric | str, label: str) -> dict[str, float]:
         """The last observed value per value of ``label`` (a gauge's current values)."""
+        return self._by_label(metric, label, lambda old, value: value)
+
+    def _by_label(self, metric: Metric | str, label: str,
+                  combine: Callable[[float, float], float]) -> dict[str, float]:
         out: dict[str, float] = {}
         name = _key(metric)
         with self._lock:
             for n, v, lab in self._seen:
                 if n == name and label in lab:
-                    out[lab[label]] = v
+                    out[lab[label]] = combine(out.get(lab[label], 0.0), v)
         return out
 
     @contextlib.contextmanager

@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ._config import DETECTORS
+from ._config_sections import DETECTORS
 
 __all__ = ["register"]
 

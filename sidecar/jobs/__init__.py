@@ -17,38 +17,18 @@ Example::
 """
 
 from ._builtin import builtin_kinds
-from ._kind import (
-    AfterFn,
-    JobContext,
-    JobFailed,
-    JobHost,
-    JobKind,
-    JobKinds,
-    PrepareFn,
-    RecordFn,
-    RunFn,
-    UnknownJobKindError,
-    execute_job,
-)
-from ._queue import JOB_STATES, JobQueue, JobRecord
-from ._runner import METRICS, JobRunner
+from ._kind import JobContext, JobFailed, JobHost, JobKind, UnknownJobKindError
+from ._queue import JOB_STATES, JobRecord
+from ._runner import JobRunner
 
 __all__ = [
     "JOB_STATES",
-    "METRICS",
-    "AfterFn",
     "JobContext",
     "JobFailed",
     "JobHost",
     "JobKind",
-    "JobKinds",
-    "JobQueue",
     "JobRecord",
     "JobRunner",
-    "PrepareFn",
-    "RecordFn",
-    "RunFn",
     "UnknownJobKindError",
     "builtin_kinds",
-    "execute_job",
 ]

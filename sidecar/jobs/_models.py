@@ -22,7 +22,8 @@ from ._kind import JobFailed
 if TYPE_CHECKING:
     from integrations.incident import Incident
 
-    from .._config import ModelSpec, SidecarConfig
+    from .._config import SidecarConfig
+    from .._config_sections import ModelSpec
 
 __all__ = ["fidelity_dict", "load_registered", "model_ref", "registered_spec"]
 
