@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     from .._config import SidecarConfig
     from .._store import IncidentStore
 
-__all__ = ["JOBS", "JOBS_FINISHED", "JOB_DURATION", "METRICS", "JobRunner"]
+__all__ = ["JOBS", "JOBS_FINISHED", "JOB_DURATION", "JOB_QUEUE_WAIT", "METRICS", "JobRunner"]
 
 log = logging.getLogger("sidecar.jobs")
 
@@ -48,11 +48,14 @@ JOBS = gauge("jobs", "Analysis jobs by state (pending = the analysis queue depth
 JOBS_FINISHED = counter("jobs_finished", "Job attempts that ended, by kind and state.",
                         labels=("kind", "state"))
 #: From a stats job (ms) to a CCA search (the proposal's budget is 2 h).
-JOB_DURATION = histogram(
-    "job_duration_seconds", "Wall time of one analysis job attempt, by kind.", labels=("kind",),
-    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
-             1800.0, 3600.0, 7200.0, float("inf")))
-METRICS = (JOBS, JOBS_FINISHED, JOB_DURATION)
+_SECONDS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+            1800.0, 3600.0, 7200.0, float("inf"))
+JOB_DURATION = histogram("job_duration_seconds", "Wall time of one analysis job attempt, by kind.",
+                         labels=("kind",), buckets=_SECONDS)
+JOB_QUEUE_WAIT = histogram(
+    "job_queue_wait_seconds", "Time from submitting a job to its first attempt starting, by "
+    "kind (how long analyses wait for a worker).", labels=("kind",), buckets=_SECONDS)
+METRICS = (JOBS, JOBS_FINISHED, JOB_DURATION, JOB_QUEUE_WAIT)
 
 
 class _Stopped(Exception):
@@ -183,6 +186,9 @@ class JobRunner:
 
     def _run(self, job: JobRecord) -> None:
         t0 = time.monotonic()
+        if job.attempts == 1 and job.started_at is not None:
+            self.telemetry.observe(JOB_QUEUE_WAIT, (job.started_at - job.created_at).total_seconds(),
+                                   labels={"kind": job.kind})
         try:
             with self._db():
                 row = self.store.get(job.incident_id)

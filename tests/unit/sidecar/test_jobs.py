@@ -25,7 +25,7 @@ from sidecar.jobs import (
     UnknownJobKindError,
     builtin_kinds,
 )
-from sidecar.jobs._runner import JOBS, JOBS_FINISHED
+from sidecar.jobs._runner import JOB_QUEUE_WAIT, JOBS, JOBS_FINISHED
 
 
 def _config(tmp_path: Path, **jobs: object) -> SidecarConfig:
@@ -262,3 +262,18 @@ def test_kinds_are_injected_not_registered(tmp_path: Path) -> None:
             ["baseline", "cca", "cf", "replay", "stats"]
         with pytest.raises(ValueError, match="two job kinds are named 'stats'"):
             _runner(store, _config(tmp_path), builtin_kinds()[0])
+
+
+def test_queue_wait_is_observed_from_submit_to_first_claim(
+        tmp_path: Path, make_incident: Callable[..., bytes]) -> None:
+    t0 = dt.datetime(2025, 1, 1)
+    now = [t0]
+    tel = CountingTelemetry()
+    with LocalStore(tmp_path) as store:
+        store.put("inc-1", make_incident("inc-1"), tenant="acme")
+        runner = _runner(store, _config(tmp_path), telemetry=tel, clock=lambda: now[0])
+        job = runner.submit("inc-1", "stats", tenant="acme")
+        now[0] = t0 + dt.timedelta(seconds=2.5)           # claimed 2.5 s after the submit
+        with _running(runner):
+            assert runner.wait(job.id, timeout_s=30).state == "done"
+    assert tel.values(JOB_QUEUE_WAIT, kind="stats") == [2.5]
