@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
     from ._record import TensorRecord
 
-__all__ = ["IncidentBuilder"]
+__all__ = ["IncidentBuilder", "too_large"]
 
 _ROW_OVERHEAD = 64  # bytes per row for offsets, indices, shape, strings (estimate)
 _MAX_INT32 = 2**31 - 1
