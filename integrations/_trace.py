@@ -83,7 +83,8 @@ def trace(model: torch.nn.Module, sites: Sequence[str] | None = None, *,
     ``set_generation``, ``flag``). After it, ``t.incident`` is the incident; if none was made
     (over ``max_bundle_size_mb``: :class:`~integrations.errors.IncidentTooLargeError`; a hook
     or the build failed: :class:`~integrations.errors.CaptureError`) the exit raises. An
-    exception raised by the block propagates unchanged (and no incident is handed over).
+    exception raised by the block propagates unchanged (and no incident is handed over); a block
+    that never calls the model raises :class:`~integrations.errors.CaptureError` on exit.
 
     Example::
 
@@ -124,6 +125,9 @@ def _the_incident(ex: InMemoryExporter, stats: dict[str, Any], request_id: str) 
     incidents = ex.incidents
     if incidents:
         return incidents[-1]
+    if not stats.get("captured"):
+        raise CaptureError(f"request {request_id!r} of the trace called no forward of the model; "
+                           "run the model inside the `with integrations.trace(...)` block")
     dropped = stats.get("dropped") or {}
     if "too_large" in dropped:
         raise IncidentTooLargeError(
