@@ -2,6 +2,7 @@
 
 Example::
 
+    import integrations
     from integrations import Recorder, flag, triggers, exporters
     ex = exporters.InMemoryExporter()
     rec = Recorder(model, sites=["blocks.*.resid_post"],

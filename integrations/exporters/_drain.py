@@ -37,7 +37,7 @@ from ._upload import Attempt, Outcome, manifest_from_arrow, request_traceparent
 
 __all__ = ["SpoolDrainer"]
 
-_log = logging.getLogger("integrations.exporters._sidecar")
+_log = logging.getLogger("integrations.exporters._sidecar")  # the SidecarExporter's log
 
 #: ``upload(incident_id, data, traceparent) -> Attempt``
 _Upload = Callable[[str, bytes, str], Attempt]

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
 __all__ = ["ExportTally"]
 
-_log = logging.getLogger("integrations.exporters._sidecar")
+_log = logging.getLogger("integrations.exporters._sidecar")  # the SidecarExporter's log
 
 
 class ExportTally:
