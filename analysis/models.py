@@ -48,6 +48,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, cast
 import torch
 
 from integrations.errors import ModelError, ModelPackageMissingError
+from integrations.incident import fsync_dir
 
 if TYPE_CHECKING:
     from transformers import BertModel, LlamaForCausalLM, PreTrainedTokenizerBase
@@ -292,18 +293,6 @@ def _convert_gguf(gguf: Path, dtype: torch.dtype) -> tuple[Any, Any]:
     return model, tok
 
 
-def _fsync_dir(path: Path) -> None:
-    """Make a rename inside ``path`` durable (best effort where directories cannot be opened)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - e.g. Windows
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _build_cache(entry: Path, meta: dict[str, Any], gguf: Path) -> None:
     """Convert and write the cache atomically (tmp sibling directory, then rename)."""
     entry.parent.mkdir(parents=True, exist_ok=True)
@@ -331,7 +320,7 @@ def _build_cache(entry: Path, meta: dict[str, Any], gguf: Path) -> None:
         except OSError:
             if not _cache_valid(entry, meta):  # lost a race to a valid cache: fine; else raise
                 raise
-        _fsync_dir(entry.parent)
+        fsync_dir(entry.parent)
         _log.info("SmolLM2 safetensors cache written to %s", entry)
     finally:
         if tmp.exists():

@@ -2,6 +2,7 @@
 
 Example::
 
+    import integrations
     from integrations import Recorder, flag, triggers, exporters
     ex = exporters.InMemoryExporter()
     rec = Recorder(model, sites=["blocks.*.resid_post"],
@@ -13,17 +14,27 @@ Example::
     rec.force_flush(timeout_s=10)
     inc = ex.incidents[-1]
 
+    with integrations.trace(model, ["blocks.*.resid_post"]) as t:   # one-shot capture
+        model(**inputs)
+    t.incident.tensor("blocks.0.resid_post", step=0)
+
+    with integrations.outside_request():      # nothing in here is recorded (replay)
+        model(**inputs)
+
 Imports only torch, numpy, pyarrow (and, for the sidecar exporter, grpcio/protobuf),
-prometheus-client and opentelemetry-api — never duckdb, scipy or transformers.
+prometheus-client and opentelemetry-api — never duckdb, scipy or transformers; ``import
+integrations`` itself imports none of them (they load when first needed).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from . import errors, exporters, triggers
+from ._lazy import lazy_exports
 from ._recorder import Recorder
-from ._request import BatchHandle, RequestHandle, current_request, flag
+from ._request import BatchHandle, RequestHandle, current_request, flag, outside_request
+from ._trace import Trace, trace
 
 if TYPE_CHECKING:
     from .incident import Incident
@@ -33,17 +44,15 @@ __all__ = [
     "Incident",
     "Recorder",
     "RequestHandle",
+    "Trace",
     "current_request",
     "errors",
     "exporters",
     "flag",
+    "outside_request",
+    "trace",
     "triggers",
 ]
 
-
-def __getattr__(name: str) -> Any:  # Incident pulls in pyarrow: import it on first use
-    if name == "Incident":
-        from .incident import Incident
-
-        return Incident
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+# Incident pulls in pyarrow: imported on first use
+__getattr__, __dir__ = lazy_exports(__name__, {"Incident": ".incident"})

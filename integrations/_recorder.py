@@ -1,22 +1,25 @@
-"""The Recorder: hooks on the selected sites, per-request capture, bounded export queue.
+"""The Recorder: records what the model computed for requests whose trigger fires.
 
-Serving path (the model's own thread): hooks check the request context, copy the selected
-activations of requests whose trigger fired, and at the end of the request hand the copies to a
-bounded queue with ``put_nowait``. Everything else — building the Arrow incident, hashing the
-weights, exporting — runs on the recorder's worker thread (:mod:`integrations._worker`). No
-exception from forensics ever reaches the model call; every captured incident is either
-exported or counted as dropped, by reason.
+It wires three parts, one concept each: the capture hooks on the serving path
+(:mod:`integrations._capture`: select, copy, keep), the request context
+(:mod:`integrations._request`: ``rec.request``/``rec.batch`` handles, ``flag``), and the export
+worker (:mod:`integrations._worker`), which is given the exporter, the metrics and the build
+function (:mod:`integrations._build`) that turns a finished request into an Incident. When a
+request ends, the recorder decides whether it makes an incident and counts it: every captured
+incident is either exported or counted as dropped, by reason. No exception from forensics ever
+reaches the model call.
 
 Example::
 
     from integrations import Recorder, triggers, exporters
     ex = exporters.InMemoryExporter()
-    rec = Recorder(model, sites=["blocks.*.resid_post"], trigger=triggers.OnFlag(), exporter=ex)
-    with rec.request(request_id="r-1") as req:
-        req.flag("prompt_injection")            # flagged before the model runs: capture
-        out = model.generate(**inputs)
-        req.set_output(ids=out)
-    rec.force_flush(timeout_s=10)
+    with Recorder(model, sites=["blocks.*.resid_post"], trigger=triggers.OnFlag(),
+                  exporter=ex) as rec:          # shut down on exit, even on an error
+        with rec.request(request_id="r-1") as req:
+            req.flag("prompt_injection")        # flagged before the model runs: capture
+            out = model.generate(**inputs)
+            req.set_output(ids=out)
+        rec.force_flush(timeout_s=10)
     inc = ex.incidents[-1]
 """
 
@@ -25,23 +28,24 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from . import triggers as _triggers
+from ._build import IncidentFactory, PendingIncident
+from ._capture import CaptureHooks
 from ._metrics import RecorderMetrics
 from ._request import (
     BatchHandle,
+    RequestContext,
     RequestHandle,
     RequestState,
-    _Active,
+    StepCounter,
     _current,
-    _Row,
-    _StepCounter,
     new_state,
 )
-from ._worker import ExportWorker, PendingIncident
-from .external import active_sandbox
+from ._worker import ExportWorker
 
 if TYPE_CHECKING:
     import torch
@@ -52,12 +56,6 @@ if TYPE_CHECKING:
 __all__ = ["Recorder"]
 
 _log = logging.getLogger(__name__)
-
-#: Top-level forward kwargs recorded as ``kind="input"`` rows (everything replay needs).
-_INPUT_NAMES = ("input_ids", "attention_mask", "position_ids", "token_type_ids",
-                "cache_position", "inputs_embeds")
-#: Inputs without a batch dimension (stored whole for every request of a batch).
-_UNBATCHED = frozenset({"cache_position"})
 
 
 class Recorder:
@@ -76,6 +74,9 @@ class Recorder:
         capture_content: keep raw text (input/output) in the manifest; off by default.
         max_bundle_size_mb: overrides ``recorder.max_bundle_size_mb``.
         metrics_registry: Prometheus registry for the recorder metrics (default: global).
+
+    A context manager: ``with Recorder(...) as rec:`` shuts it down on exit (also when the body
+    raises), so its worker thread and hooks never outlive the block.
     """
 
     def __init__(self, model: torch.nn.Module, *, sites: Sequence[str] | None = None,
@@ -98,11 +99,8 @@ class Recorder:
         self.trigger = trigger if trigger is not None else _triggers.OnFlag()
         self.exporter: Exporter = exporter if exporter is not None else InMemoryExporter()
         self.tokenizer = tokenizer
-        self.capture_logits = capture_logits
-        self.capture_content = capture_content
-        mb = max_bundle_size_mb if max_bundle_size_mb is not None else \
-            cfg.recorder.max_bundle_size_mb
-        self.max_bundle_bytes = int(mb * 1024 * 1024)
+        max_bytes = (cfg.recorder.max_bundle_size_bytes if max_bundle_size_mb is None
+                     else int(max_bundle_size_mb * (1 << 20)))
         self.metrics = RecorderMetrics(registry=metrics_registry)
         bind = getattr(self.exporter, "bind_metrics", None)
         if callable(bind):  # exporters that count their own drops / spool bytes
@@ -113,120 +111,22 @@ class Recorder:
             "revision": model_revision or known.get("revision"),
             "class": type(model).__name__,
         }
-        self._ambient: _Active | None = None
-        self._handles: list[Any] = []
-        self._attach: contextlib.AbstractContextManager[Any] | None = None
+        self._hooks = CaptureHooks(owner=self, trigger=self.trigger,
+                                   capture_logits=capture_logits, max_bytes=max_bytes)
         self.bound: list[Any] = []
         if self.enabled:
-            self._install()
-        self._worker = ExportWorker(recorder=self, max_queue=max_queue,
-                                    compression_ratio=cfg.recorder.compression_ratio)
+            from .sites import resolve_sites
+
+            self.bound = resolve_sites(model, self.site_specs)  # fails early on bad names
+        build = IncidentFactory(model=model, model_ref=self.model_ref, tokenizer=tokenizer,
+                                sites=[b.site for b in self.bound],
+                                capture_content=capture_content, max_bytes=max_bytes,
+                                compression=cfg.recorder.ipc_compression)
+        self._worker: ExportWorker[PendingIncident] = ExportWorker(
+            exporter=self.exporter, metrics=self.metrics, build=build, max_queue=max_queue)
+        if self.enabled:
+            self._hooks.install(model, self.bound)
         self._worker.start()
-
-    # ------------------------------------------------------------------ hooks
-    def _install(self) -> None:
-        from .sites import attach, resolve_sites
-
-        self.bound = resolve_sites(self.model, self.site_specs)  # fails early on bad names
-        self._attach = attach(self.model, self.bound, self._on_site)
-        self._attach.__enter__()
-        try:
-            self._handles.append(self.model.register_forward_pre_hook(
-                self._on_forward_pre, with_kwargs=True))
-            self._handles.append(self.model.register_forward_hook(
-                self._on_forward, with_kwargs=True))
-        except BaseException:
-            self._remove_hooks()
-            raise
-
-    def _remove_hooks(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-        if self._attach is not None:
-            self._attach.__exit__(None, None, None)
-            self._attach = None
-
-    def _active(self) -> _Active | None:
-        act = _current.get()
-        if act is None and self._ambient is not None and active_sandbox() is None:
-            act = self._ambient  # never record a deterministic replay as served traffic
-        if act is None or act.recorder is not self:
-            return None
-        return act
-
-    def _on_forward_pre(self, module: Any, args: tuple[Any, ...],
-                        kwargs: dict[str, Any]) -> None:
-        act = self._active()
-        if act is None:
-            return None
-        try:
-            ctr = act.counter
-            ctr.depth += 1
-            if ctr.depth > 1:
-                return None
-            step = ctr.next_step
-            ctr.next_step += 1
-            inputs = dict(kwargs)
-            if args and "input_ids" not in inputs:
-                inputs["input_ids"] = args[0]
-            for st in act.states:
-                if not st.decided:
-                    st.decided = True
-                    fire = self.trigger.pre(st.view())
-                    if fire is not None:
-                        st.fire, st.capturing, st.capture_from_step = fire, True, step
-                for name in _INPUT_NAMES:
-                    t = inputs.get(name)
-                    if t is None or not hasattr(t, "detach"):
-                        continue
-                    if name == "inputs_embeds" and not st.capturing:
-                        continue  # float inputs are only kept for captured requests
-                    sel = t if name in _UNBATCHED else t[st.rows]
-                    _keep(self, st, _Row("input", name, "", step, sel.detach().to(
-                        "cpu", copy=True)))
-        except Exception as e:  # never into the model call
-            _fail_all(act, e)
-        return None
-
-    def _on_forward(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
-                    output: Any) -> None:
-        act = self._active()
-        if act is None:
-            return None
-        try:
-            ctr = act.counter
-            ctr.depth -= 1
-            if ctr.depth > 0 or not self.capture_logits:
-                return None
-            caps = [st for st in act.states if st.capturing]
-            if not caps:
-                return None
-            logits = _logits_of(output)
-            if logits is None:
-                return None
-            last = logits[:, -1, :] if logits.dim() == 3 else logits  # [batch, vocab|labels]
-            step = ctr.next_step - 1
-            for st in caps:
-                _keep(self, st, _Row("logits", "logits", "", step,
-                                     last[st.rows].detach().to("cpu", copy=True)))
-        except Exception as e:
-            _fail_all(act, e)
-        return None
-
-    def _on_site(self, b: Any, value: torch.Tensor) -> None:
-        act = self._active()
-        if act is None:
-            return None
-        try:
-            step = act.counter.next_step - 1
-            for st in act.states:
-                if st.capturing:
-                    _keep(self, st, _Row("activation", b.site, b.module_path, step,
-                                         value[st.rows].detach().to("cpu", copy=True)))
-        except Exception as e:
-            _fail_all(act, e)
-        return None
 
     # --------------------------------------------------------------- requests
     @contextlib.contextmanager
@@ -237,7 +137,7 @@ class Recorder:
         st = new_state(request_id=request_id, tenant=tenant, headers=headers,
                        traceparent=traceparent, rows=slice(None))
         with self._serving([st]) as act:
-            yield RequestHandle(self, st, act)
+            yield RequestHandle(st, act)
 
     @contextlib.contextmanager
     def batch(self, request_ids: Sequence[str], *, tenants: Sequence[str | None] | None = None,
@@ -251,11 +151,15 @@ class Recorder:
                             headers=None if headers is None else headers[i], traceparent=None,
                             rows=slice(i, i + 1)) for i, rid in enumerate(request_ids)]
         with self._serving(states) as act:
-            yield BatchHandle(self, act)
+            yield BatchHandle(act)
+
+    def _context(self, states: list[RequestState]) -> RequestContext:
+        return RequestContext(owner=self, states=states, counter=StepCounter(),
+                       tokenizer=self.tokenizer)
 
     @contextlib.contextmanager
-    def _serving(self, states: list[RequestState]) -> Iterator[_Active]:
-        act = _Active(recorder=self, states=states, counter=_StepCounter())
+    def _serving(self, states: list[RequestState]) -> Iterator[RequestContext]:
+        act = self._context(states)
         if self.enabled:
             _snapshot_rng(states)
         token = _current.set(act)
@@ -279,18 +183,18 @@ class Recorder:
         st.decided, st.capturing, st.capture_from_step = True, True, 0
         st.fire = _triggers.Fire(fire, fire)
         _snapshot_rng([st])
-        self._ambient = _Active(recorder=self, states=[st], counter=_StepCounter())
+        self._hooks.ambient = self._context([st])
 
     def end_ambient(self, *, incident_id: str | None = None) -> str | None:
         """Finish the ambient capture; returns the incident id queued (None if dropped)."""
-        act, self._ambient = self._ambient, None
+        act, self._hooks.ambient = self._hooks.ambient, None
         if act is None:
             return None
         if incident_id is not None:
             act.states[0].incident_id = incident_id
         return self._finish(act)[0]
 
-    def _finish(self, act: _Active) -> list[str | None]:
+    def _finish(self, act: RequestContext) -> list[str | None]:
         """Turn finished request states into queued incidents (never raises)."""
         out: list[str | None] = []
         for st in act.states:
@@ -318,21 +222,12 @@ class Recorder:
             self.metrics.dropped("capture_error")
             return None
         full = st.capturing and st.capture_from_step == 0
-        rows = st.records if full else [r for r in st.records if r.kind == "input"]
-        pending = PendingIncident(state=st, fire=fire, rows=rows,
+        records = st.records if full else [r for r in st.records if r.kind == "input"]
+        pending = PendingIncident(incident_id=st.incident_id or uuid.uuid4().hex, state=st,
+                                  fire=fire, records=records,
                                   activations="captured" if full else "replay",
                                   last_step=last_step)
-        return self._worker.submit(pending)
-
-    # ------------------------------------------------------------------ output
-    def _decode(self, ids: torch.Tensor) -> str | None:
-        if self.tokenizer is None:
-            return None
-        try:
-            seq = ids[0] if ids.dim() > 1 else ids
-            return str(self.tokenizer.decode(seq.tolist(), skip_special_tokens=True))
-        except Exception:
-            return None
+        return self._worker.submit(pending.incident_id, pending)
 
     # -------------------------------------------------------------- lifecycle
     def stats(self) -> dict[str, Any]:
@@ -348,7 +243,7 @@ class Recorder:
     def shutdown(self, *, timeout_s: float = 30.0) -> None:
         """Remove the hooks, flush the queue (counting what is left as dropped), close the
         exporter. Idempotent."""
-        self._remove_hooks()
+        self._hooks.remove()
         self._worker.stop(timeout_s=timeout_s)
 
     close = shutdown
@@ -360,45 +255,12 @@ class Recorder:
         self.shutdown()
 
 
-def _keep(rec: Recorder, st: RequestState, row: _Row) -> None:
-    if st.too_large:
-        return
-    n = row.tensor.element_size() * row.tensor.nelement()
-    st.nbytes += n
-    if st.nbytes > rec.max_bundle_bytes:
-        st.too_large = True
-        st.records.clear()  # free memory now; the incident is dropped and counted at the end
-        return
-    st.records.append(row)
-
-
-def _fail_all(act: _Active, e: Exception) -> None:
-    _log.warning("forensics: capture failed (%s: %s); the incident will be dropped",
-                 type(e).__name__, e)
-    for st in act.states:
-        if st.error is None:
-            st.error = f"{type(e).__name__}: {e}"
-
-
 def _snapshot_rng(states: list[RequestState]) -> None:
     import torch
 
     rng = torch.get_rng_state()  # a copy; reading the state never advances it
     for st in states:
         st.rng_state = rng
-
-
-def _logits_of(output: Any) -> torch.Tensor | None:
-    import torch
-
-    if isinstance(output, torch.Tensor):
-        return output
-    logits = getattr(output, "logits", None)
-    if isinstance(logits, torch.Tensor):
-        return logits
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
-        return output[0]
-    return None
 
 
 def _model_name(model: Any) -> str:

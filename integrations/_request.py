@@ -1,4 +1,5 @@
-"""Per-request capture state, the request/batch handles, and ``integrations.flag()``.
+"""The request context: per-request capture state, the request/batch handles, ``flag()`` and
+``outside_request()``.
 
 The state of the request being served lives in a :class:`contextvars.ContextVar`, so concurrent
 requests on threads or asyncio tasks never see each other's context. Hooks read it on every
@@ -10,15 +11,17 @@ Example::
         out = model.generate(**inputs)
         if bad(out):
             req.flag("prompt_injection")     # or integrations.flag("prompt_injection")
+        with outside_request():              # e.g. a replay inside a served request
+            model(**probe)                   # not recorded by any recorder
 """
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
-import threading
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -27,20 +30,19 @@ from .triggers import Fire, RequestView
 if TYPE_CHECKING:
     import torch
 
-    from ._recorder import Recorder
+    from .incident import TensorRecord
 
-__all__ = ["BatchHandle", "RequestHandle", "current_request", "flag"]
-
-
-@dataclass
-class _Row:
-    """One tensor copied during a request, waiting to become an incident row."""
-
-    kind: str
-    site: str
-    module_path: str
-    step: int
-    tensor: torch.Tensor
+__all__ = [
+    "BatchHandle",
+    "RequestContext",
+    "RequestHandle",
+    "RequestState",
+    "StepCounter",
+    "current_request",
+    "flag",
+    "new_state",
+    "outside_request",
+]
 
 
 @dataclass
@@ -59,7 +61,7 @@ class RequestState:
     decided: bool = False            # pre-trigger evaluated (at the first forward)
     capturing: bool = False
     capture_from_step: int | None = None
-    records: list[_Row] = field(default_factory=list)
+    records: list[TensorRecord] = field(default_factory=list)
     nbytes: int = 0
     too_large: bool = False
     error: str | None = None         # capture error (never raised into the model call)
@@ -80,7 +82,7 @@ class RequestState:
                            output_text=self.output_text if with_output else None)
 
 
-class _StepCounter:
+class StepCounter:
     """Forward-call counter shared by all requests of one batch (0 = prefill)."""
 
     def __init__(self) -> None:
@@ -89,17 +91,46 @@ class _StepCounter:
 
 
 @dataclass
-class _Active:
-    """What the hooks see: the requests of the batch being served and its step counter."""
+class RequestContext:
+    """What the hooks see: the requests of the batch being served and its step counter.
 
-    recorder: Recorder
+    ``owner`` is the recorder serving them (hooks of other recorders ignore the context);
+    ``tokenizer`` decodes output ids for :meth:`RequestHandle.set_output`.
+    """
+
+    owner: object
     states: list[RequestState]
-    counter: _StepCounter
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    counter: StepCounter
+    tokenizer: Any = None
 
 
-_current: contextvars.ContextVar[_Active | None] = contextvars.ContextVar(
+_current: contextvars.ContextVar[RequestContext | None] = contextvars.ContextVar(
     "forensics_request", default=None)
+
+#: The context of :func:`outside_request`: no requests, owned by no recorder.
+_OUTSIDE = RequestContext(owner=None, states=[], counter=StepCounter())
+
+
+@contextlib.contextmanager
+def outside_request() -> Iterator[None]:
+    """Detach the current request context: nothing run inside is recorded by any recorder.
+
+    Inside, there is no current request (``flag()`` returns False, ``current_request()`` is
+    None) and an ambient capture does not apply either; on exit the request context that was
+    current is restored. Deterministic replay runs the model this way.
+
+    Example::
+
+        with rec.request(request_id="r-1"):
+            out = model(x)                  # recorded
+            with integrations.outside_request():
+                model(x_probe)              # not recorded
+    """
+    token = _current.set(_OUTSIDE)
+    try:
+        yield
+    finally:
+        _current.reset(token)
 
 
 def current_request() -> RequestHandle | None:
@@ -107,7 +138,7 @@ def current_request() -> RequestHandle | None:
     act = _current.get()
     if act is None or len(act.states) != 1:
         return None
-    return RequestHandle(act.recorder, act.states[0], act)
+    return RequestHandle(act.states[0], act)
 
 
 def flag(reason: str, *, request_id: str | None = None) -> bool:
@@ -126,7 +157,7 @@ def flag(reason: str, *, request_id: str | None = None) -> bool:
     return False
 
 
-def _add_flag(st: RequestState, act: _Active, reason: str) -> None:
+def _add_flag(st: RequestState, act: RequestContext, reason: str) -> None:
     if st.flag_step is None:
         st.flag_step = act.counter.next_step - 1
     st.flags.append(str(reason))
@@ -135,8 +166,7 @@ def _add_flag(st: RequestState, act: _Active, reason: str) -> None:
 class RequestHandle:
     """Handle of one request: flag it, attach its output / generation config."""
 
-    def __init__(self, recorder: Recorder, state: RequestState, active: _Active) -> None:
-        self._recorder = recorder
+    def __init__(self, state: RequestState, active: RequestContext) -> None:
         self._state = state
         self._active = active
 
@@ -167,7 +197,7 @@ class RequestHandle:
                 t = t[self._state.rows]
             self._state.output_ids = t.clone()
             if text is None:
-                text = self._recorder._decode(self._state.output_ids)
+                text = _decode(self._active.tokenizer, self._state.output_ids)
         if text is not None:
             self._state.output_text = text
 
@@ -183,10 +213,9 @@ class RequestHandle:
 class BatchHandle:
     """Handle of a served batch: one :class:`RequestHandle` per request, by id or row."""
 
-    def __init__(self, recorder: Recorder, active: _Active) -> None:
+    def __init__(self, active: RequestContext) -> None:
         self._active = active
-        self._handles = {st.request_id: RequestHandle(recorder, st, active)
-                         for st in active.states}
+        self._handles = {st.request_id: RequestHandle(st, active) for st in active.states}
 
     def __getitem__(self, key: str | int) -> RequestHandle:
         if isinstance(key, int):
@@ -214,6 +243,17 @@ def new_state(*, request_id: str | None, tenant: str | None, headers: Mapping[st
     return RequestState(request_id=request_id or uuid.uuid4().hex, tenant=tenant,
                         headers=dict(headers or {}),
                         traceparent=traceparent or _otel_traceparent(), rows=rows)
+
+
+def _decode(tokenizer: Any, ids: torch.Tensor) -> str | None:
+    """The text of output ids (the first row of a batch), or None without a tokenizer."""
+    if tokenizer is None:
+        return None
+    try:
+        seq = ids[0] if ids.dim() > 1 else ids
+        return str(tokenizer.decode(seq.tolist(), skip_special_tokens=True))
+    except Exception:  # never into the serving path
+        return None
 
 
 def _otel_traceparent() -> str | None:

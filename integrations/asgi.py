@@ -24,16 +24,16 @@ if TYPE_CHECKING:
 
 __all__ = ["ForensicsMiddleware"]
 
-Scope = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
-Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+_Scope = MutableMapping[str, Any]
+_Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+_Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+_ASGIApp = Callable[[_Scope, _Receive, _Send], Awaitable[None]]
 
 
 class ForensicsMiddleware:
     """Wraps an ASGI app so each HTTP request is a recorder request."""
 
-    def __init__(self, app: ASGIApp, *, recorder: Recorder,
+    def __init__(self, app: _ASGIApp, *, recorder: Recorder,
                  request_id_header: str = "x-request-id",
                  tenant_header: str = "x-tenant-id",
                  response_header: str | None = "x-forensics-request-id") -> None:
@@ -43,7 +43,7 @@ class ForensicsMiddleware:
         self.tenant_header = tenant_header.lower()
         self.response_header = response_header.lower() if response_header else None
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def __call__(self, scope: _Scope, receive: _Receive, send: _Send) -> None:
         if scope.get("type") != "http":
             await self.app(scope, receive, send)
             return

@@ -19,7 +19,8 @@ Tree::
     ├── IncidentError
     │   ├── IncidentFormatError     truncated / corrupted / foreign / wrong-schema incident bytes
     │   ├── IncidentTooLargeError   incident over ``max_bundle_size_mb`` (dropped, counted)
-    │   └── TensorNotFoundError     (site, step, kind) not in this incident (also a KeyError)
+    │   ├── TensorNotFoundError     (site, step, kind) not in this incident (also a KeyError)
+    │   └── CaptureError            ``integrations.trace`` made no incident (capture/export failed)
     ├── ModelError
     │   ├── ModelPackageMissingError  offline model package not installed
     │   └── FingerprintMismatchError  replay model weights differ from the incident's
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 __all__ = [
     "AnalysisError",
+    "CaptureError",
     "ConfigError",
     "ExportError",
     "FingerprintMismatchError",
@@ -80,6 +82,11 @@ class IncidentFormatError(IncidentError):
 
 class IncidentTooLargeError(IncidentError):
     """An incident is larger than ``recorder.max_bundle_size_mb``."""
+
+
+class CaptureError(IncidentError):
+    """A one-shot capture (:func:`integrations.trace`) ended without an incident: a hook or the
+    build failed, or the exporter dropped it; the message gives the drop reason."""
 
 
 class TensorNotFoundError(IncidentError, KeyError):

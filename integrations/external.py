@@ -44,7 +44,7 @@ __all__ = ["ExternalCallSandbox", "RecordedCallError", "active_sandbox", "extern
            "recorded", "sandbox"]
 
 _log = logging.getLogger(__name__)
-F = TypeVar("F", bound=Callable[..., Any])
+_F = TypeVar("_F", bound=Callable[..., Any])
 
 _sandbox: contextvars.ContextVar[ExternalCallSandbox | None] = contextvars.ContextVar(
     "forensics_external_sandbox", default=None)
@@ -192,19 +192,19 @@ async def _external_call_async(name: str, fn: Callable[..., Any], /, *args: Any,
     return result
 
 
-def recorded(name: str | None = None) -> Callable[[F], F]:
+def recorded(name: str | None = None) -> Callable[[_F], _F]:
     """Decorator: make every call of the function an :func:`external_call` named ``name``
     (default: the function's qualified name). Works on ``async def`` functions too."""
-    def deco(fn: F) -> F:
+    def deco(fn: _F) -> _F:
         call_name: str = name or str(getattr(fn, "__qualname__", repr(fn)))
         if inspect.iscoroutinefunction(fn):
             @functools.wraps(fn)
             async def awrapper(*args: Any, **kwargs: Any) -> Any:
                 return await _external_call_async(call_name, fn, *args, **kwargs)
-            return cast(F, awrapper)
+            return cast(_F, awrapper)
 
         @functools.wraps(fn)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             return external_call(call_name, fn, *args, **kwargs)
-        return cast(F, wrapper)
+        return cast(_F, wrapper)
     return deco

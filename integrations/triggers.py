@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 __all__ = [
@@ -177,21 +177,18 @@ class AnyOf(Trigger):
         self.children = children
 
     def pre(self, view: RequestView) -> Fire | None:
-        for c in self.children:
-            f = c.pre(view)
-            if f is not None:
-                return f
-        return None
+        return _first(c.pre(view) for c in self.children)
 
     def post(self, view: RequestView) -> Fire | None:
-        for c in self.children:
-            f = c.post(view)
-            if f is not None:
-                return f
-        return None
+        return _first(c.post(view) for c in self.children)
 
     def __repr__(self) -> str:
         return f"AnyOf({', '.join(map(repr, self.children))})"
+
+
+def _first(fires: Iterable[Fire | None]) -> Fire | None:
+    """The first positive decision; later children are not asked (lazy)."""
+    return next((f for f in fires if f is not None), None)
 
 
 class AllOf(Trigger):

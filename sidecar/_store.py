@@ -21,16 +21,16 @@ import contextlib
 import dataclasses
 import os
 import queue
-import re
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from integrations.errors import IncidentFormatError, IncidentTooLargeError
+from integrations.incident import ID_PATTERN, fsync_dir
 
 from ._observer import Telemetry, as_telemetry, incident_attributes
-from ._store_files import IncomingFile, StoreError, _fsync_dir, _write_tmp
+from ._store_files import IncomingFile, StoreError, _write_tmp
 from ._store_index import IncidentRow, Index, row_from_manifest, utcnow
 from ._store_recovery import (
     ReindexReport,
@@ -58,8 +58,6 @@ __all__ = [
     "StoreError",
 ]
 
-#: Incident ids the store accepts (the incident format's id rule; safe as a file name).
-ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
 
 
 class AlreadyExistsError(StoreError):
@@ -218,7 +216,7 @@ class LocalStore:
                     return self._existing(existing, sha256)
                 os.replace(tmp_receipt, self._receipt_path(incident_id))
                 os.replace(incoming.path, self.path(incident_id))
-                _fsync_dir(self.incidents_dir)
+                fsync_dir(self.incidents_dir)
                 with self.telemetry.span("index", traceparent=row.traceparent,
                                          attributes=incident_attributes(row)), \
                         self.index.write() as con:
@@ -290,7 +288,7 @@ class LocalStore:
         with self._put_lock:
             self.path(incident_id).unlink(missing_ok=True)
             self._receipt_path(incident_id).unlink(missing_ok=True)
-            _fsync_dir(self.incidents_dir)
+            fsync_dir(self.incidents_dir)
             return self.index.delete_incident(incident_id)
 
     # -- watch -------------------------------------------------------------------------------

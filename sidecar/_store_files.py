@@ -1,4 +1,4 @@
-"""Durable file primitives of the local store: streamed temp files, fsync helpers.
+"""Durable file primitives of the local store: streamed, fsynced temp files.
 
 :class:`IncomingFile` receives an upload chunk by chunk on a writer thread (sha256 + write
 overlap with the network); nothing becomes visible until the store renames it into place.
@@ -26,14 +26,6 @@ __all__ = ["IncomingFile", "StoreError"]
 
 class StoreError(SidecarError):
     """The store could not complete an operation (I/O or index failure)."""
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write_tmp(directory: Path, stem: str, data: bytes | memoryview) -> Path:

@@ -10,14 +10,16 @@ Example::
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from .._lazy import lazy_exports
 from ._base import Exporter, ExportResult
 from ._file import ArrowFileExporter
 from ._memory import InMemoryExporter
 
 if TYPE_CHECKING:
-    from ._sidecar import SidecarExporter, TLSConfig
+    from ._sidecar import SidecarExporter
+    from ._upload import TLSConfig
 
 __all__ = [
     "ArrowFileExporter",
@@ -28,10 +30,6 @@ __all__ = [
     "TLSConfig",
 ]
 
-
-def __getattr__(name: str) -> Any:  # lazy: the gRPC client is only imported when used
-    if name in ("SidecarExporter", "TLSConfig"):
-        from . import _sidecar
-
-        return getattr(_sidecar, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+# the gRPC client is only imported when used
+__getattr__, __dir__ = lazy_exports(__name__, {"SidecarExporter": "._sidecar",
+                                               "TLSConfig": "._upload"})

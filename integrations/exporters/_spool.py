@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ExportError
+from ..incident import fsync_dir
 
 __all__ = ["DiskSpool", "SpoolEntry", "SpoolFullError"]
 
@@ -64,15 +65,6 @@ def _safe_id(incident_id: str) -> str:
     """A file-name-safe form of the id (the id itself is inside the Arrow bytes anyway)."""
     safe = _UNSAFE.sub("_", incident_id)[:128]
     return safe or "_"
-
-
-def _fsync_dir(directory: Path) -> None:
-    with contextlib.suppress(OSError):  # some filesystems cannot fsync a directory
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 class DiskSpool:
@@ -194,7 +186,8 @@ class DiskSpool:
         """Durably add one incident after every entry already present.
 
         Raises :class:`SpoolFullError` when it would take the spool over ``max_bytes`` and
-        ``OSError`` when the disk write fails; in both cases nothing is left behind.
+        ``OSError`` when the disk write (or the fsync of the directory, see
+        :func:`~integrations.incident.fsync_dir`) fails; in both cases nothing is left behind.
         """
         n = len(data)
         with self._lock:
@@ -215,10 +208,11 @@ class DiskSpool:
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, final)
-            _fsync_dir(self.directory)
+            fsync_dir(self.directory)
         except BaseException:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
+            for path in (tmp, final):  # a non-durable entry must not be sent later either
+                with contextlib.suppress(OSError):
+                    path.unlink()
             with self._lock:
                 self._nbytes -= n
             raise

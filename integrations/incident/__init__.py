@@ -1,7 +1,9 @@
 """The incident format: one Arrow IPC stream per incident — a tensor table plus a JSON manifest.
 
 Writing (serving side) and reading (sidecar / analysis) share this package; nothing here uses
-pickle or ``torch.load``, and every byte read is validated before use (see DESIGN §3).
+pickle or ``torch.load``, and every byte read is validated before use (see DESIGN §3). Names are
+imported on first use, so ``TensorRecord`` or ``fsync_dir`` do not pull in
+pyarrow.
 
 Example::
 
@@ -16,20 +18,26 @@ Example::
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+from integrations._lazy import lazy_exports
 from integrations.errors import IncidentFormatError, IncidentTooLargeError, TensorNotFoundError
 
-from ._atomic import atomic_write
-from ._builder import IncidentBuilder, TensorRecord
-from ._digest import DIGEST_ALGORITHM
-from ._manifest import REQUIRED_KEYS, new_manifest, validate_manifest
-from ._reader import Incident
-from ._runtime import model_fingerprint, model_reference, runtime_info
-from ._schema import DTYPE_ITEMSIZE, FORMAT_VERSION, KINDS, MANIFEST_KEY, SCHEMA
+if TYPE_CHECKING:
+    from ._atomic import atomic_write, fsync_dir
+    from ._builder import IncidentBuilder
+    from ._digest import DIGEST_ALGORITHM
+    from ._manifest import ID_PATTERN, REQUIRED_KEYS, new_manifest, validate_manifest
+    from ._reader import Incident
+    from ._record import TensorRecord
+    from ._runtime import model_fingerprint, model_reference, runtime_info
+    from ._schema import DTYPE_ITEMSIZE, FORMAT_VERSION, KINDS, MANIFEST_KEY, SCHEMA
 
 __all__ = [
     "DIGEST_ALGORITHM",
     "DTYPE_ITEMSIZE",
     "FORMAT_VERSION",
+    "ID_PATTERN",
     "KINDS",
     "MANIFEST_KEY",
     "REQUIRED_KEYS",
@@ -41,9 +49,31 @@ __all__ = [
     "TensorNotFoundError",
     "TensorRecord",
     "atomic_write",
+    "fsync_dir",
     "model_fingerprint",
     "model_reference",
     "new_manifest",
     "runtime_info",
     "validate_manifest",
 ]
+
+__getattr__, __dir__ = lazy_exports(__name__, {
+    "DIGEST_ALGORITHM": "._digest",
+    "DTYPE_ITEMSIZE": "._schema",
+    "FORMAT_VERSION": "._schema",
+    "ID_PATTERN": "._manifest",
+    "Incident": "._reader",
+    "IncidentBuilder": "._builder",
+    "KINDS": "._schema",
+    "MANIFEST_KEY": "._schema",
+    "REQUIRED_KEYS": "._manifest",
+    "SCHEMA": "._schema",
+    "TensorRecord": "._record",
+    "atomic_write": "._atomic",
+    "fsync_dir": "._atomic",
+    "model_fingerprint": "._runtime",
+    "model_reference": "._runtime",
+    "new_manifest": "._manifest",
+    "runtime_info": "._runtime",
+    "validate_manifest": "._manifest",
+})

@@ -11,7 +11,7 @@ Example::
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -22,46 +22,21 @@ from integrations.errors import IncidentFormatError, IncidentTooLargeError
 
 from ._digest import RowDigest
 from ._manifest import normalize_manifest
-from ._schema import KINDS, MANIFEST_KEY, SCHEMA, check_little_endian, dtype_name
+from ._schema import KINDS, MANIFEST_KEY, SCHEMA, RowMeta, check_little_endian, dtype_name
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["IncidentBuilder", "TensorRecord"]
+    from ._record import TensorRecord
+
+__all__ = ["IncidentBuilder", "too_large"]
 
 _ROW_OVERHEAD = 64  # bytes per row for offsets, indices, shape, strings (estimate)
 _MAX_INT32 = 2**31 - 1
 
 
 @dataclass(frozen=True)
-class TensorRecord:
-    """One row of an incident: a tensor and where/when it was taken.
-
-    ``kind`` is one of input | output | activation | logits | reference; ``site`` the canonical
-    site string (or an input name such as ``input_ids``); ``step`` the forward-call index
-    (0 = prefill). Tensors read from an incident keep their exact dtype and shape.
-
-    Example::
-
-        for r in inc.records():
-            print(r.kind, r.site, r.step, tuple(r.tensor.shape))
-    """
-
-    kind: str
-    site: str
-    module_path: str
-    step: int
-    tensor: torch.Tensor
-
-
-@dataclass(frozen=True)
-class _Row:
-    kind: str
-    site: str
-    module_path: str
-    step: int
-    dtype: str
-    shape: tuple[int, ...]
+class _Row(RowMeta):
     data: np.ndarray  # uint8, owned, contiguous
 
 
@@ -76,6 +51,54 @@ def too_large(incident_id: str, nbytes: int, max_bytes: int) -> IncidentTooLarge
         f"{max_bytes} bytes ({_mib(max_bytes)}) set by recorder.max_bundle_size_mb; raise "
         "recorder.max_bundle_size_mb or record fewer sites/steps"
     )
+
+
+def _row_meta(kind: str, site: str, module_path: str, step: int, tensor: Any) -> RowMeta:
+    """The row's columns, or :class:`IncidentFormatError` saying what is wrong with them."""
+    import torch
+
+    if kind not in KINDS:
+        raise IncidentFormatError(f"unknown row kind {kind!r}; use one of {list(KINDS)}")
+    if not isinstance(site, str) or not site:
+        raise IncidentFormatError(f"site must be a non-empty string, got {site!r}")
+    if not isinstance(module_path, str):
+        raise IncidentFormatError(f"module_path must be a string, got {module_path!r}")
+    if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= _MAX_INT32:
+        raise IncidentFormatError(f"step must be an int in [0, 2**31), got {step!r}")
+    if not isinstance(tensor, torch.Tensor):
+        raise IncidentFormatError(
+            f"tensor for {kind} {site!r} step {step} must be a torch.Tensor, "
+            f"got {type(tensor).__name__}"
+        )
+    if tensor.layout != torch.strided or tensor.is_quantized:
+        raise IncidentFormatError(
+            f"tensor for {kind} {site!r} must be a dense (strided) tensor; call .to_dense()"
+        )
+    dtype = dtype_name(tensor.dtype)
+    shape = tuple(int(d) for d in tensor.shape)
+    if any(d > _MAX_INT32 for d in shape):
+        raise IncidentFormatError(f"tensor for {site!r} has a dimension over 2**31-1")
+    return RowMeta(kind, site, module_path, step, dtype, shape)
+
+
+def _raw_bytes(tensor: torch.Tensor, *, copy: bool) -> np.ndarray:
+    """The tensor's raw little-endian bytes as a uint8 array (bf16 bits kept).
+
+    A copy unless ``copy=False`` and the tensor already is contiguous CPU memory."""
+    import torch
+
+    src = tensor.detach()
+    fresh = False  # does src already live in new memory that only the builder sees?
+    if src.device.type != "cpu":
+        src, fresh = src.cpu(), True
+    if src.is_conj() or src.is_neg():
+        src, fresh = src.resolve_conj().resolve_neg(), True
+    if not src.is_contiguous():
+        src, fresh = src.contiguous(), True
+    data = src.reshape(-1).view(torch.uint8).numpy()
+    if copy and not fresh:
+        data = data.copy()  # numpy memcpy: one plain copy, no thread pool
+    return data
 
 
 class IncidentBuilder:
@@ -130,29 +153,7 @@ class IncidentBuilder:
         unsupported dtype or a duplicate (kind, site, step); :class:`IncidentTooLargeError` when
         ``max_bytes`` would be exceeded (the row is then not added).
         """
-        import torch
-
-        if kind not in KINDS:
-            raise IncidentFormatError(f"unknown row kind {kind!r}; use one of {list(KINDS)}")
-        if not isinstance(site, str) or not site:
-            raise IncidentFormatError(f"site must be a non-empty string, got {site!r}")
-        if not isinstance(module_path, str):
-            raise IncidentFormatError(f"module_path must be a string, got {module_path!r}")
-        if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= _MAX_INT32:
-            raise IncidentFormatError(f"step must be an int in [0, 2**31), got {step!r}")
-        if not isinstance(tensor, torch.Tensor):
-            raise IncidentFormatError(
-                f"tensor for {kind} {site!r} step {step} must be a torch.Tensor, "
-                f"got {type(tensor).__name__}"
-            )
-        if tensor.layout != torch.strided or tensor.is_quantized:
-            raise IncidentFormatError(
-                f"tensor for {kind} {site!r} must be a dense (strided) tensor; call .to_dense()"
-            )
-        dtype = dtype_name(tensor.dtype)
-        shape = tuple(int(d) for d in tensor.shape)
-        if any(d > _MAX_INT32 for d in shape):
-            raise IncidentFormatError(f"tensor for {site!r} has a dimension over 2**31-1")
+        meta = _row_meta(kind, site, module_path, step, tensor)
         key = (kind, site, step)
         if key in self._keys:
             raise IncidentFormatError(
@@ -163,20 +164,15 @@ class IncidentBuilder:
         projected = self._nbytes + size + _ROW_OVERHEAD + len(site) + len(module_path)
         if self._max_bytes is not None and projected > self._max_bytes:
             raise too_large(self.id, projected, self._max_bytes)
-        src = tensor.detach()
-        fresh = False  # does src already live in new memory that only the builder sees?
-        if src.device.type != "cpu":
-            src, fresh = src.cpu(), True
-        if src.is_conj() or src.is_neg():
-            src, fresh = src.resolve_conj().resolve_neg(), True
-        if not src.is_contiguous():
-            src, fresh = src.contiguous(), True
-        data = src.reshape(-1).view(torch.uint8).numpy()  # raw bytes, bf16 bits kept
-        if copy and not fresh:
-            data = data.copy()  # numpy memcpy: one plain copy, no thread pool
-        self._rows.append(_Row(kind, site, module_path, step, dtype, shape, data))
+        self._rows.append(_Row(**vars(meta), data=_raw_bytes(tensor, copy=copy)))
         self._keys.add(key)
         self._nbytes = projected
+
+    def extend(self, records: Iterable[TensorRecord], *, copy: bool = True) -> None:
+        """:meth:`add` every record, in order (``copy`` as for :meth:`add`)."""
+        for r in records:
+            self.add(kind=r.kind, site=r.site, module_path=r.module_path, step=r.step,
+                     tensor=r.tensor, copy=copy)
 
     def manifest(self) -> dict[str, Any]:
         """A copy of the manifest as it will be written (``sites`` and ``integrity`` filled)."""
@@ -204,7 +200,7 @@ class IncidentBuilder:
         data = np.empty(int(offsets[-1]), dtype=np.uint8)
         for i, r in enumerate(rows):
             data[offsets[i] : offsets[i + 1]] = r.data
-            digest.add_row(r.kind, r.site, r.module_path, r.step, r.dtype, r.shape, r.data)
+            digest.add_row(r, r.data)
         manifest["integrity"] = digest.integrity()
 
         kinds = pa.DictionaryArray.from_arrays(

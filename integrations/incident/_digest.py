@@ -21,7 +21,8 @@ hash the same byte string. The row count is stored next to the digest so a reade
 Example::
 
     d = RowDigest({"id": "inc-1", ...})
-    d.add_row("activation", "blocks.0.resid_post", "model.layers.0", 0, "float32", (1, 4), data)
+    d.add_row(RowMeta("activation", "blocks.0.resid_post", "model.layers.0", 0, "float32", (1, 4)),
+              data)
     d.integrity()   # {"algorithm": "sha256-incident-v1", "rows": 1, "sha256": "..."}
 """
 
@@ -30,8 +31,11 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ._schema import RowMeta
 
 __all__ = ["DIGEST_ALGORITHM", "RowDigest", "canonical_json"]
 
@@ -61,25 +65,17 @@ class RowDigest:
         self._h.update(m)
         self.rows = 0
 
-    def add_row(
-        self,
-        kind: str,
-        site: str,
-        module_path: str,
-        step: int,
-        dtype: str,
-        shape: Sequence[int],
-        data: Any,
-    ) -> None:
+    def add_row(self, row: RowMeta, data: Any) -> None:
         """Feed one row; ``data`` is any contiguous bytes-like object (memoryview, ndarray...)."""
         mv = memoryview(data).cast("B")
+        shape = row.shape
         head = b"".join(
             [
-                _str(kind),
-                _str(site),
-                _str(module_path),
-                struct.pack("<q", step),
-                _str(dtype),
+                _str(row.kind),
+                _str(row.site),
+                _str(row.module_path),
+                struct.pack("<q", row.step),
+                _str(row.dtype),
                 struct.pack("<I", len(shape)),
                 struct.pack(f"<{len(shape)}q", *shape),
                 struct.pack("<Q", mv.nbytes),

@@ -46,12 +46,16 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ACTIVATIONS_VALUES",
+    "ID_PATTERN",
     "REQUIRED_KEYS",
     "new_manifest",
     "normalize_manifest",
     "validate_manifest",
 ]
 
+#: The incident id rule (``fullmatch``): 1-200 characters of ``[A-Za-z0-9._-]`` starting with a
+#: letter or digit — an idempotency key that is also safe as a file name. The sidecar accepts
+#: exactly these ids.
 ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
 ACTIVATIONS_VALUES = ("captured", "replay")
 

@@ -32,7 +32,8 @@ import pyarrow as pa
 from integrations.errors import IncidentError, IncidentFormatError, TensorNotFoundError
 
 from ._atomic import atomic_write
-from ._builder import IncidentBuilder, TensorRecord
+from ._builder import IncidentBuilder
+from ._record import TensorRecord
 from ._schema import DTYPE_ITEMSIZE, KINDS, check_little_endian, torch_dtype
 from ._validate import StoredRow, parse_stream, verify_digest
 
@@ -116,9 +117,7 @@ class Incident:
                                          [TensorRecord("activation", s, "", 0, t)])
         """
         b = IncidentBuilder(manifest=manifest, max_bytes=max_bytes)
-        for r in records:
-            b.add(kind=r.kind, site=r.site, module_path=r.module_path, step=r.step,
-                  tensor=r.tensor)
+        b.extend(records)
         out = b.to_buffer()
         view = memoryview(out)
         private = view if not view.readonly else None

@@ -31,7 +31,7 @@ from integrations.errors import ModelError
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["model_fingerprint", "model_reference", "runtime_info"]
+__all__ = ["FINGERPRINT_SCHEME", "model_fingerprint", "model_reference", "runtime_info"]
 
 FINGERPRINT_SCHEME = "sha256-weights-v1"
 

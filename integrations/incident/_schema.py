@@ -12,6 +12,7 @@ Example::
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import pyarrow as pa
@@ -28,6 +29,7 @@ __all__ = [
     "MANIFEST_KEY",
     "SCHEMA",
     "SUPPORTED_FORMAT_VERSIONS",
+    "RowMeta",
     "check_little_endian",
     "dtype_name",
     "torch_dtype",
@@ -69,6 +71,18 @@ SCHEMA = pa.schema(
         pa.field("data", pa.large_binary(), nullable=False),
     ]
 )
+
+
+@dataclass(frozen=True)
+class RowMeta:
+    """Every column of one tensor-table row but its bytes: what a writer and a reader agree on."""
+
+    kind: str
+    site: str
+    module_path: str
+    step: int
+    dtype: str
+    shape: tuple[int, ...]
 
 
 def dtype_name(dtype: torch.dtype) -> str:

@@ -27,7 +27,7 @@ from integrations.errors import IncidentFormatError
 
 from ._digest import DIGEST_ALGORITHM, RowDigest
 from ._manifest import validate_manifest
-from ._schema import DTYPE_ITEMSIZE, KINDS, MANIFEST_KEY, SCHEMA
+from ._schema import DTYPE_ITEMSIZE, KINDS, MANIFEST_KEY, SCHEMA, RowMeta
 
 __all__ = ["StoredRow", "parse_stream", "verify_digest"]
 
@@ -36,15 +36,9 @@ _REEXPORT = "re-export the incident from its source (the recorder's spool or the
 
 
 @dataclass(frozen=True)
-class StoredRow:
+class StoredRow(RowMeta):
     """Index entry of one validated row; ``buffer[start:end]`` holds the tensor bytes."""
 
-    kind: str
-    site: str
-    module_path: str
-    step: int
-    dtype: str
-    shape: tuple[int, ...]
     buffer: pa.Buffer | None
     start: int
     end: int
@@ -184,7 +178,7 @@ def verify_digest(manifest: dict[str, Any], rows: list[StoredRow]) -> None:
     integ = manifest["integrity"]
     digest = RowDigest(manifest)
     for r in rows:
-        digest.add_row(r.kind, r.site, r.module_path, r.step, r.dtype, r.shape, r.view())
+        digest.add_row(r, r.view())
     if digest.hexdigest() != integ["sha256"]:
         _fail(
             f"integrity check failed for incident {manifest['id']!r}: sha256 of its content "

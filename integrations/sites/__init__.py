@@ -21,8 +21,9 @@ classifier such as BERT's: ``[batch, n_labels]``).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from integrations._lazy import lazy_exports
 from integrations.sites._arch import HookPoint, ModelLayout, model_layout
 from integrations.sites._resolve import BoundSite, resolve_sites
 from integrations.sites._spec import (
@@ -58,12 +59,6 @@ __all__ = [
     "resolve_sites",
 ]
 
-_LAZY = frozenset({"Attachment", "SiteFn", "attach"})
-
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:  # torch is imported only when hooks are needed
-        from integrations.sites import _attach
-
-        return getattr(_attach, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+# torch is imported only when hooks are needed
+__getattr__, __dir__ = lazy_exports(__name__, {"Attachment": "._attach", "SiteFn": "._attach",
+                                               "attach": "._attach"})

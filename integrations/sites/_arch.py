@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from integrations.errors import SiteError
 
-__all__ = ["HookPoint", "ModelLayout", "model_layout"]
+__all__ = ["HookPoint", "ModelLayout", "Point", "model_layout"]
 
 Point = Literal["output", "input"]
 
@@ -50,12 +50,31 @@ class _ArchTable:
     model_types: frozenset[str]
     prefixes: tuple[str, ...]  # where the base model sits inside task models
     layers: str  # ModuleList of blocks, relative to the prefix
-    probe: tuple[str, ...]  # paths below block 0 that identify the layout
     block: dict[str, _Alias]
     embed: _Alias
     ln_final: _Alias | None
-    no_ln_final: str
     unembed: tuple[tuple[str, bool], ...]  # (absolute module path, output has a pos dim)
+    no_ln_final: str = ""  # why ln_final does not exist (when ln_final is None)
+
+    def probe(self, prefix: str) -> list[str]:
+        """Module paths of block 0 that identify the layout: the inputs of attn.z and mlp.post
+        (the attention output and MLP down projections)."""
+        return [prefix + self.block[k].path.format(i=0) for k in ("attn.z", "mlp.post")]
+
+
+def _blocks(layers: str, *, attn: str, z: str, mlp: str, post: str) -> dict[str, _Alias]:
+    """The six block sites, the same on every architecture relative to its modules: the block's
+    input/output, the attention and MLP modules' outputs, and the inputs of the attention
+    output projection (per head) and the MLP down projection (neurons)."""
+    block = f"{layers}.{{i}}"
+    return {
+        "resid_pre": _Alias(block, "input"),
+        "attn": _Alias(f"{block}.{attn}", "output"),
+        "attn.z": _Alias(f"{block}.{z}", "input", heads=True),
+        "mlp": _Alias(f"{block}.{mlp}", "output"),
+        "mlp.post": _Alias(f"{block}.{post}", "input"),
+        "resid_post": _Alias(block, "output"),
+    }
 
 
 _GPT2 = _ArchTable(
@@ -63,19 +82,10 @@ _GPT2 = _ArchTable(
     model_types=frozenset({"gpt2"}),
     prefixes=("transformer.", ""),
     layers="h",
-    probe=("attn.c_proj", "mlp.c_proj"),
-    block={
-        "resid_pre": _Alias("h.{i}", "input"),
-        "attn": _Alias("h.{i}.attn", "output"),
-        "attn.z": _Alias("h.{i}.attn.c_proj", "input", heads=True),
-        "mlp": _Alias("h.{i}.mlp", "output"),
-        "mlp.post": _Alias("h.{i}.mlp.c_proj", "input"),
-        "resid_post": _Alias("h.{i}", "output"),
-    },
+    block=_blocks("h", attn="attn", z="attn.c_proj", mlp="mlp", post="mlp.c_proj"),
     # GPT-2 adds wte + wpe inline; `drop` is the first module that sees their sum.
     embed=_Alias("drop", "output"),
     ln_final=_Alias("ln_f", "output"),
-    no_ln_final="",
     unembed=(("lm_head", True), ("score", True)),
 )
 
@@ -84,18 +94,10 @@ _LLAMA = _ArchTable(
     model_types=frozenset({"llama", "qwen2", "qwen3", "mistral", "smollm3", "olmo2"}),
     prefixes=("model.", "", "model.language_model.", "language_model.model."),
     layers="layers",
-    probe=("self_attn.o_proj", "mlp.down_proj"),
-    block={
-        "resid_pre": _Alias("layers.{i}", "input"),
-        "attn": _Alias("layers.{i}.self_attn", "output"),
-        "attn.z": _Alias("layers.{i}.self_attn.o_proj", "input", heads=True),
-        "mlp": _Alias("layers.{i}.mlp", "output"),
-        "mlp.post": _Alias("layers.{i}.mlp.down_proj", "input"),
-        "resid_post": _Alias("layers.{i}", "output"),
-    },
+    block=_blocks("layers", attn="self_attn", z="self_attn.o_proj", mlp="mlp",
+                  post="mlp.down_proj"),
     embed=_Alias("embed_tokens", "output"),
     ln_final=_Alias("norm", "output"),
-    no_ln_final="",
     unembed=(("lm_head", True), ("score", True)),
 )
 
@@ -105,15 +107,8 @@ _BERT = _ArchTable(
     model_types=frozenset({"bert", "roberta", "xlm-roberta"}),
     prefixes=("bert.", "roberta.", ""),
     layers="encoder.layer",
-    probe=("attention.output.dense", "output.dense"),
-    block={
-        "resid_pre": _Alias("encoder.layer.{i}", "input"),
-        "attn": _Alias("encoder.layer.{i}.attention.output.dense", "output"),
-        "attn.z": _Alias("encoder.layer.{i}.attention.output.dense", "input", heads=True),
-        "mlp": _Alias("encoder.layer.{i}.output.dense", "output"),
-        "mlp.post": _Alias("encoder.layer.{i}.output.dense", "input"),
-        "resid_post": _Alias("encoder.layer.{i}", "output"),
-    },
+    block=_blocks("encoder.layer", attn="attention.output.dense", z="attention.output.dense",
+                  mlp="output.dense", post="output.dense"),
     embed=_Alias("embeddings", "output"),
     ln_final=None,
     no_ln_final=(
@@ -231,7 +226,7 @@ def _match(modules: dict[str, Any], t: _ArchTable) -> str | None:
         layers = modules.get(prefix + t.layers)
         if layers is None or not hasattr(layers, "__len__") or len(layers) == 0:
             continue
-        if all(f"{prefix}{t.layers}.0.{p}" in modules for p in t.probe):
+        if all(p in modules for p in t.probe(prefix)):
             return prefix
     return None
 

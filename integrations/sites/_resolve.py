@@ -127,11 +127,12 @@ def _torch_size(module: Any) -> int | None:
     return nf if isinstance(nf, int) else None
 
 
-def _resolve_one(
-    model: Any, spec: SiteSpec, layout: ModelLayout, seq_len: int | None
-) -> list[BoundSite]:
+_Base = tuple[str, str, Point, bool, int | None]  # base site, module path, point, heads, layer
+
+
+def _bases(spec: SiteSpec, layout: ModelLayout) -> list[_Base]:
+    """The concrete base sites (no selectors) ``spec`` names on this model, with their hooks."""
     site = spec.canonical
-    bases: list[tuple[str, str, Point, bool, int | None]] = []  # base, path, point, heads, layer
     if spec.kind == "torch":
         path = spec.torch_path or ""
         if path not in layout.module_names:
@@ -142,26 +143,32 @@ def _resolve_one(
                 + " (see model.named_modules())",
                 suggestions=[f"torch:{n}" for n in near],
             )
-        bases.append((spec.base, path, "output", False, None))
-    elif spec.layer is not None:
-        layout.hook_for(spec.kind, 0)  # the clear 'unknown architecture' error, before sizes
-        layers = spec.layer.select(layout.n_layers)
-        if not layers:
-            raise SiteError(
-                f"layer range {spec.layer.text!r} in {site!r} selects no blocks: this model has "
-                f"{layout.n_layers} blocks (0..{layout.n_layers - 1})"
-            )
-        for i in layers:
-            hp = layout.hook_for(spec.kind, i)
-            bases.append((f"blocks.{i}.{spec.kind}", hp.module_path, hp.point, hp.heads, i))
-    else:
+        return [(spec.base, path, "output", False, None)]
+    if spec.layer is None:
         hp = layout.hook_for(spec.kind)
-        bases.append((spec.kind, hp.module_path, hp.point, hp.heads, None))
+        return [(spec.kind, hp.module_path, hp.point, hp.heads, None)]
+    layout.hook_for(spec.kind, 0)  # the clear 'unknown architecture' error, before sizes
+    layers = spec.layer.select(layout.n_layers)
+    if not layers:
+        raise SiteError(
+            f"layer range {spec.layer.text!r} in {site!r} selects no blocks: this model has "
+            f"{layout.n_layers} blocks (0..{layout.n_layers - 1})"
+        )
+    out: list[_Base] = []
+    for i in layers:
+        hp = layout.hook_for(spec.kind, i)
+        out.append((f"blocks.{i}.{spec.kind}", hp.module_path, hp.point, hp.heads, i))
+    return out
 
+
+def _resolve_one(
+    model: Any, spec: SiteSpec, layout: ModelLayout, seq_len: int | None
+) -> list[BoundSite]:
+    site = spec.canonical
     has_pos = not (spec.kind == "unembed" and not layout.unembed_has_pos)
     ndim = 4 if spec.kind == "attn.z" else (3 if has_pos else 2)
     out: list[BoundSite] = []
-    for base, path, point, heads, layer in bases:
+    for base, path, point, heads, layer in _bases(spec, layout):
         if path not in layout.module_names:
             raise SiteError(
                 f"site {base!r} is not available on {layout.model_class}: its module {path!r} "

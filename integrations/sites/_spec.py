@@ -34,7 +34,7 @@ TOP_KINDS: tuple[str, ...] = ("embed", "ln_final", "unembed")
 #: Selector keys: ``pos`` (dim 1), ``head`` (dim 2 of attn.z), ``neuron`` (last dim).
 SELECTOR_KEYS: tuple[str, ...] = ("head", "neuron", "pos")
 
-TORCH_PREFIX = "torch:"
+_TORCH_PREFIX = "torch:"
 
 _INT = r"[+-]?\d+"
 _SLICE_RE = re.compile(rf"^({_INT})?:({_INT})?(?::({_INT})?)?$")
@@ -58,11 +58,7 @@ class LayerSpec:
     @property
     def text(self) -> str:
         """Canonical text of the layer token, e.g. ``-1``, ``0:4`` or ``*``."""
-        if self.wildcard:
-            return "*"
-        if self.range is not None:
-            return _slice_text(self.range)
-        return str(self.index)
+        return _token_text(self.wildcard, self.range, str(self.index))
 
     def select(self, n_layers: int) -> list[int]:
         """Concrete non-negative layer indices on a model with ``n_layers`` blocks."""
@@ -90,11 +86,7 @@ class SelectorValue:
     @property
     def text(self) -> str:
         """Canonical text, e.g. ``*``, ``0:8``, ``17|90``."""
-        if self.wildcard:
-            return "*"
-        if self.slice is not None:
-            return _slice_text(self.slice)
-        return "|".join(str(i) for i in self.ints)
+        return _token_text(self.wildcard, self.slice, "|".join(str(i) for i in self.ints))
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,7 +107,7 @@ class SiteSpec:
     def base(self) -> str:
         """The site without selectors, e.g. ``blocks.*.mlp.post``."""
         if self.kind == "torch":
-            return f"{TORCH_PREFIX}{self.torch_path}"
+            return f"{_TORCH_PREFIX}{self.torch_path}"
         if self.layer is not None:
             return f"blocks.{self.layer.text}.{self.kind}"
         return self.kind
@@ -134,6 +126,16 @@ class SiteSpec:
 
     def __str__(self) -> str:
         return self.canonical
+
+
+def _token_text(wildcard: bool, rng: tuple[int | None, int | None, int | None] | None,
+                integers: str) -> str:
+    """Canonical text of a layer token or selector value: ``*``, a slice, or the integers."""
+    if wildcard:
+        return "*"
+    if rng is not None:
+        return _slice_text(rng)
+    return integers
 
 
 def _slice_text(s: tuple[int | None, int | None, int | None]) -> str:
@@ -241,8 +243,8 @@ def parse_site(site: str) -> SiteSpec:
     bracket = text.find("[")
     name, sel_text = (text, "") if bracket < 0 else (text[:bracket], text[bracket:])
     selectors = _parse_selectors(sel_text, text)
-    if name.startswith(TORCH_PREFIX):
-        path = name[len(TORCH_PREFIX) :]
+    if name.startswith(_TORCH_PREFIX):
+        path = name[len(_TORCH_PREFIX) :]
         if not _TORCH_PATH_RE.match(path):
             raise SiteError(
                 f"bad torch module path {path!r} in {text!r}: use the dotted name from "

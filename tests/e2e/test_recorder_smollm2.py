@@ -26,9 +26,6 @@ def test_generate_recorded_per_step_and_flagged(smollm2, tmp_path):  # type: ign
 
     model, tok = smollm2
     ex = exporters.ArrowFileExporter(tmp_path)
-    rec = Recorder(model, tokenizer=tok, exporter=ex, sites=["blocks.*.resid_post", "blocks.3.mlp"],
-                   trigger=triggers.AnyOf(triggers.OnFlag(), triggers.Header("x-debug")),
-                   metrics_registry=CollectorRegistry())
     msgs = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": INJECTED}]
     enc = tok.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt",
                                   return_dict=True)
@@ -50,22 +47,26 @@ def test_generate_recorded_per_step_and_flagged(smollm2, tmp_path):  # type: ign
         return hook
 
     layers = model.model.layers
-    obs = [layer.register_forward_hook(observe(i)) for i, layer in enumerate(layers)]
-    h = model.register_forward_pre_hook(count, with_kwargs=True)
-    try:
-        with rec.request(request_id="inj-1", tenant="acme", headers={"x-debug": "1"}) as req:
-            with torch.no_grad():
-                out = model.generate(ids, attention_mask=enc["attention_mask"],
-                                     max_new_tokens=8, do_sample=False)
-            text = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
-            req.set_output(ids=out, text=text)
-            if "HACKED" in text:
-                req.flag("prompt_injection")
-    finally:
-        h.remove()
-        for o in obs:
-            o.remove()
-        rec.shutdown(timeout_s=60)
+    with Recorder(model, tokenizer=tok, exporter=ex,
+                  sites=["blocks.*.resid_post", "blocks.3.mlp"],
+                  trigger=triggers.AnyOf(triggers.OnFlag(), triggers.Header("x-debug")),
+                  metrics_registry=CollectorRegistry()) as rec:
+        obs = [layer.register_forward_hook(observe(i)) for i, layer in enumerate(layers)]
+        h = model.register_forward_pre_hook(count, with_kwargs=True)
+        try:
+            with rec.request(request_id="inj-1", tenant="acme", headers={"x-debug": "1"}) as req:
+                with torch.no_grad():
+                    out = model.generate(ids, attention_mask=enc["attention_mask"],
+                                         max_new_tokens=8, do_sample=False)
+                text = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+                req.set_output(ids=out, text=text)
+                if "HACKED" in text:
+                    req.flag("prompt_injection")
+        finally:
+            h.remove()
+            for o in obs:
+                o.remove()
+            rec.shutdown(timeout_s=60)  # flush with a longer timeout than the with block's
     assert "HACKED" in text  # the real failure, observed by running the model
     inc = Incident.open(ex.path_for_request("inj-1"))
     m = inc.manifest

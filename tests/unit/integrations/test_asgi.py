@@ -41,31 +41,30 @@ def _app(model):  # type: ignore[no-untyped-def]
 
 def test_requests_become_incidents_with_headers(tiny_gpt2):  # type: ignore[no-untyped-def]
     ex = exporters.InMemoryExporter()
-    rec = Recorder(tiny_gpt2, sites=["blocks.0.mlp"], exporter=ex,
-                   trigger=triggers.AnyOf(triggers.OnFlag(), triggers.Header("x-capture")),
-                   metrics_registry=CollectorRegistry())
-    app = ForensicsMiddleware(_app(tiny_gpt2), recorder=rec)
-    tp = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    with Recorder(tiny_gpt2, sites=["blocks.0.mlp"], exporter=ex,
+                  trigger=triggers.AnyOf(triggers.OnFlag(), triggers.Header("x-capture")),
+                  metrics_registry=CollectorRegistry()) as rec:
+        app = ForensicsMiddleware(_app(tiny_gpt2), recorder=rec)
+        tp = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 
-    async def run() -> list[httpx.Response]:
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
-            return [
-                await c.post("/generate", json={"ids": [5, 6, 7]},
-                             headers={"x-request-id": "quiet"}),
-                await c.post("/generate", json={"ids": [5, 6, 7], "bad": True},
-                             headers={"x-request-id": "flagged", "x-tenant-id": "acme",
-                                      "traceparent": tp}),
-                await c.post("/generate", json={"ids": [8, 9]},
-                             headers={"x-request-id": "sampled", "x-capture": "1"}),
-                await c.get("/sync", headers={"x-request-id": "threaded"}),
-            ]
+        async def run() -> list[httpx.Response]:
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+                return [
+                    await c.post("/generate", json={"ids": [5, 6, 7]},
+                                 headers={"x-request-id": "quiet"}),
+                    await c.post("/generate", json={"ids": [5, 6, 7], "bad": True},
+                                 headers={"x-request-id": "flagged", "x-tenant-id": "acme",
+                                          "traceparent": tp}),
+                    await c.post("/generate", json={"ids": [8, 9]},
+                                 headers={"x-request-id": "sampled", "x-capture": "1"}),
+                    await c.get("/sync", headers={"x-request-id": "threaded"}),
+                ]
 
-    responses = asyncio.run(run())
-    assert all(r.status_code == 200 for r in responses)
-    assert responses[1].headers["x-forensics-request-id"] == "flagged"
-    rec.force_flush(timeout_s=10)
-    rec.shutdown()
+        responses = asyncio.run(run())
+        assert all(r.status_code == 200 for r in responses)
+        assert responses[1].headers["x-forensics-request-id"] == "flagged"
+        rec.force_flush(timeout_s=10)
     by_id = {i.manifest["request"]["id"]: i for i in ex.incidents}
     assert set(by_id) == {"flagged", "sampled", "threaded"}
     m = by_id["flagged"].manifest

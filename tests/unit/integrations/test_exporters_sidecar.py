@@ -158,7 +158,7 @@ def test_deadline_exceeded_is_retried_max_retries_times(sidecar):
 def test_backoff_is_exponential_with_full_jitter_and_capped():
     ex = SidecarExporter("127.0.0.1:1", backoff_initial_s=0.2, backoff_max_s=10.0)
     for attempt, cap in [(0, 0.2), (1, 0.4), (3, 1.6), (10, 10.0), (60, 10.0)]:
-        draws = [ex._backoff(attempt) for _ in range(300)]
+        draws = [ex._backoff.delay(attempt) for _ in range(300)]
         assert all(0.0 <= d <= cap for d in draws)
         assert max(draws) > 0.8 * cap and min(draws) < 0.2 * cap  # full jitter: [0, cap]
     ex.shutdown()
@@ -276,22 +276,22 @@ def test_export_after_shutdown_fails_and_is_counted():
 def test_channel_is_lazy_and_recreated_in_a_forked_child(sidecar):
     srv, port = sidecar
     ex = fast(f"127.0.0.1:{port}")
-    assert ex._stub is None  # nothing connects before the first export
+    assert ex._client._stub is None  # nothing connects before the first export
     assert ex.export(make_incident("parent")) is ExportResult.SUCCESS
-    parent_stub = ex._stub
+    parent_stub = ex._client._stub
     child_inc = make_incident("child")
     pid = os.fork()
     if pid == 0:  # child: must build its own channel and still deliver
         code = 1
         try:
             ok = ex.export(child_inc) is ExportResult.SUCCESS
-            code = 0 if ok and ex._stub is not parent_stub else 2
+            code = 0 if ok and ex._client._stub is not parent_stub else 2
         finally:
             os._exit(code)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
     assert srv.store.get("inc-child") is not None
-    assert ex._stub is parent_stub  # the parent's channel is untouched and still works
+    assert ex._client._stub is parent_stub  # the parent's channel is untouched and still works
     assert ex.export(make_incident("parent-2")) is ExportResult.SUCCESS
     ex.shutdown()
 

@@ -48,7 +48,7 @@ def test_recorded_in_request_and_replayed_without_calling_out(
     tool = FakeSearch()
     search = recorded("search")(tool)
     rec, ex = _recorder(tiny_gpt2)
-    try:
+    with rec:
         with rec.request(request_id="agent-1"):
             docs = search("refund policy", k=3)
             with pytest.raises(TimeoutError):
@@ -56,8 +56,6 @@ def test_recorded_in_request_and_replayed_without_calling_out(
             with torch.no_grad():
                 tiny_gpt2(torch.tensor([[5, 6, 7]]))
         assert rec.force_flush(timeout_s=30)
-    finally:
-        rec.shutdown()
     calls = ex.incidents[-1].manifest["external_calls"]
     assert calls == [
         {"name": "search", "args": ["refund policy"], "kwargs": {"k": 3},
@@ -94,12 +92,10 @@ def test_replay_session_sandboxes_calls_made_during_the_forward(
     h = tiny_gpt2.transformer.h[0].register_forward_pre_hook(hook)
     try:
         rec, ex = _recorder(tiny_gpt2)
-        try:
+        with rec:
             with rec.request(request_id="r-tool"), torch.no_grad():
                 tiny_gpt2(torch.tensor([[5, 6, 7, 8]]))
             assert rec.force_flush(timeout_s=30)
-        finally:
-            rec.shutdown()
         inc = ex.incidents[-1]
         assert [c["name"] for c in inc.manifest["external_calls"]] == ["retrieve"]
         before = tool.calls
@@ -130,15 +126,13 @@ def test_async_and_unrecordable_calls(tiny_gpt2: Any) -> None:
         return Opaque()
 
     rec, ex = _recorder(tiny_gpt2)
-    try:
+    with rec:
         with rec.request(request_id="r-async"):
             assert asyncio.run(fetch("http://x")) == {"url": "http://x", "status": 200}
             assert isinstance(make_obj(), Opaque)  # the real result still comes back
             with torch.no_grad():
                 tiny_gpt2(torch.tensor([[1, 2]]))
         assert rec.force_flush(timeout_s=30)
-    finally:
-        rec.shutdown()
     calls = ex.incidents[-1].manifest["external_calls"]
     assert calls[0]["result"] == {"url": "http://x", "status": 200}
     assert "unrecordable" in calls[1]

@@ -11,6 +11,7 @@ import torch
 from integrations.errors import IncidentError
 from integrations.incident import (
     FORMAT_VERSION,
+    ID_PATTERN,
     REQUIRED_KEYS,
     Incident,
     IncidentBuilder,
@@ -219,6 +220,19 @@ def test_new_manifest_is_complete_json_and_validated_on_read() -> None:
     assert got["integrity"]["rows"] == 0 and len(got["integrity"]["sha256"]) == 64
     got["id"] = "changed"
     assert inc.id == "inc-m"  # manifest is a copy
+
+
+@pytest.mark.parametrize("incident_id", ["inc-1", "A.b_c-9", "x" * 200, "0"])
+def test_id_pattern_is_the_manifest_rule(incident_id: str) -> None:
+    assert ID_PATTERN.fullmatch(incident_id)
+    new_manifest(id=incident_id)  # accepted
+
+
+@pytest.mark.parametrize("incident_id", ["", "-x", ".hidden", "a/b", "a:b", "x" * 201, "é"])
+def test_ids_outside_id_pattern_are_rejected(incident_id: str) -> None:
+    assert not ID_PATTERN.fullmatch(incident_id)
+    with pytest.raises(IncidentFormatError, match="id"):
+        new_manifest(id=incident_id)
 
 
 def test_minimal_manifest_is_completed_with_explicit_nulls() -> None:

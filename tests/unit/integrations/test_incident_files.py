@@ -1,7 +1,9 @@
-"""Incident files: memory-mapped zero-copy reads, safe in-place writes, atomic durable writes."""
+"""Incident files: memory-mapped zero-copy reads, safe in-place writes, atomic durable writes,
+and the one directory fsync (its error policy)."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 from pathlib import Path
@@ -9,7 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from integrations.incident import Incident, IncidentBuilder, IncidentFormatError, new_manifest
+from integrations.incident import (
+    Incident,
+    IncidentBuilder,
+    IncidentFormatError,
+    fsync_dir,
+    new_manifest,
+)
 
 
 def _incident() -> bytes:
@@ -116,6 +124,31 @@ def test_failed_write_keeps_old_file_and_removes_temp(tmp_path: Path,
         inc.write(target)
     assert os.listdir(tmp_path) == ["inc.arrow"]
     assert target.read_bytes() == b"old content"
+
+
+def _failing_fsync(code: int):  # type: ignore[no-untyped-def]
+    def fsync(fd: int) -> None:
+        raise OSError(code, os.strerror(code))
+    return fsync
+
+
+@pytest.mark.parametrize("code", [errno.EINVAL, errno.ENOTSUP, errno.EBADF])
+def test_fsync_dir_tolerates_filesystems_that_cannot_sync_a_directory(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: int) -> None:
+    fsync_dir(tmp_path)  # a real directory fsync
+    monkeypatch.setattr(os, "fsync", _failing_fsync(code))
+    fsync_dir(tmp_path)  # "not supported here" is tolerated
+
+
+def test_fsync_dir_raises_io_errors_and_missing_directories(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(FileNotFoundError):
+        fsync_dir(tmp_path / "missing")
+    monkeypatch.setattr(os, "fsync", _failing_fsync(errno.EIO))
+    with pytest.raises(OSError, match="Input/output error"):
+        fsync_dir(tmp_path)
+    with pytest.raises(OSError, match="Input/output error"):  # and so does atomic_write's
+        Incident.from_bytes(_incident()).write(tmp_path / "inc.arrow")
 
 
 def test_open_rejects_empty_and_truncated_files(tmp_path: Path) -> None:

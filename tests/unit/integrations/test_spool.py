@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import os
 
 import pytest
 
 from integrations.errors import ExportError
+from integrations.exporters import _spool
 from integrations.exporters._spool import DiskSpool, SpoolFullError
 
 
@@ -34,6 +36,19 @@ def test_byte_bound_rejects_without_leaving_anything(tmp_path):
     assert sorted(os.listdir(tmp_path)) == [spool.entries()[0].path.name]
     spool.put("c", b"z" * 40)  # exactly at the bound is fine
     assert spool.nbytes == 100
+
+
+def test_a_failed_directory_fsync_leaves_nothing_behind(tmp_path, monkeypatch):  # type: ignore[no-untyped-def]
+    spool = DiskSpool(tmp_path, max_bytes=100)
+
+    def fsync_dir(path: object) -> None:
+        raise OSError(errno.EIO, "I/O error")
+
+    monkeypatch.setattr(_spool, "fsync_dir", fsync_dir)
+    with pytest.raises(OSError, match="I/O error"):
+        spool.put("a", b"x" * 10)
+    assert os.listdir(tmp_path) == []  # not durable: never sent later (it is counted as dropped)
+    assert spool.nbytes == 0
 
 
 def test_remove_frees_bytes_and_tolerates_a_concurrent_remove(tmp_path):
