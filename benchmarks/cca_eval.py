@@ -60,7 +60,7 @@ def record(model: Any, ids: list[int]) -> Any:
 def evaluate(params: dict[str, Any], *, n_baseline: int, n_benign: int, n_variants: int,
              n_permutations: int) -> dict[str, Any]:
     from analysis.cca import CausalCCA, Failure, SessionOracle, exhaustive_search
-    from analysis.interventions import Baseline
+    from analysis.interventions import DonorBaseline as Baseline
     from analysis.replay import Replayer
     from analysis.scenarios.planted import build_planted
 

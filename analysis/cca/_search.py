@@ -241,19 +241,20 @@ class CausalCCA:
     def _interventions(self, sites: list[str], kind: str, benign: list[ReplaySession], *,
                        baseline: Any, donor: Any, factor: float | None,
                        model: Any) -> list[Intervention]:
-        from analysis.interventions import KINDS, Baseline, Intervention
+        from analysis.interventions import INTERVENTION_KINDS, DonorBaseline, Intervention
 
-        if kind not in KINDS:
-            raise AnalysisError(f"intervention={kind!r}: use one of {', '.join(KINDS)}")
+        if kind not in INTERVENTION_KINDS:
+            raise AnalysisError(
+                f"intervention={kind!r}: use one of {', '.join(INTERVENTION_KINDS)}")
         if kind in ("mean", "resample"):
             if baseline is None:
                 if not benign:
                     raise AnalysisError(
                         f"intervention={kind!r} needs a baseline of benign traffic: pass "
-                        "benign=[incidents] or baseline=Baseline.from_incidents(...), or use "
+                        "benign=[incidents] or baseline=DonorBaseline.from_incidents(...), or use "
                         "intervention='zero'")
                 bases = sorted({s.split("[", 1)[0] for s in sites})
-                baseline = Baseline.from_incidents([s.incident for s in benign], sites=bases,
+                baseline = DonorBaseline.from_incidents([s.incident for s in benign], sites=bases,
                                                    model=model)
             return [Intervention(s, kind, donor=baseline) for s in sites]  # type: ignore[arg-type]
         if kind == "patch":

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import torch
 
-from analysis.interventions import Baseline, Intervention, MeanBaseline, site_vectors
+from analysis.interventions import DonorBaseline, Intervention, site_vectors
 from analysis.replay import Replayer, ReplaySession, compare
 from integrations.errors import InterventionError
 from integrations.incident import Incident
@@ -103,7 +103,7 @@ def test_patch_from_counterfactual_prompt_aligned_from_the_end(
 
 def test_mean_and_resample_use_the_baseline(tiny_gpt2: Any, session: ReplaySession,
                                             benign: list[Incident]) -> None:
-    baseline = MeanBaseline.from_incidents(benign, sites=["blocks.1.mlp"])
+    baseline = DonorBaseline.from_incidents(benign, sites=["blocks.1.mlp"])
     vecs = torch.cat([site_vectors(i.tensor("blocks.1.mlp", step=s))
                       for i in benign for s in i.steps("blocks.1.mlp")])
     assert baseline.count("blocks.1.mlp") == vecs.shape[0]
@@ -127,15 +127,15 @@ def test_mean_and_resample_use_the_baseline(tiny_gpt2: Any, session: ReplaySessi
     assert _equal_runs(a.logits, b.logits)
     assert not torch.equal(a.activations["blocks.1.mlp"][0], c.activations["blocks.1.mlp"][0])
     # A site the baseline incidents did not record is computed by replaying them.
-    replayed = Baseline.from_incidents(benign, sites=["blocks.0.attn"], model=tiny_gpt2)
+    replayed = DonorBaseline.from_incidents(benign, sites=["blocks.0.attn"], model=tiny_gpt2)
     assert replayed.mean("blocks.0.attn").shape == (32,)
     with pytest.raises(InterventionError, match="model="):
-        Baseline.from_incidents(benign, sites=["blocks.0.attn"])
+        DonorBaseline.from_incidents(benign, sites=["blocks.0.attn"])
 
 
 def test_batched_equals_sequential_and_verify_is_bit_exact(
         session: ReplaySession, benign: list[Incident]) -> None:
-    baseline = Baseline.from_incidents(benign)
+    baseline = DonorBaseline.from_incidents(benign)
     sets = [
         [],
         [Intervention("blocks.0.mlp", "zero")],
