@@ -231,6 +231,30 @@ def test_bert_batched_interventions(tiny_bert: Any) -> None:
     assert torch.equal(flipped.logits[0], -base.logits[0])  # type: ignore[arg-type, operator]
 
 
+def test_interventions_compile_to_an_edit_the_replay_runs(session: ReplaySession,
+                                                          benign: list[Incident]) -> None:
+    """session.run(ivs) == the primitive running Intervention.bind_sets's edit, bit for bit."""
+    baseline = DonorBaseline.from_incidents(benign)
+    ivs = [Intervention("blocks.1.mlp", "scale", factor=2.0),
+           Intervention("blocks.2.mlp[pos=-1]", "mean", donor=baseline),
+           Intervention("blocks.0.resid_post[pos=2]", "patch", donor=[9, 8, 7, 6, 5, 4])]
+    bound = Intervention.bind_sets(session, [ivs], batched=False)
+    assert sorted(b.base for b in bound.sites) == ["blocks.0.resid_post", "blocks.1.mlp",
+                                                   "blocks.2.mlp"]
+    edited = session.run_edited(bound, capture=["blocks.2.resid_post"])
+    ran = session.run(ivs, capture=["blocks.2.resid_post"])
+    assert ran.interventions == tuple(ivs) and edited.interventions == ()
+    assert _equal_runs(edited.logits, ran.logits)
+    assert _equal_runs(edited.activations["blocks.2.resid_post"],
+                       ran.activations["blocks.2.resid_post"])  # type: ignore[arg-type]
+    # a hand-written edit is the same as the scale intervention (x * 2 is exact)
+    double = session.run_edited(lambda site, v, *, step: v * 2.0, sites=["blocks.1.mlp"])
+    scaled = session.run([Intervention("blocks.1.mlp", "scale", factor=2.0)])
+    assert _equal_runs(double.logits, scaled.logits)
+    with pytest.raises(InterventionError, match="holds str"):
+        session.run(["blocks.1.mlp"])  # type: ignore[list-item]
+
+
 def test_invalid_interventions_fail_early() -> None:
     with pytest.raises(InterventionError, match="unknown intervention kind"):
         Intervention("blocks.0.mlp", "ablate")  # type: ignore[arg-type]
