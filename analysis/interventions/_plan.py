@@ -20,8 +20,10 @@ plan and hands it to the replay with the sites it hooks.
 
 Example::
 
-    plan = InterventionPlan(model, [[iv_a], [iv_a, iv_b]], rows_per_set=1, lengths=[6, 1, 1],
-                            donor_fn=DonorCache.of(session))
+    sets = [[iv_a], [iv_a, iv_b]]
+    donors = DonorCache.of(session)
+    donors.prepare(sets)                          # donor forwards run before the replay
+    plan = InterventionPlan(model, sets, rows_per_set=1, lengths=[6, 1, 1], donor_fn=donors)
     session.run_edited(plan.apply, sites=plan.bound, repeat=2)
 """
 

@@ -31,8 +31,7 @@ from typing import Protocol, TypeVar
 import torch
 
 from integrations.errors import InterventionError
-from integrations.sites import BoundSite
-from integrations.sites._attach import attach
+from integrations.sites import BoundSite, attach
 
 from ._calls import CallPlan, last_logits, to_device
 

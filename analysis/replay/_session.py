@@ -60,8 +60,8 @@ class EditSpec(Protocol):
     Its type compiles sets of its instances into one :class:`~analysis.replay.BoundEdit` for a
     replay of ``session`` (``batched``: the sets share one batched forward, row block ``r`` =
     set ``r``). :class:`analysis.interventions.Intervention` is the implementation this project
-    ships (issue 13's ``project``/``steer`` join it); anything else that compiles to an edit can
-    be replayed the same way.
+    ships (new kinds such as ``project``/``steer`` extend it); anything else that compiles to an
+    edit is replayed the same way.
     """
 
     @classmethod
