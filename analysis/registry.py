@@ -28,8 +28,8 @@ if TYPE_CHECKING:
 
     from integrations.incident import Incident
 
-__all__ = ["ModelEntry", "get_model", "model_for_incident", "register_model", "registered",
-           "unregister_model"]
+__all__ = ["Loader", "ModelEntry", "get_model", "model_for_incident", "register_model",
+           "registered", "unregister_model"]
 
 Loader = Callable[[], Any]
 

@@ -59,8 +59,10 @@ def record(model: Any, ids: list[int]) -> Any:
 
 def evaluate(params: dict[str, Any], *, n_baseline: int, n_benign: int, n_variants: int,
              n_permutations: int) -> dict[str, Any]:
-    from analysis.cca import CausalCCA, Failure, SessionOracle, exhaustive_search
-    from analysis.interventions import Baseline
+    from analysis.cca import CausalCCA, Failure
+    from analysis.cca._oracle import SessionOracle
+    from analysis.cca._strategies import exhaustive_search
+    from analysis.interventions import DonorBaseline as Baseline
     from analysis.replay import Replayer
     from analysis.scenarios.planted import build_planted
 

@@ -11,41 +11,29 @@ Example::
     fix.flip, fix.interventions[0].site, fix.flip_rate, fix.flip_rate_ci
     fix.side_effects.mean_kl, fix.p_value, fix.forward_passes, fix.exhaustive_forward_passes
 
-Algorithms: :mod:`._attribution` (ranking), :mod:`._group_testing` (growth, adaptive group
-testing, delta debugging, 1-minimality), :mod:`._strategies` (beam, exhaustive), statistics in
-:mod:`._stats`, the model behind the :class:`Oracle` protocol in :mod:`._oracle`.
+The package exports what a user of the search needs: :class:`CausalCCA`, the failure
+predicates (:class:`Failure`, bound on a session: :class:`BoundFailure`) and the result types
+(:class:`FixSet` with its :class:`Necessity`, :class:`VariantResult`, :class:`SideEffects`,
+:class:`PermutationTest`). The algorithms are private modules: :mod:`._attribution` (ranking),
+:mod:`._group_testing` (growth, adaptive group testing, delta debugging, 1-minimality),
+:mod:`._strategies` (beam, exhaustive), :mod:`._growth` (variants), statistics in
+:mod:`._stats`, and the model behind the search's ``Oracle`` protocol in :mod:`._oracle`.
 """
 
 from __future__ import annotations
 
-from ._failure import REASON_TEXT, BoundFailure, Failure
+from ._failure import BoundFailure, Failure
 from ._fixset import FixSet, Necessity, VariantResult
-from ._group_testing import Reduction, ddmin, minimise, progressive_reduce
-from ._oracle import Oracle, SessionOracle, flipped
-from ._search import DEFAULT_CANDIDATES, CausalCCA
-from ._stats import PermutationTest, SideEffects, wilson_ci
-from ._strategies import beam_search, exhaustive_count, exhaustive_search
+from ._search import CausalCCA
+from ._stats import PermutationTest, SideEffects
 
 __all__ = [
-    "DEFAULT_CANDIDATES",
-    "REASON_TEXT",
     "BoundFailure",
     "CausalCCA",
     "Failure",
     "FixSet",
     "Necessity",
-    "Oracle",
     "PermutationTest",
-    "Reduction",
-    "SessionOracle",
     "SideEffects",
     "VariantResult",
-    "beam_search",
-    "ddmin",
-    "exhaustive_count",
-    "exhaustive_search",
-    "flipped",
-    "minimise",
-    "progressive_reduce",
-    "wilson_ci",
 ]

@@ -26,28 +26,21 @@ Example::
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
+from analysis.interventions import DonorCache, Intervention, localize
+from analysis.replay import ReplaySession
 from integrations.errors import AnalysisError
+from integrations.sites import BoundSite, resolve_sites
 
 from ._failure import BoundFailure
 
-if TYPE_CHECKING:
-    from analysis.interventions import Intervention
-    from analysis.replay import ReplaySession
-
 __all__ = ["attribution_scores", "blend_ranking", "cf_rank_of"]
 
-
-def _last_logits(output: Any) -> torch.Tensor | None:
-    logits = getattr(output, "logits", None)
-    if logits is None and isinstance(output, (tuple, list)) and output:
-        logits = output[0]
-    if not isinstance(logits, torch.Tensor):
-        return None
-    return logits[:, -1, :] if logits.dim() == 3 else logits
+#: (base site, step) -> a tensor of that site's full shape at that step
+_PerStep = dict[tuple[str, int], torch.Tensor]
 
 
 def attribution_scores(session: ReplaySession, failure: BoundFailure,
@@ -57,12 +50,26 @@ def attribution_scores(session: ReplaySession, failure: BoundFailure,
     One forward (up to the decision step) + one backward, under the session's deterministic
     environment. The model's parameter ``.grad`` are never touched (``torch.autograd.grad``).
     """
-    from analysis.interventions import Intervention, localize
-    from integrations.sites import BoundSite, attach, resolve_sites
+    bounds = [resolve_sites(session.model, [iv.site]) for iv in interventions]
+    base_ivs, base_bound = _per_base(session.model, interventions, bounds)
+    donors = DonorCache.of(session)
+    donors.prepare([[iv for iv in base_ivs.values() if iv.kind not in ("zero", "scale")]])
+    grads, actual, metric = _gradients(session, failure, base_bound)
+    # Per (base, step): grad . (donor - actual), full tensor.
+    prods: _PerStep = {}
+    for (base, step), g in grads.items():
+        a = actual[(base, step)]
+        prods[(base, step)] = torch.zeros_like(a) if g is None else (g.detach() * (
+            _target(base_ivs[base], base_bound[base], step, a, donors) - a)).float()
+    lengths = [c.seq_len for c in session.plan.steps]
+    return [_score(iv, bs, prods, lengths) for iv, bs in zip(interventions, bounds)], metric
 
-    model = session.model
-    plan = session.plan
-    bounds = [resolve_sites(model, [iv.site]) for iv in interventions]
+
+def _per_base(model: torch.nn.Module, interventions: Sequence[Intervention],
+              bounds: list[list[BoundSite]]
+              ) -> tuple[dict[str, Intervention], dict[str, BoundSite]]:
+    """One intervention of each candidate's kind and donor per base site (its full tensor),
+    and the base sites resolved: the replay hooks each base site once."""
     base_ivs: dict[str, Intervention] = {}
     base_bound: dict[str, BoundSite] = {}
     for iv, bs in zip(interventions, bounds):
@@ -75,78 +82,72 @@ def attribution_scores(session: ReplaySession, failure: BoundFailure,
             else:
                 base_ivs[b.base] = Intervention(b.base, iv.kind, donor=iv.donor,
                                                 value=iv.value, seed=iv.seed)
-    session.donors.prepare([[iv for iv in base_ivs.values() if iv.kind not in ("zero",
-                                                                                "scale")]])
-    leaves: dict[tuple[str, int], torch.Tensor] = {}
-    actual: dict[tuple[str, int], torch.Tensor] = {}
-    step_now = [0]
-    by_module: dict[int, str] = {id(b): base for base, b in base_bound.items()}
+    return base_ivs, base_bound
 
-    def fn(b: BoundSite, v: torch.Tensor) -> torch.Tensor:
-        key = (by_module[id(b)], step_now[0])
+
+def _gradients(session: ReplaySession, failure: BoundFailure, base_bound: dict[str, BoundSite]
+               ) -> tuple[dict[tuple[str, int], torch.Tensor | None], _PerStep, float]:
+    """d metric / d delta for every (base site, step), the values the replay computed there,
+    and the metric: the value of each base site is replaced by ``a + delta``, ``delta`` a zero
+    leaf, in one replay (an edit) up to the decision step; the backward runs in its
+    environment."""
+    leaves: _PerStep = {}
+    actual: _PerStep = {}
+    base_of = {id(b): base for base, b in base_bound.items()}
+
+    def edit(site: BoundSite, v: torch.Tensor, *, step: int) -> torch.Tensor:
+        key = (base_of[id(site)], step)
         d = torch.zeros_like(v, requires_grad=True)
         leaves[key] = d
         actual[key] = v.detach()
         return v + d
 
-    logits: list[torch.Tensor | None] = []
-    last = failure.step if failure.step >= 0 else len(plan.steps) + failure.step
-    with session._environment(), torch.enable_grad():
-        cache = plan.new_cache(model)
-        with attach(model, list(base_bound.values()), fn):
-            for call in plan.steps[:last + 1]:
-                step_now[0] = call.step
-                kw = plan.kwargs(call, repeat=1, cache=cache)
-                dev = next(iter(model.parameters())).device
-                kw = {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
-                logits.append(_last_logits(model(**kw)))
-        lg = logits[last]
+    last = failure.step if failure.step >= 0 else session.steps + failure.step
+    with session.environment(), torch.enable_grad():
+        run = session.run_edited(edit, sites=list(base_bound.values()), last_step=last,
+                                 grad=True, evaluations=1)
+        lg = run.logits[last]
         if lg is None:
             raise AnalysisError("the model produced no logits; attribution needs a metric")
         metric = failure.tensor(lg).max()
         keys = list(leaves)
         grads = torch.autograd.grad(metric, [leaves[k] for k in keys], allow_unused=True)
-    session._count(steps=last + 1, rows=last + 1, sets=1)
-    # Per (base, step): grad . (donor - actual), full tensor.
-    prods: dict[tuple[str, int], torch.Tensor] = {}
-    for k, g in zip(keys, grads):
-        base, step = k
-        a = actual[k]
-        if g is None:
-            prods[k] = torch.zeros_like(a)
-            continue
-        iv = base_ivs[base]
-        if iv.kind == "zero":
-            target = torch.zeros_like(a)
-        elif iv.kind == "scale":
-            assert iv.factor is not None
-            target = a * iv.factor
-        else:
-            vals, _ = session.donors(iv, base_bound[base], step, tuple(a.shape))
-            target = vals.to(a.dtype)
-        prods[k] = (g.detach() * (target - a)).float()
-    n_steps = len(plan.steps)
-    lengths = [c.seq_len for c in plan.steps]
-    offsets = [sum(lengths[:k]) for k in range(len(lengths))]
-    scores: list[float] = []
-    for iv, bs in zip(interventions, bounds):
-        steps = None if iv.steps is None else {s if s >= 0 else n_steps + s for s in iv.steps}
-        total = 0.0
-        for b in bs:
-            for (base, step), p in prods.items():
-                if base != b.base or (steps is not None and step not in steps):
+    return dict(zip(keys, grads)), actual, float(metric.detach())
+
+
+def _target(iv: Intervention, b: BoundSite, step: int, a: torch.Tensor,
+            donors: DonorCache) -> torch.Tensor:
+    """The value ``iv`` would give the full site tensor ``a`` (at ``step``)."""
+    if iv.kind == "zero":
+        return torch.zeros_like(a)
+    if iv.kind == "scale":
+        assert iv.factor is not None
+        return a * iv.factor
+    vals, _ = donors(iv, b, step, tuple(a.shape))
+    return vals.to(a.dtype)
+
+
+def _score(iv: Intervention, bounds: list[BoundSite], prods: _PerStep,
+           lengths: list[int]) -> float:
+    """The estimate of one candidate: the products summed over its selected entries and steps
+    (positions are absolute, localised to each forward call as the plan does)."""
+    n_steps = len(lengths)
+    offsets = [sum(lengths[:k]) for k in range(n_steps)]
+    steps = None if iv.steps is None else {s if s >= 0 else n_steps + s for s in iv.steps}
+    total = 0.0
+    for b in bounds:
+        for (base, step), p in prods.items():
+            if base != b.base or (steps is not None and step not in steps):
+                continue
+            rest = list(b.index[1:])
+            if p.dim() >= 3 and rest:
+                length = int(p.shape[1])
+                loc = localize(rest[0], offsets[step] + max(0, lengths[step] - length), length)
+                if loc is None:
                     continue
-                rest = list(b.index[1:])
-                if p.dim() >= 3 and rest:
-                    length = int(p.shape[1])
-                    loc = localize(rest[0], offsets[step] + max(0, lengths[step] - length),
-                                   length)
-                    if loc is None:
-                        continue
-                    rest[0] = loc
-                total += float(p[(slice(None), *rest)].sum())
-        scores.append(total)
-    return scores, float(metric.detach())
+                rest[0] = loc
+            total += float(p[(slice(None), *rest)].sum())
+    return total
 
 
 def cf_rank_of(site: str, cf_ranks: dict[str, int]) -> int | None:

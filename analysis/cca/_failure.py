@@ -36,16 +36,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import torch
 
+from analysis.replay import ReplaySession
 from integrations.errors import AnalysisError, TensorNotFoundError
 
-if TYPE_CHECKING:
-    from analysis.replay import ReplaySession
-
-__all__ = ["REASON_TEXT", "BoundFailure", "Failure"]
+__all__ = ["REASON_TEXT", "BoundFailure", "Failure", "FailureKind", "MetricFn", "decode", "failing",
+           "generated_tokens"]
 
 #: Flag reasons with a known failing text (used by :meth:`Failure.from_incident`).
 REASON_TEXT: dict[str, str] = {"prompt_injection": "HACKED", "injection": "HACKED"}
@@ -162,21 +161,10 @@ class Failure:
         forward calls falls back to its last one.
         """
         n_steps = len(session.plan.steps)
-        classifier = _is_classifier(session.model)
-
-        def clamp(s: int) -> int:
-            s = s if s >= 0 else n_steps + s
-            if not 0 <= s < n_steps:
-                if variant:
-                    return n_steps - 1
-                raise AnalysisError(f"step {s} is outside the incident's {n_steps} forward "
-                                    "calls (0 = prefill)")
-            return s
-
         if self.kind == "token":
             assert self.token_id is not None
-            step = clamp(self.step) if self.step is not None else _step_of_position(
-                session, self.position, variant=variant)
+            step = _clamp(self.step, n_steps, variant=variant) if self.step is not None else \
+                _step_of_position(session, self.position, variant=variant)
             return BoundFailure(step=step, token_id=self.token_id, expected=self.expected,
                                 description=self.describe())
         if self.kind == "label":
@@ -185,17 +173,23 @@ class Failure:
                                 description=self.describe())
         if self.kind == "metric":
             assert self.fn is not None
-            return BoundFailure(step=clamp(self.step if self.step is not None else -1),
-                                fn=self.fn, description=self.describe())
+            return BoundFailure(step=self._step(n_steps, variant), fn=self.fn,
+                                description=self.describe())
         if self.kind == "recorded":
-            step = clamp(self.step if self.step is not None else -1)
-            lg = _recorded_logits(session, step)
-            top = int(lg.float().argmax(-1).reshape(-1)[0])
-            what = "label" if classifier else "token"
+            step = self._step(n_steps, variant)
+            top = int(_recorded_logits(session, step).float().argmax(-1).reshape(-1)[0])
+            what = "label" if _is_classifier(session.model) else "token"
             return BoundFailure(step=step, token_id=top,
                                 description=f"recorded top-1 {what} {top} at step {step}")
-        # text
-        tok = tokenizer if tokenizer is not None else self.tokenizer
+        return self._bind_text(session, tokenizer if tokenizer is not None else self.tokenizer)
+
+    def _step(self, n_steps: int, variant: bool) -> int:
+        """The explicit step (default the last forward call), as an index."""
+        return _clamp(self.step if self.step is not None else -1, n_steps, variant=variant)
+
+    def _bind_text(self, session: ReplaySession, tok: Any) -> BoundFailure:
+        """``text_contains``: the step that produced the first token of the text's first
+        occurrence in the recorded output, and that token."""
         if tok is None:
             raise AnalysisError(f"Failure.text_contains({self.text!r}) needs a tokenizer to "
                                 "find where the text was produced: pass tokenizer=")
@@ -206,14 +200,14 @@ class Failure:
                                 f"(no decode steps, no output_ids): {self.text!r} cannot be "
                                 "located; use Failure.token(id) instead")
         ids = [t for _, t in gen]
-        end = next((j for j in range(len(ids)) if self.text in _decode(tok, ids[:j + 1])), None)
+        end = next((j for j in range(len(ids)) if self.text in decode(tok, ids[:j + 1])), None)
         if end is None:
             raise AnalysisError(
                 f"the recorded output of incident {session.incident.id!r} does not contain "
-                f"{self.text!r} (output: {_decode(tok, ids)!r}); choose another failure")
+                f"{self.text!r} (output: {decode(tok, ids)!r}); choose another failure")
         # the first occurrence ends at token `end`; it starts at the last token whose suffix
         # (up to `end`) still contains the text
-        start = max(i for i in range(end + 1) if self.text in _decode(tok, ids[i:end + 1]))
+        start = max(i for i in range(end + 1) if self.text in decode(tok, ids[i:end + 1]))
         step, token = gen[start]
         return BoundFailure(step=step, token_id=token,
                             description=f"output contains {self.text!r}: token {token} "
@@ -278,12 +272,24 @@ def failing(metric: float) -> bool:
     return metric > 0.0
 
 
+def _clamp(s: int, n_steps: int, *, variant: bool) -> int:
+    """Step ``s`` (negative from the end) as an index into the incident's forward calls."""
+    s = s if s >= 0 else n_steps + s
+    if not 0 <= s < n_steps:
+        if variant:
+            return n_steps - 1
+        raise AnalysisError(f"step {s} is outside the incident's {n_steps} forward "
+                            "calls (0 = prefill)")
+    return s
+
+
 def _is_classifier(model: Any) -> bool:
     return type(model).__name__.endswith(("ForSequenceClassification",
                                           "ForTokenClassification"))
 
 
-def _decode(tok: Any, ids: list[int]) -> str:
+def decode(tok: Any, ids: list[int]) -> str:
+    """``ids`` as text with ``tok`` (an object with ``decode``, or a callable ``ids -> str``)."""
     dec = getattr(tok, "decode", None)
     out = dec(ids) if callable(dec) else tok(ids)
     return str(out)
@@ -348,4 +354,4 @@ def _output_text(incident: Any, tokenizer: Any) -> str:
     full = _output_ids(incident)
     if full is None:
         return ""
-    return _decode(tokenizer, [int(x) for x in full.reshape(-1).tolist()])
+    return decode(tokenizer, [int(x) for x in full.reshape(-1).tolist()])

@@ -20,19 +20,19 @@ Example::
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field
+from typing import Any
+
+from analysis._results import JsonRecord, rank_in
+from analysis.interventions import Intervention
 
 from ._stats import PermutationTest, SideEffects
-
-if TYPE_CHECKING:
-    from analysis.interventions import Intervention
 
 __all__ = ["FixSet", "Necessity", "VariantResult"]
 
 
 @dataclass(frozen=True)
-class Necessity:
+class Necessity(JsonRecord):
     """One element's necessity: the verified metric of the fix set without it, and the change
     (``metric_without - metric_with``; > 0 means removing it brings the failure back closer)."""
 
@@ -42,21 +42,15 @@ class Necessity:
     flips_without: bool
     role: str = "core"  # core: needed for the incident; variants: added for variants
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
 
 @dataclass(frozen=True)
-class VariantResult:
+class VariantResult(JsonRecord):
     """The fix set on one variant: its clean and fixed metric (both replayed, batch 1)."""
 
     id: str
     metric_clean: float
     metric_fixed: float
     flipped: bool
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass
@@ -128,10 +122,7 @@ class FixSet:
 
     def rank_of(self, site: str) -> int | None:
         """1-based position of ``site`` in the prior ranking (None when not ranked)."""
-        for i, (s, _) in enumerate(self.ranking, start=1):
-            if s == site:
-                return i
-        return None
+        return rank_in(self.ranking, site)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (DuckDB rows, gRPC, CLI)."""

@@ -29,13 +29,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
+
+from analysis.interventions import Intervention
+from analysis.replay import ReplaySession
 
 from ._failure import BoundFailure
-
-if TYPE_CHECKING:
-    from analysis.interventions import Intervention
-    from analysis.replay import ReplaySession
 
 __all__ = ["Oracle", "SessionOracle", "flipped", "merge_interventions"]
 
@@ -65,8 +64,6 @@ def merge_interventions(ivs: Sequence[Intervention]) -> list[Intervention]:
     """Merge interventions that differ only in a single-index selector of the same base site
     (kinds zero/mean/patch/scale with identical options; ``resample`` draws depend on the site
     string, so it is never merged)."""
-    from analysis.interventions import Intervention
-
     groups: dict[tuple[object, ...], list[tuple[int, Intervention]]] = {}
     out: list[Intervention] = []
     for iv in ivs:

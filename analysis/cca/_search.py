@@ -31,26 +31,25 @@ Example::
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from analysis.interventions import DonorBaseline, Intervention
+from analysis.replay import ReplaySession
 from integrations.errors import AnalysisError, ConfigError
 
 from ._attribution import attribution_scores, blend_ranking
-from ._failure import BoundFailure, Failure, failing
+from ._candidates import candidate_interventions, candidate_sites
+from ._failure import BoundFailure, Failure, decode, failing
 from ._fixset import FixSet, Necessity, VariantResult
 from ._group_testing import Reduction, ddmin, minimise, progressive_reduce
+from ._growth import grow_over_variants, variant_oracles, variant_results
 from ._oracle import SessionOracle, flipped
 from ._stats import permutation_p_value, side_effects, wilson_ci
 from ._strategies import beam_search, exhaustive_search
-from ._variants import as_session, prompt_tokens, substitution_variants
+from ._variants import as_session
 
-if TYPE_CHECKING:
-    from analysis.interventions import Intervention
-    from analysis.replay import ReplaySession
+__all__ = ["CausalCCA"]
 
-__all__ = ["DEFAULT_CANDIDATES", "CausalCCA"]
-
-DEFAULT_CANDIDATES: tuple[str, ...] = ("blocks.*.attn", "blocks.*.mlp")
 _STRATEGIES = ("greedy", "beam", "exhaustive")
 
 
@@ -99,19 +98,19 @@ class CausalCCA:
         self.max_exhaustive_sets = int(max_exhaustive_sets)
         self.seed = int(seed)
 
-    # ------------------------------------------------------------------ public
     def search_fix_set(self, session: ReplaySession, *, guided_by: Any = None,
                        benign: Sequence[Any] | None = None,
                        failure: Failure | Callable[..., Any] | None = None,
                        candidates: Sequence[str] | None = None, intervention: str = "mean",
-                       variants: Sequence[Any] | None = None, baseline: Any = None,
-                       donor: Any = None, factor: float | None = None, tokenizer: Any = None,
+                       variants: Sequence[Any] | None = None,
+                       baseline: DonorBaseline | None = None, donor: Any = None,
+                       factor: float | None = None, tokenizer: Any = None,
                        benign_labels: Sequence[int] | None = None) -> FixSet:
         """Search a minimal fix set for the failing ``session`` (module doc).
 
         ``benign``: benign incidents / sessions / prompt ids — side effects are measured on them
-        and, for ``mean``/``resample``, the baseline is built from them unless ``baseline=`` (an
-        :class:`~analysis.interventions.Baseline`) is given. ``candidates``: site patterns
+        and, for ``mean``/``resample``, the baseline is built from them unless ``baseline=`` (a
+        :class:`~analysis.interventions.DonorBaseline`) is given. ``candidates``: site patterns
         (``*`` selectors expand, e.g. ``blocks.*.mlp.post[neuron=*]``; default attention and MLP
         outputs of every block). ``intervention``: patch (``donor=`` an incident or prompt ids;
         default the first benign incident) | mean | zero | resample | scale (``factor=``).
@@ -119,162 +118,116 @@ class CausalCCA:
         ``n_variants`` single-token substitutions (see :mod:`._variants`). ``benign_labels``:
         true labels of the benign inputs (classifier accuracy).
         """
-        from analysis.replay import ReplaySession
-        from integrations.sites import resolve_sites
-
         if not isinstance(session, ReplaySession):
             raise AnalysisError(f"search_fix_set takes a ReplaySession (Replayer(model).load("
                                 f"incident)), got {type(session).__name__}")
         spec = Failure.coerce(failure, session.incident, tokenizer=tokenizer)
         bound = spec.bind(session, tokenizer=tokenizer)
-        model = session.model
-        patterns = list(candidates) if candidates else list(DEFAULT_CANDIDATES)
-        seq_len = sum(c.seq_len for c in session.plan.steps)  # [pos=*] over every position
-        sites = list(dict.fromkeys(b.site for b in resolve_sites(model, patterns,
-                                                                 seq_len=seq_len)))
-        if not sites:
-            raise AnalysisError(f"candidates {patterns} resolve to no site on this model")
+        sites = candidate_sites(session, candidates)
         benign_sessions = [as_session(b, template=session, name=f"benign{i}")
                            for i, b in enumerate(benign or [])]
-        ivs = self._interventions(sites, intervention, benign_sessions, baseline=baseline,
-                                  donor=donor, factor=factor, model=model)
-        calls0 = session.forward_passes
-        oracle = SessionOracle(session, bound, ivs, max_batch=self.max_batch)
-        base = FixSet(flip=False, interventions=[], reason="", failure=bound.description,
-                      incident_id=session.incident.id, strategy=self.search_strategy,
-                      intervention_kind=intervention, n_candidates=len(sites),
-                      metric_before=float("nan"), exhaustive_forward_passes=len(sites))
-        before = oracle.verify([])
-        base.metric_before = before
+        ivs = candidate_interventions(sites, intervention, benign_sessions, baseline=baseline,
+                                      donor=donor, factor=factor, model=session.model)
+        run = _SearchRun(self, session, spec, bound, sites, ivs, intervention=intervention,
+                         benign=benign_sessions, tokenizer=tokenizer)
+        return run.execute(guided_by=guided_by, variants=variants, benign_labels=benign_labels)
+
+
+class _SearchRun:
+    """One :meth:`CausalCCA.search_fix_set` call: its state, and the pipeline's steps 2-6
+    (module doc) as methods. Every claim is a replay through :attr:`oracle` (or the session);
+    the :class:`FixSet` is filled as the steps go."""
+
+    def __init__(self, cca: CausalCCA, session: ReplaySession, spec: Failure,
+                 bound: BoundFailure, sites: list[str], ivs: list[Intervention], *,
+                 intervention: str, benign: list[ReplaySession], tokenizer: Any) -> None:
+        self.cca, self.session, self.spec, self.bound = cca, session, spec, bound
+        self.sites, self.ivs, self.benign, self.tokenizer = sites, ivs, benign, tokenizer
+        self.calls0 = session.forward_passes
+        self.oracle = SessionOracle(session, bound, ivs, max_batch=cca.max_batch)
+        self.fs = FixSet(flip=False, interventions=[], reason="", failure=bound.description,
+                         incident_id=session.incident.id, strategy=cca.search_strategy,
+                         intervention_kind=intervention, n_candidates=len(sites),
+                         metric_before=float("nan"), exhaustive_forward_passes=len(sites))
+
+    def execute(self, *, guided_by: Any, variants: Sequence[Any] | None,
+                benign_labels: Sequence[int] | None) -> FixSet:
+        """Steps 1-6 (module doc); every early exit says why (``flip=False``, ``reason``)."""
+        cca, fs = self.cca, self.fs
+        fs.metric_before = before = self.oracle.verify([])
         if not failing(before):
-            return self._done(base, oracle, calls0, reason=(
-                f"the clean replay does not fail ({bound.description}: metric {before:+.4g} "
-                "<= 0); nothing to fix — check the failure predicate"))
-        # 2. ranking
-        try:
-            est, _ = attribution_scores(session, bound, ivs)
-            base.gradient_passes = 1
-            oracle.passes += 1  # the attribution forward (its backward is gradient_passes)
-        except (RuntimeError, AnalysisError) as err:
-            est = [0.0] * len(ivs)
-            base.notes.append(f"attribution ranking unavailable ({err}); candidates kept in "
-                              "the given order")
-        order = blend_ranking(est, sites, guided_by=guided_by, cf_weight=self.cf_weight)
-        base.ranking = [(sites[i], est[i]) for i in order]
-        # 3. search
-        red = self._search(oracle, order)
-        base.trace.extend(red.trace)
-        if red.items is None:
-            return self._done(base, oracle, calls0, reason=red.reason)
-        m = oracle.verify(red.items)
-        if not flipped(m):
-            return self._done(base, oracle, calls0, reason=(
-                f"the set found in batched replays ({len(red.items)} interventions) does not "
-                f"flip the failure at the incident's own shapes (metric {m:+.4g})"))
-        # 4. minimise (verified)
-        core, without = minimise(oracle, red.items)
-        if len(core) > self.max_fix_set_size:
-            return self._done(base, oracle, calls0, reason=(
-                f"the smallest flipping set found has {len(core)} interventions, more than "
-                f"max_fix_set_size={self.max_fix_set_size}"))
-        roles = {i: "core" for i in core}
-        # 5. variants (+ growth until early_stop_threshold)
-        v_oracles, tried, v_passes = self._variant_oracles(session, spec, bound, ivs, variants,
-                                                           benign_sessions, tokenizer)
-        items = list(core)
-        results = self._variant_results(v_oracles, items)
-        items, results = self._grow(oracle, v_oracles, order, items, roles, results, base)
-        # necessity of every element (verified)
-        final, nec_without = items, dict(without)
-        after = oracle.verify(final)
-        for e in final:
-            if e not in nec_without:
-                nec_without[e] = oracle.verify([x for x in final if x != e])
-        base.flip = flipped(after)
-        if not base.flip:  # cannot happen for a monotone model; never hide it
-            return self._done(base, oracle, calls0, reason=(
-                f"the grown set does not flip the incident at its own shapes (metric "
-                f"{after:+.4g})"))
-        base.metric_after = after
-        base.interventions = [ivs[i] for i in final]
-        base.necessity = [Necessity(site=sites[i], metric_without=nec_without[i],
-                                    delta=nec_without[i] - after,
-                                    flips_without=flipped(nec_without[i]), role=roles[i])
-                          for i in final]
-        # core elements: removal un-flips the incident; growth elements survived pruning
-        # (removing one lowers the variant flip rate), see _grow
-        base.one_minimal = all(not n.flips_without for n in base.necessity if n.role == "core")
-        if spec.kind == "text":
-            self._greedy_check(session, spec, tokenizer, base)
-        base.variants = results
-        base.variants_tried = tried
-        if results:
-            k = sum(r.flipped for r in results)
-            base.flip_rate = k / len(results)
-            base.flip_rate_ci = wilson_ci(k, len(results))
-        else:
-            base.notes.append(f"no failing variant ({tried} tried): flip rate not measured")
+            return self._done(f"the clean replay does not fail ({self.bound.description}: "
+                              f"metric {before:+.4g} <= 0); nothing to fix — check the failure "
+                              "predicate")
+        order = self._rank(guided_by)
+        core = self._core(order)
+        if isinstance(core, str):
+            return self._done(core)
+        items, without = core
+        roles = {i: "core" for i in items}
+        v_oracles, tried, v_passes = variant_oracles(
+            self.session, self.spec, self.bound, self.ivs, variants, self.benign, self.tokenizer,
+            n_variants=cca.n_variants, seed=cca.seed, max_batch=cca.max_batch)
+        results = variant_results(v_oracles, items)
+        items, results = grow_over_variants(v_oracles, order, items, roles, results, fs,
+                                            threshold=cca.early_stop_threshold,
+                                            max_size=cca.max_fix_set_size)
+        failed = self._necessity(items, without, roles)
+        if failed:
+            return self._done(failed)
+        if self.spec.kind == "text":
+            self._greedy_check()
+        self._flip_rate(results, tried)
         stats = sum(o.passes for o in v_oracles) + v_passes
-        # 6. side effects + permutation test
-        if benign_sessions:
-            se = side_effects(benign_sessions, base.interventions, labels=benign_labels)
-            base.side_effects = se
-            stats += se.forward_passes
-        else:
-            base.notes.append("no benign inputs: side effects not measured (pass benign=)")
-        search_passes = oracle.passes
-        if self.n_permutations > 0 and len(sites) > len(final):
-            base.permutation = permutation_p_value(oracle, final,
-                                                   n_permutations=self.n_permutations,
-                                                   seed=self.seed)
-        stats += oracle.passes - search_passes
-        base.statistics_forward_passes = stats
-        out = self._done(base, oracle, calls0, reason="verified: the set flips the failure at "
-                         "the incident's own shapes", keep=True)
-        out.forward_passes = search_passes
-        out.model_calls = (session.forward_passes - calls0
-                           + sum(o.model_calls for o in v_oracles)
-                           + sum(s.forward_passes for s in benign_sessions))
-        return out
+        search_passes = self._statistics(items, benign_labels, stats)
+        fs.reason = "verified: the set flips the failure at the incident's own shapes"
+        fs.forward_passes = search_passes
+        fs.model_calls = (self.session.forward_passes - self.calls0
+                          + sum(o.model_calls for o in v_oracles)
+                          + sum(s.forward_passes for s in self.benign))
+        return fs
 
-    # ------------------------------------------------------------------ steps
-    def _interventions(self, sites: list[str], kind: str, benign: list[ReplaySession], *,
-                       baseline: Any, donor: Any, factor: float | None,
-                       model: Any) -> list[Intervention]:
-        from analysis.interventions import KINDS, Baseline, Intervention
+    def _rank(self, guided_by: Any) -> list[int]:
+        """Step 2: attribution patching (one forward + one backward), blended with CF."""
+        fs = self.fs
+        try:
+            est, _ = attribution_scores(self.session, self.bound, self.ivs)
+            fs.gradient_passes = 1
+            self.oracle.passes += 1  # the attribution forward (its backward is gradient_passes)
+        except (RuntimeError, AnalysisError) as err:
+            est = [0.0] * len(self.ivs)
+            fs.notes.append(f"attribution ranking unavailable ({err}); candidates kept in "
+                            "the given order")
+        order = blend_ranking(est, self.sites, guided_by=guided_by,
+                              cf_weight=self.cca.cf_weight)
+        fs.ranking = [(self.sites[i], est[i]) for i in order]
+        return order
 
-        if kind not in KINDS:
-            raise AnalysisError(f"intervention={kind!r}: use one of {', '.join(KINDS)}")
-        if kind in ("mean", "resample"):
-            if baseline is None:
-                if not benign:
-                    raise AnalysisError(
-                        f"intervention={kind!r} needs a baseline of benign traffic: pass "
-                        "benign=[incidents] or baseline=Baseline.from_incidents(...), or use "
-                        "intervention='zero'")
-                bases = sorted({s.split("[", 1)[0] for s in sites})
-                baseline = Baseline.from_incidents([s.incident for s in benign], sites=bases,
-                                                   model=model)
-            return [Intervention(s, kind, donor=baseline) for s in sites]  # type: ignore[arg-type]
-        if kind == "patch":
-            if donor is None:
-                if not benign:
-                    raise AnalysisError("intervention='patch' needs donor= (a benign incident "
-                                        "or counterfactual prompt ids) or benign=[...]")
-                donor = benign[0].incident
-            return [Intervention(s, "patch", donor=donor) for s in sites]
-        if kind == "scale":
-            if factor is None:
-                raise AnalysisError("intervention='scale' needs factor=, e.g. factor=0.0")
-            return [Intervention(s, "scale", factor=factor) for s in sites]
-        return [Intervention(s, "zero") for s in sites]
+    def _core(self, order: list[int]) -> tuple[list[int], dict[int, float]] | str:
+        """Steps 3-4: search a flipping set, confirm it at batch 1, make it 1-minimal; the
+        1-minimal set and each element's metric without it — or why there is none."""
+        red = self._search(order)
+        self.fs.trace.extend(red.trace)
+        if red.items is None:
+            return red.reason
+        m = self.oracle.verify(red.items)
+        if not flipped(m):
+            return (f"the set found in batched replays ({len(red.items)} interventions) does "
+                    f"not flip the failure at the incident's own shapes (metric {m:+.4g})")
+        core, without = minimise(self.oracle, red.items)
+        if len(core) > self.cca.max_fix_set_size:
+            return (f"the smallest flipping set found has {len(core)} interventions, more than "
+                    f"max_fix_set_size={self.cca.max_fix_set_size}")
+        return core, without
 
-    def _search(self, oracle: SessionOracle, order: list[int]) -> Reduction:
-        k = self.max_fix_set_size
-        if self.search_strategy == "exhaustive":
-            return exhaustive_search(oracle, max_size=k, max_sets=self.max_exhaustive_sets)
-        if self.search_strategy == "beam":
-            return beam_search(oracle, max_size=k, beam_width=self.beam_width)
+    def _search(self, order: list[int]) -> Reduction:
+        """Step 3 with the configured strategy (greedy: group testing, ddmin as fallback)."""
+        cca, oracle = self.cca, self.oracle
+        k = cca.max_fix_set_size
+        if cca.search_strategy == "exhaustive":
+            return exhaustive_search(oracle, max_size=k, max_sets=cca.max_exhaustive_sets)
+        if cca.search_strategy == "beam":
+            return beam_search(oracle, max_size=k, beam_width=cca.beam_width)
         red = progressive_reduce(oracle, order, max_size=k)
         if red.items is not None or "max_fix_set_size" not in red.reason:
             return red
@@ -289,112 +242,82 @@ class CausalCCA:
                                    f"interventions, more than max_fix_set_size={k}", dd.trace)
         return dd
 
-    def _variant_oracles(self, session: ReplaySession, spec: Failure, bound: BoundFailure,
-                         ivs: list[Intervention], variants: Sequence[Any] | None,
-                         benign: list[ReplaySession], tokenizer: Any
-                         ) -> tuple[list[SessionOracle], int, int]:
-        """Oracles of the variants that fail when replayed clean; (oracles, tried, passes of
-        the dropped ones)."""
-        if variants is None:
-            pool = prompt_tokens(session)
-            for b in benign:
-                pool += prompt_tokens(b)
-            items: list[Any] = substitution_variants(session, self.n_variants, seed=self.seed,
-                                                     pool=pool)
-            # a variant's failing token: the incident's (text/recorded predicates re-resolve)
-            vspec = spec if spec.kind in ("token", "label", "metric", "text") else \
-                Failure.token(int(bound.token_id or 0), step=bound.step)
-        else:
-            items, vspec = list(variants), spec
-            if spec.kind == "recorded":
-                vspec = Failure.token(int(bound.token_id or 0))
-        out: list[SessionOracle] = []
-        dropped = 0
-        for i, v in enumerate(items):
-            vs = as_session(v, template=session, name=f"variant{i}")
-            try:
-                vb = vspec.bind(vs, tokenizer=tokenizer, variant=True)
-            except AnalysisError:
-                continue  # e.g. the text is not in this variant's output: not a failing variant
-            o = SessionOracle(vs, vb, ivs, max_batch=self.max_batch)
-            if failing(o.verify([])):
-                out.append(o)
-            else:
-                dropped += o.passes
-        return out, len(items), dropped
+    def _necessity(self, final: list[int], without: dict[int, float],
+                   roles: dict[int, str]) -> str | None:
+        """The final set at batch 1 and without each element (verified); None, or why the
+        grown set does not flip."""
+        fs, oracle = self.fs, self.oracle
+        nec_without = dict(without)
+        after = oracle.verify(final)
+        for e in final:
+            if e not in nec_without:
+                nec_without[e] = oracle.verify([x for x in final if x != e])
+        fs.flip = flipped(after)
+        if not fs.flip:  # cannot happen for a monotone model; never hide it
+            return (f"the grown set does not flip the incident at its own shapes (metric "
+                    f"{after:+.4g})")
+        fs.metric_after = after
+        fs.interventions = [self.ivs[i] for i in final]
+        fs.necessity = [Necessity(site=self.sites[i], metric_without=nec_without[i],
+                                  delta=nec_without[i] - after,
+                                  flips_without=flipped(nec_without[i]), role=roles[i])
+                        for i in final]
+        # core elements: removal un-flips the incident; growth elements survived pruning
+        # (removing one lowers the variant flip rate), see grow_over_variants
+        fs.one_minimal = all(not n.flips_without for n in fs.necessity if n.role == "core")
+        return None
 
-    @staticmethod
-    def _greedy_check(session: ReplaySession, spec: Failure, tokenizer: Any, fs: FixSet) -> None:
+    def _greedy_check(self) -> None:
         """For text failures: does a free greedy continuation with the fix still produce it?"""
-        from ._failure import _decode
-
-        tok = tokenizer if tokenizer is not None else spec.tokenizer
-        r = session.verify(fs.interventions, greedy=True)
-        text = _decode(tok, [int(t) for t in r.tokens()[0].tolist()])
+        fs, spec = self.fs, self.spec
+        tok = self.tokenizer if self.tokenizer is not None else spec.tokenizer
+        r = self.session.verify(fs.interventions, greedy=True)
+        text = decode(tok, [int(t) for t in r.tokens()[0].tolist()])
         fs.greedy_output = text
         fs.greedy_check = spec.text is not None and spec.text not in text
         fs.notes.append(f"greedy continuation with the fix (replayed): {text!r}")
 
-    @staticmethod
-    def _variant_results(oracles: list[SessionOracle], items: list[int]) -> list[VariantResult]:
-        res = []
-        for o in oracles:
-            clean, fixed = o.verify([]), o.verify(items)
-            res.append(VariantResult(id=o.session.incident.id, metric_clean=clean,
-                                     metric_fixed=fixed, flipped=flipped(fixed)))
-        return res
+    def _flip_rate(self, results: list[VariantResult], tried: int) -> None:
+        """Step 5's measurement: the share of failing variants the set flips (Wilson 95 %)."""
+        fs = self.fs
+        fs.variants = results
+        fs.variants_tried = tried
+        if results:
+            k = sum(r.flipped for r in results)
+            fs.flip_rate = k / len(results)
+            fs.flip_rate_ci = wilson_ci(k, len(results))
+        else:
+            fs.notes.append(f"no failing variant ({tried} tried): flip rate not measured")
 
-    def _grow(self, oracle: SessionOracle, v_oracles: list[SessionOracle], order: list[int],
-              items: list[int], roles: dict[int, str], results: list[VariantResult],
-              fs: FixSet) -> tuple[list[int], list[VariantResult]]:
-        """Add elements still-failing variants need until the flip rate reaches the threshold
-        (``early_stop_threshold``) or the size bound; prune additions that do not help."""
-        def rate(rs: list[VariantResult]) -> float:
-            return sum(r.flipped for r in rs) / len(rs) if rs else 1.0
+    def _statistics(self, final: list[int], benign_labels: Sequence[int] | None,
+                    stats: int) -> int:
+        """Step 6: side effects on the benign set and the permutation p-value; returns the
+        search's replays (``forward_passes``) and sets ``statistics_forward_passes`` (``stats``
+        carries the variants' replays)."""
+        fs, oracle = self.fs, self.oracle
+        if self.benign:
+            se = side_effects(self.benign, fs.interventions, labels=benign_labels)
+            fs.side_effects = se
+            stats += se.forward_passes
+        else:
+            fs.notes.append("no benign inputs: side effects not measured (pass benign=)")
+        search_passes = oracle.passes
+        if self.cca.n_permutations > 0 and len(self.sites) > len(final):
+            fs.permutation = permutation_p_value(oracle, final,
+                                                 n_permutations=self.cca.n_permutations,
+                                                 seed=self.cca.seed)
+        fs.statistics_forward_passes = stats + oracle.passes - search_passes
+        return search_passes
 
-        tried: set[int] = set()
-        while rate(results) < self.early_stop_threshold and len(items) < self.max_fix_set_size:
-            todo = [i for i, r in enumerate(results) if not r.flipped and i not in tried]
-            if not todo:
-                break
-            vi = todo[0]
-            tried.add(vi)
-            vo = v_oracles[vi]
-            pool = [i for i in order if i not in set(items)]
-            red = progressive_reduce(vo, pool, base=items,
-                                     max_size=self.max_fix_set_size - len(items))
-            fs.trace.extend(f"variant {vo.session.incident.id}: {t}" for t in red.trace)
-            if red.items is None:
-                fs.notes.append(f"variant {vo.session.incident.id} not fixable within the size "
-                                f"bound: {red.reason}")
-                continue
-            for e in red.items:
-                roles[e] = "variants"
-            items = items + red.items
-            results = self._variant_results(v_oracles, items)
-        # prune growth elements whose removal keeps the flip rate
-        for e in [x for x in items if roles.get(x) == "variants"]:
-            rest = [x for x in items if x != e]
-            rs = self._variant_results(v_oracles, rest)
-            if rate(rs) >= rate(results):
-                items, results = rest, rs
-                roles.pop(e)
-        if any(r == "variants" for r in roles.values()):
-            fs.notes.append("elements with role 'variants' were added because the core set's "
-                            f"flip rate was below early_stop_threshold="
-                            f"{self.early_stop_threshold}; removing any of them lowers it")
-        return items, results
-
-    @staticmethod
-    def _done(fs: FixSet, oracle: SessionOracle, calls0: int, *, reason: str,
-              keep: bool = False) -> FixSet:
+    def _done(self, reason: str) -> FixSet:
+        """An honest "no fix set": ``flip=False``, no interventions, ``reason``."""
+        fs = self.fs
         fs.reason = reason
-        if not keep:
-            fs.flip = False
-            fs.interventions = []
-            fs.necessity = []
-            fs.forward_passes = oracle.passes
-            fs.model_calls = oracle.session.forward_passes - calls0
+        fs.flip = False
+        fs.interventions = []
+        fs.necessity = []
+        fs.forward_passes = self.oracle.passes
+        fs.model_calls = self.session.forward_passes - self.calls0
         return fs
 
 

@@ -23,16 +23,15 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
 
 import torch
 
-from ._oracle import Oracle, flipped
+from analysis._results import JsonRecord
+from analysis.interventions import Intervention
+from analysis.replay import ReplaySession
 
-if TYPE_CHECKING:
-    from analysis.interventions import Intervention
-    from analysis.replay import ReplaySession
+from ._oracle import Oracle, flipped
 
 __all__ = ["PermutationTest", "SideEffects", "permutation_p_value", "side_effects", "wilson_ci"]
 
@@ -46,7 +45,7 @@ def wilson_ci(k: int, n: int, *, confidence: float = 0.95) -> tuple[float, float
 
 
 @dataclass(frozen=True)
-class PermutationTest:
+class PermutationTest(JsonRecord):
     """Result of :func:`permutation_p_value`."""
 
     p_value: float
@@ -55,9 +54,6 @@ class PermutationTest:
     random_metrics_median: float
     random_flip_rate: float
     set_size: int
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def permutation_p_value(oracle: Oracle, fix: Sequence[int], *, n_permutations: int = 99,
@@ -79,7 +75,7 @@ def permutation_p_value(oracle: Oracle, fix: Sequence[int], *, n_permutations: i
 
 
 @dataclass(frozen=True)
-class SideEffects:
+class SideEffects(JsonRecord):
     """What the fix does to benign traffic (module doc). ``n_incidents`` benign incidents,
     ``n_positions`` decision positions compared; ``accuracy``/``accuracy_clean`` only with
     labels (classifiers)."""
@@ -92,9 +88,6 @@ class SideEffects:
     forward_passes: int
     accuracy: float | None = None
     accuracy_clean: float | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def side_effects(sessions: Sequence[ReplaySession], interventions: Sequence[Intervention], *,

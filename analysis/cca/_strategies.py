@@ -45,6 +45,15 @@ def _first_verified(oracle: Oracle, scored: list[tuple[float, tuple[int, ...]]],
     return None
 
 
+def _confirm_level(oracle: Oracle, scored: list[tuple[float, tuple[int, ...]]], size: int,
+                   trace: list[str]) -> Reduction | None:
+    """The first of a level's batched flips that a batch-1 replay confirms, as a result."""
+    flips = [x for x in scored if flipped(x[0])]
+    trace.append(f"size {size}: {len(flips)} of {len(scored)} flip (batched)")
+    found = _first_verified(oracle, flips, trace) if flips else None
+    return None if found is None else Reduction(found, "", trace)
+
+
 def exhaustive_search(oracle: Oracle, *, max_size: int, max_sets: int = 200_000,
                       chunk: int = 512) -> Reduction:
     """Smallest flipping combination (module doc)."""
@@ -81,12 +90,9 @@ def beam_search(oracle: Oracle, *, max_size: int, beam_width: int = 4,
     trace: list[str] = []
     singles = oracle.evaluate_batch([[i] for i in range(n)])
     scored: list[tuple[float, tuple[int, ...]]] = [(m, (i,)) for i, m in enumerate(singles)]
-    flips = [x for x in scored if flipped(x[0])]
-    trace.append(f"size 1: {len(flips)} of {n} flip (batched)")
-    if flips:
-        found = _first_verified(oracle, flips, trace)
-        if found is not None:
-            return Reduction(found, "", trace)
+    found = _confirm_level(oracle, scored, 1, trace)
+    if found is not None:
+        return found
     best_single = [s[0] for _, s in sorted(scored)][:max(expand, beam_width)]
     beam: list[tuple[int, ...]] = [s for _, s in sorted(scored)[:beam_width]]
     for k in range(2, min(max_size, n) + 1):
@@ -95,12 +101,9 @@ def beam_search(oracle: Oracle, *, max_size: int, beam_width: int = 4,
             break
         metrics = oracle.evaluate_batch([list(c) for c in cand])
         level = sorted(zip(metrics, cand))
-        flips = [x for x in level if flipped(x[0])]
-        trace.append(f"size {k}: {len(flips)} of {len(cand)} flip (batched)")
-        if flips:
-            found = _first_verified(oracle, flips, trace)
-            if found is not None:
-                return Reduction(found, "", trace)
+        found = _confirm_level(oracle, level, k, trace)
+        if found is not None:
+            return found
         beam = [s for _, s in level[:beam_width]]
     return Reduction(None, f"beam search (width {beam_width}, extending with the {expand} best "
                            f"single candidates) found no flipping set of at most {max_size}",

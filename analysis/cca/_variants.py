@@ -29,15 +29,13 @@ from __future__ import annotations
 import copy
 import random
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
+from analysis.replay import ReplaySession
 from integrations.errors import AnalysisError
 from integrations.incident import Incident, TensorRecord
-
-if TYPE_CHECKING:
-    from analysis.replay import ReplaySession
 
 __all__ = ["as_session", "prompt_incident", "prompt_tokens", "substitution_variants"]
 
@@ -76,8 +74,6 @@ def prompt_incident(template: Incident, ids: Sequence[int] | torch.Tensor, *,
 def as_session(x: Any, *, template: ReplaySession, name: str) -> ReplaySession:
     """A replay session (same replayer, hence same model and fingerprint policy) for ``x``: a
     session, an incident, or prompt token ids."""
-    from analysis.replay import ReplaySession
-
     if isinstance(x, ReplaySession):
         return x
     if isinstance(x, Incident):

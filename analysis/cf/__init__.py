@@ -24,8 +24,8 @@ benign incident files.
 from __future__ import annotations
 
 from ._baseline import BASELINE_FORMAT_VERSION, CFBaseline
+from ._compression import CompressionForensics
 from ._detector import Detector
-from ._detectors import CompressionForensics, MahalanobisDetector, NormDetector
 from ._factory import (
     DEFAULT_DETECTOR,
     DETECTOR_NAMES,
@@ -34,15 +34,17 @@ from ._factory import (
     detector_class,
     make_detector,
 )
+from ._mahalanobis import MahalanobisDetector
+from ._norm import NormDetector
 from ._report import CFReport, SiteScore, WorstUnit
-from ._units import DEFAULT_POSITION_BUCKETS, KINDS
+from ._units import DEFAULT_POSITION_BUCKETS, STEP_KINDS
 
 __all__ = [
     "BASELINE_FORMAT_VERSION",
     "DEFAULT_DETECTOR",
     "DEFAULT_POSITION_BUCKETS",
     "DETECTOR_NAMES",
-    "KINDS",
+    "STEP_KINDS",
     "CFBaseline",
     "CFReport",
     "CompressionForensics",

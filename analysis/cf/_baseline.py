@@ -8,6 +8,10 @@ the per-incident site statistics used to calibrate site and incident scores.
 
 On disk: one ``.npz`` (numpy arrays only, read with ``allow_pickle=False``) whose ``meta`` entry
 is UTF-8 JSON (format version, detector, fingerprint, sites, buckets, options, created_at, ...).
+:func:`benign_sample` is what a baseline is learned from: benign incidents of one model.
+
+(Not to be confused with :class:`analysis.interventions.DonorBaseline`, the per-site means and
+pools that ``mean``/``resample`` interventions take their values from.)
 
 Example::
 
@@ -22,17 +26,21 @@ from __future__ import annotations
 import io
 import json
 import os
+import random
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
 import numpy as np
 
-from integrations.errors import AnalysisError
+from integrations.errors import AnalysisError, FingerprintMismatchError
+from integrations.incident import Incident
 
 from ._score import RobustRef
+from ._units import as_incident, fingerprint_of
 
-__all__ = ["BASELINE_FORMAT_VERSION", "CFBaseline"]
+__all__ = ["BASELINE_FORMAT_VERSION", "CFBaseline", "benign_sample"]
 
 BASELINE_FORMAT_VERSION = 1
 _ARRAYS = ("cells", "cell_ref", "cell_values", "cell_offsets", "site_stats")
@@ -194,3 +202,33 @@ class CFBaseline:
         if problems:
             raise AnalysisError("baseline is inconsistent: " + "; ".join(problems)
                                 + "; rebuild it with build_baseline(benign_incidents)")
+
+
+def benign_sample(items: Iterable[Any], *, max_samples: int, seed: int
+                  ) -> tuple[list[Any], str | None, list[str]]:
+    """The benign incidents a baseline is learned from: ``items`` (incidents, replay sessions
+    or paths), at most ``max_samples`` of them (a deterministic sample, ``seed``), all of one
+    model. Returns (incidents, their model fingerprint, the activation sites all of them
+    recorded, sorted)."""
+    if max_samples < 2:
+        raise AnalysisError(f"max_samples={max_samples}: a baseline needs at least 2")
+    incs = [Incident.open(x) if isinstance(x, (str, os.PathLike)) else as_incident(x)
+            for x in items]
+    if len(incs) < 2:
+        raise AnalysisError(f"build_baseline got {len(incs)} benign incident(s); give at "
+                            "least 2 (hundreds for calibrated p-values)")
+    if len(incs) > max_samples:
+        keep = sorted(random.Random(seed).sample(range(len(incs)), max_samples))
+        incs = [incs[i] for i in keep]
+    fps = {fingerprint_of(i) for i in incs}
+    if len(fps) != 1:
+        raise FingerprintMismatchError(
+            f"benign incidents come from {len(fps)} different models (fingerprints "
+            f"{sorted(str(f) for f in fps)}); build one baseline per model")
+    common = set(incs[0].sites("activation"))
+    for inc in incs[1:]:
+        common &= set(inc.sites("activation"))
+    if not common:
+        raise AnalysisError("the benign incidents share no activation site; record the "
+                            "same sites for every request (Recorder(sites=...))")
+    return incs, next(iter(fps)), sorted(common)

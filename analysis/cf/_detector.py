@@ -24,6 +24,11 @@ anomalous (measured on a tiny GPT-2, d=32, 30 baseline and 40 held-out benign in
 false positives with in-sample references; 0–7.5 % with cross-fitting and tail-calibrated
 scales, 0 % at d=128).
 
+Building a baseline: :func:`~._baseline.benign_sample` (the incidents), the detector's fit per
+fold, unit statistics, and :mod:`._crossfit` (references and cross-fitted site statistics).
+Scoring an incident: level 1 here, levels 2–3 in :mod:`._calibrate`. The detectors themselves
+(:mod:`._compression`, :mod:`._norm`, :mod:`._mahalanobis`) only define the unit statistic.
+
 Example::
 
     base = NormDetector.build_baseline(benign)
@@ -32,8 +37,6 @@ Example::
 
 from __future__ import annotations
 
-import os
-import random
 from collections.abc import Iterable, Sequence
 from typing import Any, ClassVar
 
@@ -41,20 +44,15 @@ import numpy as np
 
 from integrations.errors import AnalysisError, FingerprintMismatchError
 
-from ._baseline import CFBaseline
-from ._cells import cell_values, min_cell_units, n_features, strip, unit_z
+from ._baseline import CFBaseline, benign_sample
+from ._calibrate import Calibrator, SiteRow
+from ._cells import min_cell_units, n_features, strip, unit_z
+from ._crossfit import Folds, UnitStats, cross_fitted_site_stats, reference_cells
 from ._report import CFReport, SiteScore, WorstUnit
-from ._score import (
-    RobustRef,
-    benjamini_hochberg,
-    empirical_p,
-    loo_tail_z,
-    robust_z,
-    tail_ref,
-)
+from ._score import empirical_p, robust_z
 from ._units import (
     DEFAULT_POSITION_BUCKETS,
-    KINDS,
+    STEP_KINDS,
     SiteUnits,
     as_incident,
     check_buckets,
@@ -63,12 +61,7 @@ from ._units import (
     site_units,
 )
 
-__all__ = ["Detector"]
-
-#: Scale floors (robust-z units) of the site- and incident-level references.
-_SITE_FLOOR = 0.5
-_INCIDENT_FLOOR = 0.5
-
+__all__ = ["Detector", "pop_int_option"]
 
 def _cf_config(config: Any) -> Any:
     from integrations.config import ForensicsConfig, load_config
@@ -77,13 +70,12 @@ def _cf_config(config: Any) -> Any:
     return cfg.modules.cf
 
 
-def _load_benign(items: Iterable[Any]) -> list[Any]:
-    from integrations.incident import Incident
-
-    out = []
-    for x in items:
-        out.append(Incident.open(x) if isinstance(x, (str, os.PathLike)) else as_incident(x))
-    return out
+def pop_int_option(options: dict[str, Any], key: str, default: int, lo: int, hi: int) -> int:
+    """Remove the detector option ``key`` from ``options``: an int in [``lo``, ``hi``]."""
+    v = options.pop(key, default)
+    if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+        raise AnalysisError(f"{key}={v!r} must be an int in [{lo}, {hi}]")
+    return v
 
 
 class Detector:
@@ -110,6 +102,7 @@ class Detector:
         self.sites = list(sites) if sites is not None else None
         self.position_buckets = (check_buckets(position_buckets)
                                  if position_buckets is not None else None)
+        self._calibrator = Calibrator()
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(baseline={self.baseline!r}, "
@@ -126,11 +119,11 @@ class Detector:
         kinds = options.pop("step_kinds", None)
         if kinds is not None:
             kinds = [kinds] if isinstance(kinds, str) else list(kinds)
-            if not kinds or any(k not in KINDS for k in kinds):
-                raise AnalysisError(f"step_kinds={kinds!r}: choose from {list(KINDS)}, e.g. "
+            if not kinds or any(k not in STEP_KINDS for k in kinds):
+                raise AnalysisError(f"step_kinds={kinds!r}: choose from {list(STEP_KINDS)}, e.g. "
                                     "['decode'] to score only what the model computed while "
                                     "generating")
-            kinds = sorted(set(kinds), key=KINDS.index)
+            kinds = sorted(set(kinds), key=STEP_KINDS.index)
         if options:
             raise AnalysisError(f"{cls.__name__}.build_baseline got unknown options "
                                 f"{sorted(options)}")
@@ -171,7 +164,7 @@ class Detector:
         kinds = options.get("step_kinds")
         if not kinds:
             return units
-        keep = np.isin(units.kind, [KINDS.index(k) for k in kinds])
+        keep = np.isin(units.kind, [STEP_KINDS.index(k) for k in kinds])
         return SiteUnits(site=units.site, vectors=units.vectors[keep], kind=units.kind[keep],
                          bucket=units.bucket[keep], step=units.step[keep],
                          position=units.position[keep])
@@ -197,90 +190,74 @@ class Detector:
         buckets = check_buckets(position_buckets)
         if max_samples is None:
             max_samples = int(_cf_config(config).baseline_samples)
-        if max_samples < 2:
-            raise AnalysisError(f"max_samples={max_samples}: a baseline needs at least 2")
-        incs = _load_benign(benign_incidents)
-        if len(incs) < 2:
-            raise AnalysisError(f"build_baseline got {len(incs)} benign incident(s); give at "
-                                "least 2 (hundreds for calibrated p-values)")
-        if len(incs) > max_samples:
-            keep = sorted(random.Random(seed).sample(range(len(incs)), max_samples))
-            incs = [incs[i] for i in keep]
-        fps = {fingerprint_of(i) for i in incs}
-        if len(fps) != 1:
-            raise FingerprintMismatchError(
-                f"benign incidents come from {len(fps)} different models (fingerprints "
-                f"{sorted(str(f) for f in fps)}); build one baseline per model")
-        common = set(incs[0].sites("activation"))
-        for inc in incs[1:]:
-            common &= set(inc.sites("activation"))
-        if not common:
-            raise AnalysisError("the benign incidents share no activation site; record the "
-                                "same sites for every request (Recorder(sites=...))")
-        chosen = select_sites(sorted(common), sites)
-
-        n = len(incs)
-        k_folds = min(int(opts["folds"]), n)
-        fold = np.arange(n) % k_folds
-        full = k_folds  # key of the parameter set fitted on every incident
-        refit = cls.needs_fit and not cls._robust_fit(opts)
-        keys = [full, *range(k_folds)] if refit else [full]
-        params: dict[int, dict[str, dict[str, np.ndarray]]] = {k: {} for k in keys}
-        if cls.needs_fit:
-            for site in chosen:
-                accs = {k: cls._fit_start(site, opts) for k in keys}
-                for i, inc in enumerate(incs):
-                    u = site_units(inc, site, buckets=buckets)
-                    for k in keys:
-                        if k == full or k != fold[i]:
-                            cls._fit_add(accs[k], u, opts)
-                for k in keys:
-                    params[k][site] = cls._fit_end(accs[k], opts)
-
-        # unit statistics of every baseline incident under every parameter set, by site
-        meta: list[dict[str, SiteUnits]] = []
-        stats: dict[int, list[dict[str, np.ndarray]]] = {k: [] for k in keys}
-        state: dict[str, Any] = {}
-        for inc in incs:
-            row_meta: dict[str, SiteUnits] = {}
-            rows: dict[int, dict[str, np.ndarray]] = {k: {} for k in keys}
-            for site in chosen:
-                u = cls._scoring_units(site_units(inc, site, buckets=buckets), opts)
-                for k in keys:
-                    rows[k][site] = cls._unit_stats(u, params[k].get(site, {}), opts, state)[0]
-                row_meta[site] = strip(u)
-            meta.append(row_meta)
-            for k in keys:
-                stats[k].append(rows[k])
-
+        incs, fingerprint, common = benign_sample(benign_incidents, max_samples=max_samples,
+                                                  seed=seed)
+        chosen = select_sites(common, sites)
+        folds = Folds(n=len(incs), k=int(opts["folds"]),
+                      refit=cls.needs_fit and not cls._robust_fit(opts))
+        params = cls._fit_params(incs, chosen, buckets, opts, folds)
+        meta, stats = cls._baseline_unit_stats(incs, chosen, buckets, opts, params)
         floors = {si: cls._unit_floor(n_features(meta[0][s]), opts)
                   for si, s in enumerate(chosen)}
-        cells, values = cell_values(chosen, meta, stats[full], range(n))
-        refs = [RobustRef.fit(v, floor=floors[c[0]]) for c, v in zip(cells, values)]
+        cells, refs, values = reference_cells(chosen, meta, stats[folds.full], floors)
         lengths = np.array([v.size for v in values], dtype=np.int64)
-        site_stats = np.full((n, len(chosen)), np.nan)
-        min_n = min_cell_units(opts)
-        for f in range(k_folds):  # cross-fitted site statistics: references without fold f
-            k = f if refit else full
-            others = [j for j in range(n) if fold[j] != f]
-            fc, fv = cell_values(chosen, meta, stats[k], others)
-            fold_refs = {c: RobustRef.fit(v, floor=floors[c[0]]) for c, v in zip(fc, fv)}
-            for i in map(int, np.flatnonzero(fold == f)):
-                for si, site in enumerate(chosen):
-                    z, _, _ = unit_z(fold_refs, si, meta[i][site], stats[k][i][site], min_n)
-                    if np.isfinite(z).any():
-                        site_stats[i, si] = float(np.nanmax(np.abs(z)))
         return CFBaseline(
-            detector=cls.name, model_fingerprint=next(iter(fps)), sites=chosen,
+            detector=cls.name, model_fingerprint=fingerprint, sites=chosen,
             position_buckets=buckets, cells=np.asarray(cells, dtype=np.int64).reshape(-1, 3),
             cell_ref=np.asarray([[r.median, r.lo, r.hi] for r in refs],
                                 dtype=np.float64).reshape(-1, 3),
             cell_values=(np.concatenate(values) if values else np.empty(0, np.float32)),
             cell_offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
-            site_stats=site_stats, params=params[full], incident_ids=[i.id for i in incs],
-            options={**opts, "folds": k_folds},
+            site_stats=cross_fitted_site_stats(chosen, meta, stats, folds, floors,
+                                               min_cell_units(opts)),
+            params=params[folds.full], incident_ids=[i.id for i in incs],
+            options={**opts, "folds": folds.k},
             model_name=(incs[0].manifest.get("model") or {}).get("name"),
         )
+
+    @classmethod
+    def _fit_params(cls, incs: list[Any], sites: list[str], buckets: tuple[int, ...],
+                    opts: dict[str, Any], folds: Folds
+                    ) -> dict[int, dict[str, dict[str, np.ndarray]]]:
+        """The detector's parameters per site, for every parameter set of ``folds`` (each
+        fitted without its fold; the full set on every incident); empty without a fit."""
+        params: dict[int, dict[str, dict[str, np.ndarray]]] = {k: {} for k in folds.keys}
+        if not cls.needs_fit:
+            return params
+        fold = folds.fold
+        for site in sites:
+            accs = {k: cls._fit_start(site, opts) for k in folds.keys}
+            for i, inc in enumerate(incs):
+                u = site_units(inc, site, buckets=buckets)
+                for k in folds.keys:
+                    if k == folds.full or k != fold[i]:
+                        cls._fit_add(accs[k], u, opts)
+            for k in folds.keys:
+                params[k][site] = cls._fit_end(accs[k], opts)
+        return params
+
+    @classmethod
+    def _baseline_unit_stats(cls, incs: list[Any], sites: list[str], buckets: tuple[int, ...],
+                             opts: dict[str, Any],
+                             params: dict[int, dict[str, dict[str, np.ndarray]]]
+                             ) -> tuple[list[dict[str, SiteUnits]], UnitStats]:
+        """Every baseline incident's units (vectors dropped) and their statistics under every
+        parameter set, by site."""
+        meta: list[dict[str, SiteUnits]] = []
+        stats: UnitStats = {k: [] for k in params}
+        state: dict[str, Any] = {}
+        for inc in incs:
+            row_meta: dict[str, SiteUnits] = {}
+            rows: dict[int, dict[str, np.ndarray]] = {k: {} for k in params}
+            for site in sites:
+                u = cls._scoring_units(site_units(inc, site, buckets=buckets), opts)
+                for k in params:
+                    rows[k][site] = cls._unit_stats(u, params[k].get(site, {}), opts, state)[0]
+                row_meta[site] = strip(u)
+            meta.append(row_meta)
+            for k in params:
+                stats[k].append(rows[k])
+        return meta, stats
 
     # ----------------------------------------------------------------- analysis
     def analyze(self, incident_or_session: Any) -> CFReport:
@@ -297,71 +274,18 @@ class Detector:
                 f"incident {inc.id!r} comes from model fingerprint {fp!r} but the "
                 f"{self.name} baseline was built for {base.model_fingerprint!r}; build a "
                 "baseline from benign incidents of this model (build_baseline)")
-        notes: list[str] = []
-        available = set(inc.sites("activation"))
-        wanted = select_sites(base.sites, self.sites)
-        missing = [s for s in wanted if s not in available]
-        if missing:
-            notes.append(f"baseline sites not recorded in this incident: {missing}")
-        extra = sorted(available - set(base.sites))
-        if extra:
-            notes.append(f"incident sites without a baseline (not scored): {extra}")
-        todo = [s for s in wanted if s in available]
-        if not todo:
-            raise AnalysisError(
-                f"incident {inc.id!r} has none of the baseline's sites {base.sites[:10]}; "
-                "record the same sites as the benign traffic the baseline was built from")
-        opts = base.options
-        min_n = min_cell_units(opts)
+        todo, notes = _sites_to_score(inc, base, self.sites)
         state: dict[str, Any] = {}
-        rows: list[tuple[str, int, float, float, int, WorstUnit, int]] = []
-        for site in todo:
-            si = base.site_index(site)
-            assert si is not None
-            u = self._scoring_units(site_units(inc, site, buckets=base.position_buckets), opts)
-            stats, clipped = self._unit_stats(u, base.params.get(site, {}), opts, state)
-            z, used_bucket, unscored = unit_z(base.refs, si, u, stats, min_n)
-            if unscored:
-                kinds = sorted({KINDS[int(k)] for k in u.kind[~np.isfinite(z)]})
-                notes.append(f"{site}: {unscored} unit(s) of step kind(s) {kinds} absent from "
-                             "the baseline were not scored")
-            if not np.isfinite(z).any():
-                continue
-            j = int(np.nanargmax(np.abs(z)))
-            worst = WorstUnit(kind=KINDS[int(u.kind[j])], bucket=int(used_bucket[j]),
-                              step=int(u.step[j]), position=int(u.position[j]),
-                              value=float(stats[j]), z=float(z[j]))
-            rows.append((site, si, float(abs(z[j])), 0.0, int(np.isfinite(z).sum()), worst,
-                         clipped))
+        rows = [r for r in (self._score_site(inc, base, site, notes, state) for site in todo)
+                if r is not None]
         if not rows:
-            only = opts.get("step_kinds")
+            only = base.options.get("step_kinds")
             hint = (f"; the baseline scores only step kinds {only} and this incident has none"
                     if only else "")
             raise AnalysisError(f"incident {inc.id!r}: no unit could be scored ({notes}){hint}")
-
-        cols = [r[1] for r in rows]
-        n_ref = int(base.site_stats.shape[0])
-        if len(rows) > self.fdr * (n_ref + 1):  # BH: smallest q is len(rows) / (n_ref + 1)
-            notes.append(
-                f"no site can be significant: with {n_ref} baseline incidents the smallest "
-                f"empirical p is 1/{n_ref + 1}, and Benjamini-Hochberg over {len(rows)} sites "
-                f"needs p <= {self.fdr / len(rows):.2g}; build the baseline from at least "
-                f"{int(np.ceil(len(rows) / self.fdr))} benign incidents (scores and flags at "
-                "the threshold are unaffected)")
-        site_refs, inc_ref, inc_ref_values = self._calibration(base, tuple(cols))
-        scores = np.array([float(robust_z(np.array([r[2]]), ref)[0])
-                           for r, ref in zip(rows, site_refs)])
-        pvals = np.array([empirical_p(r[2], base.site_stats[:, r[1]]) for r in rows])
-        qvals = benjamini_hochberg(pvals)
-        sites: dict[str, SiteScore] = {}
-        for (site, _, stat, _, n_units, worst, clipped), sc, p, q in zip(rows, scores, pvals,
-                                                                       qvals):
-            sites[site] = SiteScore(site=site, score=float(sc), stat=stat, p=float(p),
-                                    q=float(q), flagged=bool(sc >= self.anomaly_threshold),
-                                    significant=bool(q <= self.fdr), n_units=n_units,
-                                    worst=worst, clipped=clipped)
+        sites, inc_ref, inc_ref_values = self._calibrator.site_scores(
+            base, rows, notes, threshold=self.anomaly_threshold, fdr=self.fdr)
         ranked = sorted(((s, v.score) for s, v in sites.items()), key=lambda t: (-t[1], t[0]))
-
         score = float(robust_z(np.array([ranked[0][1]]), inc_ref)[0])
         return CFReport(detector=self.name, incident_id=inc.id, score=score,
                         p=empirical_p(ranked[0][1], inc_ref_values),
@@ -371,27 +295,27 @@ class Detector:
                         model_fingerprint=fp, notes=notes,
                         execution_order=_execution_order(inc, sites))
 
-    def _calibration(self, base: CFBaseline, cols: tuple[int, ...]
-                     ) -> tuple[list[RobustRef], RobustRef, np.ndarray]:
-        """Site references (tail-calibrated, from the cross-fitted baseline site statistics),
-        the incident reference and its values: the max over ``cols`` of each baseline
-        incident's leave-one-out site scores. Cached per baseline and site set."""
-        key = (id(base), cols)
-        cache: dict[Any, tuple[list[RobustRef], RobustRef, np.ndarray]] = (
-            self.__dict__.setdefault("_cal_cache", {}))
-        if key not in cache:
-            site_refs = [tail_ref(base.site_stats[:, c], floor=_SITE_FLOOR) for c in cols]
-            loo = np.column_stack([loo_tail_z(base.site_stats[:, c], floor=_SITE_FLOOR)
-                                   for c in cols])  # [n_inc, n_scored]
-            with np.errstate(invalid="ignore"):
-                base_max = np.max(np.where(np.isfinite(loo), loo, -np.inf), axis=1)
-            finite = base_max[np.isfinite(base_max)]
-            if finite.size == 0:
-                raise AnalysisError("the baseline has no usable site statistics for these sites;"
-                                    " rebuild it from more benign incidents")
-            cache.clear()
-            cache[key] = (site_refs, tail_ref(finite, floor=_INCIDENT_FLOOR), finite)
-        return cache[key]
+    def _score_site(self, inc: Any, base: CFBaseline, site: str, notes: list[str],
+                    state: dict[str, Any]) -> SiteRow | None:
+        """Level 1-2 (module doc): the site's unit z against the baseline cells, its statistic
+        and worst unit (None when no unit could be scored)."""
+        opts = base.options
+        si = base.site_index(site)
+        assert si is not None
+        u = self._scoring_units(site_units(inc, site, buckets=base.position_buckets), opts)
+        stats, clipped = self._unit_stats(u, base.params.get(site, {}), opts, state)
+        z, used_bucket, unscored = unit_z(base.refs, si, u, stats, min_cell_units(opts))
+        if unscored:
+            kinds = sorted({STEP_KINDS[int(k)] for k in u.kind[~np.isfinite(z)]})
+            notes.append(f"{site}: {unscored} unit(s) of step kind(s) {kinds} absent from "
+                         "the baseline were not scored")
+        if not np.isfinite(z).any():
+            return None
+        j = int(np.nanargmax(np.abs(z)))
+        worst = WorstUnit(kind=STEP_KINDS[int(u.kind[j])], bucket=int(used_bucket[j]),
+                          step=int(u.step[j]), position=int(u.position[j]),
+                          value=float(stats[j]), z=float(z[j]))
+        return SiteRow(site, si, float(abs(z[j])), int(np.isfinite(z).sum()), worst, clipped)
 
     def _check_baseline(self) -> CFBaseline:
         base = self.baseline
@@ -411,6 +335,27 @@ class Detector:
                 f"{list(base.position_buckets)}; rebuild the baseline with the same buckets or "
                 "leave position_buckets unset")
         return base
+
+
+def _sites_to_score(inc: Any, base: CFBaseline, patterns: Sequence[str] | None
+                    ) -> tuple[list[str], list[str]]:
+    """The baseline's sites (restricted by ``patterns``) the incident recorded, and notes on
+    the ones it lacks or has beyond the baseline."""
+    notes: list[str] = []
+    available = set(inc.sites("activation"))
+    wanted = select_sites(base.sites, patterns)
+    missing = [s for s in wanted if s not in available]
+    if missing:
+        notes.append(f"baseline sites not recorded in this incident: {missing}")
+    extra = sorted(available - set(base.sites))
+    if extra:
+        notes.append(f"incident sites without a baseline (not scored): {extra}")
+    todo = [s for s in wanted if s in available]
+    if not todo:
+        raise AnalysisError(
+            f"incident {inc.id!r} has none of the baseline's sites {base.sites[:10]}; "
+            "record the same sites as the benign traffic the baseline was built from")
+    return todo, notes
 
 
 def _execution_order(inc: Any, scored: dict[str, SiteScore]) -> list[str]:

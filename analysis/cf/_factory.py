@@ -23,8 +23,10 @@ from typing import Any
 from integrations.errors import AnalysisError
 
 from ._baseline import CFBaseline
+from ._compression import CompressionForensics
 from ._detector import Detector
-from ._detectors import CompressionForensics, MahalanobisDetector, NormDetector
+from ._mahalanobis import MahalanobisDetector
+from ._norm import NormDetector
 
 __all__ = ["DEFAULT_DETECTOR", "DETECTOR_NAMES", "build_baseline_from_dir", "default_detector",
            "detector_class", "make_detector"]

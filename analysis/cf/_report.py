@@ -14,6 +14,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from analysis._results import rank_in
+
 __all__ = ["CFReport", "SiteScore", "WorstUnit"]
 
 
@@ -115,10 +117,7 @@ class CFReport:
 
     def rank_of(self, site: str) -> int | None:
         """1-based rank of ``site`` in :attr:`ranked_sites` (None if not scored)."""
-        for i, (s, _) in enumerate(self.ranked_sites, start=1):
-            if s == site:
-                return i
-        return None
+        return rank_in(self.ranked_sites, site)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (for DuckDB rows, gRPC and the CLI)."""

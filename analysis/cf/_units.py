@@ -30,10 +30,11 @@ from integrations.errors import AnalysisError
 
 __all__ = [
     "DEFAULT_POSITION_BUCKETS",
-    "KINDS",
+    "STEP_KINDS",
     "SiteUnits",
     "as_incident",
     "bucket_of",
+    "check_buckets",
     "fingerprint_of",
     "group_units",
     "select_sites",
@@ -44,7 +45,7 @@ __all__ = [
 DEFAULT_POSITION_BUCKETS: tuple[int, ...] = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024,
                                              2048, 4096, 8192)
 #: Step kinds, in the order their integer codes use.
-KINDS: tuple[str, ...] = ("prefill", "last", "decode")
+STEP_KINDS: tuple[str, ...] = ("prefill", "last", "decode")
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,7 @@ class SiteUnits:
 
     site: str
     vectors: np.ndarray   # [n_units, features] float32
-    kind: np.ndarray      # [n_units] int64, index into KINDS
+    kind: np.ndarray      # [n_units] int64, index into STEP_KINDS
     bucket: np.ndarray    # [n_units] int64, index into the position buckets
     step: np.ndarray      # [n_units] int64
     position: np.ndarray  # [n_units] int64, absolute position in the sequence (a group's first)

@@ -1,14 +1,19 @@
 """Interventions on sites during deterministic replay: patch, mean, zero, resample, scale.
 
-Several interventions apply jointly in one forward pass; many candidate sets are evaluated in
-batched forwards (:meth:`analysis.replay.ReplaySession.run_batch`), and final claims are
-re-verified at the incident's own shapes (:meth:`~analysis.replay.ReplaySession.verify`).
+Built on replay's one primitive (an edit function hooked on sites during the incident's own
+forward calls, :meth:`analysis.replay.ReplaySession.run_edited`); this package imports
+:mod:`analysis.replay`, never the reverse. Several interventions apply jointly in one forward
+pass; many candidate sets are evaluated in batched forwards
+(:meth:`~analysis.replay.ReplaySession.run_batch`), and final claims are re-verified at the
+incident's own shapes (:meth:`~analysis.replay.ReplaySession.verify`): the session hands each
+set to :meth:`Intervention.bind_sets`, which runs the donors (:class:`DonorCache`) and compiles
+the sets into one :class:`InterventionPlan`.
 
 Example::
 
-    from analysis.interventions import Baseline, Intervention
-    baseline = Baseline.from_incidents(benign_incidents, sites=["blocks.*.mlp"], model=model)
-    result = session.run(interventions=[
+    from analysis.interventions import DonorBaseline, Intervention
+    baseline = DonorBaseline.from_incidents(benign_incidents, sites=["blocks.*.mlp"], model=model)
+    result = session.run([
         Intervention("blocks.1.mlp", "mean", donor=baseline),
         Intervention("blocks.0.attn.z[head=2]", "zero"),
     ])
@@ -17,20 +22,22 @@ Example::
 
 from __future__ import annotations
 
-from ._baseline import Baseline, MeanBaseline, site_base, site_vectors
-from ._intervention import KINDS, Intervention, InterventionKind, normalize_sets
+from ._donor_baseline import DonorBaseline, site_base, site_vectors
+from ._donors import DonorCache, resample_generator
+from ._intervention import INTERVENTION_KINDS, Intervention, InterventionKind, normalize_sets
 from ._plan import DonorFn, InterventionPlan, localize
 
 __all__ = [
-    "KINDS",
-    "Baseline",
+    "INTERVENTION_KINDS",
+    "DonorBaseline",
+    "DonorCache",
     "DonorFn",
     "Intervention",
     "InterventionKind",
     "InterventionPlan",
-    "MeanBaseline",
     "localize",
     "normalize_sets",
+    "resample_generator",
     "site_base",
     "site_vectors",
 ]

@@ -13,7 +13,8 @@ Kinds (DESIGN §6):
               donor's last position meets the incident's last position); a selected position with
               no donor counterpart is an error. Decode steps have one position each and match 1:1.
 ``mean``      the selected entries take the per-site baseline mean (``donor=`` a
-              :class:`~analysis.interventions.Baseline`): one position-agnostic vector per site.
+              :class:`~analysis.interventions.DonorBaseline`): one position-agnostic vector per
+              site.
 ``resample``  each selected position takes a vector drawn from the baseline pool of the site,
               with a generator seeded from ``seed``, the site and the step (never the global RNG).
 
@@ -23,32 +24,41 @@ position n+k-1; negative positions count from the end of the sequence so far, so
 the newest token of every step). ``steps`` restricts the intervention to some forward calls
 (default: every step; negative steps count from the last one).
 
+Replay (:mod:`analysis.replay`) knows nothing of interventions: a session's ``run`` /
+``run_batch`` / ``verify`` hand the sets to :meth:`Intervention.bind_sets`, which runs the donors
+they need and compiles them into one vectorised :class:`~._plan.InterventionPlan` — an edit the
+replay calls on every hooked site.
+
 Example::
 
     from analysis.interventions import Intervention
     ivs = [Intervention("blocks.1.mlp.post[neuron=7]", "zero"),
            Intervention("blocks.0.attn.z[head=2]", "scale", factor=0.5),
            Intervention("blocks.2.resid_post[pos=-1]", "mean", donor=baseline)]
-    result = session.run(interventions=ivs)
+    result = session.run(ivs)
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import KW_ONLY, dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import torch
 
+from analysis.replay import BoundEdit, ReplaySession
 from integrations.errors import InterventionError
+from integrations.incident import Incident
 
-if TYPE_CHECKING:
-    from ._baseline import Baseline
+from ._donor_baseline import DonorBaseline
+from ._donors import DonorCache
+from ._plan import InterventionPlan
 
-__all__ = ["KINDS", "Intervention", "InterventionKind"]
+__all__ = ["INTERVENTION_KINDS", "Intervention", "InterventionKind", "normalize_sets"]
 
 InterventionKind = Literal["patch", "mean", "zero", "resample", "scale"]
-KINDS: tuple[str, ...] = ("patch", "mean", "zero", "resample", "scale")
+#: Every intervention kind (DESIGN §6), as :data:`InterventionKind` spells them.
+INTERVENTION_KINDS: tuple[str, ...] = ("patch", "mean", "zero", "resample", "scale")
 
 
 @dataclass(frozen=True, eq=False)
@@ -73,15 +83,11 @@ class Intervention:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        from integrations.incident import Incident
-
-        from ._baseline import Baseline
-
         if not isinstance(self.site, str) or not self.site:
             raise InterventionError(f"intervention site must be a site string, got {self.site!r}")
-        if self.kind not in KINDS:
-            raise InterventionError(
-                f"unknown intervention kind {self.kind!r}; use one of {', '.join(KINDS)}")
+        if self.kind not in INTERVENTION_KINDS:
+            raise InterventionError(f"unknown intervention kind {self.kind!r}; use one of "
+                                    f"{', '.join(INTERVENTION_KINDS)}")
         if self.steps is not None:
             object.__setattr__(self, "steps", tuple(int(s) for s in self.steps))
         k = self.kind
@@ -91,10 +97,10 @@ class Intervention:
             object.__setattr__(self, "factor", float(self.factor))
         elif self.factor is not None:
             raise InterventionError(f"factor= is only for kind 'scale' (got kind {k!r})")
-        if k in ("mean", "resample") and not isinstance(self.donor, Baseline):
+        if k in ("mean", "resample") and not isinstance(self.donor, DonorBaseline):
             raise InterventionError(
-                f"{k} on {self.site!r} needs donor=Baseline.from_incidents(benign_incidents, "
-                f"...), got {type(self.donor).__name__}")
+                f"{k} on {self.site!r} needs donor=DonorBaseline.from_incidents("
+                f"benign_incidents, ...), got {type(self.donor).__name__}")
         if k == "patch":
             if (self.value is None) == (self.donor is None):
                 raise InterventionError(
@@ -121,15 +127,34 @@ class Intervention:
         return self.donor if isinstance(self.donor, torch.Tensor) else None
 
     @property
-    def baseline(self) -> Baseline | None:
-        from ._baseline import Baseline
+    def baseline(self) -> DonorBaseline | None:
+        """The donor baseline of a ``mean``/``resample`` intervention."""
+        return self.donor if isinstance(self.donor, DonorBaseline) else None
 
-        return self.donor if isinstance(self.donor, Baseline) else None
+    @classmethod
+    def bind_sets(cls, session: ReplaySession, sets: Sequence[Sequence[Intervention]], *,
+                  batched: bool) -> BoundEdit:
+        """Compile intervention sets into one edit for a replay of ``session`` (row block
+        ``r`` = set ``r``; ``batched``: several sets share the forward, so touched rows are
+        written in place). Donor forwards run first (counted on the session, cached per donor
+        and site). Called by ``session.run`` / ``run_batch`` / ``verify``.
+
+        Example::
+
+            bound = Intervention.bind_sets(session, [[Intervention("blocks.0.mlp", "zero")]],
+                                           batched=False)
+            session.run_edited(bound.edit, sites=bound.sites)
+        """
+        checked = normalize_sets(sets)
+        donors = DonorCache.of(session)
+        donors.prepare(checked)
+        plan = InterventionPlan(session.model, checked, rows_per_set=session.plan.batch,
+                                lengths=[c.seq_len for c in session.plan.steps],
+                                donor_fn=donors, resolve=session.resolve, inplace=batched)
+        return BoundEdit(sites=tuple(plan.bound), edit=plan.apply)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able description (donors by identity, not by value)."""
-        from integrations.incident import Incident
-
         donor: Any = None
         if isinstance(self.donor, Incident):
             donor = {"incident": self.donor.id}

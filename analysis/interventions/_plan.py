@@ -14,31 +14,40 @@ Later interventions in a set compose on earlier ones (set then scale = scaled do
 Position selectors are absolute positions (see :mod:`analysis.interventions._intervention`);
 they are translated to the positions of each forward call using the number of cached positions.
 
+:meth:`InterventionPlan.apply` is a replay edit (``edit(site, value, *, step)``, see
+:mod:`analysis.replay._edit`); :meth:`~analysis.interventions.Intervention.bind_sets` builds the
+plan and hands it to the replay with the sites it hooks.
+
 Example::
 
-    plan = InterventionPlan(model, [[iv_a], [iv_a, iv_b]], rows_per_set=1, lengths=[6, 1, 1],
-                            donor_fn=session_donors)
-    with attach(model, plan.bound, lambda b, v: plan.apply(b, v, step)):
-        model(**batched_inputs)
+    sets = [[iv_a], [iv_a, iv_b]]
+    donors = DonorCache.of(session)
+    donors.prepare(sets)                          # donor forwards run before the replay
+    plan = InterventionPlan(model, sets, rows_per_set=1, lengths=[6, 1, 1], donor_fn=donors)
+    session.run_edited(plan.apply, sites=plan.bound, repeat=2)
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from integrations.errors import InterventionError
 from integrations.sites import BoundSite, resolve_sites
 
-from ._intervention import Intervention
+if TYPE_CHECKING:
+    from ._intervention import Intervention
 
 __all__ = ["DonorFn", "InterventionPlan", "localize"]
 
 #: ``donor_fn(iv, bound, step, rows_shape) -> (values [rows, ...], coverage [pos] | None)``.
-DonorFn = Callable[[Intervention, BoundSite, int, tuple[int, ...]],
+DonorFn = Callable[["Intervention", BoundSite, int, tuple[int, ...]],
                    tuple[torch.Tensor, "torch.Tensor | None"]]
+#: One intervention of set ``r`` to apply at a site and step: (r, iv, bound site, its index
+#: after the bound site's batch entry, with the position localised to the call).
+_Todo = tuple[int, "Intervention", BoundSite, list[Any]]
 
 #: (rows: None = all | slice = one contiguous block | index tensor, M, A, S, has_set, has_scale)
 _Ops = tuple["slice | torch.Tensor | None", torch.Tensor, torch.Tensor, torch.Tensor, bool, bool]
@@ -110,8 +119,9 @@ class InterventionPlan:
             return None
         return {s if s >= 0 else self._n_steps + s for s in iv.steps}
 
-    def apply(self, b: BoundSite, value: torch.Tensor, step: int) -> torch.Tensor | None:
-        """The replacement for ``value`` (site ``b`` at ``step``), or None if untouched."""
+    def apply(self, b: BoundSite, value: torch.Tensor, *, step: int) -> torch.Tensor | None:
+        """The replacement for ``value`` (site ``b`` at ``step``), or None if untouched: the
+        plan as a replay edit."""
         key = (b.site, step, tuple(value.shape))
         if key not in self._ops:
             self._ops[key] = self._build(b.site, step, value)
@@ -142,20 +152,30 @@ class InterventionPlan:
         return value.index_copy(0, rows, out)
 
     def _build(self, site: str, step: int, value: torch.Tensor) -> _Ops | None:
-        shape = tuple(value.shape)
+        """The (rows, M, A, S, has_set, has_scale) of ``site`` at ``step`` (module doc)."""
         rows = self.rows_per_set
-        if shape[0] != rows * self.n_sets:
+        if value.shape[0] != rows * self.n_sets:
             raise InterventionError(
-                f"site {site!r} has batch {shape[0]} at step {step}, expected {self.n_sets} sets "
-                f"x {rows} rows")
+                f"site {site!r} has batch {value.shape[0]} at step {step}, expected "
+                f"{self.n_sets} sets x {rows} rows")
+        todo = self._todo(site, step, value)
+        if not todo:
+            return None
+        # Only the row blocks of the sets that touch this site are computed on.
+        touched = sorted({r for r, *_ in todo})
+        return (self._row_index(touched, value.device),
+                *self._compose(todo, touched, step, value))
+
+    def _todo(self, site: str, step: int, value: torch.Tensor) -> list[_Todo]:
+        """The interventions on ``site`` that act at ``step``, positions localised to the call."""
         has_pos = value.dim() >= 3
-        length = shape[1] if has_pos else 1
+        length = value.shape[1] if has_pos else 1
         # Absolute position of this tensor's first position: cached positions before the call,
         # plus any leading positions the call did not output (``logits_to_keep``).
         offset = 0
         if step < self._n_steps:
             offset = self._offsets[step] + max(0, self._lengths[step] - length)
-        todo: list[tuple[int, Intervention, BoundSite, list[Any]]] = []
+        todo: list[_Todo] = []
         for r, iv, b in self._entries.get(site, ()):
             steps = self._steps_of(iv)
             if steps is not None and step not in steps:
@@ -167,18 +187,24 @@ class InterventionPlan:
                     continue  # the selected positions are not in this call
                 rest[0] = loc
             todo.append((r, iv, b, rest))
-        if not todo:
-            return None
-        # Only the row blocks of the sets that touch this site are computed on.
-        touched = sorted({r for r, *_ in todo})
-        block = {r: i for i, r in enumerate(touched)}
-        row_idx: slice | torch.Tensor | None = None
+        return todo
+
+    def _row_index(self, touched: list[int], device: torch.device
+                   ) -> slice | torch.Tensor | None:
+        """The batch rows of the ``touched`` sets: None = all, a slice when contiguous."""
+        rows = self.rows_per_set
         if touched == list(range(touched[0], touched[-1] + 1)):
             if len(touched) < self.n_sets:
-                row_idx = slice(touched[0] * rows, (touched[-1] + 1) * rows)
-        else:
-            row_idx = torch.cat([torch.arange(r * rows, (r + 1) * rows) for r in touched]).to(
-                value.device)
+                return slice(touched[0] * rows, (touched[-1] + 1) * rows)
+            return None
+        return torch.cat([torch.arange(r * rows, (r + 1) * rows) for r in touched]).to(device)
+
+    def _compose(self, todo: list[_Todo], touched: list[int], step: int, value: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool, bool]:
+        """M, A, S over the touched rows, and which of them are needed (module doc)."""
+        rows = self.rows_per_set
+        shape = tuple(value.shape)
+        block = {r: i for i, r in enumerate(touched)}
         sub_shape = (len(touched) * rows, *shape[1:])
         dev, dt = value.device, value.dtype
         has_set = any(iv.kind != "scale" for _, iv, _, _ in todo)
@@ -191,7 +217,6 @@ class InterventionPlan:
         for r, iv, b, rest in todo:
             i = block[r]
             rsel = (slice(i * rows, (i + 1) * rows), *rest)
-            local = (slice(None), *rest)
             if iv.kind == "scale":
                 assert iv.factor is not None
                 s[rsel] *= iv.factor
@@ -201,17 +226,22 @@ class InterventionPlan:
             if has_scale:
                 s[rsel] = 1
             m[rsel] = True
-            if iv.kind == "zero":
-                a[rsel] = 0
-                continue
-            donor, cov = self._donor_fn(iv, b, step, (rows, *shape[1:]))
-            if cov is not None and has_pos:
-                view = cov.to(dev).view(1, length, *([1] * (value.dim() - 2)))
-                if not bool(view.expand(rows, *shape[1:])[local].all()):
-                    raise InterventionError(
-                        f"{iv.label}: the donor has fewer positions than the incident at step "
-                        f"{step} (aligned from the end), and the selector reaches positions "
-                        "without a donor counterpart; select positions within the donor's "
-                        "length (e.g. [pos=-k:]) or use a donor of the incident's length")
-            a[rsel] = donor.to(device=dev, dtype=dt)[local]
-        return row_idx, m, a, s, has_set, has_scale
+            a[rsel] = 0 if iv.kind == "zero" else self._donor(iv, b, step, value, rest)
+        return m, a, s, has_set, has_scale
+
+    def _donor(self, iv: Intervention, b: BoundSite, step: int, value: torch.Tensor,
+               rest: list[Any]) -> torch.Tensor:
+        """The donor values of the selected entries (one set's rows), coverage checked."""
+        rows = self.rows_per_set
+        full = (rows, *value.shape[1:])
+        local = (slice(None), *rest)
+        donor, cov = self._donor_fn(iv, b, step, full)
+        if cov is not None and value.dim() >= 3:
+            view = cov.to(value.device).view(1, value.shape[1], *([1] * (value.dim() - 2)))
+            if not bool(view.expand(*full)[local].all()):
+                raise InterventionError(
+                    f"{iv.label}: the donor has fewer positions than the incident at step "
+                    f"{step} (aligned from the end), and the selector reaches positions "
+                    "without a donor counterpart; select positions within the donor's "
+                    "length (e.g. [pos=-k:]) or use a donor of the incident's length")
+        return donor.to(device=value.device, dtype=value.dtype)[local]

@@ -4,12 +4,21 @@ Replay = the same weights (fingerprint checked), inputs, seeds, deterministic ke
 count, and the same sequence of forward calls with the same shapes as the incident: the prefill,
 then one KV-cached call per decode step teacher-forced on the recorded tokens.
 
+It offers one primitive, :meth:`ReplaySession.run_edited`: those forward calls with an *edit*
+``edit(site, value, *, step) -> replacement | None`` called on hooked sites (:class:`Edit`,
+baukit's ``edit_output``). Interventions, their donors and batched plans live above it in
+:mod:`analysis.interventions`, which imports this package and never the reverse: the session's
+``run`` / ``run_batch`` / ``verify`` take sets of edit specifications (:class:`EditSpec`) whose
+type compiles them into one edit (:class:`BoundEdit`).
+
 Example::
 
     from analysis.replay import Replayer
     session = Replayer(model).load(inc)
     fid = session.fidelity()
     fid.exact, fid.max_abs_diff, fid.top1_agreement      # True, 0.0, 1.0 on CPU
+    r = session.run_edited(lambda site, v, *, step: v * 0.5, sites=["blocks.1.mlp"],
+                           capture=["blocks.2.resid_post"])
     complete = session.materialize(sites=["blocks.*.resid_post"])   # for activations: "replay"
 """
 
@@ -17,16 +26,18 @@ from __future__ import annotations
 
 from ._calls import CallMode, CallPlan, StepCall
 from ._determinism import DeterminismSettings, deterministic_env
-from ._donors import DonorCache, resample_generator
+from ._edit import BoundEdit, Edit
 from ._fidelity import Fidelity, TensorDiff, compare
 from ._result import ReplayResult
-from ._session import Replayer, ReplaySession
+from ._session import EditSpec, Replayer, ReplaySession
 
 __all__ = [
+    "BoundEdit",
     "CallMode",
     "CallPlan",
     "DeterminismSettings",
-    "DonorCache",
+    "Edit",
+    "EditSpec",
     "Fidelity",
     "ReplayResult",
     "ReplaySession",
@@ -35,5 +46,4 @@ __all__ = [
     "TensorDiff",
     "compare",
     "deterministic_env",
-    "resample_generator",
 ]

@@ -33,7 +33,7 @@ import torch
 from integrations.errors import ReplayError
 from integrations.incident import Incident
 
-__all__ = ["CallMode", "CallPlan", "StepCall"]
+__all__ = ["CallMode", "CallPlan", "StepCall", "last_logits", "to_device"]
 
 CallMode = Literal["generate", "forward"]
 #: Recorded inputs without a batch dimension (never replicated along the batch).

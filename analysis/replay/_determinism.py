@@ -23,7 +23,10 @@ from typing import Any
 import torch
 import torch.utils.deterministic
 
-__all__ = ["DeterminismSettings", "deterministic_env"]
+from integrations.errors import ReplayError, TensorNotFoundError
+from integrations.incident import Incident
+
+__all__ = ["DeterminismSettings", "deterministic_env", "recorded_rng_state"]
 
 _CUBLAS_ENV = "CUBLAS_WORKSPACE_CONFIG"
 
@@ -88,3 +91,22 @@ def deterministic_env(*, num_threads: int | None, rng_state: torch.Tensor | None
             torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = prev_cudnn
             if set_env:
                 os.environ.pop(_CUBLAS_ENV, None)
+
+
+def recorded_rng_state(inc: Incident) -> torch.Tensor | None:
+    """The CPU RNG state recorded when the incident's request started (None when not recorded).
+
+    Raises :class:`~integrations.errors.ReplayError` for a row that ``torch.get_rng_state()``
+    cannot have written.
+    """
+    try:
+        t = inc.tensor("rng.cpu", kind="reference", copy=True)
+    except TensorNotFoundError:
+        return None
+    ref = torch.get_rng_state()
+    if t.dtype != torch.uint8 or t.dim() != 1 or t.numel() != ref.numel():
+        raise ReplayError(
+            f"incident {inc.id!r} has a malformed rng.cpu reference row ({t.dtype}, shape "
+            f"{tuple(t.shape)}; expected uint8 [{ref.numel()}]): it was not written by "
+            "torch.get_rng_state(); re-record the incident")
+    return t

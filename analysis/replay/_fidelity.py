@@ -16,12 +16,19 @@ Example::
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-__all__ = ["Fidelity", "TensorDiff", "compare"]
+from integrations.errors import TensorNotFoundError
+from integrations.incident import Incident
+
+from ._calls import CallPlan
+
+__all__ = ["Fidelity", "FidelityMeter", "TensorDiff", "compare", "measure", "recorded_logits",
+           "recorded_next_tokens"]
 
 
 @dataclass(frozen=True)
@@ -129,56 +136,11 @@ def measure(
     notes: list[str],
 ) -> Fidelity:
     """Build a :class:`Fidelity` from recorded vs replayed values (see the class doc)."""
-    per_site: dict[str, dict[str, Any]] = {}
-    worst = 0.0
-    exact = True
     steps: set[int] = set()
-    for site, by_step in recorded_acts.items():
-        got = replayed_acts.get(site, {})
-        s_exact, s_diff = True, 0.0
-        for step, rec in by_step.items():
-            steps.add(step)
-            rep = got.get(step)
-            if rep is None:
-                d = TensorDiff(False, math.inf)
-                notes.append(f"{site} step {step}: not produced by the replay")
-            else:
-                d = compare(rep, rec)
-            s_exact &= d.exact
-            s_diff = max(s_diff, d.max_abs_diff)
-        per_site[site] = {"max_abs_diff": s_diff, "exact": s_exact}
-        exact &= s_exact
-        worst = max(worst, s_diff)
-    logits_info: dict[str, Any] | None = None
-    agree = total = 0
-    if recorded_logits:
-        l_exact, l_diff = True, 0.0
-        for step, rec in recorded_logits.items():
-            steps.add(step)
-            rep = replayed_logits[step] if step < len(replayed_logits) else None
-            if rep is None:
-                l_exact, l_diff = False, math.inf
-                notes.append(f"logits step {step}: the replay produced none")
-                continue
-            d = compare(rep, rec)
-            l_exact &= d.exact
-            l_diff = max(l_diff, d.max_abs_diff)
-            if rep.shape == rec.shape:
-                rows = int(rec.shape[0]) if rec.dim() > 1 else 1
-                # identical bits have identical argmax: skip the reduction on the exact path
-                agree += rows if d.exact else int((rep.argmax(-1) == rec.argmax(-1)).sum())
-                total += rows
-        logits_info = {"max_abs_diff": l_diff, "exact": l_exact}
-        exact &= l_exact
-        worst = max(worst, l_diff)
-    t_agree = t_total = 0
-    for step, tok in next_tokens.items():
-        rep = replayed_logits[step] if step < len(replayed_logits) else None
-        if rep is None or rep.dim() != 2 or rep.shape[0] != tok.numel():
-            continue
-        steps.add(step)
-        t_agree += int((rep.argmax(-1).cpu() == tok.reshape(-1)).sum())
-        t_total += tok.numel()
+    acts = _compare_activations(recorded_acts, replayed_acts, steps, notes)
+    logits = _compare_logits(recorded_logits, replayed_logits, steps, notes)
+    t_agree, t_total = _token_agreement(next_tokens, replayed_logits, steps)
+    exact = acts.exact and logits.exact
     token_agreement = t_agree / t_total if t_total else None
     compared = tuple(name for name, on in (("activations", bool(recorded_acts)),
                                            ("logits", bool(recorded_logits)),
@@ -191,8 +153,152 @@ def measure(
     if not recorded_acts and not recorded_logits and (t_total == 0 or sampled):
         exact = False
         notes.append("nothing bitwise comparable was recorded (no activations, no logits)")
-    top1 = agree / total if total else token_agreement
-    return Fidelity(exact=exact, max_abs_diff=worst, top1_agreement=top1, per_site=per_site,
-                    steps_compared=len(steps), sites_compared=len(per_site), logits=logits_info,
+    top1 = logits.agree / logits.total if logits.total else token_agreement
+    return Fidelity(exact=exact, max_abs_diff=max(acts.max_abs_diff, logits.max_abs_diff),
+                    top1_agreement=top1, per_site=acts.per_site, steps_compared=len(steps),
+                    sites_compared=len(acts.per_site), logits=logits.info,
                     token_agreement=token_agreement, compared=compared, mode=mode,
                     notes=tuple(notes))
+
+
+@dataclass
+class _Comparison:
+    """What one kind of recorded value (activations or logits) contributed to a fidelity."""
+
+    exact: bool = True
+    max_abs_diff: float = 0.0
+    per_site: dict[str, dict[str, Any]] = field(default_factory=dict)
+    info: dict[str, Any] | None = None  # logits: {"max_abs_diff", "exact"}
+    agree: int = 0  # logits: (step, row) pairs whose argmax agrees
+    total: int = 0
+
+
+def _compare_activations(recorded: dict[str, dict[int, torch.Tensor]],
+                         replayed: dict[str, dict[int, torch.Tensor]], steps: set[int],
+                         notes: list[str]) -> _Comparison:
+    out = _Comparison()
+    for site, by_step in recorded.items():
+        got = replayed.get(site, {})
+        s_exact, s_diff = True, 0.0
+        for step, rec in by_step.items():
+            steps.add(step)
+            rep = got.get(step)
+            if rep is None:
+                d = TensorDiff(False, math.inf)
+                notes.append(f"{site} step {step}: not produced by the replay")
+            else:
+                d = compare(rep, rec)
+            s_exact &= d.exact
+            s_diff = max(s_diff, d.max_abs_diff)
+        out.per_site[site] = {"max_abs_diff": s_diff, "exact": s_exact}
+        out.exact &= s_exact
+        out.max_abs_diff = max(out.max_abs_diff, s_diff)
+    return out
+
+
+def _compare_logits(recorded: dict[int, torch.Tensor], replayed: list[torch.Tensor | None],
+                    steps: set[int], notes: list[str]) -> _Comparison:
+    out = _Comparison()
+    if not recorded:
+        return out
+    for step, rec in recorded.items():
+        steps.add(step)
+        rep = replayed[step] if step < len(replayed) else None
+        if rep is None:
+            out.exact, out.max_abs_diff = False, math.inf
+            notes.append(f"logits step {step}: the replay produced none")
+            continue
+        d = compare(rep, rec)
+        out.exact &= d.exact
+        out.max_abs_diff = max(out.max_abs_diff, d.max_abs_diff)
+        if rep.shape == rec.shape:
+            rows = int(rec.shape[0]) if rec.dim() > 1 else 1
+            # identical bits have identical argmax: skip the reduction on the exact path
+            out.agree += rows if d.exact else int((rep.argmax(-1) == rec.argmax(-1)).sum())
+            out.total += rows
+    out.info = {"max_abs_diff": out.max_abs_diff, "exact": out.exact}
+    return out
+
+
+def _token_agreement(next_tokens: dict[int, torch.Tensor], replayed: list[torch.Tensor | None],
+                     steps: set[int]) -> tuple[int, int]:
+    """(agreeing, compared) (step, row) pairs of replayed argmax vs recorded next tokens."""
+    agree = total = 0
+    for step, tok in next_tokens.items():
+        rep = replayed[step] if step < len(replayed) else None
+        if rep is None or rep.dim() != 2 or rep.shape[0] != tok.numel():
+            continue
+        steps.add(step)
+        agree += int((rep.argmax(-1).cpu() == tok.reshape(-1)).sum())
+        total += tok.numel()
+    return agree, total
+
+
+def recorded_logits(incident: Incident) -> dict[int, torch.Tensor]:
+    """The recorded last-position logits per step (``kind="logits"`` rows of site ``logits``)."""
+    return {r.step: r.tensor for r in incident.records(kind="logits") if r.site == "logits"}
+
+
+def recorded_next_tokens(incident: Incident, plan: CallPlan) -> dict[int, torch.Tensor]:
+    """Recorded next token per step: the next step's input_ids; output_ids for the last."""
+    out: dict[int, torch.Tensor] = {}
+    steps = plan.steps
+    for k in range(len(steps) - 1):
+        ids = steps[k + 1].tensors.get("input_ids")
+        if ids is not None and ids.dim() == 2 and ids.shape[1] == 1:
+            out[k] = ids[:, 0]
+    try:
+        full = incident.tensor("output_ids", step=len(steps) - 1, kind="output")
+    except TensorNotFoundError:
+        return out
+    first = steps[0].tensors.get("input_ids")
+    if first is not None and full.dim() == 2 and \
+            full.shape[1] == first.shape[1] + len(steps) and steps[0].seq_len > 0:
+        out[len(steps) - 1] = full[:, -1]
+    return out
+
+
+class FidelityMeter:
+    """Measures replays of one incident against what it recorded (read once, on first use).
+
+    ``overridden``: the replay model's fingerprint differs from the recorded one (noted in
+    every fidelity).
+
+    Example::
+
+        meter = FidelityMeter(inc, plan, overridden=False)
+        fid = meter.measure(replayed_acts, replayed_logits, mode="generate", sites=sites)
+    """
+
+    def __init__(self, incident: Incident, plan: CallPlan, *, overridden: bool) -> None:
+        self.incident = incident
+        self._plan = plan
+        self._overridden = overridden
+        self._sampled = bool((incident.manifest.get("generation") or {}).get("do_sample"))
+        self._expected: tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]] | None = None
+
+    def measure(self, replayed_acts: dict[str, list[torch.Tensor]],
+                replayed_logits: list[torch.Tensor | None], *, mode: str,
+                sites: Sequence[str], notes: Sequence[str] = ()) -> Fidelity:
+        """The fidelity of a replay's activations of ``sites`` and logits (see :func:`measure`)."""
+        inc = self.incident
+        rec_acts = {s: {st: inc.tensor(s, step=st, kind="activation")
+                        for st in inc.steps(s, kind="activation")} for s in sites}
+        rep_acts = {s: dict(enumerate(v)) for s, v in replayed_acts.items()}
+        if self._expected is None:
+            self._expected = (recorded_logits(inc), recorded_next_tokens(inc, self._plan))
+        rec_logits, next_tokens = self._expected
+        out = list(notes)
+        if self._overridden:
+            out.append("fingerprint mismatch overridden: the replay model's weights differ "
+                       "from the recorded model's")
+        return measure(recorded_acts=rec_acts, replayed_acts=rep_acts,
+                       recorded_logits=rec_logits, replayed_logits=replayed_logits,
+                       next_tokens=next_tokens, sampled=self._sampled, mode=mode, notes=out)
+
+    def measure_recorded(self, replayed_acts: dict[str, list[torch.Tensor]],
+                         replayed_logits: list[torch.Tensor | None], *, mode: str) -> Fidelity:
+        """:meth:`measure` over the replayed sites the incident recorded."""
+        recorded = set(self.incident.sites())
+        return self.measure(replayed_acts, replayed_logits, mode=mode,
+                            sites=[s for s in replayed_acts if s in recorded])

@@ -13,49 +13,36 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import Any
 
-from integrations.incident import Incident, TensorRecord, runtime_info
-from integrations.sites import resolve_sites
+from integrations.incident import Incident, TensorRecord
+from integrations.sites import BoundSite
 
-if TYPE_CHECKING:
-    from ._session import ReplaySession
+from ._result import ReplayResult
 
 __all__ = ["materialize"]
 
 
-def materialize(session: ReplaySession, sites: Sequence[str] | None, *,
-                id: str | None = None) -> Incident:
-    """See :meth:`ReplaySession.materialize`."""
-    if sites is None:
-        from integrations.config import load_config
-
-        sites = load_config().recorder.default_sites()
-    inc = session.incident
-    bound = resolve_sites(session.model, list(sites))
-    raw = session._execute(session.plan, sets=None, capture=[b.site for b in bound],
-                           greedy=False)
-    recorded = set(inc.sites())
-    fid = session._fidelity_of(raw, session.plan.mode, [],
-                               sites=[s for s in raw.activations if s in recorded])
-    records = list(inc.records())
+def materialize(incident: Incident, run: ReplayResult[Any], sites: list[BoundSite], *,
+                replay: dict[str, Any], id: str | None = None) -> Incident:
+    """``incident`` completed with the activations of ``sites`` computed by ``run`` (a replay of
+    it) and its logits; recorded rows win. ``replay`` is the manifest's ``replay`` section
+    (fidelity, fingerprint, determinism, calls, runtime).
+    See :meth:`~analysis.replay.ReplaySession.materialize`."""
+    records = list(incident.records())
     have = {(r.kind, r.site, r.step) for r in records}
-    for b in bound:
-        for step, t in enumerate(raw.activations[b.site]):
+    for b in sites:
+        for step, t in enumerate(run.activations[b.site]):
             if ("activation", b.site, step) not in have:
                 records.append(TensorRecord("activation", b.site, b.module_path, step, t))
-    for step, lg in enumerate(raw.logits):
+    for step, lg in enumerate(run.logits):
         if lg is not None and ("logits", "logits", step) not in have:
             records.append(TensorRecord("logits", "logits", "", step, lg))
-    m = inc.manifest
+    m = incident.manifest
     m.pop("integrity", None)
-    settings = session.settings
     m.update(
-        id=id or f"{inc.id[:180]}.materialized", activations="captured",
-        materialized_from=inc.id,
+        id=id or f"{incident.id[:180]}.materialized", activations="captured",
+        materialized_from=incident.id,
         sites=sorted({r.site for r in records if r.kind == "activation"}),
-        replay={"fidelity": fid.to_dict(), "fingerprint": dict(session.fingerprint_check),
-                "determinism": None if settings is None else settings.to_dict(),
-                "calls": session.plan.to_dict(), "runtime": runtime_info(session.model)})
+        replay=replay)
     return Incident.from_records(m, records)

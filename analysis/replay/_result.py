@@ -1,8 +1,11 @@
-"""What one replayed intervention set produced: logits per step, tokens, optional activations.
+"""What one replay produced: logits per step, tokens, optional activations.
+
+A result is generic in the edit specifications it was run with (``ReplayResult[Intervention]``
+from ``session.run([Intervention(...)])``); :meth:`~ReplaySession.run_edited` results carry none.
 
 Example::
 
-    r = session.run(interventions=[Intervention("blocks.0.mlp", "zero")], capture=["blocks.1.mlp"])
+    r = session.run([Intervention("blocks.0.mlp", "zero")], capture=["blocks.1.mlp"])
     r.logits[-1]                 # [batch, vocab]: last-position logits of the last step
     r.predicted[-1]              # [batch]: their argmax
     r.activations["blocks.1.mlp"][0]   # [batch, pos, d_model] at the prefill step
@@ -12,23 +15,23 @@ Example::
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import Generic, Literal, TypeVar
 
 import torch
 
 from integrations.errors import ReplayError
 
-if TYPE_CHECKING:
-    from analysis.interventions import Intervention
-
-    from ._fidelity import Fidelity
+from ._fidelity import Fidelity
 
 __all__ = ["ReplayResult"]
 
+#: The edit specifications a result was replayed with (``Intervention`` for interventions).
+S = TypeVar("S")
+
 
 @dataclass
-class ReplayResult:
-    """The outcome of replaying one intervention set (see the module doc).
+class ReplayResult(Generic[S]):
+    """The outcome of one replay, e.g. of one intervention set (see the module doc).
 
     ``logits[k]``: last-position logits of step ``k`` (``[batch, vocab]``; classifiers
     ``[batch, n_labels]``; ``None`` for models without logits); ``predicted[k]``: their argmax;
@@ -36,13 +39,13 @@ class ReplayResult:
     argmax in ``greedy`` mode); ``activations``: ``{site: [tensor per step]}`` for the sites
     asked with ``capture=`` (after interventions); ``batch_size``: how many candidate sets shared
     the forward passes (1 = the incident's own shapes, a verified result); ``fidelity``: measured
-    against the incident when no intervention was applied.
+    against the incident when no intervention was applied; ``interventions``: the set replayed.
     """
 
-    interventions: tuple[Intervention, ...]
     logits: list[torch.Tensor | None]
     input_ids: list[torch.Tensor | None]
     activations: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    interventions: tuple[S, ...] = ()
     mode: Literal["teacher_forced", "greedy"] = "teacher_forced"
     batch_size: int = 1
     fidelity: Fidelity | None = None
@@ -59,7 +62,18 @@ class ReplayResult:
 
     @property
     def steps(self) -> int:
+        """Forward calls replayed."""
         return len(self.logits)
+
+    def rows(self, start: int, stop: int) -> ReplayResult[S]:
+        """The batch rows ``start:stop`` of every tensor (one set's block of a batched replay)."""
+        sl = slice(start, stop)
+        return ReplayResult(
+            logits=[None if lg is None else lg[sl] for lg in self.logits],
+            input_ids=[None if t is None else t[sl] for t in self.input_ids],
+            activations={s: [t[sl] for t in v] for s, v in self.activations.items()},
+            interventions=self.interventions, mode=self.mode, batch_size=self.batch_size,
+            fidelity=self.fidelity)
 
     def tokens(self) -> torch.Tensor:
         """Predicted next tokens of every step, ``[batch, steps]`` (the continuation)."""

@@ -1,18 +1,22 @@
-"""Deterministic replay of an incident on its model, with fidelity and interventions.
+"""Deterministic replay of an incident on its model: fidelity, the edit primitive, edit sets.
 
 ``Replayer(model).load(incident)`` checks the weights fingerprint, rebuilds the incident's forward
 calls (:mod:`._calls`), replays them once under deterministic settings (:mod:`._determinism`:
 deterministic kernels, the recorded thread count, the recorded RNG state — all restored
 afterwards; external calls answered from the recording) and measures fidelity against what was
-recorded. The session then evaluates intervention sets: one at a time (:meth:`ReplaySession.run`,
-:meth:`~ReplaySession.verify`) or many per batched forward (:meth:`~ReplaySession.run_batch`),
-counting every forward pass.
+recorded. The session's one primitive is :meth:`ReplaySession.run_edited`: the same forward
+calls with an edit function hooked on sites (:mod:`._edit`). Edit *specifications* —
+:class:`analysis.interventions.Intervention`, defined above this package — are evaluated in
+sets: one at a time (:meth:`~ReplaySession.run`, :meth:`~ReplaySession.verify`) or many per
+batched forward (:meth:`~ReplaySession.run_batch`); each set is compiled into one edit by its
+specification type (:class:`EditSpec`), so replay never imports what it runs. Every forward pass
+is counted.
 
 Example::
 
     session = Replayer(model).load(inc)
     assert session.fidelity().exact
-    r = session.run(interventions=[Intervention("blocks.1.mlp", "zero")])
+    r = session.run([Intervention("blocks.1.mlp", "zero")])
     rs = session.run_batch([[Intervention(f"blocks.{i}.mlp", "zero")] for i in range(3)])
     final = session.verify(rs[1].interventions)            # batch 1: the incident's own shapes
 """
@@ -22,33 +26,51 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import threading
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar, overload
 
 import torch
 
 from integrations._request import _current
-from integrations.errors import (
-    FingerprintMismatchError,
-    ReplayError,
-    SiteError,
-    TensorNotFoundError,
-)
+from integrations.errors import ReplayError, SiteError
 from integrations.external import sandbox
-from integrations.incident import Incident, model_fingerprint
+from integrations.incident import Incident, runtime_info
 from integrations.sites import BoundSite, resolve_sites
-from integrations.sites._attach import attach
 
-from ._calls import CallMode, CallPlan, last_logits, to_device
-from ._determinism import DeterminismSettings, deterministic_env
-from ._fidelity import Fidelity, measure
+from ._calls import CallMode, CallPlan
+from ._determinism import DeterminismSettings, deterministic_env, recorded_rng_state
+from ._edit import BoundEdit, Edit, replay_calls, spec_type
+from ._fidelity import Fidelity, FidelityMeter
+from ._fingerprint import WeightsFingerprint, check_fingerprint
+from ._materialize import materialize
 from ._result import ReplayResult
 
-__all__ = ["ReplaySession", "Replayer"]
+if TYPE_CHECKING:
+    from typing import Never, Self  # Python 3.11+: annotations only
+
+__all__ = ["EditSpec", "ReplaySession", "Replayer"]
 
 #: Serialises replays within a process: they set process-global torch settings.
 _REPLAY_LOCK = threading.RLock()
+
+
+class EditSpec(Protocol):
+    """An element of the sets :meth:`ReplaySession.run` / ``run_batch`` / ``verify`` take.
+
+    Its type compiles sets of its instances into one :class:`~analysis.replay.BoundEdit` for a
+    replay of ``session`` (``batched``: the sets share one batched forward, row block ``r`` =
+    set ``r``). :class:`analysis.interventions.Intervention` is the implementation this project
+    ships (new kinds such as ``project``/``steer`` extend it); anything else that compiles to an
+    edit is replayed the same way.
+    """
+
+    @classmethod
+    def bind_sets(cls, session: ReplaySession, sets: Sequence[Sequence[Self]], *,
+                  batched: bool) -> BoundEdit: ...
+
+
+S = TypeVar("S", bound=EditSpec)
+T = TypeVar("T")
 
 
 class Replayer:
@@ -66,15 +88,11 @@ class Replayer:
     def __init__(self, model: torch.nn.Module, *, allow_fingerprint_mismatch: bool = False) -> None:
         self.model = model
         self.allow_fingerprint_mismatch = bool(allow_fingerprint_mismatch)
-        self._fp: tuple[tuple[Any, ...], str] | None = None
+        self._fingerprint = WeightsFingerprint(model)
 
     def fingerprint(self) -> str:
         """``model_fingerprint(model)``, recomputed only when a weight changed in place or moved."""
-        key = tuple((t.data_ptr(), t._version, t.dtype, tuple(t.shape))
-                    for t in (*self.model.parameters(), *self.model.buffers()))
-        if self._fp is None or self._fp[0] != key:
-            self._fp = (key, model_fingerprint(self.model))
-        return self._fp[1]
+        return self._fingerprint()
 
     def load(self, incident: Incident, *, mode: CallMode | None = None,
              measure: bool = True) -> ReplaySession:
@@ -89,36 +107,14 @@ class Replayer:
         if not isinstance(incident, Incident):
             raise ReplayError(f"load() takes an Incident, got {type(incident).__name__}; use "
                               "Incident.open(path) or Incident.from_bytes(data)")
-        check = self._check_fingerprint(incident)
+        check = check_fingerprint(incident, self.fingerprint(),
+                                  allow_mismatch=self.allow_fingerprint_mismatch,
+                                  model_name=type(self.model).__name__)
         plan = CallPlan.from_incident(incident, self.model, mode=mode)
         session = ReplaySession(self, incident, plan, check)
         if measure:
             session._measure(auto_mode=mode is None)
         return session
-
-    def _check_fingerprint(self, inc: Incident) -> dict[str, Any]:
-        ref = inc.manifest.get("model") or {}
-        recorded = ref.get("fingerprint")
-        actual = self.fingerprint()
-        match = recorded == actual
-        if not match and not self.allow_fingerprint_mismatch:
-            what = (f"was recorded with model {ref.get('name')!r} fingerprint {recorded}"
-                    if recorded else "records no model fingerprint")
-            raise FingerprintMismatchError(
-                f"incident {inc.id!r} {what}, but the replay model "
-                f"{type(self.model).__name__} has fingerprint {actual}: replay it with the model "
-                "that served it (see analysis.registry), or override with "
-                "Replayer(model, allow_fingerprint_mismatch=True) / `forensics replay "
-                "--allow-fingerprint-mismatch` (the override is recorded and fidelity measured)")
-        return {"recorded": recorded, "model": actual, "match": match,
-                "override": not match}
-
-
-@dataclass
-class _Raw:
-    logits: list[torch.Tensor | None]
-    input_ids: list[torch.Tensor | None]
-    activations: dict[str, list[torch.Tensor]] = field(default_factory=dict)
 
 
 class ReplaySession:
@@ -133,29 +129,27 @@ class ReplaySession:
 
     def __init__(self, replayer: Replayer, incident: Incident, plan: CallPlan,
                  fingerprint_check: dict[str, Any]) -> None:
-        from ._donors import DonorCache
-
         self.replayer = replayer
         self.model = replayer.model
         self.incident = incident
         self.plan = plan
         self.fingerprint_check = fingerprint_check
         m = incident.manifest
-        self._manifest = m
         threads = (m.get("runtime") or {}).get("num_threads")
         self._threads = threads if isinstance(threads, int) and threads > 0 else None
-        self._rng = _rng_state(incident)
+        self._rng = recorded_rng_state(incident)
         self._calls = list(m.get("external_calls") or [])
         self._device = _device_of(self.model)
         self._fidelity: Fidelity | None = None
-        self._expected: tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]] | None = None
+        self._meter = FidelityMeter(incident, plan, overridden=fingerprint_check["override"])
         self.settings: DeterminismSettings | None = None
         self.forward_passes = 0
         self.candidate_evaluations = 0
         self.batched_forward_passes = 0
         self.row_forward_passes = 0
-        self.donors = DonorCache(self)
         self._resolved: dict[str, list[BoundSite]] = {}
+        self._layers: dict[Any, Any] = {}
+        self._inside = threading.local()  # .active: this thread is in environment()
 
     def resolve(self, site: str) -> list[BoundSite]:
         """``resolve_sites(model, [site])``, cached per session (site strings are reused a lot)."""
@@ -164,6 +158,13 @@ class ReplaySession:
             got = self._resolved[site] = resolve_sites(self.model, [site])
         return got
 
+    def layer_state(self, factory: Callable[[ReplaySession], T]) -> T:
+        """Per-session state of a layer built on replay: ``factory(session)``, made on first
+        use and kept (keyed by ``factory``) — e.g. the interventions' donor cache."""
+        if factory not in self._layers:
+            self._layers[factory] = factory(self)
+        return self._layers[factory]  # type: ignore[no-any-return]
+
     # ------------------------------------------------------------------ counters
     def _count(self, *, steps: int, rows: int, sets: int, batched: bool = False) -> None:
         self.forward_passes += steps
@@ -171,6 +172,10 @@ class ReplaySession:
         self.candidate_evaluations += sets
         if batched:
             self.batched_forward_passes += steps
+
+    def count_forward_passes(self, n: int) -> None:
+        """Charge ``n`` forward calls made for this session elsewhere (a donor's own replay)."""
+        self._count(steps=n, rows=n, sets=0)
 
     def counts(self) -> dict[str, int]:
         """The forward-pass counters (see the class doc)."""
@@ -186,16 +191,33 @@ class ReplaySession:
 
     # ------------------------------------------------------------------ environment
     @contextlib.contextmanager
-    def _environment(self) -> Iterator[None]:
+    def environment(self) -> Iterator[None]:
+        """The replay environment: deterministic kernels, the recorded thread count and RNG
+        state, the recorded external calls, outside any served request, one replay per process
+        at a time; everything restored on exit. Re-entering it (a replay inside a block that
+        also runs a backward pass) reuses the outer one.
+
+        Example::
+
+            with session.environment(), torch.enable_grad():
+                r = session.run_edited(edit, sites=sites, grad=True)
+                torch.autograd.grad(metric(r.logits[-1]), leaves)
+        """
+        if getattr(self._inside, "active", False):
+            yield
+            return
         token = _current.set(None)  # a replay is never part of a served request
         _REPLAY_LOCK.acquire()  # torch's determinism/thread/RNG settings are process-global
         try:
-            with torch.no_grad(), deterministic_env(
-                    num_threads=self._threads, rng_state=self._rng,
-                    cuda=self._device.type == "cuda") as settings, \
+            with deterministic_env(num_threads=self._threads, rng_state=self._rng,
+                                   cuda=self._device.type == "cuda") as settings, \
                     sandbox(self._calls, incident_id=self.incident.id):
                 self.settings = settings
-                yield
+                self._inside.active = True
+                try:
+                    yield
+                finally:
+                    self._inside.active = False
         finally:
             _REPLAY_LOCK.release()
             _current.reset(token)
@@ -204,65 +226,50 @@ class ReplaySession:
         """A sandbox serving this incident's recorded external calls (application replay)."""
         return sandbox(self._calls, incident_id=self.incident.id)
 
-    # ------------------------------------------------------------------ core loop
-    def _execute(self, plan: CallPlan, *, sets: Sequence[Sequence[Any]] | None,
-                 capture: Sequence[str], greedy: bool) -> _Raw:
-        from analysis.interventions import InterventionPlan
+    # ------------------------------------------------------------------ the primitive
+    def run_edited(self, edit: Edit | BoundEdit | None = None, *,
+                   sites: Sequence[str | BoundSite] = (), capture: Sequence[str] = (),
+                   greedy: bool = False, repeat: int = 1, last_step: int | None = None,
+                   grad: bool = False, plan: CallPlan | None = None,
+                   evaluations: int = 0) -> ReplayResult[Never]:
+        """Replay the incident's forward calls with ``edit`` called on ``sites`` (see
+        :mod:`analysis.replay._edit`); the replay every other run of this session is made of.
 
-        n_sets = max(1, len(sets or ()))
-        ivplan = None
-        if sets and any(len(s) for s in sets):
-            self.donors.prepare(sets)
-            ivplan = InterventionPlan(self.model, sets, rows_per_set=plan.batch,
-                                      lengths=[c.seq_len for c in plan.steps],
-                                      donor_fn=self.donors, resolve=self.resolve,
-                                      inplace=n_sets > 1)
-        cap = [dataclasses.replace(b) for site in capture for b in self.resolve(site)]
-        cap_ids = {id(b): b.site for b in cap}
-        acts: dict[str, list[torch.Tensor]] = {b.site: [] for b in cap}
-        bound = [*(ivplan.bound if ivplan else []), *cap]
-        step_now = [0]
+        ``edit``: an :class:`~analysis.replay.Edit` hooked on ``sites``, or a
+        :class:`~analysis.replay.BoundEdit` (an edit with its sites, as
+        :meth:`EditSpec.bind_sets` makes them); ``capture``: sites whose values (after the edit)
+        to return per call; ``greedy=True`` feeds each decode call the previous call's argmax;
+        ``repeat``: the incident's batch replicated (row block ``r`` = copy ``r``; the edit
+        sees the whole batch); ``last_step``: stop after that forward call; ``grad=True``:
+        autograd on and the logits attached to the graph (run it inside :meth:`environment` to
+        take the backward there); ``plan``: other forward calls made the incident's way (a
+        counterfactual prompt's: ``dataclasses.replace(session.plan, steps=...)``);
+        ``evaluations``: candidate sets the run evaluates (for :attr:`candidate_evaluations`).
 
-        def fn(b: Any, v: torch.Tensor) -> torch.Tensor | None:
-            site = cap_ids.get(id(b))
-            if site is not None:
-                acts[site].append(v.detach().clone())
-                return None
-            assert ivplan is not None
-            return ivplan.apply(b, v, step_now[0])
+        Example::
 
-        logits: list[torch.Tensor | None] = []
-        fed: list[torch.Tensor | None] = []
-        with self._environment():
-            cache = plan.new_cache(self.model)
-            hooks = attach(self.model, bound, fn) if bound else contextlib.nullcontext()
-            with hooks:
-                nxt: torch.Tensor | None = None
-                for call in plan.steps:
-                    step_now[0] = call.step
-                    kw = plan.kwargs(call, repeat=n_sets, cache=cache,
-                                     input_ids=nxt if greedy and call.step > 0 else None)
-                    if self._device.type != "cpu":
-                        kw = to_device(kw, self._device)
-                    out = self.model(**kw)
-                    lg = last_logits(out)
-                    logits.append(None if lg is None else lg.detach().clone())
-                    fed.append(kw.get("input_ids"))
-                    if greedy and lg is not None:
-                        nxt = lg.argmax(-1, keepdim=True).to(torch.long)
-        self._count(steps=len(plan.steps), rows=len(plan.steps) * n_sets,
-                    sets=n_sets if sets is not None else 0, batched=n_sets > 1)
-        return _Raw(logits=logits, input_ids=fed, activations=acts)
+            r = session.run_edited(lambda site, v, *, step: v * 0, sites=["blocks.0.mlp"])
+        """
+        if edit is not None and not isinstance(edit, BoundEdit):
+            hooked = [b for s in sites for b in (self.resolve(s) if isinstance(s, str) else [s])]
+            edit = BoundEdit(sites=tuple(hooked), edit=edit)
+        cap = [b for site in capture for b in self.resolve(site)]
+        with self.environment(), torch.enable_grad() if grad else torch.no_grad():
+            raw = replay_calls(self.model, plan if plan is not None else self.plan, bound=edit,
+                               capture=cap, repeat=repeat, greedy=greedy, last_step=last_step,
+                               device=self._device, keep_graph=grad)
+        n = len(raw.logits)
+        self._count(steps=n, rows=n * repeat, sets=evaluations, batched=repeat > 1)
+        return ReplayResult(logits=raw.logits, input_ids=raw.input_ids,
+                            activations=raw.activations, mode=_mode(greedy), batch_size=repeat)
 
     # ------------------------------------------------------------------ fidelity
     def _measure(self, *, auto_mode: bool) -> None:
-        inc = self.incident
-        recorded_sites = inc.sites(kind="activation")
         capture: list[str] = []
         notes: list[str] = []
-        for s in recorded_sites:
+        for s in self.incident.sites(kind="activation"):
             try:
-                self._resolve_one(s)
+                self.resolve(s)
                 capture.append(s)
             except SiteError as e:
                 notes.append(f"recorded site {s!r} does not exist on this model: {e}")
@@ -277,51 +284,10 @@ class ReplaySession:
                     f"not reproduce the recording (max_abs_diff {fid.max_abs_diff:g})")))
         self._fidelity = fid
 
-    def _resolve_one(self, site: str) -> None:
-        self.resolve(site)
-
     def _measure_with(self, plan: CallPlan, capture: list[str], notes: list[str]) -> Fidelity:
-        raw = self._execute(plan, sets=None, capture=capture, greedy=False)
-        return self._fidelity_of(raw, plan.mode, notes, sites=capture)
-
-    def _fidelity_of(self, raw: _Raw, mode: str, notes: list[str], *,
-                     sites: Sequence[str]) -> Fidelity:
-        inc = self.incident
-        rec_acts = {s: {st: inc.tensor(s, step=st, kind="activation")
-                        for st in inc.steps(s, kind="activation")} for s in sites}
-        rep_acts = {s: dict(enumerate(v)) for s, v in raw.activations.items()}
-        if self._expected is None:  # recorded logits and next tokens, read once per session
-            self._expected = (
-                {r.step: r.tensor for r in inc.records(kind="logits") if r.site == "logits"},
-                self._next_tokens())
-        rec_logits, next_tokens = self._expected
-        gen = self._manifest.get("generation") or {}
-        notes = list(notes)
-        if self.fingerprint_check["override"]:
-            notes.append("fingerprint mismatch overridden: the replay model's weights differ "
-                         "from the recorded model's")
-        return measure(recorded_acts=rec_acts, replayed_acts=rep_acts,
-                       recorded_logits=rec_logits, replayed_logits=raw.logits,
-                       next_tokens=next_tokens, sampled=bool(gen.get("do_sample")),
-                       mode=mode, notes=notes)
-
-    def _next_tokens(self) -> dict[int, torch.Tensor]:
-        """Recorded next token per step: the next step's input_ids; output_ids for the last."""
-        out: dict[int, torch.Tensor] = {}
-        steps = self.plan.steps
-        for k in range(len(steps) - 1):
-            ids = steps[k + 1].tensors.get("input_ids")
-            if ids is not None and ids.dim() == 2 and ids.shape[1] == 1:
-                out[k] = ids[:, 0]
-        try:
-            full = self.incident.tensor("output_ids", step=len(steps) - 1, kind="output")
-        except TensorNotFoundError:
-            return out
-        first = steps[0].tensors.get("input_ids")
-        if first is not None and full.dim() == 2 and \
-                full.shape[1] == first.shape[1] + len(steps) and steps[0].seq_len > 0:
-            out[len(steps) - 1] = full[:, -1]
-        return out
+        raw = self.run_edited(capture=capture, plan=plan)
+        return self._meter.measure(raw.activations, raw.logits, mode=plan.mode, sites=capture,
+                                   notes=notes)
 
     def fidelity(self) -> Fidelity:
         """The fidelity measured by the replay made at :meth:`Replayer.load` (or run it now)."""
@@ -330,37 +296,41 @@ class ReplaySession:
         assert self._fidelity is not None
         return self._fidelity
 
-    # ------------------------------------------------------------------ public runs
-    def run(self, interventions: Sequence[Any] = (), *, capture: Sequence[str] = (),
-            greedy: bool = False) -> ReplayResult:
-        """Replay with ``interventions`` applied jointly (batch = the incident's own).
+    # ------------------------------------------------------------------ edit sets
+    @overload
+    def run(self, interventions: Sequence[S], *, capture: Sequence[str] = ...,
+            greedy: bool = ...) -> ReplayResult[S]: ...
+
+    @overload
+    def run(self, *, capture: Sequence[str] = ..., greedy: bool = ...) -> ReplayResult[Never]: ...
+
+    def run(self, interventions: Sequence[S] = (), *, capture: Sequence[str] = (),
+            greedy: bool = False) -> ReplayResult[S]:
+        """Replay with ``interventions`` (edit specifications) applied jointly (batch = the
+        incident's own).
 
         ``capture``: sites whose values (after the interventions) to return per step;
         ``greedy=True`` feeds each step the previous step's argmax instead of the recorded token
         (a free greedy continuation of the same length). Without interventions the result
         carries the fidelity measured against the recorded logits and activations.
         """
-        from analysis.interventions import normalize_sets
+        spec = spec_type([interventions])
+        ivs = list(interventions)
+        raw = self._run_sets([ivs], spec, capture=capture, greedy=greedy)
+        fid = None if ivs or greedy else \
+            self._meter.measure_recorded(raw.activations, raw.logits, mode=self.plan.mode)
+        return ReplayResult(logits=raw.logits, input_ids=raw.input_ids,
+                            activations=raw.activations, interventions=tuple(ivs),
+                            mode=raw.mode, batch_size=1, fidelity=fid)
 
-        ivs = normalize_sets([interventions])[0]
-        raw = self._execute(self.plan, sets=[ivs], capture=capture, greedy=greedy)
-        fid = None
-        if not ivs and not greedy:
-            recorded = [s for s in raw.activations if s in set(self.incident.sites())]
-            fid = self._fidelity_of(raw, self.plan.mode, [], sites=recorded)
-        return ReplayResult(interventions=tuple(ivs), logits=raw.logits, input_ids=raw.input_ids,
-                            activations=raw.activations,
-                            mode="greedy" if greedy else "teacher_forced", batch_size=1,
-                            fidelity=fid)
-
-    def verify(self, interventions: Sequence[Any], *, capture: Sequence[str] = (),
-               greedy: bool = False) -> ReplayResult:
+    def verify(self, interventions: Sequence[S], *, capture: Sequence[str] = (),
+               greedy: bool = False) -> ReplayResult[S]:
         """Re-run one set at the incident's own shapes (batch 1) — for final claims (DESIGN §6:
         batching changes the floating-point arithmetic). Identical to :meth:`run`."""
         return self.run(interventions, capture=capture, greedy=greedy)
 
-    def run_batch(self, sets: Sequence[Sequence[Any]], *, capture: Sequence[str] = (),
-                  greedy: bool = False, max_batch: int = 64) -> list[ReplayResult]:
+    def run_batch(self, sets: Sequence[Sequence[S]], *, capture: Sequence[str] = (),
+                  greedy: bool = False, max_batch: int = 64) -> list[ReplayResult[S]]:
         """Evaluate many intervention sets, up to ``max_batch`` sets per batched forward.
 
         The incident's inputs are replicated along the batch (row block ``i`` = set ``i``), each
@@ -368,26 +338,31 @@ class ReplaySession:
         sequential :meth:`run` up to floating-point noise (allclose, not bitwise): confirm final
         claims with :meth:`verify`.
         """
-        from analysis.interventions import normalize_sets
-
-        all_sets = normalize_sets(sets)
+        spec = spec_type(sets)
         if max_batch < 1:
             raise ReplayError(f"max_batch must be >= 1, got {max_batch}")
-        out: list[ReplayResult] = []
+        out: list[ReplayResult[S]] = []
         rows = self.plan.batch
-        for i in range(0, len(all_sets), max_batch):
-            chunk = all_sets[i:i + max_batch]
-            raw = self._execute(self.plan, sets=chunk, capture=capture, greedy=greedy)
+        for i in range(0, len(sets), max_batch):
+            chunk = [list(s) for s in sets[i:i + max_batch]]
+            raw = self._run_sets(chunk, spec, capture=capture, greedy=greedy)
             for r, ivs in enumerate(chunk):
-                sl = slice(r * rows, (r + 1) * rows)
-                out.append(ReplayResult(
-                    interventions=tuple(ivs),
-                    logits=[None if lg is None else lg[sl] for lg in raw.logits],
-                    input_ids=[None if t is None else t[sl] for t in raw.input_ids],
-                    activations={s: [t[sl] for t in v] for s, v in raw.activations.items()},
-                    mode="greedy" if greedy else "teacher_forced", batch_size=len(chunk)))
+                block = raw.rows(r * rows, (r + 1) * rows)
+                out.append(ReplayResult(logits=block.logits, input_ids=block.input_ids,
+                                        activations=block.activations, interventions=tuple(ivs),
+                                        mode=block.mode, batch_size=len(chunk)))
         return out
 
+    def _run_sets(self, sets: list[list[S]], spec: type[S] | None, *, capture: Sequence[str],
+                  greedy: bool) -> ReplayResult[Never]:
+        """One replay carrying ``sets`` (row block ``r`` = set ``r``), compiled by ``spec``."""
+        bound = None
+        if spec is not None and any(sets):
+            bound = spec.bind_sets(self, sets, batched=len(sets) > 1)
+        return self.run_edited(bound, capture=capture, greedy=greedy, repeat=len(sets),
+                               evaluations=len(sets))
+
+    # ------------------------------------------------------------------ materialisation
     def materialize(self, sites: Sequence[str] | None = None, *,
                     id: str | None = None) -> Incident:
         """A new, complete incident with the activations of ``sites`` computed by this replay.
@@ -397,23 +372,23 @@ class ReplaySession:
         the manifest says ``activations: "captured"``, ``materialized_from: <id>``, and
         ``replay: {fidelity, fingerprint, determinism, calls, runtime}``.
         """
-        from ._materialize import materialize
+        if sites is None:
+            from integrations.config import load_config
 
-        return materialize(self, sites, id=id)
+            sites = load_config().recorder.default_sites()
+        bound = resolve_sites(self.model, list(sites))
+        raw = self.run_edited(capture=[b.site for b in bound])
+        settings = self.settings
+        fid = self._meter.measure_recorded(raw.activations, raw.logits, mode=self.plan.mode)
+        replay = {"fidelity": fid.to_dict(),
+                  "fingerprint": dict(self.fingerprint_check),
+                  "determinism": None if settings is None else settings.to_dict(),
+                  "calls": self.plan.to_dict(), "runtime": runtime_info(self.model)}
+        return materialize(self.incident, raw, bound, replay=replay, id=id)
 
 
-def _rng_state(inc: Incident) -> torch.Tensor | None:
-    try:
-        t = inc.tensor("rng.cpu", kind="reference", copy=True)
-    except TensorNotFoundError:
-        return None
-    ref = torch.get_rng_state()
-    if t.dtype != torch.uint8 or t.dim() != 1 or t.numel() != ref.numel():
-        raise ReplayError(
-            f"incident {inc.id!r} has a malformed rng.cpu reference row ({t.dtype}, shape "
-            f"{tuple(t.shape)}; expected uint8 [{ref.numel()}]): it was not written by "
-            "torch.get_rng_state(); re-record the incident")
-    return t
+def _mode(greedy: bool) -> Literal["teacher_forced", "greedy"]:
+    return "greedy" if greedy else "teacher_forced"
 
 
 def _device_of(model: torch.nn.Module) -> torch.device:

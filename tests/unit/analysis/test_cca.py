@@ -13,15 +13,10 @@ import pytest
 import torch
 from prometheus_client import CollectorRegistry
 
-from analysis.cca import (
-    CausalCCA,
-    Failure,
-    SessionOracle,
-    ddmin,
-    minimise,
-    progressive_reduce,
-    wilson_ci,
-)
+from analysis.cca import CausalCCA, Failure
+from analysis.cca._group_testing import ddmin, minimise, progressive_reduce
+from analysis.cca._oracle import SessionOracle
+from analysis.cca._stats import wilson_ci
 from analysis.replay import Replayer
 from integrations import Recorder, exporters, triggers
 from integrations.config import load_config

@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry
 
 from analysis.cca import CausalCCA, Failure, FixSet
 from analysis.cca._stats import side_effects
-from analysis.interventions import Baseline, Intervention
+from analysis.interventions import DonorBaseline, Intervention
 from analysis.replay import Replayer, ReplaySession
 from analysis.scenarios.planted import PlantedModel, build_planted
 from integrations import Recorder, exporters, triggers
@@ -51,7 +51,7 @@ def record(model: torch.nn.Module, ids: list[int]) -> Incident:
 class Case:
     pm: PlantedModel
     session: ReplaySession
-    baseline: Baseline
+    baseline: DonorBaseline
     benign: list[Incident]
     failure: Failure
 
@@ -75,7 +75,7 @@ def case(spec: dict[str, Any]) -> Case:
         bad = pm.failing_prompts(1, seed=21)[0]
         ok = pm.benign_prompts(16, seed=22)
         inc = record(pm.model, bad)
-        base = Baseline.from_incidents([record(pm.model, p) for p in ok[:8]],
+        base = DonorBaseline.from_incidents([record(pm.model, p) for p in ok[:8]],
                                        sites=["blocks.*.mlp.post"], model=pm.model)
         benign = [record(pm.model, p) for p in ok[8:]]
         session = Replayer(pm.model).load(inc)

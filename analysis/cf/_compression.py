@@ -1,13 +1,8 @@
-"""The detectors: Compression Forensics and the simple baselines it is measured against.
+"""Compression Forensics (DESIGN §7): how many bits per value a site's activations need.
 
-All three share :class:`~analysis.cf._detector.Detector` (cells, robust z, p/q, incident score);
-they differ only in the per-position unit statistic:
-
-* :class:`CompressionForensics` — compressed bits/value of the position's activations after
-  fixed-scale int16 quantisation and zigzag byte planes (zstd).
-* :class:`NormDetector` — log2 RMS of the position's activations.
-* :class:`MahalanobisDetector` — mean squared standardised distance (D²/d) from the cell's
-  benign mean, diagonal variances shrunk toward the pooled (site, step kind) variances.
+The seed's member of the code-length family of detectors: activations quantised with a fixed
+per-site step, zigzag byte planes, zstd (:mod:`._codec`). Scoring (cells, robust z, p/q,
+incident score) is the framework's, :mod:`analysis.cf._detector`.
 
 Example::
 
@@ -25,10 +20,10 @@ import numpy as np
 from integrations.errors import AnalysisError
 
 from ._codec import CODEC_MODES, QMAX_BENIGN, Codec
-from ._detector import Detector
+from ._detector import Detector, pop_int_option
 from ._units import SiteUnits, group_units
 
-__all__ = ["PREPROCESS_MODES", "UNIT_MODES", "CompressionForensics", "MahalanobisDetector", "NormDetector"]
+__all__ = ["PREPROCESS_MODES", "UNIT_MODES", "CompressionForensics"]
 
 #: Preprocessing before quantisation: ``"none"`` — the raw activations with ONE step per site;
 #: ``"standardize"`` — subtract each feature's benign median and divide by its benign spread
@@ -45,13 +40,6 @@ _FIT_ROWS_PER_INCIDENT = 256
 #: anomalous tokens among their bucket and mix frame sizes: measured worse on prompt injection
 #: (benchmarks/RESULTS_cf.md), so they are an option for high-volume sidecars.
 UNIT_MODES: tuple[str, ...] = ("bucket", "position")
-
-
-def _pop_int(options: dict[str, Any], key: str, default: int, lo: int, hi: int) -> int:
-    v = options.pop(key, default)
-    if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
-        raise AnalysisError(f"{key}={v!r} must be an int in [{lo}, {hi}]")
-    return v
 
 
 class CompressionForensics(Detector):
@@ -93,7 +81,7 @@ class CompressionForensics(Detector):
 
     @classmethod
     def _options(cls, **options: Any) -> dict[str, Any]:
-        level = _pop_int(options, "zstd_level", 1, -7, 19)
+        level = pop_int_option(options, "zstd_level", 1, -7, 19)
         q = float(options.pop("scale_quantile", 0.999))
         if not 0.5 <= q <= 1.0:
             raise AnalysisError(f"scale_quantile={q} must be in [0.5, 1]")
@@ -106,7 +94,7 @@ class CompressionForensics(Detector):
         prep = options.pop("preprocess", "none")
         if prep not in PREPROCESS_MODES:
             raise AnalysisError(f"preprocess={prep!r} must be one of {list(PREPROCESS_MODES)}")
-        qmax = _pop_int(options, "qmax", 16 if prep == "standardize" else 127, 1, 4096)
+        qmax = pop_int_option(options, "qmax", 16 if prep == "standardize" else 127, 1, 4096)
         return {**super()._options(**options), "zstd_level": level, "scale_quantile": q,
                 "codec": codec, "unit": unit, "preprocess": prep, "qmax": qmax}
 
@@ -173,112 +161,3 @@ class CompressionForensics(Detector):
         if options.get("codec", "frame") == "frame":
             return 8.0 / max(n_features, 1)  # one compressed byte per unit
         return 1.0 / max(n_features, 1)  # one bit per unit (the share codec is sub-byte)
-
-
-class NormDetector(Detector):
-    """Activation-norm baseline detector: log2 RMS of each token position's activations,
-    robust z per (site, step kind, position bucket). Same interface as CF.
-
-    Example::
-
-        rep = NormDetector(baseline=NormDetector.build_baseline(benign)).analyze(inc)
-    """
-
-    name: ClassVar[str] = "norm"
-
-    @classmethod
-    def _unit_stats(cls, units: SiteUnits, params: dict[str, np.ndarray],
-                    options: dict[str, Any], state: dict[str, Any]) -> tuple[np.ndarray, int]:
-        x = units.vectors.astype(np.float64)
-        rms = np.sqrt(np.mean(x * x, axis=1)) if x.shape[1] else np.zeros(x.shape[0])
-        return np.log2(rms + 1e-12), 0
-
-    @classmethod
-    def _unit_floor(cls, n_features: int, options: dict[str, Any]) -> float:
-        return 0.01  # ~0.7 % in RMS
-
-
-class MahalanobisDetector(Detector):
-    """Mahalanobis baseline detector with diagonal, shrunk covariance per cell.
-
-    Per (site, step kind, position bucket) the benign mean and per-feature variance are
-    estimated; each cell's variances are shrunk toward its site's pooled step-kind variances
-    with ``shrinkage_units`` (default 50) pseudo-observations (the pooled ones toward their
-    median), so thin cells stay stable. Unit statistic: mean over features of ``(x - mean)² / var``.
-
-    Example::
-
-        rep = MahalanobisDetector(baseline=MahalanobisDetector.build_baseline(benign)).analyze(inc)
-    """
-
-    name: ClassVar[str] = "mahalanobis"
-    needs_fit: ClassVar[bool] = True
-
-    @classmethod
-    def _options(cls, **options: Any) -> dict[str, Any]:
-        shrink = _pop_int(options, "shrinkage_units", 50, 0, 10**9)
-        return {**super()._options(**options), "shrinkage_units": shrink}
-
-    @classmethod
-    def _fit_start(cls, site: str, options: dict[str, Any]) -> Any:
-        return {}
-
-    @classmethod
-    def _fit_add(cls, acc: Any, units: SiteUnits, options: dict[str, Any]) -> None:
-        x = units.vectors.astype(np.float64)
-        for k in np.unique(units.kind):
-            mk = units.kind == k
-            keys = [(int(k), -1)] + [(int(k), int(b)) for b in np.unique(units.bucket[mk])]
-            for key in keys:
-                m = mk if key[1] == -1 else mk & (units.bucket == key[1])
-                xs = x[m]
-                s = acc.setdefault(key, [0, np.zeros(x.shape[1]), np.zeros(x.shape[1])])
-                s[0] += xs.shape[0]
-                s[1] += xs.sum(axis=0)
-                s[2] += (xs * xs).sum(axis=0)
-
-    @classmethod
-    def _fit_end(cls, acc: Any, options: dict[str, Any]) -> dict[str, np.ndarray]:
-        n0 = float(options["shrinkage_units"])
-        keys = sorted(acc)
-        means, vars_, counts = [], [], []
-        pooled: dict[int, np.ndarray] = {}
-        for key in keys:  # pooled cells (bucket -1) sort first within a kind
-            n, s1, s2 = acc[key]
-            mu = s1 / n
-            var = np.maximum(s2 / n - mu * mu, 0.0)
-            target = pooled.get(key[0])
-            if target is None:  # pooled cell: shrink toward its median variance
-                target = np.full_like(var, float(np.median(var)))
-            lam = n0 / (n + n0) if n + n0 > 0 else 1.0
-            var = (1 - lam) * var + lam * target
-            var = np.maximum(var, 1e-6 * float(np.mean(var)) + 1e-12)
-            if key[1] == -1:
-                pooled[key[0]] = var
-            means.append(mu)
-            vars_.append(var)
-            counts.append(n)
-        return {"cells": np.asarray(keys, dtype=np.int64).reshape(-1, 2),
-                "mean": np.asarray(means, dtype=np.float32),
-                "var": np.asarray(vars_, dtype=np.float32),
-                "count": np.asarray(counts, dtype=np.int64)}
-
-    @classmethod
-    def _unit_stats(cls, units: SiteUnits, params: dict[str, np.ndarray],
-                    options: dict[str, Any], state: dict[str, Any]) -> tuple[np.ndarray, int]:
-        index = {(int(k), int(b)): i for i, (k, b) in enumerate(params["cells"])}
-        min_n = int(options["min_cell_units"])
-        out = np.full(len(units), np.nan)
-        for j, (k, b) in enumerate(zip(units.kind, units.bucket)):
-            i = index.get((int(k), int(b)))
-            if i is None or params["count"][i] < min_n:
-                i = index.get((int(k), -1))
-            if i is None:
-                continue
-            d = units.vectors[j].astype(np.float64) - params["mean"][i]
-            out[j] = float(np.mean(d * d / params["var"][i]))
-        return out, 0
-
-    @classmethod
-    def _unit_floor(cls, n_features: int, options: dict[str, Any]) -> float:
-        return 1e-3

@@ -9,31 +9,32 @@ and cached per (donor, site). The intervened replay then only looks values up an
 * decode steps: one position each, matched 1:1 by step;
 * batch: a donor with one row is broadcast to the incident's rows.
 
+The cache lives on the session (:meth:`~analysis.replay.ReplaySession.layer_state`), so donor
+runs are shared by every evaluation of that session.
+
 Example::
 
-    donors = DonorCache(session)
+    donors = DonorCache.of(session)
     donors.prepare(sets)                          # runs the donor forwards (counted)
     values, coverage = donors(iv, bound, step, (rows, pos, d))
 """
 
 from __future__ import annotations
 
+import dataclasses
 import zlib
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from integrations.errors import InterventionError, TensorNotFoundError
+from analysis.replay import Replayer, ReplaySession, StepCall
+from integrations.errors import InterventionError
 from integrations.incident import Incident
 from integrations.sites import BoundSite
 
-from ._calls import CallPlan, StepCall
-
 if TYPE_CHECKING:
-    from analysis.interventions import Intervention
-
-    from ._session import ReplaySession
+    from ._intervention import Intervention
 
 __all__ = ["DonorCache", "resample_generator"]
 
@@ -61,6 +62,11 @@ class DonorCache:
         self._s = session
         self._acts: dict[tuple[tuple[str, Any], str], dict[int, torch.Tensor]] = {}
         self._keep: dict[tuple[str, Any], Any] = {}  # keep donor objects alive (id() keys)
+
+    @classmethod
+    def of(cls, session: ReplaySession) -> DonorCache:
+        """The session's donor cache (made on first use)."""
+        return session.layer_state(cls)
 
     # ------------------------------------------------------------------ donor runs
     def prepare(self, sets: Sequence[Sequence[Intervention]]) -> None:
@@ -96,13 +102,11 @@ class DonorCache:
                 out[b] = {st: donor.tensor(s, step=st, kind="activation")
                           for st in donor.steps(s, kind="activation")}
         if missing:
-            from ._session import Replayer
-
             sess = Replayer(self._s.model,
                             allow_fingerprint_mismatch=self._s.replayer.allow_fingerprint_mismatch
                             ).load(donor)
             res = sess.run(capture=missing)
-            self._s._count(steps=sess.forward_passes, rows=sess.forward_passes, sets=0)
+            self._s.count_forward_passes(sess.forward_passes)
             for b in missing:
                 out[b] = dict(enumerate(res.activations[b]))
         return out
@@ -133,9 +137,8 @@ class DonorCache:
             if "token_type_ids" in first:
                 t["token_type_ids"] = torch.zeros(b, length, dtype=first["token_type_ids"].dtype)
             calls.append(StepCall(call.step, t))
-        donor_plan = CallPlan(mode=plan.mode, steps=tuple(calls), cache_arg=plan.cache_arg,
-                              logits_to_keep=plan.logits_to_keep)
-        raw = self._s._execute(donor_plan, sets=None, capture=bases, greedy=False)
+        raw = self._s.run_edited(plan=dataclasses.replace(plan, steps=tuple(calls)),
+                                 capture=bases)
         return {k: dict(enumerate(v)) for k, v in raw.activations.items()}
 
     # ------------------------------------------------------------------ lookups
@@ -218,12 +221,3 @@ def _align(iv: Intervention, donor: torch.Tensor,
             cov[li - ld:] = True
     return torch.broadcast_to(donor, shape), cov
 
-
-def recorded_activation(inc: Incident, site: str, step: int) -> torch.Tensor | None:
-    """The recorded activation of ``site`` (or of its base) at ``step``, if stored."""
-    for s in (site, site.split("[", 1)[0]):
-        try:
-            return inc.tensor(s, step=step, kind="activation")
-        except TensorNotFoundError:
-            continue
-    return None

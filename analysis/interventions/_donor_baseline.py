@@ -1,4 +1,6 @@
-"""Per-site baselines from benign incidents, for ``mean`` and ``resample`` interventions.
+"""The donor of ``mean`` and ``resample`` interventions: per-site means and pools of benign traffic.
+
+(Not to be confused with :class:`analysis.cf.CFBaseline`, the detectors' reference distributions.)
 
 A site's value is treated as a bag of **position-agnostic site vectors**: a ``[batch, pos, *vec]``
 activation contributes ``batch * pos`` vectors of shape ``vec`` (``[d_model]``, ``[n_heads,
@@ -12,7 +14,7 @@ Sites not recorded in a baseline incident are computed by replaying it (``model=
 
 Example::
 
-    baseline = Baseline.from_incidents(benign, sites=["blocks.*.mlp"], model=model)
+    baseline = DonorBaseline.from_incidents(benign, sites=["blocks.*.mlp"], model=model)
     baseline.mean("blocks.1.mlp").shape        # torch.Size([d_model])
     Intervention("blocks.1.mlp", "mean", donor=baseline)
 """
@@ -24,12 +26,14 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from analysis.replay import Replayer
 from integrations.errors import InterventionError
+from integrations.sites import resolve_sites
 
 if TYPE_CHECKING:
     from integrations.incident import Incident
 
-__all__ = ["Baseline", "MeanBaseline", "site_base", "site_vectors"]
+__all__ = ["DonorBaseline", "site_base", "site_vectors"]
 
 
 def site_base(site: str) -> str:
@@ -46,7 +50,7 @@ def site_vectors(t: torch.Tensor) -> torch.Tensor:
     raise InterventionError(f"a site tensor needs a batch dimension, got shape {tuple(t.shape)}")
 
 
-class Baseline:
+class DonorBaseline:
     """Per-site means and resample pools of benign traffic (see the module doc).
 
     Build with :meth:`from_incidents` (or :meth:`from_vectors`).
@@ -61,14 +65,14 @@ class Baseline:
 
     @classmethod
     def from_vectors(cls, vectors: Mapping[str, torch.Tensor], *,
-                     max_pool: int = 4096, seed: int = 0) -> Baseline:
+                     max_pool: int = 4096, seed: int = 0) -> DonorBaseline:
         """From ``{site: [n, *vec]}`` site vectors directly."""
         return cls._build({site_base(k): [v] for k, v in vectors.items()}, [], max_pool, seed)
 
     @classmethod
     def from_incidents(cls, incidents: Iterable[Incident], *, sites: Sequence[str] | None = None,
                        model: torch.nn.Module | None = None, max_pool: int = 4096,
-                       seed: int = 0, allow_fingerprint_mismatch: bool = False) -> Baseline:
+                       seed: int = 0, allow_fingerprint_mismatch: bool = False) -> DonorBaseline:
         """Means and pools of ``sites`` over benign ``incidents``.
 
         ``sites=None``: every site recorded in all of them. Sites may use wildcards when
@@ -86,8 +90,6 @@ class Baseline:
                 raise InterventionError(
                     "the baseline incidents share no recorded site; pass sites= and model=")
         elif model is not None:
-            from integrations.sites import resolve_sites
-
             bases = list(dict.fromkeys(b.base for b in resolve_sites(model, list(sites))))
         else:
             bases = list(dict.fromkeys(site_base(s) for s in sites))
@@ -101,8 +103,6 @@ class Baseline:
                     raise InterventionError(
                         f"baseline incident {inc.id!r} did not record {missing[:5]}; pass "
                         "model= to compute them by replay")
-                from analysis.replay import Replayer
-
                 sess = Replayer(model, allow_fingerprint_mismatch=allow_fingerprint_mismatch) \
                     .load(inc, measure=False)
                 res = sess.run(capture=missing)
@@ -119,7 +119,7 @@ class Baseline:
 
     @classmethod
     def _build(cls, chunks: Mapping[str, list[torch.Tensor]], ids: Sequence[str],
-               max_pool: int, seed: int) -> Baseline:
+               max_pool: int, seed: int) -> DonorBaseline:
         means: dict[str, torch.Tensor] = {}
         pools: dict[str, torch.Tensor] = {}
         counts: dict[str, int] = {}
@@ -172,8 +172,4 @@ class Baseline:
         return f"{len(self.incident_ids)} incidents, {len(self._means)} sites"
 
     def __repr__(self) -> str:
-        return f"Baseline({self.describe()})"
-
-
-#: The name used by the design notes for the ``mean`` donor; the same object serves ``resample``.
-MeanBaseline = Baseline
+        return f"DonorBaseline({self.describe()})"
