@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar, overload
 
 import torch
 
-from integrations._request import _current
+from integrations import outside_request
 from integrations.errors import ReplayError, SiteError
 from integrations.external import sandbox
 from integrations.incident import Incident, runtime_info
@@ -206,11 +206,11 @@ class ReplaySession:
         if getattr(self._inside, "active", False):
             yield
             return
-        token = _current.set(None)  # a replay is never part of a served request
         _REPLAY_LOCK.acquire()  # torch's determinism/thread/RNG settings are process-global
         try:
-            with deterministic_env(num_threads=self._threads, rng_state=self._rng,
-                                   cuda=self._device.type == "cuda") as settings, \
+            with outside_request(), \
+                    deterministic_env(num_threads=self._threads, rng_state=self._rng,
+                                      cuda=self._device.type == "cuda") as settings, \
                     sandbox(self._calls, incident_id=self.incident.id):
                 self.settings = settings
                 self._inside.active = True
@@ -220,7 +220,6 @@ class ReplaySession:
                     self._inside.active = False
         finally:
             _REPLAY_LOCK.release()
-            _current.reset(token)
 
     def sandbox(self) -> contextlib.AbstractContextManager[Any]:
         """A sandbox serving this incident's recorded external calls (application replay)."""
