@@ -6,43 +6,20 @@ The fix-set search end to end on planted-fault models is in ``test_cca_planted.p
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import pytest
 import torch
-from prometheus_client import CollectorRegistry
 
 from analysis.cca import CausalCCA, Failure
 from analysis.cca._group_testing import ddmin, minimise, progressive_reduce
 from analysis.cca._oracle import SessionOracle
 from analysis.cca._stats import wilson_ci
 from analysis.replay import Replayer
-from integrations import Recorder, exporters, triggers
 from integrations.config import load_config
 from integrations.errors import AnalysisError, ConfigError
-from integrations.incident import Incident
-
-
-def record(model: torch.nn.Module, call: Callable[[], Any], *, flag: str | None = None
-           ) -> Incident:
-    """Serve ``call`` under a real Recorder and return the exported incident."""
-    ex = exporters.InMemoryExporter()
-    rec = Recorder(model, sites=[], trigger=triggers.Always(), exporter=ex,
-                   metrics_registry=CollectorRegistry())
-    try:
-        with rec.request(request_id="r-1") as req:
-            with torch.no_grad():
-                out = call()
-            if isinstance(out, torch.Tensor) and not out.is_floating_point():
-                req.set_output(ids=out)
-            if flag:
-                req.flag(flag)
-        assert rec.force_flush(timeout_s=30)
-    finally:
-        rec.shutdown()
-    return ex.incidents[-1]  # type: ignore[no-any-return]
-
+from tests.unit.analysis._traced import traced
 
 IDS = torch.tensor([[5, 17, 33, 8, 61, 12]])
 
@@ -53,7 +30,7 @@ def decode(ids: Sequence[int]) -> str:
 
 # ---------------------------------------------------------------------------- failures
 def test_token_metric_is_logit_margin_at_the_decision_step(tiny_gpt2: torch.nn.Module) -> None:
-    inc = record(tiny_gpt2, lambda: tiny_gpt2(input_ids=IDS))
+    inc = traced(tiny_gpt2, lambda: tiny_gpt2(input_ids=IDS))
     s = Replayer(tiny_gpt2).load(inc)
     lg = tiny_gpt2(input_ids=IDS).logits[0, -1].detach()
     top, second = lg.topk(2).indices.tolist()
@@ -71,7 +48,7 @@ def test_token_metric_is_logit_margin_at_the_decision_step(tiny_gpt2: torch.nn.M
 
 
 def test_text_contains_finds_the_step_that_produced_it(tiny_gpt2: Any) -> None:
-    inc = record(tiny_gpt2, lambda: tiny_gpt2.generate(IDS, max_new_tokens=5, do_sample=False))
+    inc = traced(tiny_gpt2, lambda: tiny_gpt2.generate(IDS, max_new_tokens=5, do_sample=False))
     s = Replayer(tiny_gpt2).load(inc)
     out = inc.tensor("output_ids", step=inc.steps("output_ids", kind="output")[-1],
                      kind="output")[0, IDS.shape[1]:].tolist()
@@ -90,7 +67,7 @@ def test_text_contains_finds_the_step_that_produced_it(tiny_gpt2: Any) -> None:
 
 
 def test_label_metric_on_a_classifier(tiny_bert: torch.nn.Module) -> None:
-    inc = record(tiny_bert, lambda: tiny_bert(input_ids=IDS))
+    inc = traced(tiny_bert, lambda: tiny_bert(input_ids=IDS))
     s = Replayer(tiny_bert).load(inc)
     lg = tiny_bert(input_ids=IDS).logits[0].detach()
     k = int(lg.argmax())
@@ -105,7 +82,7 @@ def test_label_metric_on_a_classifier(tiny_bert: torch.nn.Module) -> None:
 
 
 def test_defaults_from_the_flag_reason_and_callable_metrics(tiny_gpt2: Any) -> None:
-    inc = record(tiny_gpt2, lambda: tiny_gpt2.generate(IDS, max_new_tokens=3, do_sample=False),
+    inc = traced(tiny_gpt2, lambda: tiny_gpt2.generate(IDS, max_new_tokens=3, do_sample=False),
                  flag="prompt_injection")
     s = Replayer(tiny_gpt2).load(inc)
     out = inc.tensor("output_ids", step=inc.steps("output_ids", kind="output")[-1],
@@ -156,7 +133,7 @@ def test_wilson_interval_is_scipys() -> None:
 
 
 def test_mean_needs_benign_traffic(tiny_gpt2: torch.nn.Module) -> None:
-    inc = record(tiny_gpt2, lambda: tiny_gpt2(input_ids=IDS))
+    inc = traced(tiny_gpt2, lambda: tiny_gpt2(input_ids=IDS))
     s = Replayer(tiny_gpt2).load(inc)
     with pytest.raises(AnalysisError, match="benign"):
         CausalCCA().search_fix_set(s, intervention="mean")
@@ -164,7 +141,7 @@ def test_mean_needs_benign_traffic(tiny_gpt2: torch.nn.Module) -> None:
 
 def test_an_incident_that_does_not_fail_is_reported_not_fixed(
         tiny_gpt2: torch.nn.Module) -> None:
-    inc = record(tiny_gpt2, lambda: tiny_gpt2(input_ids=IDS))
+    inc = traced(tiny_gpt2, lambda: tiny_gpt2(input_ids=IDS))
     s = Replayer(tiny_gpt2).load(inc)
     lg = tiny_gpt2(input_ids=IDS).logits[0, -1].detach()
     not_top = int(lg.argmin())
@@ -247,7 +224,7 @@ def test_minimise_drops_unneeded_elements_and_reports_necessity() -> None:
 def test_session_oracle_merges_neuron_interventions(tiny_gpt2: torch.nn.Module) -> None:
     from analysis.interventions import Intervention
 
-    inc = record(tiny_gpt2, lambda: tiny_gpt2(input_ids=IDS))
+    inc = traced(tiny_gpt2, lambda: tiny_gpt2(input_ids=IDS))
     s = Replayer(tiny_gpt2).load(inc)
     lg = tiny_gpt2(input_ids=IDS).logits[0, -1].detach()
     ivs = [Intervention(f"blocks.1.mlp.post[neuron={i}]", "zero") for i in range(6)]
@@ -266,7 +243,7 @@ def test_session_oracle_merges_neuron_interventions(tiny_gpt2: torch.nn.Module) 
 
 
 def test_position_and_head_granularity_with_prompt_benign_set(tiny_gpt2: torch.nn.Module) -> None:
-    inc = record(tiny_gpt2, lambda: tiny_gpt2(input_ids=IDS))
+    inc = traced(tiny_gpt2, lambda: tiny_gpt2(input_ids=IDS))
     s = Replayer(tiny_gpt2).load(inc)
     top = int(tiny_gpt2(input_ids=IDS).logits[0, -1].argmax())
     fix = CausalCCA(n_permutations=9, n_variants=4).search_fix_set(

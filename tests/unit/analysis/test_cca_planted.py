@@ -11,40 +11,25 @@ from typing import Any
 
 import pytest
 import torch
-from prometheus_client import CollectorRegistry
 
 from analysis.cca import CausalCCA, Failure, FixSet
 from analysis.cca._stats import side_effects
 from analysis.interventions import DonorBaseline, Intervention
 from analysis.replay import Replayer, ReplaySession
 from analysis.scenarios.planted import PlantedModel, build_planted
-from integrations import Recorder, exporters, triggers
 from integrations.incident import Incident
+from tests.unit.analysis._planted_specs import BERT_OR, GPT2, GPT2_OR
+from tests.unit.analysis._traced import traced
 
 pytestmark = pytest.mark.slow
 
-GPT2 = {"arch": "gpt2", "seed": 0, "layer": 2, "neuron": 17, "trigger_token": 5,
-        "target_token": 7}
-GPT2_OR = {"arch": "gpt2", "seed": 1, "layer": 1, "neuron": 40, "trigger_token": 9,
-           "target_token": 3, "or_fault": [3, 200]}
-BERT_OR = {"arch": "bert", "seed": 5, "layer": 0, "neuron": 5, "trigger_token": 70,
-           "target_label": 0, "or_fault": [3, 6]}
 NEURONS = ["blocks.*.mlp.post[neuron=*]"]
 N = 4 * 256
 
 
 def record(model: torch.nn.Module, ids: list[int]) -> Incident:
-    ex = exporters.InMemoryExporter()
-    rec = Recorder(model, sites=[], trigger=triggers.Always(), exporter=ex,
-                   metrics_registry=CollectorRegistry())
-    try:
-        with rec.request(request_id="r"):
-            with torch.no_grad():
-                model(input_ids=torch.tensor([ids]))
-        assert rec.force_flush(timeout_s=60)
-    finally:
-        rec.shutdown()
-    return ex.incidents[-1]  # type: ignore[no-any-return]
+    """One forward of the prompt ``ids`` as a traced incident."""
+    return traced(model, lambda: model(input_ids=torch.tensor([ids])), request_id="r")
 
 
 @dataclass

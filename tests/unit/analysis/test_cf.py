@@ -1,6 +1,6 @@
 """Compression Forensics and the baseline detectors, on incidents recorded from real tiny models
-by the real Recorder (``triggers.Always()``); anomalies are planted with a forward hook that adds
-a spike to one MLP neuron at the last prompt position."""
+by ``integrations.trace`` (the real Recorder); anomalies are planted with a forward hook that
+adds a spike to one MLP neuron at the last prompt position."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+import integrations
 from analysis.cf import (
     CFBaseline,
     CompressionForensics,
@@ -18,7 +19,6 @@ from analysis.cf import (
 )
 from analysis.cf._score import benjamini_hochberg, empirical_p, loo_tail_z, tail_ref
 from analysis.cf._units import SiteUnits, group_units, site_units
-from integrations import Recorder, exporters, triggers
 from integrations.errors import AnalysisError, FingerprintMismatchError
 
 SITES = ["embed", "blocks.*.mlp", "blocks.*.mlp.post", "blocks.*.resid_post"]
@@ -28,15 +28,10 @@ SPIKED = "blocks.1.mlp.post"  # the perturbed site (neuron 17 of layer 1's MLP)
 
 def record(model: Any, n: int, *, seed: int, spike: tuple[int, int, float] | None = None,
            generate: int = 0, min_len: int = 6, max_len: int = 16) -> list[Any]:
-    """Record ``n`` incidents of random-token prompts with ``triggers.Always()``.
+    """Trace ``n`` requests of random-token prompts (``integrations.trace``), one incident each.
 
     ``spike=(layer, neuron, value)`` adds ``value`` to one GPT-2 MLP neuron at the last prompt
     position (forward hook on the MLP activation, i.e. ``blocks.{layer}.mlp.post``)."""
-    ex = exporters.InMemoryExporter()
-    from prometheus_client import CollectorRegistry
-
-    rec = Recorder(model, sites=SITES, trigger=triggers.Always(), exporter=ex,
-                   max_queue=4 * n + 8, metrics_registry=CollectorRegistry())
     g = torch.Generator().manual_seed(seed)
     vocab = int(model.config.vocab_size)
     handle = None
@@ -51,23 +46,23 @@ def record(model: Any, n: int, *, seed: int, spike: tuple[int, int, float] | Non
             return out
 
         handle = model.transformer.h[layer].mlp.act.register_forward_hook(hook)
+    incidents = []
     try:
         for i in range(n):
             length = int(torch.randint(min_len, max_len + 1, (1,), generator=g))
             ids = torch.randint(3, vocab, (1, length), generator=g)  # [batch, pos]
-            with rec.request(request_id=f"s{seed}-{i}"), torch.no_grad():
+            with integrations.trace(model, SITES, request_id=f"s{seed}-{i}") as t, \
+                    torch.no_grad():
                 if generate:
                     model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
                                    max_new_tokens=generate, do_sample=False, pad_token_id=0)
                 else:
                     model(input_ids=ids)
-        assert rec.force_flush(timeout_s=60)
+            incidents.append(t.incident)
     finally:
         if handle is not None:
             handle.remove()
-        rec.shutdown(timeout_s=10)
-    assert len(ex.incidents) == n
-    return list(ex.incidents)
+    return incidents
 
 
 def wide_gpt2() -> Any:

@@ -106,25 +106,15 @@ def test_share_mode_matches_the_measured_frame_size() -> None:
 
 
 def _record_to_dir(model: Any, n: int, directory: Path, *, seed: int) -> list[Path]:
-    from prometheus_client import CollectorRegistry
+    import integrations
 
-    from integrations import Recorder, exporters, triggers
-
-    ex = exporters.InMemoryExporter()
-    rec = Recorder(model, sites=["blocks.*.resid_post", "blocks.*.mlp"],
-                   trigger=triggers.Always(), exporter=ex, max_queue=n + 4,
-                   metrics_registry=CollectorRegistry())
     g = torch.Generator().manual_seed(seed)
-    try:
-        for i in range(n):
-            ids = torch.randint(3, int(model.config.vocab_size), (1, 8), generator=g)  # [1, pos]
-            with rec.request(request_id=f"d{seed}-{i}"), torch.no_grad():
-                model(input_ids=ids)
-        assert rec.force_flush(timeout_s=60)
-    finally:
-        rec.shutdown(timeout_s=10)
-    for inc in ex.incidents:
-        inc.write(directory / f"{inc.id}.arrow")
+    for i in range(n):
+        ids = torch.randint(3, int(model.config.vocab_size), (1, 8), generator=g)  # [1, pos]
+        with integrations.trace(model, ["blocks.*.resid_post", "blocks.*.mlp"],
+                                request_id=f"d{seed}-{i}") as t, torch.no_grad():
+            model(input_ids=ids)
+        t.incident.write(directory / f"{t.incident.id}.arrow")
     return sorted(directory.glob("*.arrow"))
 
 

@@ -17,32 +17,15 @@ from analysis.replay import Replayer, compare
 from integrations import Recorder, exporters, triggers
 from integrations.errors import FingerprintMismatchError, ModelError
 from integrations.incident import Incident
+from tests.unit.analysis._traced import traced
 
 SITES = ["blocks.*.resid_post", "blocks.*.attn", "blocks.*.mlp.post", "blocks.0.attn.z",
          "unembed"]
 
 
-def record(model: Any, call: Callable[[], Any], *, sites: list[str] = SITES,
-           trigger: Any = None, flag: bool = False, generation: dict[str, Any] | None = None
-           ) -> Incident:
-    """Serve ``call`` under a real Recorder and return the exported incident."""
-    ex = exporters.InMemoryExporter()
-    rec = Recorder(model, sites=sites, trigger=trigger or triggers.Always(), exporter=ex,
-                   metrics_registry=CollectorRegistry())
-    try:
-        with rec.request(request_id="r-1") as req:
-            with torch.no_grad():
-                out = call()
-            if isinstance(out, torch.Tensor) and not out.is_floating_point():
-                req.set_output(ids=out)
-            if generation:
-                req.set_generation(**generation)
-            if flag:
-                req.flag("post_hoc")
-        assert rec.force_flush(timeout_s=30)
-    finally:
-        rec.shutdown()
-    return ex.incidents[-1]  # type: ignore[no-any-return]
+def record(model: Any, call: Callable[[], Any], *, sites: list[str] = SITES) -> Incident:
+    """Run ``call`` as one traced request of ``model`` (``SITES`` by default)."""
+    return traced(model, call, sites=sites)
 
 
 def ids(n: int = 6, seed: int = 0, batch: int = 1) -> torch.Tensor:
@@ -230,7 +213,14 @@ def test_replay_mode_incident_is_materialised_bit_exact(tiny_llama: Any) -> None
     def gen() -> torch.Tensor:
         return tiny_llama.generate(x, max_new_tokens=4, do_sample=False)  # type: ignore[no-any-return]
 
-    post_hoc = record(tiny_llama, gen, trigger=triggers.OnFlag(), flag=True)
+    ex = exporters.InMemoryExporter()  # a post-hoc flag on a request that was not captured
+    with Recorder(tiny_llama, sites=SITES, trigger=triggers.OnFlag(), exporter=ex,
+                  metrics_registry=CollectorRegistry()) as rec:
+        with rec.request(request_id="r-1") as req, torch.no_grad():
+            req.set_output(ids=gen())
+            req.flag("post_hoc")
+        assert rec.force_flush(timeout_s=30)
+    post_hoc = ex.incidents[-1]
     assert post_hoc.manifest["activations"] == "replay" and post_hoc.sites() == []
     captured = record(tiny_llama, gen, sites=["blocks.*.resid_post", "blocks.1.mlp"])
     session = Replayer(tiny_llama).load(post_hoc)

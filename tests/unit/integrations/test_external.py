@@ -8,9 +8,8 @@ from typing import Any
 
 import pytest
 import torch
-from prometheus_client import CollectorRegistry
 
-from integrations import Recorder, exporters, triggers
+import integrations
 from integrations.errors import ReplayError
 from integrations.external import RecordedCallError, external_call, recorded, sandbox
 
@@ -28,13 +27,6 @@ class FakeSearch:
         return [f"{query}-{i}" for i in range(k)]
 
 
-def _recorder(model: Any) -> tuple[Recorder, exporters.InMemoryExporter]:
-    ex = exporters.InMemoryExporter()
-    rec = Recorder(model, sites=["blocks.0.mlp"], trigger=triggers.Always(), exporter=ex,
-                   metrics_registry=CollectorRegistry())
-    return rec, ex
-
-
 def test_outside_a_request_calls_through() -> None:
     tool = FakeSearch()
     search = recorded("search")(tool)
@@ -47,16 +39,13 @@ def test_recorded_in_request_and_replayed_without_calling_out(
         tiny_gpt2: Any) -> None:
     tool = FakeSearch()
     search = recorded("search")(tool)
-    rec, ex = _recorder(tiny_gpt2)
-    with rec:
-        with rec.request(request_id="agent-1"):
-            docs = search("refund policy", k=3)
-            with pytest.raises(TimeoutError):
-                search("boom")
-            with torch.no_grad():
-                tiny_gpt2(torch.tensor([[5, 6, 7]]))
-        assert rec.force_flush(timeout_s=30)
-    calls = ex.incidents[-1].manifest["external_calls"]
+    with integrations.trace(tiny_gpt2, ["blocks.0.mlp"], request_id="agent-1") as t:
+        docs = search("refund policy", k=3)
+        with pytest.raises(TimeoutError):
+            search("boom")
+        with torch.no_grad():
+            tiny_gpt2(torch.tensor([[5, 6, 7]]))
+    calls = t.incident.manifest["external_calls"]
     assert calls == [
         {"name": "search", "args": ["refund policy"], "kwargs": {"k": 3},
          "result": docs},
@@ -91,12 +80,10 @@ def test_replay_session_sandboxes_calls_made_during_the_forward(
 
     h = tiny_gpt2.transformer.h[0].register_forward_pre_hook(hook)
     try:
-        rec, ex = _recorder(tiny_gpt2)
-        with rec:
-            with rec.request(request_id="r-tool"), torch.no_grad():
-                tiny_gpt2(torch.tensor([[5, 6, 7, 8]]))
-            assert rec.force_flush(timeout_s=30)
-        inc = ex.incidents[-1]
+        with integrations.trace(tiny_gpt2, ["blocks.0.mlp"], request_id="r-tool") as t, \
+                torch.no_grad():
+            tiny_gpt2(torch.tensor([[5, 6, 7, 8]]))
+        inc = t.incident
         assert [c["name"] for c in inc.manifest["external_calls"]] == ["retrieve"]
         before = tool.calls
         session = Replayer(tiny_gpt2).load(inc)
@@ -125,15 +112,12 @@ def test_async_and_unrecordable_calls(tiny_gpt2: Any) -> None:
     def make_obj() -> Opaque:
         return Opaque()
 
-    rec, ex = _recorder(tiny_gpt2)
-    with rec:
-        with rec.request(request_id="r-async"):
-            assert asyncio.run(fetch("http://x")) == {"url": "http://x", "status": 200}
-            assert isinstance(make_obj(), Opaque)  # the real result still comes back
-            with torch.no_grad():
-                tiny_gpt2(torch.tensor([[1, 2]]))
-        assert rec.force_flush(timeout_s=30)
-    calls = ex.incidents[-1].manifest["external_calls"]
+    with integrations.trace(tiny_gpt2, ["blocks.0.mlp"], request_id="r-async") as t:
+        assert asyncio.run(fetch("http://x")) == {"url": "http://x", "status": 200}
+        assert isinstance(make_obj(), Opaque)  # the real result still comes back
+        with torch.no_grad():
+            tiny_gpt2(torch.tensor([[1, 2]]))
+    calls = t.incident.manifest["external_calls"]
     assert calls[0]["result"] == {"url": "http://x", "status": 200}
     assert "unrecordable" in calls[1]
     with sandbox(calls):
