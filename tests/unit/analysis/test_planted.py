@@ -16,19 +16,15 @@ from analysis.scenarios.planted import (
     weights_sha256,
 )
 from integrations.errors import ConfigError, SiteError
+from tests.unit.analysis._planted_specs import (
+    BERT,
+    BERT_OR,
+    GPT2,
+    GPT2_HEAD,
+    GPT2_OR,
+    GPT2_OR_SAME,
+)
 
-GPT2 = {"arch": "gpt2", "seed": 0, "layer": 2, "neuron": 17, "trigger_token": 5,
-        "target_token": 7}
-GPT2_OR = {"arch": "gpt2", "seed": 1, "layer": 1, "neuron": 40, "trigger_token": 9,
-           "target_token": 3, "or_fault": [3, 200]}
-GPT2_OR_SAME = {"arch": "gpt2", "seed": 2, "layer": 0, "neuron": 11, "trigger_token": 60,
-                "target_token": 61, "or_fault": [0, 12]}
-GPT2_HEAD = {"arch": "gpt2", "seed": 3, "layer": 1, "head": 2, "trigger_token": 20,
-             "target_token": 21}
-BERT = {"arch": "bert", "seed": 4, "layer": 2, "neuron": 99, "trigger_token": 33,
-        "target_label": 1}
-BERT_OR = {"arch": "bert", "seed": 5, "layer": 0, "neuron": 5, "trigger_token": 70,
-           "target_label": 0, "or_fault": [3, 6]}
 SINGLE = [GPT2, GPT2_HEAD, BERT]
 TWO_SITE = [GPT2_OR, GPT2_OR_SAME, BERT_OR]
 ALL = SINGLE + TWO_SITE
@@ -78,21 +74,28 @@ def test_minimal_fix_fixes_and_preserves_benign(spec: dict) -> None:
     assert sum(a == b for a, b in zip(before, after)) / len(ok) >= 0.99
 
 
+def _predict_zeroed(pm: PlantedModel, module: torch.nn.Module, neuron: int,
+                    prompts: list[list[int]]) -> list[int]:
+    """``pm.predict(prompts)`` under a hand-written pre-hook zeroing input feature ``neuron``
+    of ``module`` (independent of PlantedModel.ablated); the hook is removed after."""
+    def zero_neuron(_m: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor]:
+        x = args[0].clone()  # [batch, pos, d_mlp]
+        x[..., neuron] = 0.0
+        return (x,)
+
+    h = module.register_forward_pre_hook(zero_neuron)
+    try:
+        return pm.predict(prompts)
+    finally:
+        h.remove()
+
+
 def test_plain_pre_hook_on_down_projection_fixes_gpt2() -> None:
     """Independent of PlantedModel.ablated: a hand-written hook on mlp.c_proj's input."""
     pm = _pm(GPT2)
     bad = pm.failing_prompts(40, seed=4)
-
-    def zero_neuron(_m: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor]:
-        x = args[0].clone()  # [batch, pos, d_mlp]
-        x[..., GPT2["neuron"]] = 0.0
-        return (x,)
-
-    h = pm.model.transformer.h[GPT2["layer"]].mlp.c_proj.register_forward_pre_hook(zero_neuron)
-    try:
-        preds = pm.predict(bad)
-    finally:
-        h.remove()
+    c_proj = pm.model.transformer.h[GPT2["layer"]].mlp.c_proj
+    preds = _predict_zeroed(pm, c_proj, GPT2["neuron"], bad)
     assert sum(p != pm.target_token for p in preds) / len(bad) >= 0.95
     assert all(p == pm.target_token for p in pm.predict(bad))  # hook really removed
 
@@ -100,18 +103,8 @@ def test_plain_pre_hook_on_down_projection_fixes_gpt2() -> None:
 def test_plain_pre_hook_on_bert_output_dense_fixes() -> None:
     pm = _pm(BERT)
     bad = pm.failing_prompts(40, seed=4)
-
-    def zero_neuron(_m: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor]:
-        x = args[0].clone()  # [batch, pos, d_mlp]
-        x[..., BERT["neuron"]] = 0.0
-        return (x,)
-
     dense = pm.model.bert.encoder.layer[BERT["layer"]].output.dense
-    h = dense.register_forward_pre_hook(zero_neuron)
-    try:
-        preds = pm.predict(bad)
-    finally:
-        h.remove()
+    preds = _predict_zeroed(pm, dense, BERT["neuron"], bad)
     assert sum(p != pm.target_token for p in preds) / len(bad) >= 0.95
 
 
