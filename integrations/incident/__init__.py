@@ -31,16 +31,16 @@ if TYPE_CHECKING:
     from ._reader import Incident
     from ._record import TensorRecord
     from ._runtime import model_fingerprint, model_reference, runtime_info
-    from ._schema import DTYPE_ITEMSIZE, FORMAT_VERSION, KINDS, MANIFEST_KEY, SCHEMA
+    from ._schema import DTYPE_ITEMSIZE, FORMAT_VERSION, MANIFEST_KEY, ROW_KINDS, SCHEMA
 
 __all__ = [
     "DIGEST_ALGORITHM",
     "DTYPE_ITEMSIZE",
     "FORMAT_VERSION",
     "ID_PATTERN",
-    "KINDS",
     "MANIFEST_KEY",
     "REQUIRED_KEYS",
+    "ROW_KINDS",
     "SCHEMA",
     "Incident",
     "IncidentBuilder",
@@ -64,9 +64,9 @@ __getattr__, __dir__ = lazy_exports(__name__, {
     "ID_PATTERN": "._manifest",
     "Incident": "._reader",
     "IncidentBuilder": "._builder",
-    "KINDS": "._schema",
     "MANIFEST_KEY": "._schema",
     "REQUIRED_KEYS": "._manifest",
+    "ROW_KINDS": "._schema",
     "SCHEMA": "._schema",
     "TensorRecord": "._record",
     "atomic_write": "._atomic",

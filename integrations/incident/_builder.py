@@ -22,7 +22,7 @@ from integrations.errors import IncidentFormatError, IncidentTooLargeError
 
 from ._digest import RowDigest
 from ._manifest import normalize_manifest
-from ._schema import KINDS, MANIFEST_KEY, SCHEMA, RowMeta, check_little_endian, dtype_name
+from ._schema import MANIFEST_KEY, ROW_KINDS, SCHEMA, RowMeta, check_little_endian, dtype_name
 
 if TYPE_CHECKING:
     import torch
@@ -57,8 +57,8 @@ def _row_meta(kind: str, site: str, module_path: str, step: int, tensor: Any) ->
     """The row's columns, or :class:`IncidentFormatError` saying what is wrong with them."""
     import torch
 
-    if kind not in KINDS:
-        raise IncidentFormatError(f"unknown row kind {kind!r}; use one of {list(KINDS)}")
+    if kind not in ROW_KINDS:
+        raise IncidentFormatError(f"unknown row kind {kind!r}; use one of {list(ROW_KINDS)}")
     if not isinstance(site, str) or not site:
         raise IncidentFormatError(f"site must be a non-empty string, got {site!r}")
     if not isinstance(module_path, str):
@@ -204,7 +204,7 @@ class IncidentBuilder:
         manifest["integrity"] = digest.integrity()
 
         kinds = pa.DictionaryArray.from_arrays(
-            pa.array([KINDS.index(r.kind) for r in rows], pa.int8()), pa.array(KINDS, pa.utf8())
+            pa.array([ROW_KINDS.index(r.kind) for r in rows], pa.int8()), pa.array(ROW_KINDS, pa.utf8())
         )
         sites = pa.array([r.site for r in rows], pa.utf8()).dictionary_encode()
         arrays = [

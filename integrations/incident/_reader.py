@@ -34,7 +34,7 @@ from integrations.errors import IncidentError, IncidentFormatError, TensorNotFou
 from ._atomic import atomic_write
 from ._builder import IncidentBuilder
 from ._record import TensorRecord
-from ._schema import DTYPE_ITEMSIZE, KINDS, check_little_endian, torch_dtype
+from ._schema import DTYPE_ITEMSIZE, ROW_KINDS, check_little_endian, torch_dtype
 from ._validate import StoredRow, parse_stream, verify_digest
 
 if TYPE_CHECKING:
@@ -164,14 +164,14 @@ class Incident:
         return len(self._rows)
 
     def __repr__(self) -> str:
-        kinds = sorted({r.kind for r in self._rows}, key=KINDS.index)
+        kinds = sorted({r.kind for r in self._rows}, key=ROW_KINDS.index)
         return (f"Incident(id={self.id!r}, rows={len(self._rows)}, kinds={kinds}, "
                 f"nbytes={self.nbytes})")
 
     # ----------------------------------------------------------------- lookups
     def _check_kind(self, kind: str | None) -> None:
-        if kind is not None and kind not in KINDS:
-            raise TensorNotFoundError(f"unknown kind {kind!r}; kinds are {list(KINDS)}")
+        if kind is not None and kind not in ROW_KINDS:
+            raise TensorNotFoundError(f"unknown kind {kind!r}; kinds are {list(ROW_KINDS)}")
 
     def sites(self, kind: str | None = "activation") -> list[str]:
         """Sorted distinct site strings of rows of ``kind`` (``None``: every kind)."""
@@ -209,7 +209,7 @@ class Incident:
         Raises :class:`TensorNotFoundError` listing what is stored.
         """
         self._check_kind(kind)
-        kinds = [kind] if kind is not None else list(KINDS)
+        kinds = [kind] if kind is not None else list(ROW_KINDS)
         found = [self._index[(k, site, step)] for k in kinds if (k, site, step) in self._index]
         if len(found) > 1:
             raise IncidentError(

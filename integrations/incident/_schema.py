@@ -25,8 +25,8 @@ if TYPE_CHECKING:
 __all__ = [
     "DTYPE_ITEMSIZE",
     "FORMAT_VERSION",
-    "KINDS",
     "MANIFEST_KEY",
+    "ROW_KINDS",
     "SCHEMA",
     "SUPPORTED_FORMAT_VERSIONS",
     "RowMeta",
@@ -44,7 +44,7 @@ SUPPORTED_FORMAT_VERSIONS = frozenset({1})
 MANIFEST_KEY = b"forensics.manifest"
 
 #: Row kinds, in the order of the dictionary the builder writes.
-KINDS: tuple[str, ...] = ("input", "output", "activation", "logits", "reference")
+ROW_KINDS: tuple[str, ...] = ("input", "output", "activation", "logits", "reference")
 
 #: Allowed tensor dtypes (exact torch dtype names) and their item size in bytes.
 DTYPE_ITEMSIZE: dict[str, int] = {

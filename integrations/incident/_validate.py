@@ -27,7 +27,7 @@ from integrations.errors import IncidentFormatError
 
 from ._digest import DIGEST_ALGORITHM, RowDigest
 from ._manifest import validate_manifest
-from ._schema import DTYPE_ITEMSIZE, KINDS, MANIFEST_KEY, SCHEMA, RowMeta
+from ._schema import DTYPE_ITEMSIZE, MANIFEST_KEY, ROW_KINDS, SCHEMA, RowMeta
 
 __all__ = ["StoredRow", "parse_stream", "verify_digest"]
 
@@ -142,8 +142,8 @@ def _rows_of(batch: pa.RecordBatch, b: int) -> list[StoredRow]:
     rows = []
     for i in range(n):
         where = f"row {i} of record batch {b} ({kinds[i]} {sites[i]!r} step {steps[i]})"
-        if kinds[i] not in KINDS:
-            _fail(f"{where}: unknown kind {kinds[i]!r} (allowed: {list(KINDS)})")
+        if kinds[i] not in ROW_KINDS:
+            _fail(f"{where}: unknown kind {kinds[i]!r} (allowed: {list(ROW_KINDS)})")
         if not sites[i]:
             _fail(f"{where}: empty site")
         if steps[i] < 0:
