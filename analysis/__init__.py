@@ -10,33 +10,50 @@ Heavy modules are imported on first use of their names.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from typing import TYPE_CHECKING
 
-# public name -> module that defines it (imported lazily)
-_LAZY = {
-    "CFBaseline": "analysis.cf",
-    "CFReport": "analysis.cf",
-    "CausalCCA": "analysis.cca",
-    "CompressionForensics": "analysis.cf",
-    "DonorBaseline": "analysis.interventions",
-    "Failure": "analysis.cca",
-    "Fidelity": "analysis.replay",
-    "FixSet": "analysis.cca",
+from integrations._lazy import lazy_exports
+
+if TYPE_CHECKING:  # what type checkers see; at runtime each name loads on first use
+    from integrations.incident import Incident
+
+    from .cca import CausalCCA, Failure, FixSet
+    from .cf import CFBaseline, CFReport, CompressionForensics, MahalanobisDetector, NormDetector
+    from .interventions import DonorBaseline, Intervention
+    from .replay import Fidelity, ReplayResult, ReplaySession, Replayer
+
+__all__ = [
+    "CFBaseline",
+    "CFReport",
+    "CausalCCA",
+    "CompressionForensics",
+    "DonorBaseline",
+    "Failure",
+    "Fidelity",
+    "FixSet",
+    "Incident",
+    "Intervention",
+    "MahalanobisDetector",
+    "NormDetector",
+    "ReplayResult",
+    "ReplaySession",
+    "Replayer",
+]
+
+__getattr__, __dir__ = lazy_exports(__name__, {
+    "CFBaseline": ".cf",
+    "CFReport": ".cf",
+    "CausalCCA": ".cca",
+    "CompressionForensics": ".cf",
+    "DonorBaseline": ".interventions",
+    "Failure": ".cca",
+    "Fidelity": ".replay",
+    "FixSet": ".cca",
     "Incident": "integrations.incident",
-    "Intervention": "analysis.interventions",
-    "MahalanobisDetector": "analysis.cf",
-    "NormDetector": "analysis.cf",
-    "ReplayResult": "analysis.replay",
-    "ReplaySession": "analysis.replay",
-    "Replayer": "analysis.replay",
-}
-
-__all__ = sorted(_LAZY)
-
-
-def __getattr__(name: str) -> Any:
-    mod = _LAZY.get(name)
-    if mod is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(mod), name)
+    "Intervention": ".interventions",
+    "MahalanobisDetector": ".cf",
+    "NormDetector": ".cf",
+    "ReplayResult": ".replay",
+    "ReplaySession": ".replay",
+    "Replayer": ".replay",
+})

@@ -69,6 +69,9 @@ from integrations._config_sources import (
 from integrations.errors import ConfigError
 
 __all__ = [
+    "ENV_PREFIX",
+    "GRANULARITIES",
+    "SEARCH_STRATEGIES",
     "SIDECAR_ENV_PREFIX",
     "CCAConfig",
     "CFConfig",
