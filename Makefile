@@ -26,8 +26,9 @@ lock:
 demo: install
 	$(PY) -m model_forensics demo
 
+# Everything, slow tests included (pytest's default, -m "not slow" in pyproject, is test-fast).
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "slow or not slow"
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"
