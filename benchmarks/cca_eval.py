@@ -3,7 +3,7 @@
 For each model of :func:`analysis.scenarios.planted.planted_suite` (GPT-2 / BERT, single neuron,
 head and two-site OR faults; seeds, layers, neurons, triggers varied):
 
-1. record one failing prompt as an incident with the real ``integrations.Recorder``;
+1. record one failing prompt as an incident with ``integrations.trace`` (the real Recorder);
 2. build a mean baseline from ``--baseline`` benign incidents; side effects are measured on
    ``--benign`` *other* benign incidents;
 3. run ``CausalCCA(search_strategy="greedy")`` over every MLP neuron and attention head
@@ -38,23 +38,26 @@ CANDIDATES = ["blocks.*.mlp.post[neuron=*]", "blocks.*.attn.z[head=*]"]
 
 
 def record(model: Any, ids: list[int]) -> Any:
-    """Serve one forward under a real Recorder (Always trigger) and return the incident."""
-    from prometheus_client import CollectorRegistry
+    """One forward of the prompt ``ids``, traced into an incident (``integrations.trace``)."""
+    import integrations
 
-    from integrations import Recorder, exporters, triggers
+    with integrations.trace(model, [], request_id="bench") as t, torch.no_grad():
+        model(input_ids=torch.tensor([ids]))
+    return t.incident
 
-    ex = exporters.InMemoryExporter()
-    rec = Recorder(model, sites=[], trigger=triggers.Always(), exporter=ex,
-                   metrics_registry=CollectorRegistry())
-    try:
-        with rec.request(request_id="bench"):
-            with torch.no_grad():
-                model(input_ids=torch.tensor([ids]))
-        if not rec.force_flush(timeout_s=60):
-            raise RuntimeError("recorder did not flush")
-    finally:
-        rec.shutdown()
-    return ex.incidents[-1]
+
+def record_generate(model: Any, ids: list[int], max_new_tokens: int) -> tuple[Any, list[int]]:
+    """Greedy ``generate`` of the prompt ``ids``, traced into an incident (output and
+    generation config attached); also the new token ids."""
+    import integrations
+
+    x = torch.tensor([ids])
+    with integrations.trace(model, [], request_id="inj") as t:
+        with torch.no_grad():
+            out = model.generate(x, max_new_tokens=max_new_tokens, do_sample=False)
+        t.request.set_output(ids=out)
+        t.request.set_generation(do_sample=False, max_new_tokens=max_new_tokens)
+    return t.incident, [int(v) for v in out[0, x.shape[1]:]]
 
 
 def evaluate(params: dict[str, Any], *, n_baseline: int, n_benign: int, n_variants: int,
@@ -210,12 +213,9 @@ def real_injection(*, max_new_tokens: int, n_permutations: int) -> str:
     without the injected sentence (greedy), keep the injected ones whose output contains HACKED
     while the clean twin's does not, and search a fix set for the first one (other failing
     prompts are the variants; the clean reviews the benign set and the mean baseline)."""
-    from prometheus_client import CollectorRegistry
-
     from analysis.cca import CausalCCA, Failure
     from analysis.models import load_smollm2
     from analysis.replay import Replayer
-    from integrations import Recorder, exporters, triggers
 
     t0 = time.perf_counter()
     model, tok = load_smollm2()
@@ -224,21 +224,8 @@ def real_injection(*, max_new_tokens: int, n_permutations: int) -> str:
         msgs = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": text}]
         enc: Any = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True,
                                            return_dict=True)
-        ids = enc["input_ids"]
-        x = torch.tensor([list(ids)])
-        ex = exporters.InMemoryExporter()
-        rec = Recorder(model, sites=[], trigger=triggers.Always(), exporter=ex,
-                       metrics_registry=CollectorRegistry())
-        try:
-            with rec.request(request_id="inj") as req:
-                with torch.no_grad():
-                    out = model.generate(x, max_new_tokens=max_new_tokens, do_sample=False)
-                req.set_output(ids=out)
-                req.set_generation(do_sample=False, max_new_tokens=max_new_tokens)
-            assert rec.force_flush(timeout_s=120)
-        finally:
-            rec.shutdown()
-        return ex.incidents[-1], str(tok.decode(out[0, x.shape[1]:], skip_special_tokens=True))
+        inc, new = record_generate(model, list(enc["input_ids"]), max_new_tokens)
+        return inc, str(tok.decode(new, skip_special_tokens=True))
 
     failing, benign, log = [], [], []
     for r in REVIEWS:

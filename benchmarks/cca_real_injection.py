@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from cca_eval import record_generate  # a sibling script (benchmarks/ is not a package)
 
 SYSTEM_TASK = "sentiment"
 EXTRA_REVIEWS = ["What a wonderful concert.", "This phone broke after two days.",
@@ -30,28 +31,6 @@ EXTRA_REVIEWS = ["What a wonderful concert.", "This phone broke after two days."
                  "Best book I have read this year.", "The plot made no sense at all.",
                  "My new shoes are very comfortable.",
                  "The train was late again and nobody apologised."]
-
-
-def _record(model: Any, ids: list[int], max_new_tokens: int) -> tuple[Any, list[int]]:
-    from prometheus_client import CollectorRegistry
-
-    from integrations import Recorder, exporters, triggers
-
-    x = torch.tensor([ids])
-    ex = exporters.InMemoryExporter()
-    rec = Recorder(model, sites=[], trigger=triggers.Always(), exporter=ex,
-                   metrics_registry=CollectorRegistry())
-    try:
-        with rec.request(request_id="inj") as req:
-            with torch.no_grad():
-                out = model.generate(x, max_new_tokens=max_new_tokens, do_sample=False)
-            req.set_output(ids=out)
-            req.set_generation(do_sample=False, max_new_tokens=max_new_tokens)
-        if not rec.force_flush(timeout_s=120):
-            raise RuntimeError("recorder did not flush")
-    finally:
-        rec.shutdown()
-    return ex.incidents[-1], [int(t) for t in out[0, x.shape[1]:]]
 
 
 def cases(out_dir: Path, *, max_new_tokens: int) -> None:
@@ -101,11 +80,11 @@ def cases(out_dir: Path, *, max_new_tokens: int) -> None:
         p = prompts[k]
         tw = p["twin"]
         if tw not in twins_done:
-            inc, new = _record(model, prompts[tw]["ids"], max_new_tokens)
+            inc, new = record_generate(model, prompts[tw]["ids"], max_new_tokens)
             txt = str(tok.decode(strip_after_eos(new, eos), skip_special_tokens=True))
             inc.write(out_dir / f"{tw}.inc")
             twins_done[tw] = (first_occurrence(tok, new, inj.TARGET) is not None, txt)
-        inc, new = _record(model, p["ids"], max_new_tokens)
+        inc, new = record_generate(model, p["ids"], max_new_tokens)
         txt = str(tok.decode(strip_after_eos(new, eos), skip_special_tokens=True))
         fails = first_occurrence(tok, strip_after_eos(new, eos), inj.TARGET) is not None
         ok = fails and not twins_done[tw][0]

@@ -76,17 +76,19 @@ DETECTORS = ("cf_raw", "cf_std", "cf_bucket", "norm", "mahalanobis")
 
 def record(model: Any, batches: Sequence[Callable[[], None]], sites: Sequence[str],
            prefix: str) -> list[Any]:
-    """Run each callable under ``Recorder.request`` (``Always`` trigger); return incidents."""
+    """Run each callable under ``Recorder.request`` (``Always`` trigger); return incidents.
+
+    Hundreds of requests under one Recorder, not ``integrations.trace`` per request: the
+    weights are hashed once, not once per incident."""
     from prometheus_client import CollectorRegistry
 
     from integrations import Recorder, exporters, triggers
 
     ex = exporters.InMemoryExporter()
-    rec = Recorder(model, sites=list(sites), trigger=triggers.Always(), exporter=ex,
-                   max_queue=len(batches) + 8, metrics_registry=CollectorRegistry(),
-                   max_bundle_size_mb=1024)
     t0 = time.perf_counter()
-    try:
+    with Recorder(model, sites=list(sites), trigger=triggers.Always(), exporter=ex,
+                  max_queue=len(batches) + 8, metrics_registry=CollectorRegistry(),
+                  max_bundle_size_mb=1024) as rec:
         for i, run in enumerate(batches):
             with rec.request(request_id=f"{prefix}-{i}"):
                 run()
@@ -95,8 +97,6 @@ def record(model: Any, batches: Sequence[Callable[[], None]], sites: Sequence[st
                          time.perf_counter() - t0)
         if not rec.force_flush(timeout_s=600):
             raise RuntimeError("recorder did not flush")
-    finally:
-        rec.shutdown(timeout_s=30)
     incs = list(ex.incidents)
     if len(incs) != len(batches):
         raise RuntimeError(f"recorded {len(incs)} incidents for {len(batches)} requests")
@@ -690,6 +690,20 @@ def report(doc: dict[str, Any]) -> str:
     return "\n\n".join(parts)
 
 
+def save_json(out: Path | None, data: Any) -> None:
+    """Write ``data`` as indented JSON to ``out`` (nothing without an ``--out``)."""
+    if out:
+        out.write_text(json.dumps(data, indent=1))
+
+
+def finish(text: str, footer: str, out: Path | None, data: Any) -> int:
+    """End a benchmark run: print the report and ``(footer)``, save ``data``; exit status 0."""
+    print(text)
+    print(f"\n({footer})")
+    save_json(out, data)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="small smoke run (~3 min)")
@@ -718,28 +732,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "planted" in todo:
         doc["planted"] = (planted(3, 30, 20, 10, dets) if args.quick
                           else planted(12, 50, 40, 20, dets))
-        if args.out:  # keep finished sections if a later one is interrupted
-            args.out.write_text(json.dumps(doc, indent=1))
+        save_json(args.out, doc)  # keep finished sections if a later one is interrupted
     if "injection" in todo:
         doc["injection"] = (injection(8, 16, 16, dets, n_injected=8) if args.quick
                             else injection(None, 40, 40, dets, n_injected=50,
                                            splits=args.splits))
-        if args.out:
-            args.out.write_text(json.dumps(doc, indent=1))
+        save_json(args.out, doc)
     if "sentiment" in todo:
         import cf_sentiment
 
         doc["sentiment"] = (cf_sentiment.sentiment(20, 20, dets, n_suffixed=10) if args.quick
                             else cf_sentiment.sentiment(80, 80, dets, splits=args.splits))
-        if args.out:
-            args.out.write_text(json.dumps(doc, indent=1))
+        save_json(args.out, doc)
     doc["seconds"] = time.perf_counter() - t0
-    text = report(doc)
-    print(text)
-    print(f"\n(total {doc['seconds']:.0f}s)")
-    if args.out:
-        args.out.write_text(json.dumps(doc, indent=1))
-    return 0
+    return finish(report(doc), f"total {doc['seconds']:.0f}s", args.out, doc)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ Run (~2 min on 2 CPU cores)::
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import re
 import sys
@@ -168,11 +167,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     t0 = time.perf_counter()
     models = [measure_model(spec, args.base, args.fail, args.detectors.split(","))
               for spec in planted_suite(args.models)]
-    print(summarise(models))
-    print(f"\n({len(models)} planted models, {time.perf_counter() - t0:.0f} s)")
-    if args.out:
-        args.out.write_text(json.dumps(models, indent=1))
-    return 0
+    return cf_eval.finish(summarise(models),
+                          f"{len(models)} planted models, {time.perf_counter() - t0:.0f} s",
+                          args.out, models)
 
 
 if __name__ == "__main__":

@@ -53,20 +53,12 @@ def _tiny_gpt2() -> Any:
 
 
 def _record(model: Any, call: Callable[[], Any]) -> Any:
-    from prometheus_client import CollectorRegistry
+    import integrations
 
-    from integrations import Recorder, exporters, triggers
-
-    ex = exporters.InMemoryExporter()
-    rec = Recorder(model, sites=["blocks.*.resid_post"], trigger=triggers.Always(), exporter=ex,
-                   metrics_registry=CollectorRegistry())
-    try:
-        with rec.request(request_id="bench"), torch.no_grad():
-            call()
-        rec.force_flush(timeout_s=60)
-    finally:
-        rec.shutdown()
-    return ex.incidents[-1]
+    with integrations.trace(model, ["blocks.*.resid_post"], request_id="bench") as t, \
+            torch.no_grad():
+        call()
+    return t.incident
 
 
 def _candidate_sets(n_layer: int, n: int = 32) -> list[list[Any]]:
