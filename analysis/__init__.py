@@ -20,7 +20,7 @@ if TYPE_CHECKING:  # what type checkers see; at runtime each name loads on first
     from .cca import CausalCCA, Failure, FixSet
     from .cf import CFBaseline, CFReport, CompressionForensics, MahalanobisDetector, NormDetector
     from .interventions import DonorBaseline, Intervention
-    from .replay import Fidelity, ReplayResult, ReplaySession, Replayer
+    from .replay import Fidelity, Replayer, ReplayResult, ReplaySession
 
 __all__ = [
     "CFBaseline",
