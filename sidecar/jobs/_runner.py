@@ -39,7 +39,8 @@ if TYPE_CHECKING:
     from .._config import SidecarConfig
     from .._store import IncidentStore
 
-__all__ = ["JOBS", "JOBS_FINISHED", "JOB_DURATION", "JOB_QUEUE_WAIT", "METRICS", "JobRunner"]
+__all__ = ["ATTEMPT_END_STATES", "JOBS", "JOBS_FINISHED", "JOB_DURATION", "JOB_QUEUE_WAIT",
+           "METRICS", "JobRunner"]
 
 log = logging.getLogger("sidecar.jobs")
 
@@ -47,6 +48,8 @@ JOBS = gauge("jobs", "Analysis jobs by state (pending = the analysis queue depth
              labels=("state",), values={"state": JOB_STATES})
 JOBS_FINISHED = counter("jobs_finished", "Job attempts that ended, by kind and state.",
                         labels=("kind", "state"))
+#: The states an attempt ends in: done, failed for good, or pending again (to be retried).
+ATTEMPT_END_STATES = ("done", "failed", "pending")
 #: From a stats job (ms) to a CCA search (the proposal's budget is 2 h).
 _SECONDS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
             1800.0, 3600.0, 7200.0, float("inf"))
@@ -90,7 +93,13 @@ class JobRunner:
     # -- lifecycle ---------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Resume interrupted jobs and start dispatching."""
+        """Resume interrupted jobs and start dispatching. Every (kind, end state) series of
+        ``forensics_jobs_finished_total`` exists from here on, at 0: ``increase()`` in an alert
+        sees the first failure (a counter born at 1 reads as no increase)."""
+        for kind in self.kinds:
+            for state in ATTEMPT_END_STATES:
+                self.telemetry.observe(JOBS_FINISHED, 0.0,
+                                       labels={"kind": kind.name, "state": state})
         self.queue.resume()
         self._report_counts()
         self._thread = threading.Thread(target=self._dispatch, name="forensics-job-dispatch",

@@ -214,6 +214,26 @@ def test_every_declared_metric_is_exported_from_the_start():
     assert families == {f"forensics_{m.name}" for m in sidecar_metrics()}
 
 
+def test_a_sidecar_exports_every_job_outcome_at_zero_before_any_job(tmp_path):
+    """Alerts take increase() of forensics_jobs_finished_total{kind,state}: a series born at 1
+    by the first failure reads as no increase, so every series must exist from the start."""
+    from sidecar._config import SidecarConfig
+    from sidecar._server import create_server
+    from sidecar.jobs import builtin_kinds
+    from sidecar.jobs._runner import ATTEMPT_END_STATES
+
+    cfg = SidecarConfig.defaults(data_dir=str(tmp_path / "data"))
+    with SidecarTelemetry(registry=CollectorRegistry(), metrics_port=0) as t:
+        sc, _ = create_server(cfg, port=0, telemetry=t)
+        with sc:
+            assert t.metrics_url is not None
+            _, body = _scrape(t.metrics_url, None)
+    for kind in builtin_kinds():
+        for state in ATTEMPT_END_STATES:
+            line = f'forensics_jobs_finished_total{{kind="{kind.name}",state="{state}"}} 0.0'
+            assert line in body, line
+
+
 def test_shutdown_stops_the_metrics_server():
     with SidecarTelemetry(registry=CollectorRegistry(), metrics_port=0) as tel:
         url = tel.metrics_url
