@@ -204,8 +204,13 @@ class JobRunner:
             traceparent = row.traceparent if row is not None else None
             host = RunnerHost(self.store, config=self.config, job=job, submit=self.submit,
                               telemetry=self.telemetry, traceparent=traceparent)
-            state, result, error = self._attempt(job, host, traceparent, found=row is not None)
-            state = self._conclude(job, host, state, result, error)
+            with self.telemetry.span(f"job.{job.kind}", traceparent=traceparent,
+                                     attributes=_span_attributes(job)) as span:
+                state, result, error = self._attempt(job, host, found=row is not None)
+                # Recorded and followed up inside the span: a metric the kind observes in
+                # ``after`` gets this trace as exemplar when the request had no traceparent.
+                state = self._conclude(job, host, state, result, error)
+                span.set_attribute("forensics.job.state", state)
             self.telemetry.observe(JOB_DURATION, time.monotonic() - t0,
                                    labels={"kind": job.kind})
             self.telemetry.observe(JOBS_FINISHED, labels={"kind": job.kind, "state": state})
@@ -223,33 +228,26 @@ class JobRunner:
             with self._changed:
                 self._changed.notify_all()
 
-    def _attempt(self, job: JobRecord, host: RunnerHost, traceparent: str | None, *,
+    def _attempt(self, job: JobRecord, host: RunnerHost, *,
                  found: bool) -> tuple[str, dict[str, Any] | None, str | None]:
-        """Prepare and run one attempt inside its span: (state, result, error)."""
+        """Prepare and run one attempt: (state, result, error)."""
         state, result, error = "failed", None, None
-        with self.telemetry.span(f"job.{job.kind}", traceparent=traceparent,
-                                 attributes={"forensics.incident.id": job.incident_id,
-                                             "forensics.incident.tenant": job.tenant,
-                                             "forensics.job.kind": job.kind,
-                                             "forensics.job.id": job.id,
-                                             "forensics.job.attempt": job.attempts}) as span:
-            try:
-                if not found:
-                    raise JobFailed(f"incident {job.incident_id} no longer exists")
-                result = self._execute(job, host)
-                state = "done"
-            except _Stopped:
-                raise
-            except JobFailed as e:
-                error = str(e)
-                state = "pending" if e.retryable and job.attempts < job.max_attempts else "failed"
-            except (IncidentFormatError, UnknownJobKindError) as e:
-                error = f"{type(e).__name__}: {e}"
-            except Exception as e:   # a bug or a transient failure: retry, then fail
-                log.exception("job %s (%s) failed", job.id, job.kind)
-                error = f"{type(e).__name__}: {e}"
-                state = "pending" if job.attempts < job.max_attempts else "failed"
-            span.set_attribute("forensics.job.state", state)
+        try:
+            if not found:
+                raise JobFailed(f"incident {job.incident_id} no longer exists")
+            result = self._execute(job, host)
+            state = "done"
+        except _Stopped:
+            raise
+        except JobFailed as e:
+            error = str(e)
+            state = "pending" if e.retryable and job.attempts < job.max_attempts else "failed"
+        except (IncidentFormatError, UnknownJobKindError) as e:
+            error = f"{type(e).__name__}: {e}"
+        except Exception as e:   # a bug or a transient failure: retry, then fail
+            log.exception("job %s (%s) failed", job.id, job.kind)
+            error = f"{type(e).__name__}: {e}"
+            state = "pending" if job.attempts < job.max_attempts else "failed"
         return state, result, error
 
     def _execute(self, job: JobRecord, host: RunnerHost) -> dict[str, Any]:
@@ -292,3 +290,10 @@ class JobRunner:
                     self.telemetry.observe(JOBS, n, labels={"state": state})
             except Exception:
                 log.exception("could not report job counts")
+
+
+def _span_attributes(job: JobRecord) -> dict[str, Any]:
+    """The attributes of a ``job.<kind>`` span."""
+    return {"forensics.incident.id": job.incident_id, "forensics.incident.tenant": job.tenant,
+            "forensics.job.kind": job.kind, "forensics.job.id": job.id,
+            "forensics.job.attempt": job.attempts}

@@ -234,6 +234,54 @@ def test_a_sidecar_exports_every_job_outcome_at_zero_before_any_job(tmp_path):
             assert line in body, line
 
 
+def _idle(sc, timeout_s: float = 60) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while sc.jobs.counts()["pending"] or sc.jobs.counts()["running"]:
+        assert time.monotonic() < deadline, sc.jobs.counts()
+        time.sleep(0.05)
+
+
+def test_a_scored_incident_without_a_request_trace_gets_the_job_trace_as_exemplar(tmp_path):
+    """The score is observed after the CF job: its exemplar is the request's trace when the
+    incident has one, else the trace of the sidecar's own job span (still open then)."""
+    import json
+    import re
+
+    from sidecar._client import SidecarClient
+    from sidecar._config import SidecarConfig
+    from sidecar._server import create_server
+
+    from .conftest import build_incident
+
+    cfg = SidecarConfig.from_dict({"data_dir": str(tmp_path / "data"),
+                                   "jobs": {"poll_interval_s": 0.05},
+                                   "baselines": {"detector": "norm"}})
+    mem = InMemorySpanExporter()
+    with SidecarTelemetry(registry=CollectorRegistry(), metrics_port=0, span_exporter=mem) as t:
+        sc, port = create_server(cfg, port=0, telemetry=t)
+        with sc, SidecarClient(f"127.0.0.1:{port}") as c:
+            ids = [f"b-{i}" for i in range(8)]
+            for i, iid in enumerate(ids):
+                c.upload(iid, build_incident(iid, rule="ratio", seed=i, traceparent=None))
+            c.run_analysis(ids[0], "baseline", params_json=json.dumps({"incident_ids": ids}))
+            _idle(sc)     # baseline built, benign incidents scored again
+            c.upload("flagged", build_incident("flagged", seed=99, traceparent=None))
+            _idle(sc)
+            cf = next(a for a in c.list_analyses("flagged") if a.kind == "cf")
+            score = json.loads(cf.result_json)["anomaly_score"]
+            assert t.metrics_url is not None
+            _, body = _scrape(t.metrics_url, "application/openmetrics-text")
+    cf_span = next(s for s in mem.get_finished_spans() if s.name == "job.cf"
+                   and s.attributes["forensics.incident.id"] == "flagged")
+    assert not cf_span.links                         # no request trace to link to
+    exemplars = {float(v): tid for tid, v in re.findall(
+        r'forensics_anomaly_score_bucket\{[^}]*\} \S+ # \{trace_id="([0-9a-f]{32})"\} (\S+)',
+        body)}
+    assert exemplars.get(score) == format(cf_span.context.trace_id, "032x"), body
+
+
 def test_shutdown_stops_the_metrics_server():
     with SidecarTelemetry(registry=CollectorRegistry(), metrics_port=0) as tel:
         url = tel.metrics_url
