@@ -110,11 +110,13 @@ class MetricsConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TelemetryConfig:
-    """OpenTelemetry span export; off unless ``otlp_endpoint`` is set."""
+    """OpenTelemetry span export: OTLP when ``otlp_endpoint`` is set; ``console_spans`` prints
+    every finished span to stdout as JSON (local debugging)."""
 
     otlp_endpoint: str | None = None
     otlp_protocol: str = "grpc"          # grpc | http/protobuf
     service_name: str = "forensics-sidecar"
+    console_spans: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

@@ -148,14 +148,17 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = _config(args)
     telemetry = None
-    if cfg.metrics.enabled or cfg.telemetry.otlp_endpoint:
+    if cfg.metrics.enabled or cfg.telemetry.otlp_endpoint or cfg.telemetry.console_spans:
         from .telemetry import SidecarTelemetry
 
         telemetry = SidecarTelemetry.from_config(cfg)
     sidecar, port = create_server(cfg, port=None, telemetry=telemetry)
     stop = threading.Event()
+    log = logging.getLogger("sidecar.cli")
 
     def on_signal(signum: int, frame: Any) -> None:
+        log.info("received %s: shutting down (draining for up to %.1f s)",
+                 signal.Signals(signum).name, cfg.grpc.grace_s)
         stop.set()
 
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -172,6 +175,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         sidecar.stop()
         if telemetry is not None:
             telemetry.shutdown()
+            log.info("telemetry flushed; metrics endpoint closed")
+        log.info("forensics sidecar stopped")
     return 0
 
 

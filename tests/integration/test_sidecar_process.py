@@ -203,6 +203,12 @@ def test_serve_subprocess_metrics_and_sigterm(tmp_path: Path) -> None:
         assert 'forensics_ingest_rejected_total{reason="invalid_incident"} 1.0' in body
         rc = p.kill(signal.SIGTERM)
         assert rc == 0, p.log.read_text()
+    log = p.log.read_text()
+    for said in ("received SIGTERM: shutting down", "health NOT_SERVING", "draining RPCs",
+                 "gRPC server stopped", "store closed", "forensics sidecar stopped"):
+        assert said in log, log              # an operator sees what SIGTERM did, in order
+    assert log.index("received SIGTERM") < log.index("store closed") < log.index(
+        "forensics sidecar stopped")
 
 
 def _wait_for(cond: Callable[[], bool], timeout_s: float, what: str) -> None:

@@ -234,12 +234,13 @@ def test_a_sidecar_exports_every_job_outcome_at_zero_before_any_job(tmp_path):
             assert line in body, line
 
 
-def _idle(sc, timeout_s: float = 60) -> None:
+def _spans_ended(mem: InMemorySpanExporter, name: str, n: int, timeout_s: float = 60) -> None:
+    """Wait until ``n`` spans ``name`` ended (a job span ends after its follow-ups)."""
     import time
 
     deadline = time.monotonic() + timeout_s
-    while sc.jobs.counts()["pending"] or sc.jobs.counts()["running"]:
-        assert time.monotonic() < deadline, sc.jobs.counts()
+    while sum(s.name == name for s in mem.get_finished_spans()) < n:
+        assert time.monotonic() < deadline, [s.name for s in mem.get_finished_spans()]
         time.sleep(0.05)
 
 
@@ -266,9 +267,9 @@ def test_a_scored_incident_without_a_request_trace_gets_the_job_trace_as_exempla
             for i, iid in enumerate(ids):
                 c.upload(iid, build_incident(iid, rule="ratio", seed=i, traceparent=None))
             c.run_analysis(ids[0], "baseline", params_json=json.dumps({"incident_ids": ids}))
-            _idle(sc)     # baseline built, benign incidents scored again
+            _spans_ended(mem, "job.cf", 16)   # 8 without a baseline, 8 scored again after it
             c.upload("flagged", build_incident("flagged", seed=99, traceparent=None))
-            _idle(sc)
+            _spans_ended(mem, "job.cf", 17)
             cf = next(a for a in c.list_analyses("flagged") if a.kind == "cf")
             score = json.loads(cf.result_json)["anomaly_score"]
             assert t.metrics_url is not None
@@ -298,6 +299,28 @@ def test_no_metrics_server_unless_asked():
         assert t.metrics_url is None
         with t.span("ingest", traceparent=TRACEPARENT):  # spans still work (no exporter)
             assert Tracing.current_trace_id() is not None
+
+
+def test_console_span_exporter_prints_spans_when_configured(capfd):
+    import json
+
+    from sidecar._config import load_config
+
+    cfg = load_config(None, env={"FORENSICS_SIDECAR__TELEMETRY__CONSOLE_SPANS": "true"})
+    assert cfg.telemetry.console_spans
+    with SidecarTelemetry.from_config(cfg, registry=CollectorRegistry(), metrics_port=0) as t:
+        with t.span("ingest", traceparent=TRACEPARENT,
+                    attributes={"forensics.incident.id": "inc-1"}):
+            pass
+    printed = json.loads(capfd.readouterr().out)   # one span, as OpenTelemetry prints it
+    assert printed["name"] == "ingest"
+    assert printed["attributes"]["forensics.incident.id"] == "inc-1"
+    assert printed["links"][0]["context"]["trace_id"] == f"0x{TRACE_ID}"
+    quiet = load_config(None, env={})
+    with SidecarTelemetry.from_config(quiet, registry=CollectorRegistry()) as t:
+        with t.span("ingest"):
+            pass
+    assert capfd.readouterr().out == ""             # off by default
 
 
 def test_otlp_exporters_are_configurable_and_off_by_default():
