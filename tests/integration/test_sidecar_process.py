@@ -22,6 +22,7 @@ import grpc
 import pytest
 
 from integrations.incident import Incident
+from sidecar._cli_incidents import LIST_COLUMNS
 from sidecar._client import SidecarClient, upload_requests
 from sidecar._config import SidecarConfig
 from sidecar._server import Sidecar, create_server
@@ -99,8 +100,9 @@ def test_cli_incident_commands(sidecar: tuple[Sidecar, str], tmp_path: Path,
     lines = capsys.readouterr().out.splitlines()
     assert [json.loads(x)["id"] for x in lines] == ["inc-1", "inc-2"]
     assert _cli(["incidents", "list", *common, "--page-size", "1"]) == 0
-    out = capsys.readouterr().out
-    assert "1 of 2 incident(s)" in out and "--page-token" in out
+    out, err = capsys.readouterr()      # not a terminal: tab-separated, hint on stderr
+    assert out.splitlines()[0].split("\t") == list(LIST_COLUMNS)
+    assert len(out.splitlines()) == 2 and "--page-token" in err
     assert _cli(["incidents", "analyze", "inc-1", *common, "--kind", "stats",
                  "--wait", "30"]) == 0
     assert '"JOB_STATE_DONE"' in capsys.readouterr().out
