@@ -121,12 +121,15 @@ class TelemetryConfig:
 
 @dataclasses.dataclass(frozen=True)
 class JobsConfig:
-    """Analysis job runner: worker threads, retries, kinds enqueued on every new incident."""
+    """Analysis job runner: worker threads, retries, kinds enqueued on every new incident, and
+    default parameters per kind (``params: {cca: {permutations: 19}}``; a job's own params win).
+    """
 
     workers: int = 2
     max_attempts: int = 3
     on_ingest: tuple[str, ...] = ()
     poll_interval_s: float = 1.0
+    params: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)

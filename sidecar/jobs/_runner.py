@@ -254,7 +254,7 @@ class JobRunner:
 
     def _execute(self, job: JobRecord, host: RunnerHost) -> dict[str, Any]:
         kind = self.kinds[job.kind]
-        params = json.loads(job.params_json)
+        params = {**self.config.jobs.params.get(job.kind, {}), **json.loads(job.params_json)}
         if kind.prepare is not None:
             with self._db():
                 params = kind.prepare(host, job, params)

@@ -69,7 +69,9 @@ def _serve(rec: Recorder, model: Any, ids: list[int], request_id: str, *,
 
 def _config(tmp_path: Path, fp: str) -> SidecarConfig:
     return SidecarConfig.from_dict({
-        "data_dir": str(tmp_path / "data"), "jobs": {"poll_interval_s": 0.05, "workers": 2},
+        "data_dir": str(tmp_path / "data"),
+        "jobs": {"poll_interval_s": 0.05, "workers": 2,
+                 "params": {"cca": {"permutations": 19}}},   # a default for every cca job
         "metrics": {"enabled": False},
         "baselines": {"min_samples": 10, "refresh_every": 0, "cca_benign": 4},
         "modules": {"cca": {"max_fix_set_size": 4}},
@@ -171,6 +173,13 @@ def _check_cf_report(addr: str, inc_id: str, cf: dict[str, Any],
     assert sorted(cands) == sorted(s for s, v in sites.items() if v["flagged"])
     order = cf_json["report"]["execution_order"]
     assert sorted(order) == sorted(sites) and order.index(first) <= order.index(ranks[0][0])
+    units = cf_json["units"]["sites"]       # every scored unit, for the report's heatmaps
+    assert set(units) == set(sites)
+    for site, s in sites.items():           # the same z the detector ranked the site by
+        w = s["worst"]
+        at = {(step, pos): z for step, pos, z in units[site]}
+        assert at[(w["step"], w["position"])] == pytest.approx(w["z"], abs=1e-3), site
+        assert max(abs(z) for z in at.values()) == pytest.approx(abs(w["z"]), abs=1e-3)
     return dict(cf_json)
 
 
@@ -185,6 +194,8 @@ def _check_cca_fix_set(sc: Sidecar, addr: str, inc_id: str) -> list[str]:
     fix = cca["fix_set"]
     fixed_sites = [iv["site"] for iv in fix["interventions"]]
     assert "blocks.2.mlp" in fixed_sites and fix["one_minimal"] is True
+    assert fix["permutation"]["n_permutations"] == 19         # jobs.params.cca
+    assert cca["outputs"] == {"recorded": None, "with_fix": fix["greedy_output"]}  # no text
     row = idx.read_dicts("SELECT * FROM cca_results WHERE incident_id = ?", [inc_id])[0]
     assert row["flip"] is True and row["size"] == len(fixed_sites) == cca["fix_set_size"]
     assert row["forward_passes"] == fix["forward_passes"] > 0
