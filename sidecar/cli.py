@@ -1,4 +1,5 @@
-"""``forensics sidecar …``, ``forensics incidents …`` and ``forensics baseline …`` (argparse).
+"""``forensics sidecar …``, ``forensics incidents …``, ``forensics baseline …`` and
+``forensics report`` (argparse).
 
 ``register(subparsers)`` adds the groups to the ``forensics`` CLI:
 
@@ -6,6 +7,7 @@
     forensics sidecar reindex [--config FILE] [--data-dir DIR]
     forensics incidents list|show|push|download|delete|analyze ...   (sidecar._cli_incidents)
     forensics baseline build (--fingerprint FP | --from-dir DIR) [--detector cf]
+    forensics report ID [-o report.html] [--index]                      (sidecar._cli_report)
 
 Client commands talk gRPC to ``--address`` (env ``FORENSICS_SIDECAR``, default
 127.0.0.1:7431) with ``--token`` (env ``FORENSICS_TOKEN``) and optional TLS (``--ca-cert``,
@@ -37,13 +39,15 @@ __all__ = ["register"]
 
 
 def register(subparsers: Any) -> None:
-    """Add the ``sidecar``, ``incidents`` and ``baseline`` commands to an argparse sub-parser
-    set."""
+    """Add the ``sidecar``, ``incidents``, ``baseline`` and ``report`` commands to an argparse
+    sub-parser set."""
     from ._cli_incidents import register_incidents
+    from ._cli_report import register_report
 
     _register_sidecar(subparsers)
     register_incidents(subparsers)
     _register_baseline(subparsers)
+    register_report(subparsers)
 
 
 def _register_sidecar(subparsers: Any) -> None:

@@ -109,6 +109,7 @@ def test_cf_and_cca_in_the_sidecar(tmp_path: Path, capsys: pytest.CaptureFixture
         _check_telemetry(sc, tel, cf, fixed_sites)
         # 4. the CLI prints the CF top sites and the fix set with its statistics
         _check_cli_show(addr, inc_id, cf_json, ranks[0][0], capsys)
+        _check_report(addr, inc_id, fixed_sites, tmp_path, capsys)
         # 5. forensics baseline build: by fingerprint, and from a directory of incidents
         _check_cli_baseline_build(sc, addr, fp, tmp_path, capsys)
 
@@ -230,6 +231,23 @@ def _check_cli_show(addr: str, inc_id: str, cf_json: dict[str, Any], top_site: s
     cands = cf_json["root_cause_candidates"]
     assert f"first): {', '.join(cands[:3])}" in " ".join(out.split())
     assert "Causal fix set" in out and "flip rate" in out and "replays vs" in out
+
+
+def _check_report(addr: str, inc_id: str, fixed_sites: list[str], tmp_path: Path,
+                  capsys: pytest.CaptureFixture[str]) -> None:
+    """``forensics report``: the fix set, its statistics and the trace, from the sidecar."""
+    from model_forensics.cli import main as cli
+
+    out = tmp_path / "reports" / f"{inc_id}.html"
+    assert cli(["report", inc_id, "--address", addr, "-o", str(out), "--index"]) == 0
+    html = out.read_text()
+    for ident in ("fix-table", "fix-stats", "before-after", "output-after", "svg-site-step",
+                  "root-cause-table"):
+        assert f'id="{ident}"' in html, ident
+    assert all(site in html for site in fixed_sites) and TRACE_ID in html
+    assert "flip rate" in html and "19 random sets" in html      # jobs.params.cca
+    assert f'href="{inc_id}.html"' in (tmp_path / "reports" / "index.html").read_text()
+    capsys.readouterr()
 
 
 def _check_cli_baseline_build(sc: Sidecar, addr: str, fp: str, tmp_path: Path,
