@@ -2,7 +2,7 @@
 
 Example::
 
-    forensics demo                      # record SmolLM2 serving a benign and an injected prompt
+    forensics demo                      # the whole product on SmolLM2, one command
     forensics sidecar serve --config configs/sidecar.yaml
     forensics incidents list --filter "tenant = 'acme'"
 """
@@ -24,10 +24,14 @@ _PLUGINS = ("sidecar.cli", "analysis.cli", "analysis.scenarios.cli")
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="forensics", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    d = sub.add_parser("demo", help="record SmolLM2-135M-Instruct serving a benign and an "
-                                    "injected prompt; print what was captured")
-    d.add_argument("--out", default="forensics-data/demo", help="output directory")
-    d.add_argument("--max-new-tokens", type=int, default=12)
+    d = sub.add_parser("demo", help="the product in one command: sidecar + SmolLM2 served "
+                                    "under uvicorn, benign and injected traffic, analyses, "
+                                    "HTML report")
+    d.add_argument("--data-dir", default="forensics-data/demo",
+                   help="where the demo keeps its sidecar data, logs and report (emptied "
+                        "first if a previous demo made it)")
+    d.add_argument("--benign", type=int, default=20,
+                   help="benign requests sent (the detector baseline is built from them)")
     d.set_defaults(func=_cmd_demo)
     for mod in _PLUGINS:
         try:
@@ -41,9 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from model_forensics._demo import run_demo
+    from model_forensics.demo import run_demo
 
-    return run_demo(out_dir=args.out, max_new_tokens=args.max_new_tokens)
+    return run_demo(data_dir=args.data_dir, benign=args.benign)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

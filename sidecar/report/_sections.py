@@ -45,8 +45,9 @@ def summary(data: ReportData) -> str:
     badges = [_badge(f"flagged: {trig.get('reason')}", "bad")] if trig.get("rule") == "flag" \
         else [_badge(f"captured: {trig.get('rule')}", "neutral")]
     if cf.get("status") == "scored":
-        badges.append(_badge("anomalous vs baseline" if cf.get("flagged") else
-                             "within the benign baseline", "bad" if cf.get("flagged") else "ok"))
+        flagged = bool(cf.get("flagged"))
+        badges.append(_badge(f"CF score {'at or above' if flagged else 'below'} the flag "
+                             f"threshold ({cf.get('threshold')})", "bad" if flagged else "ok"))
     if cca:
         found = cca.get("status") == "found"
         badges.append(_badge("fix set verified" if found else "no fix set", "ok" if found
