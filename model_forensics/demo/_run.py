@@ -46,7 +46,8 @@ class _Clock:
         self.console, self.t0 = console, time.monotonic()
 
     def say(self, msg: str) -> None:
-        self.console.print(f"[dim]{time.monotonic() - self.t0:6.1f}s[/dim]  {msg}")
+        self.console.print(f"[dim]{time.monotonic() - self.t0:6.1f}s[/dim]  {msg}",
+                           soft_wrap=True)   # one line per step, whole paths
 
 
 def _until(fn: Callable[[], T | None], *, timeout_s: float, what: str) -> T:
