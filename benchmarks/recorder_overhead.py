@@ -51,6 +51,22 @@ def _smollm2() -> tuple[Any, int]:
     return m, int(m.config.vocab_size)
 
 
+def _interleaved(modes: dict[str, Callable[[], float]], *, reps: int,
+                 warmup: int) -> dict[str, list[float]]:
+    """Time every mode ``reps`` times, rotating their order every repetition (so drift hits
+    all of them alike), after ``warmup`` untimed rounds."""
+    for _ in range(warmup):
+        for f in modes.values():
+            f()
+    times: dict[str, list[float]] = {k: [] for k in modes}
+    order = list(modes)
+    for r in range(reps):
+        shift = r % len(order)
+        for k in order[shift:] + order[:shift]:
+            times[k].append(modes[k]())
+    return times
+
+
 def _bench(name: str, model: Any, vocab: int, reps: int, warmup: int) -> dict[str, Any]:
     from prometheus_client import CollectorRegistry
 
@@ -97,15 +113,7 @@ def _bench(name: str, model: Any, vocab: int, reps: int, warmup: int) -> dict[st
         "firing": lambda: run_recorded(True),
         "flight": lambda: run_recorded(False, flight_mb=64.0),
     }
-    for _ in range(warmup):
-        for f in modes.values():
-            f()
-    times: dict[str, list[float]] = {k: [] for k in modes}
-    order = list(modes)
-    for r in range(reps):
-        shift = r % len(order)
-        for k in order[shift:] + order[:shift]:  # rotate the order every repetition
-            times[k].append(modes[k]())
+    times = _interleaved(modes, reps=reps, warmup=warmup)
     med = {k: statistics.median(v) for k, v in times.items()}
     # paired ratios per repetition, then the median (robust to drift between repetitions)
     ratio = {k: statistics.median(a / b for a, b in zip(times[k], times["plain"]))
