@@ -1,4 +1,4 @@
-"""The ``forensics`` command line: demo, replay, scenarios, baselines, sidecar, incidents.
+"""The ``forensics`` command line: demo, sidecar, incidents, baselines, reports, replay, scenarios.
 
 Example::
 
