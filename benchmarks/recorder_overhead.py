@@ -6,7 +6,10 @@ Three modes on the same work (batch 1, 64-token prompt, greedy ``generate`` of 1
 * ``not_firing``— recorder installed (default sites: residual stream of every block), request
                   context active, trigger ``OnFlag`` never fires;
 * ``firing``    — same recorder, request flagged before the first forward: every step's
-                  activations, inputs and logits are copied and queued.
+                  activations, inputs and logits are copied and queued;
+* ``flight``    — recorder with the flight recorder on (``flight_recorder_mb=64``), request
+                  not flagged: everything is copied provisionally and discarded at the end —
+                  the price every request pays for live activations on post-hoc flags.
 
 Modes rotate inside every repetition (so drift hits all of them alike); we report medians and
 the median ratios to ``plain``. Timings cover the serving call only (the export worker's build
@@ -48,6 +51,22 @@ def _smollm2() -> tuple[Any, int]:
     return m, int(m.config.vocab_size)
 
 
+def _interleaved(modes: dict[str, Callable[[], float]], *, reps: int,
+                 warmup: int) -> dict[str, list[float]]:
+    """Time every mode ``reps`` times, rotating their order every repetition (so drift hits
+    all of them alike), after ``warmup`` untimed rounds."""
+    for _ in range(warmup):
+        for f in modes.values():
+            f()
+    times: dict[str, list[float]] = {k: [] for k in modes}
+    order = list(modes)
+    for r in range(reps):
+        shift = r % len(order)
+        for k in order[shift:] + order[:shift]:
+            times[k].append(modes[k]())
+    return times
+
+
 def _bench(name: str, model: Any, vocab: int, reps: int, warmup: int) -> dict[str, Any]:
     from prometheus_client import CollectorRegistry
 
@@ -67,10 +86,10 @@ def _bench(name: str, model: Any, vocab: int, reps: int, warmup: int) -> dict[st
         gen()
         return time.perf_counter() - t
 
-    def run_recorded(fire: bool) -> float:
+    def run_recorded(fire: bool, flight_mb: float | None = None) -> float:
         ex = exporters.InMemoryExporter()
         rec = Recorder(model, trigger=triggers.OnFlag(), exporter=ex,
-                       metrics_registry=CollectorRegistry())
+                       metrics_registry=CollectorRegistry(), flight_recorder_mb=flight_mb)
         try:
             t = time.perf_counter()
             with rec.request(request_id="bench") as req:
@@ -92,19 +111,13 @@ def _bench(name: str, model: Any, vocab: int, reps: int, warmup: int) -> dict[st
         "plain": run_plain,
         "not_firing": lambda: run_recorded(False),
         "firing": lambda: run_recorded(True),
+        "flight": lambda: run_recorded(False, flight_mb=64.0),
     }
-    for _ in range(warmup):
-        for f in modes.values():
-            f()
-    times: dict[str, list[float]] = {k: [] for k in modes}
-    order = list(modes)
-    for r in range(reps):
-        for k in order[r % 3:] + order[:r % 3]:  # rotate the order every repetition
-            times[k].append(modes[k]())
+    times = _interleaved(modes, reps=reps, warmup=warmup)
     med = {k: statistics.median(v) for k, v in times.items()}
     # paired ratios per repetition, then the median (robust to drift between repetitions)
     ratio = {k: statistics.median(a / b for a, b in zip(times[k], times["plain"]))
-             for k in ("not_firing", "firing")}
+             for k in ("not_firing", "firing", "flight")}
     return {"model": name, "reps": reps, "median_s": med, "median_ratio_vs_plain": ratio,
             "threads": torch.get_num_threads()}
 
@@ -125,7 +138,8 @@ def main() -> None:
         m, r = res["median_s"], res["median_ratio_vs_plain"]
         print(f"{name:10s} plain {m['plain'] * 1e3:8.1f} ms | not firing {m['not_firing'] * 1e3:8.1f}"
               f" ms ({r['not_firing']:.3f}x) | firing {m['firing'] * 1e3:8.1f} ms "
-              f"({r['firing']:.3f}x)  [median of {res['reps']}, {res['threads']} threads]")
+              f"({r['firing']:.3f}x) | flight recorder {m['flight'] * 1e3:8.1f} ms "
+              f"({r['flight']:.3f}x)  [median of {res['reps']}, {res['threads']} threads]")
     if a.json:
         with open(a.json, "w") as f:
             json.dump(out, f, indent=2)

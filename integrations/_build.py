@@ -124,12 +124,13 @@ def _tokenizer_ref(tok: Any) -> dict[str, Any] | None:
 
 def _trigger_section(st: RequestState, fire: Fire, last_step: int) -> dict[str, Any]:
     # A flagged request is described by its (first) flag; the rule that decided the capture
-    # (e.g. sampling) is kept as captured_by.
+    # (e.g. sampling, or the flight recorder's buffer kept at the end) is kept as captured_by.
     return {"rule": "flag" if st.flags else fire.rule,
             "reason": st.flags[0] if st.flags else fire.reason,
             "step": st.flag_step if st.flag_step is not None else last_step,
             "flags": list(st.flags),
-            "captured_by": {"rule": fire.rule, "reason": fire.reason}}
+            "captured_by": ({"rule": "flight_recorder", "reason": fire.reason}
+                            if st.provisional else {"rule": fire.rule, "reason": fire.reason})}
 
 
 def _request_section(st: RequestState) -> dict[str, Any]:

@@ -52,11 +52,12 @@ class CaptureHooks:
     """
 
     def __init__(self, *, owner: object, trigger: Trigger, capture_logits: bool,
-                 max_bytes: int) -> None:
+                 max_bytes: int, flight_bytes: int = 0) -> None:
         self.owner = owner
         self.trigger = trigger
         self.capture_logits = capture_logits
         self.max_bytes = max_bytes
+        self.flight_bytes = flight_bytes
         self.ambient: RequestContext | None = None
         self._handles: list[Any] = []
         self._attach: contextlib.AbstractContextManager[Any] | None = None
@@ -116,6 +117,8 @@ class CaptureHooks:
                     fire = self.trigger.pre(st.view())
                     if fire is not None:
                         st.fire, st.capturing, st.capture_from_step = fire, True, step
+                    elif self.flight_bytes:    # flight recorder: capture, decide at the end
+                        st.capturing, st.capture_from_step, st.provisional = True, step, True
                 self._keep_inputs(st, inputs, step)
         except Exception as e:  # never into the model call
             _fail_all(act, e)
@@ -170,16 +173,31 @@ class CaptureHooks:
 
     def _keep(self, st: RequestState, kind: str, site: str, module_path: str, step: int,
               value: torch.Tensor) -> None:
-        """Copy ``value`` into the request's records, within the byte cap."""
+        """Copy ``value`` into the request's records, within the byte cap (and, for a
+        provisional flight-recorder capture, within the flight buffer's bound)."""
         if st.too_large:
             return
-        st.nbytes += value.element_size() * value.nelement()
+        size = value.element_size() * value.nelement()
+        if st.provisional and st.nbytes + size > self.flight_bytes:
+            _stop_flight(st)
+            if kind != "input":
+                return
+        st.nbytes += size
         if st.nbytes > self.max_bytes:
             st.too_large = True
             st.records.clear()  # free memory now; the incident is dropped and counted at the end
             return
         copy = value.detach().to("cpu", copy=True)
         st.records.append(TensorRecord(kind, site, module_path, step, copy))
+
+
+def _stop_flight(st: RequestState) -> None:
+    """The flight buffer is full: stop capturing this request, free its activations, keep its
+    inputs (a flag raised later still makes an incident, materialised by replay)."""
+    st.capturing = st.provisional = False
+    st.flight_overflow = True
+    st.records = [r for r in st.records if r.kind == "input"]
+    st.nbytes = sum(r.tensor.element_size() * r.tensor.nelement() for r in st.records)
 
 
 def _fail_all(act: RequestContext, e: Exception) -> None:

@@ -39,9 +39,12 @@ _SHARED_LOCK = threading.Lock()
 
 def _make_collectors(reg: Any, namespace: str, counter: Any, gauge: Any) -> tuple[Any, ...]:
     try:
+        dropped = counter("recorder_dropped_total", "Captured incidents dropped, by reason.",
+                          ["reason"], namespace=namespace, registry=reg)
+        for reason in DROP_REASONS:  # every series exists at 0: increase() sees the first drop
+            dropped.labels(reason=reason)
         return (
-            counter("recorder_dropped_total", "Captured incidents dropped, by reason.",
-                    ["reason"], namespace=namespace, registry=reg),
+            dropped,
             counter("recorder_captured_total", "Incidents captured (trigger fired).",
                     namespace=namespace, registry=reg),
             counter("recorder_exported_total", "Incidents acknowledged by the exporter.",

@@ -74,6 +74,14 @@ class Recorder:
         capture_content: keep raw text (input/output) in the manifest; off by default.
         max_bundle_size_mb: overrides ``recorder.max_bundle_size_mb``.
         metrics_registry: Prometheus registry for the recorder metrics (default: global).
+        flight_recorder_mb: keep a per-request flight recorder of at most this many MiB:
+            every request whose trigger has not fired is captured provisionally into its own
+            bounded buffer, kept as the incident's activations if the trigger fires by the time
+            the request ends (a guardrail flagging the output), else discarded. A request that
+            outgrows the buffer stops capturing (a later flag then gives a replay incident).
+            Costs a copy of the recorded sites on every request (measured in
+            ``benchmarks/recorder_overhead.py``) and up to this much memory per request in
+            flight. None (default): off.
 
     A context manager: ``with Recorder(...) as rec:`` shuts it down on exit (also when the body
     raises), so its worker thread and hooks never outlive the block.
@@ -86,7 +94,8 @@ class Recorder:
                  model_revision: str | None = None, max_queue: int = 64,
                  capture_logits: bool = True, capture_content: bool = False,
                  max_bundle_size_mb: float | None = None,
-                 metrics_registry: Any | None = None) -> None:
+                 metrics_registry: Any | None = None,
+                 flight_recorder_mb: float | None = None) -> None:
         from .config import ForensicsConfig, default_sites, load_config
         from .exporters import InMemoryExporter
 
@@ -111,8 +120,15 @@ class Recorder:
             "revision": model_revision or known.get("revision"),
             "class": type(model).__name__,
         }
+        if flight_recorder_mb is not None and not flight_recorder_mb > 0:
+            from .errors import ConfigError
+
+            raise ConfigError(f"flight_recorder_mb={flight_recorder_mb}: use a positive size "
+                              "in MiB, or None to turn the flight recorder off")
+        flight = 0 if flight_recorder_mb is None else int(flight_recorder_mb * (1 << 20))
         self._hooks = CaptureHooks(owner=self, trigger=self.trigger,
-                                   capture_logits=capture_logits, max_bytes=max_bytes)
+                                   capture_logits=capture_logits, max_bytes=max_bytes,
+                                   flight_bytes=min(flight, max_bytes))
         self.bound: list[Any] = []
         if self.enabled:
             from .sites import resolve_sites

@@ -61,6 +61,11 @@ class RequestState:
     decided: bool = False            # pre-trigger evaluated (at the first forward)
     capturing: bool = False
     capture_from_step: int | None = None
+    # Flight recorder: captured although no trigger fired yet; kept only if one fires by the
+    # end of the request (a post-hoc flag), else discarded. ``flight_overflow``: the buffer
+    # outgrew its bound, so capture stopped (a later flag makes a replay incident).
+    provisional: bool = False
+    flight_overflow: bool = False
     records: list[TensorRecord] = field(default_factory=list)
     nbytes: int = 0
     too_large: bool = False

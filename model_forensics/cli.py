@@ -1,8 +1,8 @@
-"""The ``forensics`` command line: demo, replay, scenarios, baselines, sidecar, incidents.
+"""The ``forensics`` command line: demo, sidecar, incidents, baselines, reports, replay, scenarios.
 
 Example::
 
-    forensics demo                      # record SmolLM2 serving a benign and an injected prompt
+    forensics demo                      # the whole product on SmolLM2, one command
     forensics sidecar serve --config configs/sidecar.yaml
     forensics incidents list --filter "tenant = 'acme'"
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 
@@ -23,10 +24,14 @@ _PLUGINS = ("sidecar.cli", "analysis.cli", "analysis.scenarios.cli")
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="forensics", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    d = sub.add_parser("demo", help="record SmolLM2-135M-Instruct serving a benign and an "
-                                    "injected prompt; print what was captured")
-    d.add_argument("--out", default="forensics-data/demo", help="output directory")
-    d.add_argument("--max-new-tokens", type=int, default=12)
+    d = sub.add_parser("demo", help="the product in one command: sidecar + SmolLM2 served "
+                                    "under uvicorn, benign and injected traffic, analyses, "
+                                    "HTML report")
+    d.add_argument("--data-dir", default="forensics-data/demo",
+                   help="where the demo keeps its sidecar data, logs and report (emptied "
+                        "first if a previous demo made it)")
+    d.add_argument("--benign", type=int, default=20,
+                   help="benign requests sent (the detector baseline is built from them)")
     d.set_defaults(func=_cmd_demo)
     for mod in _PLUGINS:
         try:
@@ -40,9 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from model_forensics._demo import run_demo
+    from model_forensics.demo import run_demo
 
-    return run_demo(out_dir=args.out, max_new_tokens=args.max_new_tokens)
+    return run_demo(data_dir=args.data_dir, benign=args.benign)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -60,3 +65,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader went away (`forensics incidents list --json | head`): stop quietly, like
+        # other Unix tools; stdout goes to /dev/null so the interpreter's final flush is quiet.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0

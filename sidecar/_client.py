@@ -50,6 +50,7 @@ class SidecarClient:
                  root_certificates: bytes | None = None, private_key: bytes | None = None,
                  certificate_chain: bytes | None = None,
                  options: Sequence[tuple[str, Any]] = ()) -> None:
+        self.address = address
         opts = [("grpc.max_receive_message_length", v1.MAX_CHUNK_BYTES + 64 * 1024), *options]
         if root_certificates is not None:
             creds = grpc.ssl_channel_credentials(root_certificates, private_key,

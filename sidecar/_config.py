@@ -95,6 +95,10 @@ class SidecarConfig:
         jobs_raw = dict(_mapping(raw.get("jobs"), "jobs"))
         if "on_ingest" in jobs_raw:
             jobs_raw["on_ingest"] = tuple(_str_list(jobs_raw["on_ingest"], "jobs.on_ingest"))
+        if "params" in jobs_raw:
+            jobs_raw["params"] = {str(kind): dict(_mapping(p, f"jobs.params.{kind}"))
+                                  for kind, p in _mapping(jobs_raw["params"],
+                                                          "jobs.params").items()}
         jobs = _section(JobsConfig, jobs_raw, "jobs")
         if jobs.workers < 1 or jobs.max_attempts < 1:
             raise ConfigError("jobs.workers and jobs.max_attempts must be >= 1")

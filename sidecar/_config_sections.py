@@ -110,21 +110,26 @@ class MetricsConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TelemetryConfig:
-    """OpenTelemetry span export; off unless ``otlp_endpoint`` is set."""
+    """OpenTelemetry span export: OTLP when ``otlp_endpoint`` is set; ``console_spans`` prints
+    every finished span to stdout as JSON (local debugging)."""
 
     otlp_endpoint: str | None = None
     otlp_protocol: str = "grpc"          # grpc | http/protobuf
     service_name: str = "forensics-sidecar"
+    console_spans: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
 class JobsConfig:
-    """Analysis job runner: worker threads, retries, kinds enqueued on every new incident."""
+    """Analysis job runner: worker threads, retries, kinds enqueued on every new incident, and
+    default parameters per kind (``params: {cca: {permutations: 19}}``; a job's own params win).
+    """
 
     workers: int = 2
     max_attempts: int = 3
     on_ingest: tuple[str, ...] = ()
     poll_interval_s: float = 1.0
+    params: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -138,9 +138,16 @@ class Sidecar:
         self.health.enter_graceful_shutdown()
         self.servicer.closing = True
         grace_s = self.config.grpc.grace_s if grace is None else grace
+        log.info("health NOT_SERVING; refusing new uploads, draining RPCs for up to %.1f s",
+                 grace_s)
         self.server.stop(grace_s).wait()
+        log.info("gRPC server stopped; stopping analysis jobs (%s)", self.jobs.counts())
         self.jobs.stop(timeout_s=grace_s)
+        left = self.jobs.counts()
+        if left.get("running"):
+            log.info("%d job(s) left running are resumed at the next start", left["running"])
         self.store.close()
+        log.info("store closed (%s)", self.config.data_dir)
 
     def wait_for_termination(self, timeout: float | None = None) -> bool:
         """Block until the server stops (or ``timeout``); True when it stopped."""

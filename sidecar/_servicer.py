@@ -67,6 +67,12 @@ def row_to_proto(row: IncidentRow, *, full: bool = False) -> v1.Incident:
     if row.created_at is not None:
         msg.created_at.FromDatetime(row.created_at)
     msg.received_at.FromDatetime(row.received_at)
+    if row.anomaly_score is not None:    # absent (not 0) until CF scored the incident
+        msg.anomaly_score = row.anomaly_score
+    if row.anomaly_p is not None:
+        msg.anomaly_p = row.anomaly_p
+    if row.cf_flagged is not None:
+        msg.cf_flagged = row.cf_flagged
     return msg
 
 

@@ -28,6 +28,7 @@ from ._schema import CATALOG_DDL, MIGRATIONS, RESULT_DDL, RESULT_TABLES, SCHEMA_
 
 __all__ = [
     "CF_LISTING_COLUMNS",
+    "CF_ROW_COLUMNS",
     "INCIDENT_COLUMNS",
     "IncidentRow",
     "Index",
@@ -57,6 +58,9 @@ _CF_JOIN = (
     "ORDER BY (score IS NOT NULL) DESC, created_at DESC, job_id DESC) = 1) AS cf "
     "ON cf.cf_incident_id = incidents.id")
 _CF_REFS = tuple(f'"{c}"' for c in CF_LISTING_COLUMNS)
+#: The CF columns every listed or fetched :class:`IncidentRow` carries.
+CF_ROW_COLUMNS = ("anomaly_score", "anomaly_p", "cf_flagged")
+_ROW_SELECT = ", ".join([*(f"incidents.{c}" for c in INCIDENT_COLUMNS), *CF_ROW_COLUMNS])
 
 
 def listing_from(*sql: str) -> str:
@@ -98,6 +102,11 @@ class IncidentRow:
     n_sites: int
     path: str
     manifest_json: str
+    #: The current CF result (:data:`CF_ROW_COLUMNS`; read from the index, never inserted):
+    #: None until CF scored the incident.
+    anomaly_score: float | None = None
+    anomaly_p: float | None = None
+    cf_flagged: bool | None = None
 
     def values(self) -> list[Any]:
         return [getattr(self, c) for c in INCIDENT_COLUMNS]
@@ -200,8 +209,9 @@ class Index:
                     f"VALUES ({placeholders})", row.values())
 
     def get_incident(self, incident_id: str) -> IncidentRow | None:
-        rows = self.read_dicts(f"SELECT {', '.join(INCIDENT_COLUMNS)} FROM incidents "
-                               "WHERE id = ?", [incident_id])
+        """The row of ``incident_id`` with its current CF result, or None."""
+        rows = self.read_dicts(f"SELECT {_ROW_SELECT} FROM {_CF_JOIN} WHERE incidents.id = ?",
+                               [incident_id])
         return IncidentRow(**rows[0]) if rows else None
 
     def query_incidents(self, where_sql: str, params: Sequence[Any], order_sql: str, *,
@@ -210,9 +220,8 @@ class Index:
 
         Both may reference :data:`CF_LISTING_COLUMNS` (joined in by :func:`listing_from`).
         """
-        cols = ", ".join(f"incidents.{c}" for c in INCIDENT_COLUMNS)
         rows = self.read_dicts(
-            f"SELECT {cols} FROM {listing_from(where_sql, order_sql)} WHERE {where_sql} "
+            f"SELECT {_ROW_SELECT} FROM {_CF_JOIN} WHERE {where_sql} "
             f"ORDER BY {order_sql} LIMIT ? OFFSET ?", [*params, limit, offset])
         return [IncidentRow(**r) for r in rows]
 

@@ -203,7 +203,8 @@ class DiskSpool:
         final = self.directory / name
         tmp = self.directory / f"{_TMP_PREFIX}{name}"
         try:
-            with open(tmp, "wb") as f:
+            # 0600 like incident files (atomic_write): an entry holds activations, maybe text
+            with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as f:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())

@@ -8,10 +8,13 @@ with ``{"token": id}`` / ``{"text": "HACKED"}`` / ``{"label": k}``), takes up to
 ``baselines.cca_benign`` sampled benign incidents of the same model for the ``mean``
 intervention's baseline and the side effects, uses the newest CF ranking as a prior, and runs
 ``analysis.cca.CausalCCA`` with ``modules.cca`` (``max_fix_set_size``, ``search_strategy``,
-``early_stop_threshold``). The result (``GetAnalysis`` JSON and the ``cca_results`` /
+``early_stop_threshold``; ``params.permutations`` / ``params.variants`` set how many random sets
+the p-value and how many perturbed variants the flip rate use, default 99 / 16 — fewer is faster
+and coarser). The result (``GetAnalysis`` JSON and the ``cca_results`` /
 ``cca_interventions`` tables) is the fix set with flip rate + Wilson interval, necessity, side
-effects, permutation p-value and forward passes vs exhaustive — or, when nothing within
-``max_fix_set_size`` flips the failure, ``status: "no_fix_set"`` with the reason.
+effects, permutation p-value and forward passes vs exhaustive, and ``outputs``: the recorded
+answer (when content was captured) beside the greedy answer replayed with the fix — or, when
+nothing within ``max_fix_set_size`` flips the failure, ``status: "no_fix_set"`` with the reason.
 ``forensics_fix_set_size`` observes the size of every fix set found.
 
 Example::
@@ -84,6 +87,26 @@ def _failure(spec: Any, tokenizer: Any) -> Any:
     raise JobFailed(f"unknown failure kind {kind!r}; use token, text or label")
 
 
+def _search_options(ctx: JobContext) -> dict[str, Any]:
+    """``params.permutations`` / ``params.variants`` as CausalCCA options (when given)."""
+    out: dict[str, Any] = {}
+    for param, option in (("permutations", "n_permutations"), ("variants", "n_variants")):
+        value = ctx.params.get(param)
+        if value is None:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise JobFailed(f"params.{param} must be an integer >= 0, got {value!r}")
+        out[option] = value
+    return out
+
+
+def _recorded_output(inc: Any) -> str | None:
+    """The answer the model gave, when the incident kept its text (content capture)."""
+    content = inc.manifest.get("content") or {}
+    text = content.get("output_text") if inc.manifest.get("content_captured") else None
+    return text if isinstance(text, str) else None
+
+
 def _intervention(ctx: JobContext, n_benign: int) -> str:
     kind = str(ctx.params.get("intervention") or ("mean" if n_benign else "zero"))
     if kind not in _INTERVENTIONS:
@@ -115,7 +138,7 @@ def cca_job(ctx: JobContext) -> dict[str, Any]:
     guide = types.SimpleNamespace(ranked_sites=[(str(s), float(v)) for s, v in ranked]) \
         if ranked else None
     try:
-        fix = CausalCCA(config=ctx.config.modules.cca).search_fix_set(
+        fix = CausalCCA(config=ctx.config.modules.cca, **_search_options(ctx)).search_fix_set(
             session, guided_by=guide, benign=benign,
             failure=_failure(ctx.params.get("failure"), tokenizer),
             candidates=ctx.params.get("candidates"), intervention=kind, tokenizer=tokenizer)
@@ -127,6 +150,7 @@ def cca_job(ctx: JobContext) -> dict[str, Any]:
         "fidelity": fidelity_dict(session.fidelity()), "benign_incidents": len(benign),
         "cf_guided": guide is not None, "summary": fix.summary(),
         "fix_set": clean_json(fix.to_dict()),
+        "outputs": {"recorded": _recorded_output(inc), "with_fix": fix.greedy_output},
     }
     if fix.flip:
         out["fix_set_size"] = fix.size   # observed in forensics_fix_set_size

@@ -8,8 +8,10 @@ score / p / q (result JSON for ``GetAnalysis`` and the ``cf_results`` / ``cf_sit
 tables, written by :func:`record_cf`). Without a baseline the job is done with ``status:
 "no_baseline"`` and no score — never a made-up one. Incidents recorded without activations
 (``activations: "replay"``) are materialised by deterministic replay first when their model is
-registered. The score and p-value are observed in ``forensics_anomaly_score`` /
-``forensics_anomaly_p`` (exemplar: the request's trace).
+registered. The result also maps every scored unit's robust z (``units``: site → [step,
+position, z]; the report's heatmaps). The score and p-value are observed in
+``forensics_anomaly_score`` / ``forensics_anomaly_p`` (exemplar: the request's trace, else the
+job's own).
 
 Follow-ups: after a CF job on a sampled benign incident the sidecar builds the model's first
 baseline once ``baselines.min_samples`` exist and refreshes it every ``baselines.refresh_every``
@@ -35,6 +37,7 @@ from ._baselines import (
 from ._kind import JobContext, JobFailed, JobHost, JobKind
 from ._models import load_registered, model_ref, registered_spec
 from ._queries import benign_candidates, clean_json, latest_baseline_row, num
+from ._unit_map import unit_z_map
 
 if TYPE_CHECKING:
     from ._queue import JobRecord
@@ -98,8 +101,9 @@ def cf_job(ctx: JobContext) -> dict[str, Any]:
                                "they cannot be replayed; nothing was scored"}
     from integrations.errors import AnalysisError
 
+    det = cls(baseline=base, anomaly_threshold=threshold)
     try:
-        report = cls(baseline=base, anomaly_threshold=threshold).analyze(target)
+        report = det.analyze(target)
     except AnalysisError as e:
         raise JobFailed(f"CF could not score incident {inc.id}: {e}") from e
     rep = clean_json(report.to_dict())
@@ -109,7 +113,8 @@ def cf_job(ctx: JobContext) -> dict[str, Any]:
             "root_cause_candidates": report.root_cause_candidates[:10],
             "baseline": {"version": version, "path": str(path.relative_to(ctx.config.data_dir)),
                          "sample_count": base.sample_count, "created_at": base.created_at},
-            "report": rep}
+            "report": rep, "units": unit_z_map(det, target, sites=list(report.sites)),
+            "activations": "captured" if target is inc else "replayed"}
 
 
 def record_cf(con: Any, job: JobRecord, result: dict[str, Any]) -> None:

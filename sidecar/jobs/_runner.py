@@ -39,7 +39,8 @@ if TYPE_CHECKING:
     from .._config import SidecarConfig
     from .._store import IncidentStore
 
-__all__ = ["JOBS", "JOBS_FINISHED", "JOB_DURATION", "JOB_QUEUE_WAIT", "METRICS", "JobRunner"]
+__all__ = ["ATTEMPT_END_STATES", "JOBS", "JOBS_FINISHED", "JOB_DURATION", "JOB_QUEUE_WAIT",
+           "METRICS", "JobRunner"]
 
 log = logging.getLogger("sidecar.jobs")
 
@@ -47,9 +48,13 @@ JOBS = gauge("jobs", "Analysis jobs by state (pending = the analysis queue depth
              labels=("state",), values={"state": JOB_STATES})
 JOBS_FINISHED = counter("jobs_finished", "Job attempts that ended, by kind and state.",
                         labels=("kind", "state"))
-#: From a stats job (ms) to a CCA search (the proposal's budget is 2 h).
+#: The states an attempt ends in: done, failed for good, or pending again (to be retried).
+ATTEMPT_END_STATES = ("done", "failed", "pending")
+#: From a stats job (ms) to a CCA search (the proposal's budget is 2 h). A bucket above 2 h is
+#: needed for the ForensicsAnalysisSlow alert: histogram_quantile() never exceeds the highest
+#: finite bound, so with 7200 last a p95 beyond 2 h would read as exactly 7200 (no alert).
 _SECONDS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
-            1800.0, 3600.0, 7200.0, float("inf"))
+            1800.0, 3600.0, 7200.0, 14400.0, float("inf"))
 JOB_DURATION = histogram("job_duration_seconds", "Wall time of one analysis job attempt, by kind.",
                          labels=("kind",), buckets=_SECONDS)
 JOB_QUEUE_WAIT = histogram(
@@ -90,7 +95,13 @@ class JobRunner:
     # -- lifecycle ---------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Resume interrupted jobs and start dispatching."""
+        """Resume interrupted jobs and start dispatching. Every (kind, end state) series of
+        ``forensics_jobs_finished_total`` exists from here on, at 0: ``increase()`` in an alert
+        sees the first failure (a counter born at 1 reads as no increase)."""
+        for kind in self.kinds:
+            for state in ATTEMPT_END_STATES:
+                self.telemetry.observe(JOBS_FINISHED, 0.0,
+                                       labels={"kind": kind.name, "state": state})
         self.queue.resume()
         self._report_counts()
         self._thread = threading.Thread(target=self._dispatch, name="forensics-job-dispatch",
@@ -195,8 +206,13 @@ class JobRunner:
             traceparent = row.traceparent if row is not None else None
             host = RunnerHost(self.store, config=self.config, job=job, submit=self.submit,
                               telemetry=self.telemetry, traceparent=traceparent)
-            state, result, error = self._attempt(job, host, traceparent, found=row is not None)
-            state = self._conclude(job, host, state, result, error)
+            with self.telemetry.span(f"job.{job.kind}", traceparent=traceparent,
+                                     attributes=_span_attributes(job)) as span:
+                state, result, error = self._attempt(job, host, found=row is not None)
+                # Recorded and followed up inside the span: a metric the kind observes in
+                # ``after`` gets this trace as exemplar when the request had no traceparent.
+                state = self._conclude(job, host, state, result, error)
+                span.set_attribute("forensics.job.state", state)
             self.telemetry.observe(JOB_DURATION, time.monotonic() - t0,
                                    labels={"kind": job.kind})
             self.telemetry.observe(JOBS_FINISHED, labels={"kind": job.kind, "state": state})
@@ -214,38 +230,31 @@ class JobRunner:
             with self._changed:
                 self._changed.notify_all()
 
-    def _attempt(self, job: JobRecord, host: RunnerHost, traceparent: str | None, *,
+    def _attempt(self, job: JobRecord, host: RunnerHost, *,
                  found: bool) -> tuple[str, dict[str, Any] | None, str | None]:
-        """Prepare and run one attempt inside its span: (state, result, error)."""
+        """Prepare and run one attempt: (state, result, error)."""
         state, result, error = "failed", None, None
-        with self.telemetry.span(f"job.{job.kind}", traceparent=traceparent,
-                                 attributes={"forensics.incident.id": job.incident_id,
-                                             "forensics.incident.tenant": job.tenant,
-                                             "forensics.job.kind": job.kind,
-                                             "forensics.job.id": job.id,
-                                             "forensics.job.attempt": job.attempts}) as span:
-            try:
-                if not found:
-                    raise JobFailed(f"incident {job.incident_id} no longer exists")
-                result = self._execute(job, host)
-                state = "done"
-            except _Stopped:
-                raise
-            except JobFailed as e:
-                error = str(e)
-                state = "pending" if e.retryable and job.attempts < job.max_attempts else "failed"
-            except (IncidentFormatError, UnknownJobKindError) as e:
-                error = f"{type(e).__name__}: {e}"
-            except Exception as e:   # a bug or a transient failure: retry, then fail
-                log.exception("job %s (%s) failed", job.id, job.kind)
-                error = f"{type(e).__name__}: {e}"
-                state = "pending" if job.attempts < job.max_attempts else "failed"
-            span.set_attribute("forensics.job.state", state)
+        try:
+            if not found:
+                raise JobFailed(f"incident {job.incident_id} no longer exists")
+            result = self._execute(job, host)
+            state = "done"
+        except _Stopped:
+            raise
+        except JobFailed as e:
+            error = str(e)
+            state = "pending" if e.retryable and job.attempts < job.max_attempts else "failed"
+        except (IncidentFormatError, UnknownJobKindError) as e:
+            error = f"{type(e).__name__}: {e}"
+        except Exception as e:   # a bug or a transient failure: retry, then fail
+            log.exception("job %s (%s) failed", job.id, job.kind)
+            error = f"{type(e).__name__}: {e}"
+            state = "pending" if job.attempts < job.max_attempts else "failed"
         return state, result, error
 
     def _execute(self, job: JobRecord, host: RunnerHost) -> dict[str, Any]:
         kind = self.kinds[job.kind]
-        params = json.loads(job.params_json)
+        params = {**self.config.jobs.params.get(job.kind, {}), **json.loads(job.params_json)}
         if kind.prepare is not None:
             with self._db():
                 params = kind.prepare(host, job, params)
@@ -283,3 +292,10 @@ class JobRunner:
                     self.telemetry.observe(JOBS, n, labels={"state": state})
             except Exception:
                 log.exception("could not report job counts")
+
+
+def _span_attributes(job: JobRecord) -> dict[str, Any]:
+    """The attributes of a ``job.<kind>`` span."""
+    return {"forensics.incident.id": job.incident_id, "forensics.incident.tenant": job.tenant,
+            "forensics.job.kind": job.kind, "forensics.job.id": job.id,
+            "forensics.job.attempt": job.attempts}

@@ -50,6 +50,7 @@ class SidecarTelemetry(NoopTelemetry):
         tracer_provider / span_exporter / otlp_endpoint / otlp_protocol / otlp_headers /
             service_name: see :class:`~sidecar.telemetry.Tracing`. OTLP is off unless
             ``otlp_endpoint`` is set.
+        console_spans: print every finished span to stdout as JSON (local debugging).
     """
 
     def __init__(self, *, registry: CollectorRegistry | None = None,
@@ -57,11 +58,12 @@ class SidecarTelemetry(NoopTelemetry):
                  tracer_provider: Any = None, span_exporter: Any = None,
                  otlp_endpoint: str | None = None, otlp_protocol: OTLPProtocol = "grpc",
                  otlp_headers: Mapping[str, str] | None = None,
-                 service_name: str = "forensics-sidecar") -> None:
+                 service_name: str = "forensics-sidecar", console_spans: bool = False) -> None:
         self.metrics = SidecarMetrics(registry=registry)
         self.tracing = Tracing(tracer_provider=tracer_provider, span_exporter=span_exporter,
                                otlp_endpoint=otlp_endpoint, otlp_protocol=otlp_protocol,
-                               otlp_headers=otlp_headers, service_name=service_name)
+                               otlp_headers=otlp_headers, service_name=service_name,
+                               console=console_spans)
         self.http: MetricsHTTPServer | None = None
         if metrics_port is not None:
             self.http = MetricsHTTPServer(self.metrics.registry, port=metrics_port,
@@ -90,7 +92,7 @@ class SidecarTelemetry(NoopTelemetry):
         return cls(registry=registry, metrics_port=port, metrics_addr=addr,
                    tracer_provider=tracer_provider, span_exporter=span_exporter,
                    otlp_endpoint=t.otlp_endpoint or None, otlp_protocol=protocol,
-                   service_name=t.service_name)
+                   service_name=t.service_name, console_spans=t.console_spans)
 
     @property
     def registry(self) -> CollectorRegistry:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import logging
+import sys
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Literal
 
@@ -34,6 +35,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import (
     BatchSpanProcessor,
+    ConsoleSpanExporter,
     SimpleSpanProcessor,
     SpanExporter,
 )
@@ -124,6 +126,8 @@ class Tracing:
         otlp_endpoint / otlp_protocol / otlp_headers: also export over OTLP with a
             ``BatchSpanProcessor``. Off unless an endpoint is given.
         service_name: the ``service.name`` resource attribute.
+        console: also print every finished span to stdout as JSON (OpenTelemetry's
+            ``ConsoleSpanExporter``; local debugging, config ``telemetry.console_spans``).
 
     With none of them, spans are still created (so trace ids exist for exemplars) but go
     nowhere.
@@ -133,7 +137,7 @@ class Tracing:
                  span_exporter: SpanExporter | None = None, otlp_endpoint: str | None = None,
                  otlp_protocol: OTLPProtocol = "grpc",
                  otlp_headers: Mapping[str, str] | None = None,
-                 service_name: str = "forensics-sidecar") -> None:
+                 service_name: str = "forensics-sidecar", console: bool = False) -> None:
         self._owns_provider = tracer_provider is None
         self._closed = False
         if tracer_provider is None:
@@ -142,6 +146,9 @@ class Tracing:
         self.provider = tracer_provider
         if span_exporter is not None:
             self.provider.add_span_processor(SimpleSpanProcessor(span_exporter))
+        if console:
+            self.provider.add_span_processor(
+                SimpleSpanProcessor(ConsoleSpanExporter(out=sys.stdout)))
         if otlp_endpoint:
             self.provider.add_span_processor(BatchSpanProcessor(
                 make_otlp_exporter(otlp_endpoint, protocol=otlp_protocol, headers=otlp_headers)))

@@ -69,7 +69,9 @@ def _serve(rec: Recorder, model: Any, ids: list[int], request_id: str, *,
 
 def _config(tmp_path: Path, fp: str) -> SidecarConfig:
     return SidecarConfig.from_dict({
-        "data_dir": str(tmp_path / "data"), "jobs": {"poll_interval_s": 0.05, "workers": 2},
+        "data_dir": str(tmp_path / "data"),
+        "jobs": {"poll_interval_s": 0.05, "workers": 2,
+                 "params": {"cca": {"permutations": 19}}},   # a default for every cca job
         "metrics": {"enabled": False},
         "baselines": {"min_samples": 10, "refresh_every": 0, "cca_benign": 4},
         "modules": {"cca": {"max_fix_set_size": 4}},
@@ -107,6 +109,7 @@ def test_cf_and_cca_in_the_sidecar(tmp_path: Path, capsys: pytest.CaptureFixture
         _check_telemetry(sc, tel, cf, fixed_sites)
         # 4. the CLI prints the CF top sites and the fix set with its statistics
         _check_cli_show(addr, inc_id, cf_json, ranks[0][0], capsys)
+        _check_report(addr, inc_id, fixed_sites, tmp_path, capsys)
         # 5. forensics baseline build: by fingerprint, and from a directory of incidents
         _check_cli_baseline_build(sc, addr, fp, tmp_path, capsys)
 
@@ -171,6 +174,13 @@ def _check_cf_report(addr: str, inc_id: str, cf: dict[str, Any],
     assert sorted(cands) == sorted(s for s, v in sites.items() if v["flagged"])
     order = cf_json["report"]["execution_order"]
     assert sorted(order) == sorted(sites) and order.index(first) <= order.index(ranks[0][0])
+    units = cf_json["units"]["sites"]       # every scored unit, for the report's heatmaps
+    assert set(units) == set(sites)
+    for site, s in sites.items():           # the same z the detector ranked the site by
+        w = s["worst"]
+        at = {(step, pos): z for step, pos, z in units[site]}
+        assert at[(w["step"], w["position"])] == pytest.approx(w["z"], abs=1e-3), site
+        assert max(abs(z) for z in at.values()) == pytest.approx(abs(w["z"]), abs=1e-3)
     return dict(cf_json)
 
 
@@ -185,6 +195,8 @@ def _check_cca_fix_set(sc: Sidecar, addr: str, inc_id: str) -> list[str]:
     fix = cca["fix_set"]
     fixed_sites = [iv["site"] for iv in fix["interventions"]]
     assert "blocks.2.mlp" in fixed_sites and fix["one_minimal"] is True
+    assert fix["permutation"]["n_permutations"] == 19         # jobs.params.cca
+    assert cca["outputs"] == {"recorded": None, "with_fix": fix["greedy_output"]}  # no text
     row = idx.read_dicts("SELECT * FROM cca_results WHERE incident_id = ?", [inc_id])[0]
     assert row["flip"] is True and row["size"] == len(fixed_sites) == cca["fix_set_size"]
     assert row["forward_passes"] == fix["forward_passes"] > 0
@@ -219,6 +231,23 @@ def _check_cli_show(addr: str, inc_id: str, cf_json: dict[str, Any], top_site: s
     cands = cf_json["root_cause_candidates"]
     assert f"first): {', '.join(cands[:3])}" in " ".join(out.split())
     assert "Causal fix set" in out and "flip rate" in out and "replays vs" in out
+
+
+def _check_report(addr: str, inc_id: str, fixed_sites: list[str], tmp_path: Path,
+                  capsys: pytest.CaptureFixture[str]) -> None:
+    """``forensics report``: the fix set, its statistics and the trace, from the sidecar."""
+    from model_forensics.cli import main as cli
+
+    out = tmp_path / "reports" / f"{inc_id}.html"
+    assert cli(["report", inc_id, "--address", addr, "-o", str(out), "--index"]) == 0
+    html = out.read_text()
+    for ident in ("fix-table", "fix-stats", "before-after", "output-after", "svg-site-step",
+                  "root-cause-table"):
+        assert f'id="{ident}"' in html, ident
+    assert all(site in html for site in fixed_sites) and TRACE_ID in html
+    assert "flip rate" in html and "19 random sets" in html      # jobs.params.cca
+    assert f'href="{inc_id}.html"' in (tmp_path / "reports" / "index.html").read_text()
+    capsys.readouterr()
 
 
 def _check_cli_baseline_build(sc: Sidecar, addr: str, fp: str, tmp_path: Path,

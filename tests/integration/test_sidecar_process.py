@@ -22,6 +22,7 @@ import grpc
 import pytest
 
 from integrations.incident import Incident
+from sidecar._cli_incidents import LIST_COLUMNS
 from sidecar._client import SidecarClient, upload_requests
 from sidecar._config import SidecarConfig
 from sidecar._server import Sidecar, create_server
@@ -99,8 +100,9 @@ def test_cli_incident_commands(sidecar: tuple[Sidecar, str], tmp_path: Path,
     lines = capsys.readouterr().out.splitlines()
     assert [json.loads(x)["id"] for x in lines] == ["inc-1", "inc-2"]
     assert _cli(["incidents", "list", *common, "--page-size", "1"]) == 0
-    out = capsys.readouterr().out
-    assert "1 of 2 incident(s)" in out and "--page-token" in out
+    out, err = capsys.readouterr()      # not a terminal: tab-separated, hint on stderr
+    assert out.splitlines()[0].split("\t") == list(LIST_COLUMNS)
+    assert len(out.splitlines()) == 2 and "--page-token" in err
     assert _cli(["incidents", "analyze", "inc-1", *common, "--kind", "stats",
                  "--wait", "30"]) == 0
     assert '"JOB_STATE_DONE"' in capsys.readouterr().out
@@ -203,6 +205,12 @@ def test_serve_subprocess_metrics_and_sigterm(tmp_path: Path) -> None:
         assert 'forensics_ingest_rejected_total{reason="invalid_incident"} 1.0' in body
         rc = p.kill(signal.SIGTERM)
         assert rc == 0, p.log.read_text()
+    log = p.log.read_text()
+    for said in ("received SIGTERM: shutting down", "health NOT_SERVING", "draining RPCs",
+                 "gRPC server stopped", "store closed", "forensics sidecar stopped"):
+        assert said in log, log              # an operator sees what SIGTERM did, in order
+    assert log.index("received SIGTERM") < log.index("store closed") < log.index(
+        "forensics sidecar stopped")
 
 
 def _wait_for(cond: Callable[[], bool], timeout_s: float, what: str) -> None:

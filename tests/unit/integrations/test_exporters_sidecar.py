@@ -27,11 +27,14 @@ from sidecar import SidecarConfig, create_server
 from sidecar.api import v1
 
 TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+#: A created_at no other test incident has: the same id with different bytes.
+LATER = "2030-01-01T00:00:00+00:00"
 
 
-def make_incident(i: int | str, *, numel: int = 12, tenant: str = "acme") -> Incident:
+def make_incident(i: int | str, *, numel: int = 12, tenant: str = "acme",
+                  created_at: str | None = None) -> Incident:
     iid = f"inc-{i}"
-    m = new_manifest(id=iid, model={"name": "tiny", "revision": None, "fingerprint": "ab" * 32},
+    m = new_manifest(id=iid, created_at=created_at, model={"name": "tiny", "revision": None, "fingerprint": "ab" * 32},
                      request={"id": f"r-{i}", "tenant": tenant, "traceparent": TRACEPARENT},
                      trigger={"rule": "OnFlag", "reason": "test", "step": 0},
                      runtime={"python": "3.11"})
@@ -111,8 +114,8 @@ def test_different_bytes_under_a_known_id_is_dropped_not_retried(sidecar):
     metrics = RecorderMetrics(registry=CollectorRegistry())
     ex = fast(f"127.0.0.1:{port}", metrics=metrics)
     assert ex.export(make_incident(1)) is ExportResult.SUCCESS
-    time.sleep(0.002)  # a new created_at: same id, different bytes
-    assert ex.export(make_incident(1)) is ExportResult.FAILURE
+    other = make_incident(1, created_at=LATER)  # same id, different bytes
+    assert ex.export(other) is ExportResult.FAILURE
     st = ex.stats()
     assert st["retries"] == 0 and st["dropped"] == {"export_failed": 1}
     assert metrics.snapshot()["dropped"] == {"export_failed": 1}
@@ -170,7 +173,9 @@ def test_sidecar_comes_back_during_retries(tmp_path):
     result: list[ExportResult] = []
     t = threading.Thread(target=lambda: result.append(ex.export(make_incident(1))))
     t.start()
-    time.sleep(0.5)
+    deadline = time.monotonic() + 30
+    while ex.stats()["retries"] < 1 and time.monotonic() < deadline:  # it is retrying
+        time.sleep(0.01)
     with running_sidecar(tmp_path / "data", port=port) as (srv, _):
         t.join(timeout=30)
         assert result == [ExportResult.SUCCESS]
@@ -253,8 +258,7 @@ def test_a_rejected_spooled_incident_is_dropped_and_does_not_block_the_rest(tmp_
     ex = fast(f"127.0.0.1:{port}", spool_dir=tmp_path / "spool", metrics=metrics)
     with running_sidecar(tmp_path / "data", port=port):
         assert ex.export(make_incident("dup")) is ExportResult.SUCCESS  # stored directly
-    time.sleep(0.002)
-    poison = make_incident("dup")  # same id, different bytes: ALREADY_EXISTS later
+    poison = make_incident("dup", created_at=LATER)  # same id, other bytes: ALREADY_EXISTS later
     assert ex.export(poison) is ExportResult.SUCCESS  # sidecar down: spooled
     assert ex.export(make_incident("next")) is ExportResult.SUCCESS
     with running_sidecar(tmp_path / "data", port=port) as (srv, _):

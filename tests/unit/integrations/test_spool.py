@@ -95,3 +95,16 @@ def test_unsafe_ids_give_safe_file_names(tmp_path):
 def test_invalid_bound():
     with pytest.raises(ValueError, match="max_bytes"):
         DiskSpool("/nonexistent-never-created", max_bytes=0)
+
+
+def test_entries_are_private_like_incident_files(tmp_path):
+    from integrations.incident import atomic_write
+
+    old = os.umask(0o022)   # the usual umask: a plain open() would give 0644
+    try:
+        entry = DiskSpool(tmp_path / "spool", max_bytes=1000).put("inc-1", b"secret")
+        atomic_write(tmp_path / "inc-1.arrow", b"secret")
+    finally:
+        os.umask(old)
+    assert entry.path.stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "inc-1.arrow").stat().st_mode & 0o777 == 0o600

@@ -13,15 +13,16 @@ from integrations.incident import IncidentBuilder, new_manifest
 
 def build_incident(incident_id: str, *, tenant: str = "acme", n_sites: int = 2, steps: int = 1,
                    model: str = "tiny-gpt2", rule: str = "flag", reason: str = "prompt_injection",
-                   seed: int = 0, created_at: str | None = None) -> bytes:
+                   seed: int = 0, created_at: str | None = None,
+                   traceparent: str | None = "00-0af7651916cd43dd8448eb211c80319c-"
+                                             "b7ad6b7169203331-01") -> bytes:
     """A small real incident: ``n_sites`` activation sites × ``steps`` steps of [1, 4, 8]."""
     gen = torch.Generator().manual_seed(seed)
     m = new_manifest(id=incident_id, created_at=created_at,
                      model={"name": model, "revision": None, "fingerprint": "f" * 64},
                      trigger={"rule": rule, "reason": reason, "step": 0},
                      request={"id": f"req-{incident_id}", "tenant": tenant,
-                              "traceparent": "00-0af7651916cd43dd8448eb211c80319c-"
-                                             "b7ad6b7169203331-01"},
+                              "traceparent": traceparent},
                      runtime={"python": "3.11", "torch": torch.__version__})
     b = IncidentBuilder(manifest=m)
     for step in range(steps):

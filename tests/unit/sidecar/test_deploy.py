@@ -4,7 +4,6 @@ works against a real sidecar, and ``import sidecar`` stays light (Docker cannot 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import shlex
@@ -316,37 +315,6 @@ def test_container_config_and_compose_agree() -> None:
             src = vol.split(":", 1)[0]
             if src.startswith("."):
                 assert (DOCKER / src).resolve().exists(), src
-
-
-def test_example_app_serves_health_and_metrics() -> None:
-    import asyncio
-
-    import httpx
-    import torch
-    from prometheus_client import CollectorRegistry
-
-    from integrations import Recorder, exporters
-
-    spec = importlib.util.spec_from_file_location("app_example", DOCKER / "app_example.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    reg = CollectorRegistry()
-    model = torch.nn.Sequential(torch.nn.Linear(4, 2))
-
-    async def go(app: Any) -> tuple[httpx.Response, httpx.Response, httpx.Response]:
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
-                                     base_url="http://app") as c:
-            return (await c.get("/healthz"), await c.get("/metrics"),
-                    await c.post("/classify", json={"review": ""}))
-
-    with Recorder(model, sites=["torch:0"], exporter=exporters.InMemoryExporter(),
-                  metrics_registry=reg) as rec:
-        app = mod.build_app(model=None, tokenizer=None, recorder=rec, registry=reg)
-        health, metrics, bad = asyncio.run(go(app))
-    assert health.status_code == 200 and health.text == "ok"
-    assert "forensics_recorder_queue_depth" in metrics.text
-    assert bad.status_code == 400 and "review" in bad.json()["error"]
 
 
 # -- the package the images run ------------------------------------------------------------------

@@ -277,3 +277,28 @@ def test_queue_wait_is_observed_from_submit_to_first_claim(
         with _running(runner):
             assert runner.wait(job.id, timeout_s=30).state == "done"
     assert tel.values(JOB_QUEUE_WAIT, kind="stats") == [2.5]
+
+
+def _echo(ctx: JobContext) -> dict[str, object]:
+    return {"params": dict(ctx.params)}
+
+
+def test_configured_default_params_are_under_each_jobs_own(
+        tmp_path: Path, make_incident: Callable[..., bytes]) -> None:
+    cfg = _config(tmp_path, params={"echo": {"permutations": 19, "variants": 4}})
+    assert cfg.jobs.params == {"echo": {"permutations": 19, "variants": 4}}
+    with LocalStore(tmp_path) as store:
+        store.put("inc-1", make_incident("inc-1"), tenant="acme")
+        with _running(_runner(store, cfg, kinds=(JobKind("echo", run=_echo),))) as runner:
+            plain = runner.submit("inc-1", "echo", tenant="acme")
+            own = runner.submit("inc-1", "echo", tenant="acme", params={"variants": 2})
+            got = [runner.wait(j.id, timeout_s=30).result for j in (plain, own)]
+    assert got == [{"params": {"permutations": 19, "variants": 4}},
+                   {"params": {"permutations": 19, "variants": 2}}]
+
+
+def test_job_params_config_must_map_kinds_to_mappings(tmp_path: Path) -> None:
+    from integrations.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"jobs\.params\.cca"):
+        _config(tmp_path, params={"cca": 19})

@@ -214,6 +214,75 @@ def test_every_declared_metric_is_exported_from_the_start():
     assert families == {f"forensics_{m.name}" for m in sidecar_metrics()}
 
 
+def test_a_sidecar_exports_every_job_outcome_at_zero_before_any_job(tmp_path):
+    """Alerts take increase() of forensics_jobs_finished_total{kind,state}: a series born at 1
+    by the first failure reads as no increase, so every series must exist from the start."""
+    from sidecar._config import SidecarConfig
+    from sidecar._server import create_server
+    from sidecar.jobs import builtin_kinds
+    from sidecar.jobs._runner import ATTEMPT_END_STATES
+
+    cfg = SidecarConfig.defaults(data_dir=str(tmp_path / "data"))
+    with SidecarTelemetry(registry=CollectorRegistry(), metrics_port=0) as t:
+        sc, _ = create_server(cfg, port=0, telemetry=t)
+        with sc:
+            assert t.metrics_url is not None
+            _, body = _scrape(t.metrics_url, None)
+    for kind in builtin_kinds():
+        for state in ATTEMPT_END_STATES:
+            line = f'forensics_jobs_finished_total{{kind="{kind.name}",state="{state}"}} 0.0'
+            assert line in body, line
+
+
+def _spans_ended(mem: InMemorySpanExporter, name: str, n: int, timeout_s: float = 60) -> None:
+    """Wait until ``n`` spans ``name`` ended (a job span ends after its follow-ups)."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while sum(s.name == name for s in mem.get_finished_spans()) < n:
+        assert time.monotonic() < deadline, [s.name for s in mem.get_finished_spans()]
+        time.sleep(0.05)
+
+
+def test_a_scored_incident_without_a_request_trace_gets_the_job_trace_as_exemplar(tmp_path):
+    """The score is observed after the CF job: its exemplar is the request's trace when the
+    incident has one, else the trace of the sidecar's own job span (still open then)."""
+    import json
+    import re
+
+    from sidecar._client import SidecarClient
+    from sidecar._config import SidecarConfig
+    from sidecar._server import create_server
+
+    from .conftest import build_incident
+
+    cfg = SidecarConfig.from_dict({"data_dir": str(tmp_path / "data"),
+                                   "jobs": {"poll_interval_s": 0.05},
+                                   "baselines": {"detector": "norm"}})
+    mem = InMemorySpanExporter()
+    with SidecarTelemetry(registry=CollectorRegistry(), metrics_port=0, span_exporter=mem) as t:
+        sc, port = create_server(cfg, port=0, telemetry=t)
+        with sc, SidecarClient(f"127.0.0.1:{port}") as c:
+            ids = [f"b-{i}" for i in range(8)]
+            for i, iid in enumerate(ids):
+                c.upload(iid, build_incident(iid, rule="ratio", seed=i, traceparent=None))
+            c.run_analysis(ids[0], "baseline", params_json=json.dumps({"incident_ids": ids}))
+            _spans_ended(mem, "job.cf", 16)   # 8 without a baseline, 8 scored again after it
+            c.upload("flagged", build_incident("flagged", seed=99, traceparent=None))
+            _spans_ended(mem, "job.cf", 17)
+            cf = next(a for a in c.list_analyses("flagged") if a.kind == "cf")
+            score = json.loads(cf.result_json)["anomaly_score"]
+            assert t.metrics_url is not None
+            _, body = _scrape(t.metrics_url, "application/openmetrics-text")
+    cf_span = next(s for s in mem.get_finished_spans() if s.name == "job.cf"
+                   and s.attributes["forensics.incident.id"] == "flagged")
+    assert not cf_span.links                         # no request trace to link to
+    exemplars = {float(v): tid for tid, v in re.findall(
+        r'forensics_anomaly_score_bucket\{[^}]*\} \S+ # \{trace_id="([0-9a-f]{32})"\} (\S+)',
+        body)}
+    assert exemplars.get(score) == format(cf_span.context.trace_id, "032x"), body
+
+
 def test_shutdown_stops_the_metrics_server():
     with SidecarTelemetry(registry=CollectorRegistry(), metrics_port=0) as tel:
         url = tel.metrics_url
@@ -230,6 +299,28 @@ def test_no_metrics_server_unless_asked():
         assert t.metrics_url is None
         with t.span("ingest", traceparent=TRACEPARENT):  # spans still work (no exporter)
             assert Tracing.current_trace_id() is not None
+
+
+def test_console_span_exporter_prints_spans_when_configured(capfd):
+    import json
+
+    from sidecar._config import load_config
+
+    cfg = load_config(None, env={"FORENSICS_SIDECAR__TELEMETRY__CONSOLE_SPANS": "true"})
+    assert cfg.telemetry.console_spans
+    with SidecarTelemetry.from_config(cfg, registry=CollectorRegistry(), metrics_port=0) as t:
+        with t.span("ingest", traceparent=TRACEPARENT,
+                    attributes={"forensics.incident.id": "inc-1"}):
+            pass
+    printed = json.loads(capfd.readouterr().out)   # one span, as OpenTelemetry prints it
+    assert printed["name"] == "ingest"
+    assert printed["attributes"]["forensics.incident.id"] == "inc-1"
+    assert printed["links"][0]["context"]["trace_id"] == f"0x{TRACE_ID}"
+    quiet = load_config(None, env={})
+    with SidecarTelemetry.from_config(quiet, registry=CollectorRegistry()) as t:
+        with t.span("ingest"):
+            pass
+    assert capfd.readouterr().out == ""             # off by default
 
 
 def test_otlp_exporters_are_configurable_and_off_by_default():
@@ -268,7 +359,7 @@ def test_prometheus_rules_and_scrape_config_use_only_real_series():
 
     deploy = Path(__file__).resolve().parents[3] / "deploy" / "prometheus"
     config = yaml.safe_load((deploy / "prometheus.yaml").read_text())
-    assert "OpenMetricsText1.0.0" == config["global"]["scrape_protocols"][0]  # exemplars
+    assert "scrape_protocols" not in config["global"]   # a 2.49+ key: loads on 2.42
     for rule_file in config["rule_files"]:
         rules = yaml.safe_load((deploy / rule_file).read_text())
         exprs = [r["expr"] for g in rules["groups"] for r in g["rules"]]

@@ -1,0 +1,44 @@
+"""The HTML incident report: one self-contained, offline file per incident (inline CSS and SVG,
+no script, no external resource), made of pluggable sections.
+
+Data comes from a sidecar over gRPC (:func:`data_from_sidecar`) or from an incident file plus
+results JSON (:func:`data_from_files`). :func:`render_report` renders :func:`default_sections`
+(or any list of :class:`Section`); a new analysis kind gets its own sections by reading
+``data.result("<kind>")`` and returning HTML built with :func:`table`, :func:`kv_table`,
+:func:`heatmap_svg`, :func:`note`, :func:`esc` and :func:`fmt`. :func:`write_index` lists a
+folder of reports. CLI: ``forensics report ID -o report.html``.
+
+Example::
+
+    from sidecar import SidecarClient
+    from sidecar.report import Section, data_from_sidecar, default_sections, render_report
+    with SidecarClient("127.0.0.1:7431") as c:
+        data = data_from_sidecar(c, incident_id)
+    html = render_report(data, sections=[*default_sections(),
+                                         Section("my-kind", "My analysis", my_section)])
+"""
+
+from __future__ import annotations
+
+from ._data import ReportData, data_from_files, data_from_sidecar
+from ._html import esc, fmt, heatmap_svg, kv_table, note, table
+from ._index import read_report_meta, write_index
+from ._render import Section, default_sections, render_report, report_meta
+
+__all__ = [
+    "ReportData",
+    "Section",
+    "data_from_files",
+    "data_from_sidecar",
+    "default_sections",
+    "esc",
+    "fmt",
+    "heatmap_svg",
+    "kv_table",
+    "note",
+    "read_report_meta",
+    "render_report",
+    "report_meta",
+    "table",
+    "write_index",
+]

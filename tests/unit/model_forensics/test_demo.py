@@ -1,0 +1,99 @@
+"""``forensics demo``'s process handling with real processes: children are stopped (last started
+first) on an error, on Ctrl-C and on SIGTERM; a child that dies or never gets ready fails with
+its log; the demo never empties a directory it did not make. The whole demo (SmolLM2, sidecar,
+uvicorn, CF, CCA, report) runs as ``make demo`` in .ci/run."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from model_forensics.demo import ChildFailed, Processes, run_demo
+
+REPO = Path(__file__).resolve().parents[3]
+SLEEP = [sys.executable, "-c", "import time; print('ready', flush=True); time.sleep(120)"]
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def test_children_are_stopped_last_started_first_when_the_demo_fails(tmp_path: Path) -> None:
+    with pytest.raises(RuntimeError, match="a step failed"):
+        with Processes() as procs:
+            a = procs.start("a", SLEEP, log=tmp_path / "a.log")
+            b = procs.start("b", SLEEP, log=tmp_path / "b.log")
+            a.wait_for("ready", timeout_s=30)
+            b.wait_for("ready", timeout_s=30)
+            raise RuntimeError("a step failed")
+    assert a.popen.returncode == b.popen.returncode == -signal.SIGTERM
+    assert _gone(a.popen.pid) and _gone(b.popen.pid)
+
+
+def test_a_child_that_dies_fails_with_its_log(tmp_path: Path) -> None:
+    with Processes() as procs:
+        c = procs.start("broken", [sys.executable, "-c", "print('bad config: x'); raise "
+                                                         "SystemExit(3)"],
+                        log=tmp_path / "c.log")
+        with pytest.raises(ChildFailed, match=r"(?s)broken exited with status 3.*bad config"):
+            c.wait_for("listening", timeout_s=30)
+        quiet = procs.start("quiet", SLEEP, log=tmp_path / "q.log")
+        with pytest.raises(ChildFailed, match="did not print"):
+            quiet.wait_for("listening", timeout_s=1)
+    assert _gone(quiet.popen.pid)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_or_sigterm_stops_every_child(tmp_path: Path, sig: int) -> None:
+    script = textwrap.dedent(f"""
+        import signal, sys, time
+        from pathlib import Path
+        from model_forensics.demo._procs import Processes
+        from model_forensics.demo._run import _on_sigterm
+        signal.signal(signal.SIGTERM, _on_sigterm)     # as run_demo installs it
+        try:
+            with Processes() as procs:
+                child = procs.start("sleeper", {SLEEP!r}, log=Path({str(tmp_path)!r}) / "s.log")
+                child.wait_for("ready", timeout_s=30)
+                print(child.popen.pid, flush=True)
+                time.sleep(120)
+        except KeyboardInterrupt:
+            print("stopped", child.popen.returncode, flush=True)
+    """)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    demo = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                            env=env, cwd=REPO)
+    assert demo.stdout is not None
+    pid = int(demo.stdout.readline())
+    demo.send_signal(sig)
+    out, _ = demo.communicate(timeout=60)
+    assert out.split() == ["stopped", str(-signal.SIGTERM)]
+    assert _gone(pid)
+
+
+def test_the_demo_never_empties_a_directory_it_did_not_make(tmp_path: Path) -> None:
+    (tmp_path / "mine.txt").write_text("precious")
+    assert run_demo(data_dir=tmp_path) == 1
+    assert (tmp_path / "mine.txt").read_text() == "precious"
+    assert run_demo(data_dir=tmp_path / "x", benign=1) == 1      # the baseline needs >= 2
+
+
+def test_wait_for_sees_a_line_printed_later(tmp_path: Path) -> None:
+    with Processes() as procs:
+        c = procs.start("late", [sys.executable, "-c", "import time; time.sleep(0.5); "
+                                 "print('listening on 127.0.0.1:5', flush=True); "
+                                 "time.sleep(60)"], log=tmp_path / "l.log")
+        t0 = time.monotonic()
+        assert c.wait_for(r"listening on (\S+)", timeout_s=30).group(1) == "127.0.0.1:5"
+        assert time.monotonic() - t0 >= 0.4
