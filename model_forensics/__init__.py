@@ -11,34 +11,49 @@ this module is cheap.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from typing import TYPE_CHECKING
 
-# public name -> module that defines it
-_LAZY = {
+from integrations._lazy import lazy_exports
+
+if TYPE_CHECKING:  # what type checkers see; at runtime each name loads on first use
+    from analysis.cca import Failure
+    from analysis.replay import Replayer
+    from integrations import Recorder, exporters, flag, triggers
+    from integrations.incident import Incident
+    from model_forensics._seed import RecorderHooks
+    from model_forensics._seed_analysis import (
+        CausalCCA,
+        CompressionForensics,
+        SandboxReplayer,
+        prepare,
+    )
+
+__all__ = [
+    "CausalCCA",
+    "CompressionForensics",
+    "Failure",
+    "Incident",
+    "Recorder",
+    "RecorderHooks",
+    "Replayer",
+    "SandboxReplayer",
+    "exporters",
+    "flag",
+    "prepare",
+    "triggers",
+]
+
+__getattr__, __dir__ = lazy_exports(__name__, {
     "CausalCCA": "model_forensics._seed_analysis",
     "CompressionForensics": "model_forensics._seed_analysis",
     "Failure": "analysis.cca",
+    "Incident": "integrations.incident",
+    "Recorder": "integrations",
+    "RecorderHooks": "model_forensics._seed",
     "Replayer": "analysis.replay",
     "SandboxReplayer": "model_forensics._seed_analysis",
-    "prepare": "model_forensics._seed_analysis",
-    "RecorderHooks": "model_forensics._seed",
-    "Recorder": "integrations",
-    "flag": "integrations",
-    "triggers": "integrations",
     "exporters": "integrations",
-    "Incident": "integrations.incident",
-}
-
-__all__ = sorted(_LAZY)
-
-
-def __getattr__(name: str) -> Any:
-    mod = _LAZY.get(name)
-    if mod is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(mod), name)
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+    "flag": "integrations",
+    "prepare": "model_forensics._seed_analysis",
+    "triggers": "integrations",
+})

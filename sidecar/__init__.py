@@ -18,8 +18,9 @@ Example::
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from integrations._lazy import lazy_exports
 
 if TYPE_CHECKING:
     from sidecar._client import SidecarClient
@@ -31,32 +32,6 @@ if TYPE_CHECKING:
     from sidecar.jobs import JobKind, JobRecord, JobRunner, builtin_kinds
     from sidecar.telemetry import MetricsHTTPServer, SidecarMetrics, SidecarTelemetry
 
-#: Public name → the module that defines it (imported on first access).
-_LAZY = {
-    "FilterError": "sidecar._filters",
-    "IncidentRow": "sidecar._store",
-    "IncidentStore": "sidecar._store",
-    "JobKind": "sidecar.jobs",
-    "JobRecord": "sidecar.jobs",
-    "JobRunner": "sidecar.jobs",
-    "LocalStore": "sidecar._store",
-    "Metric": "sidecar._observer",
-    "MetricsHTTPServer": "sidecar.telemetry",
-    "NoopTelemetry": "sidecar._observer",
-    "ReindexReport": "sidecar._store",
-    "Sidecar": "sidecar._server",
-    "SidecarClient": "sidecar._client",
-    "SidecarConfig": "sidecar._config",
-    "SidecarMetrics": "sidecar.telemetry",
-    "SidecarTelemetry": "sidecar.telemetry",
-    "StoreError": "sidecar._store",
-    "Telemetry": "sidecar._observer",
-    "builtin_kinds": "sidecar.jobs",
-    "compile_filter": "sidecar._filters",
-    "compile_order_by": "sidecar._filters",
-    "create_server": "sidecar._server",
-    "load_config": "sidecar._config",
-}
 
 __all__ = [
     "FilterError",
@@ -85,14 +60,28 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'sidecar' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+__getattr__, __dir__ = lazy_exports(__name__, {
+    "FilterError": "sidecar._filters",
+    "IncidentRow": "sidecar._store",
+    "IncidentStore": "sidecar._store",
+    "JobKind": "sidecar.jobs",
+    "JobRecord": "sidecar.jobs",
+    "JobRunner": "sidecar.jobs",
+    "LocalStore": "sidecar._store",
+    "Metric": "sidecar._observer",
+    "MetricsHTTPServer": "sidecar.telemetry",
+    "NoopTelemetry": "sidecar._observer",
+    "ReindexReport": "sidecar._store",
+    "Sidecar": "sidecar._server",
+    "SidecarClient": "sidecar._client",
+    "SidecarConfig": "sidecar._config",
+    "SidecarMetrics": "sidecar.telemetry",
+    "SidecarTelemetry": "sidecar.telemetry",
+    "StoreError": "sidecar._store",
+    "Telemetry": "sidecar._observer",
+    "builtin_kinds": "sidecar.jobs",
+    "compile_filter": "sidecar._filters",
+    "compile_order_by": "sidecar._filters",
+    "create_server": "sidecar._server",
+    "load_config": "sidecar._config",
+})

@@ -5,3 +5,5 @@ Example::
     from sidecar.api import v1
     req = v1.GetIncidentRequest(incident_id="inc-1")
 """
+
+__all__: list[str] = []   # the versioned packages (``v1``) are imported by name
