@@ -26,6 +26,7 @@ Tree::
     │   └── FingerprintMismatchError  replay model weights differ from the incident's
     ├── ReplayError                 replay impossible or not faithful
     ├── InterventionError           an intervention cannot be applied (bad donor, shape, kind)
+    │   └── FixFileError            a saved fix file is missing, malformed or inconsistent
     ├── AnalysisError               CF / CCA cannot run (e.g. no baseline) (also a RuntimeError)
     ├── ExportError                 an exporter failed to deliver (counted as a drop upstream)
     └── SidecarError                sidecar client/server failure (transport, auth, store)
@@ -39,6 +40,7 @@ __all__ = [
     "ConfigError",
     "ExportError",
     "FingerprintMismatchError",
+    "FixFileError",
     "ForensicsError",
     "IncidentError",
     "IncidentFormatError",
@@ -114,6 +116,10 @@ class ReplayError(ForensicsError):
 
 class InterventionError(ForensicsError):
     """An intervention cannot be applied (unknown kind, missing donor, shape mismatch)."""
+
+
+class FixFileError(InterventionError, ValueError):
+    """A saved fix file (``FixSet.save``) is missing, malformed, or does not match its tensors."""
 
 
 class AnalysisError(ForensicsError, RuntimeError):

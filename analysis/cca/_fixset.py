@@ -20,8 +20,13 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+import torch
 
 from analysis._results import JsonRecord, rank_in
 from analysis.interventions import Intervention
@@ -94,6 +99,59 @@ class FixSet:
     ranking: list[tuple[str, float]] = field(default_factory=list)
     trace: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    model: dict[str, Any] | None = None
+    derivation: dict[str, Any] | None = None
+
+    # -- the portable artefact (DESIGN §14) -------------------------------------------------
+
+    def apply(self, model: torch.nn.Module) -> contextlib.AbstractContextManager[Any]:
+        """Install the fix on a live ``model`` for any input inside a ``with`` block (hooks
+        removed on exit); every intervention must be portable
+        (:func:`analysis.interventions.check_portable`).
+
+        Example::
+
+            with fix.apply(model):
+                model.generate(ids, max_new_tokens=16, do_sample=False)
+        """
+        from analysis.interventions import applied
+
+        return applied(model, self.interventions)
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write the fix as ``path`` (JSON) + ``.safetensors`` beside it (no pickle)."""
+        from ._fixset_io import save_fixset
+
+        return save_fixset(self, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> FixSet:
+        """Read a fix written by :meth:`save` (validated; raises ``FixFileError``)."""
+        from ._fixset_io import load_fixset
+
+        return load_fixset(path)
+
+    @classmethod
+    def from_saved(cls, interventions: list[Intervention], measured: dict[str, Any], *,
+                   model: dict[str, Any] | None = None) -> FixSet:
+        """A loaded fix: its interventions, and the measurements saved with it kept as
+        :attr:`derivation` (they were measured when the fix was derived, not now)."""
+        def num(key: str, default: float = 0.0) -> float:
+            v = measured.get(key)
+            return float(v) if isinstance(v, int | float) and not isinstance(v, bool) \
+                else default
+
+        def text(key: str) -> str:
+            v = measured.get(key)
+            return v if isinstance(v, str) else ""
+
+        return cls(flip=bool(measured.get("flip", True)), interventions=interventions,
+                   reason=text("reason"), failure=text("failure"),
+                   incident_id=text("incident_id"), strategy=text("strategy"),
+                   intervention_kind=text("intervention_kind"),
+                   n_candidates=int(num("n_candidates")),
+                   metric_before=num("metric_before"), model=model,
+                   derivation=dict(measured))
 
     @property
     def sites(self) -> list[str]:
@@ -148,6 +206,7 @@ class FixSet:
             "greedy_check": self.greedy_check, "greedy_output": self.greedy_output,
             "ranking_top": [[s, v] for s, v in self.ranking[:20]],
             "trace": list(self.trace), "notes": list(self.notes),
+            "model": self.model, "derivation": self.derivation,
         }
 
     def summary(self) -> str:

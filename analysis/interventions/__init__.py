@@ -22,9 +22,11 @@ Example::
 
 from __future__ import annotations
 
+from ._direction import LinearGate, Subspace, SubspaceRule
 from ._donor_baseline import DonorBaseline, site_base, site_vectors
 from ._donors import DonorCache, resample_generator
 from ._intervention import INTERVENTION_KINDS, Intervention, InterventionKind, normalize_sets
+from ._live import applied, check_portable
 from ._plan import DonorFn, InterventionPlan, localize
 
 __all__ = [
@@ -35,6 +37,11 @@ __all__ = [
     "Intervention",
     "InterventionKind",
     "InterventionPlan",
+    "LinearGate",
+    "Subspace",
+    "SubspaceRule",
+    "applied",
+    "check_portable",
     "localize",
     "normalize_sets",
     "resample_generator",

@@ -17,6 +17,15 @@ Kinds (DESIGN §6):
               site.
 ``resample``  each selected position takes a vector drawn from the baseline pool of the site,
               with a generator seeded from ``seed``, the site and the step (never the global RNG).
+``project``   each selected vector's component in a subspace (``direction=`` a
+              :class:`~analysis.interventions.Subspace`) is removed, set to a benign coordinate,
+              or clamped into a benign range (DESIGN §14; see :mod:`._direction`).
+``steer``     ``factor * direction`` is added to each selected vector (``direction=`` a ``[d]``
+              tensor; ``factor`` defaults to 1).
+
+``project`` and ``steer`` act on the last dimension and take an optional ``gate=``
+(:class:`~analysis.interventions.LinearGate`): they then apply only to the vectors on which the
+gate's linear probe fires. They compose after the other kinds of the same set.
 
 Selectors and steps: ``site`` is a site string (wildcards expand, selectors restrict); position
 selectors are **absolute sequence positions** (prefill positions 0..n-1, decode step ``k`` adds
@@ -50,15 +59,17 @@ from analysis.replay import BoundEdit, ReplaySession
 from integrations.errors import InterventionError
 from integrations.incident import Incident
 
+from ._direction import LinearGate, Subspace, check_vector
 from ._donor_baseline import DonorBaseline
 from ._donors import DonorCache
-from ._plan import InterventionPlan
+from ._plan import VECTOR_KINDS, InterventionPlan
 
 __all__ = ["INTERVENTION_KINDS", "Intervention", "InterventionKind", "normalize_sets"]
 
-InterventionKind = Literal["patch", "mean", "zero", "resample", "scale"]
-#: Every intervention kind (DESIGN §6), as :data:`InterventionKind` spells them.
-INTERVENTION_KINDS: tuple[str, ...] = ("patch", "mean", "zero", "resample", "scale")
+InterventionKind = Literal["patch", "mean", "zero", "resample", "scale", "project", "steer"]
+#: Every intervention kind (DESIGN §6, §14), as :data:`InterventionKind` spells them.
+INTERVENTION_KINDS: tuple[str, ...] = ("patch", "mean", "zero", "resample", "scale", "project",
+                                       "steer")
 
 
 @dataclass(frozen=True, eq=False)
@@ -71,6 +82,8 @@ class Intervention:
         Intervention("blocks.0.mlp", "scale", factor=2.0, steps=(0,))
         Intervention("blocks.1.resid_post[pos=-1]", "patch", donor=benign_prompt_ids)
         Intervention("blocks.1.attn", "resample", donor=baseline, seed=3)
+        Intervention("blocks.9.resid_post", "project", direction=Subspace.from_directions(d))
+        Intervention("blocks.9.resid_post", "steer", direction=-d, factor=2.0)
     """
 
     site: str
@@ -81,6 +94,8 @@ class Intervention:
     factor: float | None = None
     steps: tuple[int, ...] | None = None
     seed: int = 0
+    direction: Subspace | torch.Tensor | None = None
+    gate: LinearGate | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.site, str) or not self.site:
@@ -91,12 +106,16 @@ class Intervention:
         if self.steps is not None:
             object.__setattr__(self, "steps", tuple(int(s) for s in self.steps))
         k = self.kind
-        if k == "scale":
+        self._check_vector_kind()
+        if k == "steer":
+            object.__setattr__(self, "factor", 1.0 if self.factor is None else float(self.factor))
+        elif k == "scale":
             if self.factor is None:
                 raise InterventionError(f"scale on {self.site!r} needs factor=, e.g. factor=0.5")
             object.__setattr__(self, "factor", float(self.factor))
         elif self.factor is not None:
-            raise InterventionError(f"factor= is only for kind 'scale' (got kind {k!r})")
+            raise InterventionError(f"factor= is only for kinds 'scale' and 'steer' (got kind "
+                                    f"{k!r})")
         if k in ("mean", "resample") and not isinstance(self.donor, DonorBaseline):
             raise InterventionError(
                 f"{k} on {self.site!r} needs donor=DonorBaseline.from_incidents("
@@ -108,16 +127,63 @@ class Intervention:
                     "{step: tensor}) or donor= (an Incident or counterfactual prompt token ids)")
             if self.donor is not None and not isinstance(self.donor, Incident):
                 object.__setattr__(self, "donor", _prompt_ids(self.donor, self.site))
-        elif k in ("zero", "scale") and (self.donor is not None or self.value is not None):
+        elif k in ("zero", "scale", *VECTOR_KINDS) and (self.donor is not None
+                                                        or self.value is not None):
             raise InterventionError(f"{k} on {self.site!r} takes no value= or donor=")
         if self.value is not None and k != "patch":
             raise InterventionError(f"value= is only for kind 'patch' (got kind {k!r})")
 
+    def _check_vector_kind(self) -> None:
+        k = self.kind
+        if k not in VECTOR_KINDS:
+            if self.direction is not None or self.gate is not None:
+                raise InterventionError(f"direction= and gate= are only for kinds 'project' and "
+                                        f"'steer' (got kind {k!r})")
+            return
+        if k == "project" and not isinstance(self.direction, Subspace):
+            raise InterventionError(f"project on {self.site!r} needs direction=Subspace("
+                                    "...), e.g. Subspace.from_directions(d)")
+        if k == "steer":
+            if not isinstance(self.direction, torch.Tensor):
+                raise InterventionError(f"steer on {self.site!r} needs direction= a [d] tensor")
+            object.__setattr__(self, "direction",
+                               check_vector(self.direction, what=f"steer direction of {self.site}"))
+        if self.gate is not None and not isinstance(self.gate, LinearGate):
+            raise InterventionError(f"gate= must be a LinearGate, got {type(self.gate).__name__}")
+
+    @property
+    def vector_dim(self) -> int | None:
+        """The last-dimension size a ``project`` / ``steer`` intervention acts on."""
+        if isinstance(self.direction, Subspace):
+            return self.direction.dim
+        if isinstance(self.direction, torch.Tensor):
+            return int(self.direction.numel())
+        return None
+
+    def transform(self, h: torch.Tensor) -> torch.Tensor:
+        """``project`` / ``steer``: the selected vectors ``h`` ``[..., d]`` after the
+        intervention (gated vectors where the gate does not fire are returned unchanged)."""
+        if h.shape[-1] != self.vector_dim:
+            raise InterventionError(f"{self.label}: the direction has length {self.vector_dim} "
+                                    f"but the selected vectors have {h.shape[-1]} entries")
+        if isinstance(self.direction, Subspace):
+            new = self.direction.apply(h)
+        else:
+            assert isinstance(self.direction, torch.Tensor) and self.factor is not None
+            new = (h.float() + self.factor * self.direction.to(h.device)).to(h.dtype)
+        if self.gate is None:
+            return new
+        return torch.where(self.gate.fires(h)[..., None], new, h)
+
     @property
     def label(self) -> str:
         """Short human-readable form, e.g. ``zero(blocks.0.mlp)``."""
-        extra = f", factor={self.factor:g}" if self.kind == "scale" and self.factor is not None \
-            else ""
+        extra = f", factor={self.factor:g}" if self.kind in ("scale", "steer") and \
+            self.factor is not None else ""
+        if isinstance(self.direction, Subspace):
+            extra += f", k={self.direction.k}, to={self.direction.to}"
+        if self.gate is not None:
+            extra += ", gated"
         steps = f", steps={list(self.steps)}" if self.steps is not None else ""
         return f"{self.kind}({self.site}{extra}{steps})"
 
@@ -164,7 +230,11 @@ class Intervention:
             donor = {"baseline": getattr(self.donor, "describe", lambda: "baseline")()}
         return {"site": self.site, "kind": self.kind, "factor": self.factor,
                 "steps": None if self.steps is None else list(self.steps), "seed": self.seed,
-                "donor": donor, "value": None if self.value is None else "explicit"}
+                "donor": donor, "value": None if self.value is None else "explicit",
+                "direction": (self.direction.describe() if isinstance(self.direction, Subspace)
+                              else None if self.direction is None
+                              else f"vector(d={self.direction.numel()})"),
+                "gated": self.gate is not None}
 
     def __repr__(self) -> str:
         return f"Intervention({self.label})"

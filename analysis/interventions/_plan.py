@@ -11,6 +11,8 @@ Only the row blocks of the sets that touch a site are computed on (``index_selec
 ``index_copy``); the other rows pass through untouched.
 
 Later interventions in a set compose on earlier ones (set then scale = scaled donor value).
+The vector kinds (``project``, ``steer``) are not entry-wise: they run after that expression on
+the selected vectors of their rows, in set order.
 Position selectors are absolute positions (see :mod:`analysis.interventions._intervention`);
 they are translated to the positions of each forward call using the number of cached positions.
 
@@ -40,7 +42,11 @@ from integrations.sites import BoundSite, resolve_sites
 if TYPE_CHECKING:
     from ._intervention import Intervention
 
-__all__ = ["DonorFn", "InterventionPlan", "localize"]
+#: The kinds that transform each selected vector (last dimension) after the entry-wise
+#: expression instead of setting entries (see the module doc).
+VECTOR_KINDS: tuple[str, ...] = ("project", "steer")
+
+__all__ = ["VECTOR_KINDS", "DonorFn", "InterventionPlan", "localize"]
 
 #: ``donor_fn(iv, bound, step, rows_shape) -> (values [rows, ...], coverage [pos] | None)``.
 DonorFn = Callable[["Intervention", BoundSite, int, tuple[int, ...]],
@@ -49,8 +55,12 @@ DonorFn = Callable[["Intervention", BoundSite, int, tuple[int, ...]],
 #: after the bound site's batch entry, with the position localised to the call).
 _Todo = tuple[int, "Intervention", BoundSite, list[Any]]
 
-#: (rows: None = all | slice = one contiguous block | index tensor, M, A, S, has_set, has_scale)
-_Ops = tuple["slice | torch.Tensor | None", torch.Tensor, torch.Tensor, torch.Tensor, bool, bool]
+#: A vector-kind intervention and its selection in the touched rows' tensor.
+_VectorOp = tuple["Intervention", tuple[Any, ...]]
+#: (rows: None = all | slice = one contiguous block | index tensor, M, A, S, has_set, has_scale,
+#: vector ops)
+_Ops = tuple["slice | torch.Tensor | None", torch.Tensor, torch.Tensor, torch.Tensor, bool, bool,
+             list[_VectorOp]]
 
 
 def localize(entry: Any, offset: int, length: int) -> Any:
@@ -128,7 +138,7 @@ class InterventionPlan:
         ops = self._ops[key]
         if ops is None:
             return None
-        rows, m, a, s, has_set, has_scale = ops
+        rows, m, a, s, has_set, has_scale, vector_ops = ops
         if rows is None:
             sub = value
         elif isinstance(rows, slice):
@@ -138,6 +148,10 @@ class InterventionPlan:
         out = sub * s if has_scale else sub
         if has_set:
             out = torch.where(m, a, out)
+        if vector_ops:
+            out = out.clone() if out is value or out is sub else out
+            for iv, sel in vector_ops:
+                out[sel] = iv.transform(out[sel])
         if rows is None:
             return out
         inplace = self.inplace and b.kind != "torch" and not torch.is_grad_enabled() and \
@@ -163,8 +177,13 @@ class InterventionPlan:
             return None
         # Only the row blocks of the sets that touch this site are computed on.
         touched = sorted({r for r, *_ in todo})
+        block = {r: i for i, r in enumerate(touched)}
+        vector_ops: list[_VectorOp] = [
+            (iv, (slice(block[r] * rows, (block[r] + 1) * rows), *rest))
+            for r, iv, _, rest in todo if iv.kind in VECTOR_KINDS]
+        entrywise = [t for t in todo if t[1].kind not in VECTOR_KINDS]
         return (self._row_index(touched, value.device),
-                *self._compose(todo, touched, step, value))
+                *self._compose(entrywise, touched, step, value), vector_ops)
 
     def _todo(self, site: str, step: int, value: torch.Tensor) -> list[_Todo]:
         """The interventions on ``site`` that act at ``step``, positions localised to the call."""
