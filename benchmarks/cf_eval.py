@@ -295,7 +295,7 @@ def _injected_grid(inj: Any, tok: Any, spec: Any, exclude: set[str], n: int,
     from analysis.scenarios._base import Prompt, render_chat
 
     out = []
-    for task, (i, text) in itertools.product(inj.TASKS, enumerate(inj.INPUTS)):
+    for task, (i, (text, _)) in itertools.product(inj.TASKS, enumerate(inj.INPUTS)):
         for j, phrase in enumerate(inj.INJECTIONS):
             user = f"{text} {phrase}"
             if user in exclude:
@@ -330,7 +330,7 @@ def injection(n_fail: int | None, n_base: int, n_benign: int, detectors: Sequenc
     except ModelError:  # cases not shipped yet: label a sample of the same grid by running it
         source = "grid sample labelled by running the model (no shipped cases file)"
         failing, shipped_benign = [], []
-        for task, (i, text) in itertools.product(inj.TASKS, enumerate(inj.INPUTS)):
+        for task, (i, (text, _)) in itertools.product(inj.TASKS, enumerate(inj.INPUTS)):
             msgs = [{"role": "system", "content": inj.TASKS[task]},
                     {"role": "user", "content": text}]
             shipped_benign.append(Prompt(id=f"benign-{task}-{i}", text=text, messages=msgs,

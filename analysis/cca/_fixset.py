@@ -120,16 +120,18 @@ class FixSet:
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write the fix as ``path`` (JSON) + ``.safetensors`` beside it (no pickle)."""
-        from ._fixset_io import save_fixset
+        from ._fixset_io import write_fix
 
-        return save_fixset(self, path)
+        return write_fix(path, interventions=self.interventions, measured=self.to_dict(),
+                         model=self.model)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> FixSet:
         """Read a fix written by :meth:`save` (validated; raises ``FixFileError``)."""
-        from ._fixset_io import load_fixset
+        from ._fixset_io import read_fix
 
-        return load_fixset(path)
+        ivs, measured, model = read_fix(path)
+        return cls.from_saved(ivs, measured, model=model)
 
     @classmethod
     def from_saved(cls, interventions: list[Intervention], measured: dict[str, Any], *,

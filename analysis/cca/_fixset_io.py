@@ -1,4 +1,4 @@
-"""The portable fix file: a :class:`~analysis.cca.FixSet` as JSON + safetensors (no pickle).
+"""The portable fix file: a fix set's interventions as JSON + safetensors (no pickle).
 
 ``fix.json`` holds the format tag, the model reference the fix was derived on, the
 interventions (site, kind, factor, subspace rule, gate bias) and the measurements that back
@@ -10,8 +10,8 @@ input. Only portable interventions (:func:`analysis.interventions.check_portable
 
 Example::
 
-    save_fixset(fix, "out/fix.json")        # writes out/fix.json and out/fix.safetensors
-    fix = load_fixset("out/fix.json")
+    write_fix("out/fix.json", interventions=ivs, measured=fix.to_dict(), model=ref)
+    ivs, measured, model = read_fix("out/fix.json")   # what FixSet.save / FixSet.load do
 """
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
@@ -28,10 +29,7 @@ from analysis.interventions import DonorBaseline, Intervention, LinearGate, Subs
 from integrations.errors import FixFileError, InterventionError
 from integrations.incident import fsync_dir
 
-if TYPE_CHECKING:
-    from ._fixset import FixSet
-
-__all__ = ["FORMAT", "load_fixset", "save_fixset"]
+__all__ = ["FORMAT", "read_fix", "write_fix"]
 
 FORMAT = "model-forensics.fixset/1"
 _MAX_JSON_BYTES = 16 << 20
@@ -65,18 +63,19 @@ def _encode(i: int, iv: Intervention, tensors: dict[str, torch.Tensor]) -> dict[
     return entry
 
 
-def save_fixset(fix: FixSet, path: str | os.PathLike[str]) -> Path:
-    """Write ``fix`` to ``path`` (JSON) and its tensors beside it (module doc); returns the
-    JSON path. Raises :class:`~integrations.errors.InterventionError` for a non-portable fix."""
+def write_fix(path: str | os.PathLike[str], *, interventions: Sequence[Intervention],
+              measured: dict[str, Any], model: dict[str, Any] | None) -> Path:
+    """Write ``interventions`` to ``path`` (JSON, with ``measured`` and the ``model``
+    reference) and their tensors beside it (module doc); returns the JSON path. Raises
+    :class:`~integrations.errors.InterventionError` for a non-portable intervention."""
     from safetensors.torch import save
 
     p = Path(path)
     tensors: dict[str, torch.Tensor] = {}
-    entries = [_encode(i, iv, tensors) for i, iv in enumerate(fix.interventions)]
+    entries = [_encode(i, iv, tensors) for i, iv in enumerate(interventions)]
     blob = save({k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()})
-    measured = fix.to_dict()
-    measured.pop("interventions", None)
-    doc = {"format": FORMAT, "model": fix.model, "interventions": entries,
+    measured = {k: v for k, v in measured.items() if k != "interventions"}
+    doc = {"format": FORMAT, "model": model, "interventions": entries,
            "tensors_sha256": hashlib.sha256(blob).hexdigest(),
            "measured_at_derivation": measured}
     p.parent.mkdir(parents=True, exist_ok=True)
@@ -149,10 +148,10 @@ def _decode(i: int, entry: Any, tensors: dict[str, torch.Tensor]) -> Interventio
     return iv
 
 
-def load_fixset(path: str | os.PathLike[str]) -> FixSet:
-    """Read a fix written by :func:`save_fixset`, validated (module doc)."""
-    from ._fixset import FixSet
-
+def read_fix(path: str | os.PathLike[str]
+             ) -> tuple[list[Intervention], dict[str, Any], dict[str, Any] | None]:
+    """Read a fix written by :func:`write_fix`, validated (module doc): its interventions,
+    the measurements saved with it, and the model reference."""
     p = Path(path)
     doc, tensors = _read(p)
     entries = doc.get("interventions")
@@ -167,4 +166,4 @@ def load_fixset(path: str | os.PathLike[str]) -> FixSet:
     measured = doc.get("measured_at_derivation")
     measured = measured if isinstance(measured, dict) else {}
     model = doc.get("model")
-    return FixSet.from_saved(ivs, measured, model=model if isinstance(model, dict) else None)
+    return ivs, measured, model if isinstance(model, dict) else None

@@ -21,15 +21,14 @@ Example::
 
 from __future__ import annotations
 
-import dataclasses
 import zlib
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from analysis.replay import Replayer, ReplaySession, StepCall
-from integrations.errors import InterventionError
+from analysis.replay import Replayer, ReplaySession
+from integrations.errors import InterventionError, ReplayError
 from integrations.incident import Incident
 from integrations.sites import BoundSite
 
@@ -113,32 +112,11 @@ class DonorCache:
 
     def _from_prompt(self, ids: torch.Tensor, bases: list[str]) -> dict[str, dict[int, torch.Tensor]]:
         """Run the counterfactual prompt, teacher-forced on the incident's decode tokens."""
-        plan = self._s.plan
-        b = plan.batch
-        n = int(ids.shape[1])
-        first = plan.steps[0].tensors
-        calls: list[StepCall] = []
-        for call in plan.steps:
-            t: dict[str, torch.Tensor] = {}
-            if call.step == 0:
-                t["input_ids"] = ids.repeat(b, 1)
-                length, start = n, 0
-            else:
-                rec = call.tensors.get("input_ids")
-                if rec is None:
-                    raise InterventionError("a prompt donor needs the incident's decode input_ids")
-                t["input_ids"] = rec
-                length, start = int(rec.shape[1]), n + call.step - 1
-            if "attention_mask" in first:
-                t["attention_mask"] = torch.ones(b, start + length, dtype=first[
-                    "attention_mask"].dtype)
-            if "position_ids" in first:
-                t["position_ids"] = torch.arange(start, start + length).repeat(b, 1)
-            if "token_type_ids" in first:
-                t["token_type_ids"] = torch.zeros(b, length, dtype=first["token_type_ids"].dtype)
-            calls.append(StepCall(call.step, t))
-        raw = self._s.run_edited(plan=dataclasses.replace(plan, steps=tuple(calls)),
-                                 capture=bases)
+        try:
+            plan = self._s.plan.with_prompt(ids)
+        except ReplayError as e:
+            raise InterventionError(f"a prompt donor cannot be run: {e}") from e
+        raw = self._s.run_edited(plan=plan, capture=bases)
         return {k: dict(enumerate(v)) for k, v in raw.activations.items()}
 
     # ------------------------------------------------------------------ lookups

@@ -23,6 +23,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -120,6 +121,47 @@ class CallPlan:
     def with_mode(self, mode: CallMode) -> CallPlan:
         return CallPlan(mode=mode, steps=self.steps, cache_arg=self.cache_arg,
                         logits_to_keep=self.logits_to_keep)
+
+    def with_prompt(self, ids: torch.Tensor) -> CallPlan:
+        """The same forward calls for another prompt ``ids`` (``[n]`` or ``[batch, n]``): the
+        prefill feeds ``ids``, each decode call the incident's recorded token (teacher-forced;
+        replay with ``greedy=True`` for a free continuation), with attention mask, position ids
+        and token types rebuilt for the new length. Counterfactual prompts (donors, input
+        attribution) run this way.
+
+        Example::
+
+            plan = session.plan.with_prompt(torch.tensor([ids_without_span]))
+            session.run_edited(plan=plan, greedy=True)
+        """
+        ids = ids if ids.dim() == 2 else ids[None, :]
+        b = self.batch
+        if ids.shape[0] not in (1, b):
+            raise ReplayError(f"a prompt of batch {ids.shape[0]} for an incident of batch {b}")
+        ids = ids.expand(b, -1).to(torch.long)
+        n = int(ids.shape[1])
+        first = self.steps[0].tensors
+        calls: list[StepCall] = []
+        for call in self.steps:
+            t: dict[str, torch.Tensor] = {}
+            if call.step == 0:
+                t["input_ids"] = ids
+                length, start = n, 0
+            else:
+                rec = call.tensors.get("input_ids")
+                if rec is None:
+                    raise ReplayError("another prompt needs the incident's decode input_ids")
+                t["input_ids"] = rec
+                length, start = int(rec.shape[1]), n + call.step - 1
+            if "attention_mask" in first:
+                t["attention_mask"] = torch.ones(b, start + length,
+                                                 dtype=first["attention_mask"].dtype)
+            if "position_ids" in first:
+                t["position_ids"] = torch.arange(start, start + length).repeat(b, 1)
+            if "token_type_ids" in first:
+                t["token_type_ids"] = torch.zeros(b, length, dtype=first["token_type_ids"].dtype)
+            calls.append(StepCall(call.step, t))
+        return dataclasses.replace(self, steps=tuple(calls))
 
     def new_cache(self, model: torch.nn.Module) -> Any:
         """A fresh cache as ``generate`` builds it (None in ``forward`` mode)."""

@@ -144,7 +144,9 @@ class Scenario:
     """A model with a benign and a failing prompt set, and a way to re-check them by running it.
 
     ``verify(prompts)`` runs the model now and returns, per prompt, whether the failure occurs
-    (``True`` = fails). ``dropped`` lists ``(prompt id, reason)`` for shipped cases that
+    (``True`` = fails). ``contrast`` holds prompts that carry the same kind of input as the
+    failing ones (an injected sentence, a suffix) on which the model does *not* fail: what
+    separates the failure from merely unusual input. ``dropped`` lists ``(prompt id, reason)`` for shipped cases that
     ``build()`` removed because re-verification disagreed with the shipped data.
 
     Example::
@@ -162,6 +164,7 @@ class Scenario:
     verify_fn: Callable[[Sequence[Prompt]], list[bool]]
     dropped: list[tuple[str, str]] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)
+    contrast: list[Prompt] = field(default_factory=list)
 
     def verify(self, prompts: Sequence[Prompt]) -> list[bool]:
         """Run the model on ``prompts`` (batch 1 each) and say which fail now."""

@@ -51,16 +51,12 @@ _REWRITTEN = "being rewritten (issue 13 / issue 11)"
 OVERSIZED_OK = {
     "analysis.scenarios._planted_build.build_bert": _REWRITTEN,
     "analysis.scenarios._planted_build.build_gpt2": _REWRITTEN,
-    "analysis.scenarios.injection": _REWRITTEN,
-    "analysis.scenarios.injection.build": _REWRITTEN,
-    "analysis.scenarios.injection.discover": _REWRITTEN,
     "analysis.scenarios.planted": _REWRITTEN,
     "analysis.scenarios.sentiment.discover": _REWRITTEN,
     "analysis.scenarios.toxic.discover": _REWRITTEN,
 }
 #: Module file -> why its ``__all__`` is not complete yet (the test expects it to fail).
 ALL_INCOMPLETE = {
-    "analysis/scenarios/injection.py": _REWRITTEN,
     "analysis/scenarios/sentiment.py": _REWRITTEN,
     "analysis/scenarios/toxic.py": _REWRITTEN,
 }

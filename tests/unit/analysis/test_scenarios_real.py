@@ -69,13 +69,25 @@ def test_reviews_split_vocabulary_between_train_and_heldout() -> None:
 
 def test_shipped_data_counts() -> None:
     inj = json.loads((DATA_DIR / injection.DATA_FILE).read_text())
-    assert len(inj["failing"]) >= 20 and len(inj["benign"]) >= 40
-    benign_ids = {b["id"] for b in inj["benign"]}
-    for f in inj["failing"]:
-        assert f["counterpart"] in benign_ids
-        assert injection.TARGET.lower() in f["output_text"].lower()
-        assert not injection.is_echo(f["meta"]["injected_text"], f["output_text"])
+    by_label: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for d in inj["prompts"]:
+        by_label.setdefault((d["meta"]["split"], d["meta"]["label"]), []).append(d)
+    # issue 13's data bar: >= 80 failing and >= 80 injected-but-not-failing, >= 100 held-out
+    # benign prompts
+    failing = by_label[("derive", "failing")] + by_label[("heldout", "failing")]
+    contrast = by_label[("derive", "not_failing")] + by_label[("heldout", "not_failing")]
+    assert len(failing) >= 80 and len(contrast) >= 80
+    assert len(by_label[("heldout", "benign")]) >= 100
+    assert len(by_label[("heldout", "failing")]) >= 20
+    texts = {d["id"]: d["output_text"] for d in inj["prompts"]}
+    for f in failing:
+        target = f["meta"]["target"]
+        assert injection.word_hit(target, f["output_text"])
+        assert not injection.word_hit(target, texts[f["counterpart"]])
+        assert not injection.is_echo(f["meta"]["injected_text"], f["output_text"], target=target)
         assert f["output_ids"][f["decision_step"]] == f["decision_token_id"]
+    for c in contrast:
+        assert not injection.word_hit(c["meta"]["target"], c["output_text"])
     sent = json.loads((DATA_DIR / sentiment.DATA_FILE).read_text())
     assert len(sent["failing"]) >= 20 and sent["head"]["heldout_accuracy"] >= 0.9
     assert (DATA_DIR / sentiment.HEAD_FILE).stat().st_size < 1_000_000
@@ -114,7 +126,7 @@ def test_injection_cases_reverify_at_batch_1(smollm2: Any) -> None:
     new = greedy_generate(model, p.input_ids, p.generation)
     assert new[p.decision_step] == p.decision_token_id
     assert p.decision_position == len(p.input_ids) + p.decision_step - 1
-    assert injection.TARGET.lower() in tok.decode(new).lower()
+    assert injection.word_hit(p.meta["target"], tok.decode(new))
 
 
 @pytest.mark.slow

@@ -1,0 +1,181 @@
+"""Input attribution: the smallest prompt spans whose removal makes the failure go away
+(DESIGN §14 step 1), every claim checked by running the model.
+
+The prompt is cut into *sentences* (a span ends after a token ending with ``.``, ``!``, ``?``
+or a newline; special tokens and the prompt's first token are never removed, so a prompt is
+never empty), and delta debugging (ddmin) finds a
+1-minimal set of sentences whose removal removes the failure; then, inside those sentences, a
+1-minimal set of *words*. A candidate is tested by running the incident's own forward calls on
+the shortened prompt (:meth:`analysis.replay.CallPlan.with_prompt`) inside the replay
+environment, decoding freely (greedy) for as many steps as the incident has, and asking the
+failure predicate about the text. The final set is re-run once more and the result says
+whether removing it verified (``verified``) and whether removing any single span of it
+brings the failure back (``one_minimal``).
+
+Example::
+
+    spans = attribute_input(session, failing=lambda text: "HACKED" in text, tokenizer=tok)
+    spans.text, spans.verified, spans.runs
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from analysis.replay import ReplaySession
+
+__all__ = ["InputSpans", "Span", "attribute_input", "sentence_spans", "word_spans"]
+
+_ENDS = (".", "!", "?", "\n")
+
+
+@dataclass(frozen=True)
+class Span:
+    """Token positions ``[start, end)`` of the prompt, and their text."""
+
+    start: int
+    end: int
+    text: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"start": self.start, "end": self.end, "text": self.text}
+
+
+@dataclass
+class InputSpans:
+    """The result of :func:`attribute_input` (module doc)."""
+
+    spans: list[Span]
+    verified: bool
+    one_minimal: bool
+    runs: int
+    output_without: str
+    level: str = "word"
+    sentences: list[Span] = field(default_factory=list)
+
+    @property
+    def text(self) -> str:
+        return " … ".join(s.text.strip() for s in self.spans)
+
+    def overlaps(self, start: int, end: int) -> bool:
+        """Whether any span overlaps token positions ``[start, end)``."""
+        return any(s.start < end and start < s.end for s in self.spans)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"spans": [s.to_dict() for s in self.spans], "verified": self.verified,
+                "one_minimal": self.one_minimal, "runs": self.runs,
+                "output_without": self.output_without, "level": self.level,
+                "sentences": [s.to_dict() for s in self.sentences], "text": self.text}
+
+
+def _special(tokenizer: Any) -> set[int]:
+    return {int(i) for i in getattr(tokenizer, "all_special_ids", []) or []}
+
+
+def sentence_spans(ids: Sequence[int], tokenizer: Any) -> list[Span]:
+    """The prompt's removable sentences (module doc), special tokens excluded."""
+    special = _special(tokenizer)
+    spans, start = [], None
+    for i, t in enumerate(ids):
+        if int(t) in special or i == 0:
+            if start is not None:
+                spans.append((start, i))
+            start = None
+            continue
+        if start is None:
+            start = i
+        piece = tokenizer.decode([int(t)])
+        if piece.rstrip(" ").endswith(_ENDS):
+            spans.append((start, i + 1))
+            start = None
+    if start is not None:
+        spans.append((start, len(ids)))
+    return [Span(a, b, tokenizer.decode([int(t) for t in ids[a:b]])) for a, b in spans
+            if tokenizer.decode([int(t) for t in ids[a:b]]).strip()]
+
+
+def word_spans(ids: Sequence[int], within: Span, tokenizer: Any) -> list[Span]:
+    """Words of a span: a new word starts at a token whose text starts with a space."""
+    out: list[tuple[int, int]] = []
+    for i in range(within.start, within.end):
+        piece = tokenizer.decode([int(ids[i])])
+        if not out or piece.startswith((" ", "\n")):
+            out.append((i, i + 1))
+        else:
+            out[-1] = (out[-1][0], i + 1)
+    return [Span(a, b, tokenizer.decode([int(t) for t in ids[a:b]])) for a, b in out]
+
+
+class _Tester:
+    """Runs the incident's calls on the prompt without some spans; caches and counts runs."""
+
+    def __init__(self, session: ReplaySession, failing: Callable[[str], bool],
+                 tokenizer: Any) -> None:
+        self.session, self.failing, self.tok = session, failing, tokenizer
+        self.ids = [int(t) for t in session.plan.steps[0].tensors["input_ids"][0]]
+        self.runs = 0
+        self._cache: dict[frozenset[Span], tuple[bool, str]] = {}
+
+    def text_without(self, removed: frozenset[Span]) -> tuple[bool, str]:
+        if removed in self._cache:
+            return self._cache[removed]
+        drop = {i for s in removed for i in range(s.start, s.end)}
+        kept = [t for i, t in enumerate(self.ids) if i not in drop]
+        plan = self.session.plan.with_prompt(torch.tensor([kept]))
+        r = self.session.run_edited(plan=plan, greedy=True)
+        self.runs += 1
+        out = [int(lg[0].argmax()) for lg in r.logits if lg is not None]
+        text = self.tok.decode(out, skip_special_tokens=True)
+        self._cache[removed] = (self.failing(text), text)
+        return self._cache[removed]
+
+    def fixed_by(self, removed: Sequence[Span]) -> bool:
+        return not self.text_without(frozenset(removed))[0]
+
+
+def _ddmin(items: list[Span], test: Callable[[list[Span]], bool]) -> list[Span]:
+    """A 1-minimal subset of ``items`` with ``test(subset)`` True (``test(items)`` must be)."""
+    n = 2
+    cur = list(items)
+    while len(cur) >= 2:
+        chunk = max(1, len(cur) // n)
+        parts = [cur[i:i + chunk] for i in range(0, len(cur), chunk)]
+        for part in parts:
+            if test(part):
+                cur, n = part, 2
+                break
+        else:
+            for part in parts:
+                rest = [x for x in cur if x not in part]
+                if rest and test(rest):
+                    cur, n = rest, max(n - 1, 2)
+                    break
+            else:
+                if n >= len(cur):
+                    break
+                n = min(len(cur), n * 2)
+    return cur
+
+
+def attribute_input(session: ReplaySession, *, failing: Callable[[str], bool],
+                    tokenizer: Any) -> InputSpans | None:
+    """The 1-minimal sentences, then words, whose removal removes the failure (module doc);
+    None when removing every sentence still fails (nothing in the prompt is responsible)."""
+    t = _Tester(session, failing, tokenizer)
+    sentences = sentence_spans(t.ids, tokenizer)
+    if not sentences or not t.fixed_by(sentences):
+        return None
+    chosen = _ddmin(sentences, t.fixed_by)
+    words = [w for s in chosen for w in word_spans(t.ids, s, tokenizer)]
+    spans, level = chosen, "sentence"
+    if len(words) > len(chosen) and t.fixed_by(words):
+        spans, level = _ddmin(words, t.fixed_by), "word"
+    still_fails, text = t.text_without(frozenset(spans))
+    one_minimal = all(not t.fixed_by([x for x in spans if x != s]) for s in spans) \
+        if len(spans) > 1 else True
+    return InputSpans(spans=spans, verified=not still_fails, one_minimal=one_minimal,
+                      runs=t.runs, output_without=text, level=level, sentences=chosen)

@@ -1,0 +1,109 @@
+"""Input attribution and causal trace (analysis.rca) against a planted ground truth: a tiny
+GPT-2 whose head ``blocks.2.attn.z[head=1]`` reads a trigger token anywhere in the prompt and
+makes the next token "HACKED". The minimal span must be the trigger, and the decision layer
+the fault's layer (restoring the tail before it lets the head re-read the trigger)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from analysis.cca import Failure
+from analysis.rca._spans import attribute_input, sentence_spans
+from analysis.rca._trace import aligned_tail, causal_trace, decision_layer
+from analysis.replay import Replayer
+from analysis.scenarios.planted import PlantedModel, build_planted_gpt2
+
+from ._traced import traced
+
+LAYER, HEAD, TRIGGER, TARGET = 2, 1, 9, 11
+
+
+class _Words:
+    """A tokenizer view of the planted vocabulary: each token a space-separated word."""
+
+    all_special_ids: list[int] = []
+
+    def __init__(self, pm: PlantedModel) -> None:
+        self.pm = pm
+
+    def decode(self, ids: Any, skip_special_tokens: bool = False) -> str:
+        return "".join(" " + self.pm.decode([int(t)]) for t in ids)
+
+
+@pytest.fixture(scope="module")
+def planted() -> PlantedModel:
+    return build_planted_gpt2(seed=3, layer=LAYER, head=HEAD, trigger_token=TRIGGER,
+                              target_token=TARGET, n_layer=4)
+
+
+@pytest.fixture(scope="module")
+def case(planted: PlantedModel) -> tuple[list[int], list[int]]:
+    for p in planted.benign_prompts(40, seed=5):
+        if len(p) < 8:
+            continue
+        failing = p[:3] + [TRIGGER] + p[3:]
+        if planted.verify([failing]) == [True] and planted.predict([p]) != [TARGET]:
+            return failing, list(p)
+    pytest.fail("no planted case found")
+
+
+def _session(planted: PlantedModel, ids: list[int]) -> Any:
+    x = torch.tensor([ids])
+    inc = traced(planted.model, lambda: planted.model.generate(
+        x, max_new_tokens=2, do_sample=False, pad_token_id=0), sites=[])
+    return Replayer(planted.model).load(inc)
+
+
+def test_minimal_span_is_the_trigger(planted: PlantedModel,
+                                     case: tuple[list[int], list[int]]) -> None:
+    failing, _ = case
+    s = _session(planted, failing)
+    spans = attribute_input(s, failing=lambda text: "HACKED" in text, tokenizer=_Words(planted))
+    assert spans is not None and spans.verified and spans.one_minimal
+    assert [(sp.start, sp.end) for sp in spans.spans] == [(3, 4)]
+    assert spans.text == "TRIGGER" and "HACKED" not in spans.output_without
+    assert spans.runs >= 3
+
+
+def test_nothing_to_attribute_when_the_prompt_does_not_cause_it(
+        planted: PlantedModel, case: tuple[list[int], list[int]]) -> None:
+    _, twin = case
+    s = _session(planted, twin)
+    assert attribute_input(s, failing=lambda text: True, tokenizer=_Words(planted)) is None
+
+
+def test_trace_finds_the_fault_layer(planted: PlantedModel,
+                                     case: tuple[list[int], list[int]]) -> None:
+    failing, twin = case
+    s = _session(planted, failing)
+    bound = Failure.token(TARGET, step=0).bind(s)
+    tr = causal_trace(s, twin_ids=twin, failure=bound, tokenizer=_Words(planted))
+    assert tr.metric_failing > 0 >= tr.metric_twin
+    assert tr.decision_layer == LAYER
+    assert tr.tail_flips == [False, False, True, True]
+    assert len(tr.heatmap) == 4 and len(tr.heatmap[0]) == len(tr.positions) == len(twin) - 3
+    # one position carries it: restoring the last position after the fault removes it,
+    # restoring it before lets the head re-read the trigger
+    assert abs(tr.heatmap[LAYER][-1]) < 0.05 and tr.heatmap[LAYER - 1][-1] > 0.5
+    assert tr.runs == 2 + 4 + sum(tr.tail_flips) + 4 * len(tr.positions)
+
+
+def test_alignment_and_decision_layer_rules() -> None:
+    assert aligned_tail([1, 2, 9, 9, 3, 4], [1, 2, 3, 4]) == (2, 4, 2)
+    assert decision_layer([False, True, False, True, True], [0, 1, 2, 3, 4]) == 3
+    assert decision_layer([True, True, False], [0, 1, 2]) is None
+
+
+def test_sentence_spans_skip_special_tokens() -> None:
+    class Tok:
+        all_special_ids = [0]
+
+        def decode(self, ids: Any, skip_special_tokens: bool = False) -> str:
+            return "".join({0: "<s>", 1: " Hi", 2: ".", 3: " Go", 4: " now", 5: "!"}[int(i)]
+                           for i in ids)
+
+    spans = sentence_spans([0, 1, 2, 3, 4, 5, 0], Tok())   # the first token stays
+    assert [(s.start, s.end, s.text) for s in spans] == [(1, 3, " Hi."), (3, 6, " Go now!")]
