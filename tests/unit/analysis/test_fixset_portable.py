@@ -111,7 +111,7 @@ def test_tampered_files_are_refused(tmp_path: Path, portable: list[Intervention]
     doc = json.loads(path.read_text())
     doc["interventions"][1]["to"] = "explode"
     path.write_text(json.dumps(doc))
-    with pytest.raises(FixFileError, match="Subspace.to"):
+    with pytest.raises(FixFileError, match=r"Subspace\.to"):
         FixSet.load(path)
     path.write_text(json.dumps({"format": "something-else"}))
     with pytest.raises(FixFileError, match="not a fix file"):

@@ -108,7 +108,7 @@ def test_position_selector_and_batch_match_batch_one(session: ReplaySession,
 
 def test_validation_errors_say_what_to_do() -> None:
     d = _direction(8)
-    with pytest.raises(InterventionError, match="Subspace.from_directions"):
+    with pytest.raises(InterventionError, match=r"Subspace\.from_directions"):
         Intervention(SITE, "project", direction=d)
     with pytest.raises(InterventionError, match=r"\[d\] tensor"):
         Intervention(SITE, "steer")

@@ -24,7 +24,7 @@ LAYER, HEAD, TRIGGER, TARGET = 2, 1, 9, 11
 class _Words:
     """A tokenizer view of the planted vocabulary: each token a space-separated word."""
 
-    all_special_ids: list[int] = []
+    all_special_ids: tuple[int, ...] = ()
 
     def __init__(self, pm: PlantedModel) -> None:
         self.pm = pm
@@ -44,7 +44,7 @@ def case(planted: PlantedModel) -> tuple[list[int], list[int]]:
     for p in planted.benign_prompts(40, seed=5):
         if len(p) < 8:
             continue
-        failing = p[:3] + [TRIGGER] + p[3:]
+        failing = [*p[:3], TRIGGER, *p[3:]]
         if planted.verify([failing]) == [True] and planted.predict([p]) != [TARGET]:
             return failing, list(p)
     pytest.fail("no planted case found")
@@ -99,7 +99,7 @@ def test_alignment_and_decision_layer_rules() -> None:
 
 def test_sentence_spans_skip_special_tokens() -> None:
     class Tok:
-        all_special_ids = [0]
+        all_special_ids = (0,)
 
         def decode(self, ids: Any, skip_special_tokens: bool = False) -> str:
             return "".join({0: "<s>", 1: " Hi", 2: ".", 3: " Go", 4: " now", 5: "!"}[int(i)]
