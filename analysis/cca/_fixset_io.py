@@ -25,7 +25,14 @@ from typing import Any
 
 import torch
 
-from analysis.interventions import DonorBaseline, Intervention, LinearGate, Subspace, check_portable
+from analysis.interventions import (
+    DonorBaseline,
+    Intervention,
+    LinearGate,
+    PromptGate,
+    Subspace,
+    check_portable,
+)
 from integrations.errors import FixFileError, InterventionError
 from integrations.incident import fsync_dir
 
@@ -54,7 +61,10 @@ def _encode(i: int, iv: Intervention, tensors: dict[str, torch.Tensor]) -> dict[
                 tensors[f"iv{i}.{name}"] = v
     elif isinstance(iv.direction, torch.Tensor):
         tensors[f"iv{i}.vector"] = iv.direction
-    if iv.gate is not None:
+    if isinstance(iv.gate, PromptGate):
+        tensors[f"iv{i}.prompt_gate"] = iv.gate.weight
+        entry["prompt_gate"] = {"site": iv.gate.site, "bias": iv.gate.bias}
+    elif iv.gate is not None:
         tensors[f"iv{i}.gate"] = iv.gate.weight
         entry["gate_bias"] = iv.gate.bias
     if iv.kind == "mean":
@@ -139,6 +149,12 @@ def _decode(i: int, entry: Any, tensors: dict[str, torch.Tensor]) -> Interventio
         if not isinstance(bias, int | float):
             raise FixFileError(f"intervention {i}: gate_bias must be a number")
         kw["gate"] = LinearGate(weight=t["gate"], bias=float(bias))
+    if "prompt_gate" in t:
+        pg = entry.get("prompt_gate")
+        if not isinstance(pg, dict) or not isinstance(pg.get("site"), str) or \
+                not isinstance(pg.get("bias"), int | float):
+            raise FixFileError(f"intervention {i}: prompt_gate needs a site and a numeric bias")
+        kw["gate"] = PromptGate(site=pg["site"], weight=t["prompt_gate"], bias=float(pg["bias"]))
     if entry["kind"] == "mean":
         if "mean_vector" not in t:
             raise FixFileError(f"intervention {i} (mean) has no mean vector")

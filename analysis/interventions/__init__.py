@@ -25,6 +25,7 @@ from __future__ import annotations
 from ._direction import LinearGate, Subspace, SubspaceRule
 from ._donor_baseline import DonorBaseline, site_base, site_vectors
 from ._donors import DonorCache, resample_generator
+from ._gate import GateTracker, PromptGate
 from ._intervention import INTERVENTION_KINDS, Intervention, InterventionKind, normalize_sets
 from ._live import applied, check_portable
 from ._plan import DonorFn, InterventionPlan, localize
@@ -34,10 +35,12 @@ __all__ = [
     "DonorBaseline",
     "DonorCache",
     "DonorFn",
+    "GateTracker",
     "Intervention",
     "InterventionKind",
     "InterventionPlan",
     "LinearGate",
+    "PromptGate",
     "Subspace",
     "SubspaceRule",
     "applied",

@@ -23,9 +23,11 @@ Kinds (DESIGN §6):
 ``steer``     ``factor * direction`` is added to each selected vector (``direction=`` a ``[d]``
               tensor; ``factor`` defaults to 1).
 
-``project`` and ``steer`` act on the last dimension and take an optional ``gate=``
-(:class:`~analysis.interventions.LinearGate`): they then apply only to the vectors on which the
-gate's linear probe fires. They compose after the other kinds of the same set.
+``project`` and ``steer`` act on the last dimension and take an optional ``gate=``: a
+:class:`~analysis.interventions.LinearGate` (they then apply only to the vectors on which its
+linear probe fires) or a :class:`~analysis.interventions.PromptGate` (decided once per sequence
+at the last prompt position; they then act from that position on, only on the sequences where
+it fired). They compose after the other kinds of the same set.
 
 Selectors and steps: ``site`` is a site string (wildcards expand, selectors restrict); position
 selectors are **absolute sequence positions** (prefill positions 0..n-1, decode step ``k`` adds
@@ -62,6 +64,7 @@ from integrations.incident import Incident
 from ._direction import LinearGate, Subspace, check_vector
 from ._donor_baseline import DonorBaseline
 from ._donors import DonorCache
+from ._gate import PromptGate
 from ._plan import VECTOR_KINDS, InterventionPlan
 
 __all__ = ["INTERVENTION_KINDS", "Intervention", "InterventionKind", "normalize_sets"]
@@ -95,7 +98,7 @@ class Intervention:
     steps: tuple[int, ...] | None = None
     seed: int = 0
     direction: Subspace | torch.Tensor | None = None
-    gate: LinearGate | None = None
+    gate: LinearGate | PromptGate | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.site, str) or not self.site:
@@ -148,8 +151,12 @@ class Intervention:
                 raise InterventionError(f"steer on {self.site!r} needs direction= a [d] tensor")
             object.__setattr__(self, "direction",
                                check_vector(self.direction, what=f"steer direction of {self.site}"))
-        if self.gate is not None and not isinstance(self.gate, LinearGate):
-            raise InterventionError(f"gate= must be a LinearGate, got {type(self.gate).__name__}")
+        if self.gate is not None and not isinstance(self.gate, LinearGate | PromptGate):
+            raise InterventionError(f"gate= must be a LinearGate or a PromptGate, got "
+                                    f"{type(self.gate).__name__}")
+        if isinstance(self.gate, PromptGate) and "[" in self.site:
+            raise InterventionError(f"{self.site!r}: an intervention gated by a PromptGate acts "
+                                    "from the last prompt position on; give no selector")
 
     @property
     def vector_dim(self) -> int | None:
@@ -162,7 +169,8 @@ class Intervention:
 
     def transform(self, h: torch.Tensor) -> torch.Tensor:
         """``project`` / ``steer``: the selected vectors ``h`` ``[..., d]`` after the
-        intervention (gated vectors where the gate does not fire are returned unchanged)."""
+        intervention (with a :class:`LinearGate`, vectors where it does not fire are returned
+        unchanged; a :class:`PromptGate` is applied by the caller, see :mod:`._gate`)."""
         if h.shape[-1] != self.vector_dim:
             raise InterventionError(f"{self.label}: the direction has length {self.vector_dim} "
                                     f"but the selected vectors have {h.shape[-1]} entries")
@@ -171,7 +179,7 @@ class Intervention:
         else:
             assert isinstance(self.direction, torch.Tensor) and self.factor is not None
             new = (h.float() + self.factor * self.direction.to(h.device)).to(h.dtype)
-        if self.gate is None:
+        if not isinstance(self.gate, LinearGate):
             return new
         return torch.where(self.gate.fires(h)[..., None], new, h)
 
@@ -182,7 +190,9 @@ class Intervention:
             self.factor is not None else ""
         if isinstance(self.direction, Subspace):
             extra += f", k={self.direction.k}, to={self.direction.to}"
-        if self.gate is not None:
+        if isinstance(self.gate, PromptGate):
+            extra += f", gated at {self.gate.site}"
+        elif self.gate is not None:
             extra += ", gated"
         steps = f", steps={list(self.steps)}" if self.steps is not None else ""
         return f"{self.kind}({self.site}{extra}{steps})"

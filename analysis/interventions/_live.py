@@ -25,6 +25,7 @@ import torch
 from integrations.errors import InterventionError
 from integrations.sites import BoundSite, attach, resolve_sites
 
+from ._gate import GateTracker, PromptGate
 from ._intervention import Intervention
 from ._plan import VECTOR_KINDS, localize
 
@@ -68,7 +69,7 @@ def check_portable(iv: Intervention, bound: Sequence[BoundSite] | None = None) -
                 "mean something for one incident")
 
 
-def _apply_one(iv: Intervention, b: BoundSite, out: torch.Tensor) -> None:
+def _apply_one(iv: Intervention, b: BoundSite, out: torch.Tensor, gates: GateTracker) -> None:
     """Apply ``iv`` in place on ``out`` (the site's full tensor of one forward call)."""
     rest = list(b.index[1:])
     if out.dim() >= 3 and rest:
@@ -86,6 +87,9 @@ def _apply_one(iv: Intervention, b: BoundSite, out: torch.Tensor) -> None:
         assert iv.baseline is not None
         vec = iv.baseline.mean(iv.site).to(out.device, out.dtype)
         out[sel] = vec.expand_as(out)[sel]
+    elif isinstance(iv.gate, PromptGate):
+        out[sel] = gates.apply(iv.gate, out[sel], slice(None), prefill=out.shape[1] > 1,
+                               transform=iv.transform)
     else:
         out[sel] = iv.transform(out[sel])
 
@@ -108,14 +112,20 @@ def applied(model: torch.nn.Module, interventions: Sequence[Intervention]) -> It
         for b in resolved:
             by_site.setdefault(b.site, []).append((iv, b))
             bound.setdefault(b.site, b)
+    gates = GateTracker(iv.gate for iv in interventions if isinstance(iv.gate, PromptGate))
+    for site in gates.sites:
+        for b in resolve_sites(model, [site]):
+            bound.setdefault(b.site, b)
 
     def edit(b: BoundSite, value: torch.Tensor) -> torch.Tensor | None:
+        # a call feeding more than one position is a prompt (prefill); decode calls feed one
+        gates.observe(b.site, value, prefill=value.dim() >= 3 and value.shape[1] > 1)
         todo = by_site.get(b.site)
         if not todo:
             return None
         out = value.clone()
         for iv, site in todo:
-            _apply_one(iv, site, out)
+            _apply_one(iv, site, out, gates)
         return out
 
     with attach(model, list(bound.values()), edit) as attachment:

@@ -39,6 +39,8 @@ import torch
 from integrations.errors import InterventionError
 from integrations.sites import BoundSite, resolve_sites
 
+from ._gate import GateTracker, PromptGate
+
 if TYPE_CHECKING:
     from ._intervention import Intervention
 
@@ -89,6 +91,17 @@ def localize(entry: Any, offset: int, length: int) -> Any:
     return entry  # Ellipsis or anything else: not a position index
 
 
+def _full_rows(rows: slice | torch.Tensor | None, block: slice) -> slice | torch.Tensor:
+    """The batch rows of the whole site tensor that row block ``block`` of the touched rows
+    (``rows``: None = all, a contiguous slice, or an index tensor) stands for."""
+    if rows is None:
+        return block
+    if isinstance(rows, slice):
+        start = rows.start or 0
+        return slice(start + (block.start or 0), start + (block.stop or 0))
+    return rows[block]
+
+
 class InterventionPlan:
     """B intervention sets resolved on a model, applied jointly by :meth:`apply` (module doc).
 
@@ -121,6 +134,11 @@ class InterventionPlan:
                 for b in resolved[iv.site]:
                     self._entries.setdefault(b.site, []).append((r, iv, b))
                     bound.setdefault(b.site, b)
+        self.gates = GateTracker(iv.gate for ivs in sets for iv in ivs
+                                 if isinstance(iv.gate, PromptGate))
+        for site in self.gates.sites:   # observed (and acted on where an intervention is)
+            for b in (resolve(site) if resolve is not None else resolve_sites(model, [site])):
+                bound.setdefault(b.site, b)
         self.bound: list[BoundSite] = list(bound.values())
         self._ops: dict[tuple[str, int, tuple[int, ...]], _Ops | None] = {}
 
@@ -132,6 +150,7 @@ class InterventionPlan:
     def apply(self, b: BoundSite, value: torch.Tensor, *, step: int) -> torch.Tensor | None:
         """The replacement for ``value`` (site ``b`` at ``step``), or None if untouched: the
         plan as a replay edit."""
+        self.gates.observe(b.site, value, prefill=step == 0)
         key = (b.site, step, tuple(value.shape))
         if key not in self._ops:
             self._ops[key] = self._build(b.site, step, value)
@@ -151,7 +170,11 @@ class InterventionPlan:
         if vector_ops:
             out = out.clone() if out is value or out is sub else out
             for iv, sel in vector_ops:
-                out[sel] = iv.transform(out[sel])
+                if isinstance(iv.gate, PromptGate):
+                    out[sel] = self.gates.apply(iv.gate, out[sel], _full_rows(rows, sel[0]),
+                                                prefill=step == 0, transform=iv.transform)
+                else:
+                    out[sel] = iv.transform(out[sel])
         if rows is None:
             return out
         inplace = self.inplace and b.kind != "torch" and not torch.is_grad_enabled() and \

@@ -12,7 +12,13 @@ import pytest
 import torch
 
 from analysis.cca import FixSet
-from analysis.interventions import DonorBaseline, Intervention, LinearGate, Subspace
+from analysis.interventions import (
+    DonorBaseline,
+    Intervention,
+    LinearGate,
+    PromptGate,
+    Subspace,
+)
 from analysis.replay import Replayer
 from integrations.errors import FixFileError, InterventionError
 
@@ -42,6 +48,8 @@ def portable() -> list[Intervention]:
         Intervention("blocks.1.attn.z[head=2]", "scale", factor=0.5),
         Intervention("blocks.2.resid_post[pos=-2:]", "steer", direction=_vec(4), factor=0.7,
                      gate=LinearGate(weight=_vec(5), bias=0.1)),
+        Intervention("blocks.2.mlp", "project", direction=Subspace.from_directions(_vec(6)),
+                     gate=PromptGate(site="blocks.1.resid_post", weight=_vec(7), bias=0.05)),
     ]
 
 

@@ -126,3 +126,38 @@ def test_wrong_dimension_is_a_clear_error(session: ReplaySession) -> None:
     iv = Intervention(SITE, "steer", direction=torch.ones(7))
     with pytest.raises(InterventionError, match="length 7"):
         session.run([iv])
+
+
+def test_prompt_gate_acts_from_the_last_prompt_position_on(tiny_gpt2: Any,
+                                                           incident: Incident) -> None:
+    from analysis.interventions import PromptGate, applied
+
+    h0 = incident.tensor(SITE, step=0)[0, -1].float()
+    w = h0 / h0.norm()
+    sub = Subspace.from_directions(_direction(9))
+    on = PromptGate(site="blocks.0.resid_post", weight=w, bias=1e6)      # always fires
+    off = PromptGate(site="blocks.0.resid_post", weight=w, bias=-1e6)    # never fires
+    session = Replayer(tiny_gpt2).load(incident)
+    plain = session.run([], capture=[SITE])
+    fired = session.run([Intervention(SITE, "project", direction=sub, gate=on)], capture=[SITE])
+    quiet = session.run([Intervention(SITE, "project", direction=sub, gate=off)], capture=[SITE])
+    assert all(torch.equal(a, b) for a, b in zip(quiet.activations[SITE],
+                                                 plain.activations[SITE]))
+    first, later = fired.activations[SITE][0], fired.activations[SITE][1:]
+    assert torch.equal(first[:, :-1], plain.activations[SITE][0][:, :-1])   # prompt untouched
+    assert float(sub.coords(first[:, -1]).abs().max()) < 1e-4               # ...but its end
+    assert all(float(sub.coords(v).abs().max()) < 1e-4 for v in later)      # and every decode
+    with pytest.raises(InterventionError, match="no selector"):
+        Intervention(f"{SITE}[pos=-1]", "project", direction=sub, gate=on)
+    # the live hooks decide the same way
+    x = incident.tensor("input_ids", step=0, kind="input")
+    seen: list[torch.Tensor] = []
+    hook = tiny_gpt2.transformer.h[1].register_forward_hook(lambda m, a, o: seen.append(
+        (o[0] if isinstance(o, tuple) else o).detach().clone()))
+    try:
+        with applied(tiny_gpt2, [Intervention(SITE, "project", direction=sub, gate=on)]), \
+                torch.no_grad():
+            tiny_gpt2(x)
+    finally:
+        hook.remove()
+    assert torch.allclose(seen[0], first, atol=1e-5)
