@@ -1,9 +1,76 @@
 """Root-cause analysis of one real failure: from "unusual" to "why", and a fix you could deploy.
 
-DESIGN §14: input attribution, causal trace and decision layer, components, directions and
-failure signatures, each verified by replay; :func:`investigate` runs them progressively.
+DESIGN §14: :func:`investigate` runs, each step verified by replay, input attribution
+(:class:`InputSpans`), the causal trace and decision layer (:class:`CausalTrace`, with its
+:class:`Consistency` over failing variants), components (a CCA fix set patched from the twin),
+directions (:class:`DirectionFix`: gated removal of contrast directions, searched under a
+side-effect budget, beside plain steering) and the resulting portable fix (a
+:class:`~analysis.cca.FixSet`). Failure signatures are cross-validated linear probes
+(:class:`LinearProbe`, :func:`cross_validate`). Fixes are checked on traffic they never saw
+with :func:`flip_rate` and :func:`side_effects`.
+
+Example::
+
+    from analysis.rca import investigate
+    rep = investigate(session, failure=Failure.text_contains("HACKED", tokenizer=tok),
+                      benign=benign, contrast=controls, variants=others, tokenizer=tok)
+    rep.input_spans.text, rep.trace.decision_layer, rep.fix.flip_rate
+    rep.save("out/")
 """
 
 from __future__ import annotations
 
-__all__: list[str] = []
+from typing import TYPE_CHECKING
+
+from integrations._lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from ._directions import Candidate, DirectionFix, derive_fix
+    from ._heldout import FlipRate, LiveSideEffects, flip_rate, side_effects
+    from ._investigate import Investigation, investigate, load_session
+    from ._probes import LinearProbe, ProbeResult, cross_validate
+    from ._spans import InputSpans, attribute_input
+    from ._trace import CausalTrace, causal_trace
+    from ._variants import Consistency
+
+__all__ = [
+    "Candidate",
+    "CausalTrace",
+    "Consistency",
+    "DirectionFix",
+    "FlipRate",
+    "InputSpans",
+    "Investigation",
+    "LinearProbe",
+    "LiveSideEffects",
+    "ProbeResult",
+    "attribute_input",
+    "causal_trace",
+    "cross_validate",
+    "derive_fix",
+    "flip_rate",
+    "investigate",
+    "load_session",
+    "side_effects",
+]
+
+__getattr__, __dir__ = lazy_exports(__name__, {
+    "Candidate": "._directions",
+    "CausalTrace": "._trace",
+    "Consistency": "._variants",
+    "DirectionFix": "._directions",
+    "FlipRate": "._heldout",
+    "InputSpans": "._spans",
+    "Investigation": "._investigate",
+    "LinearProbe": "._probes",
+    "LiveSideEffects": "._heldout",
+    "ProbeResult": "._probes",
+    "attribute_input": "._spans",
+    "causal_trace": "._trace",
+    "cross_validate": "._probes",
+    "derive_fix": "._directions",
+    "flip_rate": "._heldout",
+    "investigate": "._investigate",
+    "load_session": "._investigate",
+    "side_effects": "._heldout",
+})

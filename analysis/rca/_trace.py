@@ -38,22 +38,11 @@ from analysis.interventions import Intervention
 from analysis.replay import ReplaySession
 from integrations.errors import AnalysisError
 
-__all__ = ["CausalTrace", "aligned_tail", "causal_trace", "decision_layer"]
+from ._twins import aligned_tail
+
+__all__ = ["CausalTrace", "causal_trace", "decision_layer"]
 
 _BATCH = 32
-
-
-def aligned_tail(ids: Sequence[int], twin: Sequence[int]) -> tuple[int, int, int]:
-    """``(prefix, span_end, suffix)``: the shared prefix length, where the extra span of
-    ``ids`` ends, and the shared suffix length (module doc)."""
-    n = min(len(ids), len(twin))
-    pre = 0
-    while pre < n and ids[pre] == twin[pre]:
-        pre += 1
-    suf = 0
-    while suf < n - pre and ids[-1 - suf] == twin[-1 - suf]:
-        suf += 1
-    return pre, len(ids) - suf, suf
 
 
 def decision_layer(flips: Sequence[bool], layers: Sequence[int]) -> int | None:

@@ -12,7 +12,8 @@ import torch
 
 from analysis.cca import Failure
 from analysis.rca._spans import attribute_input, sentence_spans
-from analysis.rca._trace import aligned_tail, causal_trace, decision_layer
+from analysis.rca._trace import causal_trace, decision_layer
+from analysis.rca._twins import aligned_tail
 from analysis.replay import Replayer
 from analysis.scenarios.planted import PlantedModel, build_planted_gpt2
 

@@ -1,0 +1,52 @@
+"""Benign twins: the benign prompt that equals a failing one minus one inserted span.
+
+A failing prompt and its twin share a prefix and a suffix (the chat template's tail); the
+failing one has an extra span between them (the injected text). :func:`aligned_tail` measures
+that, :func:`find_twin` picks a failing incident's twin among benign incidents.
+
+Example::
+
+    aligned_tail([1, 2, 9, 9, 3, 4], [1, 2, 3, 4])    # (2, 4, 2)
+    find_twin(failing_incident, benign_incidents)     # the twin's prompt ids, or None
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from integrations.incident import Incident
+
+__all__ = ["aligned_tail", "find_twin", "prompt_ids"]
+
+
+def prompt_ids(inc: Incident) -> list[int]:
+    """The prompt token ids an incident was served (its step-0 ``input_ids``)."""
+    return [int(t) for t in inc.tensor("input_ids", step=0, kind="input").reshape(-1)]
+
+
+def aligned_tail(ids: Sequence[int], twin: Sequence[int]) -> tuple[int, int, int]:
+    """``(prefix, span_end, suffix)``: the shared prefix length, where the extra span of
+    ``ids`` ends, and the shared suffix length."""
+    n = min(len(ids), len(twin))
+    pre = 0
+    while pre < n and ids[pre] == twin[pre]:
+        pre += 1
+    suf = 0
+    while suf < n - pre and ids[-1 - suf] == twin[-1 - suf]:
+        suf += 1
+    return pre, len(ids) - suf, suf
+
+
+def find_twin(incident: Incident, benign: Sequence[Incident]) -> list[int] | None:
+    """The benign prompt that differs from the incident's by one inserted span (the longest
+    shared prefix + suffix covering at least half of it), or None."""
+    ids = prompt_ids(incident)
+    best, best_shared = None, 0
+    for b in benign:
+        other = prompt_ids(b)
+        if len(other) >= len(ids):
+            continue
+        pre, _, suf = aligned_tail(ids, other)
+        if pre + suf == len(other) and pre + suf > best_shared:
+            best, best_shared = other, pre + suf
+    return best if best is not None and best_shared * 2 >= len(ids) else None
