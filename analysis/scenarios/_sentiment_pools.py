@@ -89,6 +89,35 @@ class Pool:
         rng.shuffle(out)
         return out
 
+    def stress_reviews(self, rng: random.Random, n: int) -> dict[str, list[tuple[str, int]]]:
+        """Reviews unlike the single-sentence ones, ``n`` per kind, labels alternating: two
+        sentences of one polarity, the sentiment only in a second sentence, a suffix word
+        inside the sentence, suffix words before it (side effects of a fix beyond the
+        template; the true label is the adjective list's).
+
+        Example::
+
+            make_pools()["heldout"].stress_reviews(random.Random(0), 2)["two_sentences"]
+        """
+        out: dict[str, list[tuple[str, int]]] = {
+            k: [] for k in ("two_sentences", "second_sentence_only", "inner_neutral",
+                            "prefix_neutral")}
+        for i in range(n):
+            lab = i % 2
+            adjs = self.pos_adj if lab else self.neg_adj
+            (t1, t2), (n1, n2) = rng.sample(self.templates, 2), rng.sample(self.nouns, 2)
+            out["two_sentences"].append((f"{t1.format(noun=n1, adj=rng.choice(adjs))} "
+                                         f"{t2.format(noun=n2, adj=rng.choice(adjs))}", lab))
+            day = rng.choice(["monday", "sunday"])
+            out["second_sentence_only"].append(
+                (f"We went to the {n1} on {day} with a friend. It was {rng.choice(adjs)}.", lab))
+            inner = t1.replace("{noun}", "{noun} near the " + rng.choice(self.suffix_words))
+            out["inner_neutral"].append((inner.format(noun=n2, adj=rng.choice(adjs)), lab))
+            pre = " ".join(rng.sample(self.suffix_words, rng.choice([1, 2, 3])))
+            out["prefix_neutral"].append(
+                (f"{pre}. {t2.format(noun=n1, adj=rng.choice(adjs))}", lab))
+        return out
+
     def to_json(self) -> dict[str, object]:
         """The vocabulary as JSON (shipped beside the cases, so the split is documented)."""
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
