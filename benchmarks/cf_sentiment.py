@@ -1,9 +1,10 @@
 """The real sentiment-bypass scenario (MiniLM-L6 + shipped head) for ``benchmarks/cf_eval.py``.
 
-Failing = the shipped reviews whose neutral-word suffix flips the label; benign = correctly
-classified reviews (the shipped ones, which include every failing case's un-suffixed twin, plus
-more templated reviews); the sharper group = reviews with a RANDOM neutral-word suffix of the
-same lengths as the failing suffixes on which the model is still right. Every label comes from
+Failing = the shipped reviews whose neutral-word suffix flips the label (both splits of
+:mod:`analysis.scenarios.sentiment`); benign = a sample of the shipped correctly classified
+unsuffixed reviews (failing cases' twins and clean reviews); the sharper group = the shipped
+controls with a RANDOM neutral-word suffix of the same length as their review's greedy suffix
+on which the model is still right. Every label comes from
 running the model inside the recorded request (batch 1); a prompt whose recorded prediction
 disagrees with its group is dropped and counted.
 
@@ -27,34 +28,27 @@ log = logging.getLogger("cf_sentiment")
 SITES = cf_eval.PLANTED_BERT_SITES
 
 
-def _suffixed(reviews: list[tuple[str, int]], lengths: list[int], n: int,
-              rng: random.Random) -> list[tuple[str, int]]:
-    from analysis.scenarios.sentiment import NEUTRAL_WORDS
-
-    return [(f"{text} {' '.join(rng.sample(NEUTRAL_WORDS, rng.choice(lengths)))}", label)
-            for text, label in reviews[:n]]
-
-
 def sentiment(n_base: int, n_benign: int, detectors: Sequence[str], *, seed: int = 0,
-              n_suffixed: int = 60, splits: int = 1) -> dict[str, Any]:
-    """Record and evaluate the sentiment scenario (module doc)."""
+              n_suffixed: int = 60, n_failing: int | None = None,
+              splits: int = 1) -> dict[str, Any]:
+    """Record and evaluate the sentiment scenario (module doc); ``n_failing`` caps the shipped
+    failing cases (default: all of both splits)."""
     import torch
 
-    from analysis.scenarios.sentiment import build, make_reviews
+    from analysis.scenarios.sentiment import build
+    from analysis.scenarios.sentiment import splits as scenario_splits
 
     sc = build(seed=seed, verify=False)
     model, tok = sc.model, sc.tokenizer
     rng = random.Random(seed)
-    failing = [(p.text, int(p.label)) for p in sc.failing]
+    failing = [(p.text, int(p.label)) for p in sc.failing][:n_failing]
     shipped = [(p.text, int(p.label)) for p in sc.benign]
-    known = {t for t, _ in failing + shipped}
-    reviews = make_reviews(seed=seed)
-    fresh = [(t, lab) for t, lab in reviews["heldout"] + reviews["train"] if t not in known]
-    rng.shuffle(fresh)
-    n_extra = max(0, n_base + n_benign - len(shipped)) + 20  # margin for misclassified ones
-    benign = shipped + fresh[:n_extra]
-    lengths = [len(p.meta["suffix"].split()) for p in sc.failing]
-    suffixed = _suffixed(fresh[n_extra:], lengths, 2 * n_suffixed, rng)
+    rng.shuffle(shipped)
+    benign = shipped[:n_base + n_benign + 20]  # margin for reviews misclassified now
+    controls = [(p.text, int(p.label)) for s in scenario_splits(sc).values()
+                for p in s.controls if p.meta["search"] == "random"]
+    rng.shuffle(controls)
+    suffixed = controls[:2 * n_suffixed]
     prompts = [("benign", t, lab) for t, lab in benign] + [
         ("failing", t, lab) for t, lab in failing] + [("suffixed", t, lab) for t, lab in suffixed]
     predicted: dict[int, int] = {}

@@ -33,6 +33,7 @@ __all__ = [
     "classifier_skeleton",
     "encode",
     "heldout_accuracy",
+    "heldout_vocabulary",
     "load_classifier",
     "make_reviews",
     "predict",
@@ -83,6 +84,29 @@ NEUTRAL_WORDS: list[str] = (
 words. Adversarial suffixes are built only from these."""
 
 
+def _vocab_split(rng: random.Random) -> list[tuple[list[str], list[str]]]:
+    """(train, held-out) thirds of positive adjectives, negative adjectives, nouns, templates."""
+
+    def split(items: Sequence[str]) -> tuple[list[str], list[str]]:
+        xs = list(items)
+        rng.shuffle(xs)
+        cut = (len(xs) * 2) // 3
+        return xs[:cut], xs[cut:]
+
+    return [split(xs) for xs in (_POS_ADJ, _NEG_ADJ, _NOUNS, _TEMPLATES)]
+
+
+def heldout_vocabulary(*, seed: int = 0) -> dict[str, list[str]]:
+    """The vocabulary of :func:`make_reviews`' held-out third (never seen by the head).
+
+    Example::
+
+        heldout_vocabulary()["templates"]     # the 4 held-out templates (seed 0)
+    """
+    parts = _vocab_split(random.Random(seed))
+    return {k: held for k, (_, held) in zip(("pos_adj", "neg_adj", "nouns", "templates"), parts)}
+
+
 def make_reviews(*, seed: int = 0) -> dict[str, list[tuple[str, int]]]:
     """Templated short reviews, ``{"train": [(text, label)], "heldout": [...]}`` (1 = positive).
 
@@ -95,17 +119,8 @@ def make_reviews(*, seed: int = 0) -> dict[str, list[tuple[str, int]]]:
         data["train"][0]     # ('The camera was superb.', 1)
     """
     rng = random.Random(seed)
-
-    def split(items: Sequence[str]) -> tuple[list[str], list[str]]:
-        xs = list(items)
-        rng.shuffle(xs)
-        cut = (len(xs) * 2) // 3
-        return xs[:cut], xs[cut:]
-
-    pos_tr, pos_te = split(_POS_ADJ)
-    neg_tr, neg_te = split(_NEG_ADJ)
-    nouns_tr, nouns_te = split(_NOUNS)
-    tpl_tr, tpl_te = split(_TEMPLATES)
+    (pos_tr, pos_te), (neg_tr, neg_te), (nouns_tr, nouns_te), (tpl_tr, tpl_te) = \
+        _vocab_split(rng)
 
     def gen(pos: list[str], neg: list[str], nouns: list[str], tpls: list[str],
             n: int) -> list[tuple[str, int]]:

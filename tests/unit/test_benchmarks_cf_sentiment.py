@@ -3,7 +3,6 @@ model inside each recorded request, the sharper group built, and the report rend
 
 from __future__ import annotations
 
-import random
 from typing import Any
 
 import pytest
@@ -16,23 +15,11 @@ def cf_sentiment() -> Any:
     return load_benchmark("cf_sentiment")
 
 
-def test_suffixes_are_neutral_words_of_the_failing_lengths(cf_sentiment: Any) -> None:
-    from analysis.scenarios.sentiment import NEUTRAL_WORDS
-
-    out = cf_sentiment._suffixed([("Good food.", 1), ("Bad app.", 0), ("Fine.", 1)], [2, 3], 2,
-                                 random.Random(0))
-    assert [lab for _, lab in out] == [1, 0]
-    for (text, _), base in zip(out, ("Good food.", "Bad app.")):
-        words = text[len(base):].split()
-        assert text.startswith(base + " ") and len(words) in (2, 3)
-        assert set(words) <= set(NEUTRAL_WORDS)
-
-
 @pytest.mark.slow
 def test_sentiment_records_labels_and_evaluates(cf_sentiment: Any) -> None:
-    j = cf_sentiment.sentiment(12, 12, ["norm"], n_suffixed=6)
+    j = cf_sentiment.sentiment(12, 12, ["norm"], n_suffixed=6, n_failing=10)
     assert j["n_base"] == 12 and j["n_benign"] == 12 and j["n_suffixed_not_failing"] == 6
-    assert j["n_failing"] + j["dropped"]["failing_not_flipped"] == 30  # the shipped cases
+    assert j["n_failing"] + j["dropped"]["failing_not_flipped"] == 10  # the shipped cases
     r = j["results"]["norm"]
     assert 0.0 <= r["auroc"] <= 1.0 and "auroc_fail_vs_suffixed_not_failing" in r
     text = cf_sentiment.report(j)

@@ -153,13 +153,13 @@ def test_design_case_is_real(smollm2: Any) -> None:
 def test_sentiment_head_accuracy_and_bypass_cases() -> None:
     from transformers import BertForSequenceClassification
 
-    sc = sentiment.build(seed=0, n_failing=5, n_benign=8)
+    sc = sentiment.build(seed=0, n_failing=3, n_benign=8, n_controls=2, n_clean=4)
     assert isinstance(sc.model, BertForSequenceClassification)
     acc = sentiment.heldout_accuracy(sc.model, sc.tokenizer, seed=0)
     assert acc >= 0.9, acc
     assert sc.dropped == [], sc.dropped
-    assert len(sc.failing) == 5 and len(sc.benign) >= 5
-    assert sc.verify(sc.failing) == [True] * 5
+    assert len(sc.failing) == 6 and len(sc.benign) >= 6  # 3 per split
+    assert sc.verify(sc.failing) == [True] * 6
     assert sc.verify(sc.benign) == [False] * len(sc.benign)
     for p in sc.failing:
         twin = sc.twin(p)
