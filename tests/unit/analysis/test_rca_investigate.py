@@ -52,6 +52,7 @@ def cases(planted: PlantedModel) -> dict[str, list[Incident]]:
     return out
 
 
+@pytest.mark.slow
 def test_investigate_finds_what_was_planted(planted: PlantedModel, cases: dict[str, Any],
                                             tmp_path: Path) -> None:
     tok = _Words(planted)
