@@ -60,7 +60,7 @@ __all__ = [
 ]
 
 
-__getattr__, __dir__ = lazy_exports(__name__, {
+_LAZY = {
     "FilterError": "sidecar._filters",
     "IncidentRow": "sidecar._store",
     "IncidentStore": "sidecar._store",
@@ -84,4 +84,6 @@ __getattr__, __dir__ = lazy_exports(__name__, {
     "compile_order_by": "sidecar._filters",
     "create_server": "sidecar._server",
     "load_config": "sidecar._config",
-})
+}
+
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)
