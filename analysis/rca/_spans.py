@@ -7,8 +7,9 @@ never empty), and delta debugging (ddmin) finds a
 1-minimal set of sentences whose removal removes the failure; then, inside those sentences, a
 1-minimal set of *words*. A candidate is tested by running the incident's own forward calls on
 the shortened prompt (:meth:`analysis.replay.CallPlan.with_prompt`) inside the replay
-environment, decoding freely (greedy) for as many steps as the incident has, and asking the
-failure predicate about the text. The final set is re-run once more and the result says
+environment and asking the failure predicate: for a generation, about the text decoded freely
+(greedy) for as many steps as the incident has (``failing=``); for a classifier, about the
+logits (``failing_logits=``, e.g. the bound failure's metric > 0). The final set is re-run once more and the result says
 whether removing it verified (``verified``) and whether removing any single span of it
 brings the failure back (``one_minimal``).
 
@@ -99,23 +100,33 @@ def sentence_spans(ids: Sequence[int], tokenizer: Any) -> list[Span]:
 
 
 def word_spans(ids: Sequence[int], within: Span, tokenizer: Any) -> list[Span]:
-    """Words of a span: a new word starts at a token whose text starts with a space."""
+    """Words of a span: byte-level BPE starts a word at a token whose text starts with a
+    space; WordPiece (no token of the span decodes with a space) at any token not starting
+    with ``##``."""
+    pieces = [tokenizer.decode([int(ids[i])]) for i in range(within.start, within.end)]
+    bpe = any(p.startswith((" ", "\n")) for p in pieces)
     out: list[tuple[int, int]] = []
-    for i in range(within.start, within.end):
-        piece = tokenizer.decode([int(ids[i])])
-        if not out or piece.startswith((" ", "\n")):
+    for i, piece in zip(range(within.start, within.end), pieces):
+        starts = piece.startswith((" ", "\n")) if bpe else not piece.startswith("##")
+        if not out or starts:
             out.append((i, i + 1))
         else:
             out[-1] = (out[-1][0], i + 1)
     return [Span(a, b, tokenizer.decode([int(t) for t in ids[a:b]])) for a, b in out]
 
 
+LogitsCheck = Callable[[Sequence[torch.Tensor | None]], bool]
+
+
 class _Tester:
     """Runs the incident's calls on the prompt without some spans; caches and counts runs."""
 
-    def __init__(self, session: ReplaySession, failing: Callable[[str], bool],
-                 tokenizer: Any) -> None:
+    def __init__(self, session: ReplaySession, failing: Callable[[str], bool] | None,
+                 tokenizer: Any, failing_logits: LogitsCheck | None = None) -> None:
+        if (failing is None) == (failing_logits is None):
+            raise ValueError("give exactly one of failing= (text) or failing_logits=")
         self.session, self.failing, self.tok = session, failing, tokenizer
+        self.failing_logits = failing_logits
         self.ids = [int(t) for t in session.plan.steps[0].tensors["input_ids"][0]]
         self.runs = 0
         self._cache: dict[frozenset[Span], tuple[bool, str]] = {}
@@ -126,10 +137,16 @@ class _Tester:
         drop = {i for s in removed for i in range(s.start, s.end)}
         kept = [t for i, t in enumerate(self.ids) if i not in drop]
         plan = self.session.plan.with_prompt(torch.tensor([kept]))
-        r = self.session.run_edited(plan=plan, greedy=True)
+        r = self.session.run_edited(plan=plan, greedy=self.failing is not None)
         self.runs += 1
+        if self.failing_logits is not None:
+            lg = r.logits[-1]
+            text = "" if lg is None else f"top-1 {int(lg.reshape(-1, lg.shape[-1])[0].argmax())}"
+            self._cache[removed] = (self.failing_logits(r.logits), text)
+            return self._cache[removed]
         out = [int(lg[0].argmax()) for lg in r.logits if lg is not None]
         text = self.tok.decode(out, skip_special_tokens=True)
+        assert self.failing is not None
         self._cache[removed] = (self.failing(text), text)
         return self._cache[removed]
 
@@ -161,11 +178,12 @@ def _ddmin(items: list[Span], test: Callable[[list[Span]], bool]) -> list[Span]:
     return cur
 
 
-def attribute_input(session: ReplaySession, *, failing: Callable[[str], bool],
-                    tokenizer: Any) -> InputSpans | None:
+def attribute_input(session: ReplaySession, *, tokenizer: Any,
+                    failing: Callable[[str], bool] | None = None,
+                    failing_logits: LogitsCheck | None = None) -> InputSpans | None:
     """The 1-minimal sentences, then words, whose removal removes the failure (module doc);
     None when removing every sentence still fails (nothing in the prompt is responsible)."""
-    t = _Tester(session, failing, tokenizer)
+    t = _Tester(session, failing, tokenizer, failing_logits)
     sentences = sentence_spans(t.ids, tokenizer)
     if not sentences or not t.fixed_by(sentences):
         return None
