@@ -205,13 +205,22 @@ def phase_fix(model: Any, tok: Any, args: argparse.Namespace) -> dict[str, Any]:
     n_layers = model.config.num_hidden_layers
     data_feats = None
     out["baselines_heldout"] = {}
+    sub = held
+    if args.n_baseline:                  # baselines on the first n of each held-out set
+        from types import SimpleNamespace
+
+        k = args.n_baseline
+        sub = SimpleNamespace(failing=held.failing[:k], benign=held.benign[:k],
+                              contrast=held.contrast[:k])
+        out["baselines_heldout_n"] = k
     for name, build in _baselines(n_layers).items():
         if data_feats is None:
             from analysis.rca._directions import _Data
 
             data_feats = _Data(model, failing=F, twins=twins, contrast=C, benign=B,
                                layers=range(n_layers), seed=0).feats
-        out["baselines_heldout"][name] = evaluate_fix(model, tok, build(data_feats), held, chat)
+        out["baselines_heldout"][name] = evaluate_fix(model, tok, build(data_feats), sub,
+                                                     chat[: args.n_baseline or None])
     out["seconds"] = round(time.perf_counter() - t0, 1)
     return out
 
@@ -376,6 +385,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--n-derive", type=int, default=0, help="cap derivation failing prompts")
     ap.add_argument("--n-contrast", type=int, default=120)
     ap.add_argument("--n-investigate", type=int, default=10)
+    ap.add_argument("--n-baseline", type=int, default=0,
+                    help="evaluate the baselines on the first n held-out prompts of each set")
     ap.add_argument("--gate-layers", type=int, nargs="*", default=None)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")

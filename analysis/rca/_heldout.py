@@ -33,13 +33,11 @@ __all__ = ["FlipRate", "LiveSideEffects", "flip_rate", "generate", "side_effects
 
 
 def wilson(k: int, n: int) -> tuple[float, float]:
-    """Wilson 95 % interval of ``k`` successes in ``n`` trials."""
-    from scipy.stats import binomtest
+    """Wilson 95 % interval of ``k`` successes in ``n`` trials (``(0, 1)`` when ``n`` is 0):
+    :func:`analysis.cca._stats.wilson_ci`."""
+    from analysis.cca._stats import wilson_ci
 
-    if n == 0:
-        return (0.0, 1.0)
-    ci = binomtest(k, n).proportion_ci(method="wilson")
-    return (float(ci.low), float(ci.high))
+    return (0.0, 1.0) if n == 0 else wilson_ci(k, n)
 
 
 def _batch(seqs: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:

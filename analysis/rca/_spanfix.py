@@ -7,7 +7,7 @@ span tokens of failing incidents are positives, every other token (the rest of t
 prompts, contrast and benign prompts) negatives. At one site (a residual stream position
 vector), a :class:`~analysis.interventions.LinearGate` is fitted to recognise span tokens, and
 where it fires the token's vector is replaced by the mean ordinary token (``project`` onto the
-whole space, ``to="mean"``). Candidate sites are compared **cross-fitted** with folds by group
+whole space, ``to="mean"``). Candidates — each site alone, and all sites together — are compared **cross-fitted** with folds by group
 (default: the span's text, so one suffix never sits in both folds): flips (the failure metric
 of the classifier falls to <= 0) on the other fold's failing prompts, and on its benign prompts
 the accuracy change (labels given) and the class-distribution KL, under a budget.
@@ -88,15 +88,19 @@ def _mask(n: int, spans: Spans) -> np.ndarray:
     return m
 
 
-def _fit(site_tokens: dict[str, list[np.ndarray]], spans: Sequence[Spans], idx: dict[str, Any],
-         site: str) -> list[Intervention]:
-    span = [x[_mask(len(x), spans[i])] for i, x in enumerate(site_tokens["failing"])
-            if i in idx["failing"]]
-    other = [x[~_mask(len(x), spans[i])] for i, x in enumerate(site_tokens["failing"])
-             if i in idx["failing"]]
-    for k in ("contrast", "benign"):
-        other += [x for i, x in enumerate(site_tokens[k]) if i in idx[k]]
-    return span_neutraliser(site, np.concatenate(span), np.concatenate(other))
+def _fit(site_tokens: dict[str, dict[str, list[np.ndarray]]], spans: Sequence[Spans],
+         idx: dict[str, Any], sites: Sequence[str]) -> list[Intervention]:
+    ivs: list[Intervention] = []
+    for site in sites:
+        toks = site_tokens[site]
+        span = [x[_mask(len(x), spans[i])] for i, x in enumerate(toks["failing"])
+                if i in idx["failing"]]
+        other = [x[~_mask(len(x), spans[i])] for i, x in enumerate(toks["failing"])
+                 if i in idx["failing"]]
+        for k in ("contrast", "benign"):
+            other += [x for i, x in enumerate(toks[k]) if i in idx[k]]
+        ivs += span_neutraliser(site, np.concatenate(span), np.concatenate(other))
+    return ivs
 
 
 def derive_span_fix(model: Any, *, failing: Sequence[Incident], spans: Sequence[Spans],
@@ -120,14 +124,16 @@ def derive_span_fix(model: Any, *, failing: Sequence[Incident], spans: Sequence[
     folds = [{"failing": {i for i, g in enumerate(keys) if fold_of[g] == f},
               "contrast": set(range(f, len(contrast), 2)),
               "benign": set(range(f, len(benign), 2))} for f in (0, 1)]
-    cands: list[tuple[Candidate, str]] = []
-    for site in sites:
-        say(f"span fix: candidate {site} (cross-fitted)")
-        toks = {k: _tokens(model, site, v) for k, v in prompts.items()}
+    toks = {site: {k: _tokens(model, site, v) for k, v in prompts.items()} for site in sites}
+    options = [[site] for site in sites] + ([list(sites)] if len(sites) > 1 else [])
+    cands: list[tuple[Candidate, list[str]]] = []
+    for option in options:
+        name = "+".join(option)
+        say(f"span fix: candidate {name} (cross-fitted)")
         flips = n = 0
         acc_drop, kls = [], []
         for fit, ev in ((0, 1), (1, 0)):
-            ivs = _fit(toks, spans, folds[fit], site)
+            ivs = _fit(toks, spans, folds[fit], option)
             fi = sorted(folds[ev]["failing"])
             probs = classify(model, [prompts["failing"][i] for i in fi], interventions=ivs)
             flips += sum(int(probs[j].argmax()) != failing_label(failing[i])
@@ -142,19 +148,18 @@ def derive_span_fix(model: Any, *, failing: Sequence[Incident], spans: Sequence[
             kls.append(float((p0 * (p0.clamp_min(1e-12).log() - p1.clamp_min(1e-12).log()))
                              .sum(-1).mean()))
         drop, kl = sum(acc_drop) / 2, sum(kls) / 2
-        cands.append((Candidate(label=f"span neutraliser at {site}", flip_rate=flips / max(1, n),
+        cands.append((Candidate(label=f"span neutraliser at {name}", flip_rate=flips / max(1, n),
                                 mean_kl=kl, top1_agreement=1.0 - max(0.0, drop),
                                 gate_fires_on_benign=None,
                                 within_budget=drop <= max_accuracy_drop and kl <= budget_kl),
-                      site))
+                      option))
     ok = [c for c in cands if c[0].within_budget]
     if not ok:
         return DirectionFix([], None, [c for c, _ in cands], [], budget_kl, 1 - max_accuracy_drop,
                             notes=["no site stayed within the accuracy / KL budget"])
-    chosen, site = max(ok, key=lambda c: c[0].flip_rate)
+    chosen, option = max(ok, key=lambda c: (c[0].flip_rate, -len(c[1])))
     every = {"failing": set(range(len(failing))), "contrast": set(range(len(contrast))),
              "benign": set(range(len(benign)))}
-    toks = {k: _tokens(model, site, v) for k, v in prompts.items()}
-    return DirectionFix(_fit(toks, spans, every, site), chosen, [c for c, _ in cands], [],
+    return DirectionFix(_fit(toks, spans, every, option), chosen, [c for c, _ in cands], [],
                         budget_kl, 1 - max_accuracy_drop,
                         notes=["top1_agreement here is 1 - the accuracy drop on benign"])
