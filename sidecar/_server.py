@@ -40,10 +40,12 @@ __all__ = ["TRANSPORT_MAX_MESSAGE", "Sidecar", "create_server", "grpc_options"]
 log = logging.getLogger("sidecar.server")
 
 
-#: The largest message gRPC itself accepts: bigger than any chunk the limits allow, so an
-#: over-size chunk reaches the servicer and is refused and counted as ``chunk_too_large``
-#: (gRPC's own refusal of a bigger one cannot be told apart from a truncated stream).
-TRANSPORT_MAX_MESSAGE = 16 * 1024 * 1024
+#: The largest message gRPC itself accepts (plus 64 KiB framing): the largest chunk any config
+#: allows, so a chunk over ``limits.max_chunk_bytes`` reaches the servicer and is refused and
+#: counted as ``chunk_too_large``. A message over this is refused by gRPC itself
+#: (RESOURCE_EXHAUSTED "Received message larger than max", counted ``cancelled``); it is not
+#: larger because every concurrent RPC may buffer one such message.
+TRANSPORT_MAX_MESSAGE = 4 * 1024 * 1024
 
 
 def grpc_options(config: SidecarConfig) -> list[tuple[str, Any]]:

@@ -55,14 +55,11 @@ class Watch:
             try:
                 msg = next(it)
             except StopIteration:
+                if self.expired:      # a cancelled stream may also just end
+                    raise self._gone() from None
                 return
             except grpc.RpcError as e:   # cancelled: by our watchdog, the client or a deadline
-                reason = "idle_timeout" if self.expired else "cancelled"
-                raise Rejection(grpc.StatusCode.CANCELLED if not self.expired
-                                else grpc.StatusCode.DEADLINE_EXCEEDED, reason,
-                                "the upload stream was idle for longer than "
-                                "limits.idle_timeout_s; send chunks without pausing"
-                                if self.expired else "the client cancelled the upload") from e
+                raise self._gone() from e
             self.last = clock()
             self.count += 1
             if self.count > max_messages:
@@ -71,6 +68,17 @@ class Watch:
                                 "messages in one upload; send chunks of up to "
                                 "limits.max_chunk_bytes")
             yield msg
+
+
+    def _gone(self) -> Rejection:
+        """The refusal of a stream that stopped: idle-cancelled by the watchdog, or gone."""
+        if self.expired:
+            return Rejection(grpc.StatusCode.DEADLINE_EXCEEDED, "idle_timeout",
+                             "the upload stream was idle for longer than limits.idle_timeout_s; "
+                             "send chunks without pausing")
+        return Rejection(grpc.StatusCode.CANCELLED, "cancelled",
+                         "the client cancelled the upload, its deadline passed, or gRPC refused "
+                         "a message (e.g. larger than the transport's 4 MiB)")
 
 
 class StreamGuard:
