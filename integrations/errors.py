@@ -18,6 +18,7 @@ Tree::
     ├── SiteError                   bad site string or site not on this model (also a ValueError)
     ├── IncidentError
     │   ├── IncidentFormatError     truncated / corrupted / foreign / wrong-schema incident bytes
+    │   │   └── DecodeLimitError    decoding would exceed a ``DecodeLimits`` cap (e.g. a zstd bomb)
     │   ├── IncidentTooLargeError   incident over ``max_bundle_size_mb`` (dropped, counted)
     │   ├── TensorNotFoundError     (site, step, kind) not in this incident (also a KeyError)
     │   └── CaptureError            ``integrations.trace`` made no incident (capture/export failed)
@@ -38,6 +39,7 @@ __all__ = [
     "AnalysisError",
     "CaptureError",
     "ConfigError",
+    "DecodeLimitError",
     "ExportError",
     "FingerprintMismatchError",
     "FixFileError",
@@ -84,6 +86,11 @@ class IncidentFormatError(IncidentError):
 
 class IncidentTooLargeError(IncidentError):
     """An incident is larger than ``recorder.max_bundle_size_mb``."""
+
+
+class DecodeLimitError(IncidentFormatError):
+    """Decoding an incident would exceed one of its reader's ``DecodeLimits`` (decoded bytes,
+    rows, IPC messages, manifest size): refused before anything was inflated."""
 
 
 class CaptureError(IncidentError):

@@ -51,7 +51,8 @@ class SidecarClient:
                  certificate_chain: bytes | None = None,
                  options: Sequence[tuple[str, Any]] = ()) -> None:
         self.address = address
-        opts = [("grpc.max_receive_message_length", v1.MAX_CHUNK_BYTES + 64 * 1024), *options]
+        opts = [("grpc.max_receive_message_length",
+                 max(v1.MAX_CHUNK_BYTES, v1.MAX_RESPONSE_BYTES) + 64 * 1024), *options]
         if root_certificates is not None:
             creds = grpc.ssl_channel_credentials(root_certificates, private_key,
                                                  certificate_chain)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -30,12 +31,16 @@ from ._config_sections import (
     MetricsConfig,
     MiB,
     ModelSpec,
+    SharedBaseline,
     TelemetryConfig,
     TlsConfig,
 )
 
 if TYPE_CHECKING:
     from integrations.config import ModulesConfig
+
+#: gRPC clients' default receive limit (``sidecar.api.v1.MAX_RESPONSE_BYTES``).
+MAX_RESPONSE_BYTES = 4 * MiB
 
 __all__ = ["SECTIONS", "SidecarConfig", "load_config"]   # sections: sidecar._config_sections
 
@@ -87,21 +92,8 @@ class SidecarConfig:
             raise ConfigError("grpc.tls needs both cert_file and key_file")
         if tls.require_client_auth and not tls.client_ca_file:
             raise ConfigError("grpc.tls.require_client_auth needs grpc.tls.client_ca_file")
-        limits = _section(LimitsConfig, raw.get("limits"), "limits")
-        if not 0 < limits.max_chunk_bytes <= 4 * MiB:
-            raise ConfigError("limits.max_chunk_bytes must be in (0, 4 MiB]")
-        if limits.max_incident_bytes <= 0:
-            raise ConfigError("limits.max_incident_bytes must be positive")
-        jobs_raw = dict(_mapping(raw.get("jobs"), "jobs"))
-        if "on_ingest" in jobs_raw:
-            jobs_raw["on_ingest"] = tuple(_str_list(jobs_raw["on_ingest"], "jobs.on_ingest"))
-        if "params" in jobs_raw:
-            jobs_raw["params"] = {str(kind): dict(_mapping(p, f"jobs.params.{kind}"))
-                                  for kind, p in _mapping(jobs_raw["params"],
-                                                          "jobs.params").items()}
-        jobs = _section(JobsConfig, jobs_raw, "jobs")
-        if jobs.workers < 1 or jobs.max_attempts < 1:
-            raise ConfigError("jobs.workers and jobs.max_attempts must be >= 1")
+        limits = _limits(raw.get("limits"), grpc_cfg)
+        jobs = _jobs(raw.get("jobs"))
         metrics = _section(MetricsConfig, raw.get("metrics"), "metrics")
         _parse_address(metrics.address, "metrics.address")
         telemetry = _section(TelemetryConfig, raw.get("telemetry"), "telemetry")
@@ -110,16 +102,7 @@ class SidecarConfig:
         data_dir = raw.get("data_dir", cls.data_dir)
         if not isinstance(data_dir, str) or not data_dir:
             raise ConfigError("data_dir must be a non-empty path string")
-        base_raw = dict(_mapping(raw.get("baselines"), "baselines"))
-        if "sample_rules" in base_raw:
-            base_raw["sample_rules"] = tuple(_str_list(base_raw["sample_rules"],
-                                                       "baselines.sample_rules"))
-        baselines = _section(BaselinesConfig, base_raw, "baselines")
-        if baselines.detector not in DETECTORS:
-            raise ConfigError(f"baselines.detector must be one of {', '.join(DETECTORS)}")
-        if baselines.min_samples < 2 or baselines.refresh_every < 0 or baselines.cca_benign < 0:
-            raise ConfigError("baselines.min_samples must be >= 2; refresh_every and cca_benign "
-                              ">= 0")
+        baselines = _baselines(raw.get("baselines"))
         return cls(data_dir=data_dir, grpc=grpc_cfg, limits=limits,
                    auth=_auth(raw.get("auth")), metrics=metrics, telemetry=telemetry, jobs=jobs,
                    models=_models(raw.get("models")), modules=_modules(raw.get("modules")),
@@ -194,6 +177,74 @@ def _section(cls: Any, value: Any, where: str) -> Any:
         if not ok or (want is int and isinstance(val, bool)):
             raise ConfigError(f"{where}.{key} must be {want.__name__}, got {val!r}")
     return cls(**raw)
+
+
+def _limits(value: Any, grpc_cfg: GrpcConfig) -> LimitsConfig:
+    limits: LimitsConfig = _section(LimitsConfig, value, "limits")
+    if not 0 < limits.max_chunk_bytes <= 4 * MiB:
+        raise ConfigError("limits.max_chunk_bytes must be in (0, 4 MiB]")
+    positive = [f.name for f in dataclasses.fields(limits) if getattr(limits, f.name) <= 0]
+    if positive:
+        raise ConfigError(f"limits.{', limits.'.join(positive)} must be positive")
+    if limits.max_concurrent_uploads >= grpc_cfg.max_workers:
+        raise ConfigError(
+            f"limits.max_concurrent_uploads ({limits.max_concurrent_uploads}) must be below "
+            f"grpc.max_workers ({grpc_cfg.max_workers}): stalled uploads must never hold every "
+            "handler thread (health checks and queries need one)")
+    if not max(3 * limits.max_manifest_bytes, limits.max_chunk_bytes) + 64 * 1024 <= \
+            limits.max_response_bytes <= MAX_RESPONSE_BYTES:
+        raise ConfigError("limits.max_response_bytes must hold one chunk and one FULL incident "
+                          "(>= max_chunk_bytes + 64 KiB and >= 3 x max_manifest_bytes + 64 KiB) "
+                          f"and be <= {MAX_RESPONSE_BYTES} (gRPC clients' default receive limit)")
+    return limits
+
+
+def _jobs(value: Any) -> JobsConfig:
+    jobs_raw = dict(_mapping(value, "jobs"))
+    if "on_ingest" in jobs_raw:
+        jobs_raw["on_ingest"] = tuple(_str_list(jobs_raw["on_ingest"], "jobs.on_ingest"))
+    if "params" in jobs_raw:
+        jobs_raw["params"] = {str(kind): dict(_mapping(p, f"jobs.params.{kind}"))
+                              for kind, p in _mapping(jobs_raw["params"], "jobs.params").items()}
+    jobs: JobsConfig = _section(JobsConfig, jobs_raw, "jobs")
+    if jobs.workers < 1 or jobs.max_attempts < 1 or jobs.max_pending_per_tenant < 1:
+        raise ConfigError("jobs.workers, jobs.max_attempts and jobs.max_pending_per_tenant "
+                          "must be >= 1")
+    return jobs
+
+
+def _shared_baselines(value: Any) -> tuple[SharedBaseline, ...]:
+    if not isinstance(value, list):
+        raise ConfigError("baselines.shared must be a list of {name, fingerprint, tenants}")
+    out: list[SharedBaseline] = []
+    for i, entry in enumerate(value):
+        where = f"baselines.shared[{i}]"
+        entry = _mapping(entry, where)
+        _check_keys(entry, {"name", "fingerprint", "tenants"}, where)
+        name, fp = entry.get("name"), entry.get("fingerprint")
+        tenants = _str_list(entry.get("tenants"), f"{where}.tenants")
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", name):
+            raise ConfigError(f"{where}.name must be 1-64 characters of [A-Za-z0-9._-]")
+        if not isinstance(fp, str) or not fp or not tenants:
+            raise ConfigError(f"{where} needs a fingerprint and at least one tenant")
+        out.append(SharedBaseline(name=name, fingerprint=fp, tenants=tuple(tenants)))
+    return tuple(out)
+
+
+def _baselines(value: Any) -> BaselinesConfig:
+    base_raw = dict(_mapping(value, "baselines"))
+    if "sample_rules" in base_raw:
+        base_raw["sample_rules"] = tuple(_str_list(base_raw["sample_rules"],
+                                                   "baselines.sample_rules"))
+    if "shared" in base_raw:
+        base_raw["shared"] = _shared_baselines(base_raw["shared"])
+    baselines: BaselinesConfig = _section(BaselinesConfig, base_raw, "baselines")
+    if baselines.detector not in DETECTORS:
+        raise ConfigError(f"baselines.detector must be one of {', '.join(DETECTORS)}")
+    if baselines.min_samples < 2 or baselines.refresh_every < 0 or baselines.cca_benign < 0:
+        raise ConfigError("baselines.min_samples must be >= 2; refresh_every and cca_benign "
+                          ">= 0")
+    return baselines
 
 
 def _parse_address(address: str, where: str) -> None:

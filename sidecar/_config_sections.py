@@ -26,6 +26,7 @@ __all__ = [
     "MetricsConfig",
     "MiB",
     "ModelSpec",
+    "SharedBaseline",
     "TelemetryConfig",
     "TlsConfig",
 ]
@@ -70,12 +71,34 @@ class GrpcConfig:
 
 @dataclasses.dataclass(frozen=True)
 class LimitsConfig:
-    """Ingest caps: one chunk, one incident, and the page size of ListIncidents."""
+    """Every documented limit of the sidecar (``configs/sidecar.yaml`` says why each exists):
+    one chunk, one incident stored and decoded (bytes, rows, IPC messages, manifest size and
+    depth: checked before anything is inflated), one upload stream (idle time between
+    messages, messages, concurrent uploads), and ListIncidents pages (count, and bytes for
+    ``view = FULL``)."""
 
     max_chunk_bytes: int = MiB
     max_incident_bytes: int = 512 * MiB
+    max_decoded_bytes: int = 512 * MiB
+    max_rows: int = 65_536
+    max_ipc_messages: int = 1_024
+    max_manifest_bytes: int = 256 * 1024
+    max_manifest_depth: int = 32
+    idle_timeout_s: float = 30.0
+    max_stream_messages: int = 16_384
+    max_concurrent_uploads: int = 8
     max_page_size: int = 1000
     default_page_size: int = 50
+    max_response_bytes: int = 4 * MiB
+
+    def decode_limits(self) -> Any:
+        """The :class:`integrations.incident.DecodeLimits` every incident read here gets."""
+        from integrations.incident import DecodeLimits
+
+        return DecodeLimits(max_decoded_bytes=self.max_decoded_bytes, max_rows=self.max_rows,
+                            max_messages=self.max_ipc_messages,
+                            max_manifest_bytes=self.max_manifest_bytes,
+                            max_manifest_depth=self.max_manifest_depth)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,6 +153,18 @@ class JobsConfig:
     on_ingest: tuple[str, ...] = ()
     poll_interval_s: float = 1.0
     params: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
+    max_pending_per_tenant: int = 100
+
+
+@dataclasses.dataclass(frozen=True)
+class SharedBaseline:
+    """A baseline an operator declared shared: the model ``fingerprint``'s baseline is built
+    from, and used by, the incidents of ``tenants`` together (every other tenant keeps its
+    own). Its scope name is ``shared:<name>``."""
+
+    name: str
+    fingerprint: str
+    tenants: tuple[str, ...]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,11 +182,25 @@ class BaselinesConfig:
     refresh_every: int = 200
     sample_rules: tuple[str, ...] = ("ratio",)
     cca_benign: int = 8                       # benign incidents for CCA side effects / means
+    shared: tuple[SharedBaseline, ...] = ()
 
     def is_sampled(self, trigger_rule: str | None) -> bool:
         """Whether an incident with this trigger rule is sampled traffic (a baseline
         candidate), not a flag."""
         return trigger_rule in self.sample_rules
+
+    def scope(self, tenant: str, fingerprint: str) -> tuple[str, tuple[str, ...]]:
+        """(scope name, tenants whose incidents build it) of the baseline ``tenant`` uses for a
+        model: its own (``tenant:<tenant>``) unless an operator declared a shared one.
+
+        Example::
+
+            BaselinesConfig().scope("acme", fp)        # ('tenant:acme', ('acme',))
+        """
+        for entry in self.shared:
+            if entry.fingerprint == fingerprint and tenant in entry.tenants:
+                return f"shared:{entry.name}", entry.tenants
+        return f"tenant:{tenant}", (tenant,)
 
 
 @dataclasses.dataclass(frozen=True)

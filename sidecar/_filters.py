@@ -41,6 +41,8 @@ from integrations.errors import ForensicsError
 
 __all__ = [
     "FIELDS",
+    "MAX_PAGE_OFFSET",
+    "MAX_PAGE_TOKEN_CHARS",
     "CompiledFilter",
     "FilterError",
     "compile_filter",
@@ -60,6 +62,10 @@ FIELDS: dict[str, str] = {
     "anomaly_score": "float", "anomaly_p": "float", "cf_flagged": "bool", "cf_status": "str",
 }
 MAX_FILTER_CHARS = 4096
+#: Page tokens are short JSON; a longer one was not issued here.
+MAX_PAGE_TOKEN_CHARS = 256
+#: No listing reaches this offset (DuckDB's OFFSET is a signed 64-bit integer).
+MAX_PAGE_OFFSET = 2**53
 MAX_DEPTH = 32
 
 
@@ -245,7 +251,11 @@ class _Parser:
             if tok.kind == "str" or not re.fullmatch(r"-?\d+", raw):
                 raise FilterError(f"invalid filter: {field!r} needs an integer at position "
                                   f"{tok.pos}, got {tok.text!r}", position=tok.pos)
-            return int(raw)
+            value = int(raw)
+            if not -(2**63) <= value < 2**63:
+                raise FilterError(f"invalid filter: {field!r} at position {tok.pos} is outside "
+                                  "the 64-bit integer range", position=tok.pos)
+            return value
         if ftype == "float":
             if tok.kind != "num":
                 raise FilterError(f"invalid filter: {field!r} needs a number such as 2.5 at "
@@ -263,7 +273,11 @@ class _Parser:
                               f"\"2025-01-31T12:00:00Z\" at position {tok.pos}, got {tok.text!r}",
                               position=tok.pos) from None
         if when.tzinfo is not None:
-            when = when.astimezone(dt.timezone.utc).replace(tzinfo=None)
+            try:   # e.g. 0001-01-01T00:00:00+14:00 is before year 1 in UTC
+                when = when.astimezone(dt.timezone.utc).replace(tzinfo=None)
+            except (OverflowError, ValueError):
+                raise FilterError(f"invalid filter: {field!r} at position {tok.pos} is outside "
+                                  "years 1-9999 once converted to UTC", position=tok.pos) from None
         return when
 
 
@@ -329,16 +343,23 @@ def encode_page_token(offset: int, key: str) -> str:
 
 
 def decode_page_token(token: str, key: str) -> int:
-    """The offset in ``token``; :class:`FilterError` when it is malformed or was issued for a
-    different filter / order_by."""
+    """The offset in ``token``; :class:`FilterError` when it is malformed (also: longer than
+    :data:`MAX_PAGE_TOKEN_CHARS`, an offset at or past :data:`MAX_PAGE_OFFSET`) or was issued
+    for a different filter / order_by."""
+    invalid = FilterError("invalid page_token: not a token from this API; "
+                          "start again without page_token")
+    if len(token) > MAX_PAGE_TOKEN_CHARS:
+        raise invalid
     try:
         raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
         data = json.loads(raw)
         offset, qkey = data["o"], data["q"]
-    except (ValueError, KeyError, TypeError, binascii.Error):
-        raise FilterError("invalid page_token: not a token from this API; "
-                          "start again without page_token") from None
-    if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0 or qkey != key:
+    except (ValueError, KeyError, TypeError, binascii.Error, RecursionError):
+        raise invalid from None
+    if not isinstance(offset, int) or isinstance(offset, bool) or not 0 <= offset < \
+            MAX_PAGE_OFFSET:
+        raise invalid
+    if qkey != key:
         raise FilterError("invalid page_token: it was issued for a different filter or "
                           "order_by; pass the same filter and order_by, or drop page_token")
     return offset

@@ -22,7 +22,7 @@ from typing import Any, Protocol
 
 import grpc
 
-from integrations.errors import IncidentFormatError, IncidentTooLargeError
+from integrations.errors import DecodeLimitError, IncidentFormatError, IncidentTooLargeError
 
 from ._auth import Principal
 from ._config_sections import LimitsConfig
@@ -169,6 +169,8 @@ def _put(store: IncidentStore, upload: Upload, tenant: str | None) -> PutResult:
                                   digest_verified=streamed and upload.sink.digest_verified)
     except IncidentTooLargeError as e:
         raise Rejection(grpc.StatusCode.RESOURCE_EXHAUSTED, "too_large", str(e)) from e
+    except DecodeLimitError as e:   # before IncidentFormatError, its base
+        raise Rejection(grpc.StatusCode.RESOURCE_EXHAUSTED, "decoded_too_large", str(e)) from e
     except AlreadyExistsError as e:
         raise Rejection(grpc.StatusCode.ALREADY_EXISTS, "already_exists", str(e)) from e
     except IncidentFormatError as e:

@@ -11,7 +11,10 @@ Example::
 
 from __future__ import annotations
 
-from typing import NoReturn
+import functools
+import logging
+from collections.abc import Callable
+from typing import Any, NoReturn, TypeVar
 
 import grpc
 
@@ -25,7 +28,11 @@ __all__ = [
     "Rejection",
     "count_rejection",
     "reject",
+    "typed_errors",
 ]
+
+log = logging.getLogger("sidecar.servicer")
+F = TypeVar("F", bound=Callable[..., Any])
 
 #: Trailing metadata key carrying the reason of a refusal.
 REASON_KEY = "forensics-reject-reason"
@@ -37,6 +44,12 @@ REJECT_REASONS = (
     "bad_id",             # incident id not [A-Za-z0-9][A-Za-z0-9._-]{0,199}, or ≠ manifest id
     "chunk_too_large",    # one chunk over limits.max_chunk_bytes
     "too_large",          # declared or actual total over limits.max_incident_bytes
+    "decoded_too_large",  # decoding would exceed limits.max_decoded_bytes / max_rows /
+                          # max_ipc_messages / max_manifest_bytes (refused before inflating)
+    "too_many_messages",  # an upload stream over limits.max_stream_messages
+    "idle_timeout",       # no message for limits.idle_timeout_s: the stream was cancelled
+    "busy",               # limits.max_concurrent_uploads uploads in progress: retry later
+    "cancelled",          # the client went away (or its deadline passed) mid-upload
     "size_mismatch",      # bytes received ≠ header.total_size
     "sha256_mismatch",    # trailer sha256 ≠ sha256 of the bytes
     "invalid_incident",   # non-Arrow, truncated Arrow, wrong schema, bad manifest
@@ -44,6 +57,10 @@ REJECT_REASONS = (
     "permission_denied",  # tenant in header ≠ token's tenant
     "unauthenticated",    # missing / unknown bearer token
     "bad_filter",         # ListIncidents/WatchIncidents filter, order_by or page_token invalid
+    "not_found",          # no such incident or analysis for this caller (never another tenant's)
+    "response_too_large", # GetIncident FULL: the manifest does not fit limits.max_response_bytes
+    "quota_exceeded",     # jobs.max_pending_per_tenant analyses already pending for the tenant
+    "bad_params",         # RunAnalysis kind, params_json or an option of the kind invalid
     "deadline_exceeded",  # the client's deadline passed before the incident was durable
     "internal",           # store failure (disk full, index error); nothing acknowledged
 )
@@ -72,3 +89,34 @@ def reject(context: grpc.ServicerContext, telemetry: Telemetry, rej: Rejection) 
     count_rejection(telemetry, rej.reason)
     context.set_trailing_metadata(((REASON_KEY, rej.reason),))
     context.abort(rej.code, rej.message)
+
+
+def _terminated(context: grpc.ServicerContext) -> bool:
+    """Whether the call already has a status (``context.abort`` raised on purpose)."""
+    code = getattr(context, "code", None)
+    return callable(code) and code() is not None
+
+
+def typed_errors(method: F) -> F:
+    """A servicer method whose *unexpected* exceptions become a counted ``INTERNAL`` with a
+    message, never gRPC's untyped ``UNKNOWN`` (deliberate aborts pass through untouched).
+
+    Example::
+
+        class Servicer:
+            @typed_errors
+            def GetIncident(self, request, context): ...     # self.telemetry counts
+    """
+    @functools.wraps(method)
+    def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            return method(self, request, context)
+        except Exception as e:
+            if _terminated(context):
+                raise
+            log.exception("unexpected error in %s", method.__name__)
+            reject(context, self.telemetry, Rejection(
+                grpc.StatusCode.INTERNAL, "internal",
+                f"{method.__name__} failed unexpectedly ({type(e).__name__}); the sidecar "
+                "logged it with a traceback — please report it"))
+    return wrapper  # type: ignore[return-value]

@@ -10,7 +10,8 @@ done):
   unless scored: never a fake number), threshold, detector, baseline version and size, top site.
 * ``cf_site_scores``: one row per scored site of a CF job — rank, score, stat, p, q, flagged,
   significant, and where the worst unit was (step, position).
-* ``baselines``: one row per built baseline version (fingerprint, detector, version, file path
+* ``baselines``: one row per built baseline version (scope — the tenant, or a shared group an
+  operator declared —, fingerprint, detector, version, file path
   relative to the data dir, sample count, sites, the incident ids it was built from).
 * ``cca_results`` / ``cca_interventions``: one row per CCA job (flip, size, flip rate and its
   Wilson interval, p-value, side effects, forward passes vs exhaustive) and one per element of
@@ -27,7 +28,10 @@ Example::
 
 from __future__ import annotations
 
-__all__ = ["CATALOG_DDL", "MIGRATIONS", "RESULT_DDL", "RESULT_TABLES", "SCHEMA_VERSION"]
+from typing import Any
+
+__all__ = ["BASELINES_DDL", "BASELINES_SCOPE_MIGRATION", "CATALOG_DDL", "MIGRATIONS", "RESULT_DDL",
+           "RESULT_TABLES", "SCHEMA_VERSION", "migrate"]
 
 SCHEMA_VERSION = "1"
 
@@ -74,6 +78,24 @@ CATALOG_DDL = (
     "CREATE INDEX IF NOT EXISTS jobs_incident ON jobs (incident_id)",
 )
 
+#: ``scope``: whose incidents built the baseline and who uses it — ``tenant:<name>``, or
+#: ``shared:<name>`` for a baseline an operator declared shared (``baselines.shared``).
+BASELINES_DDL = """CREATE TABLE IF NOT EXISTS baselines (
+        scope VARCHAR NOT NULL,
+        fingerprint VARCHAR NOT NULL, detector VARCHAR NOT NULL, version INTEGER NOT NULL,
+        path VARCHAR NOT NULL, model_name VARCHAR, sample_count INTEGER NOT NULL,
+        sites_json VARCHAR NOT NULL, incident_ids_json VARCHAR NOT NULL, job_id VARCHAR,
+        created_at TIMESTAMP NOT NULL, PRIMARY KEY (scope, fingerprint, detector, version))"""
+
+#: Index files from before baselines had a scope: their rows were built from every tenant's
+#: incidents, so they move to scope ``legacy:unscoped`` (kept for the record, never used).
+BASELINES_SCOPE_MIGRATION = (
+    "ALTER TABLE baselines RENAME TO baselines_unscoped",
+    BASELINES_DDL,
+    "INSERT INTO baselines SELECT 'legacy:unscoped', * FROM baselines_unscoped",
+    "DROP TABLE baselines_unscoped",
+)
+
 RESULT_DDL = (
     """CREATE TABLE IF NOT EXISTS cf_results (
         job_id VARCHAR PRIMARY KEY, incident_id VARCHAR NOT NULL, tenant VARCHAR NOT NULL,
@@ -86,11 +108,7 @@ RESULT_DDL = (
         site VARCHAR NOT NULL, score DOUBLE, stat DOUBLE, p DOUBLE, q DOUBLE, flagged BOOLEAN,
         significant BOOLEAN, n_units INTEGER, worst_step INTEGER, worst_position INTEGER,
         PRIMARY KEY (job_id, site))""",
-    """CREATE TABLE IF NOT EXISTS baselines (
-        fingerprint VARCHAR NOT NULL, detector VARCHAR NOT NULL, version INTEGER NOT NULL,
-        path VARCHAR NOT NULL, model_name VARCHAR, sample_count INTEGER NOT NULL,
-        sites_json VARCHAR NOT NULL, incident_ids_json VARCHAR NOT NULL, job_id VARCHAR,
-        created_at TIMESTAMP NOT NULL, PRIMARY KEY (fingerprint, detector, version))""",
+    BASELINES_DDL,
     """CREATE TABLE IF NOT EXISTS cca_results (
         job_id VARCHAR PRIMARY KEY, incident_id VARCHAR NOT NULL, tenant VARCHAR NOT NULL,
         status VARCHAR NOT NULL, flip BOOLEAN NOT NULL, size INTEGER NOT NULL,
@@ -109,6 +127,16 @@ RESULT_DDL = (
 #: Additive upgrades of index files written by earlier versions (run when an index opens):
 #: ``cf_results.p`` arrived after schema version 1 (older rows keep NULL: never invented).
 MIGRATIONS = ("ALTER TABLE cf_results ADD COLUMN IF NOT EXISTS p DOUBLE",)
+
+
+def migrate(con: Any) -> None:
+    """Upgrades that depend on what the file holds (run after :data:`MIGRATIONS`):
+    :data:`BASELINES_SCOPE_MIGRATION` when ``baselines`` has no ``scope`` column."""
+    cols = {r[0] for r in con.execute("SELECT column_name FROM information_schema.columns "
+                                      "WHERE table_name = 'baselines'").fetchall()}
+    if cols and "scope" not in cols:
+        for sql in BASELINES_SCOPE_MIGRATION:
+            con.execute(sql)
 
 #: Per-incident analysis result tables (above), child rows first: deleting an
 #: incident deletes its rows in each.

@@ -35,17 +35,27 @@ from ._store import LocalStore
 from .api import v1
 from .jobs import JobKind, JobRunner, builtin_kinds
 
-__all__ = ["Sidecar", "create_server", "grpc_options"]
+__all__ = ["TRANSPORT_MAX_MESSAGE", "Sidecar", "create_server", "grpc_options"]
 
 log = logging.getLogger("sidecar.server")
 
 
+#: The largest message gRPC itself accepts (plus 64 KiB framing): the largest chunk any config
+#: allows, so a chunk over ``limits.max_chunk_bytes`` reaches the servicer and is refused and
+#: counted as ``chunk_too_large``. A message over this is refused by gRPC itself
+#: (RESOURCE_EXHAUSTED "Received message larger than max", counted ``cancelled``); it is not
+#: larger because every concurrent RPC may buffer one such message.
+TRANSPORT_MAX_MESSAGE = 4 * 1024 * 1024
+
+
 def grpc_options(config: SidecarConfig) -> list[tuple[str, Any]]:
-    """Channel options of the server: message-size caps (a chunk plus framing headroom)."""
-    cap = config.limits.max_chunk_bytes + 64 * 1024
+    """Channel options of the server: message-size caps (received: up to
+    :data:`TRANSPORT_MAX_MESSAGE`; sent: a chunk or a response page, plus framing headroom)."""
+    limits = config.limits
     return [
-        ("grpc.max_receive_message_length", cap),
-        ("grpc.max_send_message_length", cap),
+        ("grpc.max_receive_message_length", TRANSPORT_MAX_MESSAGE + 64 * 1024),
+        ("grpc.max_send_message_length",
+         max(limits.max_chunk_bytes + 64 * 1024, limits.max_response_bytes)),
         ("grpc.so_reuseport", 0),
     ]
 
@@ -141,6 +151,7 @@ class Sidecar:
         log.info("health NOT_SERVING; refusing new uploads, draining RPCs for up to %.1f s",
                  grace_s)
         self.server.stop(grace_s).wait()
+        self.servicer.guard.close()
         log.info("gRPC server stopped; stopping analysis jobs (%s)", self.jobs.counts())
         self.jobs.stop(timeout_s=grace_s)
         left = self.jobs.counts()

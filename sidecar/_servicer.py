@@ -41,15 +41,19 @@ from ._ingest import (
 )
 from ._ingest_digest import VerifyingSink
 from ._observer import Telemetry, as_telemetry
-from ._reject import Rejection, reject
-from ._store import IncidentStore, StoreError
+from ._reject import Rejection, reject, typed_errors
+from ._store import IncidentStore, PutResult, StoreError
 from ._store_index import IncidentRow
+from ._stream_guard import StreamGuard
 from .api import v1
-from .jobs import JobRecord, JobRunner, UnknownJobKindError
+from .jobs import JobOptionsError, JobQuotaError, JobRecord, JobRunner, UnknownJobKindError
 
 __all__ = ["IncidentServicer", "job_to_proto", "row_to_proto"]
 
 log = logging.getLogger("sidecar.servicer")
+
+#: Room kept in every response for framing beyond the messages counted.
+_HEADROOM = 64 * 1024
 
 _JOB_STATE = {"pending": v1.JOB_STATE_PENDING, "running": v1.JOB_STATE_RUNNING,
               "done": v1.JOB_STATE_DONE, "failed": v1.JOB_STATE_FAILED}
@@ -90,6 +94,17 @@ def job_to_proto(job: JobRecord) -> v1.Analysis:
     return msg
 
 
+def _params(params_json: str) -> dict[str, Any]:
+    """RunAnalysis ``params_json`` as a dict (:class:`JobOptionsError` when it is not one)."""
+    try:
+        params = json.loads(params_json) if params_json else {}
+    except (ValueError, RecursionError) as e:
+        raise JobOptionsError(f"params_json is not JSON: {e}") from None
+    if not isinstance(params, dict):
+        raise JobOptionsError("params_json must be a JSON object")
+    return params
+
+
 class IncidentServicer(v1.IncidentServiceServicer):
     """Implements ``forensics.v1.IncidentService`` (thread-safe; one instance per server)."""
 
@@ -99,6 +114,9 @@ class IncidentServicer(v1.IncidentServiceServicer):
         self.limits = config.limits
         self.telemetry = as_telemetry(telemetry)
         self.closing = False
+        self.guard = StreamGuard(idle_timeout_s=self.limits.idle_timeout_s,
+                                 max_messages=self.limits.max_stream_messages,
+                                 max_streams=self.limits.max_concurrent_uploads)
         #: Verify the incident's row digest while it streams in (see sidecar._ingest_digest);
         #: False = the store verifies it after the upload (a second pass; for comparisons).
         self.stream_digest = True
@@ -119,8 +137,17 @@ class IncidentServicer(v1.IncidentServiceServicer):
              context: grpc.ServicerContext) -> IncidentRow:
         row = self.store.get(incident_id, tenant=principal.scope())
         if row is None:
-            context.abort(grpc.StatusCode.NOT_FOUND, f"incident {incident_id!r} not found")
+            self._abort(context, Rejection(grpc.StatusCode.NOT_FOUND, "not_found",
+                                           f"incident {incident_id!r} not found"))
         return row
+
+    def _full(self, row: IncidentRow) -> v1.Incident:
+        """``row`` with its manifest when the message fits ``limits.max_response_bytes`` (an
+        incident stored before ``limits.max_manifest_bytes`` existed may not)."""
+        msg = row_to_proto(row, full=True)
+        if msg.ByteSize() > self.limits.max_response_bytes - _HEADROOM:
+            msg.manifest_json = ""
+        return msg
 
     # -- ingest ------------------------------------------------------------------------------
 
@@ -128,22 +155,14 @@ class IncidentServicer(v1.IncidentServiceServicer):
         incoming = self.store.incoming(header.incident_id)
         return VerifyingSink(incoming, header.total_size) if self.stream_digest else incoming
 
+    @typed_errors
     def UploadIncident(self, request_iterator: Iterator[v1.UploadIncidentRequest],
                        context: grpc.ServicerContext) -> v1.UploadIncidentResponse:
         principal = self._principal(context)
         try:
-            try:
-                upload = receive_upload(request_iterator, self.limits, self._open_sink)
-            except StoreError as e:
-                log.exception("store failure while receiving")
-                raise unavailable(e) from e
-            tenant = upload_tenant(principal, upload)
-            remaining = context.time_remaining()
-            if remaining is not None and remaining <= 0:
-                upload.sink.abort()
-                raise Rejection(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline_exceeded",
-                                "deadline passed before the incident was stored; retry")
-            result = store_upload(self.store, upload, tenant=tenant, telemetry=self.telemetry)
+            with self.guard.admit(context) as watch:
+                result = self._receive_and_store(self.guard.messages(watch, request_iterator),
+                                                 principal, context)
         except Rejection as rej:
             self._abort(context, rej)
         if result.created:
@@ -151,6 +170,22 @@ class IncidentServicer(v1.IncidentServiceServicer):
             self._enqueue_ingest_jobs(result.row)
         return v1.UploadIncidentResponse(incident_id=result.row.id, sha256=result.row.sha256,
                                          size=result.row.size_bytes, created=result.created)
+
+    def _receive_and_store(self, requests: Iterator[v1.UploadIncidentRequest],
+                           principal: Principal, context: grpc.ServicerContext) -> PutResult:
+        """Receive one upload and make it durable (raises :class:`Rejection`)."""
+        try:
+            upload = receive_upload(requests, self.limits, self._open_sink)
+        except StoreError as e:
+            log.exception("store failure while receiving")
+            raise unavailable(e) from e
+        tenant = upload_tenant(principal, upload)
+        remaining = context.time_remaining()
+        if remaining is not None and remaining <= 0:
+            upload.sink.abort()
+            raise Rejection(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline_exceeded",
+                            "deadline passed before the incident was stored; retry")
+        return store_upload(self.store, upload, tenant=tenant, telemetry=self.telemetry)
 
     def _enqueue_ingest_jobs(self, row: IncidentRow) -> None:
         """The analyses every new incident gets (``SidecarConfig.ingest_kinds``)."""
@@ -162,10 +197,20 @@ class IncidentServicer(v1.IncidentServiceServicer):
 
     # -- queries -----------------------------------------------------------------------------
 
+    @typed_errors
     def GetIncident(self, request: v1.GetIncidentRequest,
                     context: grpc.ServicerContext) -> v1.Incident:
         row = self._row(request.incident_id, self._principal(context), context)
-        return row_to_proto(row, full=request.view == v1.INCIDENT_VIEW_FULL)
+        if request.view != v1.INCIDENT_VIEW_FULL:
+            return row_to_proto(row)
+        msg = self._full(row)
+        if not msg.manifest_json:
+            self._abort(context, Rejection(
+                grpc.StatusCode.FAILED_PRECONDITION, "response_too_large",
+                f"the manifest of incident {row.id!r} ({len(row.manifest_json)} bytes) does not "
+                f"fit limits.max_response_bytes = {self.limits.max_response_bytes}; read it "
+                "with DownloadIncident (the manifest is in the Arrow schema metadata)"))
+        return msg
 
     def _compile(self, filter_text: str, scope: str | None) -> tuple[str, list[Any]]:
         flt = compile_filter(filter_text)
@@ -173,6 +218,7 @@ class IncidentServicer(v1.IncidentServiceServicer):
             return flt.sql, list(flt.params)
         return f'"tenant" = ? AND ({flt.sql})', [scope, *flt.params]
 
+    @typed_errors
     def ListIncidents(self, request: v1.ListIncidentsRequest,
                       context: grpc.ServicerContext) -> v1.ListIncidentsResponse:
         scope = self._principal(context).scope()
@@ -189,13 +235,26 @@ class IncidentServicer(v1.IncidentServiceServicer):
             self._abort(context, Rejection(grpc.StatusCode.INVALID_ARGUMENT, "bad_filter", str(e)))
         rows = self.store.index.query_incidents(where, params, order, limit=size + 1,
                                                 offset=offset)
-        full = request.view == v1.INCIDENT_VIEW_FULL
-        resp = v1.ListIncidentsResponse(
-            incidents=[row_to_proto(r, full=full) for r in rows[:size]],
-            total_size=self.store.index.count_incidents(where, params))
-        if len(rows) > size:
-            resp.next_page_token = encode_page_token(offset + size, key)
+        resp = v1.ListIncidentsResponse(total_size=self.store.index.count_incidents(where,
+                                                                                     params))
+        taken = self._fill_page(resp, rows[:size], full=request.view == v1.INCIDENT_VIEW_FULL)
+        if len(rows) > taken:
+            resp.next_page_token = encode_page_token(offset + taken, key)
         return resp
+
+    def _fill_page(self, resp: v1.ListIncidentsResponse, rows: list[IncidentRow], *,
+                   full: bool) -> int:
+        """Add rows to ``resp`` while it fits ``limits.max_response_bytes`` (FULL manifests
+        make a page end early: the next page token continues from there); how many."""
+        budget = self.limits.max_response_bytes - _HEADROOM - resp.ByteSize()
+        for taken, row in enumerate(rows):
+            msg = self._full(row) if full else row_to_proto(row)
+            cost = msg.ByteSize() + 8   # field tag + length prefix
+            if cost > budget and taken:
+                return taken
+            budget -= cost
+            resp.incidents.append(msg)
+        return len(rows)
 
     def WatchIncidents(self, request: v1.WatchIncidentsRequest,
                        context: grpc.ServicerContext) -> Iterator[v1.WatchIncidentsResponse]:
@@ -241,38 +300,43 @@ class IncidentServicer(v1.IncidentServiceServicer):
         except FileNotFoundError:
             context.abort(grpc.StatusCode.NOT_FOUND, f"incident {row.id!r} was deleted")
 
+    @typed_errors
     def DeleteIncident(self, request: v1.DeleteIncidentRequest,
                        context: grpc.ServicerContext) -> empty_pb2.Empty:
         scope = self._principal(context).scope()
         if not self.store.delete(request.incident_id, tenant=scope):
-            context.abort(grpc.StatusCode.NOT_FOUND, f"incident {request.incident_id!r} not found")
+            self._abort(context, Rejection(grpc.StatusCode.NOT_FOUND, "not_found",
+                                           f"incident {request.incident_id!r} not found"))
         return empty_pb2.Empty()
 
     # -- analyses ----------------------------------------------------------------------------
 
+    @typed_errors
     def RunAnalysis(self, request: v1.RunAnalysisRequest,
                     context: grpc.ServicerContext) -> v1.Analysis:
         row = self._row(request.incident_id, self._principal(context), context)
         try:
-            params = json.loads(request.params_json) if request.params_json else {}
-        except ValueError as e:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"params_json is not JSON: {e}")
-        if not isinstance(params, dict):
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "params_json must be a JSON object")
-        try:
-            job = self.jobs.submit(row.id, request.kind, tenant=row.tenant, params=params,
-                                   request_id=request.request_id or None)
-        except UnknownJobKindError as e:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            job = self.jobs.submit(row.id, request.kind, tenant=row.tenant,
+                                   params=_params(request.params_json),
+                                   request_id=request.request_id or None, caller=True)
+        except (UnknownJobKindError, JobOptionsError) as e:
+            self._abort(context, Rejection(grpc.StatusCode.INVALID_ARGUMENT, "bad_params",
+                                           str(e)))
+        except JobQuotaError as e:
+            self._abort(context, Rejection(grpc.StatusCode.RESOURCE_EXHAUSTED, "quota_exceeded",
+                                           str(e)))
         return job_to_proto(job)
 
+    @typed_errors
     def GetAnalysis(self, request: v1.GetAnalysisRequest,
                     context: grpc.ServicerContext) -> v1.Analysis:
         job = self.jobs.get(request.analysis_id, tenant=self._principal(context).scope())
         if job is None:
-            context.abort(grpc.StatusCode.NOT_FOUND, f"analysis {request.analysis_id!r} not found")
+            self._abort(context, Rejection(grpc.StatusCode.NOT_FOUND, "not_found",
+                                           f"analysis {request.analysis_id!r} not found"))
         return job_to_proto(job)
 
+    @typed_errors
     def ListAnalyses(self, request: v1.ListAnalysesRequest,
                      context: grpc.ServicerContext) -> v1.ListAnalysesResponse:
         principal = self._principal(context)

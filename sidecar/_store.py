@@ -42,7 +42,7 @@ from ._store_recovery import (
 )
 
 if TYPE_CHECKING:
-    from integrations.incident import Incident
+    from integrations.incident import DecodeLimits, Incident
 
     from ._config import SidecarConfig
 
@@ -113,12 +113,15 @@ class LocalStore:
 
     def __init__(self, root: str | os.PathLike[str], *,
                  max_incident_bytes: int = 512 * 1024 * 1024, watch_queue: int = 1024,
+                 decode_limits: DecodeLimits | None = None,
                  telemetry: Telemetry | None = None) -> None:
         self.root = Path(root)
         self.incidents_dir = self.root / "incidents"
         self.quarantine_dir = self.root / "quarantine"
         self.incidents_dir.mkdir(parents=True, exist_ok=True)
         self.max_incident_bytes = max_incident_bytes
+        #: What reading one stored or uploaded incident may cost (checked before decoding).
+        self.decode_limits = decode_limits
         self.telemetry = as_telemetry(telemetry)
         self._watch_queue = watch_queue
         self.index = Index(self.root / "index.duckdb")
@@ -130,9 +133,9 @@ class LocalStore:
     @classmethod
     def from_config(cls, config: SidecarConfig, *,
                     telemetry: Telemetry | None = None) -> LocalStore:
-        """The store of ``config.data_dir`` with ``limits.max_incident_bytes``."""
+        """The store of ``config.data_dir`` with its ``limits`` (incident size, decoding)."""
         return cls(config.data_dir, max_incident_bytes=config.limits.max_incident_bytes,
-                   telemetry=telemetry)
+                   decode_limits=config.limits.decode_limits(), telemetry=telemetry)
 
     # -- paths -------------------------------------------------------------------------------
 
@@ -236,7 +239,8 @@ class LocalStore:
         """The index row of a received upload, after ``Incident.open`` validated it."""
         from integrations.incident import Incident
 
-        inc = Incident.open(incoming.path, verify=not digest_verified)
+        inc = Incident.open(incoming.path, verify=not digest_verified,
+                            limits=self.decode_limits)
         if inc.id != incoming.incident_id:
             raise IncidentFormatError(
                 f"upload header says incident id {incoming.incident_id!r} but the manifest "
@@ -269,10 +273,10 @@ class LocalStore:
         return row
 
     def open(self, incident_id: str) -> Incident:
-        """The stored incident, memory-mapped and validated."""
+        """The stored incident, memory-mapped and validated (within the decode limits)."""
         from integrations.incident import Incident
 
-        return Incident.open(self.path(incident_id))
+        return Incident.open(self.path(incident_id), limits=self.decode_limits)
 
     def read_chunks(self, incident_id: str, chunk_size: int) -> Iterator[bytes]:
         """The stored bytes in chunks of at most ``chunk_size``."""

@@ -24,7 +24,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ._schema import CATALOG_DDL, MIGRATIONS, RESULT_DDL, RESULT_TABLES, SCHEMA_VERSION
+from ._schema import CATALOG_DDL, MIGRATIONS, RESULT_DDL, RESULT_TABLES, SCHEMA_VERSION, migrate
 
 __all__ = [
     "CF_LISTING_COLUMNS",
@@ -158,6 +158,7 @@ class Index:
         with self.write() as con:
             for ddl in (*CATALOG_DDL, *RESULT_DDL, *MIGRATIONS):
                 con.execute(ddl)
+            migrate(con)
             con.execute("INSERT INTO meta VALUES ('schema_version', ?) ON CONFLICT DO NOTHING",
                         [SCHEMA_VERSION])
         found = self.read("SELECT value FROM meta WHERE key = 'schema_version'")[0][0]

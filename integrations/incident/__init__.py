@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from ._atomic import atomic_write, fsync_dir
     from ._builder import IncidentBuilder
     from ._digest import DIGEST_ALGORITHM
+    from ._limits import DEFAULT_LIMITS, DecodeLimits
     from ._manifest import ID_PATTERN, REQUIRED_KEYS, new_manifest, validate_manifest
     from ._reader import Incident
     from ._record import TensorRecord
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
     from ._schema import DTYPE_ITEMSIZE, FORMAT_VERSION, MANIFEST_KEY, ROW_KINDS, SCHEMA
 
 __all__ = [
+    "DEFAULT_LIMITS",
     "DIGEST_ALGORITHM",
     "DTYPE_ITEMSIZE",
     "FORMAT_VERSION",
@@ -42,6 +44,7 @@ __all__ = [
     "REQUIRED_KEYS",
     "ROW_KINDS",
     "SCHEMA",
+    "DecodeLimits",
     "Incident",
     "IncidentBuilder",
     "IncidentFormatError",
@@ -58,7 +61,9 @@ __all__ = [
 ]
 
 __getattr__, __dir__ = lazy_exports(__name__, {
+    "DEFAULT_LIMITS": "._limits",
     "DIGEST_ALGORITHM": "._digest",
+    "DecodeLimits": "._limits",
     "DTYPE_ITEMSIZE": "._schema",
     "FORMAT_VERSION": "._schema",
     "ID_PATTERN": "._manifest",

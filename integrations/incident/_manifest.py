@@ -194,6 +194,20 @@ def _fail(msg: str) -> IncidentFormatError:
     )
 
 
+def _check_created_at(ca: Any) -> None:
+    """A timezone-aware ISO-8601 instant that exists in UTC (year 1 at +14:00 does not)."""
+    try:
+        parsed = datetime.fromisoformat(ca) if isinstance(ca, str) else None
+    except ValueError:
+        parsed = None
+    if parsed is None or parsed.tzinfo is None:
+        raise _fail(f"created_at {ca!r} must be a timezone-aware ISO-8601 timestamp")
+    try:
+        parsed.astimezone(timezone.utc)
+    except (OverflowError, ValueError):
+        raise _fail(f"created_at {ca!r} is outside years 1-9999 once converted to UTC") from None
+
+
 def validate_manifest(m: Any, *, require_integrity: bool = True) -> None:
     """Check a parsed manifest has every required key with the right type (reader side)."""
     if not isinstance(m, dict):
@@ -215,13 +229,7 @@ def validate_manifest(m: Any, *, require_integrity: bool = True) -> None:
             f"id {m['id']!r} must be 1-200 characters of [A-Za-z0-9._-] starting with a letter "
             "or digit"
         )
-    ca = m["created_at"]
-    try:
-        parsed = datetime.fromisoformat(ca) if isinstance(ca, str) else None
-    except ValueError:
-        parsed = None
-    if parsed is None or parsed.tzinfo is None:
-        raise _fail(f"created_at {ca!r} must be a timezone-aware ISO-8601 timestamp")
+    _check_created_at(m["created_at"])
     for key, subkeys in {**_NESTED, **_NULLABLE_NESTED}.items():
         value = m[key]
         if value is None and key in _NULLABLE_NESTED:

@@ -33,6 +33,7 @@ from integrations.errors import IncidentError, IncidentFormatError, TensorNotFou
 
 from ._atomic import atomic_write
 from ._builder import IncidentBuilder
+from ._limits import DEFAULT_LIMITS, DecodeLimits
 from ._record import TensorRecord
 from ._schema import DTYPE_ITEMSIZE, ROW_KINDS, check_little_endian, torch_dtype
 from ._validate import StoredRow, parse_stream, verify_digest
@@ -63,7 +64,8 @@ class Incident:
     """
 
     def __init__(
-        self, buf: pa.Buffer, *, private: memoryview | None, verify: bool, _token: object
+        self, buf: pa.Buffer, *, private: memoryview | None, verify: bool, _token: object,
+        limits: DecodeLimits = DEFAULT_LIMITS,
     ) -> None:
         if _token is not _TOKEN:
             raise TypeError("use Incident.open, Incident.from_bytes or Incident.from_records")
@@ -71,17 +73,19 @@ class Incident:
         self._buf = buf
         self._private = private  # writable view of buf's memory when it is ours alone
         self._views_out = False
-        self._manifest, self._rows = parse_stream(buf, verify=verify)
+        self._manifest, self._rows = parse_stream(buf, verify=verify, limits=limits)
         self._index = {(r.kind, r.site, r.step): r for r in self._rows}
 
     # ----------------------------------------------------------------- constructors
     @classmethod
     def from_bytes(cls, data: bytes | bytearray | memoryview | pa.Buffer, *,
-                   verify: bool = True) -> Incident:
+                   verify: bool = True, limits: DecodeLimits | None = None) -> Incident:
         """Validate ``data`` (one Arrow IPC stream) and return the incident.
 
         ``verify=False`` skips only the sha256 digest (structure, schema, manifest, sizes and row
-        count are always checked). Raises :class:`IncidentFormatError` on anything malformed.
+        count are always checked). ``limits`` (default :data:`DEFAULT_LIMITS`) caps what decoding
+        may cost, checked before anything is inflated. Raises :class:`IncidentFormatError` on
+        anything malformed, :class:`~integrations.errors.DecodeLimitError` over a limit.
         """
         if isinstance(data, pa.Buffer):
             buf = data
@@ -92,11 +96,14 @@ class Incident:
                 raise IncidentFormatError(
                     f"incident data must be bytes-like, got {type(data).__name__}"
                 ) from e
-        return cls(buf, private=None, verify=verify, _token=_TOKEN)
+        return cls(buf, private=None, verify=verify, _token=_TOKEN,
+                   limits=limits or DEFAULT_LIMITS)
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str], *, verify: bool = True) -> Incident:
-        """Memory-map and validate the incident file at ``path`` (zero-copy, see module doc)."""
+    def open(cls, path: str | os.PathLike[str], *, verify: bool = True,
+             limits: DecodeLimits | None = None) -> Incident:
+        """Memory-map and validate the incident file at ``path`` (zero-copy, see module doc);
+        ``verify`` and ``limits`` as in :meth:`from_bytes`."""
         with open(path, "rb") as f:
             if os.fstat(f.fileno()).st_size == 0:
                 raise IncidentFormatError(
@@ -104,7 +111,8 @@ class Incident:
                 )
             mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
         view = memoryview(mm)
-        return cls(pa.py_buffer(view), private=view, verify=verify, _token=_TOKEN)
+        return cls(pa.py_buffer(view), private=view, verify=verify, _token=_TOKEN,
+                   limits=limits or DEFAULT_LIMITS)
 
     @classmethod
     def from_records(cls, manifest: Mapping[str, Any], records: Iterable[TensorRecord], *,

@@ -1,7 +1,9 @@
 """Validate untrusted incident bytes and index their rows, without copying tensor data.
 
 Checks, in order (any failure raises :class:`IncidentFormatError` saying what and what to do):
-IPC framing (non-empty, ends with the end-of-stream marker, no trailing bytes), the exact schema
+IPC framing (non-empty, ends with the end-of-stream marker, no trailing bytes), the decode limits
+on the message headers before anything is inflated (:class:`DecodeLimitError`: decoded bytes,
+rows, messages — see ``_ipc_scan``), the manifest's size and nesting depth, the exact schema
 (names, types, nullability, dictionary index types), the ``forensics.manifest`` metadata key and
 nothing else, manifest JSON + required keys + supported ``format_version``, Arrow
 ``validate(full=True)`` and no nulls, then every row (known kind, non-empty site, step >= 0,
@@ -10,7 +12,7 @@ duplicate (kind, site, step)), the row count and — with ``verify`` — the sha
 
 Example::
 
-    manifest, rows = parse_stream(pa.py_buffer(data), verify=True)
+    manifest, rows = parse_stream(pa.py_buffer(data), verify=True, limits=DecodeLimits())
 """
 
 from __future__ import annotations
@@ -23,9 +25,11 @@ from typing import Any, NoReturn
 import numpy as np
 import pyarrow as pa
 
-from integrations.errors import IncidentFormatError
+from integrations.errors import DecodeLimitError, IncidentFormatError
 
 from ._digest import DIGEST_ALGORITHM, RowDigest
+from ._ipc_scan import scan_stream
+from ._limits import DecodeLimits
 from ._manifest import validate_manifest
 from ._schema import DTYPE_ITEMSIZE, MANIFEST_KEY, ROW_KINDS, SCHEMA, RowMeta
 
@@ -62,7 +66,8 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"JSON constant {name} is not allowed")
 
 
-def _read_batches(buf: pa.Buffer) -> tuple[pa.Schema, list[pa.RecordBatch]]:
+def _open_reader(buf: pa.Buffer, limits: DecodeLimits) -> tuple[pa.BufferReader, Any]:
+    """Framing and decode limits checked, the stream opened (its schema read, nothing else)."""
     n = buf.size
     if n == 0:
         _fail("incident is empty (0 bytes)")
@@ -71,19 +76,56 @@ def _read_batches(buf: pa.Buffer) -> tuple[pa.Schema, list[pa.RecordBatch]]:
             f"not a complete Arrow IPC stream ({n} bytes): it does not end with the "
             "end-of-stream marker, so it is truncated or not an incident"
         )
+    scan_stream(buf, limits)
     source = pa.BufferReader(buf)
     try:
-        reader = pa.ipc.open_stream(source)
-        schema = reader.schema
+        return source, pa.ipc.open_stream(source)
+    except (pa.ArrowException, OSError, ValueError, IndexError) as e:
+        _fail(f"not a readable Arrow IPC stream ({type(e).__name__}: {e})", cause=e)
+
+
+def _read_batches(source: pa.BufferReader, reader: Any, n: int) -> list[pa.RecordBatch]:
+    try:
         batches = list(reader)
     except (pa.ArrowException, OSError, ValueError, IndexError) as e:
         _fail(f"not a readable Arrow IPC stream ({type(e).__name__}: {e})", cause=e)
     if source.tell() != n:
         _fail(f"{n - source.tell()} trailing bytes after the end of the Arrow IPC stream")
-    return schema, batches
+    return batches
 
 
-def _parse_manifest(schema: pa.Schema) -> dict[str, Any]:
+def _depth(value: Any) -> int:
+    """Nesting depth of parsed JSON (iterative: no recursion limit to hit)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            deepest = max(deepest, depth)
+            stack.extend((v, depth + 1) for v in (item.values() if isinstance(item, dict)
+                                                 else item))
+    return deepest
+
+
+def _load_manifest(raw: bytes, limits: DecodeLimits) -> Any:
+    """The manifest JSON, within the size and depth limits (checked before / while parsing)."""
+    if len(raw) > limits.max_manifest_bytes:
+        raise DecodeLimitError(
+            f"incident manifest is {len(raw)} bytes, over this reader's max_manifest_bytes = "
+            f"{limits.max_manifest_bytes}; keep large data in tensor rows, not in the manifest")
+    try:
+        manifest = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+    except (UnicodeDecodeError, ValueError) as e:
+        _fail(f"incident manifest is not valid UTF-8 JSON ({e})", cause=e)
+    except RecursionError as e:   # nesting deeper than the interpreter's recursion limit
+        _fail(f"incident manifest nests deeper than max_manifest_depth = "
+              f"{limits.max_manifest_depth}", cause=e)
+    if _depth(manifest) > limits.max_manifest_depth:
+        _fail(f"incident manifest nests {_depth(manifest)} levels deep, over "
+              f"max_manifest_depth = {limits.max_manifest_depth}")
+    return manifest
+
+
+def _parse_manifest(schema: pa.Schema, limits: DecodeLimits) -> dict[str, Any]:
     meta = schema.metadata or {}
     if MANIFEST_KEY not in meta:
         _fail(
@@ -92,10 +134,7 @@ def _parse_manifest(schema: pa.Schema) -> dict[str, Any]:
     extra = sorted(k.decode("utf-8", "replace") for k in meta if k != MANIFEST_KEY)
     if extra:
         _fail(f"unexpected schema metadata keys {extra}")
-    try:
-        manifest = json.loads(meta[MANIFEST_KEY].decode("utf-8"), parse_constant=_reject_constant)
-    except (UnicodeDecodeError, ValueError) as e:
-        _fail(f"incident manifest is not valid UTF-8 JSON ({e})", cause=e)
+    manifest = _load_manifest(meta[MANIFEST_KEY], limits)
     validate_manifest(manifest)
     assert isinstance(manifest, dict)
     return manifest
@@ -187,10 +226,12 @@ def verify_digest(manifest: dict[str, Any], rows: list[StoredRow]) -> None:
         )
 
 
-def parse_stream(buf: pa.Buffer, *, verify: bool = True) -> tuple[dict[str, Any], list[StoredRow]]:
-    """Validate incident bytes held in ``buf``; return (manifest, rows). See module doc."""
+def parse_stream(buf: pa.Buffer, *, verify: bool = True,
+                 limits: DecodeLimits) -> tuple[dict[str, Any], list[StoredRow]]:
+    """Validate incident bytes held in ``buf`` within ``limits``; return (manifest, rows). See
+    module doc."""
     try:
-        return _parse(buf, verify=verify)
+        return _parse(buf, verify=verify, limits=limits)
     except IncidentFormatError:
         raise
     except (pa.ArrowException, ValueError, TypeError, KeyError, IndexError, OverflowError) as e:
@@ -198,10 +239,13 @@ def parse_stream(buf: pa.Buffer, *, verify: bool = True) -> tuple[dict[str, Any]
         _fail(f"malformed incident ({type(e).__name__}: {e})", cause=e)
 
 
-def _parse(buf: pa.Buffer, *, verify: bool) -> tuple[dict[str, Any], list[StoredRow]]:
-    schema, batches = _read_batches(buf)
+def _parse(buf: pa.Buffer, *, verify: bool,
+           limits: DecodeLimits) -> tuple[dict[str, Any], list[StoredRow]]:
+    source, reader = _open_reader(buf, limits)
+    schema = reader.schema
     _check_schema(schema)
-    manifest = _parse_manifest(schema)
+    manifest = _parse_manifest(schema, limits)
+    batches = _read_batches(source, reader, buf.size)
     integ = manifest["integrity"]
     if integ["algorithm"] != DIGEST_ALGORITHM:
         _fail(f"unsupported integrity algorithm {integ['algorithm']!r} (this code checks "

@@ -17,8 +17,15 @@ Example::
 """
 
 from ._builtin import builtin_kinds
-from ._kind import JobContext, JobFailed, JobHost, JobKind, UnknownJobKindError
-from ._queue import JOB_STATES, JobRecord
+from ._kind import (
+    JobContext,
+    JobFailed,
+    JobHost,
+    JobKind,
+    JobOptionsError,
+    UnknownJobKindError,
+)
+from ._queue import JOB_STATES, JobQuotaError, JobRecord
 from ._runner import JobRunner
 
 __all__ = [
@@ -27,6 +34,8 @@ __all__ = [
     "JobFailed",
     "JobHost",
     "JobKind",
+    "JobOptionsError",
+    "JobQuotaError",
     "JobRecord",
     "JobRunner",
     "UnknownJobKindError",

@@ -1,10 +1,14 @@
 """Job kind ``baseline``: build a detector baseline of one model from benign incidents.
 
-The incidents are the ``incident_ids`` given (in the job's tenant), else the newest sampled
-benign incidents of ``fingerprint`` (trigger rule in ``baselines.sample_rules``, not flagged by
-CF), at most ``modules.cf.baseline_samples``. The baseline is saved as a new version (see
-:mod:`sidecar.jobs._baselines`) and gets one ``baselines`` row; afterwards, the incidents of
-that model that had no baseline are scored again (flagged ones first).
+Baselines are per (tenant, model fingerprint) — DESIGN §10 — unless an operator declared a shared
+one (``baselines.shared``: a model's baseline built from and used by a named group of tenants).
+The job's tenant decides the scope (:meth:`BaselinesConfig.scope`). The incidents are the
+``incident_ids`` given (each must be the job tenant's own, all of one model), else the newest
+sampled benign incidents of ``fingerprint`` owned by the scope's tenants (trigger rule in
+``baselines.sample_rules``, not flagged by CF), at most ``modules.cf.baseline_samples``. The
+baseline is saved as a new version of its scope (see :mod:`sidecar.jobs._baselines`) and gets
+one ``baselines`` row; afterwards, the scope's incidents of that model that had no baseline are
+scored again (flagged ones first). Options: ``incident_ids``, ``fingerprint``, ``detector``.
 
 Example::
 
@@ -27,30 +31,43 @@ if TYPE_CHECKING:
 __all__ = ["BASELINE", "baseline_job", "record_baseline"]
 
 
+def _given_ids(host: JobHost, ids: Any) -> tuple[list[str], str | None]:
+    """The caller's ``incident_ids``, each the job tenant's own, and their one fingerprint."""
+    if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+        raise JobFailed("params.incident_ids must be a list of incident ids")
+    rows = [host.incident(i) for i in ids]
+    missing = [i for i, r in zip(ids, rows) if r is None]
+    if missing:   # another tenant's incident is "not found", exactly like a missing one
+        raise JobFailed(f"baseline incidents not found: {missing[:10]}; upload them first")
+    fps = {r.model_fingerprint for r in rows if r is not None}
+    if len(fps) > 1:
+        raise JobFailed("params.incident_ids name incidents of several models; a baseline is "
+                        "built for one model fingerprint")
+    return ids, next(iter(fps), None)
+
+
 def _prepare(host: JobHost, job: JobRecord, params: dict[str, Any]) -> dict[str, Any]:
-    """Resolve the benign incidents of the job to file paths (runner side)."""
+    """Resolve the scope and the benign incidents of the job to file paths (runner side)."""
+    cfg = host.config
     ids = params.get("incident_ids")
     if ids is not None:
-        if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
-            raise JobFailed("params.incident_ids must be a list of incident ids")
-        missing = [i for i in ids if host.incident(i) is None]
-        if missing:
-            raise JobFailed(f"baseline incidents not found: {missing[:10]}; upload them first")
+        ids, fp = _given_ids(host, ids)
+        scope, _ = cfg.baselines.scope(job.tenant, fp or "")
     else:
         fp = params.get("fingerprint")
         if not usable_fingerprint(fp):
             raise JobFailed("a baseline job needs params.fingerprint (a model fingerprint) or "
                             "params.incident_ids")
-        cfg = host.config
-        ids = benign_candidates(host, fp, cfg.baselines.sample_rules,
+        scope, tenants = cfg.baselines.scope(job.tenant, fp)
+        ids = benign_candidates(host, fp, cfg.baselines.sample_rules, tenants=tenants,
                                 limit=cfg.modules.cf.baseline_samples)
-    return {**params, "incident_paths": [str(host.incident_path(i)) for i in ids]}
+    return {**params, "baseline_scope": scope,
+            "incident_paths": [str(host.incident_path(i)) for i in ids]}
 
 
 def baseline_job(ctx: JobContext) -> dict[str, Any]:
     """Job kind ``baseline`` (module doc)."""
     from integrations.errors import AnalysisError, FingerprintMismatchError
-    from integrations.incident import Incident
 
     detector = detector_name(ctx.params, ctx.config)
     cls = detector_class(detector)
@@ -58,7 +75,7 @@ def baseline_job(ctx: JobContext) -> dict[str, Any]:
     if len(paths) < 2:
         raise JobFailed(f"a baseline needs at least 2 benign incidents, found {len(paths)}; "
                         "sample benign traffic (triggers.Ratio) or pass incident_ids")
-    incs = [Incident.open(p) for p in paths]
+    incs = [ctx.open_path(p) for p in paths]
     try:
         base = cls.build_baseline(incs, max_samples=ctx.config.modules.cf.baseline_samples)
     except (AnalysisError, FingerprintMismatchError) as e:
@@ -66,9 +83,11 @@ def baseline_job(ctx: JobContext) -> dict[str, Any]:
     fp = base.model_fingerprint
     if not usable_fingerprint(fp):
         raise JobFailed(f"the benign incidents have no usable model fingerprint ({fp!r})")
-    version, path = next_baseline_path(ctx.config.data_dir, fp, detector)
+    scope = str(ctx.params["baseline_scope"])
+    version, path = next_baseline_path(ctx.config.data_dir, scope, fp, detector)
     base.save(path)
-    return {"status": "built", "fingerprint": fp, "detector": detector, "version": version,
+    return {"status": "built", "scope": scope, "fingerprint": fp, "detector": detector,
+            "version": version,
             "path": str(path.relative_to(ctx.config.data_dir)), "model_name": base.model_name,
             "sample_count": base.sample_count, "sites": list(base.sites),
             "incident_ids": list(base.incident_ids), "created_at": base.created_at}
@@ -77,24 +96,29 @@ def baseline_job(ctx: JobContext) -> dict[str, Any]:
 def record_baseline(con: Any, job: JobRecord, result: dict[str, Any]) -> None:
     """Insert a built baseline's ``baselines`` row."""
     con.execute(
-        "INSERT INTO baselines (fingerprint, detector, version, path, model_name, sample_count, "
-        "sites_json, incident_ids_json, job_id, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        [result["fingerprint"], result["detector"], result["version"], result["path"],
+        "INSERT INTO baselines (scope, fingerprint, detector, version, path, model_name, "
+        "sample_count, sites_json, incident_ids_json, job_id, created_at) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        [result["scope"], result["fingerprint"], result["detector"], result["version"],
+         result["path"],
          result.get("model_name"), result["sample_count"], json.dumps(result["sites"]),
          json.dumps(result["incident_ids"]), job.id, utcnow()])
 
 
 def _after(host: JobHost, job: JobRecord, result: dict[str, Any]) -> None:
-    """Score again the incidents of this model that had no baseline (flagged ones first)."""
+    """Score again the scope's incidents of this model that had no baseline (flagged ones
+    first)."""
+    _, tenants = host.config.baselines.scope(job.tenant, result["fingerprint"])
+    owners = ", ".join("?" for _ in tenants)
     rows = host.read(
         "SELECT c.incident_id, any_value(c.tenant) FROM cf_results c JOIN incidents i ON "
-        "i.id = c.incident_id WHERE c.model_fingerprint = ? AND c.detector = ? GROUP BY "
-        "c.incident_id HAVING bool_and(c.status = 'no_baseline') ORDER BY "
-        "min(i.received_at) LIMIT 1000", [result["fingerprint"], result["detector"]])
+        f"i.id = c.incident_id WHERE c.model_fingerprint = ? AND c.detector = ? AND i.tenant IN "
+        f"({owners}) GROUP BY c.incident_id HAVING bool_and(c.status = 'no_baseline') ORDER BY "
+        "min(i.received_at) LIMIT 1000", [result["fingerprint"], result["detector"], *tenants])
     for incident_id, tenant in rows:
         host.submit(incident_id, "cf", tenant=tenant, params={"detector": result["detector"]},
                     request_id=f"rescore:{result['detector']}:v{result['version']}")
 
 
 BASELINE = JobKind("baseline", run=baseline_job, prepare=_prepare, record=record_baseline,
-                   after=_after)
+                   after=_after, options=frozenset({"incident_ids", "fingerprint", "detector"}))

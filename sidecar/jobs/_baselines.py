@@ -1,17 +1,22 @@
-"""Detector baselines on disk, per model fingerprint and detector, and the detector classes.
+"""Detector baselines on disk, per (scope, model fingerprint, detector), and the detector classes.
 
-Files are versioned per model: ``<data_dir>/baselines/<fingerprint, ':' -> '-'>/<detector>-
-v0001.npz`` (no pickle). The detector of a job is ``params.detector``, else the sidecar's
-``baselines.detector``; its class comes from ``analysis.cf``.
+A baseline's *scope* says whose incidents built it and who uses it (DESIGN §10: per tenant unless
+an operator declared a shared one, ``BaselinesConfig.scope``): ``tenant:<name>`` or
+``shared:<name>``. Files are versioned per scope and model: ``<data_dir>/baselines/<scope dir>/
+<fingerprint, ':' -> '-'>/<detector>-v0001.npz`` (no pickle); the scope directory is
+``tenant-<name>`` / ``shared-<name>`` for names that are safe as file names, else a hash. The
+detector of a job is ``params.detector``, else the sidecar's ``baselines.detector``; its class
+comes from ``analysis.cf``.
 
 Example::
 
-    latest_baseline(cfg.data_dir, fp, "mahalanobis")   # (version, path, CFBaseline) or None
-    version, path = next_baseline_path(cfg.data_dir, fp, "cf")
+    latest_baseline(cfg.data_dir, "tenant:acme", fp, "mahalanobis")   # (version, path, base)
+    version, path = next_baseline_path(cfg.data_dir, "tenant:acme", fp, "cf")
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 import threading
 from collections.abc import Mapping
@@ -25,9 +30,10 @@ if TYPE_CHECKING:
     from .._config import SidecarConfig
 
 __all__ = ["baseline_versions", "detector_class", "detector_name", "latest_baseline",
-           "next_baseline_path", "usable_fingerprint"]
+           "next_baseline_path", "scope_dir", "usable_fingerprint"]
 
 _FP = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,199}")   # e.g. "sha256:<hex>"
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _CACHE: dict[tuple[str, float], Any] = {}
 _CACHE_LOCK = threading.Lock()
 
@@ -54,35 +60,54 @@ def detector_class(name: str) -> Any:
     return analysis_detector_class(name)
 
 
-def _model_dir(data_dir: str | Path, fingerprint: str) -> Path:
-    return Path(data_dir) / "baselines" / fingerprint.replace(":", "-")
+def scope_dir(scope: str) -> str:
+    """The directory name of a baseline scope (``tenant:acme`` -> ``tenant-acme``; a name that
+    is not safe as a file name, or empty, becomes a hash: never a path of the caller's making).
+
+    Example::
+
+        scope_dir("shared:fleet")        # 'shared-fleet'
+    """
+    kind, _, name = scope.partition(":")
+    if kind not in ("tenant", "shared", "legacy"):
+        raise JobFailed(f"not a baseline scope: {scope!r}")
+    if _NAME.fullmatch(name):
+        return f"{kind}-{name}"
+    return f"{kind}-h{hashlib.sha256(name.encode('utf-8')).hexdigest()[:24]}"
+
+
+def _model_dir(data_dir: str | Path, scope: str, fingerprint: str) -> Path:
+    return Path(data_dir) / "baselines" / scope_dir(scope) / fingerprint.replace(":", "-")
 
 
 def _version(path: Path) -> int:
     return int(path.stem.rsplit("-v", 1)[1])
 
 
-def baseline_versions(data_dir: str | Path, fingerprint: str, detector: str) -> list[Path]:
-    """The stored baseline files of a model for ``detector``, oldest version first."""
-    if not usable_fingerprint(fingerprint):
+def baseline_versions(data_dir: str | Path, scope: str, fingerprint: str,
+                      detector: str) -> list[Path]:
+    """The stored baseline files of a scope's model for ``detector``, oldest version first."""
+    if not usable_fingerprint(fingerprint) or detector not in DETECTORS:
         return []
-    d = _model_dir(data_dir, fingerprint)
+    d = _model_dir(data_dir, scope, fingerprint)
     return sorted(d.glob(f"{detector}-v[0-9][0-9][0-9][0-9].npz"))
 
 
-def next_baseline_path(data_dir: str | Path, fingerprint: str, detector: str) -> tuple[int, Path]:
-    """(version, path) for a new baseline of the model (its directory is created)."""
-    existing = baseline_versions(data_dir, fingerprint, detector)
+def next_baseline_path(data_dir: str | Path, scope: str, fingerprint: str,
+                       detector: str) -> tuple[int, Path]:
+    """(version, path) for a new baseline of the scope's model (its directory is created)."""
+    existing = baseline_versions(data_dir, scope, fingerprint, detector)
     version = 1 + (_version(existing[-1]) if existing else 0)
-    path = _model_dir(data_dir, fingerprint) / f"{detector}-v{version:04d}.npz"
+    path = _model_dir(data_dir, scope, fingerprint) / f"{detector}-v{version:04d}.npz"
     path.parent.mkdir(parents=True, exist_ok=True)
     return version, path
 
 
-def latest_baseline(data_dir: str | Path, fingerprint: str, detector: str,
+def latest_baseline(data_dir: str | Path, scope: str, fingerprint: str, detector: str,
                     ) -> tuple[int, Path, Any] | None:
-    """(version, path, CFBaseline) of the newest baseline, or None (cached per file)."""
-    files = baseline_versions(data_dir, fingerprint, detector)
+    """(version, path, CFBaseline) of the scope's newest baseline, or None (cached per
+    file)."""
+    files = baseline_versions(data_dir, scope, fingerprint, detector)
     if not files:
         return None
     path = files[-1]

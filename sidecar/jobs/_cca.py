@@ -5,7 +5,8 @@ registered in the sidecar config (``models:``). The job replays the incident wit
 model (fidelity measured and recorded), builds the failure predicate from the incident (its
 flag reason, else the recorded top-1 token at the flagged step; ``params.failure`` overrides
 with ``{"token": id}`` / ``{"text": "HACKED"}`` / ``{"label": k}``), takes up to
-``baselines.cca_benign`` sampled benign incidents of the same model for the ``mean``
+``baselines.cca_benign`` sampled benign incidents of the same model and tenant (or the caller's
+own ``params.benign_ids``; never a path) for the ``mean``
 intervention's baseline and the side effects, uses the newest CF ranking as a prior, and runs
 ``analysis.cca.CausalCCA`` with ``modules.cca`` (``max_fix_set_size``, ``search_strategy``,
 ``early_stop_threshold``; ``params.permutations`` / ``params.variants`` set how many random sets
@@ -36,7 +37,7 @@ from ._queries import benign_candidates, clean_json, latest_cf, num
 if TYPE_CHECKING:
     from ._queue import JobRecord
 
-__all__ = ["CCA", "FIX_SET_SIZE", "cca_job", "record_cca"]
+__all__ = ["CCA", "FIX_SET_SIZE", "OPTIONS", "cca_job", "record_cca"]
 
 #: Fix sets are small by construction (``max_fix_set_size`` defaults to 8).
 FIX_SET_SIZE = histogram(
@@ -47,19 +48,41 @@ FIX_SET_SIZE = histogram(
 _INTERVENTIONS = ("mean", "zero", "patch", "resample", "scale")
 
 
+#: What a caller may pass (RunAnalysis params); benign incidents are named by id.
+OPTIONS = frozenset({"benign_ids", "candidates", "failure", "intervention", "permutations",
+                     "variants"})
+#: Set by the runner from the caller's tenant only; a value from anywhere else is dropped.
+_RESOLVED = ("benign_paths", "cf_ranked_sites")
+
+
+def _benign_ids(host: JobHost, job: JobRecord, row: Any, ids: Any) -> list[str]:
+    """``params.benign_ids`` (each the job tenant's own), else sampled benign incidents of the
+    same model and tenant."""
+    if ids is not None:
+        if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+            raise JobFailed("params.benign_ids must be a list of incident ids")
+        missing = [i for i in ids if host.incident(i) is None]
+        if missing:   # another tenant's incident is "not found", exactly like a missing one
+            raise JobFailed(f"params.benign_ids: incidents not found: {missing[:10]}; pass "
+                            "ids of your own stored incidents")
+        return [i for i in ids if i != row.id]
+    b = host.config.baselines
+    if not row.model_fingerprint or not b.cca_benign:
+        return []
+    return benign_candidates(host, row.model_fingerprint, b.sample_rules, tenants=[job.tenant],
+                             limit=b.cca_benign, exclude=row.id)
+
+
 def _prepare(host: JobHost, job: JobRecord, params: dict[str, Any]) -> dict[str, Any]:
-    """Runner side: benign incidents of the same model, and the newest CF ranking."""
+    """Runner side: benign incidents of the same model and tenant, the newest CF ranking."""
     row = host.incident(job.incident_id)
-    out = dict(params)
+    out = {k: v for k, v in params.items() if k not in _RESOLVED}
     if row is None:
         return out
-    b = host.config.baselines
-    if "benign_paths" not in out and row.model_fingerprint and b.cca_benign:
-        ids = benign_candidates(host, row.model_fingerprint, b.sample_rules,
-                                limit=b.cca_benign, exclude=row.id)
-        out["benign_paths"] = [str(host.incident_path(i)) for i in ids]
+    ids = _benign_ids(host, job, row, params.get("benign_ids"))
+    out["benign_paths"] = [str(host.incident_path(i)) for i in ids]
     cf = latest_cf(host, row.id)
-    if cf is not None and cf["status"] == "scored" and "cf_ranked_sites" not in out:
+    if cf is not None and cf["status"] == "scored":
         ranked = host.read("SELECT site, score FROM cf_site_scores WHERE job_id = ? "
                            "ORDER BY rank", [cf["job_id"]])
         out["cf_ranked_sites"] = [[s, v] for s, v in ranked]
@@ -128,11 +151,10 @@ def cca_job(ctx: JobContext) -> dict[str, Any]:
     except ImportError as e:
         raise JobFailed(f"analysis.cca is not available in this install ({e})") from e
     from integrations.errors import AnalysisError
-    from integrations.incident import Incident
 
     model, tokenizer = load_registered(spec)
     session = Replayer(model).load(inc)
-    benign = [Incident.open(p) for p in ctx.params.get("benign_paths") or []]
+    benign = [ctx.open_path(p) for p in ctx.params.get("benign_paths") or []]
     kind = _intervention(ctx, len(benign))
     ranked = ctx.params.get("cf_ranked_sites")
     guide = types.SimpleNamespace(ranked_sites=[(str(s), float(v)) for s, v in ranked]) \
@@ -191,4 +213,4 @@ def _after(host: JobHost, job: JobRecord, result: dict[str, Any]) -> None:
 
 
 CCA = JobKind("cca", run=cca_job, prepare=_prepare, record=record_cca, after=_after,
-              metrics=(FIX_SET_SIZE,))
+              metrics=(FIX_SET_SIZE,), options=OPTIONS)

@@ -87,7 +87,8 @@ def cf_job(ctx: JobContext) -> dict[str, Any]:
     threshold = ctx.config.modules.cf.anomaly_threshold
     out: dict[str, Any] = {"incident_id": inc.id, "detector": detector, "model_fingerprint": fp,
                            "anomaly_score": None, "flagged": None, "threshold": threshold}
-    found = latest_baseline(ctx.config.data_dir, fp, detector) if fp else None
+    scope = ctx.config.baselines.scope(ctx.tenant, fp)[0] if fp else ""
+    found = latest_baseline(ctx.config.data_dir, scope, fp, detector) if fp else None
     if found is None:
         return {**out, **_no_baseline(ctx, detector, fp)}
     version, path, base = found
@@ -166,19 +167,23 @@ def _after_cf(host: JobHost, job: JobRecord, result: dict[str, Any]) -> None:
 
 
 def _maybe_build(host: JobHost, job: JobRecord, fp: str, detector: str) -> None:
-    """Submit a ``baseline`` job when the model has enough new sampled benign incidents."""
+    """Submit a ``baseline`` job when the job tenant's baseline scope has enough new sampled
+    benign incidents of the model."""
+    b = host.config.baselines
+    scope, tenants = b.scope(job.tenant, fp)
+    owners = ", ".join("?" for _ in tenants)
     busy = host.read("SELECT count(*) FROM jobs WHERE kind = 'baseline' AND state IN "
-                     "('pending', 'running') AND params_json LIKE ?", [f'%"{fp}"%'])[0][0]
+                     f"('pending', 'running') AND tenant IN ({owners}) AND params_json LIKE ?",
+                     [*tenants, f'%"{fp}"%'])[0][0]
     if busy:
         return
-    b = host.config.baselines
-    last = latest_baseline_row(host, fp, detector)
+    last = latest_baseline_row(host, scope, fp, detector)
     if last is None:
-        due = len(benign_candidates(host, fp, b.sample_rules, limit=b.min_samples)) \
-            >= b.min_samples
+        due = len(benign_candidates(host, fp, b.sample_rules, tenants=tenants,
+                                    limit=b.min_samples)) >= b.min_samples
     else:
         due = b.refresh_every > 0 and len(benign_candidates(
-            host, fp, b.sample_rules, limit=b.refresh_every,
+            host, fp, b.sample_rules, tenants=tenants, limit=b.refresh_every,
             since=last["created_at"])) >= b.refresh_every
     if due:
         version = 1 if last is None else int(last["version"]) + 1
@@ -187,4 +192,4 @@ def _maybe_build(host: JobHost, job: JobRecord, fp: str, detector: str) -> None:
 
 
 CF = JobKind("cf", run=cf_job, record=record_cf, after=_after_cf,
-             metrics=(ANOMALY_SCORE, ANOMALY_P))
+             metrics=(ANOMALY_SCORE, ANOMALY_P), options=frozenset({"detector"}))

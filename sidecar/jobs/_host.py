@@ -41,7 +41,8 @@ class RunnerHost:
         return self._config
 
     def incident(self, incident_id: str) -> IncidentRow | None:
-        return self._store.get(incident_id, tenant=self._job.tenant or None)
+        # Exactly the job's tenant (its incident's owner), "" included: never every tenant.
+        return self._store.get(incident_id, tenant=self._job.tenant)
 
     def incident_path(self, incident_id: str) -> Path:
         return self._store.path(incident_id)

@@ -47,6 +47,7 @@ __all__ = [
     "JobHost",
     "JobKind",
     "JobKinds",
+    "JobOptionsError",
     "PrepareFn",
     "RecordFn",
     "RunFn",
@@ -67,6 +68,10 @@ class UnknownJobKindError(SidecarError, ValueError):
     """The runner has no job kind of that name."""
 
 
+class JobOptionsError(SidecarError, ValueError):
+    """A caller's job params are not an object of the kind's declared options."""
+
+
 @dataclasses.dataclass(frozen=True)
 class JobContext:
     """Everything ``run`` gets (picklable: no store, no connections)."""
@@ -78,12 +83,20 @@ class JobContext:
     params: Mapping[str, Any]
     incident_path: Path
     config: SidecarConfig
+    #: The tenant the job runs for (its incident's owner): scopes what the kind may use.
+    tenant: str = ""
 
     def open_incident(self) -> Incident:
-        """The job's incident, memory-mapped and validated."""
+        """The job's incident, memory-mapped and validated within ``limits`` (the decode
+        limits: a stored incident is still untrusted bytes)."""
+        return self.open_path(self.incident_path)
+
+    def open_path(self, path: str | Path) -> Incident:
+        """An incident file the runner resolved for this job (e.g. ``benign_paths``), opened
+        with the sidecar's decode limits."""
         from integrations.incident import Incident
 
-        return Incident.open(self.incident_path)
+        return Incident.open(path, limits=self.config.limits.decode_limits())
 
 
 class JobHost(Protocol):
@@ -139,6 +152,18 @@ class JobKind:
     record: RecordFn | None = None
     after: AfterFn | None = None
     metrics: tuple[Metric, ...] = ()
+    #: The params a caller may pass (RunAnalysis); ``None``: not declared, anything goes.
+    #: What ``prepare`` adds for ``run`` (resolved file paths, rankings) is never among them:
+    #: a caller names incidents by id, the runner resolves them in the caller's tenant.
+    options: frozenset[str] | None = None
+
+    def check_options(self, params: Mapping[str, Any] | None) -> None:
+        """Refuse params that are not among :attr:`options` (:class:`JobOptionsError`)."""
+        unknown = sorted(set(params or ()) - self.options) if self.options is not None else []
+        if unknown:
+            allowed = ", ".join(sorted(self.options or ())) or "none"
+            raise JobOptionsError(f"job kind {self.name!r} has no option(s) "
+                                  f"{', '.join(map(repr, unknown))}; its options: {allowed}")
 
 
 class JobKinds:

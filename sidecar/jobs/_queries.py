@@ -6,7 +6,7 @@ floats into None, :func:`num` keeps a finite number or gives None (never a made-
 
 Example::
 
-    ids = benign_candidates(host, fp, ("ratio",), limit=30)     # newest sampled benign first
+    ids = benign_candidates(host, fp, ("ratio",), tenants=["acme"], limit=30)   # newest first
     latest_cf(host, "inc-1")["status"]                          # 'scored'
 """
 
@@ -52,24 +52,29 @@ def latest_cf(reader: Reader, incident_id: str) -> dict[str, Any] | None:
     return rows[0] if rows else None
 
 
-def latest_baseline_row(reader: Reader, fingerprint: str, detector: str) -> dict[str, Any] | None:
-    """The newest baseline version for (fingerprint, detector), or None."""
-    rows = reader.read_dicts("SELECT * FROM baselines WHERE fingerprint = ? AND detector = ? "
-                             "ORDER BY version DESC LIMIT 1", [fingerprint, detector])
+def latest_baseline_row(reader: Reader, scope: str, fingerprint: str,
+                        detector: str) -> dict[str, Any] | None:
+    """The newest baseline version for (scope, fingerprint, detector), or None."""
+    rows = reader.read_dicts("SELECT * FROM baselines WHERE scope = ? AND fingerprint = ? AND "
+                             "detector = ? ORDER BY version DESC LIMIT 1",
+                             [scope, fingerprint, detector])
     return rows[0] if rows else None
 
 
-def benign_candidates(reader: Reader, fingerprint: str, rules: Sequence[str], *, limit: int,
-                      since: Any = None, exclude: str | None = None) -> list[str]:
-    """Ids of sampled benign incidents of one model, newest first: trigger rule in ``rules``
-    (sampling, not a flag) and not flagged by any CF result; received after ``since``."""
-    if not rules:
+def benign_candidates(reader: Reader, fingerprint: str, rules: Sequence[str], *,
+                      tenants: Sequence[str], limit: int, since: Any = None,
+                      exclude: str | None = None) -> list[str]:
+    """Ids of sampled benign incidents of one model owned by one of ``tenants``, newest first:
+    trigger rule in ``rules`` (sampling, not a flag) and not flagged by any CF result; received
+    after ``since``. Never another tenant's: ``tenants`` is required."""
+    if not rules or not tenants:
         return []
     marks = ", ".join("?" for _ in rules)
-    sql = (f"SELECT i.id FROM incidents i WHERE i.model_fingerprint = ? AND i.trigger_rule IN "
-           f"({marks}) AND NOT EXISTS (SELECT 1 FROM cf_results c WHERE c.incident_id = i.id "
-           "AND c.flagged)")
-    params: list[Any] = [fingerprint, *rules]
+    owners = ", ".join("?" for _ in tenants)
+    sql = (f"SELECT i.id FROM incidents i WHERE i.model_fingerprint = ? AND i.tenant IN "
+           f"({owners}) AND i.trigger_rule IN ({marks}) AND NOT EXISTS (SELECT 1 FROM "
+           "cf_results c WHERE c.incident_id = i.id AND c.flagged)")
+    params: list[Any] = [fingerprint, *tenants, *rules]
     if since is not None:
         sql += " AND i.received_at > ?"
         params.append(since)

@@ -22,12 +22,14 @@ import uuid
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
+from integrations.errors import SidecarError
+
 from .._store_index import utcnow
 
 if TYPE_CHECKING:
     from .._store_index import Index
 
-__all__ = ["JOB_STATES", "JobQueue", "JobRecord"]
+__all__ = ["JOB_STATES", "JobQueue", "JobQuotaError", "JobRecord"]
 
 #: Job states (label values of ``forensics_jobs{state}``).
 JOB_STATES = ("pending", "running", "done", "failed")
@@ -62,6 +64,20 @@ _JOB_SELECT = ("SELECT j.id, j.incident_id, j.tenant, j.kind, j.state, j.attempt
                "j.finished_at, a.result_json FROM jobs j LEFT JOIN analyses a ON a.job_id = j.id")
 
 
+class JobQuotaError(SidecarError):
+    """The tenant already has ``jobs.max_pending_per_tenant`` analyses waiting or running."""
+
+
+def _check_quota(con: Any, tenant: str, quota: int) -> None:
+    """:class:`JobQuotaError` when ``tenant`` has ``quota`` jobs pending or running."""
+    (n,) = con.execute("SELECT count(*) FROM jobs WHERE tenant = ? AND state IN "
+                       "('pending', 'running')", [tenant]).fetchone()
+    if n >= quota:
+        raise JobQuotaError(f"{n} analyses of this tenant are already waiting or running "
+                            f"(jobs.max_pending_per_tenant = {quota}); wait for some to finish, "
+                            "then submit again")
+
+
 class JobQueue:
     """Jobs persisted in ``index`` (survive restarts); every method is one transaction."""
 
@@ -83,13 +99,16 @@ class JobQueue:
 
     def submit(self, incident_id: str, kind: str, *, tenant: str,
                params: Mapping[str, Any] | None = None,
-               request_id: str | None = None) -> JobRecord:
+               request_id: str | None = None, quota: int | None = None) -> JobRecord:
         """Enqueue a pending job; with ``request_id`` the same (incident, key) returns the
-        existing job instead of a new one."""
+        existing job instead of a new one. ``quota``: a new job is refused
+        (:class:`JobQuotaError`) while the tenant has that many pending or running."""
         params_json = json.dumps(dict(params or {}), sort_keys=True, allow_nan=False)
         with self.index.write() as con:
             found = con.execute("SELECT id FROM jobs WHERE incident_id = ? AND request_id = ?",
                                 [incident_id, request_id]).fetchone() if request_id else None
+            if found is None and quota is not None:
+                _check_quota(con, tenant, quota)
             if found is None:
                 job = JobRecord(
                     id=f"job-{uuid.uuid4().hex}", incident_id=incident_id, tenant=tenant,
@@ -130,12 +149,17 @@ class JobQueue:
         return {s: int(found.get(s, 0)) for s in JOB_STATES}
 
     def claim(self) -> JobRecord | None:
-        """The oldest pending job, marked running (one more attempt); None when none."""
+        """The next pending job, marked running (one more attempt); None when none. Fair
+        between tenants: the oldest job of the tenant with the fewest jobs running, so one
+        tenant's thousand queued jobs never stand in front of another tenant's one."""
         with self.index.write() as con:
             row = con.execute(
                 "UPDATE jobs SET state = 'running', attempts = attempts + 1, started_at = ?, "
-                "finished_at = NULL WHERE id = (SELECT id FROM jobs WHERE state = 'pending' "
-                "ORDER BY created_at, id LIMIT 1) RETURNING id", [self.clock()]).fetchone()
+                "finished_at = NULL WHERE id = (SELECT p.id FROM jobs p LEFT JOIN (SELECT "
+                "tenant, count(*) AS n FROM jobs WHERE state = 'running' GROUP BY tenant) r "
+                "ON r.tenant = p.tenant WHERE p.state = 'pending' "
+                "ORDER BY coalesce(r.n, 0), p.created_at, p.id LIMIT 1) RETURNING id",
+                [self.clock()]).fetchone()
         return None if row is None else self.get(row[0])
 
     def finish(self, job: JobRecord, state: str, result: dict[str, Any] | None,

@@ -47,4 +47,4 @@ def replay_job(ctx: JobContext) -> dict[str, Any]:
     }
 
 
-REPLAY = JobKind("replay", run=replay_job)
+REPLAY = JobKind("replay", run=replay_job, options=frozenset())

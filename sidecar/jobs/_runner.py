@@ -128,12 +128,18 @@ class JobRunner:
 
     def submit(self, incident_id: str, kind: str, *, tenant: str,
                params: Mapping[str, Any] | None = None,
-               request_id: str | None = None) -> JobRecord:
+               request_id: str | None = None, caller: bool = False) -> JobRecord:
         """Enqueue a job of a known kind (state pending). With ``request_id``, the same
-        (incident, key) returns the existing job instead of a new one."""
-        self.kinds[kind]
+        (incident, key) returns the existing job instead of a new one. ``caller``: submitted by
+        an API caller (RunAnalysis), so params must be the kind's declared options
+        (:class:`JobOptionsError`) and the tenant's ``jobs.max_pending_per_tenant`` applies
+        (:class:`JobQuotaError`); the sidecar's own follow-up jobs are neither."""
+        job_kind = self.kinds[kind]
+        if caller:
+            job_kind.check_options(params)
+        quota = self.config.jobs.max_pending_per_tenant if caller else None
         job = self.queue.submit(incident_id, kind, tenant=tenant, params=params,
-                                request_id=request_id)
+                                request_id=request_id, quota=quota)
         self._report_counts()
         self._wake.set()
         return job
@@ -260,7 +266,8 @@ class JobRunner:
                 params = kind.prepare(host, job, params)
         ctx = JobContext(job_id=job.id, incident_id=job.incident_id, kind=job.kind,
                          attempt=job.attempts, params=params,
-                         incident_path=self.store.path(job.incident_id), config=self.config)
+                         incident_path=self.store.path(job.incident_id), config=self.config,
+                         tenant=job.tenant)
         return self._executor.submit(execute_job, kind.run, ctx).result()
 
     def _conclude(self, job: JobRecord, host: RunnerHost, state: str,

@@ -66,4 +66,4 @@ def stats_job(ctx: JobContext) -> dict[str, Any]:
     return {"incident_id": inc.id, "n_tensors": len(rows), "tensors": rows}
 
 
-STATS = JobKind("stats", run=stats_job)
+STATS = JobKind("stats", run=stats_job, options=frozenset({"kinds"}))

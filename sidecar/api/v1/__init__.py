@@ -53,6 +53,9 @@ from sidecar.api.v1.incidents_pb2_grpc import (
 SERVICE_NAME = "forensics.v1.IncidentService"
 #: Largest chunk payload a client may send or the server streams back.
 MAX_CHUNK_BYTES = 1024 * 1024
+#: Largest response message the server sends (gRPC clients' default receive limit): pages of
+#: ``ListIncidents`` with ``view = FULL`` end early to stay under it.
+MAX_RESPONSE_BYTES = 4 * 1024 * 1024
 
 __all__ = [
     "INCIDENT_VIEW_BASIC",
@@ -64,6 +67,7 @@ __all__ = [
     "JOB_STATE_RUNNING",
     "JOB_STATE_UNSPECIFIED",
     "MAX_CHUNK_BYTES",
+    "MAX_RESPONSE_BYTES",
     "SERVICE_NAME",
     "Analysis",
     "Chunk",

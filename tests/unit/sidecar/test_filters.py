@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 
 import pytest
 
 from sidecar._filters import (
     FIELDS,
+    MAX_PAGE_OFFSET,
+    MAX_PAGE_TOKEN_CHARS,
     FilterError,
     compile_filter,
     compile_order_by,
@@ -130,9 +133,22 @@ def test_page_tokens_are_bound_to_the_query() -> None:
     assert decode_page_token(token, key) == 50
     with pytest.raises(FilterError, match="different filter"):
         decode_page_token(token, query_key('tenant = "b"', "", "*"))
-    for junk in ("not-base64!!", "eyJ4IjoxfQ", encode_page_token(-1, key)):
-        with pytest.raises(FilterError):
+    nested = base64.urlsafe_b64encode(b"[" * 100_000).decode()     # RecursionError in json
+    for junk in ("not-base64!!", "eyJ4IjoxfQ", encode_page_token(-1, key),
+                 encode_page_token(2**63, key), encode_page_token(MAX_PAGE_OFFSET, key),
+                 nested, "A" * (MAX_PAGE_TOKEN_CHARS + 1)):
+        with pytest.raises(FilterError, match="not a token from this API"):
             decode_page_token(junk, key)
+
+
+@pytest.mark.parametrize("text", [
+    'created_at > "0001-01-01T00:00:00+14:00"',      # before year 1 once in UTC
+    'received_at < "9999-12-31T23:59:59-14:00"',     # after year 9999 once in UTC
+    "size_bytes > 99999999999999999999",             # beyond BIGINT
+])
+def test_values_outside_what_the_index_holds_are_filter_errors(text: str) -> None:
+    with pytest.raises(FilterError, match="outside"):
+        compile_filter(text)
 
 
 # -- CF result fields: the store LEFT JOINs each incident's current CF result ------------------
