@@ -3,7 +3,7 @@
 Example::
 
     [k.name for k in builtin_kinds()]
-    # ['stats', 'replay', 'cf', 'baseline', 'cca', 'probe', 'probe_score']
+    # ['stats', 'replay', 'cf', 'baseline', 'cca', 'investigate', 'probe', 'probe_score']
     JobRunner(store, config=cfg, kinds=(*builtin_kinds(), MY_KIND))
 """
 
@@ -12,6 +12,7 @@ from __future__ import annotations
 from ._baseline import BASELINE
 from ._cca import CCA
 from ._cf import CF
+from ._investigate import INVESTIGATE
 from ._kind import JobKind
 from ._probe import PROBE, PROBE_SCORE
 from ._replay import REPLAY
@@ -21,6 +22,6 @@ __all__ = ["builtin_kinds"]
 
 
 def builtin_kinds() -> tuple[JobKind, ...]:
-    """``stats``, ``replay``, ``cf``, ``baseline``, ``cca``, ``probe`` and
+    """``stats``, ``replay``, ``cf``, ``baseline``, ``cca``, ``investigate``, ``probe`` and
     ``probe_score``."""
-    return (STATS, REPLAY, CF, BASELINE, CCA, PROBE, PROBE_SCORE)
+    return (STATS, REPLAY, CF, BASELINE, CCA, INVESTIGATE, PROBE, PROBE_SCORE)

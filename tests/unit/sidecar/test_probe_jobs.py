@@ -156,6 +156,11 @@ def _check_cli_and_report(addr: str, inc_id: str, p: float, tmp_path: Path) -> N
     as_json = _forensics("incidents", "list", "--address", addr, "--json", "--filter",
                          f'id = "{inc_id}"')
     assert json.loads(as_json.stdout.splitlines()[0])["failure_p"] == pytest.approx(p)
+    out = tmp_path / "report.html"
+    made = _forensics("report", inc_id, "--address", addr, "-o", str(out))
+    assert made.returncode == 0, made.stderr
+    html = out.read_text()
+    assert 'id="failure-p"' in html and f"{p:.3f}" in html and 'id="card-failure-p"' in html
 
 
 def test_too_few_labels_store_and_score_nothing(
