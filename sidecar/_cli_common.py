@@ -78,7 +78,7 @@ def ts(msg: Any, field: str) -> str:
 
 
 #: Optional ``Incident`` fields printed as ``null`` when absent (a stable JSON schema).
-_NULLABLE = ("anomaly_score", "anomaly_p", "cf_flagged")
+_NULLABLE = ("anomaly_score", "anomaly_p", "cf_flagged", "failure_p")
 
 
 def incident_dict(msg: Any) -> dict[str, Any]:

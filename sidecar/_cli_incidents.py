@@ -8,6 +8,7 @@ files (``.arrow``) someone recorded elsewhere (an ``ArrowFileExporter`` director
 Example::
 
     forensics incidents list --filter "anomaly_p <= 0.05" --order-by "anomaly_score desc"
+    forensics incidents list --filter 'failure_p >= 0.9 AND trigger_rule != "flag"'
     forensics incidents list --json --all | head -3
     forensics incidents push forensics-data/examples/asgi/*.arrow
     forensics incidents show <id>
@@ -28,7 +29,7 @@ __all__ = ["LIST_COLUMNS", "register_incidents"]
 
 #: The columns of ``incidents list`` (the header of its piped, tab-separated form).
 LIST_COLUMNS = ("id", "tenant", "created", "model", "trigger", "anomaly_score", "anomaly_p",
-                "sites", "size_bytes")
+                "failure_p", "sites", "size_bytes")
 
 
 def register_incidents(subparsers: Any) -> None:
@@ -79,7 +80,8 @@ def _num(msg: Any, field: str, fmt: str) -> str:
 def _cells(i: Any) -> list[str]:
     return [i.id, i.tenant, ts(i, "created_at"), i.model_name,
             f"{i.trigger_rule}:{i.trigger_reason}", _num(i, "anomaly_score", ".2f"),
-            _num(i, "anomaly_p", ".3g"), str(i.n_sites), str(i.size_bytes)]
+            _num(i, "anomaly_p", ".3g"), _num(i, "failure_p", ".3f"), str(i.n_sites),
+            str(i.size_bytes)]
 
 
 def _pages(c: Any, args: argparse.Namespace) -> Iterator[tuple[list[Any], str, int]]:
@@ -127,7 +129,8 @@ def _print_table(items: list[Any], *, total: int, next_token: str) -> None:
     from rich.table import Table
 
     table = Table(title=f"{len(items)} of {total} incident(s)")
-    for col in ("id", "tenant", "created", "model", "trigger", "score", "p", "sites", "size"):
+    for col in ("id", "tenant", "created", "model", "trigger", "score", "p", "failure p", "sites",
+                "size"):
         table.add_column(col, no_wrap=True)
     for i in items:
         cells = _cells(i)
@@ -166,6 +169,7 @@ def _cmd_show(args: argparse.Namespace) -> int:
                        ("activations", inc.activations), ("sites", str(inc.n_sites)),
                        ("anomaly score", _num(inc, "anomaly_score", ".3f") or "not scored"),
                        ("anomaly p", _num(inc, "anomaly_p", ".3g") or "not scored"),
+                       ("failure p", _num(inc, "failure_p", ".3f") or "no probe score"),
                        ("size", f"{inc.size_bytes:,} bytes"), ("sha256", inc.sha256)):
         table.add_row(key, value)
     console.print(table)

@@ -16,6 +16,9 @@ empirical p-value against the baseline; e.g. ``anomaly_p <= 0.05``), ``cf_flagge
 ``cf_status`` (``scored`` | ``no_baseline`` | ``no_activations``). A comparison on an absent
 value matches nothing, and ``NOT`` is the complement of what matches: ``NOT cf_flagged = true``
 includes incidents CF has not scored; ``anomaly_score:*`` selects the scored ones.
+``failure_p`` is the probability of failure a per-(tenant, model) failure-signature probe gives
+the incident (``sidecar.jobs._probe``; absent until a probe scored it): ``failure_p >= 0.9 AND
+NOT trigger_rule = "flag"`` lists the likely failures the serving flag missed.
 
 Example::
 
@@ -52,14 +55,16 @@ __all__ = [
     "query_key",
 ]
 
-#: Filterable / sortable fields → value type ("str", "int", "float", "bool", "time"). The last
-#: three come from the incident's current CF result (``_store_index.CF_LISTING_COLUMNS``).
+#: Filterable / sortable fields → value type ("str", "int", "float", "bool", "time"). The
+#: ``anomaly_*`` / ``cf_*`` ones come from the incident's current CF result
+#: (``_store_index.CF_LISTING_COLUMNS``); ``failure_p`` is the failure-signature probe's score.
 FIELDS: dict[str, str] = {
     "id": "str", "tenant": "str", "created_at": "time", "received_at": "time",
     "model_name": "str", "model_fingerprint": "str", "trigger_rule": "str",
     "trigger_reason": "str", "request_id": "str", "traceparent": "str", "size_bytes": "int",
     "sha256": "str", "activations": "str", "n_sites": "int",
     "anomaly_score": "float", "anomaly_p": "float", "cf_flagged": "bool", "cf_status": "str",
+    "failure_p": "float",
 }
 MAX_FILTER_CHARS = 4096
 #: Page tokens are short JSON; a longer one was not issued here.

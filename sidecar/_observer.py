@@ -76,9 +76,11 @@ def gauge(name: str, help: str, *, labels: tuple[str, ...] = (),
 
 
 def histogram(name: str, help: str, *, buckets: tuple[float, ...], labels: tuple[str, ...] = (),
-              exemplar: bool = False) -> Metric:
+              exemplar: bool = False,
+              values: Mapping[str, tuple[str, ...]] | None = None) -> Metric:
     """A histogram with ``buckets`` (``exemplar``: the trace id of each observation)."""
-    return Metric(name, "histogram", help, labels=labels, buckets=buckets, exemplar=exemplar)
+    return Metric(name, "histogram", help, labels=labels, buckets=buckets, exemplar=exemplar,
+                  values=dict(values or {}))
 
 
 @runtime_checkable

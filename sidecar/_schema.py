@@ -1,6 +1,8 @@
 """The schema of the store's DuckDB index: the catalog tables and the analysis result tables.
 
-Catalog: ``meta`` (schema version), ``incidents`` (one row per stored incident), ``jobs`` and
+Catalog: ``meta`` (schema version), ``incidents`` (one row per stored incident; ``failure_p``:
+the newest failure-signature probe's score of it, NULL until a probe scored it — written by the
+``probe`` / ``probe_score`` jobs, see :mod:`sidecar.jobs._probe`), ``jobs`` and
 ``analyses`` (the job queue and each done job's result JSON). Result tables, queryable with plain
 SQL beside them (written by the job kinds that own them, in the transaction that marks the job
 done):
@@ -16,6 +18,9 @@ done):
 * ``cca_results`` / ``cca_interventions``: one row per CCA job (flip, size, flip rate and its
   Wilson interval, p-value, side effects, forward passes vs exhaustive) and one per element of
   the fix set (site, kind, necessity).
+* ``probes``: one row per trained failure-signature probe (tenant, model fingerprint, version,
+  site, file path relative to the data dir, out-of-fold AUROC with its bootstrap 95 % interval,
+  TPR at 1 % FPR, class counts).
 
 Every table is ``CREATE TABLE IF NOT EXISTS``, created when the index opens; :data:`MIGRATIONS`
 upgrade index files written by earlier versions.
@@ -53,7 +58,8 @@ CATALOG_DDL = (
         activations VARCHAR,
         n_sites INTEGER NOT NULL,
         path VARCHAR NOT NULL,
-        manifest_json VARCHAR NOT NULL)""",
+        manifest_json VARCHAR NOT NULL,
+        failure_p DOUBLE)""",
     """CREATE TABLE IF NOT EXISTS jobs (
         id VARCHAR PRIMARY KEY,
         incident_id VARCHAR NOT NULL,
@@ -120,13 +126,21 @@ RESULT_DDL = (
         job_id VARCHAR NOT NULL, incident_id VARCHAR NOT NULL, idx INTEGER NOT NULL,
         site VARCHAR NOT NULL, kind VARCHAR NOT NULL, metric_without DOUBLE, delta DOUBLE,
         flips_without BOOLEAN, PRIMARY KEY (job_id, idx))""",
+    """CREATE TABLE IF NOT EXISTS probes (
+        tenant VARCHAR NOT NULL, fingerprint VARCHAR NOT NULL, version INTEGER NOT NULL,
+        site VARCHAR NOT NULL, path VARCHAR NOT NULL, auroc DOUBLE, auroc_lo DOUBLE,
+        auroc_hi DOUBLE, tpr_at_1pct_fpr DOUBLE, n_pos INTEGER NOT NULL, n_neg INTEGER NOT NULL,
+        folds INTEGER, job_id VARCHAR, created_at TIMESTAMP NOT NULL,
+        PRIMARY KEY (tenant, fingerprint, version))""",
     "CREATE INDEX IF NOT EXISTS cf_results_incident ON cf_results (incident_id)",
     "CREATE INDEX IF NOT EXISTS cca_results_incident ON cca_results (incident_id)",
 )
 
 #: Additive upgrades of index files written by earlier versions (run when an index opens):
-#: ``cf_results.p`` arrived after schema version 1 (older rows keep NULL: never invented).
-MIGRATIONS = ("ALTER TABLE cf_results ADD COLUMN IF NOT EXISTS p DOUBLE",)
+#: ``cf_results.p`` and ``incidents.failure_p`` arrived after schema version 1 (older rows keep
+#: NULL: never invented).
+MIGRATIONS = ("ALTER TABLE cf_results ADD COLUMN IF NOT EXISTS p DOUBLE",
+              "ALTER TABLE incidents ADD COLUMN IF NOT EXISTS failure_p DOUBLE")
 
 
 def migrate(con: Any) -> None:

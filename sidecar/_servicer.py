@@ -77,6 +77,8 @@ def row_to_proto(row: IncidentRow, *, full: bool = False) -> v1.Incident:
         msg.anomaly_p = row.anomaly_p
     if row.cf_flagged is not None:
         msg.cf_flagged = row.cf_flagged
+    if row.failure_p is not None:        # absent until a failure-signature probe scored it
+        msg.failure_p = row.failure_p
     return msg
 
 

@@ -30,6 +30,7 @@ __all__ = [
     "CF_LISTING_COLUMNS",
     "CF_ROW_COLUMNS",
     "INCIDENT_COLUMNS",
+    "SCORE_COLUMNS",
     "IncidentRow",
     "Index",
     "listing_from",
@@ -60,7 +61,11 @@ _CF_JOIN = (
 _CF_REFS = tuple(f'"{c}"' for c in CF_LISTING_COLUMNS)
 #: The CF columns every listed or fetched :class:`IncidentRow` carries.
 CF_ROW_COLUMNS = ("anomaly_score", "anomaly_p", "cf_flagged")
-_ROW_SELECT = ", ".join([*(f"incidents.{c}" for c in INCIDENT_COLUMNS), *CF_ROW_COLUMNS])
+#: Index columns every listed or fetched row carries besides :data:`INCIDENT_COLUMNS` (written by
+#: analyses, never at insert): the failure-signature score (``sidecar.jobs._probe``).
+SCORE_COLUMNS = ("failure_p",)
+_ROW_SELECT = ", ".join([*(f"incidents.{c}" for c in (*INCIDENT_COLUMNS, *SCORE_COLUMNS)),
+                         *CF_ROW_COLUMNS])
 
 
 def listing_from(*sql: str) -> str:
@@ -107,6 +112,8 @@ class IncidentRow:
     anomaly_score: float | None = None
     anomaly_p: float | None = None
     cf_flagged: bool | None = None
+    #: The newest failure-signature probe's score (:data:`SCORE_COLUMNS`): None until scored.
+    failure_p: float | None = None
 
     def values(self) -> list[Any]:
         return [getattr(self, c) for c in INCIDENT_COLUMNS]

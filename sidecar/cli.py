@@ -1,5 +1,5 @@
-"""``forensics sidecar …``, ``forensics incidents …``, ``forensics baseline …`` and
-``forensics report`` (argparse).
+"""``forensics sidecar …``, ``forensics incidents …``, ``forensics baseline …``,
+``forensics report`` and ``forensics investigate`` (argparse).
 
 ``register(subparsers)`` adds the groups to the ``forensics`` CLI:
 
@@ -8,6 +8,7 @@
     forensics incidents list|show|push|download|delete|analyze ...   (sidecar._cli_incidents)
     forensics baseline build (--fingerprint FP | --from-dir DIR) [--detector cf]
     forensics report ID [-o report.html] [--index]                      (sidecar._cli_report)
+    forensics investigate INCIDENT.arrow --benign DIR --out DIR   (sidecar._cli_investigate)
 
 Client commands talk gRPC to ``--address`` (env ``FORENSICS_SIDECAR``, default
 127.0.0.1:7431) with ``--token`` (env ``FORENSICS_TOKEN``) and optional TLS (``--ca-cert``,
@@ -39,15 +40,17 @@ __all__ = ["register"]
 
 
 def register(subparsers: Any) -> None:
-    """Add the ``sidecar``, ``incidents``, ``baseline`` and ``report`` commands to an argparse
-    sub-parser set."""
+    """Add the ``sidecar``, ``incidents``, ``baseline``, ``report`` and ``investigate``
+    commands to an argparse sub-parser set."""
     from ._cli_incidents import register_incidents
+    from ._cli_investigate import register_investigate
     from ._cli_report import register_report
 
     _register_sidecar(subparsers)
     register_incidents(subparsers)
     _register_baseline(subparsers)
     register_report(subparsers)
+    register_investigate(subparsers)
 
 
 def _register_sidecar(subparsers: Any) -> None:

@@ -2,9 +2,10 @@
 
 A kind (:class:`JobKind`) is a name, a plain picklable ``run(ctx) -> result`` and optional hooks
 that see a narrow :class:`JobHost`; the built-in kinds (``stats``, ``replay``, ``cf``,
-``baseline``, ``cca``) are listed by :func:`builtin_kinds` and injected into the
-:class:`JobRunner`, which persists jobs in the store's DuckDB index (they survive restarts).
-There is no global registry: a runner knows exactly the kinds it was given.
+``baseline``, ``cca``, ``investigate``, ``probe``, ``probe_score``) are listed by
+:func:`builtin_kinds` and injected into the :class:`JobRunner`, which persists jobs in the
+store's DuckDB index (they survive restarts). There is no global registry: a runner knows
+exactly the kinds it was given.
 
 Example::
 

@@ -15,7 +15,8 @@ job's own).
 
 Follow-ups: after a CF job on a sampled benign incident the sidecar builds the model's first
 baseline once ``baselines.min_samples`` exist and refreshes it every ``baselines.refresh_every``
-new ones; failures of registered models get a ``cca`` job.
+new ones; failures of registered models get a ``cca`` job; incidents of a (tenant, model) with a
+failure-signature probe get a ``probe_score`` job (:mod:`sidecar.jobs._probe`).
 
 Example::
 
@@ -36,6 +37,7 @@ from ._baselines import (
 )
 from ._kind import JobContext, JobFailed, JobHost, JobKind
 from ._models import load_registered, model_ref, registered_spec
+from ._probe_files import has_probe
 from ._queries import benign_candidates, clean_json, latest_baseline_row, num
 from ._unit_map import unit_z_map
 
@@ -148,7 +150,7 @@ def record_cf(con: Any, job: JobRecord, result: dict[str, Any]) -> None:
 def _after_cf(host: JobHost, job: JobRecord, result: dict[str, Any]) -> None:
     """Observe the score and p (numbers; absent or None when nothing was scored), then the
     follow-ups: build/refresh the baseline from sampled benign traffic; CCA for failures of
-    registered models."""
+    registered models; the failure-signature score where a probe exists."""
     for metric, key in ((ANOMALY_SCORE, "anomaly_score"), (ANOMALY_P, "anomaly_p")):
         value = num(result.get(key))
         if value is not None:
@@ -164,6 +166,8 @@ def _after_cf(host: JobHost, job: JobRecord, result: dict[str, Any]) -> None:
     if cfg.modules.cca.enabled and (not sampled or result.get("flagged")) and \
             cfg.find_model(name=row.model_name, fingerprint=row.model_fingerprint) is not None:
         host.submit(job.incident_id, "cca", request_id="after_cf:cca")
+    if has_probe(cfg.data_dir, row.tenant, row.model_fingerprint):
+        host.submit(job.incident_id, "probe_score", request_id="after_cf:probe_score")
 
 
 def _maybe_build(host: JobHost, job: JobRecord, fp: str, detector: str) -> None:

@@ -5,7 +5,9 @@ Data comes from a sidecar over gRPC (:func:`data_from_sidecar`) or from an incid
 results JSON (:func:`data_from_files`). :func:`render_report` renders :func:`default_sections`
 (or any list of :class:`Section`); a new analysis kind gets its own sections by reading
 ``data.result("<kind>")`` and returning HTML built with :func:`table`, :func:`kv_table`,
-:func:`heatmap_svg`, :func:`note`, :func:`esc` and :func:`fmt`. :func:`write_index` lists a
+:func:`heatmap_svg`, :func:`bars_svg`, :func:`note`, :func:`esc` and :func:`fmt`; an
+investigation (``forensics investigate``, job kind ``investigate``) renders with
+:func:`investigation_sections` (part of the defaults). :func:`write_index` lists a
 folder of reports. CLI: ``forensics report ID -o report.html``.
 
 Example::
@@ -21,19 +23,27 @@ Example::
 from __future__ import annotations
 
 from ._data import ReportData, data_from_files, data_from_sidecar
-from ._html import esc, fmt, heatmap_svg, kv_table, note, table
+from ._html import bars_svg, esc, fmt, heatmap_svg, kv_table, note, table
 from ._index import read_report_meta, write_index
-from ._render import Section, default_sections, render_report, report_meta
+from ._render import (
+    Section,
+    default_sections,
+    investigation_sections,
+    render_report,
+    report_meta,
+)
 
 __all__ = [
     "ReportData",
     "Section",
+    "bars_svg",
     "data_from_files",
     "data_from_sidecar",
     "default_sections",
     "esc",
     "fmt",
     "heatmap_svg",
+    "investigation_sections",
     "kv_table",
     "note",
     "read_report_meta",

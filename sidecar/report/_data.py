@@ -30,10 +30,10 @@ def _now() -> str:
 class ReportData:
     """One incident as a report sees it.
 
-    ``results`` maps an analysis kind (``cf``, ``cca``, ``replay``, a future ``investigate``)
+    ``results`` maps an analysis kind (``cf``, ``cca``, ``replay``, ``investigate``, ...)
     to the result JSON of its newest finished job; ``jobs`` lists every job (kind, state, error)
     so a report can say what failed or is still running; ``facts`` are the index columns
-    (tenant, received_at, size_bytes, sha256, activations, n_sites).
+    (tenant, received_at, size_bytes, sha256, activations, n_sites, failure_p).
     """
 
     incident_id: str
@@ -86,7 +86,8 @@ def data_from_sidecar(client: Any, incident_id: str) -> ReportData:
             results[a.kind] = json.loads(a.result_json)
     facts = {"tenant": inc.tenant, "size_bytes": inc.size_bytes, "sha256": inc.sha256,
              "activations": inc.activations, "n_sites": inc.n_sites,
-             "received_at": inc.received_at.ToDatetime().isoformat(timespec="seconds")}
+             "received_at": inc.received_at.ToDatetime().isoformat(timespec="seconds"),
+             "failure_p": inc.failure_p if inc.HasField("failure_p") else None}
     return ReportData(incident_id=inc.id, manifest=json.loads(inc.manifest_json or "{}"),
                       facts=facts, results=results, jobs=[_job_dict(a) for a in analyses],
                       source=f"sidecar {getattr(client, 'address', '')}".strip())

@@ -17,7 +17,7 @@ import json
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-__all__ = ["CSS", "esc", "fmt", "heatmap_svg", "kv_table", "note", "page", "table"]
+__all__ = ["CSS", "bars_svg", "esc", "fmt", "heatmap_svg", "kv_table", "note", "page", "table"]
 
 
 def esc(value: Any) -> str:
@@ -64,46 +64,98 @@ def _color(v: float | None, vmax: float) -> str:
 
 def heatmap_svg(values: Sequence[Sequence[float | None]], *, rows: Sequence[str],
                 cols: Sequence[str], svg_id: str, caption: str, vmax: float | None = None,
-                threshold: float | None = None, cell_h: int = 14) -> str:
+                threshold: float | None = None, cell_h: int = 14, unit: str = "|z|") -> str:
     """An inline SVG heatmap of ``values[row][col]`` (|value| is coloured; None = not scored),
     each cell with a tooltip, row and column labels, a colour legend and — when given — the
-    ``threshold`` marked on the legend."""
+    ``threshold`` marked on the legend. ``unit`` names the value in tooltips and the legend."""
     finite = [abs(v) for r in values for v in r if v is not None]
     top = vmax if vmax is not None else max([*finite, threshold or 0.0, 1e-9])
     cw = max(4, min(28, 760 // max(1, len(cols))))
     lw = 8 + 7 * max((len(r) for r in rows), default=4)
-    width = max(lw + cw * len(cols), lw + 260) + 10    # room for the legend's labels
-    height = 24 + cell_h * len(rows) + 46
+    # column labels wider than a cell are written slanted, in a taller band above the cells
+    slant = max((len(c) for c in cols), default=0) * 6 > cw
+    band = 20 + (int(4.2 * max(len(c) for c in cols)) if slant else 0)
+    width = max(lw + cw * len(cols) + (band - 20), lw + 260) + 10   # legend / slanted labels
+    height = band + 4 + cell_h * len(rows) + 46
     cells = []
     for i, (name, row) in enumerate(zip(rows, values)):
-        y = 20 + i * cell_h
+        y = band + i * cell_h
         cells.append(f'<text x="{lw - 6}" y="{y + cell_h - 3}" class="rl">{esc(name)}</text>')
         for j, v in enumerate(row):
-            tip = f"{name} @ {cols[j]}: " + ("not scored" if v is None else f"|z| {abs(v):.2f}")
+            tip = f"{name} @ {cols[j]}: " + ("not scored" if v is None else f"{unit} {abs(v):.2f}")
             cells.append(f'<rect x="{lw + j * cw}" y="{y}" width="{cw - 1}" height="{cell_h - 1}"'
-                         f' fill="{_color(v, top)}"><title>{esc(tip)}</title></rect>')
+                         f' fill="{_color(v, top)}" stroke="#e3e6eb" stroke-width="0.5">'
+                         f"<title>{esc(tip)}</title></rect>")
     step = max(1, len(cols) // 24)
-    labels = "".join(f'<text x="{lw + j * cw + cw / 2:.1f}" y="14" class="cl">{esc(c)}</text>'
-                     for j, c in enumerate(cols) if j % step == 0)
-    legend = _legend(lw, 24 + cell_h * len(rows) + 8, top, threshold)
+    labels = "".join(
+        (f'<text x="{lw + j * cw + cw / 2:.1f}" y="{band - 6}" class="cl" style="text-anchor:start" '
+         f'transform="rotate(-50 {lw + j * cw + cw / 2:.1f} {band - 6})">{esc(c)}</text>')
+        if slant else f'<text x="{lw + j * cw + cw / 2:.1f}" y="14" class="cl">{esc(c)}</text>'
+        for j, c in enumerate(cols) if j % step == 0)
+    legend = _legend(lw, band + 4 + cell_h * len(rows) + 8, top, threshold, unit)
     return (f'<figure><svg id="{esc(svg_id)}" class="heatmap" xmlns="http://www.w3.org/2000/svg"'
             f' width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img"'
             f' aria-label="{esc(caption)}">{labels}{"".join(cells)}{legend}</svg>'
             f"<figcaption>{esc(caption)}</figcaption></figure>")
 
 
-def _legend(x: int, y: int, vmax: float, threshold: float | None) -> str:
+def _legend(x: int, y: int, vmax: float, threshold: float | None, unit: str = "|z|") -> str:
     stops = "".join(f'<stop offset="{t / 4:.2f}" stop-color="{_color(vmax * t / 4, vmax)}"/>'
                     for t in range(5))
     out = (f'<defs><linearGradient id="lg{x}{y}">{stops}</linearGradient></defs>'
            f'<rect x="{x}" y="{y}" width="200" height="10" fill="url(#lg{x}{y})" '
            f'stroke="#999"/><text x="{x}" y="{y + 24}" class="cl">0</text>'
-           f'<text x="{x + 200}" y="{y + 24}" class="cl">{vmax:.1f} |z|</text>')
+           f'<text x="{x + 200}" y="{y + 24}" class="cl">{vmax:.1f} {esc(unit)}</text>')
     if threshold is not None and 0 < threshold <= vmax:
         tx = x + 200 * threshold / vmax
         out += (f'<line x1="{tx:.1f}" x2="{tx:.1f}" y1="{y - 3}" y2="{y + 13}" stroke="#000"/>'
                 f'<text x="{tx:.1f}" y="{y + 36}" class="cl">flag at {threshold:g}</text>')
     return out
+
+
+def bars_svg(values: Sequence[float | None], *, labels: Sequence[str], svg_id: str,
+             caption: str, marked: int | None = None, marked_text: str = "",
+             good_at_or_below: float = 0.0) -> str:
+    """An inline SVG bar chart of ``values`` (one bar per label, tooltips; None = not
+    measured): bars above ``good_at_or_below`` red, the others green, bar ``marked`` outlined
+    and shaded, annotated with ``marked_text``; a dashed line at ``good_at_or_below``."""
+    finite = [v for v in values if v is not None]
+    lo, hi = min([*finite, good_at_or_below, 0.0]), max([*finite, good_at_or_below, 1.0])
+    lo = 0.0 if abs(lo) < 1e-3 else lo
+    bw, plot_h, x0, y0 = max(8, min(40, 720 // max(1, len(values)))), 120, 40, 16
+    scale = plot_h / (hi - lo) if hi > lo else 1.0
+
+    def y(v: float) -> float:
+        return y0 + (hi - v) * scale
+
+    parts = [f'<line x1="{x0}" x2="{x0 + bw * len(values)}" y1="{y(good_at_or_below):.1f}" '
+             f'y2="{y(good_at_or_below):.1f}" stroke="#555" stroke-dasharray="3,3"/>',
+             f'<text x="{x0 - 4}" y="{y(hi) + 4:.1f}" class="rl">{hi:.2g}</text>',
+             f'<text x="{x0 - 4}" y="{y(lo) + 4:.1f}" class="rl">{lo:.2g}</text>']
+    step = max(1, len(labels) // 24)
+    if marked is not None:
+        parts.insert(0, f'<rect x="{x0 + marked * bw}" y="{y0}" width="{bw}" '
+                        f'height="{plot_h}" fill="#fff3cf"/>')
+    for i, (v, name) in enumerate(zip(values, labels)):
+        x = x0 + i * bw
+        if v is not None:
+            top, bottom = sorted((y(v), y(good_at_or_below)))
+            color = "#e4572e" if v > good_at_or_below else "#2e9e5b"
+            outline = ' stroke="#000" stroke-width="2"' if i == marked else ""
+            parts.append(f'<rect x="{x + 1}" y="{top:.1f}" width="{bw - 2}" '
+                         f'height="{max(1.0, bottom - top):.1f}" fill="{color}"{outline}>'
+                         f"<title>{esc(name)}: {v:.3f}</title></rect>")
+        if i % step == 0 or i == marked:
+            parts.append(f'<text x="{x + bw / 2:.1f}" y="{y0 + plot_h + 14}" class="cl">'
+                         f"{esc(name)}</text>")
+        if i == marked:
+            parts.append(f'<text x="{x + bw / 2:.1f}" y="{y0 - 4}" class="cl">'
+                         f"{esc(marked_text)}</text>")
+    width, height = x0 + bw * len(values) + 120, y0 + plot_h + 24
+    return (f'<figure><svg id="{esc(svg_id)}" class="heatmap bars" '
+            f'xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+            f'viewBox="0 0 {width} {height}" role="img" aria-label="{esc(caption)}">'
+            f'{"".join(parts)}</svg><figcaption>{esc(caption)}</figcaption></figure>')
 
 
 CSS = """
@@ -136,6 +188,8 @@ svg.heatmap text.rl{font:11px monospace;text-anchor:end;fill:#1d2330}
 svg.heatmap text.cl{font:10px monospace;text-anchor:middle;fill:#5b6475}
 figure{margin:6px 0}figcaption{color:#5b6475;font-size:12px}
 footer{color:#5b6475;font-size:12px;padding:0 28px 24px}
+pre.tokens mark{background:#ffd166;border-radius:3px;padding:0 1px}
+pre.tokens .sentence{background:#fff3cf}
 """
 
 

@@ -26,7 +26,8 @@ from typing import Any
 from ._data import ReportData
 from ._html import esc, note, page
 
-__all__ = ["Section", "default_sections", "render_report", "report_meta"]
+__all__ = ["Section", "default_sections", "investigation_sections", "render_report",
+           "report_meta"]
 
 _log = logging.getLogger(__name__)
 
@@ -44,8 +45,10 @@ class Section:
 
 def default_sections() -> list[Section]:
     """The built-in sections, in reading order: summary, incident (manifest), input and
-    output, anomaly heatmaps, root-cause candidates, fix set, before/after the fix, links."""
+    output, anomaly heatmaps, root-cause candidates, fix set, before/after the fix, the
+    investigation (:func:`investigation_sections`), the failure signature, links."""
     from . import _sections as s
+    from . import _sections_rca as rca
 
     return [Section("summary", "Summary", s.summary),
             Section("manifest", "Incident", s.manifest),
@@ -56,7 +59,27 @@ def default_sections() -> list[Section]:
             Section("root-causes", "Root-cause candidates", s.root_causes),
             Section("fix-set", "Verified fix set", s.fix_set),
             Section("before-after", "Before and after the fix", s.before_after),
+            *investigation_sections(),
+            Section("failure-signature", "Failure signature", rca.failure_signature),
             Section("links", "Traces and analyses", s.links)]
+
+
+def investigation_sections() -> list[Section]:
+    """The sections of an investigation (``data.result("investigate")``, DESIGN §14): an
+    overview, input spans, causal trace and decision layer, consistency over variants, components, the
+    direction fix and its baselines, the final fix."""
+    from . import _sections_rca as rca
+
+    return [Section("investigation", "Investigation", rca.overview),
+            Section("investigation-spans", "Investigation: input spans", rca.input_spans),
+            Section("causal-trace", "Investigation: causal trace and decision layer",
+                    rca.causal_trace),
+            Section("decision-consistency", "Investigation: decision layer over variants",
+                    rca.decision_consistency),
+            Section("components", "Investigation: components", rca.components),
+            Section("direction-fix", "Investigation: direction fix and baselines",
+                    rca.direction_fix),
+            Section("final-fix", "Investigation: the fix", rca.final_fix)]
 
 
 def _one(section: Section, data: ReportData) -> str:
@@ -82,6 +105,8 @@ def report_meta(data: ReportData) -> dict[str, Any]:
             "anomaly_score": cf.get("anomaly_score"), "anomaly_p": cf.get("anomaly_p"),
             "cf_flagged": cf.get("flagged"), "fix_found": cca.get("status") == "found" or None,
             "fix_sites": [iv.get("site") for iv in fix.get("interventions") or []],
+            "failure_p": data.facts.get("failure_p"),
+            "investigation_fix": (data.result("investigate") or {}).get("fix_found"),
             "trace_id": data.trace_id, "generated_at": data.generated_at}
 
 

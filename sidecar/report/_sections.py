@@ -52,6 +52,11 @@ def summary(data: ReportData) -> str:
         found = cca.get("status") == "found"
         badges.append(_badge("fix set verified" if found else "no fix set", "ok" if found
                              else "neutral"))
+    inv = data.result("investigate")
+    if inv is not None:
+        badges.append(_badge("investigation: deployable fix verified" if inv.get("fix_found")
+                             else "investigation: no deployable fix", "ok"
+                             if inv.get("fix_found") else "neutral"))
     cands = cf.get("root_cause_candidates") or []
     base = cf.get("baseline") or {}
     cards = [
@@ -64,6 +69,9 @@ def summary(data: ReportData) -> str:
         _card("fix set", _fix_card(cca), card_id="card-fix"),
         _card("trace id", esc(data.trace_id), card_id="card-trace"),
     ]
+    if data.facts.get("failure_p") is not None:
+        cards.insert(2, _card("failure p (probe)", fmt(data.facts["failure_p"], ".3f"),
+                              card_id="card-failure-p"))
     missing = [] if cf else [note("no finished CF analysis for this incident yet")]
     return f'<p>{"".join(badges)}</p><div class="cards">{"".join(cards)}</div>' + "".join(missing)
 

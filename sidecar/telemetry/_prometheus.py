@@ -64,11 +64,13 @@ class SidecarMetrics:
 
     def _create(self, metric: Metric) -> MetricWrapperBase:
         common: dict[str, Any] = {"namespace": self.namespace, "registry": self.registry}
+        inst: MetricWrapperBase
         if metric.kind == "histogram":
-            return Histogram(metric.name, metric.help, list(metric.labels),
+            inst = Histogram(metric.name, metric.help, list(metric.labels),
                              buckets=metric.buckets or Histogram.DEFAULT_BUCKETS, **common)
-        cls = Counter if metric.kind == "counter" else Gauge
-        inst: MetricWrapperBase = cls(metric.name, metric.help, list(metric.labels), **common)
+        else:
+            cls = Counter if metric.kind == "counter" else Gauge
+            inst = cls(metric.name, metric.help, list(metric.labels), **common)
         if len(metric.labels) == 1 and metric.labels[0] in metric.values:
             for value in metric.values[metric.labels[0]]:
                 inst.labels(value)

@@ -26,17 +26,17 @@ from google.protobuf import empty_pb2 as google_dot_protobuf_dot_empty__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x66orensics/v1/incidents.proto\x12\x0c\x66orensics.v1\x1a\x1bgoogle/protobuf/empty.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xa3\x01\n\x15UploadIncidentRequest\x12,\n\x06header\x18\x01 \x01(\x0b\x32\x1a.forensics.v1.UploadHeaderH\x00\x12$\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x13.forensics.v1.ChunkH\x00\x12.\n\x07trailer\x18\x03 \x01(\x0b\x32\x1b.forensics.v1.UploadTrailerH\x00\x42\x06\n\x04part\"\\\n\x0cUploadHeader\x12\x13\n\x0bincident_id\x18\x01 \x01(\t\x12\x12\n\ntotal_size\x18\x02 \x01(\x03\x12\x0e\n\x06tenant\x18\x03 \x01(\t\x12\x13\n\x0btraceparent\x18\x04 \x01(\t\"\x15\n\x05\x43hunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"\x1f\n\rUploadTrailer\x12\x0e\n\x06sha256\x18\x01 \x01(\t\"\\\n\x16UploadIncidentResponse\x12\x13\n\x0bincident_id\x18\x01 \x01(\t\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x0c\n\x04size\x18\x03 \x01(\x03\x12\x0f\n\x07\x63reated\x18\x04 \x01(\x08\"\xea\x03\n\x08Incident\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12.\n\ncreated_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0breceived_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nmodel_name\x18\x05 \x01(\t\x12\x19\n\x11model_fingerprint\x18\x06 \x01(\t\x12\x14\n\x0ctrigger_rule\x18\x07 \x01(\t\x12\x16\n\x0etrigger_reason\x18\x08 \x01(\t\x12\x12\n\nrequest_id\x18\t \x01(\t\x12\x13\n\x0btraceparent\x18\n \x01(\t\x12\x12\n\nsize_bytes\x18\x0b \x01(\x03\x12\x0e\n\x06sha256\x18\x0c \x01(\t\x12\x13\n\x0b\x61\x63tivations\x18\r \x01(\t\x12\x0f\n\x07n_sites\x18\x0e \x01(\x05\x12\x15\n\rmanifest_json\x18\x0f \x01(\t\x12\x1a\n\ranomaly_score\x18\x10 \x01(\x01H\x00\x88\x01\x01\x12\x16\n\tanomaly_p\x18\x11 \x01(\x01H\x01\x88\x01\x01\x12\x17\n\ncf_flagged\x18\x12 \x01(\x08H\x02\x88\x01\x01\x42\x10\n\x0e_anomaly_scoreB\x0c\n\n_anomaly_pB\r\n\x0b_cf_flagged\"S\n\x12GetIncidentRequest\x12\x13\n\x0bincident_id\x18\x01 \x01(\t\x12(\n\x04view\x18\x02 \x01(\x0e\x32\x1a.forensics.v1.IncidentView\"\x89\x01\n\x14ListIncidentsRequest\x12\x0e\n\x06\x66ilter\x18\x01 \x01(\t\x12\x10\n\x08order_by\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\x12(\n\x04view\x18\x05 \x01(\x0e\x32\x1a.forensics.v1.IncidentView\"o\n\x15ListIncidentsResponse\x12)\n\tincidents\x18\x01 \x03(\x0b\x32\x16.forensics.v1.Incident\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x12\n\ntotal_size\x18\x03 \x01(\x03\"\'\n\x15WatchIncidentsRequest\x12\x0e\n\x06\x66ilter\x18\x01 \x01(\t\"B\n\x16WatchIncidentsResponse\x12(\n\x08incident\x18\x01 \x01(\x0b\x32\x16.forensics.v1.Incident\".\n\x17\x44ownloadIncidentRequest\x12\x13\n\x0bincident_id\x18\x01 \x01(\t\"I\n\x0e\x44ownloadHeader\x12\x13\n\x0bincident_id\x18\x01 \x01(\t\x12\x12\n\ntotal_size\x18\x02 \x01(\x03\x12\x0e\n\x06sha256\x18\x03 \x01(\t\"x\n\x18\x44ownloadIncidentResponse\x12.\n\x06header\x18\x01 \x01(\x0b\x32\x1c.forensics.v1.DownloadHeaderH\x00\x12$\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x13.forensics.v1.ChunkH\x00\x42\x06\n\x04part\",\n\x15\x44\x65leteIncidentRequest\x12\x13\n\x0bincident_id\x18\x01 \x01(\t\"\xc5\x02\n\x08\x41nalysis\x12\x13\n\x0b\x61nalysis_id\x18\x01 \x01(\t\x12\x13\n\x0bincident_id\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12%\n\x05state\x18\x04 \x01(\x0e\x32\x16.forensics.v1.JobState\x12\x10\n\x08\x61ttempts\x18\x05 \x01(\x05\x12\r\n\x05\x65rror\x18\x06 \x01(\t\x12.\n\ncreated_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstarted_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0bparams_json\x18\n \x01(\t\x12\x13\n\x0bresult_json\x18\x0b \x01(\t\"`\n\x12RunAnalysisRequest\x12\x13\n\x0bincident_id\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x13\n\x0bparams_json\x18\x03 \x01(\t\x12\x12\n\nrequest_id\x18\x04 \x01(\t\")\n\x12GetAnalysisRequest\x12\x13\n\x0b\x61nalysis_id\x18\x01 \x01(\t\"*\n\x13ListAnalysesRequest\x12\x13\n\x0bincident_id\x18\x01 \x01(\t\"@\n\x14ListAnalysesResponse\x12(\n\x08\x61nalyses\x18\x01 \x03(\x0b\x32\x16.forensics.v1.Analysis*^\n\x0cIncidentView\x12\x1d\n\x19INCIDENT_VIEW_UNSPECIFIED\x10\x00\x12\x17\n\x13INCIDENT_VIEW_BASIC\x10\x01\x12\x16\n\x12INCIDENT_VIEW_FULL\x10\x02*}\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11JOB_STATE_PENDING\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x12\n\x0eJOB_STATE_DONE\x10\x03\x12\x14\n\x10JOB_STATE_FAILED\x10\x04\x32\x8f\x06\n\x0fIncidentService\x12]\n\x0eUploadIncident\x12#.forensics.v1.UploadIncidentRequest\x1a$.forensics.v1.UploadIncidentResponse(\x01\x12G\n\x0bGetIncident\x12 .forensics.v1.GetIncidentRequest\x1a\x16.forensics.v1.Incident\x12X\n\rListIncidents\x12\".forensics.v1.ListIncidentsRequest\x1a#.forensics.v1.ListIncidentsResponse\x12]\n\x0eWatchIncidents\x12#.forensics.v1.WatchIncidentsRequest\x1a$.forensics.v1.WatchIncidentsResponse0\x01\x12\x63\n\x10\x44ownloadIncident\x12%.forensics.v1.DownloadIncidentRequest\x1a&.forensics.v1.DownloadIncidentResponse0\x01\x12M\n\x0e\x44\x65leteIncident\x12#.forensics.v1.DeleteIncidentRequest\x1a\x16.google.protobuf.Empty\x12G\n\x0bRunAnalysis\x12 .forensics.v1.RunAnalysisRequest\x1a\x16.forensics.v1.Analysis\x12G\n\x0bGetAnalysis\x12 .forensics.v1.GetAnalysisRequest\x1a\x16.forensics.v1.Analysis\x12U\n\x0cListAnalyses\x12!.forensics.v1.ListAnalysesRequest\x1a\".forensics.v1.ListAnalysesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x66orensics/v1/incidents.proto\x12\x0c\x66orensics.v1\x1a\x1bgoogle/protobuf/empty.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xa3\x01\n\x15UploadIncidentRequest\x12,\n\x06header\x18\x01 \x01(\x0b\x32\x1a.forensics.v1.UploadHeaderH\x00\x12$\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x13.forensics.v1.ChunkH\x00\x12.\n\x07trailer\x18\x03 \x01(\x0b\x32\x1b.forensics.v1.UploadTrailerH\x00\x42\x06\n\x04part\"\\\n\x0cUploadHeader\x12\x13\n\x0bincident_id\x18\x01 \x01(\t\x12\x12\n\ntotal_size\x18\x02 \x01(\x03\x12\x0e\n\x06tenant\x18\x03 \x01(\t\x12\x13\n\x0btraceparent\x18\x04 \x01(\t\"\x15\n\x05\x43hunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"\x1f\n\rUploadTrailer\x12\x0e\n\x06sha256\x18\x01 \x01(\t\"\\\n\x16UploadIncidentResponse\x12\x13\n\x0bincident_id\x18\x01 \x01(\t\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x0c\n\x04size\x18\x03 \x01(\x03\x12\x0f\n\x07\x63reated\x18\x04 \x01(\x08\"\x90\x04\n\x08Incident\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12.\n\ncreated_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0breceived_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nmodel_name\x18\x05 \x01(\t\x12\x19\n\x11model_fingerprint\x18\x06 \x01(\t\x12\x14\n\x0ctrigger_rule\x18\x07 \x01(\t\x12\x16\n\x0etrigger_reason\x18\x08 \x01(\t\x12\x12\n\nrequest_id\x18\t \x01(\t\x12\x13\n\x0btraceparent\x18\n \x01(\t\x12\x12\n\nsize_bytes\x18\x0b \x01(\x03\x12\x0e\n\x06sha256\x18\x0c \x01(\t\x12\x13\n\x0b\x61\x63tivations\x18\r \x01(\t\x12\x0f\n\x07n_sites\x18\x0e \x01(\x05\x12\x15\n\rmanifest_json\x18\x0f \x01(\t\x12\x1a\n\ranomaly_score\x18\x10 \x01(\x01H\x00\x88\x01\x01\x12\x16\n\tanomaly_p\x18\x11 \x01(\x01H\x01\x88\x01\x01\x12\x17\n\ncf_flagged\x18\x12 \x01(\x08H\x02\x88\x01\x01\x12\x16\n\tfailure_p\x18\x13 \x01(\x01H\x03\x88\x01\x01\x42\x10\n\x0e_anomaly_scoreB\x0c\n\n_anomaly_pB\r\n\x0b_cf_flaggedB\x0c\n\n_failure_p\"S\n\x12GetIncidentRequest\x12\x13\n\x0bincident_id\x18\x01 \x01(\t\x12(\n\x04view\x18\x02 \x01(\x0e\x32\x1a.forensics.v1.IncidentView\"\x89\x01\n\x14ListIncidentsRequest\x12\x0e\n\x06\x66ilter\x18\x01 \x01(\t\x12\x10\n\x08order_by\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\x12(\n\x04view\x18\x05 \x01(\x0e\x32\x1a.forensics.v1.IncidentView\"o\n\x15ListIncidentsResponse\x12)\n\tincidents\x18\x01 \x03(\x0b\x32\x16.forensics.v1.Incident\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x12\n\ntotal_size\x18\x03 \x01(\x03\"\'\n\x15WatchIncidentsRequest\x12\x0e\n\x06\x66ilter\x18\x01 \x01(\t\"B\n\x16WatchIncidentsResponse\x12(\n\x08incident\x18\x01 \x01(\x0b\x32\x16.forensics.v1.Incident\".\n\x17\x44ownloadIncidentRequest\x12\x13\n\x0bincident_id\x18\x01 \x01(\t\"I\n\x0e\x44ownloadHeader\x12\x13\n\x0bincident_id\x18\x01 \x01(\t\x12\x12\n\ntotal_size\x18\x02 \x01(\x03\x12\x0e\n\x06sha256\x18\x03 \x01(\t\"x\n\x18\x44ownloadIncidentResponse\x12.\n\x06header\x18\x01 \x01(\x0b\x32\x1c.forensics.v1.DownloadHeaderH\x00\x12$\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x13.forensics.v1.ChunkH\x00\x42\x06\n\x04part\",\n\x15\x44\x65leteIncidentRequest\x12\x13\n\x0bincident_id\x18\x01 \x01(\t\"\xc5\x02\n\x08\x41nalysis\x12\x13\n\x0b\x61nalysis_id\x18\x01 \x01(\t\x12\x13\n\x0bincident_id\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12%\n\x05state\x18\x04 \x01(\x0e\x32\x16.forensics.v1.JobState\x12\x10\n\x08\x61ttempts\x18\x05 \x01(\x05\x12\r\n\x05\x65rror\x18\x06 \x01(\t\x12.\n\ncreated_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstarted_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0bparams_json\x18\n \x01(\t\x12\x13\n\x0bresult_json\x18\x0b \x01(\t\"`\n\x12RunAnalysisRequest\x12\x13\n\x0bincident_id\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x13\n\x0bparams_json\x18\x03 \x01(\t\x12\x12\n\nrequest_id\x18\x04 \x01(\t\")\n\x12GetAnalysisRequest\x12\x13\n\x0b\x61nalysis_id\x18\x01 \x01(\t\"*\n\x13ListAnalysesRequest\x12\x13\n\x0bincident_id\x18\x01 \x01(\t\"@\n\x14ListAnalysesResponse\x12(\n\x08\x61nalyses\x18\x01 \x03(\x0b\x32\x16.forensics.v1.Analysis*^\n\x0cIncidentView\x12\x1d\n\x19INCIDENT_VIEW_UNSPECIFIED\x10\x00\x12\x17\n\x13INCIDENT_VIEW_BASIC\x10\x01\x12\x16\n\x12INCIDENT_VIEW_FULL\x10\x02*}\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11JOB_STATE_PENDING\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x12\n\x0eJOB_STATE_DONE\x10\x03\x12\x14\n\x10JOB_STATE_FAILED\x10\x04\x32\x8f\x06\n\x0fIncidentService\x12]\n\x0eUploadIncident\x12#.forensics.v1.UploadIncidentRequest\x1a$.forensics.v1.UploadIncidentResponse(\x01\x12G\n\x0bGetIncident\x12 .forensics.v1.GetIncidentRequest\x1a\x16.forensics.v1.Incident\x12X\n\rListIncidents\x12\".forensics.v1.ListIncidentsRequest\x1a#.forensics.v1.ListIncidentsResponse\x12]\n\x0eWatchIncidents\x12#.forensics.v1.WatchIncidentsRequest\x1a$.forensics.v1.WatchIncidentsResponse0\x01\x12\x63\n\x10\x44ownloadIncident\x12%.forensics.v1.DownloadIncidentRequest\x1a&.forensics.v1.DownloadIncidentResponse0\x01\x12M\n\x0e\x44\x65leteIncident\x12#.forensics.v1.DeleteIncidentRequest\x1a\x16.google.protobuf.Empty\x12G\n\x0bRunAnalysis\x12 .forensics.v1.RunAnalysisRequest\x1a\x16.forensics.v1.Analysis\x12G\n\x0bGetAnalysis\x12 .forensics.v1.GetAnalysisRequest\x1a\x16.forensics.v1.Analysis\x12U\n\x0cListAnalyses\x12!.forensics.v1.ListAnalysesRequest\x1a\".forensics.v1.ListAnalysesResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'sidecar.api.v1.incidents_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_INCIDENTVIEW']._serialized_start=2328
-  _globals['_INCIDENTVIEW']._serialized_end=2422
-  _globals['_JOBSTATE']._serialized_start=2424
-  _globals['_JOBSTATE']._serialized_end=2549
+  _globals['_INCIDENTVIEW']._serialized_start=2366
+  _globals['_INCIDENTVIEW']._serialized_end=2460
+  _globals['_JOBSTATE']._serialized_start=2462
+  _globals['_JOBSTATE']._serialized_end=2587
   _globals['_UPLOADINCIDENTREQUEST']._serialized_start=109
   _globals['_UPLOADINCIDENTREQUEST']._serialized_end=272
   _globals['_UPLOADHEADER']._serialized_start=274
@@ -48,35 +48,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_UPLOADINCIDENTRESPONSE']._serialized_start=424
   _globals['_UPLOADINCIDENTRESPONSE']._serialized_end=516
   _globals['_INCIDENT']._serialized_start=519
-  _globals['_INCIDENT']._serialized_end=1009
-  _globals['_GETINCIDENTREQUEST']._serialized_start=1011
-  _globals['_GETINCIDENTREQUEST']._serialized_end=1094
-  _globals['_LISTINCIDENTSREQUEST']._serialized_start=1097
-  _globals['_LISTINCIDENTSREQUEST']._serialized_end=1234
-  _globals['_LISTINCIDENTSRESPONSE']._serialized_start=1236
-  _globals['_LISTINCIDENTSRESPONSE']._serialized_end=1347
-  _globals['_WATCHINCIDENTSREQUEST']._serialized_start=1349
-  _globals['_WATCHINCIDENTSREQUEST']._serialized_end=1388
-  _globals['_WATCHINCIDENTSRESPONSE']._serialized_start=1390
-  _globals['_WATCHINCIDENTSRESPONSE']._serialized_end=1456
-  _globals['_DOWNLOADINCIDENTREQUEST']._serialized_start=1458
-  _globals['_DOWNLOADINCIDENTREQUEST']._serialized_end=1504
-  _globals['_DOWNLOADHEADER']._serialized_start=1506
-  _globals['_DOWNLOADHEADER']._serialized_end=1579
-  _globals['_DOWNLOADINCIDENTRESPONSE']._serialized_start=1581
-  _globals['_DOWNLOADINCIDENTRESPONSE']._serialized_end=1701
-  _globals['_DELETEINCIDENTREQUEST']._serialized_start=1703
-  _globals['_DELETEINCIDENTREQUEST']._serialized_end=1747
-  _globals['_ANALYSIS']._serialized_start=1750
-  _globals['_ANALYSIS']._serialized_end=2075
-  _globals['_RUNANALYSISREQUEST']._serialized_start=2077
-  _globals['_RUNANALYSISREQUEST']._serialized_end=2173
-  _globals['_GETANALYSISREQUEST']._serialized_start=2175
-  _globals['_GETANALYSISREQUEST']._serialized_end=2216
-  _globals['_LISTANALYSESREQUEST']._serialized_start=2218
-  _globals['_LISTANALYSESREQUEST']._serialized_end=2260
-  _globals['_LISTANALYSESRESPONSE']._serialized_start=2262
-  _globals['_LISTANALYSESRESPONSE']._serialized_end=2326
-  _globals['_INCIDENTSERVICE']._serialized_start=2552
-  _globals['_INCIDENTSERVICE']._serialized_end=3335
+  _globals['_INCIDENT']._serialized_end=1047
+  _globals['_GETINCIDENTREQUEST']._serialized_start=1049
+  _globals['_GETINCIDENTREQUEST']._serialized_end=1132
+  _globals['_LISTINCIDENTSREQUEST']._serialized_start=1135
+  _globals['_LISTINCIDENTSREQUEST']._serialized_end=1272
+  _globals['_LISTINCIDENTSRESPONSE']._serialized_start=1274
+  _globals['_LISTINCIDENTSRESPONSE']._serialized_end=1385
+  _globals['_WATCHINCIDENTSREQUEST']._serialized_start=1387
+  _globals['_WATCHINCIDENTSREQUEST']._serialized_end=1426
+  _globals['_WATCHINCIDENTSRESPONSE']._serialized_start=1428
+  _globals['_WATCHINCIDENTSRESPONSE']._serialized_end=1494
+  _globals['_DOWNLOADINCIDENTREQUEST']._serialized_start=1496
+  _globals['_DOWNLOADINCIDENTREQUEST']._serialized_end=1542
+  _globals['_DOWNLOADHEADER']._serialized_start=1544
+  _globals['_DOWNLOADHEADER']._serialized_end=1617
+  _globals['_DOWNLOADINCIDENTRESPONSE']._serialized_start=1619
+  _globals['_DOWNLOADINCIDENTRESPONSE']._serialized_end=1739
+  _globals['_DELETEINCIDENTREQUEST']._serialized_start=1741
+  _globals['_DELETEINCIDENTREQUEST']._serialized_end=1785
+  _globals['_ANALYSIS']._serialized_start=1788
+  _globals['_ANALYSIS']._serialized_end=2113
+  _globals['_RUNANALYSISREQUEST']._serialized_start=2115
+  _globals['_RUNANALYSISREQUEST']._serialized_end=2211
+  _globals['_GETANALYSISREQUEST']._serialized_start=2213
+  _globals['_GETANALYSISREQUEST']._serialized_end=2254
+  _globals['_LISTANALYSESREQUEST']._serialized_start=2256
+  _globals['_LISTANALYSESREQUEST']._serialized_end=2298
+  _globals['_LISTANALYSESRESPONSE']._serialized_start=2300
+  _globals['_LISTANALYSESRESPONSE']._serialized_end=2364
+  _globals['_INCIDENTSERVICE']._serialized_start=2590
+  _globals['_INCIDENTSERVICE']._serialized_end=3373
 # @@protoc_insertion_point(module_scope)

@@ -80,7 +80,7 @@ class UploadIncidentResponse(_message.Message):
     def __init__(self, incident_id: _Optional[str] = ..., sha256: _Optional[str] = ..., size: _Optional[int] = ..., created: _Optional[bool] = ...) -> None: ...
 
 class Incident(_message.Message):
-    __slots__ = ("id", "tenant", "created_at", "received_at", "model_name", "model_fingerprint", "trigger_rule", "trigger_reason", "request_id", "traceparent", "size_bytes", "sha256", "activations", "n_sites", "manifest_json", "anomaly_score", "anomaly_p", "cf_flagged")
+    __slots__ = ("id", "tenant", "created_at", "received_at", "model_name", "model_fingerprint", "trigger_rule", "trigger_reason", "request_id", "traceparent", "size_bytes", "sha256", "activations", "n_sites", "manifest_json", "anomaly_score", "anomaly_p", "cf_flagged", "failure_p")
     ID_FIELD_NUMBER: _ClassVar[int]
     TENANT_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
@@ -99,6 +99,7 @@ class Incident(_message.Message):
     ANOMALY_SCORE_FIELD_NUMBER: _ClassVar[int]
     ANOMALY_P_FIELD_NUMBER: _ClassVar[int]
     CF_FLAGGED_FIELD_NUMBER: _ClassVar[int]
+    FAILURE_P_FIELD_NUMBER: _ClassVar[int]
     id: str
     tenant: str
     created_at: _timestamp_pb2.Timestamp
@@ -117,7 +118,8 @@ class Incident(_message.Message):
     anomaly_score: float
     anomaly_p: float
     cf_flagged: bool
-    def __init__(self, id: _Optional[str] = ..., tenant: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., received_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., model_name: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., trigger_rule: _Optional[str] = ..., trigger_reason: _Optional[str] = ..., request_id: _Optional[str] = ..., traceparent: _Optional[str] = ..., size_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., activations: _Optional[str] = ..., n_sites: _Optional[int] = ..., manifest_json: _Optional[str] = ..., anomaly_score: _Optional[float] = ..., anomaly_p: _Optional[float] = ..., cf_flagged: _Optional[bool] = ...) -> None: ...
+    failure_p: float
+    def __init__(self, id: _Optional[str] = ..., tenant: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., received_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., model_name: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., trigger_rule: _Optional[str] = ..., trigger_reason: _Optional[str] = ..., request_id: _Optional[str] = ..., traceparent: _Optional[str] = ..., size_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., activations: _Optional[str] = ..., n_sites: _Optional[int] = ..., manifest_json: _Optional[str] = ..., anomaly_score: _Optional[float] = ..., anomaly_p: _Optional[float] = ..., cf_flagged: _Optional[bool] = ..., failure_p: _Optional[float] = ...) -> None: ...
 
 class GetIncidentRequest(_message.Message):
     __slots__ = ("incident_id", "view")

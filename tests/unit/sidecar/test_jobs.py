@@ -259,7 +259,8 @@ def test_kinds_are_injected_not_registered(tmp_path: Path) -> None:
         with pytest.raises(UnknownJobKindError, match="registered kinds: stats"):
             only_stats.submit("inc-1", "cf", tenant="acme")
         assert _runner(store, _config(tmp_path)).kinds.names() == \
-            ["baseline", "cca", "cf", "replay", "stats"]
+            ["baseline", "cca", "cf", "investigate", "probe", "probe_score", "replay",
+             "stats"]
         with pytest.raises(ValueError, match="two job kinds are named 'stats'"):
             _runner(store, _config(tmp_path), builtin_kinds()[0])
 
