@@ -16,10 +16,11 @@ Phases (``--only`` picks some):
 ``probe``        failure signature / compliance probe: failing vs injected-but-not-failing at
                  the last prompt position, fitted on derivation, scored on held-out phrasings and
                  inputs (AUROC with bootstrap 95 % CI, TPR at 1 % FPR), per layer (decodability).
-``sentiment``    the MiniLM sentiment bypass: input attribution on the derivation's bypassed
-                 reviews, the span neutraliser derived from those spans
-                 (:func:`analysis.rca._spanfix.derive_span_fix`), held-out flips (Wilson) and
-                 clean-review accuracy before/after.
+``sentiment``    the MiniLM sentiment bypass: the span neutraliser
+                 (:func:`analysis.rca._spanfix.derive_span_fix`) derived from two span sources
+                 on the derivation's bypassed reviews — the minimal spans of input attribution
+                 (replay) and the positions where each review differs from its benign twin —
+                 then held-out flips (Wilson) and clean-review accuracy before/after.
 ``investigate``  ``investigate`` on derivation incidents: minimal input spans (verified,
                  overlap with the injected sentence), decision layer and its consistency over
                  failing variants, components, and the wall time of one full investigation.
@@ -340,38 +341,62 @@ def phase_sentiment(model: Any, tok: Any, args: argparse.Namespace) -> dict[str,
 
     F, C, B = rec(der.failing, "sF"), rec(der.controls, "sC"), rec(der.twins + der.clean, "sB")
     wrong = {i.id: 1 - p.label for i, p in zip(F, der.failing)}
-    spans, found = [], 0
-    for inc in F:
-        s = Replayer(cls).load(inc)
-        bound = Failure.label(wrong[inc.id]).bind(s)
-        res = attribute_input(s, tokenizer=ctok, failing_logits=lambda lg, b=bound: b.value(lg) > 0)
-        ok = res is not None and res.verified
-        found += ok
-        spans.append([(x.start, x.end) for x in res.spans] if ok and res else [])
-    keep = [i for i, sp_ in enumerate(spans) if sp_]
-    log.info("sentiment: verified spans for %d/%d derivation failing reviews (%.0fs)",
-             len(keep), len(F), time.perf_counter() - t0)
-    benign_prompts = der.twins + der.clean
-    fix = derive_span_fix(cls, failing=[F[i] for i in keep], spans=[spans[i] for i in keep],
-                          contrast=C, benign=B, labels=[p.label for p in benign_prompts],
-                          failing_label=lambda inc: wrong[inc.id],
-                          groups=[der.failing[i].meta.get("suffix", str(spans[i]))
-                                  for i in keep], progress=log.info)
-    out: dict[str, Any] = {"derivation": {"failing": len(F), "spans_verified": found,
-                                          "controls": len(C), "benign": len(B)},
-                           "search": fix.to_dict()}
-    if fix.interventions:
-        def acc(ps: Sequence[Any], ivs: Sequence[Any]) -> float:
-            pr = classify(cls, [p.input_ids for p in ps], interventions=ivs)
-            return sum(int(pr[j].argmax()) == p.label for j, p in enumerate(ps)) / max(1, len(ps))
+    sources: dict[str, list[list[tuple[int, int]]]] = {}
+    c_spans: list[list[tuple[int, int]]] | None = None
+    if "attributed" in args.sentiment_spans:     # minimal spans by input attribution (replay)
+        spans: list[list[tuple[int, int]]] = []
+        for inc in F:
+            s = Replayer(cls).load(inc)
+            bound = Failure.label(wrong[inc.id]).bind(s)
+            res = attribute_input(s, tokenizer=ctok,
+                                  failing_logits=lambda lg, b=bound: b.value(lg) > 0)
+            ok = res is not None and res.verified
+            spans.append([(x.start, x.end) for x in res.spans] if ok and res else [])
+        sources["attributed"] = spans
+        log.info("sentiment: verified spans for %d/%d derivation failing reviews (%.0fs)",
+                 sum(bool(x) for x in spans), len(F), time.perf_counter() - t0)
+    if "twin" in args.sentiment_spans:           # the positions where the twin differs
+        from analysis.rca._twins import aligned_tail
 
-        k = round(acc(held.failing, fix.interventions) * len(held.failing))
-        out["heldout"] = {
-            "flip": {"flipped": k, "n": len(held.failing), "ci": list(wilson(k, len(held.failing)))},
-            "clean_accuracy": {"before": acc(held.clean, []),
-                               "after": acc(held.clean, fix.interventions), "n": len(held.clean)},
-            "controls_accuracy": {"before": acc(held.controls, []),
-                                  "after": acc(held.controls, fix.interventions)}}
+        def twin_spans(ps: Sequence[Any]) -> list[list[tuple[int, int]]]:
+            out = []
+            for p in ps:
+                twin = der.twin(p)
+                pre, end, _ = aligned_tail(p.input_ids, twin.input_ids) if twin else (0, 0, 0)
+                out.append([(pre, end)] if end > pre else [])
+            return out
+
+        sources["twin"] = twin_spans(der.failing)
+        c_spans = twin_spans(der.controls)
+    benign_prompts = der.twins + der.clean
+
+    def acc(ps: Sequence[Any], ivs: Sequence[Any]) -> float:
+        pr = classify(cls, [p.input_ids for p in ps], interventions=ivs)
+        return sum(int(pr[j].argmax()) == p.label for j, p in enumerate(ps)) / max(1, len(ps))
+
+    out: dict[str, Any] = {"derivation": {"failing": len(F), "controls": len(C),
+                                          "benign": len(B)}}
+    for name, spans in sources.items():
+        keep = [i for i, sp_ in enumerate(spans) if sp_]
+        fix = derive_span_fix(cls, failing=[F[i] for i in keep], spans=[spans[i] for i in keep],
+                              contrast=C, benign=B, labels=[p.label for p in benign_prompts],
+                              failing_label=lambda inc: wrong[inc.id],
+                              groups=[der.failing[i].meta.get("suffix", str(spans[i]))
+                                      for i in keep], progress=log.info,
+                              contrast_spans=c_spans if name == "twin" else None)
+        row: dict[str, Any] = {"failing_with_spans": len(keep), "search": fix.to_dict()}
+        if fix.interventions:
+            k = round(acc(held.failing, fix.interventions) * len(held.failing))
+            row["heldout"] = {
+                "flip": {"flipped": k, "n": len(held.failing),
+                         "ci": list(wilson(k, len(held.failing)))},
+                "clean_accuracy": {"before": acc(held.clean, []),
+                                   "after": acc(held.clean, fix.interventions),
+                                   "n": len(held.clean)},
+                "controls_accuracy": {"before": acc(held.controls, []),
+                                      "after": acc(held.controls, fix.interventions)}}
+            log.info("sentiment (%s spans): held-out flips %d/%d", name, k, len(held.failing))
+        out[f"spans_{name}"] = row
     out["seconds"] = round(time.perf_counter() - t0, 1)
     return out
 
@@ -387,6 +412,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--n-investigate", type=int, default=10)
     ap.add_argument("--n-baseline", type=int, default=0,
                     help="evaluate the baselines on the first n held-out prompts of each set")
+    ap.add_argument("--sentiment-spans", nargs="*", default=["attributed", "twin"],
+                    choices=["attributed", "twin"],
+                    help="span sources for the sentiment span neutraliser")
     ap.add_argument("--gate-layers", type=int, nargs="*", default=None)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")

@@ -89,7 +89,8 @@ def _mask(n: int, spans: Spans) -> np.ndarray:
 
 
 def _fit(site_tokens: dict[str, dict[str, list[np.ndarray]]], spans: Sequence[Spans],
-         idx: dict[str, Any], sites: Sequence[str]) -> list[Intervention]:
+         idx: dict[str, Any], sites: Sequence[str],
+         contrast_spans: Sequence[Spans] | None = None) -> list[Intervention]:
     ivs: list[Intervention] = []
     for site in sites:
         toks = site_tokens[site]
@@ -97,8 +98,9 @@ def _fit(site_tokens: dict[str, dict[str, list[np.ndarray]]], spans: Sequence[Sp
                 if i in idx["failing"]]
         other = [x[~_mask(len(x), spans[i])] for i, x in enumerate(toks["failing"])
                  if i in idx["failing"]]
-        for k in ("contrast", "benign"):
-            other += [x for i, x in enumerate(toks[k]) if i in idx[k]]
+        other += [x[~_mask(len(x), contrast_spans[i] if contrast_spans else ())]
+                  for i, x in enumerate(toks["contrast"]) if i in idx["contrast"]]
+        other += [x for i, x in enumerate(toks["benign"]) if i in idx["benign"]]
         ivs += span_neutraliser(site, np.concatenate(span), np.concatenate(other))
     return ivs
 
@@ -107,10 +109,16 @@ def derive_span_fix(model: Any, *, failing: Sequence[Incident], spans: Sequence[
                     contrast: Sequence[Incident], benign: Sequence[Incident],
                     labels: Sequence[int], failing_label: Callable[[Incident], int],
                     sites: Sequence[str] | None = None, groups: Sequence[str] | None = None,
+                    contrast_spans: Sequence[Spans] | None = None,
                     max_accuracy_drop: float = 0.01, budget_kl: float = 0.1,
                     progress: Callable[[str], None] | None = None) -> DirectionFix:
     """Search the site of a span neutraliser under the budget (module doc); ``labels``: the
-    benign incidents' true classes, ``failing_label``: the wrong class a failing one gets."""
+    benign incidents' true classes, ``failing_label``: the wrong class a failing one gets;
+    ``contrast_spans``: the inserted spans of the contrast prompts (e.g. where each differs
+    from its twin), left out of the negatives — the gate then recognises the inserted text,
+    not only the words that happened to fail, and carries over to unseen words."""
+    if contrast_spans is not None and len(contrast_spans) != len(contrast):
+        raise AnalysisError("contrast_spans needs one span list per contrast incident")
     if len(failing) < 4 or len(benign) < 4 or len(spans) != len(failing):
         raise AnalysisError("a span fix needs >= 4 failing incidents with their spans and >= 4 "
                             "benign incidents")
@@ -133,7 +141,7 @@ def derive_span_fix(model: Any, *, failing: Sequence[Incident], spans: Sequence[
         flips = n = 0
         acc_drop, kls = [], []
         for fit, ev in ((0, 1), (1, 0)):
-            ivs = _fit(toks, spans, folds[fit], option)
+            ivs = _fit(toks, spans, folds[fit], option, contrast_spans)
             fi = sorted(folds[ev]["failing"])
             probs = classify(model, [prompts["failing"][i] for i in fi], interventions=ivs)
             flips += sum(int(probs[j].argmax()) != failing_label(failing[i])
@@ -160,6 +168,6 @@ def derive_span_fix(model: Any, *, failing: Sequence[Incident], spans: Sequence[
     chosen, option = max(ok, key=lambda c: (c[0].flip_rate, -len(c[1])))
     every = {"failing": set(range(len(failing))), "contrast": set(range(len(contrast))),
              "benign": set(range(len(benign)))}
-    return DirectionFix(_fit(toks, spans, every, option), chosen, [c for c, _ in cands], [],
+    return DirectionFix(_fit(toks, spans, every, option, contrast_spans), chosen, [c for c, _ in cands], [],
                         budget_kl, 1 - max_accuracy_drop,
                         notes=["top1_agreement here is 1 - the accuracy drop on benign"])
