@@ -1,0 +1,93 @@
+"""The greedy search under a misleading prior: a ranking reorders, never excludes; a pass budget
+(default: the exhaustive single-candidate count) caps every phase; a failed ranked phase falls
+back to unguided group testing, then delta debugging; giving up says why, with the passes used.
+
+The algorithms run on pure-function oracles here (exact pass counts); the same behaviour on a
+planted model guided by a real detector report is in ``test_cca_planted.py``.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from analysis.cca import CausalCCA
+from analysis.cca._attribution import blend_ranking
+from analysis.cca._budget import BudgetedOracle, BudgetExhausted
+from analysis.cca._greedy import greedy_search
+from analysis.cca._group_testing import ddmin
+from integrations.errors import ConfigError
+from tests.unit.analysis._oracles import BooleanOracle
+
+N = 1024
+DECOYS = set(range(900, 912))  # a 12-element way to flip it: more than max_fix_set_size=8
+
+
+def test_a_ranking_that_leads_astray_falls_back_to_unguided_group_testing() -> None:
+    oracle = BooleanOracle(N, [{7}, DECOYS])
+    ranked = sorted(DECOYS) + [i for i in range(N) if i not in DECOYS and i != 7] + [7]
+    red = greedy_search(oracle, ranked=ranked, unguided=list(range(N)), max_size=8, limit=N)
+    assert red.items == [7] and red.phase == "unguided"
+    assert any(t.startswith("ranked: failed (more than max_fix_set_size=8") for t in red.trace)
+    assert oracle.passes <= N
+
+
+def test_a_fix_that_needs_bulk_is_refused_within_the_budget_and_says_why() -> None:
+    # Any 600 interventions "fix" it (by breaking the model): delta debugging alone, with no
+    # budget, spends thousands of replays to prove it; the capped search stops at N.
+    uncapped = BooleanOracle(N, [], bulk=600)
+    ddmin(uncapped, list(range(N)))
+    assert uncapped.passes > N
+    oracle = BooleanOracle(N, [], bulk=600)
+    red = greedy_search(oracle, ranked=list(range(N))[::-1], unguided=list(range(N)),
+                        max_size=8, limit=N)
+    assert red.items is None and oracle.passes <= N
+    for phase in ("ranked phase", "unguided phase", "ddmin phase", "budget of 1024"):
+        assert phase in red.reason
+
+
+def test_nothing_flips_stops_after_one_phase() -> None:
+    oracle = BooleanOracle(64, [])
+    red = greedy_search(oracle, ranked=list(range(64))[::-1], unguided=list(range(64)),
+                        max_size=8, limit=64)
+    assert red.items is None and "does not flip" in red.reason and oracle.passes <= 10
+
+
+def test_the_orders_must_hold_the_same_candidates() -> None:
+    with pytest.raises(ValueError, match="same candidates"):
+        greedy_search(BooleanOracle(4, [{1}]), ranked=[0, 1], unguided=[0, 1, 2], max_size=2,
+                      limit=4)
+
+
+def test_budgeted_oracle_refuses_before_replaying() -> None:
+    inner = BooleanOracle(8, [{1}])
+    capped = BudgetedOracle(inner, limit=3)
+    assert capped.evaluate_batch([[0], [1]]) == [1.0, -1.0] and capped.remaining == 1
+    with pytest.raises(BudgetExhausted, match="limit of 3"):
+        capped.evaluate_batch([[2], [3]])
+    assert inner.passes == 2  # the refused batch was not replayed
+    assert capped.verify([1]) == -1.0 and capped.remaining == 0
+
+
+def test_guidance_reorders_and_never_excludes() -> None:
+    sites = [f"blocks.{i // 4}.mlp.post[neuron={i % 4}]" for i in range(16)]
+    est = [float(i) for i in range(16)]
+    for ranked in ([], [("blocks.3.mlp.post", 5.0)], [("blocks.9.attn", 1.0)],
+                   [(f"blocks.{i}.mlp", float(i)) for i in range(4)]):
+        order = blend_ranking(est, sites, guided_by=SimpleNamespace(ranked_sites=ranked),
+                              cf_weight=1.0)
+        assert sorted(order) == list(range(16))
+    order = blend_ranking(est, sites, guided_by=SimpleNamespace(
+        ranked_sites=[("blocks.3.mlp.post", 5.0)]), cf_weight=1.0)
+    assert set(order[:4]) == {12, 13, 14, 15}  # the guided site first, the rest all kept
+
+
+def test_budget_and_ranking_options_are_validated() -> None:
+    assert CausalCCA(max_fix_set_size=2).max_forward_passes is None  # N, set per search
+    assert CausalCCA(max_fix_set_size=2, max_forward_passes=50).max_forward_passes == 50
+    for bad in (0, -3, True):
+        with pytest.raises(ConfigError, match="max_forward_passes"):
+            CausalCCA(max_fix_set_size=2, max_forward_passes=bad)
+    with pytest.raises(ConfigError, match="rank_by"):
+        CausalCCA(max_fix_set_size=2, rank_by="cf")
