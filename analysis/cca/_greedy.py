@@ -68,19 +68,19 @@ def greedy_search(oracle: Oracle, *, ranked: Sequence[int], unguided: Sequence[i
             return Reduction(red.items, "", trace, phase=name)
         failures.append(f"{name} phase: {red.reason}")
         trace.append(f"{name}: failed ({red.reason})")
-        if i == 0 and not _all_flip(oracle, unguided, limit):
+        if i == 0 and _all_flip(oracle, unguided, limit) is False:
             return Reduction(None, red.reason, trace)  # nothing flips: no order can help
     return Reduction(None, "; ".join(failures) + f" ({oracle.forward_passes} forward passes "
                      f"used of a budget of {limit})", trace)
 
 
-def _all_flip(oracle: Oracle, items: Sequence[int], limit: int) -> bool:
-    """Whether intervening on every candidate flips (one batch-1 replay, if the budget has
-    room; without room the fallbacks could not run anyway)."""
+def _all_flip(oracle: Oracle, items: Sequence[int], limit: int) -> bool | None:
+    """Whether intervening on every candidate flips (one batch-1 replay); None when the budget
+    has no room for it."""
     try:
         return flipped(BudgetedOracle(oracle, limit=limit).verify(list(items)))
     except BudgetExhausted:
-        return False
+        return None
 
 
 def _ddmin_within(oracle: BudgetedOracle, items: Sequence[int], *, max_size: int) -> Reduction:

@@ -91,3 +91,15 @@ def test_budget_and_ranking_options_are_validated() -> None:
             CausalCCA(max_fix_set_size=2, max_forward_passes=bad)
     with pytest.raises(ConfigError, match="rank_by"):
         CausalCCA(max_fix_set_size=2, rank_by="cf")
+
+
+def test_a_budget_too_small_for_the_fault_gives_up_within_it() -> None:
+    oracle = BooleanOracle(N, [{3, 900}])  # two causes: ~40 replays needed
+    red = greedy_search(oracle, ranked=list(range(N))[::-1], unguided=list(range(N)),
+                        max_size=8, limit=12)
+    assert red.items is None and oracle.passes <= 12
+    assert "stopped at its share of the budget" in red.reason and "budget of 12" in red.reason
+    roomy = BooleanOracle(N, [{3, 900}])
+    found = greedy_search(roomy, ranked=list(range(N))[::-1], unguided=list(range(N)),
+                          max_size=8, limit=N)
+    assert found.items is not None and set(found.items) == {3, 900} and found.phase == "ranked"
