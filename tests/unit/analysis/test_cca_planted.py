@@ -26,15 +26,12 @@ from analysis.interventions import DonorBaseline, Intervention
 from analysis.replay import Replayer, ReplaySession
 from analysis.scenarios.planted import PlantedModel, build_planted
 from integrations.incident import Incident
-from tests.unit.analysis._planted_specs import BERT_OR, GPT2, GPT2_OR
+from tests.unit.analysis._planted_specs import BERT_OR, DETECTOR_SITES, GPT2, GPT2_OR
 from tests.unit.analysis._traced import traced
 
 pytestmark = pytest.mark.slow
 
 NEURONS = ["blocks.*.mlp.post[neuron=*]"]
-#: What the detectors see (as benchmarks/cf_eval.py records planted models).
-DETECTOR_SITES = ["embed", "blocks.*.attn.z", "blocks.*.attn", "blocks.*.mlp.post",
-                  "blocks.*.mlp", "blocks.*.resid_post"]
 N = 4 * 256
 
 

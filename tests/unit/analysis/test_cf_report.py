@@ -4,9 +4,22 @@ and first_flagged."""
 from __future__ import annotations
 
 import pytest
+import torch
 
-from analysis.cf import ONSET_RATIO, CFReport, SiteScore, WorstUnit
+from analysis.cf import (
+    DEFAULT_DETECTOR,
+    ONSET_RATIO,
+    CFReport,
+    SiteScore,
+    WorstUnit,
+    default_detector,
+    detector_class,
+)
+from analysis.scenarios.planted import build_planted
 from integrations.errors import AnalysisError
+from integrations.incident import Incident
+from tests.unit.analysis._planted_specs import BERT, DETECTOR_SITES
+from tests.unit.analysis._traced import traced
 
 
 def _site(name: str, score: float, threshold: float = 2.0) -> SiteScore:
@@ -72,3 +85,21 @@ def test_weak_echoes_of_an_upstream_anomaly_follow_the_onsets() -> None:
     assert near.candidates(onset_ratio=1.0) == ["a", "c", "b"]
     with pytest.raises(AnalysisError, match="onset_ratio"):
         rep.candidates(onset_ratio=1.5)
+
+
+@pytest.mark.slow
+def test_the_default_detector_names_a_planted_bert_neuron_among_its_first_candidates() -> None:
+    # On planted BERT the trigger token is itself unusual input: layer 0's pooling head is
+    # flagged first, and its weak echoes used to push the planted neuron out of the first three
+    pm = build_planted(BERT)
+
+    def record(ids: list[int]) -> Incident:
+        return traced(pm.model, lambda: pm.model(input_ids=torch.tensor([ids])),
+                      sites=DETECTOR_SITES)
+
+    base = [record(p) for p in pm.benign_prompts(50, seed=31)]
+    det = default_detector(baseline=detector_class(DEFAULT_DETECTOR).build_baseline(base))
+    planted = pm.fault_sites[0].split("[", 1)[0]  # blocks.2.mlp.post
+    for p in pm.failing_prompts(8, seed=32):
+        rep = det.analyze(record(p))
+        assert rep.flagged and planted in rep.root_cause_candidates[:3], rep.sites
