@@ -34,8 +34,7 @@ _SITE_FLOOR = 0.5
 _INCIDENT_FLOOR = 0.5
 #: The incident reference puts z = 2 at a 90 % upper confidence bound of the baseline's 97.7th
 #: percentile (:func:`~._score.tail_ref`): the largest baseline incident below ~100 incidents.
-#: Measured (benchmarks/RESULTS_rca.md): with 50 baseline incidents the point estimate flagged
-#: up to 6.5 % of one planted model's benign incidents (200 measured), this bound at most 3.5 %.
+#: The benign flag rate per planted model it gives is measured in benchmarks/RESULTS_rca.md.
 INCIDENT_CONFIDENCE = 0.9
 
 
