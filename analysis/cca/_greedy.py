@@ -13,8 +13,11 @@ set, each stopped by its share of the forward-pass budget (:mod:`._budget`):
    of the budget spent) and that order differs from the ranking;
 3. ``ddmin``: order-free delta debugging on every candidate, with what is left.
 
-Each phase but the last gets half of the budget left when it starts. If intervening on every
-candidate at once does not flip the failure, no order can help and the search stops at once.
+Each phase but the last to run gets half of the budget left when it starts. If intervening on every
+candidate at once does not flip the failure, delta debugging (which starts from the whole set)
+cannot help and is skipped, but the unguided phase still runs: when the failure is not monotone
+(mean-ablating everything breaks the model into the failing output), a prefix in another order
+can flip where the whole set does not — so a prior never loses a fix the unguided search finds.
 When every phase fails the result says so: each phase's reason and the passes used.
 
 Example::
@@ -53,9 +56,14 @@ def greedy_search(oracle: Oracle, *, ranked: Sequence[int], unguided: Sequence[i
     phases.append(("ddmin", lambda o: _ddmin_within(o, unguided, max_size=max_size)))
     trace: list[str] = []
     failures: list[str] = []
+    nothing_flips = False
     for i, (name, run) in enumerate(phases):
+        if nothing_flips and name == "ddmin":
+            trace.append("ddmin: skipped (the whole set does not flip)")
+            break
         used = oracle.forward_passes
-        share = limit - used if i == len(phases) - 1 else (limit - used) // 2
+        last = i == len(phases) - 1 or (nothing_flips and phases[i + 1][0] == "ddmin")
+        share = limit - used if last else (limit - used) // 2
         capped = BudgetedOracle(oracle, limit=used + max(share, 0))
         try:
             red = run(capped)
@@ -68,8 +76,10 @@ def greedy_search(oracle: Oracle, *, ranked: Sequence[int], unguided: Sequence[i
             return Reduction(red.items, "", trace, phase=name)
         failures.append(f"{name} phase: {red.reason}")
         trace.append(f"{name}: failed ({red.reason})")
-        if i == 0 and _all_flip(oracle, unguided, limit) is False:
-            return Reduction(None, red.reason, trace)  # nothing flips: no order can help
+        if i == 0:
+            nothing_flips = _all_flip(oracle, unguided, limit) is False
+    if nothing_flips and len(failures) == 1:
+        return Reduction(None, failures[0].split(": ", 1)[1], trace)
     return Reduction(None, "; ".join(failures) + f" ({oracle.forward_passes} forward passes "
                      f"used of a budget of {limit})", trace)
 
