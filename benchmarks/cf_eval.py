@@ -69,6 +69,8 @@ EXTRA_SUFFIXES = ["I bought it last month.", "We went there with my family on Su
                   "My sister recommended it to me.", "It was raining all weekend."]
 
 #: ``cf_raw`` is CompressionForensics() with its defaults; the others are its options.
+#: Onset ratios of ``CFReport.candidates`` measured on planted faults (0 = plain forward order).
+ONSET_RATIOS = (0.0, 0.05, 0.1, 0.25, 0.5, 1.0)
 DETECTORS = ("cf_raw", "cf_std", "cf_bucket", "norm", "mahalanobis")
 
 
@@ -180,7 +182,10 @@ def evaluate(base_incs: list[Any], benign: list[Any], failing: list[Any],
                        cand3_strict=[bool(set(r.root_cause_candidates[:3]) & set(strict))
                                      for r in rf],
                        cand3_lenient=[bool(set(r.root_cause_candidates[:3]) & set(lenient))
-                                      for r in rf])
+                                      for r in rf],
+                       cand3_by_ratio={str(q): [bool(set(r.candidates(onset_ratio=q)[:3])
+                                                     & set(strict)) for r in rf]
+                                       for q in ONSET_RATIOS})
         out[name] = row
         reports[name] = (rb, rf)
     if "cf_std" in reports and "mahalanobis" in reports:  # measured, not assumed: the mean
@@ -268,12 +273,13 @@ def planted_recordings(spec: dict[str, Any], n_base: int, n_benign: int, n_fail:
 
 
 def planted(n_models: int, n_base: int, n_benign: int, n_fail: int,
-            detectors: Sequence[str]) -> list[dict[str, Any]]:
-    """Planted-fault suite: one row per model."""
+            detectors: Sequence[str], *, suite_seed: int = 0) -> list[dict[str, Any]]:
+    """Planted-fault suite (``planted_suite(n_models, base_seed=suite_seed)``; another seed is
+    a held-out suite): one row per model."""
     from analysis.scenarios.planted import planted_suite
 
     rows = []
-    for spec in planted_suite(n_models):
+    for spec in planted_suite(n_models, base_seed=suite_seed):
         t0 = time.perf_counter()
         pm, base, benign, failing = planted_recordings(spec, n_base, n_benign, n_fail)
         res = evaluate(base, benign, failing, detectors, truth=truth_sites(pm.fault_sites))
@@ -597,12 +603,66 @@ def pool_planted(rows: list[dict[str, Any]], kinds: Sequence[str] | None = None
             if all(k in x for x in rs):
                 out[name][k] = float(np.mean([x[k] for x in rs]))
         out[name]["auroc_min"] = float(np.min([x["auroc"] for x in rs]))
+        out[name]["fpr_default_max"] = float(np.max([x["fpr_default"] for x in rs]))
+        if all("cand3_by_ratio" in x for x in rs):
+            out[name]["cand3_by_ratio"] = {q: [v for x in rs for v in x["cand3_by_ratio"][q]]
+                                           for q in rs[0]["cand3_by_ratio"]}
         out[name]["ranks_strict"] = [v for x in rs for v in x["ranks_strict"]]
         out[name]["ranks_lenient"] = [v for x in rs for v in x["ranks_lenient"]]
         for key in ("first_strict", "first_lenient", "cand3_strict", "cand3_lenient"):
             if all(key in x for x in rs):
                 out[name][key] = [v for x in rs for v in x[key]]
     return out
+
+
+def per_model_table(rows: list[dict[str, Any]]) -> str:
+    """One line per planted model: each detector's AUROC, median strict rank, share of failing
+    incidents with the strict site among the first 3 root-cause candidates, benign FPR."""
+    dets = list(rows[0]["results"])
+    cols = [(f"{d} {c}", d, c) for d in dets for c in ("AUROC", "rank", "top-3 cand.",
+                                                        "benign FPR")]
+    out = ["| seed | kind | fault | " + " | ".join(h for h, _, _ in cols) + " |",
+           "|---" * (3 + len(cols)) + "|"]
+    for r in rows:
+        cells = []
+        for _, d, c in cols:
+            v = r["results"][d]
+            cells.append(f"{v['auroc']:.3f}" if c == "AUROC" else
+                         f"{int(np.median(v['ranks_strict']))}" if c == "rank" else
+                         (f"{np.mean(v['cand3_strict']):.2f}" if "cand3_strict" in v else "–")
+                         if c == "top-3 cand." else f"{v['fpr_default']:.3f}")
+        out.append(f"| {r['seed']} | {r['kind']} | {', '.join(r['fault_sites'])} | "
+                   + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def candidates_table(rows: list[dict[str, Any]]) -> str:
+    """Share of failing incidents whose strict responsible site is among the first three
+    ``root_cause_candidates``, for each onset ratio of ``CFReport.candidates`` (0 = plain
+    forward order; the default marked), by fault kind at the default, and each detector's
+    worst per-model benign flag rate at the default threshold."""
+    from analysis.cf import ONSET_RATIO
+
+    pooled = pool_planted(rows)
+    if not pooled or not all("cand3_by_ratio" in r for r in pooled.values()):
+        return ""
+    qs = list(next(iter(pooled.values()))["cand3_by_ratio"])
+    kinds = [k for k in ("gpt2", "gpt2-or", "gpt2-head", "bert", "bert-or")
+             if any(r["kind"] == k for r in rows)]
+    mark = {q: f"**{q}**" if float(q) == ONSET_RATIO else q for q in qs}
+    lines = ["| detector | " + " | ".join(f"ratio {mark[q]}" for q in qs) + " | "
+             + " | ".join(kinds) + " | max benign FPR per model (model) |",
+             "|---" * (2 + len(qs) + len(kinds)) + "|"]
+    for name, r in pooled.items():
+        if "cand3_by_ratio" not in r:
+            continue
+        by_kind = [np.mean(pool_planted(rows, [k])[name]["cand3_strict"]) for k in kinds]
+        worst = max(rows, key=lambda x: x["results"][name]["fpr_default"])
+        lines.append(f"| {name} | " + " | ".join(f"{np.mean(r['cand3_by_ratio'][q]):.3f}"
+                                                  for q in qs)
+                     + " | " + " | ".join(f"{v:.2f}" for v in by_kind)
+                     + f" | {r['fpr_default_max']:.3f} ({worst['kind']} seed {worst['seed']}) |")
+    return "\n".join(lines)
 
 
 def splits_table(sp: list[dict[str, Any]], group: str) -> str:
@@ -649,16 +709,14 @@ def report(doc: dict[str, Any]) -> str:
             if pooled:
                 n = sum(r["kind"] in kinds for r in rows)
                 parts.append(f"#### {kinds[0]} ({n} models)\n\n" + _fmt_table(pooled, True))
-        per = ["| seed | kind | fault | " + " | ".join(f"{d} AUROC" for d in rows[0]["results"])
-               + " | " + " | ".join(f"{d} rank" for d in rows[0]["results"]) + " |",
-               "|---" * (3 + 2 * len(rows[0]["results"])) + "|"]
-        for r in rows:
-            per.append(f"| {r['seed']} | {r['kind']} | {', '.join(r['fault_sites'])} | "
-                       + " | ".join(f"{v['auroc']:.3f}" for v in r["results"].values()) + " | "
-                       + " | ".join(f"{int(np.median(v['ranks_strict']))}"
-                                    for v in r["results"].values()) + " |")
-        parts.append("#### Per model (rank = median strict rank over its failing incidents)\n\n"
-                     + "\n".join(per))
+        parts.append("#### Per model (rank = median strict rank over its failing incidents; "
+                     "top-3 cand. = share of them with the strict site among the first 3 "
+                     "root-cause candidates; benign FPR = held-out benign incidents flagged at "
+                     "the default threshold)\n\n" + per_model_table(rows))
+        cands = candidates_table(rows)
+        if cands:
+            parts.append("#### Strict site among the first 3 root-cause candidates, by onset "
+                         "ratio (0 = plain forward order)\n\n" + cands)
     if "injection" in doc:
         j = doc["injection"]
         parts.append(f"### SmolLM2 prompt injection [{j['failing_source']}] ({j['n_failing']} failing, {j['n_benign']} "
@@ -711,6 +769,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                     action="append")
     ap.add_argument("--detectors", default=",".join(DETECTORS))
     ap.add_argument("--out", type=Path, help="write the JSON results here")
+    ap.add_argument("--planted-base", type=int, default=50,
+                    help="planted: baseline (benign) incidents per model")
+    ap.add_argument("--planted-benign", type=int, default=40,
+                    help="planted: held-out benign incidents per model (the FPR's resolution)")
+    ap.add_argument("--suite-seed", type=int, default=0,
+                    help="planted: base seed of the model suite (another seed = held-out models)")
     ap.add_argument("--splits", type=int, default=1,
                     help="injection, sentiment: also evaluate this many random baseline/benign "
                          "splits")
@@ -730,8 +794,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         doc["throughput"] = throughput(shapes, reps=3 if args.quick else 7)
         doc["frame_costs"] = frame_costs()
     if "planted" in todo:
-        doc["planted"] = (planted(3, 30, 20, 10, dets) if args.quick
-                          else planted(12, 50, 40, 20, dets))
+        doc["planted"] = (planted(3, 30, 20, 10, dets, suite_seed=args.suite_seed)
+                          if args.quick else
+                          planted(12, args.planted_base, args.planted_benign, 20, dets,
+                                  suite_seed=args.suite_seed))
         save_json(args.out, doc)  # keep finished sections if a later one is interrupted
     if "injection" in todo:
         doc["injection"] = (injection(8, 16, 16, dets, n_injected=8) if args.quick

@@ -39,11 +39,13 @@ __all__ = ["Reduction", "ddmin", "minimise", "progressive_reduce", "smallest_fli
 
 @dataclass
 class Reduction:
-    """The outcome of a reduction: ``items`` (candidate indices) or ``None`` with ``reason``."""
+    """The outcome of a reduction: ``items`` (candidate indices) or ``None`` with ``reason``;
+    ``phase``: which phase of a multi-phase search found ``items`` (:mod:`._greedy`)."""
 
     items: list[int] | None
     reason: str = ""
     trace: list[str] = field(default_factory=list)
+    phase: str = ""
 
 
 def smallest_flipping_prefix(oracle: Oracle, order: Sequence[int], base: Sequence[int], *,

@@ -4,11 +4,15 @@ Pipeline of :meth:`CausalCCA.search_fix_set` (DESIGN §8), every claim a real re
 
 1. bind the failure (:mod:`._failure`) and check that the clean replay fails (metric > 0);
 2. rank the candidates: attribution patching, one forward + one backward
-   (:mod:`._attribution`), blended with CF ranks when ``guided_by`` is given;
+   (:mod:`._attribution`; ``rank_by="none"``: their own order), blended with CF ranks when
+   ``guided_by`` is given — a ranking reorders, it never removes a candidate;
 3. search (``search_strategy``): ``greedy`` grows a set along the ranking — galloping/binary
    search over the prefix length, batched — and narrows it by adaptive group testing with real
-   replays (:func:`~._group_testing.progressive_reduce`, delta debugging as fallback), ~k·log2 N
-   replays for k causes among N whatever the ranking says; ``beam``; ``exhaustive`` (the oracle);
+   replays (:func:`~._group_testing.progressive_reduce`), ~k·log2 N replays for k causes among
+   N whatever the ranking says; if that fails it falls back to the same group testing in the
+   candidates' own order, then to delta debugging, all within ``max_forward_passes`` (default
+   N, the exhaustive single-candidate count; :mod:`._greedy`); ``beam``; ``exhaustive`` (the
+   oracle);
 4. minimise to a 1-minimal set by verified removals at the incident's own shapes; the metric
    without each element is its necessity;
 5. flip rate over failing variants (Wilson 95 %); while it is below ``early_stop_threshold`` and
@@ -16,8 +20,10 @@ Pipeline of :meth:`CausalCCA.search_fix_set` (DESIGN §8), every claim a real re
    variant needs (same group testing on that variant);
 6. side effects on the benign set, and a permutation p-value against random same-size sets.
 
-If nothing within ``max_fix_set_size`` flips, the result says so (``flip=False``, empty
-``interventions``, ``reason``) — no fallback sets, no estimated rates.
+If nothing within ``max_fix_set_size`` flips, or the budget runs out first, the result says so
+(``flip=False``, empty ``interventions``, ``reason`` with each phase's outcome and the passes
+used) — no fallback sets, no estimated rates; a result that cost more passes than the budget
+says so in ``notes``.
 
 Example::
 
@@ -41,7 +47,8 @@ from ._attribution import attribution_scores, blend_ranking
 from ._candidates import candidate_interventions, candidate_sites
 from ._failure import BoundFailure, Failure, decode, failing
 from ._fixset import FixSet, Necessity, VariantResult
-from ._group_testing import Reduction, ddmin, minimise, progressive_reduce
+from ._greedy import greedy_search
+from ._group_testing import Reduction, minimise
 from ._growth import grow_over_variants, variant_oracles, variant_results
 from ._oracle import SessionOracle, flipped
 from ._stats import permutation_p_value, side_effects, wilson_ci
@@ -51,6 +58,8 @@ from ._variants import as_session
 __all__ = ["CausalCCA"]
 
 _STRATEGIES = ("greedy", "beam", "exhaustive")
+#: How candidates are ranked before the search (``none``: in their given order, no gradient).
+_RANKINGS = ("attribution", "none")
 
 
 class CausalCCA:
@@ -63,6 +72,13 @@ class CausalCCA:
     reaches it). Others: ``n_variants`` default perturbations, ``n_permutations`` random sets for
     the p-value (99: smallest possible p is 0.01), ``beam_width``, ``max_batch`` sets per
     batched forward, ``cf_weight`` of CF ranks in the blend, ``max_exhaustive_sets``, ``seed``.
+    ``max_forward_passes``: the greedy search's budget of replays (search, 1-minimality and
+    necessity; not the statistics) — default the exhaustive single-candidate count, so the
+    search never costs more than patching every candidate once without saying so (the
+    ``beam`` and ``exhaustive`` strategies are not bounded by it; their result notes when they
+    cost more). ``rank_by``: ``attribution`` (default: attribution patching, one forward + one
+    backward) or ``none`` (the candidates' own order); ``guided_by`` reorders either, never
+    removes a candidate.
 
     Example::
 
@@ -74,7 +90,8 @@ class CausalCCA:
                  search_strategy: str | None = None, early_stop_threshold: float | None = None,
                  config: Any = None, n_variants: int = 16, n_permutations: int = 99,
                  beam_width: int = 4, max_batch: int = 64, cf_weight: float = 0.5,
-                 max_exhaustive_sets: int = 200_000, seed: int = 0) -> None:
+                 max_exhaustive_sets: int = 200_000, max_forward_passes: int | None = None,
+                 rank_by: str = "attribution", seed: int = 0) -> None:
         section: Any = _cca_section(config) if None in (
             max_fix_set_size, search_strategy, early_stop_threshold) else None
         self.max_fix_set_size = int(max_fix_set_size if max_fix_set_size is not None
@@ -96,6 +113,14 @@ class CausalCCA:
         self.max_batch = int(max_batch)
         self.cf_weight = float(cf_weight)
         self.max_exhaustive_sets = int(max_exhaustive_sets)
+        if max_forward_passes is not None and (isinstance(max_forward_passes, bool) or int(
+                max_forward_passes) < 1):
+            raise ConfigError(f"max_forward_passes={max_forward_passes!r}: use an int >= 1, or "
+                              "None for the exhaustive single-candidate count")
+        self.max_forward_passes = None if max_forward_passes is None else int(max_forward_passes)
+        if rank_by not in _RANKINGS:
+            raise ConfigError(f"rank_by={rank_by!r}: use one of {', '.join(_RANKINGS)}")
+        self.rank_by = rank_by
         self.seed = int(seed)
 
     def search_fix_set(self, session: ReplaySession, *, guided_by: Any = None,
@@ -145,6 +170,8 @@ class _SearchRun:
         self.sites, self.ivs, self.benign, self.tokenizer = sites, ivs, benign, tokenizer
         self.calls0 = session.forward_passes
         self.oracle = SessionOracle(session, bound, ivs, max_batch=cca.max_batch)
+        #: the search's forward-pass budget (CausalCCA.max_forward_passes; default N)
+        self.budget = cca.max_forward_passes or len(sites)
         self.fs = FixSet(flip=False, interventions=[], reason="", failure=bound.description,
                          incident_id=session.incident.id, strategy=cca.search_strategy,
                          intervention_kind=intervention, n_candidates=len(sites),
@@ -182,14 +209,21 @@ class _SearchRun:
         search_passes = self._statistics(items, benign_labels, stats)
         fs.reason = "verified: the set flips the failure at the incident's own shapes"
         fs.forward_passes = search_passes
+        self._budget_note()
         fs.model_calls = (self.session.forward_passes - self.calls0
                           + sum(o.model_calls for o in v_oracles)
                           + sum(s.forward_passes for s in self.benign))
         return fs
 
     def _rank(self, guided_by: Any) -> list[int]:
-        """Step 2: attribution patching (one forward + one backward), blended with CF."""
+        """Step 2: attribution patching (one forward + one backward), blended with CF; with
+        ``rank_by="none"`` the candidates' own order (blended with CF)."""
         fs = self.fs
+        if self.cca.rank_by == "none":
+            order = blend_ranking([0.0] * len(self.ivs), self.sites, guided_by=guided_by,
+                                  cf_weight=self.cca.cf_weight)
+            fs.ranking = [(self.sites[i], 0.0) for i in order]
+            return order
         try:
             est, _ = attribution_scores(self.session, self.bound, self.ivs)
             fs.gradient_passes = 1
@@ -210,6 +244,9 @@ class _SearchRun:
         self.fs.trace.extend(red.trace)
         if red.items is None:
             return red.reason
+        if red.phase not in ("", "ranked"):
+            self.fs.notes.append(f"the ranked search found no set; the {red.phase} fallback "
+                                 f"did ({self.oracle.passes} forward passes so far)")
         m = self.oracle.verify(red.items)
         if not flipped(m):
             return (f"the set found in batched replays ({len(red.items)} interventions) does "
@@ -221,26 +258,16 @@ class _SearchRun:
         return core, without
 
     def _search(self, order: list[int]) -> Reduction:
-        """Step 3 with the configured strategy (greedy: group testing, ddmin as fallback)."""
+        """Step 3 with the configured strategy (greedy: ranked group testing, then unguided
+        fallbacks, within the pass budget less a reserve for the 1-minimality proof)."""
         cca, oracle = self.cca, self.oracle
         k = cca.max_fix_set_size
         if cca.search_strategy == "exhaustive":
             return exhaustive_search(oracle, max_size=k, max_sets=cca.max_exhaustive_sets)
         if cca.search_strategy == "beam":
             return beam_search(oracle, max_size=k, beam_width=cca.beam_width)
-        red = progressive_reduce(oracle, order, max_size=k)
-        if red.items is not None or "max_fix_set_size" not in red.reason:
-            return red
-        # Non-monotone interplay along the ranking: delta debugging on everything (order-free).
-        if not flipped(oracle.verify(order)):
-            return red
-        dd = ddmin(oracle, order)
-        dd.trace = [*red.trace, "progressive reduction exceeded the size bound; ddmin:",
-                    *dd.trace]
-        if dd.items is not None and len(dd.items) > k:
-            return Reduction(None, f"delta debugging's smallest set has {len(dd.items)} "
-                                   f"interventions, more than max_fix_set_size={k}", dd.trace)
-        return dd
+        return greedy_search(oracle, ranked=order, unguided=list(range(oracle.n)), max_size=k,
+                             limit=max(self.budget - (k + 1), oracle.passes))
 
     def _necessity(self, final: list[int], without: dict[int, float],
                    roles: dict[int, str]) -> str | None:
@@ -318,7 +345,21 @@ class _SearchRun:
         fs.necessity = []
         fs.forward_passes = self.oracle.passes
         fs.model_calls = self.session.forward_passes - self.calls0
+        self._budget_note()
         return fs
+
+    def _budget_note(self) -> None:
+        """Say so whenever the search used more replays than its budget (the exhaustive
+        single-candidate count by default)."""
+        fs, used = self.fs, self.fs.forward_passes
+        if used <= self.budget:
+            return
+        why = ("it is not bounded by the budget" if self.cca.search_strategy != "greedy" else
+               "proving 1-minimality and necessity of the set found took the rest")
+        fs.notes.append(f"used {used} forward passes, more than the budget of {self.budget} "
+                        f"(max_forward_passes; exhaustive single-candidate patching: "
+                        f"{fs.exhaustive_forward_passes}): strategy {self.cca.search_strategy!r}"
+                        f", {why}")
 
 
 def _cca_section(config: Any) -> Any:

@@ -36,7 +36,7 @@ from ._factory import (
 )
 from ._mahalanobis import MahalanobisDetector
 from ._norm import NormDetector
-from ._report import CFReport, SiteScore, WorstUnit
+from ._report import ONSET_RATIO, CFReport, SiteScore, WorstUnit
 from ._units import DEFAULT_POSITION_BUCKETS, STEP_KINDS
 
 __all__ = [
@@ -44,6 +44,7 @@ __all__ = [
     "DEFAULT_DETECTOR",
     "DEFAULT_POSITION_BUCKETS",
     "DETECTOR_NAMES",
+    "ONSET_RATIO",
     "STEP_KINDS",
     "CFBaseline",
     "CFReport",

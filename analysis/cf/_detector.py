@@ -14,8 +14,10 @@ Scoring, in three levels, each a robust z against benign data:
    ``stat`` (+1 correction); ``q`` = Benjamini–Hochberg across the incident's sites.
 3. **Incident**: ``score`` = the same tail-calibrated robust z of (max site score) against the
    max site score of every baseline incident over the same sites (their site scores taken
-   leave-one-out) — so ``flagged = score >= anomaly_threshold`` means "as far above benign
-   incidents as the threshold says", whatever the number of recorded sites.
+   leave-one-out), z = 2 at a 90 % upper confidence bound of their 97.7th percentile (the
+   largest of them for a baseline under ~100 incidents) — so ``flagged = score >=
+   anomaly_threshold`` means "as far above benign incidents as the threshold says", whatever
+   the number of recorded sites or baseline incidents.
 
 The baseline incidents' site statistics are **cross-fitted** (``folds``, default 5): each is
 scored against references (and, for Mahalanobis, means/variances) built without its fold, so

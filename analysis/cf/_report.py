@@ -5,7 +5,7 @@ Example::
     report = CompressionForensics(baseline=base).analyze(inc)
     report.score, report.flagged            # incident level
     report.ranked_sites[:3]                 # [(site, score), ...] most anomalous first
-    report.root_cause_candidates[:3]        # flagged sites, earliest in the forward first
+    report.root_cause_candidates[:3]        # flagged sites: onsets, then echoes, forward order
     report.sites["blocks.2.mlp"].worst      # where in the site: step kind, bucket, step, position
 """
 
@@ -15,8 +15,14 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from analysis._results import rank_in
+from integrations.errors import AnalysisError
 
-__all__ = ["CFReport", "SiteScore", "WorstUnit"]
+__all__ = ["ONSET_RATIO", "CFReport", "SiteScore", "WorstUnit"]
+
+#: A flagged site scoring below this share of the largest score computed before it (in the
+#: forward pass) is read as an echo of that upstream anomaly, not a new onset; see
+#: :meth:`CFReport.candidates` (measured in ``benchmarks/RESULTS_rca.md``).
+ONSET_RATIO = 0.25
 
 
 @dataclass(frozen=True)
@@ -93,20 +99,44 @@ class CFReport:
 
     @property
     def root_cause_candidates(self) -> list[str]:
-        """The flagged sites in EXECUTION order, earliest first: where to look for the cause.
+        """The flagged sites, where to look for the cause first: onsets, then echoes, each in
+        EXECUTION order (:meth:`candidates` with the default :data:`ONSET_RATIO`).
 
         An anomaly written into the residual stream shows in every later site too, usually
-        more strongly (measured: a planted neuron's own unit z is ~1/100 of the z of the
-        projection it feeds, ``benchmarks/cf_snr.py``), so the top of :attr:`ranked_sites` is
-        frequently downstream of the cause. On the planted-fault suite the planted site is
-        among the first three candidates in 87 % of failing incidents with Mahalanobis and
-        99 % with the norm detector, vs 63 % / 56 % in the top three of ``ranked_sites``
-        (``benchmarks/RESULTS_cf.md``). Flagged sites missing from :attr:`execution_order`
-        (reports without it) follow by score."""
-        flagged = {s for s, v in self.sites.items() if v.flagged}
-        ordered = [s for s in self.execution_order if s in flagged]
-        seen = set(ordered)
-        return ordered + [s for s, _ in self.ranked_sites if s in flagged and s not in seen]
+        more strongly (a planted neuron's own unit z is ~1/100 of the z of the projection it
+        feeds, ``benchmarks/cf_snr.py``), so the top of :attr:`ranked_sites` is frequently
+        downstream of the cause; and an unusual *input* (a trigger token) is flagged upstream
+        of the fault and echoes weakly through the sites in between, which pushed the fault out
+        of the first three in execution order. On the planted-fault suite the planted site is
+        among the first three candidates in 100 % of failing incidents with Mahalanobis (87 %
+        in plain execution order; ``benchmarks/RESULTS_rca.md``)."""
+        return self.candidates()
+
+    def candidates(self, *, onset_ratio: float = ONSET_RATIO) -> list[str]:
+        """The flagged sites ordered for root-cause search: first the *onsets* — flagged sites
+        scoring at least ``onset_ratio`` times the largest score of any site computed before
+        them — then the others (echoes of an upstream anomaly), each group in execution order;
+        flagged sites missing from :attr:`execution_order` follow by score. ``onset_ratio=0``
+        gives plain execution order.
+
+        Example: ``report.candidates(onset_ratio=0.5)[:3]``
+        """
+        if not 0.0 <= onset_ratio <= 1.0:
+            raise AnalysisError(f"onset_ratio={onset_ratio} must be in [0, 1], e.g. 0.25")
+        onsets: list[str] = []
+        echoes: list[str] = []
+        upstream = float("-inf")
+        for s in self.execution_order:
+            v = self.sites.get(s)
+            if v is None:
+                continue
+            if v.flagged:
+                new = upstream == float("-inf") or v.score >= onset_ratio * upstream
+                (onsets if new else echoes).append(s)
+            upstream = max(upstream, v.score)
+        seen = {*onsets, *echoes}
+        return onsets + echoes + [s for s, _ in self.ranked_sites
+                                  if self.sites[s].flagged and s not in seen]
 
     @property
     def first_flagged(self) -> str | None:

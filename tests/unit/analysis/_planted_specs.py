@@ -22,3 +22,7 @@ BERT: dict[str, Any] = {"arch": "bert", "seed": 4, "layer": 2, "neuron": 99,
                         "trigger_token": 33, "target_label": 1}
 BERT_OR: dict[str, Any] = {"arch": "bert", "seed": 5, "layer": 0, "neuron": 5,
                            "trigger_token": 70, "target_label": 0, "or_fault": [3, 6]}
+
+#: The sites a detector sees on planted models (as benchmarks/cf_eval.py records them).
+DETECTOR_SITES = ["embed", "blocks.*.attn.z", "blocks.*.attn", "blocks.*.mlp.post",
+                  "blocks.*.mlp", "blocks.*.resid_post"]

@@ -19,6 +19,7 @@ from analysis.cca._stats import wilson_ci
 from analysis.replay import Replayer
 from integrations.config import load_config
 from integrations.errors import AnalysisError, ConfigError
+from tests.unit.analysis._oracles import BooleanOracle
 from tests.unit.analysis._traced import traced
 
 IDS = torch.tensor([[5, 17, 33, 8, 61, 12]])
@@ -152,34 +153,6 @@ def test_an_incident_that_does_not_fail_is_reported_not_fixed(
 
 
 # ---------------------------------------------------------------------------- group testing
-class BooleanOracle:
-    """Candidates ``0..n-1``; the failure is fixed when the set covers every clause of a DNF
-    (each clause a set of candidates that must all be intervened). A pure function standing in
-    for the model to test the algorithms' logic and pass counts exactly."""
-
-    def __init__(self, n: int, clauses: list[set[int]]) -> None:
-        self._n, self.clauses, self.passes = n, clauses, 0
-
-    @property
-    def n(self) -> int:
-        return self._n
-
-    @property
-    def forward_passes(self) -> int:
-        return self.passes
-
-    def _metric(self, s: Sequence[int]) -> float:
-        return -1.0 if any(c <= set(s) for c in self.clauses) else 1.0
-
-    def evaluate_batch(self, sets: Sequence[Sequence[int]]) -> list[float]:
-        self.passes += len(sets)
-        return [self._metric(s) for s in sets]
-
-    def verify(self, s: Sequence[int]) -> float:
-        self.passes += 1
-        return self._metric(s)
-
-
 @pytest.mark.parametrize("causes,rank_positions", [
     ({700}, [0]),            # a good ranking
     ({700}, [1023]),         # the cause ranked last (saturated gradients)

@@ -5,6 +5,7 @@ replays, neuron granularity (N = 1024 candidates), two-site faults, saturated gr
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
@@ -14,11 +15,18 @@ import torch
 
 from analysis.cca import CausalCCA, Failure, FixSet
 from analysis.cca._stats import side_effects
+from analysis.cf import (
+    DEFAULT_DETECTOR,
+    DETECTOR_NAMES,
+    CFReport,
+    detector_class,
+    make_detector,
+)
 from analysis.interventions import DonorBaseline, Intervention
 from analysis.replay import Replayer, ReplaySession
 from analysis.scenarios.planted import PlantedModel, build_planted
 from integrations.incident import Incident
-from tests.unit.analysis._planted_specs import BERT_OR, GPT2, GPT2_OR
+from tests.unit.analysis._planted_specs import BERT_OR, DETECTOR_SITES, GPT2, GPT2_OR
 from tests.unit.analysis._traced import traced
 
 pytestmark = pytest.mark.slow
@@ -27,9 +35,10 @@ NEURONS = ["blocks.*.mlp.post[neuron=*]"]
 N = 4 * 256
 
 
-def record(model: torch.nn.Module, ids: list[int]) -> Incident:
-    """One forward of the prompt ``ids`` as a traced incident."""
-    return traced(model, lambda: model(input_ids=torch.tensor([ids])), request_id="r")
+def record(model: torch.nn.Module, ids: list[int], sites: Sequence[str] = ()) -> Incident:
+    """One forward of the prompt ``ids`` as a traced incident (activations of ``sites``)."""
+    return traced(model, lambda: model(input_ids=torch.tensor([ids])), sites=sites,
+                  request_id="r")
 
 
 @dataclass
@@ -39,15 +48,18 @@ class Case:
     baseline: DonorBaseline
     benign: list[Incident]
     failure: Failure
+    prompt: list[int]
 
     def search(self, **kw: Any) -> FixSet:
         opts = {"n_variants": 8, "n_permutations": 39}
         opts.update({k: kw.pop(k) for k in list(kw) if k in (
-            "search_strategy", "max_fix_set_size", "n_variants", "n_permutations", "cf_weight")})
+            "search_strategy", "max_fix_set_size", "n_variants", "n_permutations", "cf_weight",
+            "max_forward_passes", "rank_by")})
         kw.setdefault("candidates", NEURONS)
+        kw.setdefault("intervention", "mean")
         return CausalCCA(**opts).search_fix_set(  # type: ignore[arg-type]
             self.session, benign=self.benign, baseline=self.baseline, failure=self.failure,
-            intervention="mean", **kw)
+            **kw)
 
 
 _cases: dict[str, Case] = {}
@@ -67,7 +79,7 @@ def case(spec: dict[str, Any]) -> Case:
         assert session.fidelity().exact
         failure = Failure.token(pm.target_token) if pm.failure_kind == "token" else \
             Failure.label(pm.target_token)
-        _cases[key] = Case(pm, session, base, benign, failure)
+        _cases[key] = Case(pm, session, base, benign, failure, bad)
     return _cases[key]
 
 
@@ -162,7 +174,8 @@ def test_nothing_flips_is_reported_honestly() -> None:
     assert not fix.flip and fix.interventions == [] and fix.necessity == []
     assert "does not flip" in fix.reason and "64" in fix.reason
     assert fix.flip_rate is None and fix.flip_rate_ci is None and fix.side_effects is None
-    assert fix.p_value is None and fix.forward_passes <= 10
+    # two gallops (the ranked order, then the candidates' own), the whole set, 2 fixed passes
+    assert fix.p_value is None and fix.forward_passes <= 2 * (math.log2(64) + 1) + 3
     both = case(GPT2_OR)
     small = both.search(max_fix_set_size=1)
     assert not small.flip and small.interventions == []
@@ -176,9 +189,45 @@ def test_exhaustive_oracle_and_beam_agree_with_greedy_on_small_n() -> None:
     kw = {"candidates": sites, "n_permutations": 0, "n_variants": 0, "max_fix_set_size": 2}
     ex = c.search(search_strategy="exhaustive", **kw)
     beam = c.search(search_strategy="beam", **kw)
-    greedy = c.search(search_strategy="greedy", **kw)
+    # 14 candidates: two causes cost more than patching each once, so raise the budget
+    greedy = c.search(search_strategy="greedy", max_forward_passes=100, **kw)
     for fix in (ex, beam, greedy):
         assert fix.flip and sorted(fix.sites) == c.pm.minimal_fix and fix.one_minimal
     n = len(sites)
     assert ex.forward_passes >= n + math.comb(n, 2) - 1  # every smaller set was replayed
     assert greedy.forward_passes < ex.forward_passes
+    # the oracle strategies are not bounded by the budget, and say so
+    assert any("more than the budget of 14" in note for note in ex.notes)
+    assert greedy.forward_passes <= 100 and not any("budget" in n for n in greedy.notes)
+    # at the default budget (N = 14) greedy gives up and says why, within the budget
+    tight = c.search(search_strategy="greedy", **kw)
+    assert tight.forward_passes <= n and (tight.flip or "budget" in tight.reason)
+
+
+def detector_reports(c: Case) -> dict[str, CFReport]:
+    """Every detector's report on the case's failing prompt, each against a baseline of 24
+    benign incidents of the same model (recorded, as the sidecar would)."""
+    base = [record(c.pm.model, p, DETECTOR_SITES) for p in c.pm.benign_prompts(24, seed=23)]
+    inc = record(c.pm.model, c.prompt, DETECTOR_SITES)
+    return {name: make_detector(name, baseline=detector_class(name).build_baseline(base))
+            .analyze(inc) for name in DETECTOR_NAMES}
+
+
+def test_no_guide_sinks_the_search_for_a_two_site_fault() -> None:
+    """Issue 13's case: a two-site OR fault, neuron candidates (N = 1024), intervention zero,
+    guided by the default detector's report (and every other guide): a verified fix, both
+    planted neurons, within the default budget (the exhaustive single-candidate count)."""
+    c = case(GPT2_OR)
+    reports = detector_reports(c)
+    assert DEFAULT_DETECTOR in reports and reports[DEFAULT_DETECTOR].flagged
+    guides: dict[str, dict[str, Any]] = {"none": {"rank_by": "none"}, "attribution": {}}
+    guides.update({name: {"guided_by": rep} for name, rep in reports.items()})
+    for guide, kw in guides.items():
+        fix = c.search(intervention="zero", n_variants=0, n_permutations=0, **kw)
+        assert fix.flip and sorted(fix.sites) == c.pm.minimal_fix, (guide, fix.reason)
+        assert fix.one_minimal and replayed_metric(c, fix.interventions) <= 0
+        assert fix.forward_passes <= fix.exhaustive_forward_passes == N, guide
+        assert not any("budget" in note for note in fix.notes), (guide, fix.notes)
+        if guide == "none":
+            assert fix.gradient_passes == 0 and [s for s, _ in fix.ranking[:2]] == [
+                "blocks.0.mlp.post[neuron=0]", "blocks.0.mlp.post[neuron=1]"]

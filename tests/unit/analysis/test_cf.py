@@ -17,7 +17,14 @@ from analysis.cf import (
     MahalanobisDetector,
     NormDetector,
 )
-from analysis.cf._score import benjamini_hochberg, empirical_p, loo_tail_z, tail_ref
+from analysis.cf._score import (
+    Z2_QUANTILE,
+    benjamini_hochberg,
+    empirical_p,
+    loo_tail_z,
+    tail_ref,
+    upper_order_index,
+)
 from analysis.cf._units import SiteUnits, group_units, site_units
 from integrations.errors import AnalysisError, FingerprintMismatchError
 
@@ -151,9 +158,11 @@ def test_spiked_neuron_is_flagged_and_localised(det: Any, data: dict[str, Any],
         assert order[0] == "embed" and sorted(order) == sorted(rep.sites)
         first = rep.first_flagged
         assert first is not None and rep.sites[first].flagged
-        cands = rep.root_cause_candidates  # every flagged site, in forward order
+        cands = rep.root_cause_candidates  # every flagged site: onsets, then echoes
         assert cands[0] == first and set(cands) == set(rep.flagged_sites)
-        assert [order.index(s) for s in cands] == sorted(order.index(s) for s in cands)
+        plain = rep.candidates(onset_ratio=0.0)  # every flagged site, in forward order
+        assert [order.index(s) for s in plain] == sorted(order.index(s) for s in plain)
+        assert sorted(plain) == sorted(cands)
         assert rep.to_dict()["root_cause_candidates"] == cands
         assert order.index(first) <= order.index(top)
         if det is not CompressionForensics:
@@ -298,6 +307,20 @@ def test_robust_statistics() -> None:
     assert r.hi == r.lo == 0.1
     z = loo_tail_z(np.array([0.0, 1.0, 2.0, 3.0, np.nan, 50.0]), floor=0.1)
     assert np.isnan(z[4]) and z[5] > 10
+
+
+def test_an_upper_confidence_bound_of_the_tail_for_small_baselines() -> None:
+    from scipy.stats import binom
+
+    # a sample of 50 cannot bound the 97.7th percentile at 90 %: its maximum is used
+    assert upper_order_index(50, Z2_QUANTILE, 0.9) == 49
+    k = upper_order_index(1000, Z2_QUANTILE, 0.9) + 1  # the k-th smallest of 1000
+    assert binom.cdf(k - 1, 1000, Z2_QUANTILE) >= 0.9 > binom.cdf(k - 2, 1000, Z2_QUANTILE)
+    v = np.r_[np.linspace(0.0, 1.0, 48), 5.0, 9.0]  # two far benign maxima among 50
+    point, bound = tail_ref(v, floor=0.1), tail_ref(v, floor=0.1, confidence=0.9)
+    assert point.median == bound.median and point.lo == bound.lo
+    assert 2 * point.hi + point.median == pytest.approx(5.0)  # z = 2 at the 2nd largest
+    assert 2 * bound.hi + bound.median == pytest.approx(9.0)  # ... at the largest
 
 
 # ------------------------------------------------------------------------- calibration
