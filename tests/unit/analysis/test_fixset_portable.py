@@ -59,19 +59,24 @@ def test_apply_on_a_live_model_matches_replay(tiny_gpt2: Any,
     inc = record(tiny_gpt2, lambda: tiny_gpt2.generate(x, max_new_tokens=3, do_sample=False),
                  sites=["blocks.0.mlp"])
     replayed = Replayer(tiny_gpt2).load(inc).run(portable, greedy=True)   # free continuation
+
+    def n_hooks() -> int:    # transformers keeps its own output-capture hooks once installed
+        return sum(len(m._forward_hooks) + len(m._forward_pre_hooks)
+                   for m in tiny_gpt2.modules())
+
+    before = n_hooks()
     seen: list[torch.Tensor] = []
     hook = tiny_gpt2.register_forward_hook(lambda m, a, o: seen.append(o.logits[:, -1]))
     try:
         with _fix(portable).apply(tiny_gpt2), torch.no_grad():
+            inside = n_hooks()
             out = tiny_gpt2.generate(x, max_new_tokens=3, do_sample=False)
     finally:
         hook.remove()
     assert len(seen) == len(replayed.logits) == 3
     for live, rep in zip(seen, replayed.logits):
         assert rep is not None and torch.allclose(live, rep, atol=1e-5)
-    n_hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks)
-                  for m in tiny_gpt2.modules())
-    assert n_hooks == 0                                     # removed on exit
+    assert inside > before + 1 and n_hooks() == before     # ours installed, removed on exit
     with torch.no_grad():
         plain = tiny_gpt2.generate(x, max_new_tokens=3, do_sample=False)
     assert out.shape == plain.shape
