@@ -21,6 +21,7 @@ Phases (``--only`` picks some):
                  on the derivation's bypassed reviews — the minimal spans of input attribution
                  (replay) and the positions where each review differs from its benign twin —
                  then held-out flips (Wilson) and clean-review accuracy before/after.
+``timed``        one full ``investigate`` (all four steps) of one incident, with its wall time.
 ``investigate``  ``investigate`` on derivation incidents: minimal input spans (verified,
                  overlap with the injected sentence), decision layer and its consistency over
                  failing variants, components, and the wall time of one full investigation.
@@ -309,6 +310,39 @@ def phase_investigate(model: Any, tok: Any, args: argparse.Namespace) -> dict[st
             "n": len(rows)}
 
 
+def phase_timed(model: Any, tok: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """One full investigation (all four steps) of one derivation incident, timed: 20 failing
+    variants, 20 injected-but-not-failing prompts and the benign twins of all of them, as an
+    on-call engineer would pass them (``forensics investigate --variants --contrast --benign``).
+    """
+    from analysis.cca import Failure
+    from analysis.rca import investigate
+    from analysis.replay import Replayer
+    from analysis.scenarios import injection as inj
+
+    d = inj.build(split="derive", model=model, tokenizer=tok, verify=False)
+    failing, contrast = d.failing[:21], d.contrast[:20]
+    F = record_prompts(model, failing, "tF", generate=16)
+    C = record_prompts(model, contrast, "tC", generate=16)
+    twins = [t for p in failing + contrast if (t := d.twin(p)) is not None]
+    B = record_prompts(model, list({t.id: t for t in twins}.values()), "tB", generate=16)
+    meta = {i.id: p for i, p in zip(F + C, failing + contrast)}
+    t0 = time.perf_counter()
+    rep = investigate(Replayer(model).load(F[0]),
+                      failure=lambda inc: Failure.text_contains(meta[inc.id].meta["target"],
+                                                                tokenizer=tok),
+                      tokenizer=tok, benign=B, contrast=C, variants=F[1:],
+                      failing_text=lambda i, text: inj.obeys(meta[i.id], text),
+                      progress=log.info)
+    wall = time.perf_counter() - t0
+    log.info("one full investigation: %.0f s", wall)
+    return {"seconds": round(wall, 1), "steps_seconds": rep.seconds,
+            "inputs": {"variants": len(F) - 1, "contrast": len(C), "benign": len(B)},
+            "decision_layer": rep.trace.decision_layer if rep.trace else None,
+            "fix_found": rep.fix is not None and bool(rep.fix.flip),
+            "fix": None if rep.fix is None else rep.fix.to_dict(), "notes": rep.notes}
+
+
 def phase_sentiment(model: Any, tok: Any, args: argparse.Namespace) -> dict[str, Any]:
     """MiniLM sentiment bypass: spans by input attribution (replay, classifier mode) on the
     derivation failing reviews, the span neutraliser derived from them (cross-fitted site
@@ -404,7 +438,7 @@ def phase_sentiment(model: Any, tok: Any, args: argparse.Namespace) -> dict[str,
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--only", action="append",
-                    choices=["fix", "probe", "investigate", "sentiment"])
+                    choices=["fix", "probe", "investigate", "timed", "sentiment"])
     ap.add_argument("--json", type=Path, required=True)
     ap.add_argument("--fix-out", type=Path, help="also save the derived fix (fix.json)")
     ap.add_argument("--n-derive", type=int, default=0, help="cap derivation failing prompts")
@@ -423,7 +457,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     model, tok = load_smollm2()
     doc: dict[str, Any] = {}
     for phase, fn in (("fix", phase_fix), ("probe", phase_probe),
-                      ("investigate", phase_investigate), ("sentiment", phase_sentiment)):
+                      ("investigate", phase_investigate), ("timed", phase_timed),
+                      ("sentiment", phase_sentiment)):
         if args.only and phase not in args.only:
             continue
         doc[phase] = fn(model, tok, args)
