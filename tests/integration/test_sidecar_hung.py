@@ -23,9 +23,9 @@ from sidecar.api import v1
 from tests.integration.conftest import SidecarProcess, free_port
 
 WARM = 10        # acknowledged before the hang (the connection is up and READY)
-HUNG = 300       # recorded while the sidecar is stopped
-RATE_HZ = 60.0   # flagged requests per second while it is stopped (a busy service)
-STOP_S = 6.0     # how long the sidecar stays stopped (several upload deadlines)
+HUNG = 400       # recorded while the sidecar is stopped (the probe: 400 in 10 s)
+RATE_HZ = 40.0   # flagged requests per second while it is stopped (a busy service)
+STOP_S = 10.0    # how long the sidecar stays stopped (several upload deadlines)
 
 
 def _serve_flagged(rec: Recorder, model: torch.nn.Module, request_id: str) -> float:
@@ -72,7 +72,7 @@ def test_a_hung_sidecar_loses_nothing_when_the_spool_has_room(tiny_gpt2, tmp_pat
                       "metrics: {enabled: false}\n")
     # deadline_s below STOP_S: the drain's uploads time out against the stopped sidecar too.
     ex = exporters.SidecarExporter(f"127.0.0.1:{port}", spool_dir=tmp_path / "spool",
-                                   deadline_s=2.0, max_retries=1, backoff_initial_s=0.05,
+                                   deadline_s=2.0, max_retries=2, backoff_initial_s=0.05,
                                    backoff_max_s=0.5)
     with SidecarProcess(config, tmp_path / "sidecar.log") as sidecar, \
             Recorder(tiny_gpt2, sites=["blocks.0.resid_post"], trigger=triggers.OnFlag(),
