@@ -2,10 +2,12 @@
 
 Each spool file is deleted only after the sidecar acknowledged it. ``UNAVAILABLE`` (sidecar
 down) is retried without limit with exponential backoff and full jitter (the backoff grows,
-nothing is dropped); the bounded-retry codes (``DEADLINE_EXCEEDED``, ``RESOURCE_EXHAUSTED``,
-``UNKNOWN``, ``INTERNAL``, ``ABORTED``) get ``max_retries`` attempts per entry, then the entry is
-dropped and counted, so one poison incident never blocks the spool; any other code drops it at
-once (counted). Only one process drains a spool directory at a time (a lock file), so serving
+nothing is dropped). After a bounded-retry code (``DEADLINE_EXCEEDED``, ``RESOURCE_EXHAUSTED``,
+``UNKNOWN``, ``INTERNAL``, ``ABORTED``) the drainer asks ``responsive()`` (a short health check):
+a sidecar that does not answer either (hung, e.g. SIGSTOPped, or gone) is treated like
+``UNAVAILABLE`` — waited for, never counted against the entry; one that answers gets the entry
+``max_retries`` more attempts, then the entry is dropped and counted, so one poison incident
+never blocks the spool. Any other code drops the entry at once (counted). Only one process drains a spool directory at a time (a lock file), so serving
 workers may share one.
 
 A drainer belongs to one process: after ``fork`` its owner makes a new one.
@@ -13,7 +15,7 @@ A drainer belongs to one process: after ``fork`` its owner makes a new one.
 Example::
 
     drainer = SpoolDrainer(spool, upload=client.attempt, backoff=backoff, tally=tally,
-                           max_retries=5)
+                           max_retries=5, responsive=lambda: client.responsive(1.0))
     drainer.start()                 # idempotent
     drainer.wake()                  # something was just spooled
     drainer.wait_empty(10.0)        # True once the spool is empty
@@ -41,14 +43,18 @@ _log = logging.getLogger("integrations.exporters._sidecar")  # the SidecarExport
 
 #: ``upload(incident_id, data, traceparent) -> Attempt``
 _Upload = Callable[[str, bytes, str], Attempt]
+#: ``responsive() -> bool``: does the sidecar answer at all (a short health check)?
+_Responsive = Callable[[], bool]
 
 
 class SpoolDrainer:
     """Drains one :class:`DiskSpool` through ``upload`` (see the module doc)."""
 
     def __init__(self, spool: DiskSpool, *, upload: _Upload, backoff: Backoff,
-                 tally: ExportTally, max_retries: int) -> None:
+                 tally: ExportTally, max_retries: int,
+                 responsive: _Responsive | None = None) -> None:
         self._spool = spool
+        self._responsive = responsive
         self._upload = upload
         self._backoff = backoff
         self._tally = tally
@@ -158,6 +164,11 @@ class SpoolDrainer:
                 return unreachable
         return unreachable
 
+    def _answers(self) -> bool:
+        """After a bounded-retry code: whether the sidecar answers a health check (no probe
+        configured: assume it does, and count the failure against the entry)."""
+        return self._responsive is None or self._responsive()
+
     def _send(self, head: SpoolEntry, busy: dict[Path, int]) -> str:
         """Send the oldest entry once: "done" (acked or dropped, file removed), "unreachable"
         (sidecar down; keep it) or "busy" (bounded-retry code; keep it, counted in ``busy``)."""
@@ -176,8 +187,8 @@ class SpoolDrainer:
             self._spool.remove(head)
             self._tally.drop("export_failed", incident_id,
                              f"sidecar rejected the spooled incident: {res} (not retried)")
-        elif res.code == grpc.StatusCode.UNAVAILABLE:
-            return "unreachable"
+        elif res.code == grpc.StatusCode.UNAVAILABLE or not self._answers():
+            return "unreachable"  # down or hung: wait for it, never count it against the entry
         else:
             n = busy.get(head.path, 0) + 1
             if n <= self._max_retries:

@@ -1,8 +1,10 @@
 """The sidecar exporter's retry policy: which gRPC codes are retried, and how long to wait.
 
-Uploads are idempotent on the incident id, so a retry is always safe. ``UNAVAILABLE`` means "not
-reachable now" (retried without limit from the spool); the other retryable codes are retried
-``max_retries`` times per incident. ``UNKNOWN`` / ``INTERNAL`` / ``ABORTED`` are what a
+Uploads are idempotent on the incident id, so a retry is always safe. With a spool, every
+retryable code sends the incident to the spool at once; the drain retries ``UNAVAILABLE``, and
+any of them while the sidecar does not answer a health check (hung), without limit, and the
+others ``max_retries`` times per entry. Without a spool, all are retried ``max_retries`` times
+inline. ``UNKNOWN`` / ``INTERNAL`` / ``ABORTED`` are what a
 connection torn down mid-stream (a sidecar killed during an upload) can surface as.
 
 Example::

@@ -5,17 +5,22 @@ incident's Arrow bytes to ``forensics.v1.IncidentService/UploadIncident``: one h
 at most 1 MiB, a trailer with the sha256. The sidecar acknowledges only once the incident is
 durable and indexed, and uploads are idempotent on the incident id, so re-sending is always safe.
 
-Failures are classified by gRPC status:
+With a spool, the export worker makes **one** attempt per incident, under a short inline
+deadline (``inline_deadline_s`` plus 1 s per 32 MiB, at most ``deadline_s``), so a hung sidecar
+(process stopped, handlers stuck: the connection stays up and nothing answers) holds the single
+export worker for about a second, not ``deadline_s`` times ``max_retries`` while the recorder's
+bounded queue overflows. Failures are classified by gRPC status:
 
-* ``UNAVAILABLE`` (sidecar down / restarting): with a spool, the incident goes to the spool at
-  once and ``export`` returns SUCCESS (durable locally); a background thread re-sends spooled
-  incidents in order, with exponential backoff and full jitter, as long as it takes, deleting
-  each file only after the ack. Without a spool: retried up to ``max_retries`` times.
-* ``DEADLINE_EXCEEDED`` / ``RESOURCE_EXHAUSTED`` (sidecar busy or the incident over its caps),
-  and ``UNKNOWN`` / ``INTERNAL`` / ``ABORTED`` (a stream torn down mid-upload):
-  retried with backoff up to ``max_retries`` times, then spooled (the drain gives each spooled
-  incident another ``max_retries`` attempts for these codes before dropping it, so one poison
-  incident never blocks the spool).
+* retryable (``UNAVAILABLE``: down / restarting; ``DEADLINE_EXCEEDED``: hung or slow;
+  ``RESOURCE_EXHAUSTED``: busy or over its caps; ``UNKNOWN`` / ``INTERNAL`` / ``ABORTED``: a
+  stream torn down mid-upload): with a spool, the incident goes to the spool at once and
+  ``export`` returns SUCCESS (durable locally); while the spool holds anything, later incidents
+  go behind it without an attempt (order is kept, the worker never waits on the network). The
+  drain thread re-sends spooled incidents in order with the full ``deadline_s``, exponential
+  backoff and full jitter, deleting each file only after the ack: as long as it takes while the
+  sidecar does not answer a health check (down or hung), and ``max_retries`` times for an entry
+  the answering sidecar keeps failing (then dropped and counted, so one poison incident never
+  blocks the spool). Without a spool: retried inline up to ``max_retries`` times, then dropped.
 * anything else (``INVALID_ARGUMENT``, ``DATA_LOSS``, ``ALREADY_EXISTS``, ``UNAUTHENTICATED``,
   ``PERMISSION_DENIED``, ...): never retried; dropped as ``export_failed`` with the reason logged.
 
@@ -59,6 +64,7 @@ from ._spool import DiskSpool, SpoolFullError
 from ._tally import ExportTally
 from ._upload import (
     TLS,
+    Attempt,
     Outcome,
     TLSConfig,
     UploadClient,
@@ -73,6 +79,10 @@ if TYPE_CHECKING:
 __all__ = ["SidecarExporter"]
 
 _log = logging.getLogger(__name__)
+#: The inline attempt's deadline grows by 1 s per this many bytes (a large incident is not a hang).
+_INLINE_BYTES_PER_S = 32 << 20
+#: Deadline of the drain's health check after an upload timed out (hung, or this incident?).
+_PROBE_S = 1.0
 
 
 def _incident_bytes(incident: Any) -> bytes:
@@ -113,7 +123,10 @@ class SidecarExporter:
         spool_dir: directory of the local disk spool (None = no spool). An existing spool is
             picked up and drained (a restarted serving process re-sends what was left).
         spool_max_bytes: the spool's byte bound; beyond it incidents are dropped (spool_full).
-        deadline_s: deadline of one upload attempt.
+        deadline_s: deadline of one upload attempt (the drain's; without a spool, every one).
+        inline_deadline_s: with a spool, the deadline of the export worker's one attempt, plus
+            1 s per 32 MiB of incident (at most ``deadline_s``); on a timeout the incident is
+            spooled and the drain sends it with ``deadline_s``.
         max_retries: retries of one incident for retryable codes (see the module docstring).
         backoff_initial_s / backoff_max_s: exponential backoff with full jitter:
             ``sleep = uniform(0, min(backoff_max_s, backoff_initial_s * 2**attempt))``.
@@ -125,15 +138,17 @@ class SidecarExporter:
                  tls: TLSConfig | Mapping[str, Any] | grpc.ChannelCredentials | bool | None = None,
                  spool_dir: str | os.PathLike[str] | None = None,
                  spool_max_bytes: int = 1 << 30, deadline_s: float = 30.0,
-                 max_retries: int = 5, backoff_initial_s: float = 0.2,
+                 inline_deadline_s: float = 1.0, max_retries: int = 5, backoff_initial_s: float = 0.2,
                  backoff_max_s: float = 10.0, metrics: RecorderMetrics | None = None) -> None:
-        if max_retries < 0 or deadline_s <= 0 or backoff_initial_s < 0 or backoff_max_s < 0:
+        if (max_retries < 0 or deadline_s <= 0 or inline_deadline_s <= 0
+                or backoff_initial_s < 0 or backoff_max_s < 0):
             from ..errors import ConfigError
 
-            raise ConfigError("SidecarExporter: deadline_s must be > 0 and max_retries, "
-                              "backoff_initial_s, backoff_max_s >= 0")
+            raise ConfigError("SidecarExporter: deadline_s and inline_deadline_s must be > 0 "
+                              "and max_retries, backoff_initial_s, backoff_max_s >= 0")
         self.target = target
         self.deadline_s = float(deadline_s)
+        self.inline_deadline_s = float(inline_deadline_s)
         self.max_retries = int(max_retries)
         self._token = token
         self._tls: TLS = TLSConfig(**tls) if isinstance(tls, Mapping) else tls
@@ -160,7 +175,8 @@ class SidecarExporter:
             reconnect_backoff_s=(self._backoff.initial_s, self._backoff.max_s))
         self._drainer = None if self._spool is None else SpoolDrainer(
             self._spool, upload=self._client.attempt, backoff=self._backoff,
-            tally=self._tally, max_retries=self.max_retries)
+            tally=self._tally, max_retries=self.max_retries,
+            responsive=lambda: self._client.responsive(min(self.deadline_s, _PROBE_S)))
 
     def _reset_after_fork(self) -> None:
         # The parent's channel and threads do not exist here; its locks may be held forever.
@@ -224,22 +240,26 @@ class SidecarExporter:
         return self._send(incident_id, data, request_traceparent(manifest))
 
     def _send(self, incident_id: str, data: bytes, traceparent: str) -> ExportResult:
-        """Upload with retries; spool (or drop) what cannot be delivered now."""
+        """With a spool: one attempt under the inline deadline, the spool for anything
+        transient. Without: retries inline (see the module doc)."""
+        if self._spool is None:
+            return self._send_retrying(incident_id, data, traceparent)
+        inline_s = min(self.deadline_s, self.inline_deadline_s + len(data) / _INLINE_BYTES_PER_S)
+        res = self._client.attempt(incident_id, data, traceparent, deadline_s=inline_s)
+        settled = self._settle(incident_id, res)
+        if settled is not None:
+            return settled
+        return self._to_spool(incident_id, data)  # the drain thread re-sends it
+
+    def _send_retrying(self, incident_id: str, data: bytes, traceparent: str) -> ExportResult:
+        """No spool: retry retryable codes up to ``max_retries`` times, then drop."""
         attempt = 0
         while True:
             res = self._client.attempt(incident_id, data, traceparent)
-            if res.outcome is Outcome.ACKED:
-                self._tally.count("acked")
-                return ExportResult.SUCCESS
-            if res.outcome is Outcome.REJECTED:
-                self._tally.drop("export_failed", incident_id,
-                                 f"sidecar rejected it: {res} (not retried)")
-                return ExportResult.FAILURE
-            if self._spool is not None and res.code == grpc.StatusCode.UNAVAILABLE:
-                return self._to_spool(incident_id, data)  # the drain thread retries
+            settled = self._settle(incident_id, res)
+            if settled is not None:
+                return settled
             if attempt >= self.max_retries or self._closed:
-                if self._spool is not None:
-                    return self._to_spool(incident_id, data)
                 self._tally.drop("export_failed", incident_id,
                                  f"{res} after {attempt + 1} attempts and no spool_dir")
                 return ExportResult.FAILURE
@@ -248,6 +268,17 @@ class SidecarExporter:
                 attempt = self.max_retries  # stopping: one last decision, no more sleeping
             else:
                 attempt += 1
+
+    def _settle(self, incident_id: str, res: Attempt) -> ExportResult | None:
+        """Count an acked or rejected attempt; None for a retryable one."""
+        if res.outcome is Outcome.ACKED:
+            self._tally.count("acked")
+            return ExportResult.SUCCESS
+        if res.outcome is Outcome.REJECTED:
+            self._tally.drop("export_failed", incident_id,
+                             f"sidecar rejected it: {res} (not retried)")
+            return ExportResult.FAILURE
+        return None
 
     def _to_spool(self, incident_id: str, data: bytes) -> ExportResult:
         assert self._spool is not None and self._drainer is not None

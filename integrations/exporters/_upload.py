@@ -44,6 +44,11 @@ __all__ = [
 
 _MANIFEST_KEY = b"forensics.manifest"
 _CHUNK = 1024 * 1024  # sidecar.api.v1.MAX_CHUNK_BYTES (kept literal: no import cost here)
+_HEALTH_CHECK = "/grpc.health.v1.Health/Check"
+
+
+def _raw(b: bytes) -> bytes:
+    return b
 
 
 @dataclass(frozen=True)
@@ -151,8 +156,12 @@ class UploadClient:
         return tls
 
     def _get_stub(self) -> Any:
+        return self._connect()[1]
+
+    def _connect(self) -> tuple[grpc.Channel, Any]:
+        """The channel and the IncidentService stub, created on first use."""
         with self._lock:
-            if self._stub is None:
+            if self._stub is None or self._channel is None:
                 from sidecar.api.v1 import incidents_pb2_grpc
 
                 initial, most = self._reconnect
@@ -173,13 +182,15 @@ class UploadClient:
                     channel = grpc.secure_channel(self.target, creds, options=options)
                 self._channel = channel
                 self._stub = incidents_pb2_grpc.IncidentServiceStub(channel)
-            return self._stub
+            return self._channel, self._stub
 
     def _metadata(self) -> list[tuple[str, str]]:
         return [] if self._token is None else [("authorization", f"Bearer {self._token}")]
 
-    def attempt(self, incident_id: str, data: bytes, traceparent: str = "") -> Attempt:
-        """One UploadIncident call, classified (never raises)."""
+    def attempt(self, incident_id: str, data: bytes, traceparent: str = "",
+                deadline_s: float | None = None) -> Attempt:
+        """One UploadIncident call, classified (never raises). ``deadline_s`` overrides the
+        client's deadline for this call (the exporter's short inline attempt)."""
         from sidecar.api.v1 import incidents_pb2 as pb
 
         hasher = hashlib.sha256()  # fed chunk by chunk as they are sent (no extra pass)
@@ -195,7 +206,8 @@ class UploadClient:
             yield pb.UploadIncidentRequest(trailer=pb.UploadTrailer(sha256=hasher.hexdigest()))
 
         try:
-            resp = self._get_stub().UploadIncident(parts(), timeout=self._deadline_s,
+            timeout = self._deadline_s if deadline_s is None else deadline_s
+            resp = self._get_stub().UploadIncident(parts(), timeout=timeout,
                                                    metadata=self._metadata())
         except grpc.RpcError as e:
             code = e.code() if hasattr(e, "code") else grpc.StatusCode.UNKNOWN
@@ -209,6 +221,25 @@ class UploadClient:
             return Attempt(Outcome.REJECTED, grpc.StatusCode.DATA_LOSS,
                            f"sidecar acknowledged sha256 {resp.sha256}, sent {sha}")
         return Attempt(Outcome.ACKED)
+
+    def responsive(self, timeout_s: float) -> bool:
+        """Whether the sidecar process answers at all: a ``grpc.health.v1`` check within
+        ``timeout_s``. Any answer (SERVING, NOT_SERVING, even UNIMPLEMENTED) is True; a
+        deadline or an unreachable sidecar is False. Tells a hung or unreachable sidecar (an
+        upload timed out because nothing answers) from one that answers but cannot take this
+        incident. Sent as raw bytes: the middleware does not need grpcio-health-checking (an
+        empty ``HealthCheckRequest`` serialises to no bytes)."""
+        try:
+            channel, _ = self._connect()
+            check = channel.unary_unary(_HEALTH_CHECK, request_serializer=_raw,
+                                        response_deserializer=_raw)
+            check(b"", timeout=timeout_s)
+        except grpc.RpcError as e:
+            code = e.code() if hasattr(e, "code") else grpc.StatusCode.UNKNOWN
+            return code not in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE)
+        except Exception:
+            return False
+        return True
 
     def close(self) -> None:
         """Close the channel (idempotent); a later :meth:`attempt` opens a new one."""

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -14,6 +20,7 @@ from sidecar._config import SidecarConfig
 from sidecar._server import Sidecar, create_server
 
 KiB = 1024
+REPO = Path(__file__).resolve().parents[2]
 
 
 def build_incident(incident_id: str, *, tenant: str = "acme", n_sites: int = 2, seed: int = 0,
@@ -59,3 +66,44 @@ def serve(tmp_path: Path) -> Iterator[Callable[..., tuple[Sidecar, str]]]:
     yield start
     for sc in started:
         sc.stop(grace=0.5)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class SidecarProcess:
+    """``forensics sidecar serve --config config`` as a subprocess (log in ``log``); stopped
+    on exit whatever happened, also when a test left it SIGSTOPped."""
+
+    def __init__(self, config: Path, log: Path) -> None:
+        self.config, self.log = config, log
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> SidecarProcess:
+        out = open(self.log, "ab")
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        self.proc = proc = subprocess.Popen(
+            [sys.executable, "-m", "model_forensics", "sidecar", "serve", "--config",
+             str(self.config), "--log-level", "WARNING"],
+            cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+        out.close()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if "listening on" in self.log.read_text(errors="replace"):
+                return self
+            if proc.poll() is not None:
+                raise AssertionError(f"sidecar exited early:\n{self.log.read_text(errors='replace')}")
+            time.sleep(0.05)
+        raise AssertionError(f"sidecar did not start:\n{self.log.read_text(errors='replace')}")
+
+    def __enter__(self) -> SidecarProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
+            self.proc.terminate()
+            self.proc.wait(timeout=30)

@@ -12,13 +12,8 @@ sidecar is SIGKILLed while uploads are in flight and restarted on the same data 
 from __future__ import annotations
 
 import dataclasses
-import os
 import signal
-import socket
-import subprocess
-import sys
 import threading
-import time
 from pathlib import Path
 
 import grpc
@@ -30,8 +25,8 @@ from integrations._metrics import RecorderMetrics
 from integrations.exporters import ExportResult, SidecarExporter
 from integrations.incident import Incident, IncidentBuilder, new_manifest
 from sidecar.api import v1
+from tests.integration.conftest import SidecarProcess, free_port
 
-REPO = Path(__file__).resolve().parents[2]
 N = 200
 KILL_AFTER = 100
 KILL_RACE = 10   # exports that race the SIGKILL; the other 90 (> the spool's 40) find it dead
@@ -49,45 +44,6 @@ def _incident(i: int) -> Incident:
     return Incident.from_bytes(b.to_bytes())
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class _SidecarProcess:
-    """``forensics sidecar serve`` as a subprocess; stopped on exit whatever happened."""
-
-    def __init__(self, config: Path, log: Path) -> None:
-        self.config, self.log = config, log
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> _SidecarProcess:
-        out = open(self.log, "ab")
-        env = {**os.environ, "PYTHONPATH": str(REPO)}
-        self.proc = proc = subprocess.Popen(
-            [sys.executable, "-m", "model_forensics", "sidecar", "serve", "--config",
-             str(self.config), "--log-level", "WARNING"],
-            cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
-        out.close()
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if "listening on" in self.log.read_text(errors="replace"):
-                return self
-            if proc.poll() is not None:
-                raise AssertionError(f"sidecar exited early:\n{self.log.read_text(errors='replace')}")
-            time.sleep(0.05)
-        raise AssertionError(f"sidecar did not start:\n{self.log.read_text(errors='replace')}")
-
-    def __enter__(self) -> _SidecarProcess:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(timeout=30)
-
-
 @dataclasses.dataclass
 class _Outcome:
     acked: list[str] = dataclasses.field(default_factory=list)    # acknowledged in export()
@@ -96,7 +52,7 @@ class _Outcome:
 
 
 def _export_killing_midway(ex: SidecarExporter, incidents: list[Incident],
-                           sidecar: _SidecarProcess) -> _Outcome:
+                           sidecar: SidecarProcess) -> _Outcome:
     """Export every incident; SIGKILL lands while the uploads after ``KILL_AFTER`` are in
     flight, and from ``KILL_AFTER + KILL_RACE`` on the sidecar is dead, whatever the timing:
     the spool fills, then drops are counted."""
@@ -136,7 +92,7 @@ def _listed(port: int) -> set[str]:
 
 @pytest.mark.slow
 def test_sigkill_mid_stream_then_restart_loses_nothing_silently(tmp_path):
-    port = _free_port()
+    port = free_port()
     data = tmp_path / "data"
     config = tmp_path / "sidecar.yaml"
     config.write_text(f"data_dir: {data}\ngrpc: {{address: '127.0.0.1:{port}'}}\n"
@@ -149,7 +105,7 @@ def test_sigkill_mid_stream_then_restart_loses_nothing_silently(tmp_path):
                          spool_max_bytes=40 * incidents[0].nbytes, deadline_s=10,
                          backoff_initial_s=0.02, backoff_max_s=0.3, metrics=metrics)
     try:
-        with _SidecarProcess(config, tmp_path / "sidecar.log") as sidecar:
+        with SidecarProcess(config, tmp_path / "sidecar.log") as sidecar:
             out = _export_killing_midway(ex, incidents, sidecar)
             # Ack = durable: everything acknowledged before the kill is on disk, readable.
             assert len(out.acked) >= KILL_AFTER

@@ -1,4 +1,11 @@
-"""The sidecar over TLS and mTLS (certificates made here: a CA, a server and a client)."""
+"""The sidecar over TLS and mTLS (certificates made here: a CA, a server and a client, and a
+second, untrusted CA with its own client certificate).
+
+``cryptography`` is in the dev extra and the lock: these tests run in CI, never skip. Refused:
+a plaintext client, a client that trusts another CA (it cannot verify the server), and under
+mTLS a client without a certificate or with one from the untrusted CA; nothing they send is
+stored.
+"""
 
 from __future__ import annotations
 
@@ -54,13 +61,23 @@ def _certs(tmp_path: Path) -> dict[str, Path]:
     for name in ("server", "client"):
         key, cert = make(name, ca_cert.subject, ca_key, ca=False)
         write(name, key, cert)
+    rogue_key, rogue_cert = make("forensics-rogue-ca", None, None, ca=True)
+    write("rogue_ca", rogue_key, rogue_cert)
+    key, cert = make("client", rogue_cert.subject, rogue_key, ca=False)   # same CN, wrong CA
+    write("rogue_client", key, cert)
     return out
+
+
+def _refused(addr: str, incident_id: str, **client: Any) -> grpc.StatusCode:
+    """Try to upload with these client credentials; the status the refusal came with."""
+    with SidecarClient(addr, timeout_s=3, **client) as c, pytest.raises(grpc.RpcError) as e:
+        c.upload(incident_id, build_incident(incident_id))
+    return e.value.code()
 
 
 @pytest.mark.parametrize("mtls", [False, True])
 def test_tls_and_mtls(serve: Callable[..., tuple[Sidecar, str]], tmp_path: Path,
                       mtls: bool) -> None:
-    pytest.importorskip("cryptography")
     certs = _certs(tmp_path)
     tls: dict[str, Any] = {"cert_file": str(certs["server_cert"]),
                            "key_file": str(certs["server_key"])}
@@ -70,14 +87,18 @@ def test_tls_and_mtls(serve: Callable[..., tuple[Sidecar, str]], tmp_path: Path,
     ca = certs["ca_cert"].read_bytes()
     client_creds = {"private_key": certs["client_key"].read_bytes(),
                     "certificate_chain": certs["client_cert"].read_bytes()}
-    with SidecarClient(addr, root_certificates=ca, **(client_creds if mtls else {})) as c:
+    good = {"root_certificates": ca, **(client_creds if mtls else {})}
+    refusals = {"plaintext": _refused(addr, "inc-plain"),
+                "wrong CA": _refused(addr, "inc-wrong-ca",
+                                     root_certificates=certs["rogue_ca_cert"].read_bytes(),
+                                     **(client_creds if mtls else {}))}
+    if mtls:
+        refusals["no client certificate"] = _refused(addr, "inc-no-cert", root_certificates=ca)
+        refusals["client certificate from another CA"] = _refused(
+            addr, "inc-rogue-cert", root_certificates=ca,
+            private_key=certs["rogue_client_key"].read_bytes(),
+            certificate_chain=certs["rogue_client_cert"].read_bytes())
+    assert refusals == dict.fromkeys(refusals, grpc.StatusCode.UNAVAILABLE)  # handshake failed
+    with SidecarClient(addr, **good) as c:
         assert c.upload("inc-1", build_incident("inc-1")).created
-        assert [i.id for i in c.list().incidents] == ["inc-1"]
-    with SidecarClient(addr, timeout_s=3) as plain, pytest.raises(grpc.RpcError) as e:
-        plain.list()
-    assert e.value.code() == grpc.StatusCode.UNAVAILABLE
-    if mtls:   # TLS without a client certificate is refused
-        with SidecarClient(addr, root_certificates=ca, timeout_s=3) as c, \
-                pytest.raises(grpc.RpcError) as e:
-            c.list()
-        assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert [i.id for i in c.list().incidents] == ["inc-1"]   # nothing refused was stored
