@@ -105,6 +105,39 @@ def _fit(site_tokens: dict[str, dict[str, list[np.ndarray]]], spans: Sequence[Sp
     return ivs
 
 
+def _measure(model: Any, toks: dict[str, dict[str, list[np.ndarray]]], spans: Sequence[Spans],
+             folds: list[dict[str, set[int]]], option: list[str], *,
+             prompts: dict[str, list[list[int]]], failing: Sequence[Incident],
+             labels: Sequence[int], failing_label: Callable[[Incident], int],
+             contrast_spans: Sequence[Spans] | None, max_accuracy_drop: float,
+             budget_kl: float, say: Callable[[str], None]) -> Candidate:
+    """One candidate (a set of sites) cross-fitted: fit on each fold, measure on the other
+    (flips of failing prompts; accuracy drop and class KL on benign ones)."""
+    name = "+".join(option)
+    say(f"span fix: candidate {name} (cross-fitted)")
+    flips = n = 0
+    acc_drop, kls = [], []
+    for fit, ev in ((0, 1), (1, 0)):
+        ivs = _fit(toks, spans, folds[fit], option, contrast_spans)
+        fi = sorted(folds[ev]["failing"])
+        probs = classify(model, [prompts["failing"][i] for i in fi], interventions=ivs)
+        flips += sum(int(probs[j].argmax()) != failing_label(failing[i])
+                     for j, i in enumerate(fi))
+        n += len(fi)
+        bi = sorted(folds[ev]["benign"])
+        p0 = classify(model, [prompts["benign"][i] for i in bi])
+        p1 = classify(model, [prompts["benign"][i] for i in bi], interventions=ivs)
+        y = torch.tensor([labels[i] for i in bi])
+        acc_drop.append(float((p0.argmax(-1) == y).float().mean()
+                              - (p1.argmax(-1) == y).float().mean()))
+        kls.append(float((p0 * (p0.clamp_min(1e-12).log() - p1.clamp_min(1e-12).log()))
+                         .sum(-1).mean()))
+    drop, kl = sum(acc_drop) / 2, sum(kls) / 2
+    return Candidate(label=f"span neutraliser at {name}", flip_rate=flips / max(1, n),
+                     mean_kl=kl, top1_agreement=1.0 - max(0.0, drop), gate_fires_on_benign=None,
+                     within_budget=drop <= max_accuracy_drop and kl <= budget_kl)
+
+
 def derive_span_fix(model: Any, *, failing: Sequence[Incident], spans: Sequence[Spans],
                     contrast: Sequence[Incident], benign: Sequence[Incident],
                     labels: Sequence[int], failing_label: Callable[[Incident], int],
@@ -134,33 +167,10 @@ def derive_span_fix(model: Any, *, failing: Sequence[Incident], spans: Sequence[
               "benign": set(range(f, len(benign), 2))} for f in (0, 1)]
     toks = {site: {k: _tokens(model, site, v) for k, v in prompts.items()} for site in sites}
     options = [[site] for site in sites] + ([list(sites)] if len(sites) > 1 else [])
-    cands: list[tuple[Candidate, list[str]]] = []
-    for option in options:
-        name = "+".join(option)
-        say(f"span fix: candidate {name} (cross-fitted)")
-        flips = n = 0
-        acc_drop, kls = [], []
-        for fit, ev in ((0, 1), (1, 0)):
-            ivs = _fit(toks, spans, folds[fit], option, contrast_spans)
-            fi = sorted(folds[ev]["failing"])
-            probs = classify(model, [prompts["failing"][i] for i in fi], interventions=ivs)
-            flips += sum(int(probs[j].argmax()) != failing_label(failing[i])
-                         for j, i in enumerate(fi))
-            n += len(fi)
-            bi = sorted(folds[ev]["benign"])
-            p0 = classify(model, [prompts["benign"][i] for i in bi])
-            p1 = classify(model, [prompts["benign"][i] for i in bi], interventions=ivs)
-            y = torch.tensor([labels[i] for i in bi])
-            acc_drop.append(float((p0.argmax(-1) == y).float().mean()
-                                  - (p1.argmax(-1) == y).float().mean()))
-            kls.append(float((p0 * (p0.clamp_min(1e-12).log() - p1.clamp_min(1e-12).log()))
-                             .sum(-1).mean()))
-        drop, kl = sum(acc_drop) / 2, sum(kls) / 2
-        cands.append((Candidate(label=f"span neutraliser at {name}", flip_rate=flips / max(1, n),
-                                mean_kl=kl, top1_agreement=1.0 - max(0.0, drop),
-                                gate_fires_on_benign=None,
-                                within_budget=drop <= max_accuracy_drop and kl <= budget_kl),
-                      option))
+    cands = [(_measure(model, toks, spans, folds, option, prompts=prompts, failing=failing,
+                       labels=labels, failing_label=failing_label,
+                       contrast_spans=contrast_spans, max_accuracy_drop=max_accuracy_drop,
+                       budget_kl=budget_kl, say=say), option) for option in options]
     ok = [c for c in cands if c[0].within_budget]
     if not ok:
         return DirectionFix([], None, [c for c, _ in cands], [], budget_kl, 1 - max_accuracy_drop,
@@ -168,6 +178,6 @@ def derive_span_fix(model: Any, *, failing: Sequence[Incident], spans: Sequence[
     chosen, option = max(ok, key=lambda c: (c[0].flip_rate, -len(c[1])))
     every = {"failing": set(range(len(failing))), "contrast": set(range(len(contrast))),
              "benign": set(range(len(benign)))}
-    return DirectionFix(_fit(toks, spans, every, option, contrast_spans), chosen, [c for c, _ in cands], [],
-                        budget_kl, 1 - max_accuracy_drop,
+    return DirectionFix(_fit(toks, spans, every, option, contrast_spans), chosen,
+                        [c for c, _ in cands], [], budget_kl, 1 - max_accuracy_drop,
                         notes=["top1_agreement here is 1 - the accuracy drop on benign"])
