@@ -3,7 +3,9 @@
 
 The prompt is cut into *sentences* (a span ends after a token ending with ``.``, ``!``, ``?``
 or a newline; special tokens and the prompt's first token are never removed, so a prompt is
-never empty), and delta debugging (ddmin) finds a
+never empty) — by default only inside the last user turn of a chat prompt (the untrusted
+input: removing the template's role names or the operator's system prompt says nothing about
+the input), and delta debugging (ddmin) finds a
 1-minimal set of sentences whose removal removes the failure; then, inside those sentences, a
 1-minimal set of *words*. A candidate is tested by running the incident's own forward calls on
 the shortened prompt (:meth:`analysis.replay.CallPlan.with_prompt`) inside the replay
@@ -21,6 +23,7 @@ Example::
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,7 +32,7 @@ import torch
 
 from analysis.replay import ReplaySession
 
-__all__ = ["InputSpans", "Span", "attribute_input", "sentence_spans", "word_spans"]
+__all__ = ["InputSpans", "Span", "attribute_input", "sentence_spans", "user_region", "word_spans"]
 
 _ENDS = (".", "!", "?", "\n")
 
@@ -77,12 +80,37 @@ def _special(tokenizer: Any) -> set[int]:
     return {int(i) for i in getattr(tokenizer, "all_special_ids", []) or []}
 
 
-def sentence_spans(ids: Sequence[int], tokenizer: Any) -> list[Span]:
-    """The prompt's removable sentences (module doc), special tokens excluded."""
+def user_region(ids: Sequence[int], tokenizer: Any) -> tuple[int, int] | None:
+    """Token positions ``[start, end)`` of the last user turn's content in a chat-templated
+    prompt — the untrusted input; the system prompt and the template's own tokens are the
+    operator's — or None when no turn is marked ``user`` (a plain prompt). Works for templates
+    that open a turn with a special token followed by the role on its own line (ChatML:
+    ``<|im_start|>user\n…<|im_end|>``) or between two special tokens (Llama 3)."""
     special = _special(tokenizer)
+    marks = [i for i, t in enumerate(ids) if int(t) in special] + [len(ids)]
+    found = None
+    for a, b in itertools.pairwise(marks):
+        text = tokenizer.decode([int(t) for t in ids[a + 1:b]])
+        if text.strip() == "user" and b < len(ids):           # role alone: content follows
+            nxt = next((m for m in marks if m > b), len(ids))
+            found = (b + 1, nxt)
+        elif text.split("\n", 1)[0].strip() == "user":        # role on the turn's first line
+            k = a + 1
+            while k < b and "\n" not in tokenizer.decode([int(ids[k])]):
+                k += 1
+            found = (k + 1, b)
+    return found if found and found[0] < found[1] else None
+
+
+def sentence_spans(ids: Sequence[int], tokenizer: Any, *,
+                   region: tuple[int, int] | None = None) -> list[Span]:
+    """The prompt's removable sentences (module doc), special tokens excluded; only inside
+    ``region`` (token positions ``[start, end)``) when given."""
+    special = _special(tokenizer)
+    lo, hi = region if region is not None else (0, len(ids))
     spans, start = [], None
     for i, t in enumerate(ids):
-        if int(t) in special or i == 0:
+        if int(t) in special or i == 0 or not lo <= i < hi:
             if start is not None:
                 spans.append((start, i))
             start = None
@@ -180,11 +208,17 @@ def _ddmin(items: list[Span], test: Callable[[list[Span]], bool]) -> list[Span]:
 
 def attribute_input(session: ReplaySession, *, tokenizer: Any,
                     failing: Callable[[str], bool] | None = None,
-                    failing_logits: LogitsCheck | None = None) -> InputSpans | None:
+                    failing_logits: LogitsCheck | None = None,
+                    region: tuple[int, int] | str | None = "user") -> InputSpans | None:
     """The 1-minimal sentences, then words, whose removal removes the failure (module doc);
-    None when removing every sentence still fails (nothing in the prompt is responsible)."""
+    None when removing every sentence still fails (nothing in the prompt is responsible).
+    ``region``: where spans may be — ``"user"`` (default): the last user turn of a chat
+    prompt (:func:`user_region`; the whole prompt when there is none), ``None``: the whole
+    prompt, or token positions ``(start, end)``."""
     t = _Tester(session, failing, tokenizer, failing_logits)
-    sentences = sentence_spans(t.ids, tokenizer)
+    where = user_region(t.ids, tokenizer) if region == "user" else region
+    assert where is None or isinstance(where, tuple)
+    sentences = sentence_spans(t.ids, tokenizer, region=where)
     if not sentences or not t.fixed_by(sentences):
         return None
     chosen = _ddmin(sentences, t.fixed_by)
