@@ -7,7 +7,9 @@ health check and every query. :class:`StreamGuard` bounds this three ways:
 * **slots** — at most ``limits.max_concurrent_uploads`` uploads run at once (kept below
   ``grpc.max_workers``); one more is refused at once with ``RESOURCE_EXHAUSTED`` (``busy``);
 * **idle timeout** — a watchdog thread cancels a stream that sent nothing for
-  ``limits.idle_timeout_s`` (counted ``idle_timeout``; the client sees ``CANCELLED``);
+  ``limits.idle_timeout_s`` while the sidecar waited for it (its own work on a chunk or on
+  storing the finished upload never counts; counted ``idle_timeout``; the client sees
+  ``CANCELLED``);
 * **message cap** — a stream of more than ``limits.max_stream_messages`` messages is refused
   (``too_many_messages``), so empty chunks cannot keep one alive forever.
 
@@ -45,6 +47,9 @@ class Watch:
         self.last = now
         self.count = 0
         self.expired = False
+        #: Waiting for the client's next message (only then can the stream be idle: the
+        #: sidecar's own work on a chunk or on the finished upload never counts).
+        self.waiting = True
 
     def messages(self, requests: Iterable[T], *, max_messages: int,
                  clock: Callable[[], float] = time.monotonic) -> Iterator[T]:
@@ -52,15 +57,18 @@ class Watch:
         stream turned into a counted :class:`Rejection`."""
         it = iter(requests)
         while True:
+            self.last, self.waiting = clock(), True
             try:
                 msg = next(it)
             except StopIteration:
+                self.waiting = False
                 if self.expired:      # a cancelled stream may also just end
                     raise self._gone() from None
                 return
             except grpc.RpcError as e:   # cancelled: by our watchdog, the client or a deadline
+                self.waiting = False
                 raise self._gone() from e
-            self.last = clock()
+            self.waiting = False
             self.count += 1
             if self.count > max_messages:
                 raise Rejection(grpc.StatusCode.RESOURCE_EXHAUSTED, "too_many_messages",
@@ -137,7 +145,7 @@ class StreamGuard:
         now = self._clock()
         with self._lock:
             idle = [w for w in self._active
-                    if not w.expired and now - w.last > self.idle_timeout_s]
+                    if w.waiting and not w.expired and now - w.last > self.idle_timeout_s]
             for w in idle:
                 w.expired = True
         for w in idle:
