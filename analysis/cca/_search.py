@@ -57,6 +57,9 @@ from ._variants import as_session
 
 __all__ = ["CausalCCA"]
 
+#: The smallest default forward-pass budget of the greedy search (see ``max_forward_passes``).
+MIN_DEFAULT_BUDGET = 32
+
 _STRATEGIES = ("greedy", "beam", "exhaustive")
 #: How candidates are ranked before the search (``none``: in their given order, no gradient).
 _RANKINGS = ("attribution", "none")
@@ -73,8 +76,10 @@ class CausalCCA:
     the p-value (99: smallest possible p is 0.01), ``beam_width``, ``max_batch`` sets per
     batched forward, ``cf_weight`` of CF ranks in the blend, ``max_exhaustive_sets``, ``seed``.
     ``max_forward_passes``: the greedy search's budget of replays (search, 1-minimality and
-    necessity; not the statistics) — default the exhaustive single-candidate count, so the
-    search never costs more than patching every candidate once without saying so (the
+    necessity; not the statistics) — default the exhaustive single-candidate count N (at least
+    ``MIN_DEFAULT_BUDGET`` = 32: below that, group testing plus its own verification replays
+    costs about what patching each candidate does), so the search never costs more than
+    patching every candidate once, beyond that floor, without saying so (the
     ``beam`` and ``exhaustive`` strategies are not bounded by it; their result notes when they
     cost more). ``rank_by``: ``attribution`` (default: attribution patching, one forward + one
     backward) or ``none`` (the candidates' own order); ``guided_by`` reorders either, never
@@ -170,8 +175,9 @@ class _SearchRun:
         self.sites, self.ivs, self.benign, self.tokenizer = sites, ivs, benign, tokenizer
         self.calls0 = session.forward_passes
         self.oracle = SessionOracle(session, bound, ivs, max_batch=cca.max_batch)
-        #: the search's forward-pass budget (CausalCCA.max_forward_passes; default N)
-        self.budget = cca.max_forward_passes or len(sites)
+        #: the search's forward-pass budget (CausalCCA.max_forward_passes; default N, at
+        #: least MIN_DEFAULT_BUDGET so a handful of candidates still affords verification)
+        self.budget = cca.max_forward_passes or max(len(sites), MIN_DEFAULT_BUDGET)
         self.fs = FixSet(flip=False, interventions=[], reason="", failure=bound.description,
                          incident_id=session.incident.id, strategy=cca.search_strategy,
                          intervention_kind=intervention, n_candidates=len(sites),

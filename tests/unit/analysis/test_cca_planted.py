@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from analysis.cca import CausalCCA, Failure, FixSet
+from analysis.cca._search import MIN_DEFAULT_BUDGET
 from analysis.cca._stats import side_effects
 from analysis.cf import (
     DEFAULT_DETECTOR,
@@ -189,7 +190,7 @@ def test_exhaustive_oracle_and_beam_agree_with_greedy_on_small_n() -> None:
     kw = {"candidates": sites, "n_permutations": 0, "n_variants": 0, "max_fix_set_size": 2}
     ex = c.search(search_strategy="exhaustive", **kw)
     beam = c.search(search_strategy="beam", **kw)
-    # 14 candidates: two causes cost more than patching each once, so raise the budget
+    # 14 candidates: two causes cost more than the default budget (32), so raise it
     greedy = c.search(search_strategy="greedy", max_forward_passes=100, **kw)
     for fix in (ex, beam, greedy):
         assert fix.flip and sorted(fix.sites) == c.pm.minimal_fix and fix.one_minimal
@@ -197,11 +198,13 @@ def test_exhaustive_oracle_and_beam_agree_with_greedy_on_small_n() -> None:
     assert ex.forward_passes >= n + math.comb(n, 2) - 1  # every smaller set was replayed
     assert greedy.forward_passes < ex.forward_passes
     # the oracle strategies are not bounded by the budget, and say so
-    assert any("more than the budget of 14" in note for note in ex.notes)
+    assert any(f"more than the budget of {MIN_DEFAULT_BUDGET}" in note for note in ex.notes)
     assert greedy.forward_passes <= 100 and not any("budget" in n for n in greedy.notes)
-    # at the default budget (N = 14) greedy gives up and says why, within the budget
+    # at the default budget (N = 14 < 32: 32) greedy finds it or says why, within the budget
     tight = c.search(search_strategy="greedy", **kw)
-    assert tight.forward_passes <= n and (tight.flip or "budget" in tight.reason)
+    assert tight.forward_passes <= MIN_DEFAULT_BUDGET and (tight.flip or "budget" in tight.reason)
+    capped = c.search(search_strategy="greedy", max_forward_passes=n, **kw)
+    assert capped.forward_passes <= n and (capped.flip or "budget" in capped.reason)
 
 
 def detector_reports(c: Case) -> dict[str, CFReport]:
