@@ -5,7 +5,9 @@ The prompt is cut into *sentences* (a span ends after a token ending with ``.``,
 or a newline; special tokens and the prompt's first token are never removed, so a prompt is
 never empty) — by default only inside the last user turn of a chat prompt (the untrusted
 input: removing the template's role names or the operator's system prompt says nothing about
-the input), and delta debugging (ddmin) finds a
+the input). For a generation, sentences (then words) are first ordered by how much removing
+each alone lowers the likelihood of the incident's own failing continuation (teacher-forced),
+since many single words also break a fragile failure; then delta debugging (ddmin) finds a
 1-minimal set of sentences whose removal removes the failure; then, inside those sentences, a
 1-minimal set of *words*. A candidate is tested by running the incident's own forward calls on
 the shortened prompt (:meth:`analysis.replay.CallPlan.with_prompt`) inside the replay
@@ -181,6 +183,34 @@ class _Tester:
     def fixed_by(self, removed: Sequence[Span]) -> bool:
         return not self.text_without(frozenset(removed))[0]
 
+    def output_logp(self, removed: Sequence[Span] = ()) -> float | None:
+        """Log-probability of the incident's own (failing) continuation, teacher-forced, on
+        the prompt without ``removed``; None for a single forward call or a classifier."""
+        steps = self.session.plan.steps
+        if self.failing is None or len(steps) < 2:
+            return None
+        drop = {i for s in removed for i in range(s.start, s.end)}
+        kept = [t for i, t in enumerate(self.ids) if i not in drop]
+        r = self.session.run_edited(plan=self.session.plan.with_prompt(torch.tensor([kept])))
+        self.runs += 1
+        total = 0.0
+        for lg, nxt in zip(r.logits, steps[1:]):
+            if lg is None:
+                return None
+            tok = int(nxt.tensors["input_ids"].reshape(-1)[0])
+            total += float(torch.log_softmax(lg.reshape(-1, lg.shape[-1])[0].float(), -1)[tok])
+        return total
+
+    def by_importance(self, spans: list[Span]) -> list[Span]:
+        """``spans`` ordered by how much removing each alone lowers the likelihood of the
+        failing continuation (most first; one teacher-forced replay each), so delta debugging
+        settles on the span most responsible rather than the first that happens to work."""
+        base = self.output_logp()
+        if base is None or len(spans) < 2:
+            return spans
+        drops = {s: base - (self.output_logp([s]) or base) for s in spans}
+        return sorted(spans, key=lambda s: -drops[s])
+
 
 def _ddmin(items: list[Span], test: Callable[[list[Span]], bool]) -> list[Span]:
     """A 1-minimal subset of ``items`` with ``test(subset)`` True (``test(items)`` must be)."""
@@ -221,8 +251,8 @@ def attribute_input(session: ReplaySession, *, tokenizer: Any,
     sentences = sentence_spans(t.ids, tokenizer, region=where)
     if not sentences or not t.fixed_by(sentences):
         return None
-    chosen = _ddmin(sentences, t.fixed_by)
-    words = [w for s in chosen for w in word_spans(t.ids, s, tokenizer)]
+    chosen = _ddmin(t.by_importance(sentences), t.fixed_by)
+    words = t.by_importance([w for s in chosen for w in word_spans(t.ids, s, tokenizer)])
     spans, level = chosen, "sentence"
     if len(words) > len(chosen) and t.fixed_by(words):
         spans, level = _ddmin(words, t.fixed_by), "word"
