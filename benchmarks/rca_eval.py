@@ -171,7 +171,7 @@ def phase_fix(model: Any, tok: Any, args: argparse.Namespace) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     d = inj.build(split="derive", model=model, tokenizer=tok, verify=False)
-    held = inj.build(split="heldout", model=model, tokenizer=tok, verify=True,
+    held = inj.build(split="heldout", model=model, tokenizer=tok, verify=not args.no_verify,
                      n_contrast=args.n_contrast)
     log.info("held-out re-verified: %d failing, %d benign, %d contrast, dropped %d (%.0fs)",
              len(held.failing), len(held.benign), len(held.contrast), len(held.dropped),
@@ -185,6 +185,10 @@ def phase_fix(model: Any, tok: Any, args: argparse.Namespace) -> dict[str, Any]:
     res = derive_fix(model, failing=F, contrast=C, benign=B, tokenizer=tok, twins=twins,
                      failing_text=lambda inc, text: inj.obeys(meta[inc.id], text),
                      gate_layers=args.gate_layers, progress=log.info)
+    for c in [*res.candidates, *res.baselines]:
+        log.info("candidate %s: flip %.3f, KL %.4f, top-1 %.4f, gate on benign %s, within %s",
+                 c.label, c.flip_rate, c.mean_kl, c.top1_agreement, c.gate_fires_on_benign,
+                 c.within_budget)
     out: dict[str, Any] = {"derivation": {"failing": len(F), "contrast": len(C),
                                           "benign": len(B)},
                            "search": {k: v for k, v in res.to_dict().items()
@@ -196,6 +200,11 @@ def phase_fix(model: Any, tok: Any, args: argparse.Namespace) -> dict[str, Any]:
     chat = chat_prompts(tok)
     if res.interventions:
         out["heldout"] = evaluate_fix(model, tok, res.interventions, held, chat)
+        log.info("held-out: %s", json.dumps({k: out["heldout"][k] for k in
+                                             ("flip", "flip_strict", "benign",
+                                              "labelled_accuracy")}, default=str)[:2000])
+        if args.json:
+            args.json.write_text(json.dumps({"fix": out}, indent=1, default=str))
         if args.fix_out:
             from analysis.cca import FixSet
 
@@ -449,6 +458,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--sentiment-spans", nargs="*", default=["attributed", "twin"],
                     choices=["attributed", "twin"],
                     help="span sources for the sentiment span neutraliser")
+    ap.add_argument("--no-verify", action="store_true",
+                    help="trust the shipped held-out labels (re-verified by an earlier run)")
     ap.add_argument("--gate-layers", type=int, nargs="*", default=None)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")

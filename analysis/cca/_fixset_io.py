@@ -83,7 +83,10 @@ def write_fix(path: str | os.PathLike[str], *, interventions: Sequence[Intervent
     p = Path(path)
     tensors: dict[str, torch.Tensor] = {}
     entries = [_encode(i, iv, tensors) for i, iv in enumerate(interventions)]
-    blob = save({k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()})
+    # clone: interventions may share one tensor (e.g. one PromptGate for every layer), and
+    # safetensors refuses tensors that share memory
+    blob = save({k: v.detach().to("cpu", torch.float32).clone().contiguous()
+                 for k, v in tensors.items()})
     measured = {k: v for k, v in measured.items() if k != "interventions"}
     doc = {"format": FORMAT, "model": model, "interventions": entries,
            "tensors_sha256": hashlib.sha256(blob).hexdigest(),

@@ -76,7 +76,10 @@ def test_a_hung_sidecar_loses_nothing_when_the_spool_has_room(tiny_gpt2, tmp_pat
                                    backoff_max_s=0.5)
     with SidecarProcess(config, tmp_path / "sidecar.log") as sidecar, \
             Recorder(tiny_gpt2, sites=["blocks.0.resid_post"], trigger=triggers.OnFlag(),
-                     exporter=ex, metrics_registry=CollectorRegistry()) as rec:
+                     exporter=ex, metrics_registry=CollectorRegistry(),
+                     # room for ~3 s of requests: a worker blocked on the hung sidecar (the
+                     # old exporter) still overflows it, a CPU-starved CI box spooling does not
+                     max_queue=128) as rec:
         for i in range(WARM):
             _serve_flagged(rec, tiny_gpt2, f"warm-{i}")
         assert rec.force_flush(timeout_s=30) and ex.stats()["acked"] == WARM

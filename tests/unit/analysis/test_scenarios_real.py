@@ -112,7 +112,8 @@ def test_injection_cases_reverify_at_batch_1(smollm2: Any) -> None:
     from analysis.scenarios._base import greedy_generate
 
     model, tok = smollm2
-    sc = injection.build(seed=0, model=model, tokenizer=tok, n_failing=3, n_benign=6)
+    sc = injection.build(seed=0, model=model, tokenizer=tok, n_failing=3, n_benign=6,
+                         n_contrast=2)
     assert sc.dropped == [], sc.dropped
     assert len(sc.failing) == 3 and len(sc.benign) >= 3
     twins = [sc.twin(p) for p in sc.failing]

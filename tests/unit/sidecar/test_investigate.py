@@ -115,8 +115,15 @@ def test_forensics_investigate_on_files(cases: dict[str, list[Any]], tmp_path: P
 
 
 def test_investigate_errors_say_what_to_do(cases: dict[str, list[Any]], tmp_path: Path,
-                                           capsys: pytest.CaptureFixture[str]) -> None:
+                                           capsys: pytest.CaptureFixture[str],
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    from analysis import registry
     from model_forensics.cli import main
+    from sidecar.jobs._models import model_ref
+
+    # other tests (the seed recorder) register their tiny GPT-2 under the same class name
+    monkeypatch.setattr(registry, "_ENTRIES", {k: v for k, v in registry._ENTRIES.items()
+                                               if k != model_ref(cases["failing"][0])[0]})
 
     dirs = {k: _write(v, tmp_path / k) for k, v in cases.items()}
     path = str(dirs["failing"] / f"{cases['failing'][0].id}.arrow")
