@@ -102,6 +102,22 @@ def test_save_load_round_trip(tmp_path: Path, tiny_gpt2: Any,
     assert "pickle" not in path.read_text()
 
 
+def test_one_gate_shared_by_every_layer_round_trips(tmp_path: Path, tiny_gpt2: Any) -> None:
+    # derive_fix gates every layer's removal with the same PromptGate object
+    gate = PromptGate(site="blocks.0.resid_post", weight=_vec(11), bias=-0.5)
+    sub = Subspace.from_directions(_vec(12))
+    shared = [Intervention(f"blocks.{k}.resid_post", "project", direction=sub, gate=gate)
+              for k in (1, 2)]
+    back = FixSet.load(_fix(shared).save(tmp_path / "fix.json"))
+    x = ids(9, seed=5)
+    with torch.no_grad():
+        with _fix(shared).apply(tiny_gpt2):
+            a = tiny_gpt2(x).logits
+        with back.apply(tiny_gpt2):
+            b = tiny_gpt2(x).logits
+    assert torch.equal(a, b)
+
+
 def test_non_portable_interventions_are_refused(tmp_path: Path, tiny_gpt2: Any) -> None:
     cases = [Intervention("blocks.0.mlp", "patch", donor=[1, 2, 3]),
              Intervention("blocks.0.mlp", "zero", steps=(0,)),
