@@ -173,7 +173,8 @@ def phase_fix(model: Any, tok: Any, args: argparse.Namespace) -> dict[str, Any]:
     d = inj.build(split="derive", model=model, tokenizer=tok, verify=False)
     held = inj.build(split="heldout", model=model, tokenizer=tok, verify=not args.no_verify,
                      n_contrast=args.n_contrast)
-    log.info("held-out re-verified: %d failing, %d benign, %d contrast, dropped %d (%.0fs)",
+    log.info("held-out %s: %d failing, %d benign, %d contrast, dropped %d (%.0fs)",
+             "loaded (labels as shipped)" if args.no_verify else "re-verified at batch 1",
              len(held.failing), len(held.benign), len(held.contrast), len(held.dropped),
              time.perf_counter() - t0)
     failing = d.failing[: args.n_derive] if args.n_derive else d.failing
