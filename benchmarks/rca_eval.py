@@ -211,7 +211,8 @@ def phase_fix(model: Any, tok: Any, args: argparse.Namespace) -> dict[str, Any]:
 
             FixSet(flip=True, interventions=res.interventions, reason="", failure="injection",
                    incident_id="", strategy="directions", intervention_kind="project",
-                   n_candidates=len(res.candidates), metric_before=0.0).save(args.fix_out)
+                   n_candidates=len(res.candidates), metric_before=0.0,
+                   model=getattr(model.config, "forensics_model_ref", None)).save(args.fix_out)
     from analysis.rca._directions import _baselines
 
     n_layers = model.config.num_hidden_layers
