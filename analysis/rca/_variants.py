@@ -68,7 +68,8 @@ def decision_consistency(model: Any, variants: Sequence[Incident], benign: Seque
         try:
             s = Replayer(model).load(v)
             bound = failure_of(v).bind(s, tokenizer=tokenizer)
-            tr = causal_trace(s, twin_ids=twin, failure=bound, heatmap=False)
+            tr = causal_trace(s, twin_ids=twin, failure=bound, heatmap=False,
+                              full_curve=False)
         except ForensicsError as e:
             skipped[v.id] = str(e)
             continue
