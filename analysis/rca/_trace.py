@@ -93,33 +93,10 @@ def _positions(session: ReplaySession, bound: BoundFailure, n_prompt: int,
     return tail + [n_prompt + k - 1 for k in range(1, bound.step + 1)]
 
 
-def _tail_top_down(session: ReplaySession, failure: BoundFailure,
-                   tail_sets: list[list[Intervention]]) -> tuple[list[float], list[bool], int]:
-    """The tail curve from the last layer down, stopping at the first layer that does not
-    flip (each claimed flip verified, as in the full curve); ``(curve, flips, runs)``."""
-    tail = [float("nan")] * len(tail_sets)
-    flips = [False] * len(tail_sets)
-    runs = 0
-    for i in reversed(range(len(tail_sets))):
-        tail[i] = _metric(session, failure, [tail_sets[i]])[0]
-        runs += 1
-        if tail[i] <= 0:
-            flips[i] = failure.value(session.verify(tail_sets[i]).logits) <= 0
-            runs += 1
-        if not flips[i]:
-            break
-    return tail, flips, runs
-
-
 def causal_trace(session: ReplaySession, *, twin_ids: Sequence[int], failure: BoundFailure,
                  layers: Sequence[int] | None = None, tokenizer: Any = None,
-                 heatmap: bool = True, full_curve: bool = True) -> CausalTrace:
-    """Trace ``session`` against its benign twin prompt ``twin_ids`` (module doc).
-
-    ``full_curve=False`` computes the tail curve only from the last layer down to the first
-    layer whose restoration does not flip — all the decision layer needs, the same decision
-    layer, in ``n_layers - decision_layer + 1`` layers instead of all (earlier layers of the
-    curve are NaN and their flips False); used for the consistency over variants."""
+                 heatmap: bool = True) -> CausalTrace:
+    """Trace ``session`` against its benign twin prompt ``twin_ids`` (module doc)."""
     ids = [int(t) for t in session.plan.steps[0].tensors["input_ids"][0]]
     pre, span_end, suffix = aligned_tail(ids, twin_ids)
     if suffix == 0 or span_end <= pre:
@@ -134,17 +111,13 @@ def causal_trace(session: ReplaySession, *, twin_ids: Sequence[int], failure: Bo
     runs = 2
     tail_sets = [[Intervention(f"blocks.{layer}.resid_post[pos=-{suffix}:]", "patch",
                                donor=donor)] for layer in layers]
-    if full_curve:
-        tail = _metric(session, failure, tail_sets)
-        flips = [m <= 0 for m in tail]
-        runs += len(tail_sets)
-        for i in range(len(layers)):   # a claimed flip is verified at the incident's shapes
-            if flips[i]:
-                flips[i] = failure.value(session.verify(tail_sets[i]).logits) <= 0
-                runs += 1
-    else:
-        tail, flips, added = _tail_top_down(session, failure, tail_sets)
-        runs += added
+    tail = _metric(session, failure, tail_sets)
+    runs += len(tail_sets)
+    flips = [m <= 0 for m in tail]
+    for i in range(len(layers)):   # a claimed flip is verified at the incident's shapes
+        if flips[i]:
+            flips[i] = failure.value(session.verify(tail_sets[i]).logits) <= 0
+            runs += 1
     positions = _positions(session, failure, len(ids), suffix)
     grid: list[list[float]] = []
     if heatmap:

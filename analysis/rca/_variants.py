@@ -68,8 +68,7 @@ def decision_consistency(model: Any, variants: Sequence[Incident], benign: Seque
         try:
             s = Replayer(model).load(v)
             bound = failure_of(v).bind(s, tokenizer=tokenizer)
-            tr = causal_trace(s, twin_ids=twin, failure=bound, heatmap=False,
-                              full_curve=False)
+            tr = causal_trace(s, twin_ids=twin, failure=bound, heatmap=False)
         except ForensicsError as e:
             skipped[v.id] = str(e)
             continue
