@@ -344,10 +344,11 @@ def phase_timed(model: Any, tok: Any, args: argparse.Namespace) -> dict[str, Any
                                                                 tokenizer=tok),
                       tokenizer=tok, benign=B, contrast=C, variants=F[1:],
                       failing_text=lambda i, text: inj.obeys(meta[i.id], text),
-                      progress=log.info)
+                      max_variants=args.max_variants, progress=log.info)
     wall = time.perf_counter() - t0
     log.info("one full investigation: %.0f s", wall)
     return {"seconds": round(wall, 1), "steps_seconds": rep.seconds,
+            "max_variants": args.max_variants,
             "inputs": {"variants": len(F) - 1, "contrast": len(C), "benign": len(B)},
             "decision_layer": rep.trace.decision_layer if rep.trace else None,
             "fix_found": rep.fix is not None and bool(rep.fix.flip),
@@ -460,6 +461,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--sentiment-spans", nargs="*", default=["attributed", "twin"],
                     choices=["attributed", "twin"],
                     help="span sources for the sentiment span neutraliser")
+    ap.add_argument("--max-variants", type=int, default=20,
+                    help="timed: failing variants used for the decision-layer consistency")
     ap.add_argument("--no-verify", action="store_true",
                     help="trust the shipped held-out labels (re-verified by an earlier run)")
     ap.add_argument("--gate-layers", type=int, nargs="*", default=None)
