@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 from .._observer import histogram
 from .._store_index import utcnow
 from ._kind import JobContext, JobFailed, JobHost, JobKind
-from ._models import fidelity_dict, load_registered, model_ref, registered_spec
+from ._models import fidelity_dict, load_registered, model_ref, require_registered
 from ._queries import benign_candidates, clean_json, latest_cf, num
 
 if TYPE_CHECKING:
@@ -140,11 +140,8 @@ def _intervention(ctx: JobContext, n_benign: int) -> str:
 def cca_job(ctx: JobContext) -> dict[str, Any]:
     """Job kind ``cca`` (module doc)."""
     inc = ctx.open_incident()
-    name, fingerprint = model_ref(inc)
-    spec = registered_spec(ctx.config, inc)
-    if spec is None:
-        raise JobFailed(f"model not registered: CCA replays incident {inc.id} with its model "
-                        f"{name!r}; add it to the sidecar config under `models:`")
+    _, fingerprint = model_ref(inc)
+    spec = require_registered(ctx.config, inc, job="CCA replays")
     try:
         from analysis.cca import CausalCCA
         from analysis.replay import Replayer

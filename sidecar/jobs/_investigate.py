@@ -38,7 +38,7 @@ from integrations.errors import AnalysisError, ModelError
 
 from .._observer import counter
 from ._kind import JobContext, JobFailed, JobHost, JobKind
-from ._models import fidelity_dict, load_registered, model_ref, registered_spec
+from ._models import fidelity_dict, load_registered, require_registered
 from ._queries import clean_json
 
 if TYPE_CHECKING:
@@ -234,12 +234,7 @@ def investigate_job(ctx: JobContext) -> dict[str, Any]:
     from integrations.incident import Incident
 
     inc = ctx.open_incident()
-    name, _ = model_ref(inc)
-    spec = registered_spec(ctx.config, inc)
-    if spec is None:
-        raise JobFailed(f"model not registered: investigating incident {inc.id} replays its "
-                        f"model {name!r}; add it to the sidecar config under `models:` with a "
-                        "loader returning (model, tokenizer)")
+    spec = require_registered(ctx.config, inc, job="investigating replays")
     opts = _options(dict(ctx.params))
     model, tokenizer = load_registered(spec)
     given = {k: [Incident.open(p) for p in ctx.params.get(f"{k}_paths") or []] for k in _INPUTS}

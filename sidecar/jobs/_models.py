@@ -25,7 +25,8 @@ if TYPE_CHECKING:
     from .._config import SidecarConfig
     from .._config_sections import ModelSpec
 
-__all__ = ["fidelity_dict", "load_registered", "model_ref", "registered_spec"]
+__all__ = ["fidelity_dict", "load_registered", "model_ref", "registered_spec",
+           "require_registered"]
 
 _MODEL_CACHE: dict[str, Any] = {}
 _MODEL_LOCK = threading.Lock()
@@ -41,6 +42,21 @@ def registered_spec(config: SidecarConfig, inc: Incident) -> ModelSpec | None:
     """The registry entry for the incident's model (fingerprint first, then name)."""
     name, fingerprint = model_ref(inc)
     return config.find_model(name=name, fingerprint=fingerprint)
+
+
+def require_registered(config: SidecarConfig, inc: Incident, *, job: str) -> ModelSpec:
+    """:func:`registered_spec`, or :class:`JobFailed` saying what to add to the config;
+    ``job`` names what needed the model (e.g. ``"CCA replays"``)."""
+    spec = registered_spec(config, inc)
+    if spec is None:
+        name, fingerprint = model_ref(inc)
+        fp = f"{fingerprint[:16]}…" if isinstance(fingerprint, str) else "none"
+        raise JobFailed(
+            f"model not registered: {job} incident {inc.id}, recorded with model {name!r} "
+            f"(fingerprint {fp}); add it to the sidecar config under `models:` as "
+            "{name, fingerprint, loader: 'module:function'} (the loader returns the model, or "
+            "(model, tokenizer) where text is decoded) and run the analysis again")
+    return spec
 
 
 def load_registered(spec: ModelSpec) -> tuple[Any, Any]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 from ._kind import JobContext, JobFailed, JobKind
-from ._models import fidelity_dict, load_registered, model_ref, registered_spec
+from ._models import fidelity_dict, load_registered, model_ref, require_registered
 from ._stats import tensor_stats
 
 __all__ = ["REPLAY", "replay_job"]
@@ -24,14 +24,8 @@ __all__ = ["REPLAY", "replay_job"]
 def replay_job(ctx: JobContext) -> dict[str, Any]:
     """Job kind ``replay`` (module doc)."""
     inc = ctx.open_incident()
-    name, fingerprint = model_ref(inc)
-    spec = registered_spec(ctx.config, inc)
-    if spec is None:
-        fp = f"{fingerprint[:16]}…" if isinstance(fingerprint, str) else "none"
-        raise JobFailed(
-            f"model not registered: incident {inc.id} was recorded with model {name!r} "
-            f"(fingerprint {fp}); add it to the sidecar config under `models:` as "
-            "{name, fingerprint, loader: 'module:function'} and run the analysis again")
+    _, fingerprint = model_ref(inc)
+    spec = require_registered(ctx.config, inc, job="replay of")
     try:
         from analysis.replay import Replayer
     except ImportError as e:

@@ -8,7 +8,6 @@ the fix set in DuckDB / gRPC / ``forensics incidents show``, and ``forensics bas
 from __future__ import annotations
 
 import json
-import time
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from sidecar._server import Sidecar, create_server
 from sidecar.jobs._cca import FIX_SET_SIZE
 from sidecar.jobs._cf import ANOMALY_P, ANOMALY_SCORE
 from sidecar.telemetry import SidecarTelemetry
+from tests._waiting import jobs_idle, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -43,19 +43,6 @@ def planted_model() -> Any:
     return build_planted(PLANTED).model
 
 
-def _wait(cond: Any, timeout_s: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def _jobs_idle(sc: Sidecar) -> bool:
-    counts = sc.jobs.counts()
-    return counts["pending"] == 0 and counts["running"] == 0
 
 
 def _serve(rec: Recorder, model: Any, ids: list[int], request_id: str, *,
@@ -116,8 +103,8 @@ def test_cf_and_cca_in_the_sidecar(tmp_path: Path, capsys: pytest.CaptureFixture
 
 def _check_automatic_baseline(sc: Sidecar, fp: str, tmp_path: Path) -> None:
     idx = sc.store.index
-    _wait(lambda: idx.read("SELECT count(*) FROM incidents")[0][0] == 12, 60, "uploads")
-    _wait(lambda: _jobs_idle(sc) and idx.read(
+    wait_for(lambda: idx.read("SELECT count(*) FROM incidents")[0][0] == 12, 60, "uploads")
+    wait_for(lambda: jobs_idle(sc) and idx.read(
         "SELECT count(*) FROM jobs WHERE kind = 'baseline' AND state = 'done'")[0][0], 240,
         "the automatic baseline")
     (version, samples, path), = idx.read(
@@ -131,9 +118,9 @@ def _check_automatic_baseline(sc: Sidecar, fp: str, tmp_path: Path) -> None:
 def _check_cf_scored(sc: Sidecar, cfg: SidecarConfig) -> tuple[str, dict[str, Any], list[Any]]:
     """The flagged incident's CF row and per-site ranks in DuckDB (after CCA finished)."""
     idx = sc.store.index
-    inc_id = _wait(lambda: idx.read(
+    inc_id = wait_for(lambda: idx.read(
         "SELECT id FROM incidents WHERE trigger_rule = 'flag'"), 60, "the flagged upload")[0][0]
-    _wait(lambda: idx.read("SELECT count(*) FROM jobs WHERE incident_id = ? AND kind = 'cca'"
+    wait_for(lambda: idx.read("SELECT count(*) FROM jobs WHERE incident_id = ? AND kind = 'cca'"
                            " AND state IN ('done', 'failed')", [inc_id])[0][0], 600, "CCA")
     cf = idx.read_dicts("SELECT * FROM cf_results WHERE incident_id = ?", [inc_id])[0]
     assert cf["status"] == "scored" and cf["flagged"] is True

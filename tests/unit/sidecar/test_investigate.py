@@ -13,7 +13,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ from sidecar._config import SidecarConfig
 from sidecar._server import create_server
 from sidecar.api import v1
 from sidecar.telemetry import SidecarTelemetry
+from tests._waiting import wait_for
 
 from ._rca_cases import LAYER, TARGET, model_entry, planted, record_cases
 
@@ -146,19 +146,10 @@ def test_investigate_errors_say_what_to_do(cases: dict[str, list[Any]], tmp_path
     assert not Path(out).exists()                                   # nothing half-written
 
 
-def _wait(cond: Any, timeout_s: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
 
 def _run(c: SidecarClient, incident_id: str, kind: str, params: dict[str, Any]) -> v1.Analysis:
     job = c.run_analysis(incident_id, kind, params_json=json.dumps(params))
-    return _wait(lambda: (a := c.get_analysis(job.analysis_id)).state in
+    return wait_for(lambda: (a := c.get_analysis(job.analysis_id)).state in
                  (v1.JOB_STATE_DONE, v1.JOB_STATE_FAILED) and a, 240, f"the {kind} job")
 
 

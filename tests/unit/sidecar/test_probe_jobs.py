@@ -12,7 +12,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,31 +25,19 @@ from sidecar._config import SidecarConfig
 from sidecar._server import Sidecar, create_server
 from sidecar.api import v1
 from sidecar.telemetry import SidecarTelemetry
+from tests._waiting import jobs_idle, wait_for
 
 from ._rca_cases import model_entry, record, record_cases
 
 REPO = Path(__file__).resolve().parents[3]
 
 
-def _wait(cond: Any, timeout_s: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def _idle(sc: Sidecar) -> bool:
-    counts = sc.jobs.counts()
-    return counts["pending"] == 0 and counts["running"] == 0
 
 
 def _job(c: SidecarClient, incident_id: str, kind: str, params: dict[str, Any] | None = None,
          ) -> dict[str, Any]:
     job = c.run_analysis(incident_id, kind, params_json=json.dumps(params or {}))
-    done = _wait(lambda: (a := c.get_analysis(job.analysis_id)).state in
+    done = wait_for(lambda: (a := c.get_analysis(job.analysis_id)).state in
                  (v1.JOB_STATE_DONE, v1.JOB_STATE_FAILED) and a, 120, f"the {kind} job")
     assert done.state == v1.JOB_STATE_DONE, done.error
     return dict(json.loads(done.result_json))
@@ -81,16 +68,16 @@ def test_probe_trains_on_flags_and_scores_new_incidents(
     with SidecarClient(addr) as c:
         pos = _upload(c, cases["failing"][:10])
         neg = _upload(c, [*cases["contrast"][:10], *cases["benign"][:10]])
-        _wait(lambda: _idle(sc), 120, "CF on the uploads")
+        wait_for(lambda: jobs_idle(sc), 120, "CF on the uploads")
         before = c.list(filter="failure_p:*").total_size
         trained = _job(c, pos[0], "probe")
         _check_trained(sc, trained, pos, neg, tmp_path, before)
         _check_listing(c, pos, neg)
         # new traffic: CF runs on ingest and, the (tenant, model) having a probe, probe_score
         new_fail, new_ctrl = _upload(c, [cases["failing"][10], cases["contrast"][10]])
-        _wait(lambda: sc.store.index.read(
+        wait_for(lambda: sc.store.index.read(
             "SELECT count(*) FROM jobs WHERE kind = 'probe_score' AND state = 'done'")[0][0] == 2
-            and _idle(sc), 120, "probe_score after CF")
+            and jobs_idle(sc), 120, "probe_score after CF")
         fail, ctrl = c.get(new_fail), c.get(new_ctrl)
         assert fail.HasField("failure_p") and ctrl.HasField("failure_p")
         assert fail.failure_p > 0.5 > ctrl.failure_p
@@ -169,7 +156,7 @@ def test_too_few_labels_store_and_score_nothing(
     got = record([(f"r-{k}", [3 + k, 4, 5, 6, 7, 8, 9]) for k in range(3)], tenant="small")
     with SidecarClient(addr) as c:
         ids = _upload(c, list(got.values()))
-        _wait(lambda: _idle(sc), 60, "CF on the uploads")
+        wait_for(lambda: jobs_idle(sc), 60, "CF on the uploads")
         r = _job(c, ids[0], "probe")
         assert r["status"] == "insufficient_labels" and "at least" in r["message"]
         assert sc.store.index.read("SELECT count(*) FROM probes")[0][0] == 0
