@@ -41,7 +41,7 @@ __all__ = [
 INCIDENT_COLUMNS = (
     "id", "tenant", "created_at", "received_at", "model_name", "model_fingerprint",
     "trigger_rule", "trigger_reason", "request_id", "traceparent", "size_bytes", "sha256",
-    "activations", "n_sites", "path", "manifest_json",
+    "activations", "n_sites", "path", "manifest_json", "content_sha256", "crc32c", "integrity",
 )
 
 
@@ -114,6 +114,12 @@ class IncidentRow:
     cf_flagged: bool | None = None
     #: The newest failure-signature probe's score (:data:`SCORE_COLUMNS`): None until scored.
     failure_p: float | None = None
+    #: The content digest (the manifest's ``integrity.sha256``), the CRC32C of the file (None
+    #: for rows stored before the CRC32C protocol), and ``pending`` | ``verified``: whether the
+    #: content digest was checked against the rows yet (``sha256`` is ``""`` while pending).
+    content_sha256: str = ""
+    crc32c: int | None = None
+    integrity: str = "verified"
 
     def values(self) -> list[Any]:
         return [getattr(self, c) for c in INCIDENT_COLUMNS]
@@ -136,9 +142,11 @@ def _parse_time(value: Any) -> dt.datetime | None:
 
 
 def row_from_manifest(manifest: Mapping[str, Any], *, tenant: str, size_bytes: int, sha256: str,
-                      path: str, received_at: dt.datetime, n_sites: int) -> IncidentRow:
+                      path: str, received_at: dt.datetime, n_sites: int,
+                      crc32c: int | None = None, integrity: str = "verified") -> IncidentRow:
     """The index row for a validated incident's manifest."""
     model = manifest.get("model") or {}
+    integ = manifest.get("integrity") or {}
     trigger = manifest.get("trigger") or {}
     request = manifest.get("request") or {}
     return IncidentRow(
@@ -149,6 +157,8 @@ def row_from_manifest(manifest: Mapping[str, Any], *, tenant: str, size_bytes: i
         traceparent=_s(request.get("traceparent")), size_bytes=size_bytes, sha256=sha256,
         activations=_s(manifest.get("activations")), n_sites=n_sites, path=path,
         manifest_json=json.dumps(manifest, sort_keys=True, separators=(",", ":")),
+        content_sha256=str(integ.get("sha256") or "") if isinstance(integ, Mapping) else "",
+        crc32c=crc32c, integrity=integrity,
     )
 
 
@@ -240,6 +250,18 @@ class Index:
 
     def incident_ids(self) -> set[str]:
         return {r[0] for r in self.read("SELECT id FROM incidents")}
+
+    def pending_ids(self) -> list[str]:
+        """Incidents acknowledged whose content digest was not checked yet (oldest first)."""
+        return [r[0] for r in self.read("SELECT id FROM incidents WHERE integrity = 'pending' "
+                                        "ORDER BY received_at, id")]
+
+    def mark_verified(self, incident_id: str, sha256: str) -> None:
+        """Record that the content digest of a pending incident was checked (and the file's
+        sha256, computed in the same pass)."""
+        with self.write() as con:
+            con.execute("UPDATE incidents SET integrity = 'verified', sha256 = ? WHERE id = ?",
+                        [sha256, incident_id])
 
     def delete_incident(self, incident_id: str) -> bool:
         """Delete the row and everything derived from it, in one transaction: its CF / CCA

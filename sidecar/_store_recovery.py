@@ -1,7 +1,7 @@
 """Index rows rebuilt from the files: receipts, start-up reconciliation, reindexing, quarantine.
 
 The Arrow files are the source of truth. Beside each ``incidents/<id>.arrow`` the store keeps a
-small receipt ``incidents/<id>.json`` (tenant, received_at, sha256) — the facts the index row
+small receipt ``incidents/<id>.json`` (tenant, received_at, digests) — the facts the index row
 needs that the file does not hold — so :func:`reconcile` rebuilds the index exactly: stray temp
 files are removed, receipts without a file dropped, rows whose file is gone deleted, unindexed
 files (or, for a full reindex, every file) re-validated and indexed; files that fail validation
@@ -60,7 +60,8 @@ def receipt_path(incidents_dir: Path, incident_id: str) -> Path:
 def receipt_bytes(row: IncidentRow) -> bytes:
     """The receipt of a stored row: what reindexing cannot read from the file."""
     return json.dumps({"tenant": row.tenant, "received_at": row.received_at.isoformat(),
-                       "sha256": row.sha256}).encode("utf-8")
+                       "sha256": row.sha256, "content_sha256": row.content_sha256,
+                       "crc32c": row.crc32c}).encode("utf-8")
 
 
 def manifest_tenant(manifest: Mapping[str, Any]) -> str:
@@ -69,25 +70,31 @@ def manifest_tenant(manifest: Mapping[str, Any]) -> str:
 
 
 def _row_from_file(incidents_dir: Path, incident_id: str, path: Path) -> IncidentRow:
-    """The index row of a stored file: re-validated, re-hashed, its receipt when it matches."""
+    """The index row of a stored file: re-validated (rows' digest included), re-hashed, its
+    receipt when it matches (same file sha256, or — written while the row was pending — the
+    same content digest and CRC32C)."""
+    from integrations._crc32c import crc32c
     from integrations.incident import Incident
 
     data = path.read_bytes()
     inc = Incident.from_bytes(data)
     if inc.id != incident_id:
         raise IncidentFormatError(f"{path.name} holds incident {inc.id!r}")
-    digest = hashlib.sha256(data).hexdigest()
+    digest, crc = hashlib.sha256(data).hexdigest(), crc32c(data)
+    manifest = inc.manifest
     tenant, received_at = None, None
     receipt = receipt_path(incidents_dir, incident_id)
     if receipt.exists():
         fields = json.loads(receipt.read_text(encoding="utf-8"))
-        if fields.get("sha256") == digest:
+        content = fields.get("content_sha256")
+        if fields.get("sha256") == digest or (
+                content and content == manifest["integrity"]["sha256"]
+                and fields.get("crc32c") == crc):
             tenant, received_at = fields.get("tenant"), fields.get("received_at")
-    manifest = inc.manifest
     sites = manifest.get("sites")
     return row_from_manifest(
         manifest, tenant=manifest_tenant(manifest) if tenant is None else str(tenant),
-        size_bytes=len(data), sha256=digest, path=stored_path(incident_id),
+        size_bytes=len(data), sha256=digest, path=stored_path(incident_id), crc32c=crc,
         received_at=dt.datetime.fromisoformat(received_at) if received_at else utcnow(),
         n_sites=len(sites) if isinstance(sites, list) else 0)
 
