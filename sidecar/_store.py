@@ -222,7 +222,8 @@ class LocalStore:
         tmp_receipt: Path | None = None
         try:
             self._check_size(incident_id, incoming.size)
-            existing = self.index.get_incident(incident_id)
+            existing = self.index.get_incident(incident_id) \
+                if self.index.has_incident(incident_id) else None
             if existing is not None:
                 return self._existing(existing, incoming.size, sha256, crc32c, content_sha256)
             row = self._verified_row(incoming, tenant=tenant, sha256=sha256, crc32c=crc32c,
@@ -230,7 +231,8 @@ class LocalStore:
                                      digest_verified=digest_verified)
             tmp_receipt = _write_tmp(self.incidents_dir, incident_id, receipt_bytes(row))
             with self._put_lock:
-                existing = self.index.get_incident(incident_id)
+                existing = self.index.get_incident(incident_id) \
+                    if self.index.has_incident(incident_id) else None
                 if existing is not None:   # a concurrent upload of the same id won the race
                     return self._existing(existing, row.size_bytes, sha256, crc32c,
                                           row.content_sha256)

@@ -25,6 +25,11 @@ from integrations.errors import SidecarError
 __all__ = ["IncomingFile", "StoreError"]
 
 
+#: The writer thread flushes the data written so far every this many bytes (off the receiving
+#: thread), so the final fsync before the ack is short.
+SYNC_EVERY = 8 * 1024 * 1024
+
+
 class StoreError(SidecarError):
     """The store could not complete an operation (I/O or index failure)."""
 
@@ -51,7 +56,7 @@ class IncomingFile:
     disk I/O and sha256 overlap with the network. ``finish`` fsyncs and returns the digest;
     ``abort`` removes the temp file. Nothing is visible to readers until ``put_incoming``."""
 
-    def __init__(self, directory: Path, incident_id: str, *, queue_chunks: int = 16,
+    def __init__(self, directory: Path, incident_id: str, *, queue_chunks: int = 32,
                  sha256: bool = True) -> None:
         self.incident_id = incident_id
         self.path = directory / f".{incident_id}.{uuid.uuid4().hex}.tmp"
@@ -66,6 +71,7 @@ class IncomingFile:
         self._thread.start()
 
     def _drain(self) -> None:
+        unsynced = 0
         while (chunk := self._q.get()) is not None:
             if self._error is not None:
                 continue
@@ -75,6 +81,10 @@ class IncomingFile:
                 view = memoryview(chunk)
                 while view:
                     view = view[os.write(self._fd, view):]
+                unsynced += len(chunk)
+                if unsynced >= SYNC_EVERY:   # flush while the rest streams in: the fsync
+                    os.fdatasync(self._fd)   # before the ack then only has the tail left
+                    unsynced = 0
             except BaseException as e:   # reported by write()/finish()
                 self._error = e
 

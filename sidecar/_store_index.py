@@ -248,6 +248,10 @@ class Index:
         return int(self.read(f"SELECT count(*) FROM {listing_from(where_sql)} "
                              f"WHERE {where_sql}", params)[0][0])
 
+    def has_incident(self, incident_id: str) -> bool:
+        """Whether a row for ``incident_id`` exists (cheaper than :meth:`get_incident`)."""
+        return bool(self.read("SELECT count(*) FROM incidents WHERE id = ?", [incident_id])[0][0])
+
     def incident_ids(self) -> set[str]:
         return {r[0] for r in self.read("SELECT id FROM incidents")}
 
