@@ -89,9 +89,13 @@ def read_layout(buf: Any, *, first_batch_only: bool, known: int | None = None,
     import pyarrow as pa
 
     from integrations.incident import DIGEST_ALGORITHM, MANIFEST_KEY
+    from integrations.incident._ipc_scan import leading_compressed
 
     known = buf.size if known is None else known
     base = buf.address
+    if leading_compressed(buf, first_batch_only=first_batch_only):
+        return None               # never inflate here: the store checks decoded sizes first
+        return None
     reader = pa.ipc.open_stream(pa.BufferReader(buf))
     meta = reader.schema.metadata or {}
     manifest = json.loads(meta[MANIFEST_KEY])

@@ -25,7 +25,7 @@ from integrations.errors import DecodeLimitError, IncidentFormatError
 
 from ._limits import DecodeLimits
 
-__all__ = ["StreamShape", "scan_stream"]
+__all__ = ["StreamShape", "leading_compressed", "scan_stream"]
 
 # Message.header union tags (Message.fbs): Schema 1, DictionaryBatch 2, RecordBatch 3.
 _SCHEMA, _DICTIONARY, _RECORD_BATCH = 1, 2, 3
@@ -130,6 +130,27 @@ def _batch_of(message: pa.ipc.Message) -> tuple[_Table | None, bool]:
             _bad("IPC dictionary batch without data")
         return data, False
     return header, True
+
+
+def leading_compressed(buf: pa.Buffer, *, first_batch_only: bool = True) -> bool:
+    """Whether any dictionary or record batch (up to the first record batch, or in the whole
+    stream) of the stream in ``buf`` has a compressed body, read from the message headers only
+    (nothing is inflated): a reader that decodes batches itself before :func:`scan_stream` ran
+    (the sidecar's streamed digest) must not decode such a stream. Malformed headers raise
+    :class:`IncidentFormatError`."""
+    reader = pa.ipc.MessageReader.open_stream(pa.BufferReader(buf))
+    while True:
+        try:
+            message = reader.read_next_message()
+        except StopIteration:
+            return False
+        except (pa.ArrowException, OSError, ValueError) as e:
+            _bad(f"not a readable Arrow IPC stream ({type(e).__name__}: {e})")
+        batch, is_records = _batch_of(message)
+        if batch is not None and batch.table(3) is not None:
+            return True
+        if is_records and first_batch_only:
+            return False
 
 
 def _limit(what: str, value: int, cap: int, key: str) -> NoReturn:

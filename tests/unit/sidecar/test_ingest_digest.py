@@ -94,3 +94,24 @@ def test_verify_streamed_requires_the_same_layout(tmp_path: Path) -> None:
     assert not verify_streamed(path, (digest, manifest, shifted))
     assert not verify_streamed(path, ("0" * 64, manifest, rows))
     assert not verify_streamed(tmp_path / "missing.arrow", found)
+
+
+def test_a_compressed_bomb_is_never_inflated_while_streaming(tmp_path: Path) -> None:
+    """The sha256 protocol streams the rows' digest; a zstd bomb (64 MiB of zeros in a few KiB)
+    must be left to the store's decoded-size check, not inflated here (chaos run finding:
+    +1 GiB sidecar RSS for a 35 KiB upload before this check)."""
+    import pyarrow as pa
+
+    b = IncidentBuilder(manifest=new_manifest(id="inc-1"))
+    b.add(kind="activation", site="blocks.0.resid_post", step=0,
+          tensor=torch.zeros(1, 4096, 4096))                          # 64 MiB of zeros
+    bomb = b.to_bytes(compression="zstd")
+    assert len(bomb) < 1 << 20
+    pool, default = pa.proxy_memory_pool(pa.default_memory_pool()), pa.default_memory_pool()
+    pa.set_memory_pool(pool)                                   # its own peak: only this test
+    try:
+        sink = _stream(tmp_path, bomb, 4096)
+    finally:
+        pa.set_memory_pool(default)
+    assert not sink.digest_verified
+    assert pool.max_memory() < 8 << 20                          # nothing near 64 MiB decoded
