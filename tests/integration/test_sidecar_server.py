@@ -22,7 +22,8 @@ from tests.integration.conftest import KiB, build_incident, make_config
 
 
 def _stored(sc: Sidecar) -> tuple[list[str], int]:
-    files = sorted(p.name for p in sc.store.incidents_dir.iterdir())
+    files = sorted(p.relative_to(sc.store.incidents_dir).as_posix()
+                   for p in sc.store.incidents_dir.rglob("*") if p.is_file())
     return files, sc.store.index.count_incidents("TRUE", [])
 
 
