@@ -1,31 +1,32 @@
 """Sidecar ingest vs raw gRPC streaming of the same bytes, as a ratio in one interleaved run.
 
-Two modes on the same 64 MiB incidents (real ones, built with ``IncidentBuilder``):
+Modes on the same 64 MiB incidents (real ones, built with ``IncidentBuilder``):
 
 * ``raw``    — grpcio client-streaming of the incident's bytes in 1 MiB chunks to a trivial
                servicer (a generic stream-unary handler with identity (de)serialisers) that
-               consumes the chunks and answers with their count. No hashing, no disk.
+               consumes the chunks and answers with their count. No checks, no disk.
+* ``durable_floor`` — the same raw stream to a servicer that also writes every chunk to a temp
+               file as it arrives and fsyncs it before answering: raw gRPC + write + fsync of
+               the same bytes, what any durable ingest must at least cost.
 * ``ingest`` — ``forensics.v1.IncidentService/UploadIncident`` end to end through the real
-               client (``integrations.exporters.SidecarExporter``, which hashes while it sends):
-               the real sidecar receives, writes a temp file (sha256 while writing), fsyncs,
-               validates the Arrow stream + manifest + row digest, renames, fsyncs the
-               directory, inserts the DuckDB index row and only then acks. The incident's own
-               row digest is verified while the bytes stream in (``sidecar._ingest_digest``).
-* ``ingest_serial`` — (reference) the same, on a second sidecar whose servicer verifies the row
-               digest after the upload instead (``IncidentServicer.stream_digest = False``, the
-               path before that optimisation): the A/B of the optimisation, in the same run.
-* ``sha256`` — (reference, not part of the bar) one ``hashlib.sha256`` pass over the same bytes
-               in this process: the unit of the ingest path's irreducible work. The protocol
-               needs the transport sha256 on both ends (client trailer, server check) and the
-               incident's own row digest is verified once more, so ingest does >= 3 such passes
-               (overlapped with the network and with each other on idle cores).
+               client (``integrations.exporters.SidecarExporter``), CRC32C protocol (DESIGN
+               §10): chunk and stream CRC32C checked as the bytes arrive, chunks written to the
+               temp file as they arrive, fsync, Arrow validation (structure, schema, decoded
+               size), rename, directory fsync, DuckDB index row, then the ack. The content
+               digest (rows' sha256) is checked after the ack, outside the timed region; its
+               time is reported (``--profile``) and the benchmark waits for it before the next
+               repetition so it never overlaps a timed upload.
+* ``ingest_sha256`` — (reference) the older clients' protocol on the same sidecar: trailer
+               sha256 over every byte and the rows' digest verified before the ack
+               (``sidecar.SidecarClient.upload(..., content_sha256=None)``).
+* ``sha256`` — (reference) one ``hashlib.sha256`` pass over the same bytes in this process.
 
-Both servers run in ONE child process (the sidecar is its own process in production, and client
-and server must not share a GIL); the client is this process. Every repetition runs both modes
-on a fresh incident (each upload needs a distinct incident id), alternating which goes first, so
-drift and machine noise hit both alike. Reported: per-mode medians and the median of the
-per-repetition ratios ``raw_time / ingest_time`` (= ingest throughput / raw throughput; the bar
-is >= 0.5). Stored incidents are deleted after each repetition (outside the timed region).
+The servers run in ONE child process (the sidecar is its own process in production, and client
+and server must not share a GIL); the client is this process. Every repetition runs every mode
+on a fresh incident id, rotating which goes first, so drift and machine noise hit all alike.
+Reported: per-mode medians and the median of the per-repetition ratios ``raw_time /
+ingest_time`` (= ingest throughput / raw throughput; the bar is >= 0.5), and the same ratio for
+the durable floor. Stored incidents are deleted after each repetition (outside the timed region).
 
 Usage::
 
@@ -48,6 +49,8 @@ from typing import Any
 
 CHUNK = 1024 * 1024
 RAW_METHOD = "/bench.Raw/Upload"
+DURABLE_METHOD = "/bench.Raw/UploadDurable"
+MODES = ("raw", "durable_floor", "ingest", "ingest_sha256")
 
 
 # ---------------------------------------------------------------------------- incidents
@@ -93,26 +96,39 @@ def _serve(data_dir: str, conn: Any, profile: bool) -> None:
             n += len(chunk)
         return str(n).encode()
 
+    def consume_durable(request_iterator: Iterator[bytes], context: Any) -> bytes:
+        n = 0
+        fd, path = tempfile.mkstemp(dir=data_dir, prefix=".floor-")
+        try:
+            for chunk in request_iterator:
+                n += len(chunk)
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            os.unlink(path)
+        return str(n).encode()
+
     raw = grpc.server(cf.ThreadPoolExecutor(max_workers=4),
                       options=[("grpc.max_receive_message_length", CHUNK + 65536)])
     raw.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("bench.Raw", {
-        "Upload": grpc.stream_unary_rpc_method_handler(consume)}),))
+        "Upload": grpc.stream_unary_rpc_method_handler(consume),
+        "UploadDurable": grpc.stream_unary_rpc_method_handler(consume_durable)}),))
     raw_port = raw.add_insecure_port("127.0.0.1:0")
     raw.start()
 
     phases: dict[str, list[float]] = {}
     if profile:
         _instrument(phases)
-    servers = []
-    for sub, streamed in (("streamed", True), ("serial", False)):
-        cfg = SidecarConfig.from_dict({"data_dir": f"{data_dir}/{sub}",
-                                       "metrics": {"enabled": False},
-                                       "modules": {"cf": {"enabled": False}}})
-        sc, _ = create_server(cfg, port=0)
-        sc.servicer.stream_digest = streamed
-        sc.start()
-        servers.append(sc)
-    conn.send((raw_port, servers[0].port, servers[1].port))
+    cfg = SidecarConfig.from_dict({"data_dir": f"{data_dir}/sidecar",
+                                   "metrics": {"enabled": False},
+                                   "modules": {"cf": {"enabled": False}}})
+    sc, _ = create_server(cfg, port=0)
+    sc.start()
+    servers = [sc]
+    conn.send((raw_port, sc.port))
     while True:
         msg = conn.recv()
         if msg == "phases":
@@ -123,8 +139,12 @@ def _serve(data_dir: str, conn: Any, profile: bool) -> None:
             break
         if isinstance(msg, tuple) and msg[0] == "delete":   # not timed
             for sc in servers:
+                if not sc.store.verifier.wait_idle(300):
+                    raise RuntimeError("post-ack verification did not finish in 300 s")
+                row = sc.store.get(msg[1])
+                state = row.integrity if row is not None else "absent"
                 sc.store.delete(msg[1])
-            conn.send("ok")
+            conn.send(state)
     for sc in servers:
         sc.stop(grace=1.0)
     raw.stop(1.0)
@@ -135,7 +155,7 @@ def _instrument(phases: dict[str, list[float]]) -> None:
     import functools
 
     from integrations.incident import Incident
-    from sidecar import _store, _store_files
+    from sidecar import _store, _store_files, _store_verify
 
     def timed(name: str, fn: Any) -> Any:
         @functools.wraps(fn)
@@ -151,14 +171,16 @@ def _instrument(phases: dict[str, list[float]]) -> None:
         "finish (drain+fsync)", _store_files.IncomingFile.finish)
     _store.LocalStore.put_incoming = timed(  # type: ignore[method-assign]
         "put_incoming (validate+rename+index)", _store.LocalStore.put_incoming)
+    _store_verify.ContentVerifier.verify = timed(  # type: ignore[method-assign]
+        "post-ack verify (rows digest + file sha256)", _store_verify.ContentVerifier.verify)
     orig_open = Incident.open.__func__  # type: ignore[attr-defined]
     Incident.open = classmethod(  # type: ignore[method-assign,assignment]
         timed("Incident.open (validate+digest)", orig_open))
 
 
 # ---------------------------------------------------------------------------- client side
-def _raw_upload(channel: Any, data: bytes) -> float:
-    call = channel.stream_unary(RAW_METHOD)
+def _raw_upload(channel: Any, data: bytes, method: str = RAW_METHOD) -> float:
+    call = channel.stream_unary(method)
 
     def parts() -> Iterator[bytes]:
         view = memoryview(data)
@@ -184,6 +206,16 @@ def _ingest_upload(exporter: Any, data: bytes) -> float:
     return dt
 
 
+def _old_client_upload(client: Any, incident_id: str, data: bytes) -> float:
+    """The sha256 protocol of clients before the CRC32C one (trailer sha256 while sending)."""
+    t0 = time.perf_counter()
+    resp = client.upload(incident_id, data, content_sha256=None)
+    dt = time.perf_counter() - t0
+    if not resp.created or resp.size != len(data):
+        raise RuntimeError(f"UploadIncident (sha256 protocol) failed: {resp}")
+    return dt
+
+
 def _sha256_pass(data: bytes) -> float:
     import hashlib
 
@@ -203,70 +235,74 @@ def run(*, mib: int, reps: int, warmup: int, profile: bool) -> dict[str, Any]:
     import grpc
 
     from integrations.exporters import SidecarExporter
+    from sidecar import SidecarClient
 
     t_build = time.perf_counter()
     incidents = build_incidents(reps + warmup, mib=mib)
     build_s = time.perf_counter() - t_build
     sizes = [len(d) for d in incidents]
     ctx = mp.get_context("spawn")
+    times: dict[str, list[float]] = {m: [] for m in (*MODES, "sha256")}
+    states: list[str] = []
     with tempfile.TemporaryDirectory(prefix="forensics-ingest-bench-") as data_dir:
         parent, child = ctx.Pipe()
         proc = ctx.Process(target=_serve, args=(data_dir, child, profile), daemon=True)
         proc.start()
-        raw_port, port, serial_port = parent.recv()
+        raw_port, port = parent.recv()
         channel = grpc.insecure_channel(f"127.0.0.1:{raw_port}", options=[
             ("grpc.max_send_message_length", 4 * CHUNK)])
         exporter = SidecarExporter(f"127.0.0.1:{port}", deadline_s=300.0, max_retries=0)
-        serial = SidecarExporter(f"127.0.0.1:{serial_port}", deadline_s=300.0, max_retries=0)
+        old = SidecarClient(f"127.0.0.1:{port}", timeout_s=300.0)
         load_before = _loadavg()
-        raw_t: list[float] = []
-        ing_t: list[float] = []
-        sha_t: list[float] = []
-        ser_t: list[float] = []
         try:
             for i, data in enumerate(incidents):
-                modes = ["raw", "ingest", "ingest_serial"]
-                order = modes[i % 3:] + modes[:i % 3]   # rotate: each mode leads in turn
-                times = {"sha256": _sha256_pass(data)}
+                order = MODES[i % len(MODES):] + MODES[:i % len(MODES)]   # each leads in turn
+                rep = {"sha256": _sha256_pass(data)}
                 for mode in order:
-                    times[mode] = (_raw_upload(channel, data) if mode == "raw" else
-                                   _ingest_upload(exporter if mode == "ingest" else serial, data))
-                parent.send(("delete", f"bench-{os.getpid()}-{i}"))
-                parent.recv()
+                    if mode == "ingest":
+                        rep[mode] = _ingest_upload(exporter, data)
+                        parent.send(("delete", f"bench-{os.getpid()}-{i}"))
+                        states.append(parent.recv())
+                    elif mode == "ingest_sha256":
+                        rep[mode] = _old_client_upload(old, f"bench-{os.getpid()}-{i}", data)
+                        parent.send(("delete", f"bench-{os.getpid()}-{i}"))
+                        parent.recv()
+                    else:
+                        rep[mode] = _raw_upload(channel, data, RAW_METHOD if mode == "raw"
+                                                else DURABLE_METHOD)
                 if i >= warmup:
-                    raw_t.append(times["raw"])
-                    ing_t.append(times["ingest"])
-                    sha_t.append(times["sha256"])
-                    ser_t.append(times["ingest_serial"])
+                    for k, v in rep.items():
+                        times[k].append(v)
             phases = None
             if profile:
                 parent.send("phases")
                 phases = parent.recv()
         finally:
             exporter.shutdown(timeout_s=1.0)
-            serial.shutdown(timeout_s=1.0)
+            old.close()
             channel.close()
             parent.send("stop")
             proc.join(10)
-    ratios = [r / g for r, g in zip(raw_t, ing_t)]
+    raw_t, ing_t = times["raw"], times["ingest"]
     size = statistics.median(sizes)
+
+    def ratio(mode: str) -> float:
+        return statistics.median(r / g for r, g in zip(raw_t, times[mode]))
+
     out: dict[str, Any] = {
         "incident_bytes": int(size), "reps": reps, "warmup": warmup,
         "build_s": round(build_s, 2),
-        "raw_median_s": statistics.median(raw_t), "ingest_median_s": statistics.median(ing_t),
-        "raw_MiBps": size / statistics.median(raw_t) / 2**20,
-        "ingest_MiBps": size / statistics.median(ing_t) / 2**20,
-        "ratio_median": statistics.median(ratios),
+        **{f"{m}_median_s": statistics.median(times[m]) for m in (*MODES, "sha256")},
+        **{f"{m}_MiBps": size / statistics.median(times[m]) / 2**20 for m in (*MODES, "sha256")},
+        "ratio_median": ratio("ingest"),
         "ratio_of_medians": statistics.median(raw_t) / statistics.median(ing_t),
-        "ratios": [round(r, 3) for r in ratios],
-        "ingest_serial_median_s": statistics.median(ser_t),
-        "ratio_serial_median": statistics.median(r / g for r, g in zip(raw_t, ser_t)),
-        "streamed_speedup_median": statistics.median(s_ / g for s_, g in zip(ser_t, ing_t)),
-        "ingest_serial_s": [round(t, 4) for t in ser_t],
-        "sha256_median_s": statistics.median(sha_t),
-        "sha256_MiBps": size / statistics.median(sha_t) / 2**20,
-        "ingest_over_sha256_pass": statistics.median(g / h for g, h in zip(ing_t, sha_t)),
-        "raw_s": [round(t, 4) for t in raw_t], "ingest_s": [round(t, 4) for t in ing_t],
+        "ratios": [round(r / g, 3) for r, g in zip(raw_t, ing_t)],
+        "ratio_durable_floor_median": ratio("durable_floor"),
+        "ratio_sha256_protocol_median": ratio("ingest_sha256"),
+        "ingest_over_durable_floor": statistics.median(
+            g / f for g, f in zip(ing_t, times["durable_floor"])),
+        "post_ack_states": sorted(set(states)),
+        **{f"{m}_s": [round(t, 4) for t in times[m]] for m in MODES},
         "loadavg_before": load_before, "loadavg_after": _loadavg(), "cpus": os.cpu_count(),
     }
     if phases is not None:
@@ -290,19 +326,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"incident: {res['incident_bytes'] / 2**20:.1f} MiB, {res['reps']} reps "
               f"(+{res['warmup']} warm-up), {res['cpus']} CPUs, load {res['loadavg_before']} -> "
               f"{res['loadavg_after']}")
-        print(f"raw grpc stream : median {res['raw_median_s'] * 1e3:8.1f} ms "
-              f"({res['raw_MiBps']:.0f} MiB/s)")
-        print(f"UploadIncident  : median {res['ingest_median_s'] * 1e3:8.1f} ms "
-              f"({res['ingest_MiBps']:.0f} MiB/s)")
-        print(f"ingest (serial digest, before): median "
-              f"{res['ingest_serial_median_s'] * 1e3:8.1f} ms; ratio raw/ingest_serial "
-              f"{res['ratio_serial_median']:.3f}; streamed digest speed-up "
-              f"{res['streamed_speedup_median']:.2f}x")
-        print(f"one sha256 pass : median {res['sha256_median_s'] * 1e3:8.1f} ms "
-              f"({res['sha256_MiBps']:.0f} MiB/s); ingest = "
-              f"{res['ingest_over_sha256_pass']:.2f} sha256 passes")
+        for mode, label in (("raw", "raw grpc stream"), ("durable_floor", "raw + write + fsync"),
+                            ("ingest", "UploadIncident (CRC32C)"),
+                            ("ingest_sha256", "UploadIncident (sha256, old)"),
+                            ("sha256", "one sha256 pass")):
+            print(f"{label:30s}: median {res[mode + '_median_s'] * 1e3:8.1f} ms "
+                  f"({res[mode + '_MiBps']:.0f} MiB/s)")
         print(f"ratio raw/ingest: median {res['ratio_median']:.3f} (per-rep {res['ratios']}); "
               f"bar >= 0.5")
+        print(f"ratio raw/durable floor {res['ratio_durable_floor_median']:.3f}; raw/ingest with "
+              f"the old sha256 protocol {res['ratio_sha256_protocol_median']:.3f}; ingest = "
+              f"{res['ingest_over_durable_floor']:.2f}x the durable floor; post-ack states "
+              f"{res['post_ack_states']}")
         if "server_phases_median_s" in res:
             for k, v in res["server_phases_median_s"].items():
                 print(f"  server {k:40s} {v * 1e3:8.1f} ms")

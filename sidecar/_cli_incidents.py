@@ -170,7 +170,10 @@ def _cmd_show(args: argparse.Namespace) -> int:
                        ("anomaly score", _num(inc, "anomaly_score", ".3f") or "not scored"),
                        ("anomaly p", _num(inc, "anomaly_p", ".3g") or "not scored"),
                        ("failure p", _num(inc, "failure_p", ".3f") or "no probe score"),
-                       ("size", f"{inc.size_bytes:,} bytes"), ("sha256", inc.sha256)):
+                       ("size", f"{inc.size_bytes:,} bytes"),
+                       ("sha256", inc.sha256 or "(computed after the content check)"),
+                       ("content sha256", inc.content_sha256),
+                       ("integrity", inc.integrity or "verified")):
         table.add_row(key, value)
     console.print(table)
     if analyses:

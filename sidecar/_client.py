@@ -20,23 +20,26 @@ from typing import Any
 
 import grpc
 
+from integrations.exporters._upload_stream import AUTO, UploadStream
+
 from .api import v1
 
 __all__ = ["SidecarClient", "upload_requests"]
 
 
 def upload_requests(incident_id: str, data: bytes, *, chunk_size: int = v1.MAX_CHUNK_BYTES,
-                    tenant: str = "", traceparent: str = "",
-                    sha256: str | None = None) -> Iterator[v1.UploadIncidentRequest]:
+                    tenant: str = "", traceparent: str = "", sha256: str | None = None,
+                    content_sha256: str | None = AUTO, crc32c: int | None = None,
+                    ) -> Iterator[v1.UploadIncidentRequest]:
     """The UploadIncident message stream for ``data``: header, ≤ ``chunk_size`` chunks,
-    trailer (``sha256`` defaults to the real digest)."""
-    yield v1.UploadIncidentRequest(header=v1.UploadHeader(
-        incident_id=incident_id, total_size=len(data), tenant=tenant, traceparent=traceparent))
-    view = memoryview(data)
-    for i in range(0, len(data), chunk_size):
-        yield v1.UploadIncidentRequest(chunk=v1.Chunk(data=bytes(view[i:i + chunk_size])))
-    digest = sha256 if sha256 is not None else hashlib.sha256(data).hexdigest()
-    yield v1.UploadIncidentRequest(trailer=v1.UploadTrailer(sha256=digest))
+    trailer. The CRC32C protocol when ``data`` is an incident with a content digest
+    (``content_sha256`` overrides it; ``None`` = the sha256 protocol of older clients);
+    ``sha256`` / ``crc32c`` override the trailer's values (default: the real ones)."""
+    if sha256 is not None and content_sha256 == AUTO:
+        content_sha256 = None   # a trailer sha256 was asked for: the sha256 protocol
+    return iter(UploadStream(incident_id, data, chunk_size=chunk_size, tenant=tenant,
+                             traceparent=traceparent, content_sha256=content_sha256,
+                             trailer_sha256=sha256, trailer_crc32c=crc32c))
 
 
 class SidecarClient:

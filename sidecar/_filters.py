@@ -64,7 +64,7 @@ FIELDS: dict[str, str] = {
     "trigger_reason": "str", "request_id": "str", "traceparent": "str", "size_bytes": "int",
     "sha256": "str", "activations": "str", "n_sites": "int",
     "anomaly_score": "float", "anomaly_p": "float", "cf_flagged": "bool", "cf_status": "str",
-    "failure_p": "float",
+    "failure_p": "float", "content_sha256": "str", "integrity": "str",
 }
 MAX_FILTER_CHARS = 4096
 #: Page tokens are short JSON; a longer one was not issued here.

@@ -1,9 +1,20 @@
 """Ingest: an ``UploadIncident`` stream from its first message to a durable, indexed incident.
 
-:func:`receive_upload` enforces framing, size caps and the transport sha256 while the chunks
+:func:`receive_upload` enforces framing, size caps and the transport check while the chunks
 stream into a sink; :func:`upload_tenant` decides the owner; :func:`store_upload` makes the
 upload durable inside the ``ingest`` span, mapping store errors to counted rejections;
 :func:`count_received` reports a new incident. Nothing is written for a rejected upload.
+
+Two integrity protocols (DESIGN §10, chosen by the client's header):
+
+* **CRC32C** (``header.content_sha256`` set; today's clients): each chunk's CRC32C is checked as
+  it arrives and the whole stream's against the trailer; the sink only writes. The header's
+  content digest must be the manifest's ``integrity.sha256``; the store acknowledges once the
+  file is validated, durable and indexed, and verifies the digest against the rows *after* the
+  ack (:mod:`sidecar._store_verify`: a mismatch is quarantined and counted).
+* **sha256** (no content digest; older clients): the trailer's sha256 over every byte is
+  checked, and the rows' digest is verified before the ack (:mod:`sidecar._ingest_digest`).
+  The CRC32C is computed as well, so both protocols index the same facts.
 
 Example::
 
@@ -22,6 +33,7 @@ from typing import Any, Protocol
 
 import grpc
 
+from integrations._crc32c import crc32c, crc32c_extend
 from integrations.errors import DecodeLimitError, IncidentFormatError, IncidentTooLargeError
 
 from ._auth import Principal
@@ -39,6 +51,7 @@ __all__ = [
     "Sink",
     "Upload",
     "count_received",
+    "crc_protocol",
     "receive_upload",
     "store_upload",
     "unavailable",
@@ -63,13 +76,31 @@ class Sink(Protocol):
     def abort(self) -> None: ...
 
 
+_HEX64 = frozenset("0123456789abcdef")
+
+
 @dataclasses.dataclass(frozen=True)
 class Upload:
-    """A completely received, sha256-verified upload (its bytes are in ``sink``)."""
+    """A completely received upload whose transport check passed (its bytes are in ``sink``).
+
+    ``sha256``: the transport sha256 (sha256 protocol), ``""`` with the CRC32C protocol;
+    ``crc32c``: of every byte received; ``content_sha256``: the header's claim (CRC32C
+    protocol), ``""`` with the sha256 protocol."""
 
     header: v1.UploadHeader
     sink: Any
     sha256: str
+    crc32c: int = 0
+    content_sha256: str = ""
+
+    @property
+    def crc_protocol(self) -> bool:
+        return bool(self.content_sha256)
+
+
+def crc_protocol(header: v1.UploadHeader) -> bool:
+    """Whether ``header`` selects the CRC32C protocol (it carries a content digest)."""
+    return bool(header.content_sha256)
 
 
 def _invalid(reason: str, message: str) -> Rejection:
@@ -91,13 +122,19 @@ def _read_header(it: Iterator[v1.UploadIncidentRequest], limits: LimitsConfig) -
         raise Rejection(grpc.StatusCode.RESOURCE_EXHAUSTED, "too_large",
                         f"incident is {header.total_size} bytes, over this sidecar's "
                         f"limits.max_incident_bytes = {limits.max_incident_bytes}")
+    digest = header.content_sha256
+    if digest and (len(digest) != 64 or not _HEX64.issuperset(digest)):
+        raise _invalid("bad_framing", "header.content_sha256 must be the manifest's "
+                                      "integrity.sha256: 64 lower-case hex digits")
     return header
 
 
 def _receive_chunks(it: Iterator[v1.UploadIncidentRequest], header: v1.UploadHeader,
-                    limits: LimitsConfig, sink: Sink) -> v1.UploadTrailer:
-    """Chunks into ``sink`` until the trailer; the byte count must match the header."""
+                    limits: LimitsConfig, sink: Sink) -> tuple[v1.UploadTrailer, int]:
+    """Chunks into ``sink`` until the trailer; the byte count must match the header. Returns
+    the trailer and the CRC32C of every byte (a chunk's own CRC32C is checked on arrival)."""
     received = 0
+    crc = 0
     trailer: v1.UploadTrailer | None = None
     for msg in it:
         part = msg.WhichOneof("part")
@@ -116,34 +153,52 @@ def _receive_chunks(it: Iterator[v1.UploadIncidentRequest], header: v1.UploadHea
         if received > header.total_size:
             raise _invalid("size_mismatch", f"more bytes than header.total_size = "
                                             f"{header.total_size}")
+        if msg.chunk.HasField("crc32c") and crc32c(data) != msg.chunk.crc32c:
+            raise _data_loss("crc32c_mismatch", f"chunk at byte {received - len(data)} fails "
+                                                "its CRC32C; it was corrupted in transit — resend")
+        crc = crc32c_extend(crc, data)
         sink.write(data)
     if trailer is None:
         raise _invalid("bad_framing",
-                       "stream ended without a trailer (sha256); the upload is incomplete")
+                       "stream ended without a trailer; the upload is incomplete")
     if received != header.total_size:
         raise _invalid("size_mismatch", f"received {received} bytes but header.total_size = "
                                         f"{header.total_size}")
-    return trailer
+    if crc_protocol(header) and not trailer.HasField("crc32c"):
+        raise _invalid("bad_framing", "with header.content_sha256 set, the trailer must carry "
+                                      "the CRC32C of the whole stream")
+    if trailer.HasField("crc32c") and trailer.crc32c != crc:
+        raise _data_loss("crc32c_mismatch", f"CRC32C of the received bytes is {crc:#010x}, the "
+                                            f"trailer says {trailer.crc32c:#010x}; the data was "
+                                            "corrupted in transit — resend")
+    return trailer, crc
+
+
+def _data_loss(reason: str, message: str) -> Rejection:
+    return Rejection(grpc.StatusCode.DATA_LOSS, reason, message)
 
 
 def receive_upload(requests: Iterable[v1.UploadIncidentRequest], limits: LimitsConfig,
                    open_sink: Callable[[v1.UploadHeader], Sink]) -> Upload:
     """Read header → chunks → trailer into ``open_sink(header)``, enforcing framing, size caps
-    and the sha256. On any rejection or error the sink is aborted."""
+    and the transport check of the header's protocol (module doc). On any rejection or error
+    the sink is aborted. ``open_sink`` returns a hashing sink for the sha256 protocol and a
+    plain writer (``finish`` returns ``""``) for the CRC32C protocol (:func:`crc_protocol`)."""
     it = iter(requests)
     header = _read_header(it, limits)
     sink = open_sink(header)
     try:
-        trailer = _receive_chunks(it, header, limits, sink)
+        trailer, crc = _receive_chunks(it, header, limits, sink)
         hexdigest = sink.finish()
-        if trailer.sha256.lower() != hexdigest:
-            raise Rejection(grpc.StatusCode.DATA_LOSS, "sha256_mismatch",
-                            f"sha256 of the received bytes is {hexdigest}, the trailer says "
-                            f"{trailer.sha256!r}; the data was corrupted in transit — resend")
+        if not crc_protocol(header) and trailer.sha256.lower() != hexdigest:
+            raise _data_loss("sha256_mismatch",
+                             f"sha256 of the received bytes is {hexdigest}, the trailer says "
+                             f"{trailer.sha256!r}; the data was corrupted in transit — resend")
     except BaseException:
         sink.abort()
         raise
-    return Upload(header=header, sink=sink, sha256=hexdigest)
+    return Upload(header=header, sink=sink, sha256=hexdigest if not crc_protocol(header) else "",
+                  crc32c=crc, content_sha256=header.content_sha256)
 
 
 def upload_tenant(principal: Principal, upload: Upload) -> str | None:
@@ -166,7 +221,8 @@ def _put(store: IncidentStore, upload: Upload, tenant: str | None) -> PutResult:
     streamed = isinstance(upload.sink, VerifyingSink)
     try:
         return store.put_incoming(upload.sink.inner if streamed else upload.sink, tenant=tenant,
-                                  sha256=upload.sha256,
+                                  sha256=upload.sha256, crc32c=upload.crc32c,
+                                  content_sha256=upload.content_sha256,
                                   digest_verified=streamed and upload.sink.digest_verified)
     except IncidentTooLargeError as e:
         raise Rejection(grpc.StatusCode.RESOURCE_EXHAUSTED, "too_large", str(e)) from e
@@ -200,6 +256,8 @@ def store_upload(store: IncidentStore, upload: Upload, *, tenant: str | None,
         for key, value in incident_attributes(result.row).items():
             span.set_attribute(key, value)
         span.set_attribute("forensics.ingest.created", result.created)
+        span.set_attribute("forensics.ingest.protocol",
+                           "crc32c" if upload.crc_protocol else "sha256")
         span.set_attribute("forensics.ingest.digest_streamed",
                            bool(getattr(upload.sink, "digest_verified", False)))
     return result

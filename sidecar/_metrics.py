@@ -21,12 +21,12 @@ __all__ = ["metric", "sidecar_metrics"]
 def sidecar_metrics() -> tuple[Metric, ...]:
     """The metrics of ingest, refusals, the job runner and every built-in job kind (unique by
     name, in that order)."""
-    from . import _ingest, _reject
+    from . import _ingest, _reject, _store_verify
     from .jobs import builtin_kinds
     from .jobs._runner import METRICS as JOB_METRICS
 
     found: dict[str, Metric] = {}
-    for m in (*_reject.METRICS, *_ingest.METRICS, *JOB_METRICS,
+    for m in (*_reject.METRICS, *_ingest.METRICS, *_store_verify.METRICS, *JOB_METRICS,
               *(m for kind in builtin_kinds() for m in kind.metrics)):
         found.setdefault(m.name, m)
     return tuple(found.values())

@@ -52,6 +52,7 @@ REJECT_REASONS = (
     "cancelled",          # the client went away (or its deadline passed) mid-upload
     "size_mismatch",      # bytes received ≠ header.total_size
     "sha256_mismatch",    # trailer sha256 ≠ sha256 of the bytes
+    "crc32c_mismatch",    # a chunk's or the trailer's CRC32C ≠ CRC32C of the bytes
     "invalid_incident",   # non-Arrow, truncated Arrow, wrong schema, bad manifest
     "already_exists",     # same id, different bytes
     "permission_denied",  # tenant in header ≠ token's tenant

@@ -1,7 +1,10 @@
 """The schema of the store's DuckDB index: the catalog tables and the analysis result tables.
 
 Catalog: ``meta`` (schema version), ``incidents`` (one row per stored incident, keyed by
-(tenant, id): ids are unique per tenant, DESIGN §10; ``failure_p``:
+(tenant, id): ids are unique per tenant, DESIGN §10; ``integrity``:
+``pending`` from the ack until the content digest was checked against the rows, then
+``verified`` — see :mod:`sidecar._store_verify`; ``sha256`` is the file's, empty while pending;
+``failure_p``:
 the newest failure-signature probe's score of it, NULL until a probe scored it — written by the
 ``probe`` / ``probe_score`` jobs, see :mod:`sidecar.jobs._probe`), ``jobs`` and
 ``analyses`` (the job queue and each done job's result JSON). Result tables, queryable with plain
@@ -63,12 +66,16 @@ _INCIDENTS_COLUMNS_DDL = """
         path VARCHAR NOT NULL,
         manifest_json VARCHAR NOT NULL,
         failure_p DOUBLE,
+        content_sha256 VARCHAR,
+        crc32c BIGINT,
+        integrity VARCHAR,
         PRIMARY KEY (tenant, id)"""
 #: One row per stored incident; ids are unique per tenant (DESIGN §10).
 INCIDENTS_DDL = f"CREATE TABLE IF NOT EXISTS incidents ({_INCIDENTS_COLUMNS_DDL})"
 _INCIDENT_COPY = ("id, tenant, created_at, received_at, model_name, model_fingerprint, "
                   "trigger_rule, trigger_reason, request_id, traceparent, size_bytes, sha256, "
-                  "activations, n_sites, path, manifest_json, failure_p")
+                  "activations, n_sites, path, manifest_json, failure_p, content_sha256, crc32c, "
+                  "integrity")
 #: Schema version 1 → 2: ``incidents`` re-keyed from id to (tenant, id), rows kept as they are
 #: (their files move to the per-tenant layout when the store opens: ``sidecar._store_layout``).
 INCIDENT_KEY_MIGRATION = (
@@ -162,7 +169,15 @@ RESULT_DDL = (
 #: ``cf_results.p`` and ``incidents.failure_p`` arrived after schema version 1 (older rows keep
 #: NULL: never invented).
 MIGRATIONS = ("ALTER TABLE cf_results ADD COLUMN IF NOT EXISTS p DOUBLE",
-              "ALTER TABLE incidents ADD COLUMN IF NOT EXISTS failure_p DOUBLE")
+              "ALTER TABLE incidents ADD COLUMN IF NOT EXISTS failure_p DOUBLE",
+              # the CRC32C ingest protocol (DESIGN §10): rows stored before it were verified
+              # at ingest; their content digest is the manifest's
+              "ALTER TABLE incidents ADD COLUMN IF NOT EXISTS content_sha256 VARCHAR",
+              "ALTER TABLE incidents ADD COLUMN IF NOT EXISTS crc32c BIGINT",
+              "ALTER TABLE incidents ADD COLUMN IF NOT EXISTS integrity VARCHAR",
+              "UPDATE incidents SET content_sha256 = coalesce(json_extract_string("
+              "manifest_json, '$.integrity.sha256'), '') WHERE content_sha256 IS NULL",
+              "UPDATE incidents SET integrity = 'verified' WHERE integrity IS NULL")
 
 
 def migrate(con: Any) -> None:

@@ -32,6 +32,7 @@ from ._observer import CountingTelemetry, Telemetry, fan_out
 from ._reject import INGEST_REJECTED
 from ._servicer import IncidentServicer
 from ._store import LocalStore
+from ._store_verify import INCIDENTS_QUARANTINED
 from .api import v1
 from .jobs import JobKind, JobRunner, builtin_kinds
 
@@ -165,11 +166,14 @@ class Sidecar:
         return bool(self.server.wait_for_termination(timeout))
 
     def stats(self) -> dict[str, Any]:
-        """In-process counters: received, received_bytes, rejected by reason, job counts."""
+        """In-process counters: received, received_bytes, rejected and quarantined by reason,
+        job counts."""
         c = self.counters
         return {"received": int(c.total(INCIDENTS_RECEIVED)),
                 "received_bytes": int(c.total(INGEST_BYTES)),
                 "rejected": {k: int(v) for k, v in c.totals(INGEST_REJECTED, "reason").items()},
+                "quarantined": {k: int(v) for k, v in
+                                c.totals(INCIDENTS_QUARANTINED, "reason").items()},
                 "jobs": self.jobs.counts()}
 
     def __enter__(self) -> Sidecar:

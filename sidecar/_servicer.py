@@ -38,6 +38,7 @@ from ._filters import (
 from ._ingest import (
     Sink,
     count_received,
+    crc_protocol,
     receive_upload,
     store_upload,
     unavailable,
@@ -71,7 +72,10 @@ def row_to_proto(row: IncidentRow, *, full: bool = False) -> v1.Incident:
         trigger_reason=row.trigger_reason or "", request_id=row.request_id or "",
         traceparent=row.traceparent or "", size_bytes=row.size_bytes, sha256=row.sha256,
         activations=row.activations or "", n_sites=row.n_sites,
-        manifest_json=row.manifest_json if full else "")
+        manifest_json=row.manifest_json if full else "", content_sha256=row.content_sha256,
+        integrity=row.integrity)
+    if row.crc32c is not None:
+        msg.crc32c = row.crc32c
     if row.created_at is not None:
         msg.created_at.FromDatetime(row.created_at)
     msg.received_at.FromDatetime(row.received_at)
@@ -166,6 +170,8 @@ class IncidentServicer(v1.IncidentServiceServicer):
     # -- ingest ------------------------------------------------------------------------------
 
     def _open_sink(self, header: v1.UploadHeader) -> Sink:
+        if crc_protocol(header):   # the rows' digest is checked after the ack
+            return self.store.incoming(header.incident_id, sha256=False)
         incoming = self.store.incoming(header.incident_id)
         return VerifyingSink(incoming, header.total_size) if self.stream_digest else incoming
 
@@ -182,8 +188,13 @@ class IncidentServicer(v1.IncidentServiceServicer):
         if result.created:
             count_received(self.telemetry, result.row.size_bytes)
             self._enqueue_ingest_jobs(result.row)
-        return v1.UploadIncidentResponse(incident_id=result.row.id, sha256=result.row.sha256,
-                                         size=result.row.size_bytes, created=result.created)
+        row = result.row
+        resp = v1.UploadIncidentResponse(incident_id=row.id, sha256=row.sha256,
+                                         size=row.size_bytes, created=result.created,
+                                         content_sha256=row.content_sha256)
+        if row.crc32c is not None:
+            resp.crc32c = row.crc32c
+        return resp
 
     def _receive_and_store(self, requests: Iterator[v1.UploadIncidentRequest],
                            principal: Principal, context: grpc.ServicerContext) -> PutResult:
@@ -305,8 +316,14 @@ class IncidentServicer(v1.IncidentServiceServicer):
     def DownloadIncident(self, request: v1.DownloadIncidentRequest,
                          context: grpc.ServicerContext) -> Iterator[v1.DownloadIncidentResponse]:
         row = self._row(request.incident_id, self._principal(context), context)
-        yield v1.DownloadIncidentResponse(header=v1.DownloadHeader(
-            incident_id=row.id, total_size=row.size_bytes, sha256=row.sha256))
+        if row.integrity == "pending":   # announce a checked file (and its sha256) only
+            self.store.verifier.verify(row.id, tenant=row.tenant)
+            row = self._row(request.incident_id, self._principal(context), context)
+        header = v1.DownloadHeader(incident_id=row.id, total_size=row.size_bytes,
+                                   sha256=row.sha256)
+        if row.crc32c is not None:
+            header.crc32c = row.crc32c
+        yield v1.DownloadIncidentResponse(header=header)
         try:
             for chunk in self.store.read_chunks(row.id, self.limits.max_chunk_bytes,
                                                 tenant=row.tenant):

@@ -6,9 +6,11 @@ file); later object storage with a shared catalog. Incident ids are unique per t
 ``put`` verifies (size cap, sha256, full Arrow validation + schema + manifest through
 ``Incident.from_bytes``), writes ``incidents/<tenant dir>/<id>.arrow`` (:mod:`sidecar.
 _store_layout`) atomically (temp file, fsync, rename, directory fsync) beside a small receipt
-``<id>.json`` (tenant, received_at, sha256) so :meth:`LocalStore.reindex` rebuilds the index
-exactly, then inserts the index row. It returns only when both are durable. A data directory of
-the old flat layout (``incidents/<id>.arrow``) is migrated when the store opens
+``<id>.json`` (tenant, received_at, digests) so :meth:`LocalStore.reindex` rebuilds the index
+exactly, then inserts the index row. It returns only when both are durable. An upload of the
+CRC32C protocol (``put_incoming(content_sha256=...)``) is stored ``integrity = 'pending'`` and
+its rows' digest checked after the ack (:mod:`sidecar._store_verify`). A data directory of the
+old flat layout (``incidents/<id>.arrow``) is migrated when the store opens
 (:mod:`sidecar._store_migration`).
 
 Every lookup takes ``tenant``; ``tenant=None`` (an admin who named no tenant) finds the id in
@@ -26,23 +28,25 @@ Example::
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 import queue
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
+from integrations._crc32c import crc32c as crc32c_of
 from integrations.errors import IncidentFormatError, IncidentTooLargeError
 from integrations.incident import ID_PATTERN, fsync_dir
 
 from ._observer import Telemetry, as_telemetry, incident_attributes
+from ._store_api import AlreadyExistsError, AmbiguousIncidentError, IncidentStore, PutResult
 from ._store_files import IncomingFile, StoreError, _write_tmp
 from ._store_index import IncidentRow, Index, row_from_manifest, utcnow
 from ._store_layout import incident_file, receipt_file, stored_path, tenant_dir
 from ._store_migration import migrate_flat
 from ._store_recovery import ReindexReport, manifest_tenant, receipt_bytes, reconcile
+from ._store_verify import ContentVerifier
 
 if TYPE_CHECKING:
     from integrations.incident import DecodeLimits, Incident
@@ -61,63 +65,6 @@ __all__ = [
     "ReindexReport",
     "StoreError",
 ]
-
-
-
-class AlreadyExistsError(StoreError):
-    """This tenant has an incident with this id and different bytes (sha256 differs)."""
-
-
-class AmbiguousIncidentError(StoreError):
-    """A lookup without a tenant (an admin's) found the id in several tenants."""
-
-    def __init__(self, incident_id: str, tenants: list[str]) -> None:
-        super().__init__(
-            f"incident id {incident_id!r} is held by {len(tenants)} tenants "
-            f"({', '.join(map(repr, tenants))}); ids are unique per tenant — name the tenant "
-            "(gRPC metadata 'x-forensics-tenant', `forensics ... --tenant <name>`)")
-        self.incident_id, self.tenants = incident_id, tenants
-
-
-@dataclasses.dataclass(frozen=True)
-class PutResult:
-    """Outcome of :meth:`IncidentStore.put`."""
-
-    row: IncidentRow
-    created: bool
-
-
-class IncidentStore(Protocol):
-    """What the servicer and the job runner need from a store."""
-
-    index: Index
-
-    def put(self, incident_id: str, data: bytes, *, tenant: str | None,
-            sha256: str | None = None) -> PutResult: ...
-
-    def incoming(self, incident_id: str) -> IncomingFile: ...
-
-    def put_incoming(self, incoming: IncomingFile, *, tenant: str | None,
-                     sha256: str, digest_verified: bool = False) -> PutResult: ...
-
-    def get(self, incident_id: str, *, tenant: str | None = None) -> IncidentRow | None: ...
-
-    def path(self, incident_id: str, *, tenant: str | None = None) -> Path: ...
-
-    def open(self, incident_id: str, *, tenant: str | None = None) -> Incident: ...
-
-    def read_chunks(self, incident_id: str, chunk_size: int, *,
-                    tenant: str | None = None) -> Iterator[bytes]: ...
-
-    def delete(self, incident_id: str, *, tenant: str | None = None) -> bool: ...
-
-    def subscribe(self) -> queue.Queue[IncidentRow | None]: ...
-
-    def unsubscribe(self, q: queue.Queue[IncidentRow | None]) -> None: ...
-
-    def reindex(self) -> ReindexReport: ...
-
-    def close(self) -> None: ...
 
 
 class LocalStore:
@@ -146,7 +93,10 @@ class LocalStore:
         self._put_lock = threading.Lock()   # id check + rename + insert are one step
         self._subs: list[queue.Queue[IncidentRow | None]] = []
         self._subs_lock = threading.Lock()
+        #: Checks acknowledged CRC32C-protocol uploads against their rows' digest.
+        self.verifier = ContentVerifier(self)
         self.last_recovery = self.recover()
+        self.verifier.resume()
 
     @classmethod
     def from_config(cls, config: SidecarConfig, *,
@@ -185,10 +135,11 @@ class LocalStore:
 
     # -- write -------------------------------------------------------------------------------
 
-    def incoming(self, incident_id: str) -> IncomingFile:
-        """Start receiving ``incident_id``: chunks go to a temp file as they arrive."""
+    def incoming(self, incident_id: str, *, sha256: bool = True) -> IncomingFile:
+        """Start receiving ``incident_id``: chunks go to a temp file as they arrive (hashed
+        with sha256 on the way unless ``sha256=False``: the CRC32C protocol)."""
         self._check_id(incident_id)
-        return IncomingFile(self.incidents_dir, incident_id)
+        return IncomingFile(self.incidents_dir, incident_id, sha256=sha256)
 
     def put(self, incident_id: str, data: bytes, *, tenant: str | None,
             sha256: str | None = None) -> PutResult:
@@ -208,7 +159,7 @@ class LocalStore:
             inc.abort()
             raise StoreError(f"incident {incident_id}: sha256 {digest} differs from the "
                              f"claimed {sha256}")
-        return self.put_incoming(inc, tenant=tenant, sha256=digest)
+        return self.put_incoming(inc, tenant=tenant, sha256=digest, crc32c=crc32c_of(data))
 
     def _check_size(self, incident_id: str, size: int) -> None:
         if size > self.max_incident_bytes:
@@ -217,14 +168,19 @@ class LocalStore:
                 f"limits.max_incident_bytes = {self.max_incident_bytes}; raise the limit or "
                 "record fewer sites")
 
-    def put_incoming(self, incoming: IncomingFile, *, tenant: str | None,
-                     sha256: str, digest_verified: bool = False) -> PutResult:
-        """Verify a finished upload and make it durable; idempotent on (tenant, incident id).
+    def put_incoming(self, incoming: IncomingFile, *, tenant: str | None, sha256: str = "",
+                     crc32c: int | None = None, content_sha256: str = "",
+                     digest_verified: bool = False) -> PutResult:
+        """Verify a finished upload and make it durable; idempotent on (tenant, incident id)
+        (same size, CRC32C and content digest — or sha256 — is success).
 
-        ``sha256`` is the verified digest from :meth:`IncomingFile.finish`. Validation is
-        ``Incident.open`` (full Arrow validation, schema, manifest, row digest — the digest pass
-        is skipped when ``digest_verified``: the caller proved it while receiving, see
-        :mod:`sidecar._ingest_digest`); then the
+        ``sha256`` is the verified transport digest from :meth:`IncomingFile.finish` (sha256
+        protocol); ``crc32c`` the checked CRC32C of the bytes. Validation is ``Incident.open``
+        (full Arrow validation, schema, decoded-size caps, manifest, row digest — the digest
+        pass is skipped when ``digest_verified``: the caller proved it while receiving, see
+        :mod:`sidecar._ingest_digest`). With ``content_sha256`` (CRC32C protocol) it must equal
+        the manifest's digest, the row is ``pending`` and the rows are checked after this
+        returns (:class:`~sidecar._store_verify.ContentVerifier`); then the
         receipt and the Arrow file are renamed into place, the directory fsynced and the index
         row inserted. ``tenant`` is the owner recorded in the index (``None``: the manifest's
         ``request.tenant``, else ``""``). On any error the temp file is removed.
@@ -238,18 +194,20 @@ class LocalStore:
         tmp_receipt: Path | None = None
         try:
             self._check_size(incident_id, incoming.size)
-            existing = None if tenant is None else \
-                self.index.get_incident(incident_id, tenant=tenant)
+            existing = None if tenant is None or not self.index.has_incident(
+                incident_id, tenant=tenant) else self.index.get_incident(incident_id, tenant=tenant)
             if existing is not None:
-                return self._existing(existing, sha256)
-            row = self._verified_row(incoming, tenant=tenant, sha256=sha256,
+                return self._existing(existing, incoming.size, sha256, crc32c, content_sha256)
+            row = self._verified_row(incoming, tenant=tenant, sha256=sha256, crc32c=crc32c,
+                                     content_sha256=content_sha256,
                                      digest_verified=digest_verified)
             directory = self._tenant_dir(row.tenant)
             tmp_receipt = _write_tmp(directory, incident_id, receipt_bytes(row))
             with self._put_lock:
                 existing = self.index.get_incident(incident_id, tenant=row.tenant)
                 if existing is not None:   # a concurrent upload of the same key won the race
-                    return self._existing(existing, sha256)
+                    return self._existing(existing, row.size_bytes, sha256, crc32c,
+                                          row.content_sha256)
                 os.replace(tmp_receipt, receipt_file(self.incidents_dir, row.tenant,
                                                      incident_id))
                 os.replace(incoming.path, self.path(incident_id, tenant=row.tenant))
@@ -266,34 +224,52 @@ class LocalStore:
             if tmp_receipt is not None:
                 tmp_receipt.unlink(missing_ok=True)
         self._publish(row)
+        if row.integrity == "pending":
+            self.verifier.submit(row.id, tenant=row.tenant)
         return PutResult(row=row, created=True)
 
     def _verified_row(self, incoming: IncomingFile, *, tenant: str | None, sha256: str,
+                      crc32c: int | None, content_sha256: str,
                       digest_verified: bool) -> IncidentRow:
         """The index row of a received upload, after ``Incident.open`` validated it."""
         from integrations.incident import Incident
 
-        inc = Incident.open(incoming.path, verify=not digest_verified,
+        inc = Incident.open(incoming.path, verify=not (digest_verified or content_sha256),
                             limits=self.decode_limits)
         if inc.id != incoming.incident_id:
             raise IncidentFormatError(
                 f"upload header says incident id {incoming.incident_id!r} but the manifest "
                 f"says {inc.id!r}; send the manifest's id in the header")
         manifest = inc.manifest
+        if content_sha256 and manifest["integrity"]["sha256"] != content_sha256:
+            raise IncidentFormatError(
+                f"header.content_sha256 {content_sha256[:16]}… is not the manifest's digest "
+                f"{str(manifest['integrity']['sha256'])[:16]}…; send the manifest's "
+                "integrity.sha256")
         sites = manifest.get("sites")
         owner = manifest_tenant(manifest) if tenant is None else tenant
         return row_from_manifest(
             manifest, tenant=owner,
             size_bytes=incoming.size, sha256=sha256, path=stored_path(owner, inc.id),
-            received_at=utcnow(),
+            received_at=utcnow(), crc32c=crc32c,
+            integrity="pending" if content_sha256 else "verified",
             n_sites=len(sites) if isinstance(sites, list) else len(inc.sites()))
 
-    def _existing(self, row: IncidentRow, digest: str) -> PutResult:
-        if row.sha256 != digest:
+    def _existing(self, row: IncidentRow, size: int, sha256: str, crc32c: int | None,
+                  content_sha256: str) -> PutResult:
+        """An upload of an id already stored: success when it is the same incident (same
+        size, and the same CRC32C and content digest — or sha256 — where both sides know it)."""
+        same = row.size_bytes == size
+        if same and crc32c is not None and row.crc32c is not None:
+            same = row.crc32c == crc32c
+        if same and content_sha256 and row.content_sha256:
+            same = row.content_sha256 == content_sha256
+        if same and sha256 and row.sha256:
+            same = row.sha256 == sha256
+        if not same:
             raise AlreadyExistsError(
-                f"incident {row.id} already exists with different content (sha256 "
-                f"{row.sha256[:12]}… vs {digest[:12]}…); incident ids must be unique per "
-                "tenant — generate a new id")
+                f"incident {row.id} already exists with different content; incident ids "
+                "must be unique per tenant — generate a new id")
         return PutResult(row=row, created=False)
 
     # -- read --------------------------------------------------------------------------------
@@ -383,7 +359,9 @@ class LocalStore:
                              report=report)
 
     def close(self) -> None:
-        """Close watchers and the index."""
+        """Stop the post-ack checker (pending rows resume at the next start), close watchers
+        and the index."""
+        self.verifier.close()
         self._publish(None)
         self.index.close()
 

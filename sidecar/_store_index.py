@@ -41,7 +41,7 @@ __all__ = [
 INCIDENT_COLUMNS = (
     "id", "tenant", "created_at", "received_at", "model_name", "model_fingerprint",
     "trigger_rule", "trigger_reason", "request_id", "traceparent", "size_bytes", "sha256",
-    "activations", "n_sites", "path", "manifest_json",
+    "activations", "n_sites", "path", "manifest_json", "content_sha256", "crc32c", "integrity",
 )
 
 
@@ -114,6 +114,12 @@ class IncidentRow:
     cf_flagged: bool | None = None
     #: The newest failure-signature probe's score (:data:`SCORE_COLUMNS`): None until scored.
     failure_p: float | None = None
+    #: The content digest (the manifest's ``integrity.sha256``), the CRC32C of the file (None
+    #: for rows stored before the CRC32C protocol), and ``pending`` | ``verified``: whether the
+    #: content digest was checked against the rows yet (``sha256`` is ``""`` while pending).
+    content_sha256: str = ""
+    crc32c: int | None = None
+    integrity: str = "verified"
 
     def values(self) -> list[Any]:
         return [getattr(self, c) for c in INCIDENT_COLUMNS]
@@ -136,9 +142,11 @@ def _parse_time(value: Any) -> dt.datetime | None:
 
 
 def row_from_manifest(manifest: Mapping[str, Any], *, tenant: str, size_bytes: int, sha256: str,
-                      path: str, received_at: dt.datetime, n_sites: int) -> IncidentRow:
+                      path: str, received_at: dt.datetime, n_sites: int,
+                      crc32c: int | None = None, integrity: str = "verified") -> IncidentRow:
     """The index row for a validated incident's manifest."""
     model = manifest.get("model") or {}
+    integ = manifest.get("integrity") or {}
     trigger = manifest.get("trigger") or {}
     request = manifest.get("request") or {}
     return IncidentRow(
@@ -149,6 +157,8 @@ def row_from_manifest(manifest: Mapping[str, Any], *, tenant: str, size_bytes: i
         traceparent=_s(request.get("traceparent")), size_bytes=size_bytes, sha256=sha256,
         activations=_s(manifest.get("activations")), n_sites=n_sites, path=path,
         manifest_json=json.dumps(manifest, sort_keys=True, separators=(",", ":")),
+        content_sha256=str(integ.get("sha256") or "") if isinstance(integ, Mapping) else "",
+        crc32c=crc32c, integrity=integrity,
     )
 
 
@@ -244,9 +254,28 @@ class Index:
         return int(self.read(f"SELECT count(*) FROM {listing_from(where_sql)} "
                              f"WHERE {where_sql}", params)[0][0])
 
+    def has_incident(self, incident_id: str, *, tenant: str) -> bool:
+        """Whether a row for (tenant, incident) exists (cheaper than :meth:`get_incident`)."""
+        return bool(self.read("SELECT count(*) FROM incidents WHERE id = ? AND tenant = ?",
+                              [incident_id, tenant])[0][0])
+
     def incident_ids(self) -> set[str]:
         """The ids of every stored incident (of every tenant: the same id may be several)."""
         return {r[0] for r in self.read("SELECT DISTINCT id FROM incidents")}
+
+    def pending_keys(self) -> list[tuple[str, str]]:
+        """(tenant, id) of incidents acknowledged whose content digest was not checked yet
+        (oldest first)."""
+        return [(r[0], r[1]) for r in self.read(
+            "SELECT tenant, id FROM incidents WHERE integrity = 'pending' "
+            "ORDER BY received_at, id, tenant")]
+
+    def mark_verified(self, incident_id: str, sha256: str, *, tenant: str) -> None:
+        """Record that the content digest of (tenant, incident) was checked (and the file's
+        sha256, computed in the same pass)."""
+        with self.write() as con:
+            con.execute("UPDATE incidents SET integrity = 'verified', sha256 = ? WHERE id = ? "
+                        "AND tenant = ?", [sha256, incident_id, tenant])
 
     def incident_paths(self) -> dict[tuple[str, str], str]:
         """``{(tenant, id): path}`` of every row (reconciling the index with the files)."""

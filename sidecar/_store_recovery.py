@@ -2,7 +2,7 @@
 
 The Arrow files are the source of truth. Beside each ``incidents/<tenant dir>/<id>.arrow`` (the
 layout: :mod:`sidecar._store_layout`) the store keeps a small receipt ``<id>.json`` (tenant,
-received_at, sha256) — the facts the index row needs that the file does not hold — so
+received_at, digests) — the facts the index row needs that the file does not hold — so
 :func:`reconcile` rebuilds the index exactly: stray temp files are removed, receipts without a
 file dropped, rows whose file is gone deleted, unindexed files (or, for a full reindex, every
 file) re-validated and indexed; files that fail validation, or whose owner cannot be told,
@@ -56,7 +56,8 @@ class ReindexReport:
 def receipt_bytes(row: IncidentRow) -> bytes:
     """The receipt of a stored row: what reindexing cannot read from the file."""
     return json.dumps({"tenant": row.tenant, "received_at": row.received_at.isoformat(),
-                       "sha256": row.sha256}).encode("utf-8")
+                       "sha256": row.sha256, "content_sha256": row.content_sha256,
+                       "crc32c": row.crc32c}).encode("utf-8")
 
 
 def manifest_tenant(manifest: Mapping[str, Any]) -> str:
@@ -85,20 +86,30 @@ def _owner(fields: Mapping[str, Any], manifest: Mapping[str, Any],
     return next((t for t in candidates if t is not None and tenant_dir(t) == dir_name), None)
 
 
+def _matches(fields: Mapping[str, Any], digest: str, crc: int,
+             manifest: Mapping[str, Any]) -> bool:
+    """Whether a receipt belongs to this file: the same file sha256, or — written while the row
+    was pending — the same content digest and CRC32C."""
+    content = fields.get("content_sha256")
+    return fields.get("sha256") == digest or bool(
+        content and content == manifest["integrity"]["sha256"] and fields.get("crc32c") == crc)
+
+
 def row_from_file(path: Path, *, dir_name: str | None) -> IncidentRow:
-    """The index row of a stored file: re-validated, re-hashed, its receipt when it matches;
-    ``dir_name``: its tenant directory (None: the old flat layout)."""
+    """The index row of a stored file: re-validated (rows' digest included), re-hashed, its
+    receipt when it matches; ``dir_name``: its tenant directory (None: the old flat layout)."""
+    from integrations._crc32c import crc32c
     from integrations.incident import Incident
 
     data = path.read_bytes()
     inc = Incident.from_bytes(data)
     if inc.id != path.stem:
         raise IncidentFormatError(f"{path.name} holds incident {inc.id!r}")
-    digest = hashlib.sha256(data).hexdigest()
-    fields = read_receipt(path.with_suffix(".json"))
-    if fields.get("sha256") != digest:
-        fields = {}
+    digest, crc = hashlib.sha256(data).hexdigest(), crc32c(data)
     manifest = inc.manifest
+    fields = read_receipt(path.with_suffix(".json"))
+    if not _matches(fields, digest, crc, manifest):
+        fields = {}
     tenant = _owner(fields, manifest, dir_name)
     if tenant is None:
         raise IncidentFormatError(f"cannot tell which tenant owns {dir_name}/{path.name}: its "
@@ -107,7 +118,7 @@ def row_from_file(path: Path, *, dir_name: str | None) -> IncidentRow:
     sites = manifest.get("sites")
     return row_from_manifest(
         manifest, tenant=tenant, size_bytes=len(data), sha256=digest,
-        path=stored_path(tenant, inc.id),
+        path=stored_path(tenant, inc.id), crc32c=crc,
         received_at=dt.datetime.fromisoformat(received_at) if received_at else utcnow(),
         n_sites=len(sites) if isinstance(sites, list) else 0)
 

@@ -3,9 +3,10 @@
 :class:`UploadClient` owns the channel (plaintext, TLS or mTLS; created on first use, one per
 process) and the bearer token. :meth:`UploadClient.attempt` streams
 ``forensics.v1.IncidentService/UploadIncident``: one header (with the request's traceparent so
-the sidecar's ``ingest`` span links to the request trace), chunks of at most 1 MiB, and a
-trailer whose sha256 is computed while the chunks are sent; the outcome is classified as acked,
-unreachable-retryable or rejected (:data:`~integrations.exporters._retry.RETRYABLE`).
+the sidecar's ``ingest`` span links to the request trace, and the incident's content digest),
+chunks of at most 1 MiB with their CRC32C, and a trailer with the whole stream's CRC32C (see
+:mod:`._upload_stream`); the outcome is classified as acked, unreachable-retryable or rejected
+(:data:`~integrations.exporters._retry.RETRYABLE`).
 
 Example::
 
@@ -19,11 +20,10 @@ from __future__ import annotations
 
 import contextlib
 import enum
-import hashlib
 import json
 import os
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -191,23 +191,12 @@ class UploadClient:
                 deadline_s: float | None = None) -> Attempt:
         """One UploadIncident call, classified (never raises). ``deadline_s`` overrides the
         client's deadline for this call (the exporter's short inline attempt)."""
-        from sidecar.api.v1 import incidents_pb2 as pb
+        from ._upload_stream import UploadStream
 
-        hasher = hashlib.sha256()  # fed chunk by chunk as they are sent (no extra pass)
-
-        def parts() -> Iterator[Any]:
-            yield pb.UploadIncidentRequest(header=pb.UploadHeader(
-                incident_id=incident_id, total_size=len(data), traceparent=traceparent))
-            view = memoryview(data)
-            for off in range(0, len(data), _CHUNK):
-                chunk = view[off:off + _CHUNK]
-                hasher.update(chunk)
-                yield pb.UploadIncidentRequest(chunk=pb.Chunk(data=bytes(chunk)))
-            yield pb.UploadIncidentRequest(trailer=pb.UploadTrailer(sha256=hasher.hexdigest()))
-
+        parts = UploadStream(incident_id, data, traceparent=traceparent)
         try:
             timeout = self._deadline_s if deadline_s is None else deadline_s
-            resp = self._get_stub().UploadIncident(parts(), timeout=timeout,
+            resp = self._get_stub().UploadIncident(iter(parts), timeout=timeout,
                                                    metadata=self._metadata())
         except grpc.RpcError as e:
             code = e.code() if hasattr(e, "code") else grpc.StatusCode.UNKNOWN
@@ -216,10 +205,13 @@ class UploadClient:
             return Attempt(kind, code, detail)
         except Exception as e:  # bad credentials file, ...: not something retrying fixes
             return Attempt(Outcome.REJECTED, None, f"{type(e).__name__}: {e}")
-        sha = hasher.hexdigest()
-        if resp.sha256 and resp.sha256 != sha:
+        if resp.HasField("crc32c") and resp.crc32c != parts.crc32c:
             return Attempt(Outcome.REJECTED, grpc.StatusCode.DATA_LOSS,
-                           f"sidecar acknowledged sha256 {resp.sha256}, sent {sha}")
+                           f"sidecar acknowledged CRC32C {resp.crc32c:#010x}, sent "
+                           f"{parts.crc32c:#010x}")
+        if parts.sha256 and resp.sha256 and resp.sha256 != parts.sha256:
+            return Attempt(Outcome.REJECTED, grpc.StatusCode.DATA_LOSS,
+                           f"sidecar acknowledged sha256 {resp.sha256}, sent {parts.sha256}")
         return Attempt(Outcome.ACKED)
 
     def responsive(self, timeout_s: float) -> bool:

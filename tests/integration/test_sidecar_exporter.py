@@ -117,7 +117,7 @@ def test_recorded_incident_reaches_the_sidecar_with_linked_spans_and_metrics(tin
                 assert s.attributes["forensics.incident.bytes"] == inc.nbytes
                 assert s.attributes["forensics.incident.n_sites"] == 3
                 assert list(s.attributes["forensics.incident.sites"]) == sites
-            assert ingest.attributes["forensics.ingest.digest_streamed"] is True
+            assert ingest.attributes["forensics.ingest.protocol"] == "crc32c"
             assert jobspan.attributes["forensics.job.kind"] == "test_anomaly_score"
 
             om = _scrape_openmetrics(tel.metrics_url)

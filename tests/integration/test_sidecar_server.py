@@ -14,6 +14,7 @@ import grpc
 import pyarrow as pa
 import pytest
 
+from integrations._crc32c import crc32c
 from integrations.incident import Incident
 from sidecar._client import SidecarClient, upload_requests
 from sidecar._server import Sidecar, create_server
@@ -33,9 +34,16 @@ def test_upload_query_download_delete(serve: Callable[..., tuple[Sidecar, str]])
     with SidecarClient(addr) as c:
         r = c.upload("inc-1", data, chunk_size=1000)
         assert (r.incident_id, r.size, r.created) == ("inc-1", len(data), True)
-        assert r.sha256 == hashlib.sha256(data).hexdigest()
+        digest = Incident.from_bytes(data).manifest["integrity"]["sha256"]
+        assert (r.crc32c, r.content_sha256, r.sha256) == (crc32c(data), digest, "")
         again = c.upload("inc-1", data)                       # idempotent retry
-        assert not again.created and again.sha256 == r.sha256
+        assert not again.created and again.crc32c == r.crc32c
+        old = c.upload("inc-1", data, content_sha256=None)    # ... by an older client too
+        assert not old.created and old.sha256 in ("", hashlib.sha256(data).hexdigest())
+        assert sc.store.verifier.wait_idle(30)
+        checked = c.get("inc-1")                               # checked after the ack
+        assert (checked.integrity, checked.sha256) == ("verified",
+                                                       hashlib.sha256(data).hexdigest())
         with pytest.raises(grpc.RpcError) as e:
             c.upload("inc-1", build_incident("inc-1", seed=7))
         assert e.value.code() == grpc.StatusCode.ALREADY_EXISTS
@@ -96,10 +104,30 @@ def _messages(case: str, data: bytes) -> list[v1.UploadIncidentRequest]:
         return list(upload_requests("inc-1", _wrong_schema()))
     if case == "id_mismatch":
         return list(upload_requests("inc-2", data))
-    if case == "corrupt_tensor":   # valid framing and transport sha256, wrong row digest
-        bad = bytearray(data)
+    if case == "corrupt_tensor":   # sha256 protocol (older clients): the rows are checked
+        bad = bytearray(data)     # before the ack; valid framing and transport sha256
         bad[len(data) - 100] ^= 0x40   # inside the last tensor's bytes
-        return list(upload_requests("inc-1", bytes(bad), chunk_size=16 * KiB))
+        return list(upload_requests("inc-1", bytes(bad), chunk_size=16 * KiB,
+                                    content_sha256=None))
+    return _crc_messages(case, data, msgs)
+
+
+def _crc_messages(case: str, data: bytes,
+                  msgs: list[v1.UploadIncidentRequest]) -> list[v1.UploadIncidentRequest]:
+    """Attacks on the CRC32C protocol (``msgs``: a correct upload of ``data``)."""
+    if case == "wrong_chunk_crc":    # a chunk altered in transit: its own CRC32C catches it
+        chunk = msgs[-2].chunk
+        assert chunk.HasField("crc32c")
+        bad = v1.Chunk(data=bytes([chunk.data[0] ^ 1]) + chunk.data[1:], crc32c=chunk.crc32c)
+        return [*msgs[:-2], v1.UploadIncidentRequest(chunk=bad), msgs[-1]]
+    if case == "wrong_trailer_crc":
+        return list(upload_requests("inc-1", data, crc32c=12345))
+    if case == "no_trailer_crc":
+        return [*msgs[:-1], v1.UploadIncidentRequest(trailer=v1.UploadTrailer())]
+    if case == "malformed_content_digest":
+        return list(upload_requests("inc-1", data, content_sha256="Z" * 64))
+    if case == "foreign_content_digest":   # well-formed, but not the manifest's
+        return list(upload_requests("inc-1", data, content_sha256="0" * 64))
     raise AssertionError(case)
 
 
@@ -116,6 +144,11 @@ def _messages(case: str, data: bytes) -> list[v1.UploadIncidentRequest]:
     ("wrong_schema", grpc.StatusCode.INVALID_ARGUMENT, "invalid_incident"),
     ("id_mismatch", grpc.StatusCode.INVALID_ARGUMENT, "invalid_incident"),
     ("corrupt_tensor", grpc.StatusCode.INVALID_ARGUMENT, "invalid_incident"),
+    ("wrong_chunk_crc", grpc.StatusCode.DATA_LOSS, "crc32c_mismatch"),
+    ("wrong_trailer_crc", grpc.StatusCode.DATA_LOSS, "crc32c_mismatch"),
+    ("no_trailer_crc", grpc.StatusCode.INVALID_ARGUMENT, "bad_framing"),
+    ("malformed_content_digest", grpc.StatusCode.INVALID_ARGUMENT, "bad_framing"),
+    ("foreign_content_digest", grpc.StatusCode.INVALID_ARGUMENT, "invalid_incident"),
 ])
 def test_rejections_are_specific_counted_and_write_nothing(
         serve: Callable[..., tuple[Sidecar, str]], case: str, code: grpc.StatusCode,
@@ -129,6 +162,40 @@ def test_rejections_are_specific_counted_and_write_nothing(
     assert sc.stats()["rejected"] == {reason: 1}
     assert _stored(sc) == ([], 0)
     assert not list(sc.store.incidents_dir.glob(".*.tmp"))
+
+
+def test_content_corrupted_before_the_crc_is_acked_then_quarantined_and_counted(
+        serve: Callable[..., tuple[Sidecar, str]]) -> None:
+    """CRC32C protocol: bytes that pass the transport check but not the incident's own digest
+    (corrupted before the middleware took the CRC) are acknowledged, then quarantined."""
+    sc, addr = serve()
+    data = build_incident("inc-1", n_sites=4)
+    digest = Incident.from_bytes(data).manifest["integrity"]["sha256"]
+    bad = bytearray(data)
+    bad[len(data) - 100] ^= 0x40
+    with SidecarClient(addr) as c:
+        r = c.upload("inc-1", bytes(bad), content_sha256=digest)
+        assert r.created and r.crc32c == crc32c(bytes(bad))
+        assert sc.store.verifier.wait_idle(30)
+        with pytest.raises(grpc.RpcError) as e:
+            c.get("inc-1")
+        assert e.value.code() == grpc.StatusCode.NOT_FOUND
+    assert sc.stats()["quarantined"] == {"content_digest_mismatch": 1}
+    assert sorted(p.name for p in (sc.store.quarantine_dir / "t-acme").iterdir()) == \
+        ["inc-1.arrow", "inc-1.reason.json"]
+    assert _stored(sc) == ([], 0)
+
+
+def test_download_of_a_pending_incident_checks_it_first(
+        serve: Callable[..., tuple[Sidecar, str]]) -> None:
+    sc, addr = serve()
+    sc.store.verifier.close()          # the background check has not run yet
+    data = build_incident("inc-1", n_sites=2)
+    with SidecarClient(addr) as c:
+        c.upload("inc-1", data)
+        assert c.get("inc-1").integrity == "pending"
+        assert c.download("inc-1") == data     # announced sha256 verified by the client
+        assert c.get("inc-1").integrity == "verified"
 
 
 def test_list_filter_order_paging(serve: Callable[..., tuple[Sidecar, str]]) -> None:

@@ -44,43 +44,53 @@ class UploadIncidentRequest(_message.Message):
     def __init__(self, header: _Optional[_Union[UploadHeader, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ..., trailer: _Optional[_Union[UploadTrailer, _Mapping]] = ...) -> None: ...
 
 class UploadHeader(_message.Message):
-    __slots__ = ("incident_id", "total_size", "tenant", "traceparent")
+    __slots__ = ("incident_id", "total_size", "tenant", "traceparent", "content_sha256")
     INCIDENT_ID_FIELD_NUMBER: _ClassVar[int]
     TOTAL_SIZE_FIELD_NUMBER: _ClassVar[int]
     TENANT_FIELD_NUMBER: _ClassVar[int]
     TRACEPARENT_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_SHA256_FIELD_NUMBER: _ClassVar[int]
     incident_id: str
     total_size: int
     tenant: str
     traceparent: str
-    def __init__(self, incident_id: _Optional[str] = ..., total_size: _Optional[int] = ..., tenant: _Optional[str] = ..., traceparent: _Optional[str] = ...) -> None: ...
+    content_sha256: str
+    def __init__(self, incident_id: _Optional[str] = ..., total_size: _Optional[int] = ..., tenant: _Optional[str] = ..., traceparent: _Optional[str] = ..., content_sha256: _Optional[str] = ...) -> None: ...
 
 class Chunk(_message.Message):
-    __slots__ = ("data",)
+    __slots__ = ("data", "crc32c")
     DATA_FIELD_NUMBER: _ClassVar[int]
+    CRC32C_FIELD_NUMBER: _ClassVar[int]
     data: bytes
-    def __init__(self, data: _Optional[bytes] = ...) -> None: ...
+    crc32c: int
+    def __init__(self, data: _Optional[bytes] = ..., crc32c: _Optional[int] = ...) -> None: ...
 
 class UploadTrailer(_message.Message):
-    __slots__ = ("sha256",)
+    __slots__ = ("sha256", "crc32c")
     SHA256_FIELD_NUMBER: _ClassVar[int]
+    CRC32C_FIELD_NUMBER: _ClassVar[int]
     sha256: str
-    def __init__(self, sha256: _Optional[str] = ...) -> None: ...
+    crc32c: int
+    def __init__(self, sha256: _Optional[str] = ..., crc32c: _Optional[int] = ...) -> None: ...
 
 class UploadIncidentResponse(_message.Message):
-    __slots__ = ("incident_id", "sha256", "size", "created")
+    __slots__ = ("incident_id", "sha256", "size", "created", "crc32c", "content_sha256")
     INCIDENT_ID_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
     SIZE_FIELD_NUMBER: _ClassVar[int]
     CREATED_FIELD_NUMBER: _ClassVar[int]
+    CRC32C_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_SHA256_FIELD_NUMBER: _ClassVar[int]
     incident_id: str
     sha256: str
     size: int
     created: bool
-    def __init__(self, incident_id: _Optional[str] = ..., sha256: _Optional[str] = ..., size: _Optional[int] = ..., created: _Optional[bool] = ...) -> None: ...
+    crc32c: int
+    content_sha256: str
+    def __init__(self, incident_id: _Optional[str] = ..., sha256: _Optional[str] = ..., size: _Optional[int] = ..., created: _Optional[bool] = ..., crc32c: _Optional[int] = ..., content_sha256: _Optional[str] = ...) -> None: ...
 
 class Incident(_message.Message):
-    __slots__ = ("id", "tenant", "created_at", "received_at", "model_name", "model_fingerprint", "trigger_rule", "trigger_reason", "request_id", "traceparent", "size_bytes", "sha256", "activations", "n_sites", "manifest_json", "anomaly_score", "anomaly_p", "cf_flagged", "failure_p")
+    __slots__ = ("id", "tenant", "created_at", "received_at", "model_name", "model_fingerprint", "trigger_rule", "trigger_reason", "request_id", "traceparent", "size_bytes", "sha256", "activations", "n_sites", "manifest_json", "anomaly_score", "anomaly_p", "cf_flagged", "failure_p", "content_sha256", "crc32c", "integrity")
     ID_FIELD_NUMBER: _ClassVar[int]
     TENANT_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
@@ -100,6 +110,9 @@ class Incident(_message.Message):
     ANOMALY_P_FIELD_NUMBER: _ClassVar[int]
     CF_FLAGGED_FIELD_NUMBER: _ClassVar[int]
     FAILURE_P_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_SHA256_FIELD_NUMBER: _ClassVar[int]
+    CRC32C_FIELD_NUMBER: _ClassVar[int]
+    INTEGRITY_FIELD_NUMBER: _ClassVar[int]
     id: str
     tenant: str
     created_at: _timestamp_pb2.Timestamp
@@ -119,7 +132,10 @@ class Incident(_message.Message):
     anomaly_p: float
     cf_flagged: bool
     failure_p: float
-    def __init__(self, id: _Optional[str] = ..., tenant: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., received_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., model_name: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., trigger_rule: _Optional[str] = ..., trigger_reason: _Optional[str] = ..., request_id: _Optional[str] = ..., traceparent: _Optional[str] = ..., size_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., activations: _Optional[str] = ..., n_sites: _Optional[int] = ..., manifest_json: _Optional[str] = ..., anomaly_score: _Optional[float] = ..., anomaly_p: _Optional[float] = ..., cf_flagged: _Optional[bool] = ..., failure_p: _Optional[float] = ...) -> None: ...
+    content_sha256: str
+    crc32c: int
+    integrity: str
+    def __init__(self, id: _Optional[str] = ..., tenant: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., received_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., model_name: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., trigger_rule: _Optional[str] = ..., trigger_reason: _Optional[str] = ..., request_id: _Optional[str] = ..., traceparent: _Optional[str] = ..., size_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., activations: _Optional[str] = ..., n_sites: _Optional[int] = ..., manifest_json: _Optional[str] = ..., anomaly_score: _Optional[float] = ..., anomaly_p: _Optional[float] = ..., cf_flagged: _Optional[bool] = ..., failure_p: _Optional[float] = ..., content_sha256: _Optional[str] = ..., crc32c: _Optional[int] = ..., integrity: _Optional[str] = ...) -> None: ...
 
 class GetIncidentRequest(_message.Message):
     __slots__ = ("incident_id", "view")
@@ -172,14 +188,16 @@ class DownloadIncidentRequest(_message.Message):
     def __init__(self, incident_id: _Optional[str] = ...) -> None: ...
 
 class DownloadHeader(_message.Message):
-    __slots__ = ("incident_id", "total_size", "sha256")
+    __slots__ = ("incident_id", "total_size", "sha256", "crc32c")
     INCIDENT_ID_FIELD_NUMBER: _ClassVar[int]
     TOTAL_SIZE_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
+    CRC32C_FIELD_NUMBER: _ClassVar[int]
     incident_id: str
     total_size: int
     sha256: str
-    def __init__(self, incident_id: _Optional[str] = ..., total_size: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...
+    crc32c: int
+    def __init__(self, incident_id: _Optional[str] = ..., total_size: _Optional[int] = ..., sha256: _Optional[str] = ..., crc32c: _Optional[int] = ...) -> None: ...
 
 class DownloadIncidentResponse(_message.Message):
     __slots__ = ("header", "chunk")

@@ -87,9 +87,16 @@ class IncidentServiceServicer:
 
     def UploadIncident(self, request_iterator, context):
         """Client stream: exactly one header, then chunks (each <= 1 MiB) in order, then one trailer.
-        Errors: INVALID_ARGUMENT (framing, non-Arrow / truncated / wrong schema, size mismatch),
-        RESOURCE_EXHAUSTED (chunk or total over the configured caps), DATA_LOSS (sha256 mismatch),
-        ALREADY_EXISTS (same id, different bytes), PERMISSION_DENIED (tenant mismatch).
+        Integrity (DESIGN §10): a client that sends header.content_sha256 uses the CRC32C protocol —
+        each chunk may carry its CRC32C (checked as it arrives), the trailer carries the CRC32C of
+        the whole stream, and the sidecar acknowledges once the file is validated, durable and
+        indexed; it verifies content_sha256 against the incident's rows after the ack (a mismatch
+        is quarantined and counted). A client that sends no content_sha256 (older clients) uses the
+        sha256 protocol: trailer.sha256 over all bytes, verified with the row digest before the ack.
+        Errors: INVALID_ARGUMENT (framing, non-Arrow / truncated / wrong schema, size mismatch,
+        content_sha256 not the manifest's), RESOURCE_EXHAUSTED (chunk, total or decoded size over the
+        configured caps), DATA_LOSS (CRC32C or sha256 mismatch), ALREADY_EXISTS (same id, different
+        bytes), PERMISSION_DENIED (tenant mismatch).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -44,9 +44,16 @@ class IncidentServiceStub:
     def __new__(cls, channel: _aio.Channel) -> IncidentServiceAsyncStub: ...
     UploadIncident: _grpc.StreamUnaryMultiCallable[_incidents_pb2.UploadIncidentRequest, _incidents_pb2.UploadIncidentResponse]
     """Client stream: exactly one header, then chunks (each <= 1 MiB) in order, then one trailer.
-    Errors: INVALID_ARGUMENT (framing, non-Arrow / truncated / wrong schema, size mismatch),
-    RESOURCE_EXHAUSTED (chunk or total over the configured caps), DATA_LOSS (sha256 mismatch),
-    ALREADY_EXISTS (same id, different bytes), PERMISSION_DENIED (tenant mismatch).
+    Integrity (DESIGN §10): a client that sends header.content_sha256 uses the CRC32C protocol —
+    each chunk may carry its CRC32C (checked as it arrives), the trailer carries the CRC32C of
+    the whole stream, and the sidecar acknowledges once the file is validated, durable and
+    indexed; it verifies content_sha256 against the incident's rows after the ack (a mismatch
+    is quarantined and counted). A client that sends no content_sha256 (older clients) uses the
+    sha256 protocol: trailer.sha256 over all bytes, verified with the row digest before the ack.
+    Errors: INVALID_ARGUMENT (framing, non-Arrow / truncated / wrong schema, size mismatch,
+    content_sha256 not the manifest's), RESOURCE_EXHAUSTED (chunk, total or decoded size over the
+    configured caps), DATA_LOSS (CRC32C or sha256 mismatch), ALREADY_EXISTS (same id, different
+    bytes), PERMISSION_DENIED (tenant mismatch).
     """
     GetIncident: _grpc.UnaryUnaryMultiCallable[_incidents_pb2.GetIncidentRequest, _incidents_pb2.Incident]
     """One incident's index row (and, with view = INCIDENT_VIEW_FULL, its manifest JSON)."""
@@ -70,9 +77,16 @@ class IncidentServiceAsyncStub(IncidentServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     UploadIncident: _aio.StreamUnaryMultiCallable[_incidents_pb2.UploadIncidentRequest, _incidents_pb2.UploadIncidentResponse]  # type: ignore[assignment]
     """Client stream: exactly one header, then chunks (each <= 1 MiB) in order, then one trailer.
-    Errors: INVALID_ARGUMENT (framing, non-Arrow / truncated / wrong schema, size mismatch),
-    RESOURCE_EXHAUSTED (chunk or total over the configured caps), DATA_LOSS (sha256 mismatch),
-    ALREADY_EXISTS (same id, different bytes), PERMISSION_DENIED (tenant mismatch).
+    Integrity (DESIGN §10): a client that sends header.content_sha256 uses the CRC32C protocol —
+    each chunk may carry its CRC32C (checked as it arrives), the trailer carries the CRC32C of
+    the whole stream, and the sidecar acknowledges once the file is validated, durable and
+    indexed; it verifies content_sha256 against the incident's rows after the ack (a mismatch
+    is quarantined and counted). A client that sends no content_sha256 (older clients) uses the
+    sha256 protocol: trailer.sha256 over all bytes, verified with the row digest before the ack.
+    Errors: INVALID_ARGUMENT (framing, non-Arrow / truncated / wrong schema, size mismatch,
+    content_sha256 not the manifest's), RESOURCE_EXHAUSTED (chunk, total or decoded size over the
+    configured caps), DATA_LOSS (CRC32C or sha256 mismatch), ALREADY_EXISTS (same id, different
+    bytes), PERMISSION_DENIED (tenant mismatch).
     """
     GetIncident: _aio.UnaryUnaryMultiCallable[_incidents_pb2.GetIncidentRequest, _incidents_pb2.Incident]  # type: ignore[assignment]
     """One incident's index row (and, with view = INCIDENT_VIEW_FULL, its manifest JSON)."""
@@ -99,9 +113,16 @@ class IncidentServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_incidents_pb2.UploadIncidentResponse, _abc.Awaitable[_incidents_pb2.UploadIncidentResponse]]:
         """Client stream: exactly one header, then chunks (each <= 1 MiB) in order, then one trailer.
-        Errors: INVALID_ARGUMENT (framing, non-Arrow / truncated / wrong schema, size mismatch),
-        RESOURCE_EXHAUSTED (chunk or total over the configured caps), DATA_LOSS (sha256 mismatch),
-        ALREADY_EXISTS (same id, different bytes), PERMISSION_DENIED (tenant mismatch).
+        Integrity (DESIGN §10): a client that sends header.content_sha256 uses the CRC32C protocol —
+        each chunk may carry its CRC32C (checked as it arrives), the trailer carries the CRC32C of
+        the whole stream, and the sidecar acknowledges once the file is validated, durable and
+        indexed; it verifies content_sha256 against the incident's rows after the ack (a mismatch
+        is quarantined and counted). A client that sends no content_sha256 (older clients) uses the
+        sha256 protocol: trailer.sha256 over all bytes, verified with the row digest before the ack.
+        Errors: INVALID_ARGUMENT (framing, non-Arrow / truncated / wrong schema, size mismatch,
+        content_sha256 not the manifest's), RESOURCE_EXHAUSTED (chunk, total or decoded size over the
+        configured caps), DATA_LOSS (CRC32C or sha256 mismatch), ALREADY_EXISTS (same id, different
+        bytes), PERMISSION_DENIED (tenant mismatch).
         """
 
     @_abc_1.abstractmethod

@@ -115,8 +115,9 @@ def _old_data_dir(root: Path, make: Make) -> dict[tuple[str, str], bytes]:
         d.rmdir()
     con = duckdb.connect(str(root / "index.duckdb"))
     con.execute(_V1_INCIDENTS)
-    con.execute("INSERT INTO incidents_v1 BY NAME SELECT * REPLACE ('incidents/' || id || "
-                "'.arrow' AS path) FROM incidents WHERE id <> 'inc-4'")
+    con.execute("INSERT INTO incidents_v1 BY NAME SELECT * EXCLUDE (content_sha256, crc32c, "
+                "integrity) REPLACE ('incidents/' || id || '.arrow' AS path) FROM incidents "
+                "WHERE id <> 'inc-4'")
     con.execute("DROP TABLE incidents")
     con.execute("ALTER TABLE incidents_v1 RENAME TO incidents")
     con.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
