@@ -28,6 +28,13 @@ Every key is validated and means exactly one thing:
     exhaustive = every set up to ``max_fix_set_size`` (the oracle).
 ``modules.cca.early_stop_threshold`` (0.8, 0 < t ≤ 1)
     CCA stops growing a fix set once its verified flip rate reaches this value.
+``exporter.deadline_s`` (30.0, > 0)
+    ``SidecarExporter``: the deadline of one upload attempt (the spool drain's; without a
+    spool, every attempt's).
+``exporter.inline_deadline_s`` (1.0, > 0)
+    ``SidecarExporter`` with a spool: the deadline of the export worker's one inline attempt
+    (plus 1 s per 32 MiB, at most ``deadline_s``); on a timeout the incident is spooled. Short,
+    so a hung sidecar never holds the single export worker.
 
 Precedence (highest first): ``overrides`` / constructor arguments > environment variables >
 the YAML file > embedded defaults (identical to ``configs/default.yaml``). Environment variables
@@ -75,6 +82,7 @@ __all__ = [
     "SIDECAR_ENV_PREFIX",
     "CCAConfig",
     "CFConfig",
+    "ExporterConfig",
     "ForensicsConfig",
     "ModulesConfig",
     "RecorderConfig",
@@ -236,6 +244,20 @@ class ModulesConfig(_Section):
 
 
 @dataclass(frozen=True)
+class ExporterConfig(_Section):
+    """``exporter:`` — how ``SidecarExporter`` uploads (its constructor arguments win).
+
+    Example::
+
+        load_config(overrides={"exporter.inline_deadline_s": 0.5}).exporter.inline_deadline_s
+    """
+
+    _path: ClassVar[str] = "exporter"
+    deadline_s: float = field(default=30.0, metadata=_opt(float, gt=0.0))
+    inline_deadline_s: float = field(default=1.0, metadata=_opt(float, gt=0.0))
+
+
+@dataclass(frozen=True)
 class ForensicsConfig(_Section):
     """The whole configuration; build it with :func:`load_config`.
 
@@ -250,6 +272,8 @@ class ForensicsConfig(_Section):
                                      metadata={"section": RecorderConfig})
     modules: ModulesConfig = field(default_factory=ModulesConfig,
                                    metadata={"section": ModulesConfig})
+    exporter: ExporterConfig = field(default_factory=ExporterConfig,
+                                     metadata={"section": ExporterConfig})
 
 
 # --------------------------------------------------------------------------- layering

@@ -28,12 +28,20 @@ if TYPE_CHECKING:
     from sidecar._filters import FilterError, compile_filter, compile_order_by
     from sidecar._observer import Metric, NoopTelemetry, Telemetry
     from sidecar._server import Sidecar, create_server
-    from sidecar._store import IncidentRow, IncidentStore, LocalStore, ReindexReport, StoreError
+    from sidecar._store import (
+        AmbiguousIncidentError,
+        IncidentRow,
+        IncidentStore,
+        LocalStore,
+        ReindexReport,
+        StoreError,
+    )
     from sidecar.jobs import JobKind, JobRecord, JobRunner, builtin_kinds
     from sidecar.telemetry import MetricsHTTPServer, SidecarMetrics, SidecarTelemetry
 
 
 __all__ = [
+    "AmbiguousIncidentError",
     "FilterError",
     "IncidentRow",
     "IncidentStore",
@@ -61,6 +69,7 @@ __all__ = [
 
 
 _LAZY = {
+    "AmbiguousIncidentError": "sidecar._store",
     "FilterError": "sidecar._filters",
     "IncidentRow": "sidecar._store",
     "IncidentStore": "sidecar._store",

@@ -3,14 +3,19 @@
 The :class:`AuthInterceptor` rejects unauthenticated calls to ``forensics.v1.IncidentService``
 before any request message is read (health checks and reflection stay open, for probes and
 tools). The servicer asks :meth:`Authenticator.principal` who is calling to scope every read and
-delete to that tenant. With no tokens configured auth is off: every caller is an admin of the
-single tenant space.
+delete to that tenant. With no tokens configured auth is off: every caller is an admin.
+
+Incident ids are unique per tenant, so an admin (who sees every tenant) may name the tenant a
+call is about with the metadata ``x-forensics-tenant: <tenant>`` (:data:`TENANT_METADATA`);
+the call is then scoped to that tenant exactly as a tenant token is. A tenant token may send
+its own tenant there; naming another is refused (:class:`TenantNotPermittedError`).
 
 Example::
 
     auth = Authenticator(AuthConfig(tokens={"s3cret-token": "acme"}))
     auth.resolve("Bearer s3cret-token")      # Principal(tenant='acme', admin=False)
     metadata = [("authorization", "Bearer s3cret-token")]   # what clients send
+    admin_on_acme = [("authorization", "Bearer <admin token>"), ("x-forensics-tenant", "acme")]
 """
 
 from __future__ import annotations
@@ -22,25 +27,36 @@ from typing import Any
 
 import grpc
 
+from integrations.errors import SidecarError
+
 from ._config_sections import AuthConfig
 from ._observer import Telemetry, as_telemetry
 from ._reject import count_rejection
 
-__all__ = ["ANONYMOUS_ADMIN", "AuthInterceptor", "Authenticator", "Principal"]
+__all__ = ["ANONYMOUS_ADMIN", "TENANT_METADATA", "AuthInterceptor", "Authenticator", "Principal",
+           "TenantNotPermittedError"]
 
 PROTECTED_PREFIX = "/forensics.v1."
+#: Metadata key naming the tenant a call is about (admins; a tenant token only its own).
+TENANT_METADATA = "x-forensics-tenant"
+
+
+class TenantNotPermittedError(SidecarError):
+    """A tenant token named another tenant in :data:`TENANT_METADATA`."""
 
 
 @dataclasses.dataclass(frozen=True)
 class Principal:
-    """Who is calling: ``tenant`` (None for admins) and whether they may see every tenant."""
+    """Who is calling: ``tenant`` (an admin's is None unless the call names one) and whether
+    they may see every tenant."""
 
     tenant: str | None
     admin: bool
 
     def scope(self) -> str | None:
-        """The tenant to restrict queries to (``None`` = all tenants)."""
-        return None if self.admin else self.tenant
+        """The tenant to restrict queries to (``None`` = all tenants: an admin who named
+        none)."""
+        return self.tenant
 
 
 ANONYMOUS_ADMIN = Principal(tenant=None, admin=True)
@@ -75,14 +91,27 @@ class Authenticator:
         return found
 
     def principal(self, context: grpc.ServicerContext) -> Principal | None:
-        """The principal of a call (from its invocation metadata)."""
-        return self.resolve(_header(context.invocation_metadata()))
+        """The principal of a call (from its invocation metadata), scoped to the tenant the
+        call names in :data:`TENANT_METADATA` (:class:`TenantNotPermittedError` when a tenant
+        token names another tenant)."""
+        metadata = context.invocation_metadata()
+        found = self.resolve(_header(metadata))
+        named = _header(metadata, TENANT_METADATA)
+        if found is None or named is None:
+            return found
+        if found.admin:
+            return Principal(tenant=named, admin=True)
+        if named != found.tenant:
+            raise TenantNotPermittedError(
+                f"metadata {TENANT_METADATA!r} names another tenant than this token's; a tenant "
+                "token acts on its own tenant only — leave it out")
+        return found
 
 
-def _header(metadata: Any) -> str | None:
+def _header(metadata: Any, name: str = "authorization") -> str | None:
     for item in metadata or ():
         key, value = item[0], item[1]
-        if key == "authorization":
+        if key == name:
             return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
     return None
 

@@ -2,7 +2,8 @@
 client they build, gRPC errors as one line, and output that survives a pipe.
 
 Client commands talk gRPC to ``--address`` (env ``FORENSICS_SIDECAR``, default
-``127.0.0.1:7431``) with ``--token`` (env ``FORENSICS_TOKEN``) and optional TLS.
+``127.0.0.1:7431``) with ``--token`` (env ``FORENSICS_TOKEN``) and optional TLS; an admin
+token names the tenant it acts on with ``--tenant`` (incident ids are unique per tenant).
 
 Example::
 
@@ -37,6 +38,8 @@ def client_args(p: argparse.ArgumentParser) -> None:
                         f"{DEFAULT_ADDRESS})")
     p.add_argument("--token", default=os.environ.get("FORENSICS_TOKEN"),
                    help="bearer token (env FORENSICS_TOKEN)")
+    p.add_argument("--tenant", help="admin tokens: act on this tenant's incidents (ids are "
+                                    "unique per tenant; needed for an id several tenants hold)")
     p.add_argument("--ca-cert", help="PEM CA certificate: use TLS")
     p.add_argument("--client-cert", help="PEM client certificate (mTLS)")
     p.add_argument("--client-key", help="PEM client key (mTLS)")
@@ -52,7 +55,7 @@ def client(args: argparse.Namespace) -> Any:
 
     return SidecarClient(args.address, token=args.token, timeout_s=args.timeout,
                          root_certificates=read(args.ca_cert), private_key=read(args.client_key),
-                         certificate_chain=read(args.client_cert))
+                         certificate_chain=read(args.client_cert), tenant=args.tenant)
 
 
 def rpc(fn: Callable[[argparse.Namespace], int | None]) -> Callable[[argparse.Namespace], int]:

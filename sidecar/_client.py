@@ -43,7 +43,9 @@ def upload_requests(incident_id: str, data: bytes, *, chunk_size: int = v1.MAX_C
 
 
 class SidecarClient:
-    """Blocking client; ``token`` is sent as ``authorization: Bearer <token>``.
+    """Blocking client; ``token`` is sent as ``authorization: Bearer <token>``; ``tenant``
+    (admin tokens; ids are unique per tenant) as ``x-forensics-tenant``: every call acts on
+    that tenant's incidents.
 
     TLS: pass ``root_certificates`` (PEM bytes of the CA), plus ``private_key`` and
     ``certificate_chain`` for mTLS.
@@ -52,7 +54,7 @@ class SidecarClient:
     def __init__(self, address: str, *, token: str | None = None, timeout_s: float = 30.0,
                  root_certificates: bytes | None = None, private_key: bytes | None = None,
                  certificate_chain: bytes | None = None,
-                 options: Sequence[tuple[str, Any]] = ()) -> None:
+                 options: Sequence[tuple[str, Any]] = (), tenant: str | None = None) -> None:
         self.address = address
         opts = [("grpc.max_receive_message_length",
                  max(v1.MAX_CHUNK_BYTES, v1.MAX_RESPONSE_BYTES) + 64 * 1024), *options]
@@ -64,7 +66,10 @@ class SidecarClient:
             self.channel = grpc.insecure_channel(address, options=opts)
         self.stub = v1.IncidentServiceStub(self.channel)
         self.timeout_s = timeout_s
-        self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self.metadata: tuple[tuple[str, str], ...] = \
+            (("authorization", f"Bearer {token}"),) if token else ()
+        if tenant is not None:
+            self.metadata += (("x-forensics-tenant", tenant),)
 
     def _kw(self, timeout_s: float | None = None) -> dict[str, Any]:
         return {"timeout": self.timeout_s if timeout_s is None else timeout_s,

@@ -203,9 +203,10 @@ def receive_upload(requests: Iterable[v1.UploadIncidentRequest], limits: LimitsC
 
 def upload_tenant(principal: Principal, upload: Upload) -> str | None:
     """The owner recorded for ``upload``: the token's tenant; an admin may name one in the
-    header (``None``: the manifest's). A tenant token naming another tenant is refused."""
+    header or the call's metadata (``None``: the manifest's). Naming a tenant other than the
+    token's (or than the one the metadata names) is refused."""
     header = upload.header
-    if principal.admin:
+    if principal.admin and principal.tenant is None:
         return header.tenant or None
     if header.tenant and header.tenant != principal.tenant:
         upload.sink.abort()

@@ -59,6 +59,7 @@ REJECT_REASONS = (
     "unauthenticated",    # missing / unknown bearer token
     "bad_filter",         # ListIncidents/WatchIncidents filter, order_by or page_token invalid
     "not_found",          # no such incident or analysis for this caller (never another tenant's)
+    "ambiguous_id",       # an admin named no tenant (x-forensics-tenant) for an id several hold
     "response_too_large", # GetIncident FULL: the manifest does not fit limits.max_response_bytes
     "quota_exceeded",     # jobs.max_pending_per_tenant analyses already pending for the tenant
     "bad_params",         # RunAnalysis kind, params_json or an option of the kind invalid

@@ -1,6 +1,7 @@
 """The schema of the store's DuckDB index: the catalog tables and the analysis result tables.
 
-Catalog: ``meta`` (schema version), ``incidents`` (one row per stored incident; ``integrity``:
+Catalog: ``meta`` (schema version), ``incidents`` (one row per stored incident, keyed by
+(tenant, id): ids are unique per tenant, DESIGN §10; ``integrity``:
 ``pending`` from the ack until the content digest was checked against the rows, then
 ``verified`` — see :mod:`sidecar._store_verify`; ``sha256`` is the file's, empty while pending;
 ``failure_p``:
@@ -26,7 +27,8 @@ done):
   TPR at 1 % FPR, class counts).
 
 Every table is ``CREATE TABLE IF NOT EXISTS``, created when the index opens; :data:`MIGRATIONS`
-upgrade index files written by earlier versions.
+and :func:`migrate` upgrade index files written by earlier versions (schema version 1 keyed
+``incidents`` by id alone: :data:`INCIDENT_KEY_MIGRATION` re-keys it by (tenant, id)).
 
 Example::
 
@@ -38,15 +40,16 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["BASELINES_DDL", "BASELINES_SCOPE_MIGRATION", "CATALOG_DDL", "MIGRATIONS", "RESULT_DDL",
-           "RESULT_TABLES", "SCHEMA_VERSION", "migrate"]
+__all__ = ["BASELINES_DDL", "BASELINES_SCOPE_MIGRATION", "CATALOG_DDL", "INCIDENTS_DDL",
+           "INCIDENT_KEY_MIGRATION", "MIGRATIONS", "RESULT_DDL", "RESULT_TABLES", "SCHEMA_VERSION",
+           "migrate"]
 
-SCHEMA_VERSION = "1"
+#: 2: ``incidents`` keyed by (tenant, id). A sidecar that reads version 1 refuses a version-2
+#: index (it would look for incident files in the old flat layout and drop every row).
+SCHEMA_VERSION = "2"
 
-CATALOG_DDL = (
-    """CREATE TABLE IF NOT EXISTS meta (key VARCHAR PRIMARY KEY, value VARCHAR NOT NULL)""",
-    """CREATE TABLE IF NOT EXISTS incidents (
-        id VARCHAR PRIMARY KEY,
+_INCIDENTS_COLUMNS_DDL = """
+        id VARCHAR NOT NULL,
         tenant VARCHAR NOT NULL,
         created_at TIMESTAMP,
         received_at TIMESTAMP NOT NULL,
@@ -65,7 +68,27 @@ CATALOG_DDL = (
         failure_p DOUBLE,
         content_sha256 VARCHAR,
         crc32c BIGINT,
-        integrity VARCHAR)""",
+        integrity VARCHAR,
+        PRIMARY KEY (tenant, id)"""
+#: One row per stored incident; ids are unique per tenant (DESIGN §10).
+INCIDENTS_DDL = f"CREATE TABLE IF NOT EXISTS incidents ({_INCIDENTS_COLUMNS_DDL})"
+_INCIDENT_COPY = ("id, tenant, created_at, received_at, model_name, model_fingerprint, "
+                  "trigger_rule, trigger_reason, request_id, traceparent, size_bytes, sha256, "
+                  "activations, n_sites, path, manifest_json, failure_p, content_sha256, crc32c, "
+                  "integrity")
+#: Schema version 1 → 2: ``incidents`` re-keyed from id to (tenant, id), rows kept as they are
+#: (their files move to the per-tenant layout when the store opens: ``sidecar._store_layout``).
+INCIDENT_KEY_MIGRATION = (
+    f"CREATE TABLE incidents_by_tenant ({_INCIDENTS_COLUMNS_DDL})",
+    f"INSERT INTO incidents_by_tenant ({_INCIDENT_COPY}) SELECT {_INCIDENT_COPY} FROM incidents",
+    "DROP TABLE incidents",
+    "ALTER TABLE incidents_by_tenant RENAME TO incidents",
+    "UPDATE meta SET value = '2' WHERE key = 'schema_version' AND value = '1'",
+)
+
+CATALOG_DDL = (
+    """CREATE TABLE IF NOT EXISTS meta (key VARCHAR PRIMARY KEY, value VARCHAR NOT NULL)""",
+    INCIDENTS_DDL,
     """CREATE TABLE IF NOT EXISTS jobs (
         id VARCHAR PRIMARY KEY,
         incident_id VARCHAR NOT NULL,
@@ -159,7 +182,13 @@ MIGRATIONS = ("ALTER TABLE cf_results ADD COLUMN IF NOT EXISTS p DOUBLE",
 
 def migrate(con: Any) -> None:
     """Upgrades that depend on what the file holds (run after :data:`MIGRATIONS`):
+    :data:`INCIDENT_KEY_MIGRATION` when ``incidents`` is keyed by id alone;
     :data:`BASELINES_SCOPE_MIGRATION` when ``baselines`` has no ``scope`` column."""
+    key = con.execute("SELECT constraint_column_names FROM duckdb_constraints() WHERE "
+                      "table_name = 'incidents' AND constraint_type = 'PRIMARY KEY'").fetchall()
+    if key and list(key[0][0]) == ["id"]:
+        for sql in INCIDENT_KEY_MIGRATION:
+            con.execute(sql)
     cols = {r[0] for r in con.execute("SELECT column_name FROM information_schema.columns "
                                       "WHERE table_name = 'baselines'").fetchall()}
     if cols and "scope" not in cols:

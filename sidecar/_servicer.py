@@ -2,6 +2,10 @@
 
 Ingest is :mod:`sidecar._ingest`; every refusal is a counted :class:`sidecar._reject.Rejection`
 (specific status, a message saying what to do, ``forensics-reject-reason`` trailing metadata).
+Incident ids are unique per tenant: every call is scoped to the caller's tenant (an admin's: the
+tenant named in ``x-forensics-tenant``, else any — and an id several tenants hold is then
+``FAILED_PRECONDITION ambiguous_id``, never a guess), and another tenant's incident of the same
+id answers exactly like an absent one.
 
 Example::
 
@@ -21,7 +25,7 @@ from typing import Any, NoReturn
 import grpc
 from google.protobuf import empty_pb2
 
-from ._auth import Authenticator, Principal
+from ._auth import Authenticator, Principal, TenantNotPermittedError
 from ._config import SidecarConfig
 from ._filters import (
     FilterError,
@@ -43,7 +47,7 @@ from ._ingest import (
 from ._ingest_digest import VerifyingSink
 from ._observer import Telemetry, as_telemetry
 from ._reject import Rejection, reject, typed_errors
-from ._store import IncidentStore, PutResult, StoreError
+from ._store import AmbiguousIncidentError, IncidentStore, PutResult, StoreError
 from ._store_index import IncidentRow
 from ._stream_guard import StreamGuard
 from .api import v1
@@ -133,7 +137,11 @@ class IncidentServicer(v1.IncidentServiceServicer):
         reject(context, self.telemetry, rej)
 
     def _principal(self, context: grpc.ServicerContext) -> Principal:
-        p = self.auth.principal(context)
+        try:
+            p = self.auth.principal(context)
+        except TenantNotPermittedError as e:
+            self._abort(context, Rejection(grpc.StatusCode.PERMISSION_DENIED,
+                                           "permission_denied", str(e)))
         if p is None:   # the interceptor already refuses these; defence in depth
             self._abort(context, Rejection(grpc.StatusCode.UNAUTHENTICATED, "unauthenticated",
                                            "missing or invalid bearer token"))
@@ -141,7 +149,11 @@ class IncidentServicer(v1.IncidentServiceServicer):
 
     def _row(self, incident_id: str, principal: Principal,
              context: grpc.ServicerContext) -> IncidentRow:
-        row = self.store.get(incident_id, tenant=principal.scope())
+        try:
+            row = self.store.get(incident_id, tenant=principal.scope())
+        except AmbiguousIncidentError as e:   # only without a tenant: an admin's call
+            self._abort(context, Rejection(grpc.StatusCode.FAILED_PRECONDITION, "ambiguous_id",
+                                           str(e)))
         if row is None:
             self._abort(context, Rejection(grpc.StatusCode.NOT_FOUND, "not_found",
                                            f"incident {incident_id!r} not found"))
@@ -295,7 +307,8 @@ class IncidentServicer(v1.IncidentServiceServicer):
                     context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                   "watcher fell behind the incident stream; list with a "
                                   "received_at filter to catch up, then watch again")
-                if self.store.index.count_incidents(f"id = ? AND {where}", [row.id, *params]):
+                if self.store.index.count_incidents(f'"id" = ? AND "tenant" = ? AND {where}',
+                                                    [row.id, row.tenant, *params]):
                     yield v1.WatchIncidentsResponse(incident=row_to_proto(row))
         finally:
             self.store.unsubscribe(q)
@@ -304,7 +317,7 @@ class IncidentServicer(v1.IncidentServiceServicer):
                          context: grpc.ServicerContext) -> Iterator[v1.DownloadIncidentResponse]:
         row = self._row(request.incident_id, self._principal(context), context)
         if row.integrity == "pending":   # announce a checked file (and its sha256) only
-            self.store.verifier.verify(row.id)
+            self.store.verifier.verify(row.id, tenant=row.tenant)
             row = self._row(request.incident_id, self._principal(context), context)
         header = v1.DownloadHeader(incident_id=row.id, total_size=row.size_bytes,
                                    sha256=row.sha256)
@@ -312,7 +325,8 @@ class IncidentServicer(v1.IncidentServiceServicer):
             header.crc32c = row.crc32c
         yield v1.DownloadIncidentResponse(header=header)
         try:
-            for chunk in self.store.read_chunks(row.id, self.limits.max_chunk_bytes):
+            for chunk in self.store.read_chunks(row.id, self.limits.max_chunk_bytes,
+                                                tenant=row.tenant):
                 if not context.is_active():
                     return
                 yield v1.DownloadIncidentResponse(chunk=v1.Chunk(data=chunk))
@@ -322,8 +336,8 @@ class IncidentServicer(v1.IncidentServiceServicer):
     @typed_errors
     def DeleteIncident(self, request: v1.DeleteIncidentRequest,
                        context: grpc.ServicerContext) -> empty_pb2.Empty:
-        scope = self._principal(context).scope()
-        if not self.store.delete(request.incident_id, tenant=scope):
+        row = self._row(request.incident_id, self._principal(context), context)
+        if not self.store.delete(row.id, tenant=row.tenant):   # deleted meanwhile
             self._abort(context, Rejection(grpc.StatusCode.NOT_FOUND, "not_found",
                                            f"incident {request.incident_id!r} not found"))
         return empty_pb2.Empty()
@@ -360,5 +374,5 @@ class IncidentServicer(v1.IncidentServiceServicer):
                      context: grpc.ServicerContext) -> v1.ListAnalysesResponse:
         principal = self._principal(context)
         row = self._row(request.incident_id, principal, context)
-        jobs = self.jobs.list_for(row.id, tenant=principal.scope())
+        jobs = self.jobs.list_for(row.id, tenant=row.tenant)
         return v1.ListAnalysesResponse(analyses=[job_to_proto(j) for j in jobs])

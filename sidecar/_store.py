@@ -1,18 +1,26 @@
 """The incident store: Arrow files are the source of truth, a DuckDB index makes them queryable.
 
 :class:`IncidentStore` is the seam (DESIGN §12): today :class:`LocalStore` (a directory + DuckDB
-file); later object storage with a shared catalog. ``put`` verifies (size cap, sha256, full Arrow
-validation + schema + manifest through ``Incident.from_bytes``), writes ``incidents/<id>.arrow``
-atomically (temp file, fsync, rename, directory fsync) beside a small receipt
-``incidents/<id>.json`` (tenant, received_at, digests) so :meth:`LocalStore.reindex` rebuilds the
-index exactly, then inserts the index row. It returns only when both are durable. An upload of
-the CRC32C protocol (``put_incoming(content_sha256=...)``) is stored ``integrity = 'pending'``
-and its rows' digest checked after the ack (:mod:`sidecar._store_verify`).
+file); later object storage with a shared catalog. Incident ids are unique per tenant (DESIGN
+§10): an incident's key is (tenant, id), and two tenants may each hold an incident ``inc-1``.
+``put`` verifies (size cap, sha256, full Arrow validation + schema + manifest through
+``Incident.from_bytes``), writes ``incidents/<tenant dir>/<id>.arrow`` (:mod:`sidecar.
+_store_layout`) atomically (temp file, fsync, rename, directory fsync) beside a small receipt
+``<id>.json`` (tenant, received_at, digests) so :meth:`LocalStore.reindex` rebuilds the index
+exactly, then inserts the index row. It returns only when both are durable. An upload of the
+CRC32C protocol (``put_incoming(content_sha256=...)``) is stored ``integrity = 'pending'`` and
+its rows' digest checked after the ack (:mod:`sidecar._store_verify`). A data directory of the
+old flat layout (``incidents/<id>.arrow``) is migrated when the store opens
+(:mod:`sidecar._store_migration`).
+
+Every lookup takes ``tenant``; ``tenant=None`` (an admin who named no tenant) finds the id in
+any tenant and raises :class:`AmbiguousIncidentError` when several tenants hold it.
 
 Example::
 
     store = LocalStore("forensics-data")
     res = store.put("inc-1", data, tenant="acme")      # PutResult(created=True, ...)
+    store.put("inc-1", other, tenant="globex").created  # True: another tenant's inc-1
     store.get("inc-1", tenant="acme").model_name
     store.reindex()                                    # rebuild the index from the files
 """
@@ -20,29 +28,24 @@ Example::
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 import queue
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from integrations._crc32c import crc32c as crc32c_of
 from integrations.errors import IncidentFormatError, IncidentTooLargeError
 from integrations.incident import ID_PATTERN, fsync_dir
 
 from ._observer import Telemetry, as_telemetry, incident_attributes
+from ._store_api import AlreadyExistsError, AmbiguousIncidentError, IncidentStore, PutResult
 from ._store_files import IncomingFile, StoreError, _write_tmp
 from ._store_index import IncidentRow, Index, row_from_manifest, utcnow
-from ._store_recovery import (
-    ReindexReport,
-    manifest_tenant,
-    receipt_bytes,
-    receipt_path,
-    reconcile,
-    stored_path,
-)
+from ._store_layout import incident_file, receipt_file, stored_path, tenant_dir
+from ._store_migration import migrate_flat
+from ._store_recovery import ReindexReport, manifest_tenant, receipt_bytes, reconcile
 from ._store_verify import ContentVerifier
 
 if TYPE_CHECKING:
@@ -53,6 +56,7 @@ if TYPE_CHECKING:
 __all__ = [
     "ID_PATTERN",
     "AlreadyExistsError",
+    "AmbiguousIncidentError",
     "IncidentRow",
     "IncidentStore",
     "IncomingFile",
@@ -63,58 +67,13 @@ __all__ = [
 ]
 
 
-
-class AlreadyExistsError(StoreError):
-    """An incident with this id exists with different bytes (sha256 differs)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class PutResult:
-    """Outcome of :meth:`IncidentStore.put`."""
-
-    row: IncidentRow
-    created: bool
-
-
-class IncidentStore(Protocol):
-    """What the servicer and the job runner need from a store."""
-
-    index: Index
-    verifier: ContentVerifier
-
-    def put(self, incident_id: str, data: bytes, *, tenant: str | None,
-            sha256: str | None = None) -> PutResult: ...
-
-    def incoming(self, incident_id: str, *, sha256: bool = True) -> IncomingFile: ...
-
-    def put_incoming(self, incoming: IncomingFile, *, tenant: str | None, sha256: str = "",
-                     crc32c: int | None = None, content_sha256: str = "",
-                     digest_verified: bool = False) -> PutResult: ...
-
-    def get(self, incident_id: str, *, tenant: str | None = None) -> IncidentRow | None: ...
-
-    def path(self, incident_id: str) -> Path: ...
-
-    def open(self, incident_id: str) -> Incident: ...
-
-    def read_chunks(self, incident_id: str, chunk_size: int) -> Iterator[bytes]: ...
-
-    def delete(self, incident_id: str, *, tenant: str | None = None) -> bool: ...
-
-    def subscribe(self) -> queue.Queue[IncidentRow | None]: ...
-
-    def unsubscribe(self, q: queue.Queue[IncidentRow | None]) -> None: ...
-
-    def reindex(self) -> ReindexReport: ...
-
-    def close(self) -> None: ...
-
-
 class LocalStore:
-    """Incidents in ``<root>/incidents/<id>.arrow``, index in ``<root>/index.duckdb``.
+    """Incidents in ``<root>/incidents/<tenant dir>/<id>.arrow``, index in
+    ``<root>/index.duckdb``.
 
-    Thread-safe. On construction, stray temp files are removed, files without an index row are
-    indexed and rows whose file is gone are dropped (see :meth:`recover`).
+    Thread-safe. On construction, a flat layout is migrated, stray temp files are removed,
+    files without an index row are indexed and rows whose file is gone are dropped (see
+    :meth:`recover`).
     """
 
     def __init__(self, root: str | os.PathLike[str], *,
@@ -154,13 +113,25 @@ class LocalStore:
                 f"incident id {incident_id!r} must be 1-200 characters of [A-Za-z0-9._-] "
                 "starting with a letter or digit")
 
-    def path(self, incident_id: str) -> Path:
-        """The Arrow file of ``incident_id`` (which may not exist)."""
+    def path(self, incident_id: str, *, tenant: str | None = None) -> Path:
+        """The Arrow file of (``tenant``, ``incident_id``), which may not exist; without a
+        tenant, of the one tenant holding the id (:class:`StoreError` when none does,
+        :class:`AmbiguousIncidentError` when several do)."""
         self._check_id(incident_id)
-        return self.incidents_dir / f"{incident_id}.arrow"
+        if tenant is None:
+            row = self.get(incident_id)
+            if row is None:
+                raise StoreError(f"no stored incident {incident_id!r}")
+            tenant = row.tenant
+        return incident_file(self.incidents_dir, tenant, incident_id)
 
-    def _receipt_path(self, incident_id: str) -> Path:
-        return receipt_path(self.incidents_dir, incident_id)
+    def _tenant_dir(self, tenant: str) -> Path:
+        """The tenant's directory, created (and made durable) on first use."""
+        directory = self.incidents_dir / tenant_dir(tenant)
+        if not directory.is_dir():
+            directory.mkdir(exist_ok=True)
+            fsync_dir(self.incidents_dir)
+        return directory
 
     # -- write -------------------------------------------------------------------------------
 
@@ -200,8 +171,8 @@ class LocalStore:
     def put_incoming(self, incoming: IncomingFile, *, tenant: str | None, sha256: str = "",
                      crc32c: int | None = None, content_sha256: str = "",
                      digest_verified: bool = False) -> PutResult:
-        """Verify a finished upload and make it durable; idempotent on the incident id (same
-        size, CRC32C and content digest — or sha256 — is success).
+        """Verify a finished upload and make it durable; idempotent on (tenant, incident id)
+        (same size, CRC32C and content digest — or sha256 — is success).
 
         ``sha256`` is the verified transport digest from :meth:`IncomingFile.finish` (sha256
         protocol); ``crc32c`` the checked CRC32C of the bytes. Validation is ``Incident.open``
@@ -215,30 +186,32 @@ class LocalStore:
         ``request.tenant``, else ``""``). On any error the temp file is removed.
 
         Raises :class:`IncidentTooLargeError`, :class:`IncidentFormatError` (not a valid
-        incident, manifest id ≠ upload id), :class:`AlreadyExistsError` (same id, different
-        bytes), :class:`StoreError` (I/O).
+        incident, manifest id ≠ upload id), :class:`AlreadyExistsError` (same tenant and id,
+        different bytes), :class:`StoreError` (I/O). Another tenant's incident of the same id
+        is never looked at.
         """
         incident_id = incoming.incident_id
         tmp_receipt: Path | None = None
         try:
             self._check_size(incident_id, incoming.size)
-            existing = self.index.get_incident(incident_id) \
-                if self.index.has_incident(incident_id) else None
+            existing = None if tenant is None or not self.index.has_incident(
+                incident_id, tenant=tenant) else self.index.get_incident(incident_id, tenant=tenant)
             if existing is not None:
                 return self._existing(existing, incoming.size, sha256, crc32c, content_sha256)
             row = self._verified_row(incoming, tenant=tenant, sha256=sha256, crc32c=crc32c,
                                      content_sha256=content_sha256,
                                      digest_verified=digest_verified)
-            tmp_receipt = _write_tmp(self.incidents_dir, incident_id, receipt_bytes(row))
+            directory = self._tenant_dir(row.tenant)
+            tmp_receipt = _write_tmp(directory, incident_id, receipt_bytes(row))
             with self._put_lock:
-                existing = self.index.get_incident(incident_id) \
-                    if self.index.has_incident(incident_id) else None
-                if existing is not None:   # a concurrent upload of the same id won the race
+                existing = self.index.get_incident(incident_id, tenant=row.tenant)
+                if existing is not None:   # a concurrent upload of the same key won the race
                     return self._existing(existing, row.size_bytes, sha256, crc32c,
                                           row.content_sha256)
-                os.replace(tmp_receipt, self._receipt_path(incident_id))
-                os.replace(incoming.path, self.path(incident_id))
-                fsync_dir(self.incidents_dir)
+                os.replace(tmp_receipt, receipt_file(self.incidents_dir, row.tenant,
+                                                     incident_id))
+                os.replace(incoming.path, self.path(incident_id, tenant=row.tenant))
+                fsync_dir(directory)
                 with self.telemetry.span("index", traceparent=row.traceparent,
                                          attributes=incident_attributes(row)), \
                         self.index.write() as con:
@@ -252,7 +225,7 @@ class LocalStore:
                 tmp_receipt.unlink(missing_ok=True)
         self._publish(row)
         if row.integrity == "pending":
-            self.verifier.submit(row.id)
+            self.verifier.submit(row.id, tenant=row.tenant)
         return PutResult(row=row, created=True)
 
     def _verified_row(self, incoming: IncomingFile, *, tenant: str | None, sha256: str,
@@ -274,9 +247,10 @@ class LocalStore:
                 f"{str(manifest['integrity']['sha256'])[:16]}…; send the manifest's "
                 "integrity.sha256")
         sites = manifest.get("sites")
+        owner = manifest_tenant(manifest) if tenant is None else tenant
         return row_from_manifest(
-            manifest, tenant=manifest_tenant(manifest) if tenant is None else tenant,
-            size_bytes=incoming.size, sha256=sha256, path=stored_path(incoming.incident_id),
+            manifest, tenant=owner,
+            size_bytes=incoming.size, sha256=sha256, path=stored_path(owner, inc.id),
             received_at=utcnow(), crc32c=crc32c,
             integrity="pending" if content_sha256 else "verified",
             n_sites=len(sites) if isinstance(sites, list) else len(inc.sites()))
@@ -295,42 +269,50 @@ class LocalStore:
         if not same:
             raise AlreadyExistsError(
                 f"incident {row.id} already exists with different content; incident ids "
-                "must be unique — generate a new id")
+                "must be unique per tenant — generate a new id")
         return PutResult(row=row, created=False)
 
     # -- read --------------------------------------------------------------------------------
 
     def get(self, incident_id: str, *, tenant: str | None = None) -> IncidentRow | None:
-        """The index row, or ``None`` when absent or owned by another tenant."""
+        """The index row of (``tenant``, ``incident_id``), or ``None`` (another tenant's
+        incident of that id is absent). ``tenant=None``: of whichever tenant holds the id
+        (:class:`AmbiguousIncidentError` when several do)."""
         if not ID_PATTERN.fullmatch(incident_id):
             return None
-        row = self.index.get_incident(incident_id)
-        if row is None or (tenant is not None and row.tenant != tenant):
-            return None
-        return row
+        if tenant is not None:
+            return self.index.get_incident(incident_id, tenant=tenant)
+        rows = self.index.find_incident(incident_id)
+        if len(rows) > 1:
+            raise AmbiguousIncidentError(incident_id, [r.tenant for r in rows])
+        return rows[0] if rows else None
 
-    def open(self, incident_id: str) -> Incident:
+    def open(self, incident_id: str, *, tenant: str | None = None) -> Incident:
         """The stored incident, memory-mapped and validated (within the decode limits)."""
         from integrations.incident import Incident
 
-        return Incident.open(self.path(incident_id), limits=self.decode_limits)
+        return Incident.open(self.path(incident_id, tenant=tenant), limits=self.decode_limits)
 
-    def read_chunks(self, incident_id: str, chunk_size: int) -> Iterator[bytes]:
+    def read_chunks(self, incident_id: str, chunk_size: int, *,
+                    tenant: str | None = None) -> Iterator[bytes]:
         """The stored bytes in chunks of at most ``chunk_size``."""
-        with open(self.path(incident_id), "rb") as f:
+        with open(self.path(incident_id, tenant=tenant), "rb") as f:
             while chunk := f.read(chunk_size):
                 yield chunk
 
     def delete(self, incident_id: str, *, tenant: str | None = None) -> bool:
-        """Delete file, receipt, row, jobs and analyses; False when absent (or another
-        tenant's). The file goes first: a crash in between leaves a row that recovery drops."""
-        if self.get(incident_id, tenant=tenant) is None:
+        """Delete file, receipt, row, jobs and analyses of (``tenant``, ``incident_id``);
+        False when absent (another tenant's incident of that id is absent). The file goes
+        first: a crash in between leaves a row that recovery drops."""
+        row = self.get(incident_id, tenant=tenant)
+        if row is None:
             return False
         with self._put_lock:
-            self.path(incident_id).unlink(missing_ok=True)
-            self._receipt_path(incident_id).unlink(missing_ok=True)
-            fsync_dir(self.incidents_dir)
-            return self.index.delete_incident(incident_id)
+            path = self.path(row.id, tenant=row.tenant)
+            path.unlink(missing_ok=True)
+            receipt_file(self.incidents_dir, row.tenant, row.id).unlink(missing_ok=True)
+            fsync_dir(path.parent)
+            return self.index.delete_incident(row.id, tenant=row.tenant)
 
     # -- watch -------------------------------------------------------------------------------
 
@@ -360,16 +342,21 @@ class LocalStore:
     # -- recovery ----------------------------------------------------------------------------
 
     def recover(self) -> ReindexReport:
-        """Start-up reconciliation: remove temp files, index unindexed files, drop rows whose
-        file is gone, remove receipts without a file."""
-        with self._put_lock:
-            return reconcile(self.incidents_dir, self.quarantine_dir, self.index, full=False)
+        """Start-up reconciliation: migrate a flat layout, remove temp files, index unindexed
+        files, drop rows whose file is gone, remove receipts without a file."""
+        return self._reconcile(full=False)
 
     def reindex(self) -> ReindexReport:
         """Rebuild the whole ``incidents`` index from the files (each re-validated and
         re-hashed); files that fail validation move to ``<root>/quarantine/``."""
+        return self._reconcile(full=True)
+
+    def _reconcile(self, *, full: bool) -> ReindexReport:
+        report = ReindexReport()
         with self._put_lock:
-            return reconcile(self.incidents_dir, self.quarantine_dir, self.index, full=True)
+            migrate_flat(self.incidents_dir, self.quarantine_dir, self.index, report)
+            return reconcile(self.incidents_dir, self.quarantine_dir, self.index, full=full,
+                             report=report)
 
     def close(self) -> None:
         """Stop the post-ack checker (pending rows resume at the next start), close watchers

@@ -53,11 +53,11 @@ CF_LISTING_COLUMNS = ("anomaly_score", "anomaly_p", "cf_flagged", "cf_status")
 # (``no_baseline`` / ``no_activations``: status set, score and flag NULL). Constant SQL; every
 # value of a query on the listing stays a ``?`` parameter of the WHERE clause.
 _CF_JOIN = (
-    "incidents LEFT JOIN (SELECT incident_id AS cf_incident_id, score AS anomaly_score, "
-    "p AS anomaly_p, flagged AS cf_flagged, status AS cf_status FROM cf_results "
-    "QUALIFY row_number() OVER (PARTITION BY incident_id "
+    "incidents LEFT JOIN (SELECT incident_id AS cf_incident_id, tenant AS cf_tenant, "
+    "score AS anomaly_score, p AS anomaly_p, flagged AS cf_flagged, status AS cf_status "
+    "FROM cf_results QUALIFY row_number() OVER (PARTITION BY tenant, incident_id "
     "ORDER BY (score IS NOT NULL) DESC, created_at DESC, job_id DESC) = 1) AS cf "
-    "ON cf.cf_incident_id = incidents.id")
+    "ON cf.cf_incident_id = incidents.id AND cf.cf_tenant = incidents.tenant")
 _CF_REFS = tuple(f'"{c}"' for c in CF_LISTING_COLUMNS)
 #: The CF columns every listed or fetched :class:`IncidentRow` carries.
 CF_ROW_COLUMNS = ("anomaly_score", "anomaly_p", "cf_flagged")
@@ -226,11 +226,17 @@ class Index:
         con.execute(f"INSERT INTO incidents ({', '.join(INCIDENT_COLUMNS)}) "
                     f"VALUES ({placeholders})", row.values())
 
-    def get_incident(self, incident_id: str) -> IncidentRow | None:
-        """The row of ``incident_id`` with its current CF result, or None."""
-        rows = self.read_dicts(f"SELECT {_ROW_SELECT} FROM {_CF_JOIN} WHERE incidents.id = ?",
-                               [incident_id])
+    def get_incident(self, incident_id: str, *, tenant: str) -> IncidentRow | None:
+        """The row of ``(tenant, incident_id)`` with its current CF result, or None."""
+        rows = self.read_dicts(f"SELECT {_ROW_SELECT} FROM {_CF_JOIN} WHERE incidents.id = ? "
+                               "AND incidents.tenant = ?", [incident_id, tenant])
         return IncidentRow(**rows[0]) if rows else None
+
+    def find_incident(self, incident_id: str) -> list[IncidentRow]:
+        """Every tenant's row of ``incident_id`` (ids are unique per tenant only), by tenant."""
+        rows = self.read_dicts(f"SELECT {_ROW_SELECT} FROM {_CF_JOIN} WHERE incidents.id = ? "
+                               "ORDER BY incidents.tenant", [incident_id])
+        return [IncidentRow(**r) for r in rows]
 
     def query_incidents(self, where_sql: str, params: Sequence[Any], order_sql: str, *,
                         limit: int, offset: int) -> list[IncidentRow]:
@@ -248,41 +254,56 @@ class Index:
         return int(self.read(f"SELECT count(*) FROM {listing_from(where_sql)} "
                              f"WHERE {where_sql}", params)[0][0])
 
-    def has_incident(self, incident_id: str) -> bool:
-        """Whether a row for ``incident_id`` exists (cheaper than :meth:`get_incident`)."""
-        return bool(self.read("SELECT count(*) FROM incidents WHERE id = ?", [incident_id])[0][0])
+    def has_incident(self, incident_id: str, *, tenant: str) -> bool:
+        """Whether a row for (tenant, incident) exists (cheaper than :meth:`get_incident`)."""
+        return bool(self.read("SELECT count(*) FROM incidents WHERE id = ? AND tenant = ?",
+                              [incident_id, tenant])[0][0])
 
     def incident_ids(self) -> set[str]:
-        return {r[0] for r in self.read("SELECT id FROM incidents")}
+        """The ids of every stored incident (of every tenant: the same id may be several)."""
+        return {r[0] for r in self.read("SELECT DISTINCT id FROM incidents")}
 
-    def pending_ids(self) -> list[str]:
-        """Incidents acknowledged whose content digest was not checked yet (oldest first)."""
-        return [r[0] for r in self.read("SELECT id FROM incidents WHERE integrity = 'pending' "
-                                        "ORDER BY received_at, id")]
+    def pending_keys(self) -> list[tuple[str, str]]:
+        """(tenant, id) of incidents acknowledged whose content digest was not checked yet
+        (oldest first)."""
+        return [(r[0], r[1]) for r in self.read(
+            "SELECT tenant, id FROM incidents WHERE integrity = 'pending' "
+            "ORDER BY received_at, id, tenant")]
 
-    def mark_verified(self, incident_id: str, sha256: str) -> None:
-        """Record that the content digest of a pending incident was checked (and the file's
+    def mark_verified(self, incident_id: str, sha256: str, *, tenant: str) -> None:
+        """Record that the content digest of (tenant, incident) was checked (and the file's
         sha256, computed in the same pass)."""
         with self.write() as con:
-            con.execute("UPDATE incidents SET integrity = 'verified', sha256 = ? WHERE id = ?",
-                        [sha256, incident_id])
+            con.execute("UPDATE incidents SET integrity = 'verified', sha256 = ? WHERE id = ? "
+                        "AND tenant = ?", [sha256, incident_id, tenant])
 
-    def delete_incident(self, incident_id: str) -> bool:
-        """Delete the row and everything derived from it, in one transaction: its CF / CCA
-        result rows (:data:`RESULT_TABLES`), analyses and jobs. True when a row existed.
+    def incident_paths(self) -> dict[tuple[str, str], str]:
+        """``{(tenant, id): path}`` of every row (reconciling the index with the files)."""
+        return {(t, i): p for t, i, p in self.read("SELECT tenant, id, path FROM incidents")}
+
+    def delete_incident(self, incident_id: str, *, tenant: str) -> bool:
+        """Delete the row of ``(tenant, incident_id)`` and everything derived from it, in one
+        transaction: the result rows (:data:`RESULT_TABLES`), analyses and jobs of that
+        tenant's incident — never another tenant's incident of the same id. True when a row
+        existed.
 
         Detector baselines built from the incident stay: a baseline is an aggregate of many
         incidents (its ``incident_ids_json`` records provenance); rebuild it with
         ``forensics baseline build`` to drop the incident's contribution.
         """
+        key = [incident_id, tenant]
+        # The incident's jobs, and the jobs its tenant-carrying result rows name (constant SQL).
+        jobs = ("SELECT id FROM jobs WHERE incident_id = ? AND tenant = ? UNION SELECT job_id "
+                "FROM cf_results WHERE incident_id = ? AND tenant = ? UNION SELECT job_id FROM "
+                "cca_results WHERE incident_id = ? AND tenant = ?")
         with self.write() as con:
-            found = con.execute("SELECT count(*) FROM incidents WHERE id = ?",
-                                [incident_id]).fetchone()[0]
-            for table in RESULT_TABLES:   # constants, never user text
-                con.execute(f"DELETE FROM {table} WHERE incident_id = ?", [incident_id])
-            con.execute("DELETE FROM analyses WHERE incident_id = ?", [incident_id])
-            con.execute("DELETE FROM jobs WHERE incident_id = ?", [incident_id])
-            con.execute("DELETE FROM incidents WHERE id = ?", [incident_id])
+            found = con.execute("SELECT count(*) FROM incidents WHERE id = ? AND tenant = ?",
+                                key).fetchone()[0]
+            for table in RESULT_TABLES:   # constants, never user text; children first
+                con.execute(f"DELETE FROM {table} WHERE job_id IN ({jobs})", key * 3)
+            con.execute(f"DELETE FROM analyses WHERE job_id IN ({jobs})", key * 3)
+            con.execute("DELETE FROM jobs WHERE incident_id = ? AND tenant = ?", key)
+            con.execute("DELETE FROM incidents WHERE id = ? AND tenant = ?", key)
         return bool(found)
 
     def close(self) -> None:

@@ -1,17 +1,19 @@
 """Index rows rebuilt from the files: receipts, start-up reconciliation, reindexing, quarantine.
 
-The Arrow files are the source of truth. Beside each ``incidents/<id>.arrow`` the store keeps a
-small receipt ``incidents/<id>.json`` (tenant, received_at, digests) — the facts the index row
-needs that the file does not hold — so :func:`reconcile` rebuilds the index exactly: stray temp
-files are removed, receipts without a file dropped, rows whose file is gone deleted, unindexed
-files (or, for a full reindex, every file) re-validated and indexed; files that fail validation
-move to ``<root>/quarantine/``.
+The Arrow files are the source of truth. Beside each ``incidents/<tenant dir>/<id>.arrow`` (the
+layout: :mod:`sidecar._store_layout`) the store keeps a small receipt ``<id>.json`` (tenant,
+received_at, digests) — the facts the index row needs that the file does not hold — so
+:func:`reconcile` rebuilds the index exactly: stray temp files are removed, receipts without a
+file dropped, rows whose file is gone deleted, unindexed files (or, for a full reindex, every
+file) re-validated and indexed; files that fail validation, or whose owner cannot be told,
+move to ``<root>/quarantine/``. An incident's tenant is its receipt's when the receipt matches
+the file and names this directory's tenant, else the directory's own name (``t-<name>``,
+``no-tenant``), else the manifest's ``request.tenant`` when that names this directory.
 
 Example::
 
-    receipt_path(incidents_dir, "inc-1")        # incidents/inc-1.json
     report = reconcile(incidents_dir, quarantine_dir, index, full=True)
-    report.indexed, report.quarantined
+    report.indexed, report.quarantined          # (12, ['t-acme/inc-7'])
 """
 
 from __future__ import annotations
@@ -29,32 +31,26 @@ from typing import Any
 from integrations.errors import IncidentFormatError
 
 from ._store_index import IncidentRow, Index, row_from_manifest, utcnow
+from ._store_layout import is_tenant_dir, stored_path, tenant_dir, tenant_from_dir
 
-__all__ = ["ReindexReport", "manifest_tenant", "receipt_bytes", "receipt_path", "reconcile",
-           "stored_path"]
+__all__ = ["ReindexReport", "manifest_tenant", "quarantine", "read_receipt", "receipt_bytes",
+           "reconcile", "row_from_file"]
 
 log = logging.getLogger("sidecar.store")
 
 
 @dataclasses.dataclass
 class ReindexReport:
-    """What :meth:`LocalStore.reindex` / start-up recovery did."""
+    """What :meth:`LocalStore.reindex` / start-up recovery did (``quarantined``: ``<tenant
+    dir>/<id>``, or ``<id>`` for a file of the old flat layout)."""
 
     indexed: int = 0
     kept: int = 0
     removed_rows: int = 0
     quarantined: list[str] = dataclasses.field(default_factory=list)
     tmp_removed: int = 0
-
-
-def stored_path(incident_id: str) -> str:
-    """An incident's file, relative to the store root (the index's ``path`` column)."""
-    return f"incidents/{incident_id}.arrow"
-
-
-def receipt_path(incidents_dir: Path, incident_id: str) -> Path:
-    """The receipt beside an incident's Arrow file."""
-    return incidents_dir / f"{incident_id}.json"
+    #: Incidents moved from the old flat layout into their tenant's directory.
+    migrated: int = 0
 
 
 def receipt_bytes(row: IncidentRow) -> bytes:
@@ -69,79 +65,133 @@ def manifest_tenant(manifest: Mapping[str, Any]) -> str:
     return str((manifest.get("request") or {}).get("tenant") or "")
 
 
-def _row_from_file(incidents_dir: Path, incident_id: str, path: Path) -> IncidentRow:
+def read_receipt(path: Path) -> dict[str, Any]:
+    """A receipt's fields ({} when it is missing or not a JSON object)."""
+    try:
+        fields = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return fields if isinstance(fields, dict) else {}
+
+
+def _owner(fields: Mapping[str, Any], manifest: Mapping[str, Any],
+           dir_name: str | None) -> str | None:
+    """The tenant owning a file (module doc); ``dir_name`` None: a file of the flat layout
+    (the receipt's tenant, else the manifest's)."""
+    found = fields.get("tenant")
+    candidates = [str(found) if isinstance(found, str) else None, manifest_tenant(manifest)]
+    if dir_name is None:
+        return next(t for t in candidates if t is not None)
+    candidates.insert(1, tenant_from_dir(dir_name))
+    return next((t for t in candidates if t is not None and tenant_dir(t) == dir_name), None)
+
+
+def _matches(fields: Mapping[str, Any], digest: str, crc: int,
+             manifest: Mapping[str, Any]) -> bool:
+    """Whether a receipt belongs to this file: the same file sha256, or — written while the row
+    was pending — the same content digest and CRC32C."""
+    content = fields.get("content_sha256")
+    return fields.get("sha256") == digest or bool(
+        content and content == manifest["integrity"]["sha256"] and fields.get("crc32c") == crc)
+
+
+def row_from_file(path: Path, *, dir_name: str | None) -> IncidentRow:
     """The index row of a stored file: re-validated (rows' digest included), re-hashed, its
-    receipt when it matches (same file sha256, or — written while the row was pending — the
-    same content digest and CRC32C)."""
+    receipt when it matches; ``dir_name``: its tenant directory (None: the old flat layout)."""
     from integrations._crc32c import crc32c
     from integrations.incident import Incident
 
     data = path.read_bytes()
     inc = Incident.from_bytes(data)
-    if inc.id != incident_id:
+    if inc.id != path.stem:
         raise IncidentFormatError(f"{path.name} holds incident {inc.id!r}")
     digest, crc = hashlib.sha256(data).hexdigest(), crc32c(data)
     manifest = inc.manifest
-    tenant, received_at = None, None
-    receipt = receipt_path(incidents_dir, incident_id)
-    if receipt.exists():
-        fields = json.loads(receipt.read_text(encoding="utf-8"))
-        content = fields.get("content_sha256")
-        if fields.get("sha256") == digest or (
-                content and content == manifest["integrity"]["sha256"]
-                and fields.get("crc32c") == crc):
-            tenant, received_at = fields.get("tenant"), fields.get("received_at")
+    fields = read_receipt(path.with_suffix(".json"))
+    if not _matches(fields, digest, crc, manifest):
+        fields = {}
+    tenant = _owner(fields, manifest, dir_name)
+    if tenant is None:
+        raise IncidentFormatError(f"cannot tell which tenant owns {dir_name}/{path.name}: its "
+                                  "receipt is missing or does not match the file")
+    received_at = fields.get("received_at")
     sites = manifest.get("sites")
     return row_from_manifest(
-        manifest, tenant=manifest_tenant(manifest) if tenant is None else str(tenant),
-        size_bytes=len(data), sha256=digest, path=stored_path(incident_id), crc32c=crc,
+        manifest, tenant=tenant, size_bytes=len(data), sha256=digest,
+        path=stored_path(tenant, inc.id), crc32c=crc,
         received_at=dt.datetime.fromisoformat(received_at) if received_at else utcnow(),
         n_sites=len(sites) if isinstance(sites, list) else 0)
 
 
-def _quarantine(path: Path, quarantine_dir: Path, error: Exception) -> None:
-    quarantine_dir.mkdir(exist_ok=True)
-    log.error("incident file %s is invalid (%s); moved to %s", path, error, quarantine_dir)
-    os.replace(path, quarantine_dir / path.name)
-    receipt_path(path.parent, path.stem).unlink(missing_ok=True)
+def quarantine(path: Path, quarantine_dir: Path, error: Exception, *,
+               dir_name: str | None) -> str:
+    """Move an invalid file (and drop its receipt) to ``quarantine/[<tenant dir>/]``; its name
+    in the report."""
+    target = quarantine_dir if dir_name is None else quarantine_dir / dir_name
+    target.mkdir(parents=True, exist_ok=True)
+    log.error("incident file %s is invalid (%s); moved to %s", path, error, target)
+    os.replace(path, target / path.name)
+    path.with_suffix(".json").unlink(missing_ok=True)
+    return path.stem if dir_name is None else f"{dir_name}/{path.stem}"
 
 
-def _sweep(incidents_dir: Path, report: ReindexReport) -> dict[str, Path]:
-    """Remove temp files and receipts without a file; the incident files by id."""
-    for tmp in incidents_dir.glob(".*.tmp"):
+def _remove_tmp(directory: Path, report: ReindexReport) -> None:
+    for tmp in directory.glob(".*.tmp"):
         tmp.unlink(missing_ok=True)
         report.tmp_removed += 1
-    files = {p.stem: p for p in incidents_dir.glob("*.arrow")}
-    for receipt in incidents_dir.glob("*.json"):
-        if receipt.stem not in files:
-            receipt.unlink(missing_ok=True)
+
+
+def _sweep(incidents_dir: Path, report: ReindexReport) -> dict[tuple[str, str], Path]:
+    """Remove temp files and receipts without a file; the incident files by (dir, id)."""
+    _remove_tmp(incidents_dir, report)
+    files: dict[tuple[str, str], Path] = {}
+    for d in sorted(incidents_dir.iterdir()):
+        if not d.is_dir() or not is_tenant_dir(d.name):
+            continue
+        _remove_tmp(d, report)
+        files.update({(d.name, p.stem): p for p in d.glob("*.arrow")})
+        for receipt in d.glob("*.json"):
+            if (d.name, receipt.stem) not in files:
+                receipt.unlink(missing_ok=True)
     return files
 
 
-def reconcile(incidents_dir: Path, quarantine_dir: Path, index: Index, *,
-              full: bool) -> ReindexReport:
+def reconcile(incidents_dir: Path, quarantine_dir: Path, index: Index, *, full: bool,
+              report: ReindexReport | None = None) -> ReindexReport:
     """Make the index agree with the files (module doc); the caller holds the store's write
     lock. ``full``: re-validate and re-index every file, not only unindexed ones."""
-    report = ReindexReport()
+    report = report or ReindexReport()
     files = _sweep(incidents_dir, report)
-    indexed = index.incident_ids()
-    for gone in sorted(indexed - set(files)):
-        index.delete_incident(gone)
+    indexed = index.incident_paths()
+    by_file = {(tenant_dir(t), i): (t, i) for t, i in indexed}
+    for gone in sorted(set(by_file) - set(files)):
+        tenant, incident_id = by_file[gone]
+        index.delete_incident(incident_id, tenant=tenant)
         report.removed_rows += 1
-    for incident_id, path in sorted(files.items()):
-        if incident_id in indexed and not full:
+    for (dir_name, incident_id), path in sorted(files.items()):
+        owner = by_file.get((dir_name, incident_id))
+        if owner is not None and not full:
             report.kept += 1
+            if indexed[owner] != stored_path(*owner):   # a row migrated from the flat layout
+                with index.write() as con:
+                    con.execute("UPDATE incidents SET path = ? WHERE tenant = ? AND id = ?",
+                                [stored_path(*owner), *owner])
             continue
-        try:
-            row = _row_from_file(incidents_dir, incident_id, path)
-        except (IncidentFormatError, OSError, ValueError) as e:
-            _quarantine(path, quarantine_dir, e)
-            report.quarantined.append(incident_id)
-            if incident_id in indexed:
-                index.delete_incident(incident_id)
-            continue
-        with index.write() as con:
-            con.execute("DELETE FROM incidents WHERE id = ?", [incident_id])
-            index.insert_incident(con, row)
-        report.indexed += 1
+        _index_file(index, path, dir_name, owner, quarantine_dir, report)
     return report
+
+
+def _index_file(index: Index, path: Path, dir_name: str, owner: tuple[str, str] | None,
+                quarantine_dir: Path, report: ReindexReport) -> None:
+    """(Re-)index one file, or quarantine it (dropping the row it had)."""
+    try:
+        row = row_from_file(path, dir_name=dir_name)
+    except (IncidentFormatError, OSError, ValueError) as e:
+        report.quarantined.append(quarantine(path, quarantine_dir, e, dir_name=dir_name))
+        if owner is not None:
+            index.delete_incident(owner[1], tenant=owner[0])
+        return
+    with index.write() as con:
+        con.execute("DELETE FROM incidents WHERE tenant = ? AND id = ?", [row.tenant, row.id])
+        index.insert_incident(con, row)
+    report.indexed += 1

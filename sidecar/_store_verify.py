@@ -7,16 +7,16 @@ here, on a background thread, after the ack. The same read computes the file's s
 index's ``sha256``, announced by ``DownloadIncident``). A row stays ``integrity = 'pending'``
 until then; a mismatch (bytes that passed the CRC32C but are not what the middleware built: a
 middleware bug or corruption before the CRC was taken) moves the file to ``<root>/quarantine/``
-with a reason file, removes the index row and receipt, and counts
+(``quarantine/<tenant dir>/``) with a reason file, removes the index row and receipt, and counts
 ``forensics_incidents_quarantined_total{reason}``. Pending rows left by a crash are queued
 again at start-up (:meth:`ContentVerifier.resume`).
 
 Example::
 
     verifier = ContentVerifier(store)
-    verifier.submit("inc-1")            # after the ack
-    verifier.wait_idle(timeout_s=10)    # tests and benchmarks
-    verifier.verify("inc-2")            # now, on this thread ("verified" | "quarantined" | ...)
+    verifier.submit("inc-1", tenant="acme")   # after the ack (ids are unique per tenant)
+    verifier.wait_idle(timeout_s=10)          # tests and benchmarks
+    verifier.verify("inc-2", tenant="acme")   # now, on this thread ("verified" | ...)
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from integrations.errors import IncidentFormatError
 from integrations.incident import fsync_dir
 
 from ._observer import Telemetry, counter
+from ._store_layout import receipt_file, tenant_dir
 
 if TYPE_CHECKING:
     from integrations.incident import DecodeLimits
@@ -82,9 +83,7 @@ class _Store(Protocol):
     telemetry: Telemetry
     _put_lock: Any
 
-    def path(self, incident_id: str) -> Path: ...
-
-    def _receipt_path(self, incident_id: str) -> Path: ...
+    def path(self, incident_id: str, *, tenant: str | None = None) -> Path: ...
 
 
 class ContentVerifier:
@@ -92,15 +91,15 @@ class ContentVerifier:
 
     def __init__(self, store: _Store) -> None:
         self.store = store
-        self._q: queue.Queue[str | None] = queue.Queue()
+        self._q: queue.Queue[tuple[str, str] | None] = queue.Queue()
         self._lock = threading.Lock()        # one verification at a time (thread or caller)
         self._idle = threading.Condition()
         self._outstanding = 0
         self._thread: threading.Thread | None = None
         self._closed = False
 
-    def submit(self, incident_id: str) -> None:
-        """Queue ``incident_id`` for checking (returns at once)."""
+    def submit(self, incident_id: str, *, tenant: str) -> None:
+        """Queue (``tenant``, ``incident_id``) for checking (returns at once)."""
         with self._idle:
             if self._closed:
                 return
@@ -109,20 +108,21 @@ class ContentVerifier:
                 self._thread = threading.Thread(target=self._run, name="forensics-verify",
                                                 daemon=True)
                 self._thread.start()
-        self._q.put(incident_id)
+        self._q.put((tenant, incident_id))
 
     def resume(self) -> int:
         """Queue every row still pending (after a restart); how many."""
-        ids = self.store.index.pending_ids()
-        for incident_id in ids:
-            self.submit(incident_id)
-        return len(ids)
+        keys = self.store.index.pending_keys()
+        for tenant, incident_id in keys:
+            self.submit(incident_id, tenant=tenant)
+        return len(keys)
 
     def _run(self) -> None:
-        while (incident_id := self._q.get()) is not None:
+        while (key := self._q.get()) is not None:
+            tenant, incident_id = key
             try:
                 if not self._closed:
-                    self.verify(incident_id)
+                    self.verify(incident_id, tenant=tenant)
             except Exception:   # an I/O error: the row stays pending, retried at next start
                 log.exception("post-ack verification of %s failed", incident_id)
             finally:
@@ -130,16 +130,16 @@ class ContentVerifier:
                     self._outstanding -= 1
                     self._idle.notify_all()
 
-    def verify(self, incident_id: str) -> str:
-        """Check one incident now: ``"verified"``, ``"quarantined"``, or its state when it was
-        not pending (``"verified"``) or is gone (``"absent"``)."""
+    def verify(self, incident_id: str, *, tenant: str) -> str:
+        """Check one incident of ``tenant`` now: ``"verified"``, ``"quarantined"``, or its
+        state when it was not pending (``"verified"``) or is gone (``"absent"``)."""
         with self._lock:
-            row = self.store.index.get_incident(incident_id)
+            row = self.store.index.get_incident(incident_id, tenant=tenant)
             if row is None:
                 return "absent"
             if row.integrity != "pending":
                 return row.integrity
-            path = self.store.path(incident_id)
+            path = self.store.path(incident_id, tenant=tenant)
             try:
                 claimed = _checked_digest(path, self.store)
             except FileNotFoundError:
@@ -147,29 +147,30 @@ class ContentVerifier:
             except IncidentFormatError as e:
                 reason = ("content_digest_mismatch" if "integrity check failed" in str(e)
                           else "invalid_incident")
-                self._quarantine(incident_id, reason, str(e))
+                self._quarantine(incident_id, tenant, reason, str(e))
                 return "quarantined"
             if claimed != row.content_sha256:
-                self._quarantine(incident_id, "content_digest_mismatch",
+                self._quarantine(incident_id, tenant, "content_digest_mismatch",
                                  f"manifest digest {claimed} ≠ acknowledged {row.content_sha256}")
                 return "quarantined"
-            self.store.index.mark_verified(incident_id, _file_sha256(path))
+            self.store.index.mark_verified(incident_id, _file_sha256(path), tenant=tenant)
             return "verified"
 
-    def _quarantine(self, incident_id: str, reason: str, detail: str) -> None:
+    def _quarantine(self, incident_id: str, tenant: str, reason: str, detail: str) -> None:
         store = self.store
+        target = store.quarantine_dir / tenant_dir(tenant)
         log.error("acknowledged incident %s failed its post-ack check (%s: %s); moved to %s",
-                  incident_id, reason, detail, store.quarantine_dir)
+                  incident_id, reason, detail, target)
         with store._put_lock:
-            store.quarantine_dir.mkdir(exist_ok=True)
-            src = store.path(incident_id)
+            target.mkdir(parents=True, exist_ok=True)
+            src = store.path(incident_id, tenant=tenant)
             if src.exists():
-                os.replace(src, store.quarantine_dir / src.name)
-            (store.quarantine_dir / f"{incident_id}.reason.json").write_text(
+                os.replace(src, target / src.name)
+            (target / f"{incident_id}.reason.json").write_text(
                 json.dumps({"reason": reason, "detail": detail}), encoding="utf-8")
-            store._receipt_path(incident_id).unlink(missing_ok=True)
-            fsync_dir(store.incidents_dir)
-            store.index.delete_incident(incident_id)
+            receipt_file(store.incidents_dir, tenant, incident_id).unlink(missing_ok=True)
+            fsync_dir(src.parent)
+            store.index.delete_incident(incident_id, tenant=tenant)
         store.telemetry.observe(INCIDENTS_QUARANTINED, labels={"reason": reason})
 
     def wait_idle(self, timeout_s: float | None = None) -> bool:

@@ -154,11 +154,13 @@ def _cmd_reindex(args: argparse.Namespace) -> int:
         raise
     with store:
         report = store.reindex()
-    print(f"reindexed {report.indexed} incident(s) in {time.monotonic() - t0:.2f}s; "
+    opened = store.last_recovery   # a flat layout was migrated when the store opened
+    quarantined = [*opened.quarantined, *report.quarantined]
+    moved = f"moved {opened.migrated} from the flat layout; " if opened.migrated else ""
+    print(f"reindexed {report.indexed} incident(s) in {time.monotonic() - t0:.2f}s; {moved}"
           f"removed {report.removed_rows} stale row(s), {report.tmp_removed} temp file(s); "
-          f"quarantined {len(report.quarantined)}"
-          + (f": {', '.join(report.quarantined)}" if report.quarantined else ""))
-    return 1 if report.quarantined else 0
+          f"quarantined {len(quarantined)}" + (f": {', '.join(quarantined)}" if quarantined else ""))
+    return 1 if quarantined else 0
 
 
 def _cmd_baseline_build(args: argparse.Namespace) -> int:

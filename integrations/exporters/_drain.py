@@ -7,7 +7,9 @@ nothing is dropped). After a bounded-retry code (``DEADLINE_EXCEEDED``, ``RESOUR
 a sidecar that does not answer either (hung, e.g. SIGSTOPped, or gone) is treated like
 ``UNAVAILABLE`` — waited for, never counted against the entry; one that answers gets the entry
 ``max_retries`` more attempts, then the entry is dropped and counted, so one poison incident
-never blocks the spool. Any other code drops the entry at once (counted). Only one process drains a spool directory at a time (a lock file), so serving
+never blocks the spool. Any other code drops the entry at once (counted). Once stopped, an
+attempt that was not acknowledged (its owner cancels the upload in flight at shutdown) keeps its
+entry, whatever its code: it is sent by the next drainer. Only one process drains a spool directory at a time (a lock file), so serving
 workers may share one.
 
 A drainer belongs to one process: after ``fork`` its owner makes a new one.
@@ -180,6 +182,8 @@ class SpoolDrainer:
         manifest = manifest_from_arrow(data)
         incident_id = str((manifest or {}).get("id") or head.incident_id)
         res = self._upload(incident_id, data, request_traceparent(manifest))
+        if self._stop.is_set() and res.outcome is not Outcome.ACKED:
+            return "unreachable"  # stopping (the upload was cancelled): keep it for next time
         if res.outcome is Outcome.ACKED:
             self._spool.remove(head)  # only now: the sidecar holds it durably
             self._tally.count("drained")

@@ -24,7 +24,11 @@ bounded queue overflows. Failures are classified by gRPC status:
 * anything else (``INVALID_ARGUMENT``, ``DATA_LOSS``, ``ALREADY_EXISTS``, ``UNAUTHENTICATED``,
   ``PERMISSION_DENIED``, ...): never retried; dropped as ``export_failed`` with the reason logged.
 
-A full spool drops the incident as ``spool_full``. Every drop is counted (``metrics`` — the
+``shutdown(timeout_s)`` is bounded: it waits up to ``timeout_s`` for the spool to drain, then
+cancels an upload still in flight (a hung sidecar) instead of waiting up to ``deadline_s``; the
+cancelled entry and everything else unsent stay in the spool on disk for the next exporter.
+``deadline_s`` and ``inline_deadline_s`` default to the ``exporter:`` section of the
+middleware's YAML config (``integrations.config``). A full spool drops the incident as ``spool_full``. Every drop is counted (``metrics`` — the
 recorder's :class:`~integrations._metrics.RecorderMetrics` — and :meth:`SidecarExporter.stats`),
 so captured = acknowledged + spooled-then-acknowledged + dropped-and-counted. The gRPC channel is
 created on first use and again in a forked child (a channel never crosses ``fork``); the drain
@@ -74,6 +78,7 @@ from ._upload import (
 
 if TYPE_CHECKING:
     from .._metrics import RecorderMetrics
+    from ..config import ForensicsConfig
     from ..incident import Incident
 
 __all__ = ["SidecarExporter"]
@@ -83,6 +88,22 @@ _log = logging.getLogger(__name__)
 _INLINE_BYTES_PER_S = 32 << 20
 #: Deadline of the drain's health check after an upload timed out (hung, or this incident?).
 _PROBE_S = 1.0
+#: How long ``shutdown`` waits for the drain thread once its upload in flight was cancelled.
+_CANCEL_GRACE_S = 1.0
+
+
+def _timing(config: ForensicsConfig | str | os.PathLike[str] | None, deadline_s: float | None,
+            inline_deadline_s: float | None) -> tuple[float, float]:
+    """(deadline_s, inline_deadline_s): the arguments, else the ``exporter:`` section of
+    ``config`` (a ForensicsConfig, a YAML path, or None: ``$FORENSICS_CONFIG``, the environment
+    and the embedded defaults — :func:`integrations.config.load_config`)."""
+    if config is None and deadline_s is not None and inline_deadline_s is not None:
+        return deadline_s, inline_deadline_s
+    from ..config import ForensicsConfig, load_config
+
+    cfg = config if isinstance(config, ForensicsConfig) else load_config(config)
+    return (cfg.exporter.deadline_s if deadline_s is None else deadline_s,
+            cfg.exporter.inline_deadline_s if inline_deadline_s is None else inline_deadline_s)
 
 
 def _incident_bytes(incident: Any) -> bytes:
@@ -123,23 +144,31 @@ class SidecarExporter:
         spool_dir: directory of the local disk spool (None = no spool). An existing spool is
             picked up and drained (a restarted serving process re-sends what was left).
         spool_max_bytes: the spool's byte bound; beyond it incidents are dropped (spool_full).
-        deadline_s: deadline of one upload attempt (the drain's; without a spool, every one).
+        deadline_s: deadline of one upload attempt (the drain's; without a spool, every one);
+            None: ``exporter.deadline_s`` of ``config`` (30 s).
         inline_deadline_s: with a spool, the deadline of the export worker's one attempt, plus
             1 s per 32 MiB of incident (at most ``deadline_s``); on a timeout the incident is
-            spooled and the drain sends it with ``deadline_s``.
+            spooled and the drain sends it with ``deadline_s``. None:
+            ``exporter.inline_deadline_s`` of ``config`` (1 s).
         max_retries: retries of one incident for retryable codes (see the module docstring).
         backoff_initial_s / backoff_max_s: exponential backoff with full jitter:
             ``sleep = uniform(0, min(backoff_max_s, backoff_initial_s * 2**attempt))``.
         metrics: the recorder's metrics (``dropped(...)``, ``spool_bytes``); see
             :meth:`bind_metrics`.
+        config: the middleware's configuration (a ``ForensicsConfig`` or a YAML path, as for
+            ``Recorder``; None: ``$FORENSICS_CONFIG``, the environment, the defaults) for the
+            timing options left None.
     """
 
     def __init__(self, target: str = "127.0.0.1:7431", *, token: str | None = None,
                  tls: TLSConfig | Mapping[str, Any] | grpc.ChannelCredentials | bool | None = None,
                  spool_dir: str | os.PathLike[str] | None = None,
-                 spool_max_bytes: int = 1 << 30, deadline_s: float = 30.0,
-                 inline_deadline_s: float = 1.0, max_retries: int = 5, backoff_initial_s: float = 0.2,
-                 backoff_max_s: float = 10.0, metrics: RecorderMetrics | None = None) -> None:
+                 spool_max_bytes: int = 1 << 30, deadline_s: float | None = None,
+                 inline_deadline_s: float | None = None, max_retries: int = 5,
+                 backoff_initial_s: float = 0.2, backoff_max_s: float = 10.0,
+                 metrics: RecorderMetrics | None = None,
+                 config: ForensicsConfig | str | os.PathLike[str] | None = None) -> None:
+        deadline_s, inline_deadline_s = _timing(config, deadline_s, inline_deadline_s)
         if (max_retries < 0 or deadline_s <= 0 or inline_deadline_s <= 0
                 or backoff_initial_s < 0 or backoff_max_s < 0):
             from ..errors import ConfigError
@@ -246,6 +275,8 @@ class SidecarExporter:
             return self._send_retrying(incident_id, data, traceparent)
         inline_s = min(self.deadline_s, self.inline_deadline_s + len(data) / _INLINE_BYTES_PER_S)
         res = self._client.attempt(incident_id, data, traceparent, deadline_s=inline_s)
+        if res.code == grpc.StatusCode.CANCELLED and self._stop.is_set():
+            return self._to_spool(incident_id, data)  # cut short by shutdown: kept for later
         settled = self._settle(incident_id, res)
         if settled is not None:
             return settled
@@ -308,15 +339,20 @@ class SidecarExporter:
     def shutdown(self, timeout_s: float = 30.0) -> None:
         """Flush the spool for up to ``timeout_s``, stop the drain thread, close the channel.
 
-        What is still spooled stays on disk (durable) and is sent by the next exporter that
-        opens the same ``spool_dir``. Idempotent; later ``export`` calls return FAILURE."""
+        Bounded: returns within ``timeout_s`` plus at most about a second — an upload still in
+        flight (a hung sidecar) is cancelled, never waited for up to ``deadline_s``. Nothing
+        acknowledged is lost: what is still spooled, including the cancelled upload's entry,
+        stays on disk and is sent by the next exporter that opens the same ``spool_dir``.
+        Idempotent; later ``export`` calls return FAILURE."""
         if self._closed:
             return
         flushed = self.force_flush(timeout_s)
         self._closed = True
         self._stop.set()
         if self._drainer is not None:
-            self._drainer.stop(join_timeout_s=max(1.0, self.deadline_s))
+            self._drainer.stop(join_timeout_s=0.0)   # no new attempt starts
+            self._client.close()                     # cancels the one in flight
+            self._drainer.stop(join_timeout_s=_CANCEL_GRACE_S)
         if not flushed and self._spool is not None:
             _log.warning("SidecarExporter: %d incident(s) left in the spool %s; they are sent "
                          "when an exporter opens that spool again", len(self._spool),

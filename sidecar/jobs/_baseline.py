@@ -53,16 +53,17 @@ def _prepare(host: JobHost, job: JobRecord, params: dict[str, Any]) -> dict[str,
     if ids is not None:
         ids, fp = _given_ids(host, ids)
         scope, _ = cfg.baselines.scope(job.tenant, fp or "")
+        keys = [(job.tenant, i) for i in ids]
     else:
         fp = params.get("fingerprint")
         if not usable_fingerprint(fp):
             raise JobFailed("a baseline job needs params.fingerprint (a model fingerprint) or "
                             "params.incident_ids")
         scope, tenants = cfg.baselines.scope(job.tenant, fp)
-        ids = benign_candidates(host, fp, cfg.baselines.sample_rules, tenants=tenants,
-                                limit=cfg.modules.cf.baseline_samples)
+        keys = benign_candidates(host, fp, cfg.baselines.sample_rules, tenants=tenants,
+                                 limit=cfg.modules.cf.baseline_samples)
     return {**params, "baseline_scope": scope,
-            "incident_paths": [str(host.incident_path(i)) for i in ids]}
+            "incident_paths": [str(host.incident_path(i, tenant=t)) for t, i in keys]}
 
 
 def baseline_job(ctx: JobContext) -> dict[str, Any]:
@@ -111,10 +112,11 @@ def _after(host: JobHost, job: JobRecord, result: dict[str, Any]) -> None:
     _, tenants = host.config.baselines.scope(job.tenant, result["fingerprint"])
     owners = ", ".join("?" for _ in tenants)
     rows = host.read(
-        "SELECT c.incident_id, any_value(c.tenant) FROM cf_results c JOIN incidents i ON "
-        f"i.id = c.incident_id WHERE c.model_fingerprint = ? AND c.detector = ? AND i.tenant IN "
-        f"({owners}) GROUP BY c.incident_id HAVING bool_and(c.status = 'no_baseline') ORDER BY "
-        "min(i.received_at) LIMIT 1000", [result["fingerprint"], result["detector"], *tenants])
+        "SELECT c.incident_id, c.tenant FROM cf_results c JOIN incidents i ON i.id = "
+        "c.incident_id AND i.tenant = c.tenant WHERE c.model_fingerprint = ? AND c.detector = ? "
+        f"AND i.tenant IN ({owners}) GROUP BY c.tenant, c.incident_id HAVING "
+        "bool_and(c.status = 'no_baseline') ORDER BY min(i.received_at) LIMIT 1000",
+        [result["fingerprint"], result["detector"], *tenants])
     for incident_id, tenant in rows:
         host.submit(incident_id, "cf", tenant=tenant, params={"detector": result["detector"]},
                     request_id=f"rescore:{result['detector']}:v{result['version']}")

@@ -69,8 +69,9 @@ def _benign_ids(host: JobHost, job: JobRecord, row: Any, ids: Any) -> list[str]:
     b = host.config.baselines
     if not row.model_fingerprint or not b.cca_benign:
         return []
-    return benign_candidates(host, row.model_fingerprint, b.sample_rules, tenants=[job.tenant],
-                             limit=b.cca_benign, exclude=row.id)
+    return [i for _, i in benign_candidates(host, row.model_fingerprint, b.sample_rules,
+                                            tenants=[job.tenant], limit=b.cca_benign,
+                                            exclude=(row.tenant, row.id))]
 
 
 def _prepare(host: JobHost, job: JobRecord, params: dict[str, Any]) -> dict[str, Any]:
@@ -81,7 +82,7 @@ def _prepare(host: JobHost, job: JobRecord, params: dict[str, Any]) -> dict[str,
         return out
     ids = _benign_ids(host, job, row, params.get("benign_ids"))
     out["benign_paths"] = [str(host.incident_path(i)) for i in ids]
-    cf = latest_cf(host, row.id)
+    cf = latest_cf(host, row.id, tenant=row.tenant)
     if cf is not None and cf["status"] == "scored":
         ranked = host.read("SELECT site, score FROM cf_site_scores WHERE job_id = ? "
                            "ORDER BY rank", [cf["job_id"]])

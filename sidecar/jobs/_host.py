@@ -44,8 +44,9 @@ class RunnerHost:
         # Exactly the job's tenant (its incident's owner), "" included: never every tenant.
         return self._store.get(incident_id, tenant=self._job.tenant)
 
-    def incident_path(self, incident_id: str) -> Path:
-        return self._store.path(incident_id)
+    def incident_path(self, incident_id: str, *, tenant: str | None = None) -> Path:
+        # The job's tenant unless a kind's own query resolved another (a shared baseline).
+        return self._store.path(incident_id, tenant=self._job.tenant if tenant is None else tenant)
 
     def read(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         return self._store.index.read(sql, params)

@@ -111,8 +111,10 @@ class JobHost(Protocol):
         """An incident's index row, in the job's tenant (None when absent or another's)."""
         ...
 
-    def incident_path(self, incident_id: str) -> Path:
-        """The stored Arrow file of an incident (for a JobContext's params)."""
+    def incident_path(self, incident_id: str, *, tenant: str | None = None) -> Path:
+        """The stored Arrow file of an incident of the job's tenant (for a JobContext's
+        params); ``tenant``: of that tenant instead — only for ids the kind's own index query
+        found (an operator-declared shared baseline), never for a caller's id."""
         ...
 
     def read(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:

@@ -6,8 +6,9 @@ floats into None, :func:`num` keeps a finite number or gives None (never a made-
 
 Example::
 
-    ids = benign_candidates(host, fp, ("ratio",), tenants=["acme"], limit=30)   # newest first
-    latest_cf(host, "inc-1")["status"]                          # 'scored'
+    keys = benign_candidates(host, fp, ("ratio",), tenants=["acme"], limit=30)  # newest first
+    keys[0]                                                     # ('acme', 'inc-7')
+    latest_cf(host, "inc-1", tenant="acme")["status"]           # 'scored'
 """
 
 from __future__ import annotations
@@ -45,10 +46,10 @@ def num(value: Any) -> float | None:
         and math.isfinite(float(value)) else None
 
 
-def latest_cf(reader: Reader, incident_id: str) -> dict[str, Any] | None:
-    """The newest CF result row of an incident (as a dict), or None."""
-    rows = reader.read_dicts("SELECT * FROM cf_results WHERE incident_id = ? "
-                             "ORDER BY created_at DESC LIMIT 1", [incident_id])
+def latest_cf(reader: Reader, incident_id: str, *, tenant: str) -> dict[str, Any] | None:
+    """The newest CF result row of (tenant, incident) (as a dict), or None."""
+    rows = reader.read_dicts("SELECT * FROM cf_results WHERE incident_id = ? AND tenant = ? "
+                             "ORDER BY created_at DESC LIMIT 1", [incident_id, tenant])
     return rows[0] if rows else None
 
 
@@ -63,24 +64,25 @@ def latest_baseline_row(reader: Reader, scope: str, fingerprint: str,
 
 def benign_candidates(reader: Reader, fingerprint: str, rules: Sequence[str], *,
                       tenants: Sequence[str], limit: int, since: Any = None,
-                      exclude: str | None = None) -> list[str]:
-    """Ids of sampled benign incidents of one model owned by one of ``tenants``, newest first:
-    trigger rule in ``rules`` (sampling, not a flag) and not flagged by any CF result; received
-    after ``since``. Never another tenant's: ``tenants`` is required."""
+                      exclude: tuple[str, str] | None = None) -> list[tuple[str, str]]:
+    """(tenant, id) of sampled benign incidents of one model owned by one of ``tenants``,
+    newest first: trigger rule in ``rules`` (sampling, not a flag) and not flagged by any CF
+    result; received after ``since``; never the incident ``exclude`` (tenant, id). Never
+    another tenant's: ``tenants`` is required."""
     if not rules or not tenants:
         return []
     marks = ", ".join("?" for _ in rules)
     owners = ", ".join("?" for _ in tenants)
-    sql = (f"SELECT i.id FROM incidents i WHERE i.model_fingerprint = ? AND i.tenant IN "
-           f"({owners}) AND i.trigger_rule IN ({marks}) AND NOT EXISTS (SELECT 1 FROM "
-           "cf_results c WHERE c.incident_id = i.id AND c.flagged)")
+    sql = (f"SELECT i.tenant, i.id FROM incidents i WHERE i.model_fingerprint = ? AND i.tenant "
+           f"IN ({owners}) AND i.trigger_rule IN ({marks}) AND NOT EXISTS (SELECT 1 FROM "
+           "cf_results c WHERE c.incident_id = i.id AND c.tenant = i.tenant AND c.flagged)")
     params: list[Any] = [fingerprint, *tenants, *rules]
     if since is not None:
         sql += " AND i.received_at > ?"
         params.append(since)
     if exclude is not None:
-        sql += " AND i.id <> ?"
-        params.append(exclude)
-    sql += " ORDER BY i.received_at DESC, i.id LIMIT ?"
+        sql += " AND NOT (i.tenant = ? AND i.id = ?)"
+        params.extend(exclude)
+    sql += " ORDER BY i.received_at DESC, i.id, i.tenant LIMIT ?"
     params.append(int(limit))
-    return [r[0] for r in reader.read(sql, params)]
+    return [(r[0], r[1]) for r in reader.read(sql, params)]

@@ -100,13 +100,14 @@ class JobQueue:
     def submit(self, incident_id: str, kind: str, *, tenant: str,
                params: Mapping[str, Any] | None = None,
                request_id: str | None = None, quota: int | None = None) -> JobRecord:
-        """Enqueue a pending job; with ``request_id`` the same (incident, key) returns the
-        existing job instead of a new one. ``quota``: a new job is refused
+        """Enqueue a pending job; with ``request_id`` the same (tenant, incident, key) returns
+        the existing job instead of a new one. ``quota``: a new job is refused
         (:class:`JobQuotaError`) while the tenant has that many pending or running."""
         params_json = json.dumps(dict(params or {}), sort_keys=True, allow_nan=False)
         with self.index.write() as con:
-            found = con.execute("SELECT id FROM jobs WHERE incident_id = ? AND request_id = ?",
-                                [incident_id, request_id]).fetchone() if request_id else None
+            found = con.execute("SELECT id FROM jobs WHERE incident_id = ? AND tenant = ? AND "
+                                "request_id = ?", [incident_id, tenant, request_id]
+                                ).fetchone() if request_id else None
             if found is None and quota is not None:
                 _check_quota(con, tenant, quota)
             if found is None:

@@ -208,7 +208,7 @@ class JobRunner:
                                    labels={"kind": job.kind})
         try:
             with self._db():
-                row = self.store.get(job.incident_id)
+                row = self.store.get(job.incident_id, tenant=job.tenant)
             traceparent = row.traceparent if row is not None else None
             host = RunnerHost(self.store, config=self.config, job=job, submit=self.submit,
                               telemetry=self.telemetry, traceparent=traceparent)
@@ -266,7 +266,8 @@ class JobRunner:
                 params = kind.prepare(host, job, params)
         ctx = JobContext(job_id=job.id, incident_id=job.incident_id, kind=job.kind,
                          attempt=job.attempts, params=params,
-                         incident_path=self.store.path(job.incident_id), config=self.config,
+                         incident_path=self.store.path(job.incident_id, tenant=job.tenant),
+                         config=self.config,
                          tenant=job.tenant)
         return self._executor.submit(execute_job, kind.run, ctx).result()
 

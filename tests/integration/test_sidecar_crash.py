@@ -110,7 +110,8 @@ def test_sigkill_mid_stream_then_restart_loses_nothing_silently(tmp_path):
             # Ack = durable: everything acknowledged before the kill is on disk, readable.
             assert len(out.acked) >= KILL_AFTER
             for iid in out.acked:
-                assert Incident.open(data / "incidents" / f"{iid}.arrow").id == iid
+                (stored,) = (data / "incidents").glob(f"*/{iid}.arrow")   # <tenant dir>/
+                assert Incident.open(stored).id == iid
             assert out.spooled and out.failed, (len(out.acked), len(out.spooled),
                                                 len(out.failed))
             assert ex.force_flush(timeout_s=0.2) is False  # the sidecar is dead
@@ -132,12 +133,13 @@ def _check_nothing_lost_silently(ex: SidecarExporter, metrics: RecorderMetrics, 
     assert set(drops) <= {"spool_full", "export_failed"}
     assert stats["drained"] == len(out.spooled)
     assert len(out.acked) + len(out.spooled) + len(out.failed) == N
-    on_disk = {p.stem for p in (tmp_path / "data" / "incidents").glob("*.arrow")}
+    files = {p.stem: p for p in (tmp_path / "data" / "incidents").glob("*/*.arrow")}
+    on_disk = set(files)
     assert on_disk == set(out.acked) | set(out.spooled)
     assert not on_disk & set(out.failed)
     for inc in incidents:
         if inc.id in on_disk:
-            stored = Incident.open(tmp_path / "data" / "incidents" / f"{inc.id}.arrow")
+            stored = Incident.open(files[inc.id])
             assert stored.to_bytes() == inc.to_bytes()
     assert not list((tmp_path / "spool").glob("*.arrow"))
     print(f"acked={len(out.acked)} spooled={len(out.spooled)} dropped={drops} "

@@ -91,7 +91,7 @@ def test_recorded_incident_reaches_the_sidecar_with_linked_spans_and_metrics(tin
             assert rec.stats()["exported"] == 1 and rec.stats()["dropped"] == {}
             assert ex.stats()["acked"] == 1
 
-            (path,) = srv.store.incidents_dir.glob("*.arrow")
+            (path,) = srv.store.incidents_dir.glob("*/*.arrow")   # <tenant dir>/<id>.arrow
             row = srv.store.get(path.stem)
             inc = Incident.open(srv.store.path(row.id))
             assert inc.manifest["request"]["traceparent"] == TRACEPARENT
@@ -145,7 +145,7 @@ def test_recorder_flush_waits_for_the_spool_to_drain(tiny_gpt2, tmp_path):
         assert rec.metrics.spool_bytes._value.get() > 0
         with _sidecar(tmp_path / "data", port=port) as (srv, _):
             assert rec.force_flush(timeout_s=30)
-            ids = sorted(p.stem for p in srv.store.incidents_dir.glob("*.arrow"))
+            ids = sorted(p.stem for p in srv.store.incidents_dir.glob("*/*.arrow"))
             assert len(ids) == 3
             reqs = sorted(Incident.open(srv.store.path(i)).manifest["request"]["id"]
                           for i in ids)

@@ -95,3 +95,52 @@ def test_a_hung_sidecar_loses_nothing_when_the_spool_has_room(tiny_gpt2, tmp_pat
     assert stats["spool_entries"] == 0
     assert listed == {f"warm-{i}" for i in range(WARM)} | {f"hung-{i}" for i in range(HUNG)}
     assert slowest < 1.0   # the serving path never waited for the sidecar
+
+
+def test_shutdown_against_a_hung_sidecar_is_bounded_and_keeps_the_spool(tiny_gpt2, tmp_path: Path):
+    """Issue 14 item 5's gaps: the exporter's timing comes from the middleware's YAML config,
+    and ``Recorder.shutdown(timeout_s)`` against a SIGSTOPped sidecar returns within its timeout
+    (before: plus up to ``deadline_s`` for the drain's hung upload); nothing is dropped — what
+    was not acknowledged stays in the spool and reaches the sidecar from the next exporter."""
+    port = free_port()
+    config = tmp_path / "sidecar.yaml"
+    config.write_text(f"data_dir: {tmp_path / 'data'}\ngrpc: {{address: '127.0.0.1:{port}'}}\n"
+                      "metrics: {enabled: false}\n")
+    middleware = tmp_path / "forensics.yaml"
+    middleware.write_text("exporter:\n  deadline_s: 20\n  inline_deadline_s: 0.3\n")
+    spool = tmp_path / "spool"
+    ex = exporters.SidecarExporter(f"127.0.0.1:{port}", spool_dir=spool, config=middleware,
+                                   backoff_initial_s=0.05, backoff_max_s=0.5)
+    assert (ex.deadline_s, ex.inline_deadline_s) == (20.0, 0.3)
+    with SidecarProcess(config, tmp_path / "sidecar.log") as sidecar:
+        assert sidecar.proc is not None
+        rec = Recorder(tiny_gpt2, sites=["blocks.0.resid_post"], trigger=triggers.OnFlag(),
+                       exporter=ex, metrics_registry=CollectorRegistry())
+        _serve_flagged(rec, tiny_gpt2, "warm-0")
+        assert rec.force_flush(timeout_s=30) and ex.stats()["acked"] == 1
+        sidecar.proc.send_signal(signal.SIGSTOP)
+        try:
+            for i in range(5):
+                _serve_flagged(rec, tiny_gpt2, f"hung-{i}")
+            deadline = time.monotonic() + 30
+            while ex.stats()["spooled"] < 5 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            time.sleep(0.5)                    # the drain is now inside a hung upload
+            t0 = time.monotonic()
+            rec.shutdown(timeout_s=2.0)
+            took = time.monotonic() - t0
+        finally:
+            sidecar.proc.send_signal(signal.SIGCONT)
+        stats, rstats = ex.stats(), rec.stats()
+        assert took < 2.0 + 2.0, took          # not 2 s + the 20 s upload deadline
+        assert stats["dropped"] == {} and rstats["dropped"] == {}
+        assert rstats["captured"] == rstats["exported"] == 6 and stats["spooled"] == 5
+        assert len(list(spool.glob("*.arrow"))) == 5
+        again = exporters.SidecarExporter(f"127.0.0.1:{port}", spool_dir=spool, config=middleware)
+        try:
+            assert again.force_flush(timeout_s=60), again.stats()
+        finally:
+            again.shutdown(timeout_s=5)
+        listed = _listed_request_ids(port)
+    print(f"shutdown took {took:.2f}s against the hung sidecar; exporter={stats}")
+    assert listed == {"warm-0"} | {f"hung-{i}" for i in range(5)}

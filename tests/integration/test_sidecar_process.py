@@ -130,10 +130,15 @@ def test_cli_reindex(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
         for i in range(3):
             s.put(f"inc-{i}", build_incident(f"inc-{i}"), tenant="acme")
     (tmp_path / "index.duckdb").unlink()
+    for f in (tmp_path / "incidents" / "t-acme").iterdir():   # the old flat layout
+        f.rename(tmp_path / "incidents" / f.name)
     assert _cli(["sidecar", "reindex", "--data-dir", str(tmp_path)]) == 0
-    assert "reindexed 3 incident(s)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "reindexed 3 incident(s)" in out and "moved 3 from the flat layout" in out
     with LocalStore(tmp_path) as s:
         assert sorted(s.index.incident_ids()) == ["inc-0", "inc-1", "inc-2"]
+        assert {r.tenant for r in s.index.query_incidents("TRUE", [], "id", limit=9,
+                                                          offset=0)} == {"acme"}
 
 
 def _free_port() -> int:

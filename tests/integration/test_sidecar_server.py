@@ -23,7 +23,8 @@ from tests.integration.conftest import KiB, build_incident, make_config
 
 
 def _stored(sc: Sidecar) -> tuple[list[str], int]:
-    files = sorted(p.name for p in sc.store.incidents_dir.iterdir())
+    files = sorted(p.relative_to(sc.store.incidents_dir).as_posix()
+                   for p in sc.store.incidents_dir.rglob("*") if p.is_file())
     return files, sc.store.index.count_incidents("TRUE", [])
 
 
@@ -180,7 +181,7 @@ def test_content_corrupted_before_the_crc_is_acked_then_quarantined_and_counted(
             c.get("inc-1")
         assert e.value.code() == grpc.StatusCode.NOT_FOUND
     assert sc.stats()["quarantined"] == {"content_digest_mismatch": 1}
-    assert sorted(p.name for p in sc.store.quarantine_dir.iterdir()) == \
+    assert sorted(p.name for p in (sc.store.quarantine_dir / "t-acme").iterdir()) == \
         ["inc-1.arrow", "inc-1.reason.json"]
     assert _stored(sc) == ([], 0)
 

@@ -106,7 +106,7 @@ def test_unknown_keys_are_all_named_with_valid_keys(tmp_path: Path) -> None:
     assert "'modules.cf.treshold'" in msg
     assert "valid keys at modules.cf: anomaly_threshold, baseline_samples, enabled" in msg
     assert "'modules.dbc'" in msg and "valid keys at modules: cca, cf" in msg
-    assert "'extra'" in msg and "valid keys at top level: modules, recorder" in msg
+    assert "'extra'" in msg and "valid keys at top level: exporter, modules, recorder" in msg
     assert str(f) in msg
 
 
@@ -250,3 +250,30 @@ def test_imports_and_defaults_work_without_pyyaml(monkeypatch: pytest.MonkeyPatc
         mod.load_config(f, env={})
     with pytest.raises(ConfigError, match="pip install pyyaml"):
         mod.load_config(env={"FORENSICS_RECORDER__ENABLED": "false"})
+
+
+def test_the_exporters_inline_deadline_is_set_from_the_yaml_config(tmp_path: Path) -> None:
+    """Issue 14 item 5: ``inline_deadline_s`` (and ``deadline_s``) come from the middleware's
+    YAML config; constructor arguments win, the environment overrides the file."""
+    from integrations.exporters import SidecarExporter
+
+    f = tmp_path / "c.yaml"
+    f.write_text("exporter:\n  inline_deadline_s: 0.25\n  deadline_s: 12\n")
+    assert ForensicsConfig().exporter.inline_deadline_s == 1.0     # the safe default
+    assert load_config(f, env={}).exporter.inline_deadline_s == 0.25
+    env = {"FORENSICS_CONFIG": str(f), "FORENSICS_EXPORTER__INLINE_DEADLINE_S": "0.5"}
+    assert load_config(env=env).exporter.inline_deadline_s == 0.5
+    for kwargs, expected in (({"config": f}, (12.0, 0.25)),
+                             ({"config": load_config(f, env={})}, (12.0, 0.25)),
+                             ({"config": f, "inline_deadline_s": 2.0}, (12.0, 2.0)),
+                             ({"config": ForensicsConfig()}, (30.0, 1.0))):
+        ex = SidecarExporter("127.0.0.1:1", **kwargs)   # type: ignore[arg-type]
+        try:
+            assert (ex.deadline_s, ex.inline_deadline_s) == expected
+        finally:
+            ex.shutdown(timeout_s=0)
+    for bad in ("0", "-1", "soon"):
+        f.write_text(f"exporter:\n  inline_deadline_s: {bad}\n")
+        with pytest.raises(ConfigError, match=re.escape("exporter.inline_deadline_s")):
+            load_config(f, env={})
+

@@ -84,3 +84,21 @@ def test_responsive_tells_an_answering_sidecar_from_a_silent_one(tmp_path):
                           reconnect_backoff_s=(0.1, 0.5))
     assert nobody.responsive(1.0) is False
     nobody.close()
+
+
+def test_shutdown_cancels_a_hung_drain_upload_and_keeps_it_spooled(hung_sidecar, tmp_path):
+    """Issue 14 item 5: shutdown(timeout_s) is bounded even while the drain's upload (deadline
+    30 s) hangs; the entry it was sending stays in the spool for the next start."""
+    port, _release = hung_sidecar
+    ex = SidecarExporter(f"127.0.0.1:{port}", spool_dir=tmp_path / "spool", deadline_s=30.0,
+                         inline_deadline_s=0.2, backoff_initial_s=0.01, backoff_max_s=0.05)
+    assert ex.export(make_incident(0)) is ExportResult.SUCCESS        # spooled
+    assert ex.force_flush(timeout_s=0.5) is False                     # the drain hangs on it
+    t0 = time.monotonic()
+    ex.shutdown(timeout_s=0.5)
+    took = time.monotonic() - t0
+    assert took < 0.5 + 2.0, took               # not timeout_s + deadline_s (30 s)
+    st = ex.stats()
+    assert st["dropped"] == {} and st["spooled"] == 1 and st["drained"] == 0
+    assert len(list((tmp_path / "spool").glob("*.arrow"))) == 1
+

@@ -155,13 +155,14 @@ def test_values_outside_what_the_index_holds_are_filter_errors(text: str) -> Non
 
 
 def _cf(index, job_id: str, incident_id: str, *, status: str = "scored",  # type: ignore[no-untyped-def]
-        score: float | None = None, flagged: bool | None = None, minute: int = 0) -> None:
+        score: float | None = None, flagged: bool | None = None, minute: int = 0,
+        tenant: str = "acme") -> None:
     """Record a CF job's result rows the way the ``cf`` kind does (``record_cf``)."""
     from sidecar.jobs import JobRecord
     from sidecar.jobs._cf import record_cf
 
     when = dt.datetime(2025, 1, 1, 0, minute)
-    job = JobRecord(id=job_id, incident_id=incident_id, tenant="acme", kind="cf", state="done",
+    job = JobRecord(id=job_id, incident_id=incident_id, tenant=tenant, kind="cf", state="done",
                     attempts=1, max_attempts=3, error=None, params_json="{}", request_id=None,
                     created_at=when, started_at=when, finished_at=when)
     result: dict[str, object] = {"status": status, "model_fingerprint": "f" * 64,
@@ -188,7 +189,7 @@ def scored(tmp_path_factory):  # type: ignore[no-untyped-def]
                   tenant=None)
     idx = store.index
     _cf(idx, "j1", "s1", score=3.1, flagged=True)
-    _cf(idx, "j2", "s2", score=0.4, flagged=False)
+    _cf(idx, "j2", "s2", score=0.4, flagged=False, tenant="globex")   # the incident's owner
     _cf(idx, "j3a", "s3", score=1.0, flagged=False, minute=1)
     _cf(idx, "j3b", "s3", score=2.7, flagged=True, minute=2)          # newest scored wins
     _cf(idx, "j3c", "s3", status="no_baseline", minute=3)            # unscored never hides it

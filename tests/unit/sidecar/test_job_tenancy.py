@@ -176,3 +176,33 @@ def test_an_index_from_before_scopes_keeps_old_baselines_as_legacy_never_used(
         index.close()
     with LocalStore(tmp_path) as store:     # opening it again changes nothing
         assert store.index.read("SELECT count(*) FROM baselines") == [(1,)]
+
+
+def test_job_options_naming_an_id_both_tenants_hold_resolve_to_the_callers_own(
+        tmp_path: Path, make_incident: Make) -> None:
+    """Ids are unique per tenant: an option naming ``x`` (held by acme and by globex) means the
+    job tenant's ``x``, for every kind that takes incident ids; a pooled (shared) baseline
+    reads each tenant's own file of a shared id."""
+    from sidecar.jobs._baseline import BASELINE
+    from sidecar.jobs._investigate import INVESTIGATE
+
+    shared = [{"name": "fleet", "fingerprint": FP, "tenants": ["acme", "globex"]}]
+    cfg = _config(tmp_path, baselines={"cca_benign": 8, "shared": shared})
+    with LocalStore(tmp_path) as store:
+        store.put("a-1", make_incident("a-1", tenant="acme"), tenant="acme")
+        for tenant, seed in (("acme", 1), ("globex", 2)):
+            store.put("x", make_incident("x", rule="ratio", seed=seed), tenant=tenant)
+        mine = str(store.path("x", tenant="acme"))
+        runner = JobRunner(store, config=cfg, kinds=builtin_kinds())
+        job = runner.submit("a-1", "cca", tenant="acme")
+        host = RunnerHost(store, config=cfg, job=job, submit=runner.submit,
+                          telemetry=CountingTelemetry(), traceparent=None)
+        assert CCA.prepare is not None and BASELINE.prepare is not None
+        assert INVESTIGATE.prepare is not None
+        assert CCA.prepare(host, job, {"benign_ids": ["x"]})["benign_paths"] == [mine]
+        assert CCA.prepare(host, job, {})["benign_paths"] == [mine]     # sampled: own only
+        assert INVESTIGATE.prepare(host, job, {"benign": ["x"], "steps": ["spans"]}
+                                   )["benign_paths"] == [mine]
+        assert BASELINE.prepare(host, job, {"incident_ids": ["x"]})["incident_paths"] == [mine]
+        pooled = BASELINE.prepare(host, job, {"fingerprint": FP})["incident_paths"]
+        assert sorted(pooled) == sorted([mine, str(store.path("x", tenant="globex"))])

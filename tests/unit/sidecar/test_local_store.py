@@ -16,7 +16,9 @@ from sidecar._store import AlreadyExistsError, LocalStore
 
 
 def _files(store: LocalStore) -> list[str]:
-    return sorted(p.name for p in store.incidents_dir.iterdir())
+    """Every file under ``incidents/`` (``<tenant dir>/<name>``)."""
+    return sorted(p.relative_to(store.incidents_dir).as_posix()
+                  for p in store.incidents_dir.rglob("*") if p.is_file())
 
 
 def test_put_writes_file_and_row(store: LocalStore, make_incident: Callable[..., bytes]) -> None:
@@ -32,7 +34,8 @@ def test_put_writes_file_and_row(store: LocalStore, make_incident: Callable[...,
     assert row.n_sites == 3 and row.activations == "captured"
     assert json.loads(row.manifest_json)["id"] == "inc-1"
     assert (store.root / row.path).read_bytes() == data
-    assert _files(store) == ["inc-1.arrow", "inc-1.json"]
+    assert _files(store) == ["t-acme/inc-1.arrow", "t-acme/inc-1.json"]
+    assert row.path == "incidents/t-acme/inc-1.arrow"
     assert store.open("inc-1").steps("blocks.2.resid_post") == [0, 1]
     assert store.get("inc-1", tenant="other") is None      # tenant scoping
 
@@ -89,16 +92,18 @@ def test_recovery_indexes_orphans_and_drops_stale_rows(
     # crash leftovers: a temp file, a file renamed but not indexed, a row whose file is gone
     (tmp_path / "incidents" / ".inc-9.deadbeef.tmp").write_bytes(b"partial")
     orphan = make_incident("inc-3", tenant="globex")
-    (tmp_path / "incidents" / "inc-3.arrow").write_bytes(orphan)
-    (tmp_path / "incidents" / "inc-2.arrow").unlink()
+    (tmp_path / "incidents" / "t-globex").mkdir()
+    (tmp_path / "incidents" / "t-globex" / "inc-3.arrow").write_bytes(orphan)
+    (tmp_path / "incidents" / "t-acme" / "inc-2.arrow").unlink()
     with LocalStore(tmp_path) as s:
         rep = s.last_recovery
         assert (rep.tmp_removed, rep.indexed, rep.removed_rows, rep.kept) == (1, 1, 1, 1)
         assert sorted(s.index.incident_ids()) == ["inc-1", "inc-3"]
         inc3, inc1 = s.get("inc-3"), s.get("inc-1")
-        assert inc3 is not None and inc3.tenant == "globex"     # from the manifest (no receipt)
+        assert inc3 is not None and inc3.tenant == "globex"     # its directory (no receipt)
         assert inc1 is not None and inc1.tenant == "token-tenant"  # receipt kept
-        assert _files(s) == ["inc-1.arrow", "inc-1.json", "inc-3.arrow"]
+        assert _files(s) == ["t-globex/inc-3.arrow", "t-token-tenant/inc-1.arrow",
+                             "t-token-tenant/inc-1.json"]
 
 
 def test_reindex_rebuilds_from_files(tmp_path: Path, make_incident: Callable[..., bytes]) -> None:
@@ -107,14 +112,14 @@ def test_reindex_rebuilds_from_files(tmp_path: Path, make_incident: Callable[...
             s.put(f"inc-{i}", make_incident(f"inc-{i}"), tenant=f"t{i}")
         before = {r: s.get(r) for r in s.index.incident_ids()}
     (tmp_path / "index.duckdb").unlink()
-    (tmp_path / "incidents" / "inc-1.arrow").write_bytes(b"garbage")   # corrupted on disk
+    (tmp_path / "incidents" / "t-t1" / "inc-1.arrow").write_bytes(b"garbage")  # corrupted
     with LocalStore(tmp_path) as s:
-        assert s.last_recovery.indexed == 2 and s.last_recovery.quarantined == ["inc-1"]
+        assert s.last_recovery.indexed == 2 and s.last_recovery.quarantined == ["t-t1/inc-1"]
         rep = s.reindex()
         assert rep.indexed == 2 and rep.quarantined == []
         for rid in ("inc-0", "inc-2"):
             assert s.get(rid) == before[rid]                # tenant, received_at, sha restored
-        assert (tmp_path / "quarantine" / "inc-1.arrow").read_bytes() == b"garbage"
+        assert (tmp_path / "quarantine" / "t-t1" / "inc-1.arrow").read_bytes() == b"garbage"
 
 
 def test_delete(store: LocalStore, make_incident: Callable[..., bytes]) -> None:

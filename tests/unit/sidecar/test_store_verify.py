@@ -38,12 +38,13 @@ def test_acked_pending_then_verified_with_the_file_sha256(
     store.verifier.close()              # hold the check back to observe the pending state
     res = _put_crc(store, "inc-1", data)
     assert res.created and (res.row.integrity, res.row.sha256) == ("pending", "")
-    assert store.index.pending_ids() == ["inc-1"]
-    assert store.verifier.verify("inc-1") == "verified"
+    assert store.index.pending_keys() == [("acme", "inc-1")]
+    assert store.verifier.verify("inc-1", tenant="acme") == "verified"
     row = store.get("inc-1")
     assert row is not None and row.integrity == "verified"
     assert row.sha256 == hashlib.sha256(data).hexdigest() and row.crc32c == crc32c(data)
-    assert store.verifier.verify("inc-1") == "verified" and store.index.pending_ids() == []
+    assert store.verifier.verify("inc-1", tenant="acme") == "verified"
+    assert store.index.pending_keys() == []
 
 
 def test_corrupt_content_with_a_valid_crc_is_quarantined_after_the_ack(
@@ -53,10 +54,10 @@ def test_corrupt_content_with_a_valid_crc_is_quarantined_after_the_ack(
     res = _put_crc(store, "inc-1", _corrupt(data), content_sha256=digest)
     assert res.created                  # the structure is valid: acknowledged
     assert store.verifier.wait_idle(30)
-    assert store.get("inc-1") is None and not list(store.incidents_dir.glob("inc-1*"))
-    reason = json.loads((store.quarantine_dir / "inc-1.reason.json").read_text())
+    assert store.get("inc-1") is None and not list(store.incidents_dir.glob("*/inc-1*"))
+    reason = json.loads((store.quarantine_dir / "t-acme" / "inc-1.reason.json").read_text())
     assert reason["reason"] == "content_digest_mismatch" and "integrity check" in reason["detail"]
-    assert (store.quarantine_dir / "inc-1.arrow").read_bytes() == _corrupt(data)
+    assert (store.quarantine_dir / "t-acme" / "inc-1.arrow").read_bytes() == _corrupt(data)
 
 
 def test_pending_rows_are_checked_again_after_a_restart(
@@ -73,7 +74,7 @@ def test_pending_rows_are_checked_again_after_a_restart(
         row = again.get("inc-ok")
         assert row is not None and row.integrity == "verified"
         assert again.get("inc-bad") is None
-        assert (again.quarantine_dir / "inc-bad.arrow").exists()
+        assert (again.quarantine_dir / "t-acme" / "inc-bad.arrow").exists()
 
 
 def test_idempotency_across_protocols(store: LocalStore,
