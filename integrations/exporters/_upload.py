@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import enum
-import json
 import os
 import threading
 from collections.abc import Mapping
@@ -31,6 +30,7 @@ from typing import Any
 import grpc
 
 from ._retry import RETRYABLE
+from ._upload_stream import manifest_from_arrow
 
 __all__ = [
     "TLS",
@@ -42,7 +42,6 @@ __all__ = [
     "request_traceparent",
 ]
 
-_MANIFEST_KEY = b"forensics.manifest"
 _CHUNK = 1024 * 1024  # sidecar.api.v1.MAX_CHUNK_BYTES (kept literal: no import cost here)
 _HEALTH_CHECK = "/grpc.health.v1.Health/Check"
 
@@ -103,19 +102,6 @@ class Attempt:
     def __str__(self) -> str:
         name = self.code.name if self.code is not None else "error"
         return f"{name}: {self.detail}" if self.detail else name
-
-
-def manifest_from_arrow(data: bytes) -> dict[str, Any] | None:
-    """The manifest from the Arrow stream's schema metadata (reads the schema message only)."""
-    try:
-        import pyarrow as pa
-
-        schema = pa.ipc.open_stream(pa.py_buffer(data)).schema
-        meta = schema.metadata or {}
-        m = json.loads(meta[_MANIFEST_KEY])
-        return m if isinstance(m, dict) else None
-    except Exception:
-        return None
 
 
 def request_traceparent(manifest: Mapping[str, Any] | None) -> str:

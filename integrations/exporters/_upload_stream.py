@@ -19,23 +19,37 @@ Example::
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Iterator
 from typing import Any
 
 from .._crc32c import crc32c, crc32c_extend
 
-__all__ = ["AUTO", "UploadStream", "content_digest"]
+__all__ = ["AUTO", "UploadStream", "content_digest", "manifest_from_arrow"]
+
+_MANIFEST_KEY = b"forensics.manifest"
 
 _CHUNK = 1024 * 1024  # sidecar.api.v1.MAX_CHUNK_BYTES (kept literal: no import cost here)
 #: ``content_sha256=AUTO``: the manifest's digest when it has one, else the sha256 protocol.
 AUTO = "auto"
 
 
+def manifest_from_arrow(data: bytes) -> dict[str, Any] | None:
+    """The manifest from the Arrow stream's schema metadata (reads the schema message only)."""
+    try:
+        import pyarrow as pa
+
+        schema = pa.ipc.open_stream(pa.py_buffer(data)).schema
+        meta = schema.metadata or {}
+        m = json.loads(meta[_MANIFEST_KEY])
+        return m if isinstance(m, dict) else None
+    except Exception:
+        return None
+
+
 def content_digest(data: bytes) -> str | None:
     """The manifest's ``integrity.sha256`` of incident bytes (reads the schema message only),
     or ``None`` when the bytes have none (not an incident, or no integrity section)."""
-    from ._upload import manifest_from_arrow
-
     integ = (manifest_from_arrow(data) or {}).get("integrity")
     digest = integ.get("sha256") if isinstance(integ, dict) else None
     return digest if isinstance(digest, str) and len(digest) == 64 else None

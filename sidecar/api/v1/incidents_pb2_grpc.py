@@ -95,8 +95,8 @@ class IncidentServiceServicer:
         sha256 protocol: trailer.sha256 over all bytes, verified with the row digest before the ack.
         Errors: INVALID_ARGUMENT (framing, non-Arrow / truncated / wrong schema, size mismatch,
         content_sha256 not the manifest's), RESOURCE_EXHAUSTED (chunk, total or decoded size over the
-        configured caps), DATA_LOSS (CRC32C or sha256 mismatch), ALREADY_EXISTS (same id, different
-        bytes), PERMISSION_DENIED (tenant mismatch).
+        configured caps), DATA_LOSS (CRC32C or sha256 mismatch), ALREADY_EXISTS (same tenant and
+        id, different bytes), PERMISSION_DENIED (tenant mismatch).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -4,13 +4,16 @@ isort:skip_file
 Model Forensics sidecar API: incident ingest, queries and analysis jobs.
 
 Incidents are single Arrow IPC stream files (DESIGN §3) uploaded by the middleware's
-SidecarExporter. The incident id is client-generated and is the idempotency key: uploading the
-same bytes again succeeds with created = false; different bytes under an existing id is
-ALREADY_EXISTS. An upload is acknowledged only after the file is durable (tmp, fsync, rename)
-and indexed.
+SidecarExporter. The incident id is client-generated and unique per tenant; (tenant, id) is the
+idempotency key: uploading the same bytes again succeeds with created = false; different bytes
+under an id the tenant already holds is ALREADY_EXISTS (another tenant's ids are invisible).
+An upload is acknowledged only after the file is durable (tmp, fsync, rename) and indexed.
 
 Authentication: `authorization: Bearer <token>` metadata when the sidecar has tokens
-configured; every token maps to one tenant, and a tenant only ever sees its own incidents.
+configured; every token maps to one tenant, and a tenant only ever sees its own incidents. An
+admin token names the tenant it acts for with `x-forensics-tenant` metadata; without it, an id
+that several tenants hold is FAILED_PRECONDITION (reason ambiguous_id) on every per-incident
+RPC (Get, Download, Delete, RunAnalysis, ListAnalyses), never a guess.
 """
 
 from collections import abc as _abc
@@ -52,8 +55,8 @@ class IncidentServiceStub:
     sha256 protocol: trailer.sha256 over all bytes, verified with the row digest before the ack.
     Errors: INVALID_ARGUMENT (framing, non-Arrow / truncated / wrong schema, size mismatch,
     content_sha256 not the manifest's), RESOURCE_EXHAUSTED (chunk, total or decoded size over the
-    configured caps), DATA_LOSS (CRC32C or sha256 mismatch), ALREADY_EXISTS (same id, different
-    bytes), PERMISSION_DENIED (tenant mismatch).
+    configured caps), DATA_LOSS (CRC32C or sha256 mismatch), ALREADY_EXISTS (same tenant and
+    id, different bytes), PERMISSION_DENIED (tenant mismatch).
     """
     GetIncident: _grpc.UnaryUnaryMultiCallable[_incidents_pb2.GetIncidentRequest, _incidents_pb2.Incident]
     """One incident's index row (and, with view = INCIDENT_VIEW_FULL, its manifest JSON)."""
@@ -85,8 +88,8 @@ class IncidentServiceAsyncStub(IncidentServiceStub):
     sha256 protocol: trailer.sha256 over all bytes, verified with the row digest before the ack.
     Errors: INVALID_ARGUMENT (framing, non-Arrow / truncated / wrong schema, size mismatch,
     content_sha256 not the manifest's), RESOURCE_EXHAUSTED (chunk, total or decoded size over the
-    configured caps), DATA_LOSS (CRC32C or sha256 mismatch), ALREADY_EXISTS (same id, different
-    bytes), PERMISSION_DENIED (tenant mismatch).
+    configured caps), DATA_LOSS (CRC32C or sha256 mismatch), ALREADY_EXISTS (same tenant and
+    id, different bytes), PERMISSION_DENIED (tenant mismatch).
     """
     GetIncident: _aio.UnaryUnaryMultiCallable[_incidents_pb2.GetIncidentRequest, _incidents_pb2.Incident]  # type: ignore[assignment]
     """One incident's index row (and, with view = INCIDENT_VIEW_FULL, its manifest JSON)."""
@@ -121,8 +124,8 @@ class IncidentServiceServicer(metaclass=_abc_1.ABCMeta):
         sha256 protocol: trailer.sha256 over all bytes, verified with the row digest before the ack.
         Errors: INVALID_ARGUMENT (framing, non-Arrow / truncated / wrong schema, size mismatch,
         content_sha256 not the manifest's), RESOURCE_EXHAUSTED (chunk, total or decoded size over the
-        configured caps), DATA_LOSS (CRC32C or sha256 mismatch), ALREADY_EXISTS (same id, different
-        bytes), PERMISSION_DENIED (tenant mismatch).
+        configured caps), DATA_LOSS (CRC32C or sha256 mismatch), ALREADY_EXISTS (same tenant and
+        id, different bytes), PERMISSION_DENIED (tenant mismatch).
         """
 
     @_abc_1.abstractmethod
