@@ -11,17 +11,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
-from analysis.cca import CausalCCA, Failure, FixSet, interaction_indices
+from analysis.cca import CausalCCA, FixSet, interaction_indices
 from analysis.cca._interactions import pairwise_interactions
-from analysis.interventions import DonorBaseline, Intervention
-from analysis.replay import Replayer, ReplaySession
-from analysis.scenarios.planted import PlantedModel, build_planted
-from integrations.incident import Incident
+from analysis.interventions import Intervention
 from tests.unit.analysis._oracles import BooleanOracle
+from tests.unit.analysis._planted_case import planted_case
 from tests.unit.analysis._planted_specs import BERT_OR, GPT2, GPT2_OR
-from tests.unit.analysis._traced import traced
 
 
 # ---------------------------------------------------------------- the estimator, known games
@@ -79,30 +75,13 @@ def test_interval_pools_inputs_and_labels_only_what_it_excludes() -> None:
 
 
 # ---------------------------------------------------------------- planted models, real replays
-def _record(pm: PlantedModel, ids: list[int]) -> Incident:
-    return traced(pm.model, lambda: pm.model(input_ids=torch.tensor([ids])), request_id="r")
-
-
-def _planted(spec: dict[str, Any]) -> tuple[PlantedModel, ReplaySession, DonorBaseline,
-                                            Failure, list[list[int]], list[Incident]]:
-    pm = build_planted(spec)
-    bad, *variants = pm.failing_prompts(7, seed=21)
-    ok = pm.benign_prompts(12, seed=22)
-    base = DonorBaseline.from_incidents([_record(pm, p) for p in ok[:8]],
-                                        sites=["blocks.*.mlp.post", "blocks.*.mlp"],
-                                        model=pm.model)
-    session = Replayer(pm.model).load(_record(pm, bad))
-    failure = Failure.token(pm.target_token) if pm.failure_kind == "token" else \
-        Failure.label(pm.target_token)
-    return pm, session, base, failure, variants, [_record(pm, p) for p in ok[8:]]
-
-
 @pytest.mark.parametrize("spec", [GPT2_OR, BERT_OR], ids=["gpt2-or", "bert-or"])
 def test_the_fix_set_of_a_planted_or_fault_is_called_redundant(spec: dict[str, Any],
                                                                 tmp_path: Path) -> None:
-    pm, session, base, failure, variants, benign = _planted(spec)
+    c = planted_case(spec)
+    pm, session, failure, variants = c.pm, c.session, c.failure, c.variants
     fix = CausalCCA(n_permutations=0).search_fix_set(
-        session, benign=benign, baseline=base, failure=failure, variants=variants,
+        session, benign=c.benign, baseline=c.baseline, failure=failure, variants=variants,
         candidates=["blocks.*.mlp.post[neuron=*]"], intervention="mean")
     assert sorted(fix.sites) == sorted(pm.fault_sites)
     isc = fix.interactions
@@ -125,7 +104,8 @@ def test_the_fix_set_of_a_planted_or_fault_is_called_redundant(spec: dict[str, A
 
 
 def test_pairs_around_a_single_planted_fault_are_not_called_redundant() -> None:
-    pm, session, base, failure, variants, _ = _planted(GPT2)
+    c = planted_case(GPT2)
+    pm, session, base, failure, variants = c.pm, c.session, c.baseline, c.failure, c.variants
     (site,) = pm.fault_sites                  # blocks.2.mlp.post[neuron=17]
     planted = Intervention(site, "mean", donor=base)
     # an unrelated neuron beside the cause: effects add up
