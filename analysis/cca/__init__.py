@@ -26,7 +26,8 @@ from __future__ import annotations
 
 from ._failure import BoundFailure, Failure
 from ._fixset import FixSet, Necessity, VariantResult
-from ._interactions import Interactions, PairInteraction, interaction_indices
+from ._interactions import Interactions, PairInteraction
+from ._isc import interaction_indices
 from ._search import CausalCCA
 from ._stats import PermutationTest, SideEffects
 

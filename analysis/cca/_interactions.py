@@ -32,10 +32,13 @@ and exact enumeration there is no sampling uncertainty and the interval is the p
 ``needs_both`` is the flip-level check beside the index: the share of inputs where, with the rest
 of the fix applied, adding either component alone leaves the failure and adding both removes it.
 
+This module is the estimator over :class:`~._oracle.Oracle` s (one per input) and the result
+types; :func:`~._isc.interaction_indices` runs it on a replay session and its variants, and
+:class:`~analysis.cca.CausalCCA` on every fix set of 2 or more components.
+
 Example::
 
-    isc = interaction_indices(session, fix.interventions, failure=Failure.token(7),
-                              variants=other_failing_prompts)
+    isc = pairwise_interactions([oracle, *variant_oracles], fix_items, sites=fix.sites)
     isc.pairs[0].a, isc.pairs[0].b, isc.pairs[0].index, isc.pairs[0].ci, isc.pairs[0].label
 """
 
@@ -46,19 +49,14 @@ import math
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 
 from analysis._results import JsonRecord
-from analysis.interventions import Intervention
-from analysis.replay import ReplaySession
 
-from ._failure import Failure
 from ._oracle import Oracle, flipped
 
-__all__ = ["LABELS", "Interactions", "PairInteraction", "interaction_indices",
-           "pairwise_interactions"]
+__all__ = ["LABELS", "Interactions", "PairInteraction", "pairwise_interactions"]
 
 #: The classification of a pair (module doc).
 LABELS = ("redundant", "synergistic", "independent", "inconclusive")
@@ -277,35 +275,3 @@ def pairwise_interactions(oracles: Sequence[Oracle], items: Sequence[int], *,
                         threshold=threshold,
                         forward_passes=sum(o.forward_passes for o in oracles) - passes0,
                         notes=notes)
-
-
-def interaction_indices(session: ReplaySession, interventions: Sequence[Intervention], *,
-                        failure: Failure | Callable[..., Any] | None = None,
-                        variants: Sequence[Any] = (), tokenizer: Any = None,
-                        max_exact: int = 5, n_permutations: int = 32, n_bootstrap: int = 2000,
-                        confidence: float = 0.95, threshold: float = 0.2,
-                        seed: int = 0) -> Interactions:
-    """IS-C of a fix set's ``interventions`` on the failing ``session`` (module doc), measured on
-    the incident and on every given variant (incidents / sessions / prompt ids) that fails when
-    replayed clean. ``failure``: as for :meth:`CausalCCA.search_fix_set` (default: from the
-    incident).
-
-    Example::
-
-        fix = CausalCCA().search_fix_set(session, benign=benign, failure=Failure.token(7))
-        isc = interaction_indices(session, fix.interventions, failure=Failure.token(7))
-        [(p.a, p.b, p.label) for p in isc.pairs]
-    """
-    from ._growth import variant_oracles
-    from ._oracle import SessionOracle
-
-    spec = Failure.coerce(failure, session.incident, tokenizer=tokenizer)
-    bound = spec.bind(session, tokenizer=tokenizer)
-    ivs = list(interventions)
-    main = SessionOracle(session, bound, ivs)
-    others, _, _ = variant_oracles(session, spec, bound, ivs, list(variants), [], tokenizer,
-                                   n_variants=0, seed=seed, max_batch=1)
-    return pairwise_interactions([main, *others], list(range(len(ivs))),
-                                 sites=[iv.site for iv in ivs], max_exact=max_exact,
-                                 n_permutations=n_permutations, n_bootstrap=n_bootstrap,
-                                 confidence=confidence, threshold=threshold, seed=seed)
