@@ -181,7 +181,8 @@ def summarise(res: dict[str, Any], cmd: str) -> str:
         "## Provenance", "",
         f"Command: `{cmd}` — {res['seconds'] / 60:.1f} min on the shared 2-core CPU (MiniLM "
         f"features once: {res['features_s']:.0f} s; one retraining of the head on them: "
-        f"{res['fit_s']:.2f} s, vs {res['train_head_s']:.1f} s for `train_head` itself, which re-encodes the 600 reviews). The head's training rule refitted "
+        f"{res['fit_s']:.2f} s, vs {res['train_head_s']:.1f} s for `train_head` itself, which "
+        "re-encodes the 600 reviews). The head's training rule refitted "
         f"on the cached features reproduces the shipped head: max |ΔW| = "
         f"{res['refit_max_abs_diff']:.3g}. Failure: mean failure margin (wrong-class logit minus "
         f"true-class logit) over the {res['n_derivation']} **derivation** bypassed reviews; "

@@ -16,9 +16,10 @@ The package exports what a user of the search needs: :class:`CausalCCA`, the fai
 predicates (:class:`Failure`, bound on a session: :class:`BoundFailure`) and the result types
 (:class:`FixSet` with its :class:`Necessity`, :class:`VariantResult`, :class:`SideEffects`,
 :class:`PermutationTest`, and IS-C: :class:`Interactions` of :class:`PairInteraction`, also
-measured on any set of interventions by :func:`interaction_indices`). The algorithms are private modules: :mod:`._attribution` (ranking),
-:mod:`._group_testing` (growth, adaptive group testing, delta debugging, 1-minimality),
-:mod:`._strategies` (beam, exhaustive), :mod:`._growth` (variants), statistics in
+measured on any set of interventions by :func:`interaction_indices`). The algorithms are
+private modules: :mod:`._attribution` (ranking), :mod:`._group_testing` (growth, adaptive
+group testing, delta debugging, 1-minimality), :mod:`._strategies` (beam, exhaustive),
+:mod:`._growth` (variants), :mod:`._interactions` (IS-C), statistics in
 :mod:`._stats`, and the model behind the search's ``Oracle`` protocol in :mod:`._oracle`.
 """
 

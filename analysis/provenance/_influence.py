@@ -3,9 +3,10 @@
 For the L2-regularised logistic head of :mod:`._linear` (convex, a few hundred parameters) the
 influence function (Koh & Liang 2017) is computed exactly: per-example gradients ``g_z`` of the
 training loss and the Hessian ``H`` of the full training objective (loss + L2 term) at the trained
-parameters, both in closed form (a softmax linear head's are), ``grad F`` by autograd; the failure ``F`` is the mean failure margin
-(:meth:`LinearHead.margin`: > 0 misclassified) over the failing inputs (``metric="margin"``) or
-their mean wrong-class probability (``"probability"``). Removing training example ``z`` changes
+parameters, both in closed form (a softmax linear head's are), ``grad F`` by autograd; the
+failure ``F`` is the mean failure margin (:meth:`LinearHead.margin`: > 0 misclassified) over
+the failing inputs (``metric="margin"``) or their mean wrong-class probability
+(``"probability"``). Removing training example ``z`` changes
 the parameters by about ``H^-1 g_z / n``, hence ``F`` by about ``grad F . H^-1 g_z / n``; an
 example's **score** is minus that — how much its presence raises the failure (``> 0``: removing
 it should lower ``F``). ``method="gradient"`` drops ``H^-1`` (TracIn at the final checkpoint, a
@@ -118,5 +119,5 @@ def influence_on_failure(head: LinearHead, x_train: torch.Tensor, y_train: torch
         h = _hessian(theta, xt, head.weight_decay)
         direction = torch.linalg.pinv(h, hermitian=True) @ direction
     scores = -(g @ direction) / len(xt)  # [n]
-    return Influence(scores=scores.float(), failure=float(fail.detach()), method=method, metric=metric,
-                     n_failing=len(x_fail))
+    return Influence(scores=scores.float(), failure=float(fail.detach()), method=method,
+                     metric=metric, n_failing=len(x_fail))

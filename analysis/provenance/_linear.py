@@ -28,7 +28,7 @@ __all__ = ["LinearHead", "fit_linear_head"]
 @dataclass(frozen=True)
 class LinearHead:
     """``logits = x @ weight.T + bias``: ``weight`` [classes, features], ``bias`` [classes];
-    ``weight_decay`` is the L2 coefficient it was trained with (its objective's Hessian needs it)."""
+    ``weight_decay`` is the L2 coefficient it was trained with (its Hessian needs it)."""
 
     weight: torch.Tensor
     bias: torch.Tensor
