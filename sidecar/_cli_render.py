@@ -68,7 +68,9 @@ def render_cf(console: Any, r: dict[str, Any], *, top: int = 10) -> None:
 
 
 def render_cca(console: Any, r: dict[str, Any]) -> None:
-    """CCA: the verified fix set, each element's necessity, and the statistics."""
+    """CCA: the verified fix set, each element's necessity, and the statistics (site names are
+    escaped: ``[neuron=17]`` is not rich markup)."""
+    from rich.markup import escape
     from rich.table import Table
 
     fix = r.get("fix_set") or {}
@@ -86,7 +88,7 @@ def render_cca(console: Any, r: dict[str, Any]) -> None:
     nec = {n.get("site"): n for n in fix.get("necessity") or []}
     for i, iv in enumerate(fix.get("interventions") or [], start=1):
         n = nec.get(iv.get("site")) or {}
-        table.add_row(str(i), str(iv.get("site")), str(iv.get("kind")),
+        table.add_row(str(i), escape(str(iv.get("site"))), str(iv.get("kind")),
                       _f(n.get("metric_without")), _f(n.get("delta")),
                       str(n.get("flips_without", "—")))
     console.print(table)
@@ -105,6 +107,30 @@ def render_cca(console: Any, r: dict[str, Any]) -> None:
     console.print(f"  {fix.get('forward_passes')} replays vs "
                   f"{fix.get('exhaustive_forward_passes')} for exhaustive single-candidate "
                   "patching")
+    _render_interactions(console, fix.get("interactions"))
+
+
+def _render_interactions(console: Any, isc: dict[str, Any] | None) -> None:
+    """IS-C of a fix set: one row per pair of components (when measured)."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    if not isc:
+        return
+    table = Table(title=f"interactions (IS-C: pairwise Shapley–Taylor, {isc.get('method')}, "
+                        f"{isc.get('n_inputs')} input(s); -1 redundant, +1 synergistic)")
+    pairs = isc.get("pairs") or []
+    wide = max((len(str(p.get(k))) for p in pairs for k in ("a", "b")), default=4)
+    for col in ("component", "component", "index", "interval", "call", "needs both"):
+        table.add_column(col, overflow="fold",   # site names are printed whole
+                         min_width=wide if col == "component" else None)
+    for p in pairs:
+        ci = p.get("ci") or [None, None]
+        table.add_row(escape(str(p.get("a"))), escape(str(p.get("b"))),
+                      _f(p.get("index"), "+.2f"),
+                      escape(f"[{_f(ci[0], '+.2f')}, {_f(ci[1], '+.2f')}]"), str(p.get("label")),
+                      _f(p.get("needs_both"), ".0%"))
+    console.print(table)
 
 
 def render_analyses(console: Any, analyses: Sequence[Any]) -> None:

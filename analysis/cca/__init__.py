@@ -10,13 +10,16 @@ Example::
         candidates=["blocks.*.attn", "blocks.*.mlp"], intervention="mean")
     fix.flip, fix.interventions[0].site, fix.flip_rate, fix.flip_rate_ci
     fix.side_effects.mean_kl, fix.p_value, fix.forward_passes, fix.exhaustive_forward_passes
+    fix.interactions.pairs[0].label        # IS-C: redundant | synergistic | independent | ...
 
 The package exports what a user of the search needs: :class:`CausalCCA`, the failure
 predicates (:class:`Failure`, bound on a session: :class:`BoundFailure`) and the result types
 (:class:`FixSet` with its :class:`Necessity`, :class:`VariantResult`, :class:`SideEffects`,
-:class:`PermutationTest`). The algorithms are private modules: :mod:`._attribution` (ranking),
-:mod:`._group_testing` (growth, adaptive group testing, delta debugging, 1-minimality),
-:mod:`._strategies` (beam, exhaustive), :mod:`._growth` (variants), statistics in
+:class:`PermutationTest`, and IS-C: :class:`Interactions` of :class:`PairInteraction`, also
+measured on any set of interventions by :func:`interaction_indices`). The algorithms are
+private modules: :mod:`._attribution` (ranking), :mod:`._group_testing` (growth, adaptive
+group testing, delta debugging, 1-minimality), :mod:`._strategies` (beam, exhaustive),
+:mod:`._growth` (variants), :mod:`._interactions` (IS-C), statistics in
 :mod:`._stats`, and the model behind the search's ``Oracle`` protocol in :mod:`._oracle`.
 """
 
@@ -24,6 +27,8 @@ from __future__ import annotations
 
 from ._failure import BoundFailure, Failure
 from ._fixset import FixSet, Necessity, VariantResult
+from ._interactions import Interactions, PairInteraction
+from ._isc import interaction_indices
 from ._search import CausalCCA
 from ._stats import PermutationTest, SideEffects
 
@@ -32,8 +37,11 @@ __all__ = [
     "CausalCCA",
     "Failure",
     "FixSet",
+    "Interactions",
     "Necessity",
+    "PairInteraction",
     "PermutationTest",
     "SideEffects",
     "VariantResult",
+    "interaction_indices",
 ]

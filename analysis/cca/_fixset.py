@@ -31,6 +31,7 @@ import torch
 from analysis._results import JsonRecord, rank_in
 from analysis.interventions import Intervention
 
+from ._interactions import Interactions
 from ._stats import PermutationTest, SideEffects
 
 __all__ = ["FixSet", "Necessity", "VariantResult"]
@@ -69,6 +70,8 @@ class FixSet:
     elements added for variants: lowers the variant flip rate). ``flip_rate`` /
     ``flip_rate_ci``: share of failing variants the set flips, Wilson 95 %. ``p_value``: vs
     random same-size candidate sets. ``total_flip_rate``: the seed's name for ``flip_rate``.
+    ``interactions``: IS-C, the pairwise interaction of the set's components over the incident
+    and its failing variants (:mod:`._interactions`; sets of 2 or more components).
     """
 
     flip: bool
@@ -101,6 +104,7 @@ class FixSet:
     notes: list[str] = field(default_factory=list)
     model: dict[str, Any] | None = None
     derivation: dict[str, Any] | None = None
+    interactions: Interactions | None = None
 
     # -- the portable artefact (DESIGN §14) -------------------------------------------------
 
@@ -209,6 +213,7 @@ class FixSet:
             "ranking_top": [[s, v] for s, v in self.ranking[:20]],
             "trace": list(self.trace), "notes": list(self.notes),
             "model": self.model, "derivation": self.derivation,
+            "interactions": None if self.interactions is None else self.interactions.to_dict(),
         }
 
     def summary(self) -> str:
@@ -230,6 +235,8 @@ class FixSet:
                          f"{self.permutation.n_permutations} random sets")
         lines.append(f"{self.forward_passes} replays vs {self.exhaustive_forward_passes} "
                      "for exhaustive single-candidate patching")
+        if self.interactions is not None:
+            lines.extend(self.interactions.summary_lines())
         return "\n".join(lines)
 
     def __repr__(self) -> str:

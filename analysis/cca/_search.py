@@ -18,7 +18,9 @@ Pipeline of :meth:`CausalCCA.search_fix_set` (DESIGN §8), every claim a real re
 5. flip rate over failing variants (Wilson 95 %); while it is below ``early_stop_threshold`` and
    the set is smaller than ``max_fix_set_size``, grow it with the elements a still-failing
    variant needs (same group testing on that variant);
-6. side effects on the benign set, and a permutation p-value against random same-size sets.
+6. side effects on the benign set, and a permutation p-value against random same-size sets;
+7. IS-C (``interactions=True``, sets of 2+): the pairwise Shapley–Taylor interaction of the
+   set's components over the incident and its failing variants (:mod:`._interactions`).
 
 If nothing within ``max_fix_set_size`` flips, or the budget runs out first, the result says so
 (``flip=False``, empty ``interventions``, ``reason`` with each phase's outcome and the passes
@@ -50,6 +52,7 @@ from ._fixset import FixSet, Necessity, VariantResult
 from ._greedy import greedy_search
 from ._group_testing import Reduction, minimise
 from ._growth import grow_over_variants, variant_oracles, variant_results
+from ._interactions import pairwise_interactions
 from ._oracle import SessionOracle, flipped
 from ._stats import permutation_p_value, side_effects, wilson_ci
 from ._strategies import beam_search, exhaustive_search
@@ -83,7 +86,8 @@ class CausalCCA:
     ``beam`` and ``exhaustive`` strategies are not bounded by it; their result notes when they
     cost more). ``rank_by``: ``attribution`` (default: attribution patching, one forward + one
     backward) or ``none`` (the candidates' own order); ``guided_by`` reorders either, never
-    removes a candidate.
+    removes a candidate. ``interactions``: measure IS-C on fix sets of 2 or more components
+    (``FixSet.interactions``; its replays count in ``statistics_forward_passes``).
 
     Example::
 
@@ -96,7 +100,8 @@ class CausalCCA:
                  config: Any = None, n_variants: int = 16, n_permutations: int = 99,
                  beam_width: int = 4, max_batch: int = 64, cf_weight: float = 0.5,
                  max_exhaustive_sets: int = 200_000, max_forward_passes: int | None = None,
-                 rank_by: str = "attribution", seed: int = 0) -> None:
+                 rank_by: str = "attribution", interactions: bool = True,
+                 seed: int = 0) -> None:
         section: Any = _cca_section(config) if None in (
             max_fix_set_size, search_strategy, early_stop_threshold) else None
         self.max_fix_set_size = int(max_fix_set_size if max_fix_set_size is not None
@@ -126,6 +131,7 @@ class CausalCCA:
         if rank_by not in _RANKINGS:
             raise ConfigError(f"rank_by={rank_by!r}: use one of {', '.join(_RANKINGS)}")
         self.rank_by = rank_by
+        self.interactions = bool(interactions)
         self.seed = int(seed)
 
     def search_fix_set(self, session: ReplaySession, *, guided_by: Any = None,
@@ -213,6 +219,11 @@ class _SearchRun:
         self._flip_rate(results, tried)
         stats = sum(o.passes for o in v_oracles) + v_passes
         search_passes = self._statistics(items, benign_labels, stats)
+        if cca.interactions and len(items) >= 2:
+            fs.interactions = pairwise_interactions(
+                [self.oracle, *v_oracles], items, sites=[self.sites[i] for i in items],
+                seed=cca.seed)
+            fs.statistics_forward_passes += fs.interactions.forward_passes
         fs.reason = "verified: the set flips the failure at the incident's own shapes"
         fs.forward_passes = search_passes
         self._budget_note()

@@ -15,8 +15,8 @@ from typing import Any
 from ._data import ReportData
 from ._html import esc, fmt, heatmap_svg, kv_table, note, table
 
-__all__ = ["before_after", "content", "fix_set", "layer_position_heatmap", "links", "manifest",
-           "root_causes", "site_step_heatmap", "summary"]
+__all__ = ["before_after", "content", "fix_set", "interactions", "layer_position_heatmap",
+           "links", "manifest", "root_causes", "site_step_heatmap", "summary"]
 
 
 def _card(key: str, value: str, *, card_id: str) -> str:
@@ -243,6 +243,33 @@ def _stats(fix: Mapping[str, Any], cca: Mapping[str, Any]) -> str:
     ], table_id="fix-stats")
 
 
+def interactions(fix: Mapping[str, Any]) -> str:
+    """IS-C of a fix set (``fix["interactions"]``): one row per pair of components, or ""."""
+    isc = fix.get("interactions")
+    if not isc:
+        return ""
+
+    def row(p: Mapping[str, Any]) -> list[str]:
+        ci = p.get("ci") or [None, None]
+        return [esc(p.get("a")), esc(p.get("b")), fmt(p.get("index"), "+.2f"),
+                f"[{fmt(ci[0], '+.2f')}, {fmt(ci[1], '+.2f')}]", f"<b>{esc(p.get('label'))}</b>",
+                fmt(p.get("needs_both"), ".0%")]
+
+    intro = (f"<h3>interactions between components (IS-C)</h3><p>Pairwise Shapley–Taylor "
+             f"index of the failure metric, {esc(isc.get('method'))} over "
+             f"{esc(isc.get('coalitions'))} replayed coalitions on each of "
+             f"{esc(isc.get('n_inputs'))} failing input(s), normalised by the fix's total "
+             f"effect: −1 redundant (either component alone keeps the failure, both together "
+             f"remove it), +1 synergistic (the failure needs both), 0 independent; "
+             f"{fmt(isc.get('confidence'), '.0%')} bootstrap interval, called when it clears "
+             f"±{fmt(isc.get('threshold'), 'g')}. {esc(isc.get('forward_passes'))} replays.</p>")
+    return intro + table(["component", "component", "index", "interval", "call",
+                          "needs both (inputs)"],
+                         [row(p) for p in isc.get("pairs") or []],
+                         table_id="interactions-table") + \
+        "".join(note(n) for n in isc.get("notes") or [])
+
+
 def fix_set(data: ReportData) -> str | None:
     """The verified minimal fix set: each intervention's necessity, then the statistics."""
     cca = data.result("cca")
@@ -262,7 +289,7 @@ def fix_set(data: ReportData) -> str | None:
              "(removing any one, replayed, un-flips the failure).</p>")
     return intro + table(["#", "site", "intervention", "metric without it",
                           "still flips without it", "role"], rows, table_id="fix-table") + \
-        _stats(fix, cca)
+        _stats(fix, cca) + interactions(fix)
 
 
 def before_after(data: ReportData) -> str | None:

@@ -18,6 +18,7 @@ from typing import Any
 
 from ._data import ReportData
 from ._html import bars_svg, esc, fmt, heatmap_svg, kv_table, note, table
+from ._sections import interactions
 
 __all__ = ["causal_trace", "components", "decision_consistency", "direction_fix",
            "failure_signature", "final_fix", "input_spans", "overview"]
@@ -176,7 +177,7 @@ def components(data: ReportData) -> str | None:
         ("side effects", _side(fx.get("side_effects"))),
         ("replays", f"{esc(fx.get('forward_passes'))} vs {esc(fx.get('exhaustive_forward_passes'))}"
                     " for exhaustive single-candidate patching")]) + \
-        "".join(note(n) for n in fx.get("notes") or [])
+        "".join(note(n) for n in fx.get("notes") or []) + interactions(fx)
 
 
 def _cand_row(kind: str, c: Mapping[str, Any], chosen: bool) -> list[str]:
