@@ -197,6 +197,7 @@ def train_head(
     import torch
 
     from analysis.models import load_minilm
+    from analysis.provenance._linear import fit_linear_head
 
     if model is None:
         model = classifier_skeleton()
@@ -208,19 +209,8 @@ def train_head(
     data = make_reviews(seed=seed)
     x = _pooled(model, tokenizer, [t for t, _ in data["train"]])  # [n, 384]
     y = torch.tensor([lab for _, lab in data["train"]])
-    gen = torch.Generator().manual_seed(seed)
-    w = (torch.randn(2, x.shape[1], generator=gen) * 0.01).requires_grad_()
-    b = torch.zeros(2, requires_grad=True)
-    opt = torch.optim.LBFGS([w, b], max_iter=1000, line_search_fn="strong_wolfe")
-
-    def closure() -> torch.Tensor:
-        opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(x @ w.T + b, y) + weight_decay * (w ** 2).sum()
-        loss.backward()  # type: ignore[no-untyped-call]
-        return loss
-
-    opt.step(closure)  # type: ignore[no-untyped-call]
-    weight, bias = w.detach().contiguous(), b.detach().contiguous()  # [2, 384], [2]
+    head = fit_linear_head(x, y, seed=seed, weight_decay=weight_decay)
+    weight, bias = head.weight, head.bias  # [2, 384], [2]
     _set_head(model, pooler_diag, pooler_bias, weight, bias)
     info = {"train_accuracy": _accuracy(model, tokenizer, data["train"]),
             "heldout_accuracy": _accuracy(model, tokenizer, data["heldout"]),
