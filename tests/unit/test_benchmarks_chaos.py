@@ -91,7 +91,8 @@ def test_quick_chaos_loses_no_acknowledged_incident(quick_run: dict[str, Any]) -
     assert f["unaccounted"] == 0 and f["spool_left"] == 0 and f["unknown"] == 0, f
     assert f["stored"] + sum(f["dropped"].values()) == f["incidents"], f
     assert row["verdict"] == "pass", row
-    assert [r["verdict"] for r in _rows(quick_run, "kill_client")] == ["pass", "pass"]
+    clients = _rows(quick_run, "kill_client")
+    assert [r["verdict"] for r in clients] == ["pass", "pass"], clients
     (hung,) = _rows(quick_run, "hung")
     assert hung["figures"]["dropped"] == {} and hung["verdict"] == "pass", hung
 
