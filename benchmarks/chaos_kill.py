@@ -161,8 +161,10 @@ def _verify_kills(lab: Lab, sc: SidecarProc, cs: list[_Client]) -> dict[str, Any
         "drained": drained, "dropped": dropped, "stored": len(stored),
         "mismatched": mismatched, "duplicates": len(listed) - len(stored),
         "unknown": len(stored - set(sent)),
-        # stored = acked + drained, and every unacked one drained or counted as dropped
-        "unaccounted": abs(len(stored) - len(acked) - drained)
+        # every incident exported once; stored = acked + drained; every unacked one drained
+        # or counted as dropped
+        "unaccounted": abs(len(sent) - len(acked) - unacked)
+                       + abs(len(stored) - len(acked) - drained)
                        + abs(unacked - drained - sum(dropped.values())),
         "spool_left": sum(c.exporter.stats()["spool_entries"] for c in cs),
         "slowest_export_s": round(max(c.slowest_s for c in cs), 3),
