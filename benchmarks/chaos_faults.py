@@ -38,8 +38,14 @@ from chaos_lab import (
     try_upload,
 )
 
-#: Default slots (limits.max_concurrent_uploads) and handler threads (grpc.max_workers).
-SLOTS, WORKERS = 8, 16
+
+def _config(sc: SidecarProc) -> Any:
+    """The sidecar's effective config (its YAML over the embedded defaults)."""
+    import yaml
+
+    from sidecar._config import SidecarConfig
+
+    return SidecarConfig.from_dict(yaml.safe_load(sc.config.read_text()))
 
 
 def probe_hung(lab: Lab, sc: SidecarProc, *, stop_s: float, rate_hz: float) -> list[Row]:
@@ -112,8 +118,10 @@ def _meanwhile(c: Any) -> dict[str, Any]:
 
 
 def probe_stalls(lab: Lab, sc: SidecarProc, raw: Callable[..., Any]) -> list[Row]:
-    """``WORKERS + 4`` stalled uploads (module doc); one row."""
-    n, idle_s = WORKERS + 4, 5.0
+    """``grpc.max_workers + 4`` stalled uploads (module doc); one row."""
+    cfg = _config(sc)
+    slots, workers = cfg.limits.max_concurrent_uploads, cfg.grpc.max_workers
+    n, idle_s = workers + 4, cfg.limits.idle_timeout_s
     data = make_incident("stall", tenant="acme", floats=256, seed=3).to_bytes()
     release = threading.Event()
     before = sc.rejected()
@@ -138,14 +146,14 @@ def probe_stalls(lab: Lab, sc: SidecarProc, raw: Callable[..., Any]) -> list[Row
     figures = {"streams": n, "busy_at_once": busy, "meanwhile": meanwhile,
                "held_codes": held_codes, "cancelled_after_s": round(cancelled_s, 2),
                "rejected": delta, "upload_after": after}
-    ok = (busy == n - SLOTS and delta == {"busy": n - SLOTS, "idle_timeout": SLOTS}
+    ok = (busy == n - slots and delta == {"busy": n - slots, "idle_timeout": slots}
           and held_codes == ["CANCELLED"] and cancelled_s <= idle_s + 3.0 and after
           and meanwhile["health"]["codes"] == ["OK"] and meanwhile["list"]["codes"] == ["OK"]
           and meanwhile["health"]["max_s"] < 1.0 and meanwhile["list"]["max_s"] < 1.0)
-    return [Row("stall", f"{n} uploads send a header, then nothing ({SLOTS} slots, {WORKERS} "
+    return [Row("stall", f"{n} uploads send a header, then nothing ({slots} slots, {workers} "
                 "handler threads)",
-                f"{n - SLOTS} refused busy at once; health + ListIncidents answer < 1 s; the "
-                f"{SLOTS} held cancelled by the {idle_s:g} s idle timeout, counted",
+                f"{n - slots} refused busy at once; health + ListIncidents answer < 1 s; the "
+                f"{slots} held cancelled by the {idle_s:g} s idle timeout, counted",
                 f"busy {busy}; health max {meanwhile['health']['max_s']} s "
                 f"{meanwhile['health']['codes']}, list max {meanwhile['list']['max_s']} s "
                 f"{meanwhile['list']['codes']}; held ended {held_codes} by "
