@@ -27,6 +27,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import errno
 import logging
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Protocol
@@ -237,10 +238,28 @@ def _put(store: IncidentStore, upload: Upload, tenant: str | None) -> PutResult:
         raise unavailable(e) from e
 
 
+def _disk_full(error: BaseException) -> bool:
+    seen: BaseException | None = error
+    for _ in range(8):   # the exception chain, bounded
+        if seen is None:
+            return False
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 def unavailable(error: StoreError) -> Rejection:
-    """The rejection for a store failure (nothing was acknowledged; the client retries)."""
+    """The rejection for a store failure (nothing was acknowledged; the client retries). The
+    client is told what happened, never where (paths stay in the sidecar's log): reason
+    ``disk_full`` for a full disk or quota, else ``internal``."""
+    if _disk_full(error) or "No space left" in str(error):
+        return Rejection(grpc.StatusCode.UNAVAILABLE, "disk_full",
+                         "the sidecar's disk is full; nothing was acknowledged — retry later "
+                         "(operators: free space in the data dir, see the sidecar's log)")
     return Rejection(grpc.StatusCode.UNAVAILABLE, "internal",
-                     f"{error}; nothing was acknowledged — retry later")
+                     "the sidecar could not store the incident (store failure); nothing was "
+                     "acknowledged — retry later (operators: see the sidecar's log)")
 
 
 def store_upload(store: IncidentStore, upload: Upload, *, tenant: str | None,

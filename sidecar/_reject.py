@@ -64,7 +64,8 @@ REJECT_REASONS = (
     "quota_exceeded",     # jobs.max_pending_per_tenant analyses already pending for the tenant
     "bad_params",         # RunAnalysis kind, params_json or an option of the kind invalid
     "deadline_exceeded",  # the client's deadline passed before the incident was durable
-    "internal",           # store failure (disk full, index error); nothing acknowledged
+    "disk_full",          # the data dir's disk (or quota) is full; nothing acknowledged
+    "internal",           # store failure (I/O or index error); nothing acknowledged
 )
 
 INGEST_REJECTED = counter("ingest_rejected", "Uploads and queries rejected, by reason.",

@@ -109,9 +109,6 @@ def test_quick_chaos_refuses_every_bomb_with_its_status(quick_run: dict[str, Any
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="issue 14 finding of the chaos run: the streaming row "
-                   "digest (sidecar/_ingest_digest.py) decodes a compressed record batch before "
-                   "the decoded-size check; a 35 KiB zstd bomb costs ~1 GiB of sidecar RSS")
 def test_quick_chaos_bombs_stay_under_the_rss_bound(quick_run: dict[str, Any]) -> None:
     bound = load_benchmark("chaos_bombs").RSS_BOUND / 2**20
     over = {r["attack"]: r["figures"]["rss_growth_mib"] for r in _rows(quick_run, "bomb")
@@ -129,8 +126,6 @@ def test_quick_chaos_faults_and_tenant_probes(quick_run: dict[str, Any]) -> None
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="incident ids are not yet per tenant (issue 14 item 8): "
-                   "acme's upload under globex's id is ALREADY_EXISTS, naming the content sha256")
 def test_quick_chaos_ids_are_per_tenant(quick_run: dict[str, Any]) -> None:
     (row,) = [r for r in _rows(quick_run, "tenant") if "already uses" in r["attack"]]
     assert row["verdict"] == "pass", row
