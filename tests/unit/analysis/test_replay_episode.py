@@ -154,3 +154,32 @@ def test_single_call_incident_has_no_episode_and_old_manifests_load(tiny_llama: 
 def test_malformed_episode_is_refused(episode: dict[str, Any]) -> None:
     with pytest.raises(IncidentFormatError):
         Episode.from_manifest({"episode": episode, "external_calls": []}, forward_steps=4)
+
+
+def test_conversation_with_carried_kv_cache_replays_as_served(tiny_llama: Any) -> None:
+    from transformers import DynamicCache
+
+    def chat() -> list[int]:
+        cache = DynamicCache(config=tiny_llama.config)
+        history = torch.tensor([[5, 6, 7, 8]])
+        for user_turn in ([11, 12, 13], [21, 22]):
+            if history.shape[1] > 4:
+                history = torch.cat([history, torch.tensor([user_turn])], dim=1)
+            with torch.no_grad():
+                history = tiny_llama.generate(history, attention_mask=torch.ones_like(history),
+                                              cache=cache, max_new_tokens=3,
+                                              do_sample=False, pad_token_id=0)
+        return [int(t) for t in history[0]]
+
+    with integrations.trace(tiny_llama, ["blocks.1.resid_post"], request_id="chat") as t:
+        tokens = chat()
+    steps = t.incident.manifest["episode"]["steps"]
+    assert [(s["forward_steps"], s["cache"]) for s in steps] == [([0, 2], "new"),
+                                                                 ([3, 5], "carried")]
+    session = Replayer(tiny_llama).load(t.incident)
+    assert session.plan.resets == frozenset({0}) and session.plan.starts == frozenset({0, 3})
+    fid = session.fidelity()
+    assert fid.exact and fid.steps_compared == 6, fid
+    recomputed = dataclasses.replace(session.plan, resets=frozenset({0, 3}))
+    assert not _same_logits(session, recomputed)    # the carried cache is what was served
+    assert rerun_episode(session, chat).result == tokens
