@@ -78,3 +78,21 @@ def test_sandbox_rerun_and_counterfactual_never_reach_the_database(sc: AgentDBSc
     # every statement ran (or was mirrored) on the local copy: it changed iff data was destroyed
     assert out["local_copy_changed"] == (not out["prevented"])
     assert out["served_from_recording"] >= 1      # the dump at least was unchanged
+
+
+def test_scenarios_run_records_one_incident_per_episode(sc: AgentDBScenario, tmp_path: Any,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    from analysis.scenarios import record_scenario
+    from integrations.incident import Incident
+
+    monkeypatch.setattr("analysis.scenarios.agent_db.build", lambda **kw: sc)  # built once
+    summary = record_scenario("agent-db", tmp_path, n_benign=1, n_failing=1,
+                              sites=["blocks.15.resid_post"])
+    rows = {r["expected_failing"]: r for r in summary["cases"]}
+    assert rows[True]["failed"] and not rows[False]["failed"] and summary["agreement"] == 1.0
+    inc = Incident.open(rows[True]["incident"])
+    assert inc.manifest["trigger"]["reason"].startswith("destructive SQL executed")
+    names = [c["name"] for c in inc.manifest["external_calls"]]
+    assert names == ["db_dump", "run_sql", "run_sql"]
+    assert [s["kind"] for s in inc.manifest["episode"]["steps"]] == [
+        "tool", "model", "tool", "model", "tool"]
