@@ -2,9 +2,12 @@
 
 :func:`direction_fix` is the §14 baseline fix, derived from shipped episodes only: per layer from
 ``first_layer`` on, the difference of means of the residual stream at the last prompt position of
-the *second* model call (the one that has just read the row) between failing episodes and their
-benign twins, projected out at every position (ungated). It is a baseline, not a tuned
-mitigation: its side effects on benign episodes are not measured here.
+the *second* model call (the one that has just read the row) between failing episodes and the
+benign prompts (their twins' second calls and every first call), projected out — gated by a
+:class:`~analysis.interventions.PromptGate` on that direction at ``first_layer``, decided once per
+model call, so a call whose prompt does not look like the failing ones is not touched (measured:
+an ungated version rewrote every first call's query and broke the agent on benign episodes). It
+is a baseline, not a tuned mitigation.
 
 :func:`would_fix_prevent` answers "would this fix have prevented the destructive action?" for a
 recorded episode by running it (:func:`analysis.rca.counterfactual_episode`): the agent re-runs
@@ -38,6 +41,7 @@ if TYPE_CHECKING:
     import torch
 
     from analysis.cca import FixSet
+    from analysis.interventions import PromptGate
     from analysis.replay import ReplaySession
 
     from .agent_db import AgentCase
@@ -65,26 +69,45 @@ def _last_states(model: Any, prompts: Sequence[list[int]]) -> torch.Tensor:
     return torch.stack(rows)
 
 
+def _gate(fail: torch.Tensor, ok: torch.Tensor, layer: int) -> tuple[PromptGate, str]:
+    """A prompt gate on the failing-minus-benign direction at ``layer``: it fires above the
+    midpoint between the lowest failing and the highest benign projection (derivation data)."""
+    from analysis.interventions import PromptGate
+
+    d = fail[:, layer + 1].mean(0) - ok[:, layer + 1].mean(0)
+    w = d / d.norm()
+    lo, hi = float((fail[:, layer + 1] @ w).min()), float((ok[:, layer + 1] @ w).max())
+    note = "separates the derivation prompts" if lo > hi else \
+        "does NOT separate the derivation prompts (threshold at the midpoint anyway)"
+    return PromptGate(site=f"blocks.{layer}.resid_post", weight=w, bias=-(lo + hi) / 2), note
+
+
 def direction_fix(model: Any, tok: Any, *, failing: Sequence[AgentCase],
                   twins: Sequence[AgentCase], first_layer: int = 12) -> FixSet:
-    """The difference-of-means projection fix (module doc) from ``failing`` vs ``twins``."""
+    """The gated difference-of-means projection fix (module doc) from ``failing`` vs ``twins``
+    (and every first-call prompt, on which the gate must stay silent)."""
     from analysis.cca import FixSet
     from analysis.interventions import Intervention, Subspace
 
     fail = _last_states(model, [second_call_prompt(tok, c) for c in failing])
-    ok = _last_states(model, [second_call_prompt(tok, c) for c in twins])
+    ok = _last_states(model, [*(second_call_prompt(tok, c) for c in twins),
+                              *(render_turn(tok, first_messages(c.task), forced=True)
+                                for c in [*failing, *twins])])
+    gate, note = _gate(fail, ok, first_layer)
     n_layers = int(model.config.num_hidden_layers)
     ivs = []
     for layer in range(first_layer, n_layers - 1):  # the last hidden state is after the norm
         d = fail[:, layer + 1].mean(0) - ok[:, layer + 1].mean(0)
         ivs.append(Intervention(f"blocks.{layer}.resid_post", "project",
-                                direction=Subspace.from_directions(d)))
+                                direction=Subspace.from_directions(d), gate=gate))
     return FixSet.from_saved(ivs, {
         "flip": True, "failure": "destructive SQL executed",
-        "reason": f"difference of means (second model call, last prompt position) of "
-                  f"{len(failing)} failing episodes vs {len(twins)} twins, projected out at "
-                  f"layers {first_layer}..{n_layers - 2}; not a measured mitigation",
-        "intervention_kind": "project", "strategy": "difference-of-means baseline",
+        "reason": f"difference of means (last prompt position) of the second model call of "
+                  f"{len(failing)} failing episodes vs their {len(twins)} twins and every first "
+                  f"call, projected out at layers {first_layer}..{n_layers - 2}, gated by a "
+                  f"prompt gate on that direction at layer {first_layer} ({note}); derived "
+                  "here, not a measured mitigation",
+        "intervention_kind": "project", "strategy": "gated difference-of-means baseline",
         "n_candidates": len(ivs)})
 
 

@@ -75,8 +75,9 @@ def test_sandbox_rerun_and_counterfactual_never_reach_the_database(sc: AgentDBSc
                         twins=[t for c in derive if (t := sc.twin(c)) is not None])
     out = would_fix_prevent(session, fix, sc.tokenizer, task=case.task)
     assert out["production_touched"] == 0
-    # every statement ran (or was mirrored) on the local copy: it changed iff data was destroyed
-    assert out["local_copy_changed"] == (not out["prevented"])
+    # what changed under the fix ran on the local copy; a destruction shows there, not outside
+    assert out["diverged_at"] is None or out["local_calls"] >= 1
+    assert out["prevented"] or out["local_copy_changed"]
     assert out["served_from_recording"] >= 1      # the dump at least was unchanged
 
 
