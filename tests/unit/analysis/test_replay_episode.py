@@ -183,3 +183,26 @@ def test_conversation_with_carried_kv_cache_replays_as_served(tiny_llama: Any) -
     recomputed = dataclasses.replace(session.plan, resets=frozenset({0, 3}))
     assert not _same_logits(session, recomputed)    # the carried cache is what was served
     assert rerun_episode(session, chat).result == tokens
+
+
+def test_counterfactual_episode_with_a_fix_runs_changed_calls_on_standins(
+        tiny_llama: Any, tmp_path: Path) -> None:
+    from analysis.cca import FixSet
+    from analysis.interventions import Intervention
+    from analysis.rca import counterfactual_episode
+    from integrations.errors import AnalysisError
+
+    world = World(tmp_path)
+    inc, outs = _record(tiny_llama, world)
+    session = Replayer(tiny_llama).load(inc)
+    fix = FixSet.from_saved([Intervention("blocks.2.resid_post", "scale", factor=-1.0)],
+                            {"flip": True})
+    local: list[int] = []
+    tool = recorded("lookup")(world.lookup)
+    run = counterfactual_episode(session, lambda: agent(tiny_llama, tool, [5, 6, 7, 8]),
+                                 fix=fix, standins={"lookup": lambda k: local.append(k) or [3]})
+    assert run.result != outs and not run.exact          # the fix changed what the model emits
+    assert run.diverged_at == 0 and len(local) == 2 and world.executed == 2
+    assert Replayer(tiny_llama).load(inc).fidelity().exact   # hooks removed afterwards
+    with pytest.raises(AnalysisError, match="standins"):
+        counterfactual_episode(session, lambda: None, fix=fix, standins={})
