@@ -110,9 +110,16 @@ class IncidentFactory:
             content=content,
             activations=p.activations,
             external_calls=list(st.external_calls),
+            **_episode_section(st, p.last_step),
             sites=self._sites if captured else [],
             steps=p.last_step + 1,
         )
+
+
+def _episode_section(st: RequestState, last_step: int) -> dict[str, Any]:
+    """``{"episode": ...}`` when the request made several model/tool calls, else ``{}``."""
+    section = st.episode.section(last_step=last_step)
+    return {} if section is None else {"episode": section}
 
 
 def _tokenizer_ref(tok: Any) -> dict[str, Any] | None:

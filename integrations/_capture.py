@@ -111,7 +111,9 @@ class CaptureHooks:
             inputs = dict(kwargs)
             if args and "input_ids" not in inputs:
                 inputs["input_ids"] = args[0]
+            cache_len, tokens = _call_shape(inputs)
             for st in act.states:
+                st.episode.forward(step, cache_len=cache_len, tokens=tokens)
                 if not st.decided:
                     st.decided = True
                     fire = self.trigger.pre(st.view())
@@ -189,6 +191,19 @@ class CaptureHooks:
             return
         copy = value.detach().to("cpu", copy=True)
         st.records.append(TensorRecord(kind, site, module_path, step, copy))
+
+
+def _call_shape(inputs: dict[str, Any]) -> tuple[int | None, int]:
+    """(KV-cache length before the call or None without a cache, new positions fed): how the
+    episode log tells a decode step from the start of a model call."""
+    cache = inputs.get("past_key_values", inputs.get("cache"))
+    cache_len: int | None = None
+    if cache is not None:
+        get = getattr(cache, "get_seq_length", None)
+        cache_len = int(get()) if callable(get) else (1 if cache else 0)  # legacy tuple cache
+    x = inputs.get("input_ids", inputs.get("inputs_embeds"))
+    shape: Any = getattr(x, "shape", ())
+    return cache_len, int(shape[1]) if len(shape) > 1 else 1
 
 
 def _stop_flight(st: RequestState) -> None:

@@ -25,6 +25,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from .incident._episode import EpisodeLog
 from .triggers import Fire, RequestView
 
 if TYPE_CHECKING:
@@ -80,6 +81,8 @@ class RequestState:
     # External calls (tools, retrieval) made while serving, in order: JSON-able dicts
     # {"name", "args", "result"} appended by ``integrations.external``; replayed from here.
     external_calls: list[dict[str, Any]] = field(default_factory=list)
+    # Model calls and tool calls in the order they happened (the manifest's ``episode``).
+    episode: EpisodeLog = field(default_factory=EpisodeLog)
 
     def view(self, *, with_output: bool = False) -> RequestView:
         return RequestView(request_id=self.request_id, tenant=self.tenant, headers=self.headers,

@@ -20,6 +20,13 @@ Wrap every call that leaves the process::
   is raised as :class:`RecordedCallError`). Anything else — a call that was not recorded, in
   another order or with other arguments — raises :class:`~integrations.errors.ReplayError`.
 
+* A sandbox given ``standins`` (name -> a *local* stand-in of the external system, e.g. a
+  function running SQL on an in-process copy of the recorded database) serves a counterfactual
+  re-run whose calls may change: while the calls match the recording they are answered from it
+  (and also applied to the stand-in, which so follows the recorded state); from the first call
+  that differs (:attr:`ExternalCallSandbox.diverged_at`) every call goes to its stand-in —
+  never to the real function; a call without a stand-in still raises ``ReplayError``.
+
 Example (replay)::
 
     with sandbox(inc.manifest["external_calls"]) as box:
@@ -71,10 +78,16 @@ class ExternalCallSandbox:
     """Serves recorded external calls in order; never calls the outside world."""
 
     def __init__(self, calls: Sequence[Mapping[str, Any]], *,
-                 incident_id: str | None = None) -> None:
+                 incident_id: str | None = None,
+                 standins: Mapping[str, Callable[..., Any]] | None = None) -> None:
         self._calls = [dict(c) for c in calls]
         self._cursor = 0
         self.incident_id = incident_id
+        self.standins = dict(standins or {})
+        #: index of the first call that differed from the recording (stand-ins serve from there)
+        self.diverged_at: int | None = None
+        #: calls answered by a stand-in after the divergence
+        self.local_calls = 0
 
     @property
     def served(self) -> int:
@@ -87,7 +100,42 @@ class ExternalCallSandbox:
         return len(self._calls) - self._cursor
 
     def serve(self, name: str, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Any:
-        """The recorded result of the next call, which must be ``name(*args, **kwargs)``."""
+        """The recorded result of the next call, which must be ``name(*args, **kwargs)``
+        (with stand-ins: see the module doc)."""
+        if self.standins:
+            return self._serve_or_standin(name, args, kwargs)
+        return self._serve_recorded(name, args, kwargs)
+
+    def _serve_or_standin(self, name: str, args: Sequence[Any],
+                          kwargs: Mapping[str, Any]) -> Any:
+        local = self.standins.get(name)
+        if self.diverged_at is None:
+            if self._matches_next(name, args, kwargs):
+                result = self._serve_recorded(name, args, kwargs)
+                if local is not None:
+                    local(*args, **kwargs)  # keep the stand-in in the recorded state
+                return result
+            self.diverged_at = self._cursor
+        if local is None:
+            raise ReplayError(
+                f"external call {name!r} differs from the recording (from call "
+                f"#{self.diverged_at} on) and has no local stand-in: pass standins={{{name!r}: "
+                "...}} to run it against a local copy; the sandbox never calls out")
+        self.local_calls += 1
+        return local(*args, **kwargs)
+
+    def _matches_next(self, name: str, args: Sequence[Any], kwargs: Mapping[str, Any]) -> bool:
+        if self._cursor >= len(self._calls):
+            return False
+        rec = self._calls[self._cursor]
+        try:
+            got_args, got_kwargs = _json(list(args)), _json(dict(kwargs))
+        except (TypeError, ValueError):
+            return False
+        return bool(rec.get("name") == name and rec.get("args") == got_args and
+                    (rec.get("kwargs") or {}) == got_kwargs)
+
+    def _serve_recorded(self, name: str, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Any:
         where = f" of incident {self.incident_id!r}" if self.incident_id else ""
         try:
             got_args, got_kwargs = _json(list(args)), _json(dict(kwargs))
@@ -129,10 +177,12 @@ def active_sandbox() -> ExternalCallSandbox | None:
 
 
 @contextlib.contextmanager
-def sandbox(calls: Sequence[Mapping[str, Any]] | None, *,
-            incident_id: str | None = None) -> Iterator[ExternalCallSandbox]:
-    """Serve external calls from ``calls`` (a manifest's ``external_calls``) in this context."""
-    box = ExternalCallSandbox(list(calls or []), incident_id=incident_id)
+def sandbox(calls: Sequence[Mapping[str, Any]] | None, *, incident_id: str | None = None,
+            standins: Mapping[str, Callable[..., Any]] | None = None
+            ) -> Iterator[ExternalCallSandbox]:
+    """Serve external calls from ``calls`` (a manifest's ``external_calls``) in this context;
+    ``standins``: local stand-ins for a counterfactual re-run (see the module doc)."""
+    box = ExternalCallSandbox(list(calls or []), incident_id=incident_id, standins=standins)
     token = _sandbox.set(box)
     try:
         yield box
@@ -159,6 +209,7 @@ def _record(name: str, args: Sequence[Any], kwargs: Mapping[str, Any], *,
             entry = {"name": name, "args": entry.get("args"), "kwargs": entry.get("kwargs"),
                      "unrecordable": f"not JSON-serialisable: {e}"}
         for st in act.states:
+            st.episode.tool(len(st.external_calls), name)
             st.external_calls.append(dict(entry))
     except Exception:  # pragma: no cover - never into the serving path
         _log.exception("forensics: recording external call %r failed", name)

@@ -44,6 +44,7 @@ def _manifest(template: Incident, new_id: str, **updates: Any) -> dict[str, Any]
     m = copy.deepcopy(template.manifest)
     m.pop("integrity", None)
     m.pop("external_calls", None)
+    m.pop("episode", None)           # a variant is one model call, whatever the template was
     m.pop("materialized_from", None)
     m.pop("replay", None)
     m.update(id=new_id, activations="replay", sites=[], **updates)

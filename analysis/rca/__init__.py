@@ -7,7 +7,9 @@ directions (:class:`DirectionFix`: gated removal of contrast directions, searche
 side-effect budget, beside plain steering) and the resulting portable fix (a
 :class:`~analysis.cca.FixSet`). Failure signatures are cross-validated linear probes
 (:class:`LinearProbe`, :func:`cross_validate`). Fixes are checked on traffic they never saw
-with :func:`flip_rate` and :func:`side_effects`.
+with :func:`flip_rate` and :func:`side_effects`. For an episode (an agent loop with tools),
+:func:`counterfactual_episode` answers "would this fix have prevented the destructive action?"
+by re-running it forward in the sandbox with the fix applied and local stand-ins for its tools.
 
 Example::
 
@@ -25,6 +27,7 @@ from typing import TYPE_CHECKING
 from integrations._lazy import lazy_exports
 
 if TYPE_CHECKING:
+    from ._counterfactual import counterfactual_episode
     from ._directions import Candidate, DirectionFix, derive_fix
     from ._heldout import FlipRate, LiveSideEffects, flip_rate, side_effects
     from ._investigate import Investigation, investigate, load_session
@@ -46,6 +49,7 @@ __all__ = [
     "ProbeResult",
     "attribute_input",
     "causal_trace",
+    "counterfactual_episode",
     "cross_validate",
     "derive_fix",
     "flip_rate",
@@ -67,6 +71,7 @@ __getattr__, __dir__ = lazy_exports(__name__, {
     "ProbeResult": "._probes",
     "attribute_input": "._spans",
     "causal_trace": "._trace",
+    "counterfactual_episode": "._counterfactual",
     "cross_validate": "._probes",
     "derive_fix": "._directions",
     "flip_rate": "._heldout",

@@ -20,6 +20,12 @@ Example::
     r = session.run_edited(lambda site, v, *, step: v * 0.5, sites=["blocks.1.mlp"],
                            capture=["blocks.2.resid_post"])
     complete = session.materialize(sites=["blocks.*.resid_post"])   # for activations: "replay"
+
+An incident may be an *episode* — several model calls (an agent loop's, a conversation's turns)
+and the tool calls between them (manifest ``episode``, :mod:`integrations.incident._episode`):
+the forward calls replay as served (a new KV cache per fresh model call), and
+:func:`rerun_episode` re-runs the application in the sandbox, tools answered from the recording
+(or, for a counterfactual, by local stand-ins).
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from __future__ import annotations
 from ._calls import CallMode, CallPlan, StepCall
 from ._determinism import DeterminismSettings, deterministic_env
 from ._edit import BoundEdit, Edit
+from ._episode import EpisodeRun, first_difference, rerun_episode
 from ._fidelity import Fidelity, TensorDiff, compare
 from ._result import ReplayResult
 from ._session import EditSpec, Replayer, ReplaySession
@@ -38,6 +45,7 @@ __all__ = [
     "DeterminismSettings",
     "Edit",
     "EditSpec",
+    "EpisodeRun",
     "Fidelity",
     "ReplayResult",
     "ReplaySession",
@@ -46,4 +54,6 @@ __all__ = [
     "TensorDiff",
     "compare",
     "deterministic_env",
+    "first_difference",
+    "rerun_episode",
 ]

@@ -13,6 +13,11 @@ rows per step: ``input_ids``, ``attention_mask``, ``position_ids``, ``token_type
               forced on the recorded ``input_ids``.
 ``forward``   a plain ``model(**recorded tensors)`` call (encoders, classifiers, single forwards).
 
+An episode (several model calls in one incident: an agent loop, a conversation; the manifest's
+``episode``, :mod:`integrations.incident._episode`) is replayed call for call as it was served: a
+new KV cache at every model call that started with an empty one (``resets``), the cache carried
+where the turn carried it; greedy continuations never cross a model call's start (``starts``).
+
 Example::
 
     plan = CallPlan.from_incident(inc, model)
@@ -32,7 +37,7 @@ from typing import Any, Literal
 import torch
 
 from integrations.errors import ReplayError
-from integrations.incident import Incident
+from integrations.incident import Episode, Incident
 
 __all__ = ["CallMode", "CallPlan", "StepCall", "last_logits", "to_device"]
 
@@ -69,6 +74,14 @@ class CallPlan:
     steps: tuple[StepCall, ...]
     cache_arg: str | None
     logits_to_keep: bool
+    #: forward calls that start with a new (empty) KV cache / that start a model call
+    resets: frozenset[int] = frozenset({0})
+    starts: frozenset[int] = frozenset({0})
+
+    @property
+    def episode(self) -> bool:
+        """True when the incident holds several model calls (an agent loop, a conversation)."""
+        return len(self.starts) > 1
 
     @property
     def batch(self) -> int:
@@ -101,10 +114,13 @@ class CallPlan:
         params = _forward_params(model)
         cache_arg = "cache" if "cache" in params else (
             "past_key_values" if "past_key_values" in params else None)
+        ep = Episode.from_manifest(incident.manifest, forward_steps=len(calls))
+        resets, starts = ep.cache_resets(), ep.starts()
+        independent = len(resets) == len(calls)  # every call on its own (no KV cache shared)
         if mode is None:
-            mode = "generate" if len(calls) > 1 or incident.manifest.get("generation") else \
-                "forward"
-        if mode == "forward" and len(calls) > 1:
+            mode = "generate" if (len(calls) > 1 and not independent) or \
+                incident.manifest.get("generation") else "forward"
+        if mode == "forward" and not independent:
             raise ReplayError(
                 f"incident {incident.id!r} has {len(calls)} forward calls (a KV-cached "
                 "generation); it can only be replayed in 'generate' mode")
@@ -116,11 +132,10 @@ class CallPlan:
                     "model class that served it")
             mode = "forward"
         return cls(mode=mode, steps=tuple(calls), cache_arg=cache_arg,
-                   logits_to_keep="logits_to_keep" in params)
+                   logits_to_keep="logits_to_keep" in params, resets=resets, starts=starts)
 
     def with_mode(self, mode: CallMode) -> CallPlan:
-        return CallPlan(mode=mode, steps=self.steps, cache_arg=self.cache_arg,
-                        logits_to_keep=self.logits_to_keep)
+        return dataclasses.replace(self, mode=mode)
 
     def with_prompt(self, ids: torch.Tensor) -> CallPlan:
         """The same forward calls for another prompt ``ids`` (``[n]`` or ``[batch, n]``): the
@@ -134,6 +149,11 @@ class CallPlan:
             plan = session.plan.with_prompt(torch.tensor([ids_without_span]))
             session.run_edited(plan=plan, greedy=True)
         """
+        if self.episode:
+            raise ReplayError(
+                "a counterfactual prompt replaces the prompt of one model call; this incident is "
+                f"an episode of {len(self.starts)} model calls: re-run the episode instead "
+                "(analysis.replay.rerun_episode)")
         ids = ids if ids.dim() == 2 else ids[None, :]
         b = self.batch
         if ids.shape[0] not in (1, b):
@@ -197,9 +217,13 @@ class CallPlan:
         return kw
 
     def to_dict(self) -> dict[str, Any]:
-        return {"mode": self.mode, "steps": len(self.steps), "cache_arg": self.cache_arg,
-                "logits_to_keep": 1 if (self.mode == "generate" and self.logits_to_keep)
-                else None}
+        d: dict[str, Any] = {
+            "mode": self.mode, "steps": len(self.steps), "cache_arg": self.cache_arg,
+            "logits_to_keep": 1 if (self.mode == "generate" and self.logits_to_keep) else None}
+        if self.episode:
+            d["model_calls"] = sorted(self.starts)
+            d["cache_resets"] = sorted(self.resets)
+        return d
 
 
 def _forward_params(model: torch.nn.Module) -> frozenset[str]:

@@ -104,8 +104,11 @@ def replay_calls(model: torch.nn.Module, plan: CallPlan, *, bound: BoundEdit | N
         nxt: torch.Tensor | None = None
         for call in calls:
             step_now[0] = call.step
+            if call.step in plan.resets and call.step != calls[0].step:
+                cache = plan.new_cache(model)  # the next model call of an episode
+            decode = call.step not in plan.starts
             kw = plan.kwargs(call, repeat=repeat, cache=cache,
-                             input_ids=nxt if greedy and call.step > 0 else None)
+                             input_ids=nxt if greedy and decode else None)
             if device.type != "cpu":
                 kw = to_device(kw, device)
             lg = last_logits(model(**kw))

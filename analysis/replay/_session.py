@@ -26,14 +26,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar, overload
 
 import torch
 
 from integrations import outside_request
 from integrations.errors import ReplayError, SiteError
-from integrations.external import sandbox
+from integrations.external import ExternalCallSandbox, sandbox
 from integrations.incident import Incident, runtime_info
 from integrations.sites import BoundSite, resolve_sites
 
@@ -206,24 +206,28 @@ class ReplaySession:
         if getattr(self._inside, "active", False):
             yield
             return
-        _REPLAY_LOCK.acquire()  # torch's determinism/thread/RNG settings are process-global
-        try:
-            with outside_request(), \
-                    deterministic_env(num_threads=self._threads, rng_state=self._rng,
-                                      cuda=self._device.type == "cuda") as settings, \
-                    sandbox(self._calls, incident_id=self.incident.id):
-                self.settings = settings
-                self._inside.active = True
-                try:
-                    yield
-                finally:
-                    self._inside.active = False
-        finally:
-            _REPLAY_LOCK.release()
+        with outside_request(), self.application_environment():
+            self._inside.active = True
+            try:
+                yield
+            finally:
+                self._inside.active = False
 
-    def sandbox(self) -> contextlib.AbstractContextManager[Any]:
+    def sandbox(self, *, standins: Mapping[str, Callable[..., Any]] | None = None
+                ) -> contextlib.AbstractContextManager[ExternalCallSandbox]:
         """A sandbox serving this incident's recorded external calls (application replay)."""
-        return sandbox(self._calls, incident_id=self.incident.id)
+        return sandbox(self._calls, incident_id=self.incident.id, standins=standins)
+
+    @contextlib.contextmanager
+    def application_environment(self, *, standins: Mapping[str, Callable[..., Any]] | None = None
+                                ) -> Iterator[ExternalCallSandbox]:
+        """:meth:`environment` in the caller's request context, yielding the sandbox: for
+        re-running the application (``rerun_episode``) under a recorder."""
+        with _REPLAY_LOCK, deterministic_env(num_threads=self._threads, rng_state=self._rng,
+                                             cuda=self._device.type == "cuda") as settings, \
+                self.sandbox(standins=standins) as box:
+            self.settings = settings
+            yield box
 
     # ------------------------------------------------------------------ the primitive
     def run_edited(self, edit: Edit | BoundEdit | None = None, *,

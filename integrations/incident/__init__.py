@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from ._atomic import atomic_write, fsync_dir
     from ._builder import IncidentBuilder
     from ._digest import DIGEST_ALGORITHM
+    from ._episode import Episode, EpisodeStep
     from ._limits import DEFAULT_LIMITS, DecodeLimits
     from ._manifest import ID_PATTERN, REQUIRED_KEYS, new_manifest, validate_manifest
     from ._reader import Incident
@@ -45,6 +46,8 @@ __all__ = [
     "ROW_KINDS",
     "SCHEMA",
     "DecodeLimits",
+    "Episode",
+    "EpisodeStep",
     "Incident",
     "IncidentBuilder",
     "IncidentFormatError",
@@ -64,6 +67,8 @@ __getattr__, __dir__ = lazy_exports(__name__, {
     "DEFAULT_LIMITS": "._limits",
     "DIGEST_ALGORITHM": "._digest",
     "DecodeLimits": "._limits",
+    "Episode": "._episode",
+    "EpisodeStep": "._episode",
     "DTYPE_ITEMSIZE": "._schema",
     "FORMAT_VERSION": "._schema",
     "ID_PATTERN": "._manifest",
