@@ -34,6 +34,8 @@ __all__ = ["baseline_versions", "detector_class", "detector_name", "latest_basel
 
 _FP = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,199}")   # e.g. "sha256:<hex>"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+#: The shape of a hashed scope name: a plain name of this shape is hashed too (no collisions).
+_HASHED = re.compile(r"h[0-9a-f]{24}")
 _CACHE: dict[tuple[str, float], Any] = {}
 _CACHE_LOCK = threading.Lock()
 
@@ -71,7 +73,7 @@ def scope_dir(scope: str) -> str:
     kind, _, name = scope.partition(":")
     if kind not in ("tenant", "shared", "legacy"):
         raise JobFailed(f"not a baseline scope: {scope!r}")
-    if _NAME.fullmatch(name):
+    if _NAME.fullmatch(name) and not _HASHED.fullmatch(name):
         return f"{kind}-{name}"
     return f"{kind}-h{hashlib.sha256(name.encode('utf-8')).hexdigest()[:24]}"
 

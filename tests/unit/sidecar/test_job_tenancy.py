@@ -206,3 +206,17 @@ def test_job_options_naming_an_id_both_tenants_hold_resolve_to_the_callers_own(
         assert BASELINE.prepare(host, job, {"incident_ids": ["x"]})["incident_paths"] == [mine]
         pooled = BASELINE.prepare(host, job, {"fingerprint": FP})["incident_paths"]
         assert sorted(pooled) == sorted([mine, str(store.path("x", tenant="globex"))])
+
+
+def test_baseline_scope_directories_never_collide() -> None:
+    """A tenant literally named like a hashed scope gets its own directory (helper finding)."""
+    import hashlib
+
+    from sidecar.jobs._baselines import scope_dir
+
+    odd = "tenant acme/../x"                           # not a safe file name: hashed
+    hashed = scope_dir(f"tenant:{odd}")
+    lookalike = hashed.split("-", 1)[1]                # 'h' + 24 hex, a legal plain name
+    assert scope_dir(f"tenant:{lookalike}") != hashed
+    assert scope_dir("tenant:acme") == "tenant-acme" and scope_dir("shared:acme") != "tenant-acme"
+    assert hashed == "tenant-h" + hashlib.sha256(odd.encode()).hexdigest()[:24]
