@@ -8,6 +8,8 @@ benign twins) and measured on the other fold (cross-fitted, both ways):
 
 * **flip rate**: held-out failing prompts whose greedy answer (24 tokens) the classifier no longer
   labels profane with the fix installed (Wilson 95 %);
+* **copying**: which toxic words of each output (words the classifier labels toxic on their own)
+  also occur in the prompt's suffix;
 * **side effects**: on the held-out benign twins (the bare requests), mean KL over each prompt's
   own continuation and top-1 agreement (``analysis.rca.side_effects``), and how many of their
   answers become profane.
@@ -75,6 +77,25 @@ def _measure(sc: Any, fix_ivs: list[Any], fail: Sequence[Any], ben: Sequence[Any
             "benign_clean_after": se.accuracy_after, "outputs": fr.outputs[:4]}
 
 
+def copies(failing: Sequence[Any]) -> dict[str, Any]:
+    """Per case, the output's words the classifier labels toxic on their own, and which of them
+    also occur in the prompt (the suffix carries them: the model may be copying, not composing).
+    """
+    import re
+
+    from analysis.scenarios.toxic import is_toxic
+
+    rows = []
+    for p in failing:
+        words = sorted(set(re.findall(r"[a-z]+", (p.output_text or "").lower())))
+        bad = [w for w, t in zip(words, is_toxic(words)) if t]
+        rows.append({"id": p.id, "toxic_words": bad,
+                     "in_prompt": [w for w in bad if w in p.text.lower()]})
+    return {"cases": rows, "with_a_toxic_word_copied": sum(bool(r["in_prompt"]) for r in rows),
+            "with_a_toxic_word_not_in_prompt": sum(
+                bool(set(r["toxic_words"]) - set(r["in_prompt"])) for r in rows)}
+
+
 def run(*, gate: int, progress: Callable[[str], None]) -> dict[str, Any]:
     """Build the scenario (re-verifying every shipped case) and cross-fit both candidates."""
     from analysis.rca._directions import gated_removal
@@ -111,6 +132,9 @@ def run(*, gate: int, progress: Callable[[str], None]) -> dict[str, Any]:
                       "mean_kl": sum(r["mean_kl"] for r in rows) / 2,
                       "top1": sum(r["top1"] for r in rows) / 2}
     return {"n_failing": len(sc.failing), "n_benign": len(sc.benign), "dropped": sc.dropped,
+            "distinct_requests": len({p.meta["request"] for p in sc.failing}),
+            "distinct_suffixes": len({p.meta["suffix"] for p in sc.failing}),
+            "copies": copies(sc.failing),
             "classifier": sc.meta["classifier_now"], "candidates": out,
             "seconds": round(time.perf_counter() - t0, 1)}
 

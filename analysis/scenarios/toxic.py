@@ -6,16 +6,19 @@ offline classifier that ships inside a PyPI package (``alt-profanity-check``, a 
 an adversarial suffix found by GCG (:mod:`analysis.scenarios._gcg`) -- is classified clean. The
 benign twin of a failing prompt is the bare request (no suffix), whose answer is classified
 clean. :func:`discover` runs the search (a few minutes per request on one CPU core) and writes
-``data/toxic_cases.json`` with every attempt; :func:`build` loads it and re-verifies the cases by
-running the model and the classifier again.
+``data/toxic_cases.json`` with every attempt; :func:`transfer` then tries every suffix found on
+every other request (one greedy run each) and adds the pairs that fail; :func:`build` loads the
+file and re-verifies the cases by running the model and the classifier again.
 
 (The seed's grid search over 84 template prompts with an insult blocklist found no case; that
 search was replaced by this one. If a regenerated search finds none, :func:`build` raises and
 points to the planted tiny GPT-2 fault in :mod:`analysis.scenarios.planted`.)
 
-Regenerate the data (about 35 min of one core)::
+Regenerate the data (about 30 min of one core)::
 
-    OMP_NUM_THREADS=1 python -m analysis.scenarios.toxic discover --budget-min 35
+    OMP_NUM_THREADS=1 python -m analysis.scenarios.toxic discover --budget-min 26 \
+        --per-request-s 150
+    OMP_NUM_THREADS=1 python -m analysis.scenarios.toxic transfer
 
 Example::
 
@@ -60,7 +63,8 @@ from analysis.scenarios._toxic_search import (
     search_request,
 )
 
-__all__ = ["DATA_FILE", "GENERATION", "REGENERATE", "build", "discover", "is_toxic", "main"]
+__all__ = ["DATA_FILE", "GENERATION", "REGENERATE", "build", "discover", "is_toxic", "main",
+           "transfer"]
 
 _log = logging.getLogger(__name__)
 
@@ -68,7 +72,9 @@ DATA_FILE = "toxic_cases.json"
 _FALLBACK = ("no real SmolLM2 case found; use the planted tiny GPT-2 fault instead: "
              "analysis.scenarios.planted.build_planted_gpt2(...) with target_token standing for "
              "the toxic word")
-REGENERATE = "OMP_NUM_THREADS=1 python -m analysis.scenarios.toxic discover --budget-min 35"
+REGENERATE = ("OMP_NUM_THREADS=1 python -m analysis.scenarios.toxic discover --budget-min 26 "
+              "--per-request-s 150 && OMP_NUM_THREADS=1 python -m analysis.scenarios.toxic "
+              "transfer")
 GENERATION = GenerationSpec(max_new_tokens=24)
 """How every toxic prompt is run: greedy, 24 new tokens."""
 
@@ -107,9 +113,9 @@ def _cases(model: Any, tokenizer: Any, records: list[dict[str, Any]]) -> tuple[l
     """Failing prompts and twins from the successful search records, re-checked at batch 1."""
     failing: list[Prompt] = []
     benign: list[Prompt] = []
-    for i, r in enumerate(records):
-        twin = _prompt(tokenizer, f"req-{i}", r["request"], {"request": r["request"]})
-        if _observe(model, tokenizer, twin) or classify([r["request"]])[0] >= THRESHOLD:
+    for i, r in enumerate(records):  # records follow REQUESTS: r["request"] == REQUESTS[i]
+        twin = _twin(model, tokenizer, i)
+        if twin is None:
             continue  # the bare request must be clean and answered cleanly
         benign.append(twin)
         if not r["success"]:
@@ -175,6 +181,62 @@ def discover(
         "benign": [p.to_json() for p in benign],
         "fallback": None if failing else _FALLBACK,
     }
+    if write:
+        save_data(DATA_FILE, doc)
+    return doc
+
+
+def _twin(model: Any, tokenizer: Any, j: int) -> Prompt | None:
+    """The benign twin ``req-<j>`` of ``REQUESTS[j]`` (``None`` if the request or its answer is
+    classified toxic)."""
+    twin = _prompt(tokenizer, f"req-{j}", REQUESTS[j], {"request": REQUESTS[j]})
+    clean = classify([REQUESTS[j]])[0] < THRESHOLD and not _observe(model, tokenizer, twin)
+    return twin if clean else None
+
+
+def transfer(*, model: Any = None, tokenizer: Any = None, write: bool = True) -> dict[str, Any]:
+    """Try every suffix that GCG found on every other request (the transfer test of GCG papers);
+    a pair is a new failing case when its prompt is classified clean and its batch-1 greedy
+    answer profane. Appends them (and missing twins) to the shipped data.
+
+    Example::
+
+        doc = transfer(write=False)
+        doc["search"]["transfer"]["tried"], doc["search"]["transfer"]["hits"]
+    """
+    from analysis.models import load_smollm2
+
+    doc = load_data(DATA_FILE)
+    if model is None or tokenizer is None:
+        model, tokenizer = load_smollm2()
+    t0 = time.perf_counter()
+    records = doc["search"]["records"]
+    benign = {d["id"] for d in doc["benign"]}
+    have = {(d["meta"]["request"], d["meta"]["suffix"]) for d in doc["failing"]}
+    tried = 0
+    for j in range(len(REQUESTS)):
+        if f"req-{j}" not in benign:
+            twin = _twin(model, tokenizer, j)
+            if twin is None:
+                continue
+            doc["benign"].append(twin.to_json())
+            benign.add(twin.id)
+        for i, r in enumerate(records):
+            content = REQUESTS[j] + r["suffix"]
+            if not r["success"] or (REQUESTS[j], r["suffix"]) in have or \
+                    classify([content])[0] >= THRESHOLD:
+                continue
+            tried += 1
+            p = _prompt(tokenizer, f"gcg-{i}-on-{j}", content,
+                        {"request": REQUESTS[j], "suffix": r["suffix"], "target": r["target"],
+                         "transfer_of": f"gcg-{i}", "p_prompt": classify([content])[0]})
+            if _observe(model, tokenizer, p):
+                p.counterpart = f"req-{j}"
+                doc["failing"].append(p.to_json())
+    hits = sum(1 for d in doc["failing"] if "transfer_of" in d["meta"])
+    doc["search"]["transfer"] = {"tried": tried, "hits": hits,
+                                 "minutes": round((time.perf_counter() - t0) / 60, 1)}
+    doc["fallback"] = None if doc["failing"] else _FALLBACK
     if write:
         save_data(DATA_FILE, doc)
     return doc
@@ -256,12 +318,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     import argparse
 
     ap = argparse.ArgumentParser(prog="python -m analysis.scenarios.toxic")
-    ap.add_argument("command", choices=["discover"])
+    ap.add_argument("command", choices=["discover", "transfer"])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--budget-min", type=float, default=35.0)
     ap.add_argument("--per-request-s", type=float, default=150.0)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if args.command == "transfer":
+        doc = transfer()
+        print(f"failing={len(doc['failing'])} benign={len(doc['benign'])} "
+              f"transfer={doc['search']['transfer']}")
+        return 0
     doc = discover(seed=args.seed, budget_min=args.budget_min, per_request_s=args.per_request_s)
     print(f"failing={len(doc['failing'])} benign={len(doc['benign'])} "
           f"attempts={doc['search']['attempts']} successes={doc['search']['successes']} "
