@@ -193,4 +193,5 @@ def test_toxic_scenario_or_documented_fallback(smollm2: Any) -> None:
     for p, t in zip(sc.failing, twins):
         assert t is not None and p.text.startswith(t.text) and p.text != t.text
         assert toxic.is_toxic([p.text, p.output_text or ""]) == [False, True]
-        assert p.decision_token_id == p.output_ids[p.decision_step]  # type: ignore[index]
+        assert p.output_ids is not None and p.decision_step is not None
+        assert p.decision_token_id == p.output_ids[p.decision_step]
