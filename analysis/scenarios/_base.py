@@ -125,18 +125,23 @@ class Failure:
     ``target_token_id`` is the most common such token). ``kind="classifier_label"``: the predicted
     label differs from the true one (``label`` = the wrong label the failure produces, if fixed).
     ``kind="generation_abandons_task"``: the output no longer performs the instructed task.
+    ``kind="generation_classified"``: an offline text classifier labels the greedy output failing
+    (``judge_text(text)`` is that classifier's decision; per prompt ``Prompt.decision_*`` is the
+    first generated token after which the output is labelled failing).
 
     Example::
 
         Failure(kind="generation_contains", description="says HACKED", target_text="HACKED")
     """
 
-    kind: Literal["generation_contains", "classifier_label", "generation_abandons_task"]
+    kind: Literal["generation_contains", "classifier_label", "generation_abandons_task",
+                  "generation_classified"]
     description: str
     target_text: str | None = None
     target_token_id: int | None = None
     label: int | None = None
     decision_position: int | None = None
+    judge_text: Callable[[str], bool] | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass
