@@ -146,6 +146,17 @@ class DirectionFix:
                 "notes": list(self.notes)}
 
 
+def _features_once(model: Any, groups: Sequence[Sequence[Sequence[int]]],
+                   layers: Sequence[int]) -> list[dict[int, np.ndarray]]:
+    """:func:`last_position_features` of each group, each distinct prompt run once (a twin is
+    usually also a benign incident)."""
+    index = {tuple(p): 0 for g in groups for p in g}
+    for i, key in enumerate(index):
+        index[key] = i
+    feats = last_position_features(model, [list(k) for k in index], layers)
+    return [{L: feats[L][[index[tuple(p)] for p in g]] for L in layers} for g in groups]
+
+
 class _Data:
     """The incidents of a derivation, their prompts and features, and the two folds."""
 
@@ -158,8 +169,8 @@ class _Data:
         ref = [list(t) for t in (twins or []) if t is not None]
         if twins is None or len(ref) != len(self.failing):
             ref = self.prompts["benign"]
-        self.feats = _Feats(*(last_position_features(model, p, layers) for p in (
-            self.prompts["failing"], ref, self.prompts["contrast"], self.prompts["benign"])))
+        groups = (self.prompts["failing"], ref, self.prompts["contrast"], self.prompts["benign"])
+        self.feats = _Feats(*_features_once(model, groups, layers))
         rng = random.Random(seed)
         self.folds: list[dict[str, np.ndarray]] = [{}, {}]
         for k, n in (("failing", len(self.failing)), ("contrast", len(self.contrast)),

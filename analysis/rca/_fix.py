@@ -54,7 +54,10 @@ def verified_fix(session: ReplaySession, directions: DirectionFix, *,
     after = bound.value(session.run(ivs).logits)
     checked = list(failing)[:max_incidents]
     flips = sum(not failing_text(f, greedy_text(opener(f), ivs, tokenizer)) for f in checked)
-    se = side_effects([opener(b) for b in list(benign)[:max_incidents]], ivs)
+    # side_effects replays each benign incident without the fix first: that replay is its
+    # fidelity measurement, so the sessions skip the one made at load
+    se = side_effects([session.replayer.load(b, measure=False)
+                       for b in list(benign)[:max_incidents]], ivs)
     chosen = directions.chosen
     notes = [f"flip_rate is in-sample: replayed on the {len(checked)} derivation failing "
              "incidents the fix was fitted on"]
