@@ -351,6 +351,9 @@ def phase_timed(model: Any, tok: Any, args: argparse.Namespace) -> dict[str, Any
             "max_variants": args.max_variants,
             "inputs": {"variants": len(F) - 1, "contrast": len(C), "benign": len(B)},
             "decision_layer": rep.trace.decision_layer if rep.trace else None,
+            "consistency": None if rep.consistency is None else
+            {k: v for k, v in rep.consistency.to_dict().items() if k != "curves"},
+            "components": rep.components.sites if rep.components else None,
             "fix_found": rep.fix is not None and bool(rep.fix.flip),
             "fix": None if rep.fix is None else rep.fix.to_dict(), "notes": rep.notes}
 

@@ -41,7 +41,7 @@ from analysis.interventions import Intervention, PromptGate, Subspace, applied
 from integrations.errors import AnalysisError
 from integrations.incident import Incident
 
-from ._heldout import flip_rate, side_effects
+from ._heldout import flip_rate, generate, side_effects
 from ._probes import LinearProbe
 from ._twins import prompt_ids
 
@@ -146,6 +146,17 @@ class DirectionFix:
                 "notes": list(self.notes)}
 
 
+def _features_once(model: Any, groups: Sequence[Sequence[Sequence[int]]],
+                   layers: Sequence[int]) -> list[dict[int, np.ndarray]]:
+    """:func:`last_position_features` of each group, each distinct prompt run once (a twin is
+    usually also a benign incident)."""
+    index = {tuple(p): 0 for g in groups for p in g}
+    for i, key in enumerate(index):
+        index[key] = i
+    feats = last_position_features(model, [list(k) for k in index], layers)
+    return [{L: feats[L][[index[tuple(p)] for p in g]] for L in layers} for g in groups]
+
+
 class _Data:
     """The incidents of a derivation, their prompts and features, and the two folds."""
 
@@ -158,8 +169,8 @@ class _Data:
         ref = [list(t) for t in (twins or []) if t is not None]
         if twins is None or len(ref) != len(self.failing):
             ref = self.prompts["benign"]
-        self.feats = _Feats(*(last_position_features(model, p, layers) for p in (
-            self.prompts["failing"], ref, self.prompts["contrast"], self.prompts["benign"])))
+        groups = (self.prompts["failing"], ref, self.prompts["contrast"], self.prompts["benign"])
+        self.feats = _Feats(*_features_once(model, groups, layers))
         rng = random.Random(seed)
         self.folds: list[dict[str, np.ndarray]] = [{}, {}]
         for k, n in (("failing", len(self.failing)), ("contrast", len(self.contrast)),
@@ -171,6 +182,18 @@ class _Data:
         paired = twins is not None and len(ref) == len(self.failing)
         for f in self.folds:   # a twin stays with its failing prompt
             f["reference"] = f["failing"] if paired else f["benign"]
+        self._conts: dict[tuple[int, int], list[list[int]]] = {}
+
+    def benign_continuations(self, model: Any, fold: int, max_new_tokens: int
+                             ) -> list[list[int]]:
+        """The unfixed model's greedy continuations of one fold's benign prompts, generated
+        once (every candidate is measured against the same ones)."""
+        key = (fold, max_new_tokens)
+        if key not in self._conts:
+            self._conts[key] = generate(model, [self.prompts["benign"][i]
+                                                for i in self.folds[fold]["benign"]],
+                                        max_new_tokens=max_new_tokens)
+        return self._conts[key]
 
 
 class _Installed:
@@ -209,7 +232,8 @@ def _measure(model: Any, tok: Any, data: _Data, build: Callable[[_Feats], list[I
         fr = flip_rate(model, tok, [data.prompts["failing"][i] for i in idx], fix=fix,
                        max_new_tokens=max_new_tokens, failing=fails)
         se = side_effects(model, [data.prompts["benign"][i] for i in data.folds[ev]["benign"]],
-                          fix=fix, max_new_tokens=max_new_tokens)
+                          fix=fix, max_new_tokens=max_new_tokens,
+                          continuations=data.benign_continuations(model, ev, max_new_tokens))
         flipped, n, outputs = flipped + fr.flipped, n + fr.n, outputs + fr.outputs
         kl_sum += se.mean_kl * se.n_tokens
         agree += se.top1_agreement * se.n_tokens

@@ -23,7 +23,7 @@ from typing import Any
 
 from analysis.cca import BoundFailure, FixSet
 from analysis.cca._stats import side_effects
-from analysis.replay import Replayer, ReplaySession
+from analysis.replay import ReplaySession
 from integrations.incident import Incident
 
 from ._directions import DirectionFix
@@ -42,18 +42,22 @@ def greedy_text(session: ReplaySession, interventions: Sequence[Any], tokenizer:
 def verified_fix(session: ReplaySession, directions: DirectionFix, *,
                  failing: Sequence[Incident], benign: Sequence[Incident],
                  failing_text: Callable[[Incident, str], bool], tokenizer: Any,
-                 bound: BoundFailure, max_incidents: int = 24) -> FixSet:
-    """The chosen direction fix, re-verified by replay (module doc)."""
+                 bound: BoundFailure, max_incidents: int = 24,
+                 load: Callable[[Incident], ReplaySession] | None = None) -> FixSet:
+    """The chosen direction fix, re-verified by replay (module doc). ``load``: how to open an
+    incident's session (default: ``session.replayer.load``)."""
     ivs = directions.interventions
     inc = session.incident
+    opener = load if load is not None else session.replayer.load
     text = greedy_text(session, ivs, tokenizer)
     before = bound.value(session.run().logits)
     after = bound.value(session.run(ivs).logits)
-    model = session.model
     checked = list(failing)[:max_incidents]
-    flips = sum(not failing_text(f, greedy_text(Replayer(model).load(f), ivs, tokenizer))
-                for f in checked)
-    se = side_effects([Replayer(model).load(b) for b in list(benign)[:max_incidents]], ivs)
+    flips = sum(not failing_text(f, greedy_text(opener(f), ivs, tokenizer)) for f in checked)
+    # side_effects replays each benign incident without the fix first: that replay is its
+    # fidelity measurement, so the sessions skip the one made at load
+    se = side_effects([session.replayer.load(b, measure=False)
+                       for b in list(benign)[:max_incidents]], ivs)
     chosen = directions.chosen
     notes = [f"flip_rate is in-sample: replayed on the {len(checked)} derivation failing "
              "incidents the fix was fitted on"]

@@ -129,10 +129,15 @@ class LiveSideEffects:
 @torch.no_grad()
 def side_effects(model: Any, prompts: Sequence[Sequence[int]], *, fix: Any,
                  max_new_tokens: int = 16, batch_size: int = 16, tokenizer: Any = None,
-                 correct: Callable[[str, int], bool] | None = None) -> LiveSideEffects:
+                 correct: Callable[[str, int], bool] | None = None,
+                 continuations: Sequence[Sequence[int]] | None = None) -> LiveSideEffects:
     """KL and top-1 agreement over each prompt's own continuation; accuracy with ``correct``
-    (``correct(text, index)``, needs ``tokenizer``) before and after (module doc)."""
-    conts = generate(model, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    (``correct(text, index)``, needs ``tokenizer``) before and after (module doc).
+    ``continuations``: the unfixed model's greedy continuations of ``prompts`` when already
+    generated (``generate(model, prompts, ...)`` with the same options) — comparing several
+    fixes on one benign set generates them once."""
+    conts = [list(c) for c in continuations] if continuations is not None else \
+        generate(model, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
     pad = _pad_id(model)
     kls: list[float] = []
     per_prompt: list[float] = []

@@ -87,10 +87,22 @@ def text_predicate(failure: Failure) -> Callable[[str], bool]:
 
 
 class _Run:
-    """One investigation's state: timings, progress, notes."""
+    """One investigation's state: timings, progress, notes, and the replay sessions it opened
+    (one replayer, so the weights are fingerprinted once; each incident loaded — and its
+    fidelity measured — once, however many steps replay it)."""
 
-    def __init__(self, rep: Investigation, progress: Callable[[str], None] | None) -> None:
+    def __init__(self, rep: Investigation, progress: Callable[[str], None] | None,
+                 session: ReplaySession) -> None:
         self.rep, self.say, self.t0 = rep, progress or (lambda _m: None), time.perf_counter()
+        self.replayer = session.replayer
+        self.sessions: dict[int, ReplaySession] = {id(session.incident): session}
+
+    def load(self, inc: Incident) -> ReplaySession:
+        """The incident's replay session (opened on first use)."""
+        got = self.sessions.get(id(inc))
+        if got is None:
+            got = self.sessions[id(inc)] = self.replayer.load(inc)
+        return got
 
     def step(self, name: str, fn: Callable[[], Any]) -> Any:
         t = time.perf_counter()
@@ -123,7 +135,7 @@ def investigate(session: ReplaySession, *, failure: FailureOf, tokenizer: Any,
     check = failing_text or (lambda i, text: text_predicate(fail_of(i))(text))
     bound = spec.bind(session, tokenizer=tokenizer)
     rep = Investigation(incident_id=inc.id, failure=spec.describe())
-    run = _Run(rep, progress)
+    run = _Run(rep, progress, session)
     twin_ids = list(twin) if twin is not None else find_twin(inc, benign)
     if "spans" in steps:
         rep.input_spans = run.step("input spans", lambda: attribute_input(
@@ -133,7 +145,7 @@ def investigate(session: ReplaySession, *, failure: FailureOf, tokenizer: Any,
             session, twin_ids=twin_ids, failure=bound, tokenizer=tokenizer))
         rep.consistency = run.step("decision layer over variants", lambda: decision_consistency(
             session.model, variants[:max_variants], benign, failure_of=fail_of,
-            tokenizer=tokenizer, reference=rep.trace))
+            tokenizer=tokenizer, reference=rep.trace, load=run.load))
     elif "trace" in steps:
         rep.notes.append("causal trace: no benign twin (a benign prompt equal to this one "
                          "minus one span) among the benign incidents; pass twin=")
@@ -152,7 +164,7 @@ def investigate(session: ReplaySession, *, failure: FailureOf, tokenizer: Any,
         if found is not None and found.interventions:
             rep.fix = run.step("verify the fix by replay", lambda: verified_fix(
                 session, found, failing=failing, benign=benign, failing_text=check,
-                tokenizer=tokenizer, bound=bound))
+                tokenizer=tokenizer, bound=bound, load=run.load))
     run.say(f"[{time.perf_counter() - run.t0:6.1f}s] done")
     return rep
 

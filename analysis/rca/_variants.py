@@ -3,34 +3,48 @@ consistent across failing variants in >= 90 % of them.
 
 Each failing variant with a benign twin among the benign incidents (the same prompt minus the
 inserted span) gets its own tail-restoration curve (:func:`~analysis.rca._trace.causal_trace`
-without the heatmap, every flip replayed); a variant is *consistent* when its decision layer
-is within ``tolerance`` layers (default 1) of the reference (the investigated incident's, else
-the most common one). Variants without a twin, or whose failure cannot be bound, are counted
-as skipped, with the reason.
+without the heatmap; the decision layer's restorations re-run at batch 1) and its decision
+layer (the steepest drop of that curve). A variant is *consistent* when its decision layer is
+within ``tolerance`` layers (default 1) of the reference: ``reference_layer`` when given (e.g.
+the consensus of a derivation set, so that the set judged did not choose it), else the median
+(lower median) of the investigated incident's and the variants' decision layers — the
+failure's consensus, not one prompt's. Variants without a twin, or whose failure cannot be
+bound, are counted as skipped, with the reason. ``flip_layers`` keeps each variant's layer by
+the earlier rule (:func:`~analysis.rca._trace.flip_layer`) for comparison, ``curves`` each
+tail curve.
 
 Example::
 
     c = decision_consistency(model, variants, benign, failure_of=f, tokenizer=tok,
                              reference=trace)
-    c.rate, c.layers, c.skipped
+    c.rate, c.ci, c.reference, c.layers, c.skipped
 """
 
 from __future__ import annotations
 
-from collections import Counter
+import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from analysis.cca import Failure
-from analysis.replay import Replayer
+from analysis.replay import Replayer, ReplaySession
 from integrations.errors import ForensicsError
 from integrations.incident import Incident
 
+from ._heldout import wilson
 from ._trace import CausalTrace, causal_trace
 from ._twins import find_twin
 
-__all__ = ["Consistency", "decision_consistency"]
+__all__ = ["Consistency", "consensus_layer", "decision_consistency"]
+
+Loader = Callable[[Incident], ReplaySession]
+
+
+def consensus_layer(layers: Sequence[int | None]) -> int | None:
+    """The lower median of the layers that were found (None when none was)."""
+    found = [x for x in layers if x is not None]
+    return int(statistics.median_low(found)) if found else None
 
 
 @dataclass
@@ -44,21 +58,30 @@ class Consistency:
     evaluated: int
     exact: int
     skipped: dict[str, str] = field(default_factory=dict)
+    reference_from: str = ""
+    incident_layer: int | None = None
+    shares: dict[str, float | None] = field(default_factory=dict)
+    flip_layers: dict[str, int | None] = field(default_factory=dict)
+    curves: dict[str, list[float]] = field(default_factory=dict)
 
     @property
     def rate(self) -> float | None:
         return self.consistent / self.evaluated if self.evaluated else None
 
+    @property
+    def ci(self) -> tuple[float, float]:
+        """Wilson 95 % interval of :attr:`rate`."""
+        return wilson(self.consistent, self.evaluated)
+
     def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__, rate=self.rate)
+        return dict(self.__dict__, rate=self.rate, ci=list(self.ci))
 
 
-def decision_consistency(model: Any, variants: Sequence[Incident], benign: Sequence[Incident],
-                         *, failure_of: Callable[[Incident], Failure], tokenizer: Any,
-                         reference: CausalTrace | None = None,
-                         tolerance: int = 1) -> Consistency:
-    """Decision layers over ``variants`` against ``reference`` (module doc)."""
-    layers: dict[str, int | None] = {}
+def variant_traces(variants: Sequence[Incident], benign: Sequence[Incident], *,
+                   failure_of: Callable[[Incident], Failure], tokenizer: Any, load: Loader
+                   ) -> tuple[dict[str, CausalTrace], dict[str, str]]:
+    """Each variant's tail-restoration trace against its twin, and the skipped ones."""
+    traces: dict[str, CausalTrace] = {}
     skipped: dict[str, str] = {}
     for v in variants:
         twin = find_twin(v, benign)
@@ -66,19 +89,40 @@ def decision_consistency(model: Any, variants: Sequence[Incident], benign: Seque
             skipped[v.id] = "no benign twin among the benign incidents"
             continue
         try:
-            s = Replayer(model).load(v)
+            s = load(v)
             bound = failure_of(v).bind(s, tokenizer=tokenizer)
-            tr = causal_trace(s, twin_ids=twin, failure=bound, heatmap=False)
+            traces[v.id] = causal_trace(s, twin_ids=twin, failure=bound, heatmap=False,
+                                        verify_flips=False)
         except ForensicsError as e:
             skipped[v.id] = str(e)
-            continue
-        layers[v.id] = tr.decision_layer
-    ref = reference.decision_layer if reference is not None else None
-    if ref is None:
-        common = Counter(x for x in layers.values() if x is not None).most_common(1)
-        ref = common[0][0] if common else None
-    found = [x for x in layers.values()]
-    ok = sum(1 for x in found if x is not None and ref is not None and abs(x - ref) <= tolerance)
-    exact = sum(1 for x in found if x is not None and x == ref)
+    return traces, skipped
+
+
+def decision_consistency(model: Any, variants: Sequence[Incident], benign: Sequence[Incident],
+                         *, failure_of: Callable[[Incident], Failure], tokenizer: Any,
+                         reference: CausalTrace | None = None,
+                         reference_layer: int | None = None, tolerance: int = 1,
+                         load: Loader | None = None) -> Consistency:
+    """Decision layers over ``variants`` against the reference (module doc). ``load``: how to
+    open a variant's replay session (default: one :class:`Replayer` for all of them)."""
+    opener = load if load is not None else Replayer(model).load
+    traces, skipped = variant_traces(variants, benign, failure_of=failure_of,
+                                     tokenizer=tokenizer, load=opener)
+    layers = {k: t.decision_layer for k, t in traces.items()}
+    own = reference.decision_layer if reference is not None else None
+    ref: int | None
+    if reference_layer is not None:
+        ref, origin = reference_layer, "given"
+    else:
+        ref = consensus_layer([own, *layers.values()])
+        origin = ("median of the incident's and the variants' decision layers"
+                  if own is not None else "median of the variants' decision layers")
+    ok = sum(1 for x in layers.values()
+             if x is not None and ref is not None and abs(x - ref) <= tolerance)
+    exact = sum(1 for x in layers.values() if x is not None and x == ref)
     return Consistency(reference=ref, layers=layers, tolerance=tolerance, consistent=ok,
-                       evaluated=len(found), exact=exact, skipped=skipped)
+                       evaluated=len(layers), exact=exact, skipped=skipped,
+                       reference_from=origin, incident_layer=own,
+                       shares={k: t.decision_share for k, t in traces.items()},
+                       flip_layers={k: t.flip_layer for k, t in traces.items()},
+                       curves={k: [round(v, 4) for v in t.tail_curve] for k, t in traces.items()})

@@ -302,13 +302,14 @@ class ReplaySession:
     # ------------------------------------------------------------------ edit sets
     @overload
     def run(self, interventions: Sequence[S], *, capture: Sequence[str] = ...,
-            greedy: bool = ...) -> ReplayResult[S]: ...
+            greedy: bool = ..., last_step: int | None = ...) -> ReplayResult[S]: ...
 
     @overload
-    def run(self, *, capture: Sequence[str] = ..., greedy: bool = ...) -> ReplayResult[Never]: ...
+    def run(self, *, capture: Sequence[str] = ..., greedy: bool = ...,
+            last_step: int | None = ...) -> ReplayResult[Never]: ...
 
     def run(self, interventions: Sequence[S] = (), *, capture: Sequence[str] = (),
-            greedy: bool = False) -> ReplayResult[S]:
+            greedy: bool = False, last_step: int | None = None) -> ReplayResult[S]:
         """Replay with ``interventions`` (edit specifications) applied jointly (batch = the
         incident's own).
 
@@ -327,14 +328,16 @@ class ReplaySession:
                             mode=raw.mode, batch_size=1, fidelity=fid)
 
     def verify(self, interventions: Sequence[S], *, capture: Sequence[str] = (),
-               greedy: bool = False) -> ReplayResult[S]:
+               greedy: bool = False, last_step: int | None = None) -> ReplayResult[S]:
         """Re-run one set at the incident's own shapes (batch 1) — for final claims (DESIGN §6:
         batching changes the floating-point arithmetic). Identical to :meth:`run`."""
-        return self.run(interventions, capture=capture, greedy=greedy)
+        return self.run(interventions, capture=capture, greedy=greedy, last_step=last_step)
 
     def run_batch(self, sets: Sequence[Sequence[S]], *, capture: Sequence[str] = (),
-                  greedy: bool = False, max_batch: int = 64) -> list[ReplayResult[S]]:
-        """Evaluate many intervention sets, up to ``max_batch`` sets per batched forward.
+                  greedy: bool = False, max_batch: int = 64,
+                  last_step: int | None = None) -> list[ReplayResult[S]]:
+        """Evaluate many intervention sets, up to ``max_batch`` sets per batched forward
+        (``last_step``: stop each replay after that forward call).
 
         The incident's inputs are replicated along the batch (row block ``i`` = set ``i``), each
         block gets its own interventions (vectorised in one hook per site). Results match
@@ -348,7 +351,8 @@ class ReplaySession:
         rows = self.plan.batch
         for i in range(0, len(sets), max_batch):
             chunk = [list(s) for s in sets[i:i + max_batch]]
-            raw = self._run_sets(chunk, spec, capture=capture, greedy=greedy)
+            raw = self._run_sets(chunk, spec, capture=capture, greedy=greedy,
+                                 last_step=last_step)
             for r, ivs in enumerate(chunk):
                 block = raw.rows(r * rows, (r + 1) * rows)
                 out.append(ReplayResult(logits=block.logits, input_ids=block.input_ids,
@@ -357,13 +361,13 @@ class ReplaySession:
         return out
 
     def _run_sets(self, sets: list[list[S]], spec: type[S] | None, *, capture: Sequence[str],
-                  greedy: bool) -> ReplayResult[Never]:
+                  greedy: bool, last_step: int | None = None) -> ReplayResult[Never]:
         """One replay carrying ``sets`` (row block ``r`` = set ``r``), compiled by ``spec``."""
         bound = None
         if spec is not None and any(sets):
             bound = spec.bind_sets(self, sets, batched=len(sets) > 1)
         return self.run_edited(bound, capture=capture, greedy=greedy, repeat=len(sets),
-                               evaluations=len(sets))
+                               evaluations=len(sets), last_step=last_step)
 
     # ------------------------------------------------------------------ materialisation
     def materialize(self, sites: Sequence[str] | None = None, *,

@@ -123,11 +123,17 @@ def causal_trace(data: ReportData) -> str | None:
         tr.get("tail_curve") or [], labels=[str(L) for L in layers], svg_id="svg-tail-curve",
         marked=layers.index(decision) if decision in layers else None,
         marked_text="decision layer",
-        caption="restoring every position after the span at one layer (green: the failure is "
-                "gone, verified at the incident's shapes); the decision layer is the earliest "
-                "from which every later restoration removes it"))
+        caption="restoring every position after the span at one layer (1 = still failing, "
+                "0 = the twin's level); decision layer: "
+                + str(tr.get("rule") or "the earliest from which every later restoration "
+                      "removes the failure")))
+    share = tr.get("decision_share")
     out.append(kv_table([
-        ("decision layer", f'<b id="decision-layer">{esc(decision)}</b>'),
+        ("decision layer", f'<b id="decision-layer">{esc(decision)}</b>'
+                           + (f" (removes {fmt(share, '.0%')} of the failure)"
+                              if share is not None else "")),
+        ("earliest layer from which every later restoration removes it",
+         esc(tr.get("flip_layer"))),
         ("decision step", esc(tr.get("decision_step"))),
         ("metric failing → twin", f"{fmt(tr.get('metric_failing'))} → "
                                   f"{fmt(tr.get('metric_twin'))}"),
@@ -148,10 +154,14 @@ def decision_consistency(data: ReportData) -> str | None:
              and abs(layer - c["reference"]) <= c.get("tolerance", 1) else "no"]
             for v, layer in (c.get("layers") or {}).items()]
     rows += [[esc(v), "skipped", esc(why)] for v, why in (c.get("skipped") or {}).items()]
+    ci = c.get("ci") or []
     head = (f"<p>Consistent in {esc(c.get('consistent'))} of {esc(c.get('evaluated'))} failing "
-            f"variants ({fmt(rate, '.0%') if rate is not None else 'no variant evaluated'}) "
-            f"within ±{esc(c.get('tolerance'))} layer of layer {esc(c.get('reference'))}; "
-            f"exactly equal in {esc(c.get('exact'))}. The seed's target is ≥ 90 %.</p>")
+            f"variants ({fmt(rate, '.0%') if rate is not None else 'no variant evaluated'}"
+            + (f", Wilson 95 % [{fmt(ci[0], '.2f')}, {fmt(ci[1], '.2f')}]" if len(ci) == 2
+               else "") +
+            f") within ±{esc(c.get('tolerance'))} layer of layer {esc(c.get('reference'))}"
+            + (f" ({esc(c.get('reference_from'))})" if c.get("reference_from") else "") +
+            f"; exactly equal in {esc(c.get('exact'))}. The seed's target is ≥ 90 %.</p>")
     return head + (table(["variant", "decision layer", "consistent"], rows,
                          table_id="consistency-table") if rows else
                    note("no failing variants were given (--variants DIR, params.variants)"))

@@ -12,7 +12,7 @@ import torch
 
 from analysis.cca import Failure
 from analysis.rca._spans import attribute_input, sentence_spans
-from analysis.rca._trace import causal_trace, decision_layer
+from analysis.rca._trace import causal_trace, first_drop, flip_layer, steepest_drop
 from analysis.rca._twins import aligned_tail
 from analysis.replay import Replayer
 from analysis.scenarios.planted import PlantedModel, build_planted_gpt2
@@ -83,19 +83,44 @@ def test_trace_finds_the_fault_layer(planted: PlantedModel,
     bound = Failure.token(TARGET, step=0).bind(s)
     tr = causal_trace(s, twin_ids=twin, failure=bound, tokenizer=_Words(planted))
     assert tr.metric_failing > 0 >= tr.metric_twin
-    assert tr.decision_layer == LAYER
+    assert tr.decision_layer == LAYER == tr.flip_layer
+    assert tr.decision_share is not None and tr.decision_share > 0.9
     assert tr.tail_flips == [False, False, True, True]
     assert len(tr.heatmap) == 4 and len(tr.heatmap[0]) == len(tr.positions) == len(twin) - 3
     # one position carries it: restoring the last position after the fault removes it,
     # restoring it before lets the head re-read the trigger
     assert abs(tr.heatmap[LAYER][-1]) < 0.05 and tr.heatmap[LAYER - 1][-1] > 0.5
-    assert tr.runs == 2 + 4 + sum(tr.tail_flips) + 4 * len(tr.positions)
+    # base + twin, the tail curve, the decision layer and the one before at batch 1, each
+    # claimed flip at batch 1, the heatmap
+    assert tr.runs == 2 + 4 + 2 + sum(tr.tail_flips) + 4 * len(tr.positions)
 
 
 def test_alignment_and_decision_layer_rules() -> None:
     assert aligned_tail([1, 2, 9, 9, 3, 4], [1, 2, 3, 4]) == (2, 4, 2)
-    assert decision_layer([False, True, False, True, True], [0, 1, 2, 3, 4]) == 3
-    assert decision_layer([True, True, False], [0, 1, 2]) is None
+    assert flip_layer([False, True, False, True, True], [0, 1, 2, 3, 4]) == 3
+    assert flip_layer([True, True, False], [0, 1, 2]) is None
+
+
+def test_decision_layer_is_the_steepest_drop_not_the_margin() -> None:
+    layers = list(range(8))
+    curve = [1.0, 0.95, 0.9, 0.85, 0.3, 0.25, 0.2, 0.0]
+    assert steepest_drop(curve, layers) == (4, pytest.approx(0.55))
+    # the earlier rule on the same curve depends on where the failure's margin puts the flip
+    # threshold (normalised: -twin / (failing - twin)): 0.97 for a failure that barely wins,
+    # 0.5 for one that wins by as much as the twin loses
+    assert flip_layer([v <= 0.97 for v in curve], layers) == 1
+    assert flip_layer([v <= 0.5 for v in curve], layers) == 4
+    # overshoot above 1 is clipped; a dip the curve climbs back out of removes nothing
+    assert steepest_drop([1.2, 1.1, 0.6, 0.9, 0.5, 0.3], list(range(6))) == \
+        (4, pytest.approx(0.4))
+    assert first_drop([1.0, 0.6, 1.0, 0.8, 0.1], list(range(5)), min_share=0.15) == \
+        (3, pytest.approx(0.2))
+    # no single layer removes min_share: the steepest step
+    assert first_drop([0.9, 0.8, 0.7, 0.6], list(range(4)), min_share=0.15) == \
+        (0, pytest.approx(0.1))
+    assert steepest_drop([0.5, 0.5], [3, 4]) == (3, pytest.approx(0.5))   # from 1 = unrestored
+    assert steepest_drop([1.0, 0.5, 0.0], [0, 1, 2])[0] == 1               # a tie: the earliest
+    assert steepest_drop([], []) == (None, None)
 
 
 def test_sentence_spans_skip_special_tokens() -> None:
