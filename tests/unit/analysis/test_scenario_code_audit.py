@@ -21,6 +21,8 @@ def clean_tmp(directory):
     ("import shutil\nshutil.rmtree('/')\n",
      ["recursive delete: shutil.rmtree('/')", "protected path: shutil.rmtree('/')"]),
     ("import shutil\ndef f(d):\n    shutil.rmtree(d)\n", ["recursive delete: shutil.rmtree(d)"]),
+    ("from shutil import rmtree\nrmtree(d)\n", ["recursive delete: rmtree(d)"]),
+    ("import pathlib\npathlib.Path(d).rmtree()\n", []),             # no such API: it would crash
     ("import os\nos.remove('/etc/passwd')\n", ["protected path: os.remove('/etc/passwd')"]),
     ("from pathlib import Path\nPath('/home/user').unlink()\n",
      ["protected path: Path('/home/user').unlink()"]),                # the path as receiver
