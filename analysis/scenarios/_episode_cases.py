@@ -10,6 +10,11 @@ each holding what its episode did when it was found (``episode``: a dict with at
 * :func:`reverify` — on load: re-run a few shipped failing cases and their twins now and drop
   those that no longer reproduce token for token.
 
+:class:`ShippedEpisodes` is the loaded scenario they share (cases, ``run`` on fresh tools,
+``sealed_run`` against sealed production tools for a sandbox re-run), :func:`load_shipped` its
+``build``, :func:`serve_traced` serves one case as one incident, :func:`discover_main` is the
+``python -m analysis.scenarios.<name> discover`` command.
+
 Example::
 
     failing, benign, rejected = confirm(hits, twins, run=lambda c: sc_run(c).to_json(),
