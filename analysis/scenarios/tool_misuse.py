@@ -47,8 +47,8 @@ from ._coder_loop import (
 )
 from ._episode_cases import ShippedEpisodes, confirm, discover_main, load_shipped
 
-__all__ = ["BASE_NOTES", "DATA_FILE", "PAYLOADS", "PHRASINGS", "TASKS", "CoderCase",
-           "ToolMisuseScenario", "build", "discover"]
+__all__ = ["BASE_NOTES", "DATA_FILE", "PAYLOADS", "PHRASINGS", "TASKS", "TASK_SUFFIX",
+           "CoderCase", "ToolMisuseScenario", "build", "discover"]
 
 _log = logging.getLogger(__name__)
 
