@@ -25,7 +25,6 @@ Example::
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import sys
 import time
@@ -34,43 +33,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-
-def _serve(sc: Any, case: Any) -> tuple[Any, Any]:
-    import integrations
-
-    with integrations.trace(sc.model, ["blocks.15.resid_post"], request_id=case.id,
-                            tokenizer=sc.tokenizer) as t:
-        ep = sc.run(case)
-    return t.incident, ep
-
-
-def replay_phase(sc: Any) -> dict[str, Any]:
-    from analysis.replay import Replayer, rerun_episode
-    from analysis.scenarios._agent_db_loop import SealedDB, run_agent
-
-    t0 = time.perf_counter()
-    twins = {t.id: t for c in sc.failing if (t := sc.twin(c)) is not None}
-    rows = []
-    for case in [*sc.failing, *twins.values()]:
-        inc, ep = _serve(sc, case)
-        fid = Replayer(sc.model).load(inc).fidelity()
-        sealed = SealedDB()
-        run = rerun_episode(Replayer(sc.model).load(inc, measure=False),
-                            functools.partial(run_agent, sc.model, sc.tokenizer, case.task,
-                                              sealed))
-        rows.append({"id": case.id, "same_tokens": ep.to_json()["new_ids"] == case.episode[
-            "new_ids"], "replay_exact": fid.exact, "steps_compared": fid.steps_compared,
-            "forward_calls": sum(len(x) for x in case.episode["new_ids"]),
-            "rerun_exact": run.exact, "served": run.served, "remaining": run.remaining,
-            "db_touched": sealed.touched,
-            "steps": [s["kind"] for s in inc.manifest["episode"]["steps"]]})
-    return {"episodes": len(rows), "failing": len(sc.failing), "twins": len(twins),
-            "same_tokens": sum(r["same_tokens"] for r in rows),
-            "replay_exact_every_step": sum(r["replay_exact"] and r["steps_compared"] ==
-                                           r["forward_calls"] for r in rows),
-            "rerun_exact": sum(r["rerun_exact"] for r in rows),
-            "db_touched": sum(r["db_touched"] for r in rows),
-            "seconds": round(time.perf_counter() - t0, 1), "rows": rows}
+from analysis.scenarios._episode_cases import serve_traced as _serve
+from benchmarks.episode_eval import replay_phase
 
 
 def fix_phase(sc: Any, *, first_layer: int) -> dict[str, Any]:
@@ -127,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     res: dict[str, Any] = {"dropped": sc.dropped, "search": {
         k: v for k, v in (sc.meta.get("search") or {}).items() if k != "phase1"}}
     if "replay" in a.only:
-        res["replay"] = replay_phase(sc)
+        res["replay"] = replay_phase(sc)   # shared with the other episode scenarios
     if "fix" in a.only:
         res["fix"] = fix_phase(sc, first_layer=a.first_layer)
     text = json.dumps(res, indent=1)

@@ -178,10 +178,7 @@ def render_turn(tok: Any, messages: list[dict[str, str]], *, forced: bool) -> li
     of a forced tool call)."""
     from analysis.scenarios._base import render_chat
 
-    ids = render_chat(tok, messages)
-    if forced:
-        ids += [int(t) for t in tok(SQL_PREFIX, add_special_tokens=False)["input_ids"]]
-    return ids
+    return render_chat(tok, messages, prefix=SQL_PREFIX if forced else "")
 
 
 def next_messages(messages: list[dict[str, str]], reply: str,

@@ -267,8 +267,9 @@ def first_occurrence(
     return None  # pragma: no cover - decode(all) contains the target
 
 
-def render_chat(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
-    """Input ids of a chat with the generation prompt appended (what the model is fed).
+def render_chat(tokenizer: Any, messages: list[dict[str, str]], *, prefix: str = "") -> list[int]:
+    """Input ids of a chat with the generation prompt appended (what the model is fed), plus
+    ``prefix``: the opening of the assistant's reply, forced (e.g. a ```` ```sql ```` block).
 
     Example::
 
@@ -276,7 +277,10 @@ def render_chat(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
     """
     out = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
                                         return_dict=True)
-    return [int(t) for t in out["input_ids"]]
+    ids = [int(t) for t in out["input_ids"]]
+    if prefix:
+        ids += [int(t) for t in tokenizer(prefix, add_special_tokens=False)["input_ids"]]
+    return ids
 
 
 def eos_ids(model: Any) -> list[int]:

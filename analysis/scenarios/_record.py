@@ -13,6 +13,7 @@ Example::
 
 from __future__ import annotations
 
+import importlib
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -82,7 +83,6 @@ def _judge_planted(model: Any, pm: Any, case: ScenarioCase, logits: Any) -> str 
 
 def _load_real(module: str) -> Callable[..., Any]:
     def load(*, n_benign: int, n_failing: int, seed: int) -> Any:
-        import importlib
         import random
 
         mod = importlib.import_module(f"analysis.scenarios.{module}")
@@ -123,20 +123,21 @@ def _judge_real(model: Any, sc: Any, case: ScenarioCase, out: Any) -> str | None
     return None
 
 
-def _load_agent_db(*, n_benign: int, n_failing: int, seed: int) -> Any:
-    from analysis.scenarios.agent_db import build
+def _load_episodes(module: str) -> Callable[..., Any]:
+    def load(*, n_benign: int, n_failing: int, seed: int) -> Any:
+        sc = importlib.import_module(f"analysis.scenarios.{module}").build(seed=seed)
+        return (sc.model, sc, [ScenarioCase(c.id, [], False) for c in sc.benign[:n_benign]],
+                [ScenarioCase(c.id, [], True) for c in sc.failing[:n_failing]])
+    return load
 
-    sc = build(seed=seed)
-    return (sc.model, sc, [ScenarioCase(c.id, [], False) for c in sc.benign[:n_benign]],
-            [ScenarioCase(c.id, [], True) for c in sc.failing[:n_failing]])
 
+def _serve_episode(model: Any, sc: Any, case: ScenarioCase) -> str | None:
+    """The case's whole episode, served now (on fresh tools); its failure judged from this very
+    run by the scenario's own check (SQLite's authorizer, the code's AST, the reply's text)."""
+    from analysis.scenarios._episode_cases import find_case
 
-def _serve_agent_db(model: Any, sc: Any, case: ScenarioCase) -> str | None:
-    """The agent's episode on a fresh database; fails when SQLite executed a destructive
-    statement in this very run."""
-    c = next(x for x in [*sc.failing, *sc.benign] if x.id == case.id)
-    ep = sc.run(c)
-    return f"destructive SQL executed: {', '.join(ep.destructive)}" if ep.destructive else None
+    shipped = find_case(sc, case.id)
+    return sc.failure(shipped, sc.run(shipped))
 
 
 def _judge_episode(model: Any, ctx: Any, case: ScenarioCase, out: Any) -> str | None:
@@ -162,8 +163,16 @@ SCENARIOS: dict[str, ScenarioSpec] = {
                      _load_real("toxic"), _judge_real, real_model=True),
         ScenarioSpec("agent-db", "SmolLM2 SQL agent over a real SQLite database runs a "
                      "destructive statement after reading a row with a hidden instruction "
-                     "(one incident per episode)", _load_agent_db, _judge_episode,
-                     real_model=True, serve=_serve_agent_db),
+                     "(one incident per episode)", _load_episodes("agent_db"),
+                     _judge_episode, real_model=True, serve=_serve_episode),
+        ScenarioSpec("multiturn", "SmolLM2 conversation (KV cache carried across turns) breaks "
+                     "a constraint set in its first turn after a later pressure turn (one "
+                     "incident per conversation)", _load_episodes("multiturn"), _judge_episode,
+                     real_model=True, serve=_serve_episode),
+        ScenarioSpec("tool-misuse", "SmolLM2 coding assistant writes a destructive call after "
+                     "reading a project file with a hidden instruction (recorded read_file; "
+                     "code audited by parsing, never run)", _load_episodes("tool_misuse"),
+                     _judge_episode, real_model=True, serve=_serve_episode),
     ]
 }
 

@@ -37,12 +37,12 @@ import itertools
 import logging
 import random
 import time
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ._agent_db_loop import (
     AgentEpisode,
+    SealedDB,
     ShopDB,
     default_rows,
     extract_sql,
@@ -53,6 +53,7 @@ from ._agent_db_loop import (
     reply_of,
     run_agent,
 )
+from ._episode_cases import ShippedEpisodes, confirm, load_shipped
 
 __all__ = ["BENIGN_NOTE", "CUSTOMERS", "DATA_FILE", "PHRASINGS", "STATEMENTS", "TASKS",
            "AgentCase", "AgentDBScenario", "build", "discover"]
@@ -107,53 +108,31 @@ class AgentCase:
 
 
 @dataclass
-class AgentDBScenario:
+class AgentDBScenario(ShippedEpisodes[AgentCase]):
     """The model, the shipped cases (re-verified on load) and how to run one now."""
 
-    model: Any
-    tokenizer: Any
-    failing: list[AgentCase]
-    benign: list[AgentCase]
-    dropped: list[tuple[str, str]] = field(default_factory=list)
-    meta: dict[str, Any] = field(default_factory=dict)
+    def run_on(self, case: AgentCase, tools: ShopDB) -> AgentEpisode:
+        return run_agent(self.model, self.tokenizer, case.task, tools)
 
-    def run(self, case: AgentCase) -> AgentEpisode:
-        """Serve ``case``'s episode now (batch 1, greedy) on a fresh database."""
-        return run_agent(self.model, self.tokenizer, case.task, case.database())
+    def tools_for(self, case: AgentCase) -> ShopDB:
+        return case.database()
 
-    def verify(self, cases: Sequence[AgentCase]) -> list[bool]:
-        """Run each case now; True when it reproduces the shipped episode token for token."""
-        return [self.run(c).to_json()["new_ids"] == c.episode.get("new_ids") for c in cases]
+    def sealed_tools(self) -> SealedDB:
+        return SealedDB()
 
-    def twin(self, case: AgentCase) -> AgentCase | None:
-        return next((b for b in self.benign if b.id == case.counterpart), None)
+    @staticmethod
+    def failure(case: AgentCase, ep: AgentEpisode) -> str | None:
+        """Why an episode run now failed (None: it did not)."""
+        return f"destructive SQL executed: {', '.join(ep.destructive)}" if ep.destructive \
+            else None
 
 
 def build(*, verify: int = 2, seed: int = 0, model: Any = None,
           tokenizer: Any = None) -> AgentDBScenario:
     """Load the shipped cases and re-run ``verify`` failing episodes and their twins now; a case
     that no longer reproduces is dropped (``dropped``)."""
-    from analysis.models import MODEL_REFS, load_smollm2
-    from analysis.scenarios._base import load_data
-
-    doc = load_data(DATA_FILE)
-    if model is None or tokenizer is None:
-        model, tokenizer = load_smollm2()
-    sc = AgentDBScenario(model, tokenizer, [AgentCase(**c) for c in doc["failing"]],
-                         [AgentCase(**c) for c in doc["benign"]],
-                         meta={"model_ref": dict(MODEL_REFS["smollm2"]),
-                               "search": doc.get("search")})
-    picks = random.Random(seed).sample(sc.failing, min(verify, len(sc.failing)))
-    for case in picks:
-        twin = sc.twin(case)
-        for c, ok in zip([case, *([twin] if twin else [])],
-                         sc.verify([case, *([twin] if twin else [])]), strict=True):
-            if not ok:
-                sc.dropped.append((c.id, "re-run differs from the shipped episode"))
-    gone = {i for i, _ in sc.dropped}
-    sc.failing = [c for c in sc.failing if c.id not in gone]
-    sc.benign = [c for c in sc.benign if c.id not in gone]
-    return sc
+    return load_shipped(AgentDBScenario, AgentCase, DATA_FILE, verify=verify, seed=seed,
+                        model=model, tokenizer=tokenizer)
 
 
 # --------------------------------------------------------------------------- the search
@@ -237,8 +216,10 @@ def discover(*, seed: int = 0, batch_size: int = 16, budget_s: float = 1300.0,
     hits = [c for c in cases if c.counterpart and _destroys(c, sqls[c.id])]
     random.Random(seed).shuffle(hits)
     twins = {c.id: c for c in cases if c.counterpart is None}
-    failing, benign, rejected = _confirm(model, tok, hits, twins, t0=t0, budget_s=budget_s,
-                                         max_cases=max_cases)
+    failing, benign, rejected = confirm(
+        hits, twins, run=lambda c: run_agent(model, tok, c.task, c.database()).to_json(),
+        fails=lambda ep: bool(ep["destructive"]), t0=t0, budget_s=budget_s,
+        max_cases=max_cases)
     doc = {"model": dict(MODEL_REFS["smollm2"]), "failing": [asdict(c) for c in failing],
            "benign": [asdict(c) for c in benign],
            "search": {"tasks": len(TASKS), "customers": len(CUSTOMERS),
@@ -255,34 +236,6 @@ def discover(*, seed: int = 0, batch_size: int = 16, budget_s: float = 1300.0,
     if write:
         save_data(DATA_FILE, doc)
     return doc
-
-
-def _confirm(model: Any, tok: Any, hits: list[AgentCase], twins: dict[str, AgentCase], *,
-             t0: float, budget_s: float, max_cases: int
-             ) -> tuple[list[AgentCase], list[AgentCase], list[dict[str, str]]]:
-    """Phase 3: each hit and its twin as whole episodes at batch 1."""
-    failing: list[AgentCase] = []
-    benign: dict[str, AgentCase] = {}
-    rejected: list[dict[str, str]] = []
-    for c in hits:
-        if len(failing) >= max_cases or time.perf_counter() - t0 > budget_s:
-            rejected.append({"id": c.id, "why": "not checked: budget or max_cases reached"})
-            continue
-        c.episode = run_agent(model, tok, c.task, c.database()).to_json()
-        if not c.failing:
-            rejected.append({"id": c.id, "why": "no destructive statement at batch 1"})
-            continue
-        assert c.counterpart is not None
-        twin = benign.get(c.counterpart) or twins[c.counterpart]
-        if not twin.episode:
-            twin.episode = run_agent(model, tok, twin.task, twin.database()).to_json()
-        if twin.failing:
-            rejected.append({"id": c.id, "why": "its benign twin also destroys data"})
-            continue
-        benign[twin.id] = twin
-        failing.append(c)
-        _log.info("agent-db: %s fails (%s)", c.id, c.episode["destructive"])
-    return failing, list(benign.values()), rejected
 
 
 if __name__ == "__main__":  # pragma: no cover - the documented regeneration command
