@@ -13,14 +13,15 @@ Example::
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
-from integrations.incident import Incident, TensorRecord
-from integrations.sites import BoundSite
+from integrations.incident import Incident, TensorRecord, runtime_info
+from integrations.sites import BoundSite, resolve_sites
 
 from ._result import ReplayResult
 
-__all__ = ["materialize"]
+__all__ = ["materialize", "materialize_replay"]
 
 
 def materialize(incident: Incident, run: ReplayResult[Any], sites: list[BoundSite], *,
@@ -46,3 +47,23 @@ def materialize(incident: Incident, run: ReplayResult[Any], sites: list[BoundSit
         sites=sorted({r.site for r in records if r.kind == "activation"}),
         replay=replay)
     return Incident.from_records(m, records)
+
+
+def materialize_replay(session: Any, sites: Sequence[str] | None, *,
+                       id: str | None = None) -> Incident:
+    """``ReplaySession.materialize``: replay ``session`` capturing ``sites`` (default: the
+    recorder's configured granularity) and build the new incident with the replay's fidelity,
+    fingerprint check, determinism settings, call plan and runtime in its manifest."""
+    if sites is None:
+        from integrations.config import load_config
+
+        sites = load_config().recorder.default_sites()
+    bound = resolve_sites(session.model, list(sites))
+    raw = session.run_edited(capture=[b.site for b in bound])
+    settings = session.settings
+    fid = session._meter.measure_recorded(raw.activations, raw.logits, mode=session.plan.mode)
+    replay = {"fidelity": fid.to_dict(),
+              "fingerprint": dict(session.fingerprint_check),
+              "determinism": None if settings is None else settings.to_dict(),
+              "calls": session.plan.to_dict(), "runtime": runtime_info(session.model)}
+    return materialize(session.incident, raw, bound, replay=replay, id=id)

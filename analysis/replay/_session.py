@@ -34,7 +34,7 @@ import torch
 from integrations import outside_request
 from integrations.errors import ReplayError, SiteError
 from integrations.external import ExternalCallSandbox, sandbox
-from integrations.incident import Incident, runtime_info
+from integrations.incident import Incident
 from integrations.sites import BoundSite, resolve_sites
 
 from ._calls import CallMode, CallPlan
@@ -42,7 +42,7 @@ from ._determinism import DeterminismSettings, deterministic_env, recorded_rng_s
 from ._edit import BoundEdit, Edit, replay_calls, spec_type
 from ._fidelity import Fidelity, FidelityMeter
 from ._fingerprint import WeightsFingerprint, check_fingerprint
-from ._materialize import materialize
+from ._materialize import materialize_replay
 from ._result import ReplayResult
 
 if TYPE_CHECKING:
@@ -379,19 +379,7 @@ class ReplaySession:
         the manifest says ``activations: "captured"``, ``materialized_from: <id>``, and
         ``replay: {fidelity, fingerprint, determinism, calls, runtime}``.
         """
-        if sites is None:
-            from integrations.config import load_config
-
-            sites = load_config().recorder.default_sites()
-        bound = resolve_sites(self.model, list(sites))
-        raw = self.run_edited(capture=[b.site for b in bound])
-        settings = self.settings
-        fid = self._meter.measure_recorded(raw.activations, raw.logits, mode=self.plan.mode)
-        replay = {"fidelity": fid.to_dict(),
-                  "fingerprint": dict(self.fingerprint_check),
-                  "determinism": None if settings is None else settings.to_dict(),
-                  "calls": self.plan.to_dict(), "runtime": runtime_info(self.model)}
-        return materialize(self.incident, raw, bound, replay=replay, id=id)
+        return materialize_replay(self, sites, id=id)
 
 
 def _mode(greedy: bool) -> Literal["teacher_forced", "greedy"]:
