@@ -31,6 +31,7 @@ import json
 import logging
 import random
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
@@ -68,7 +69,7 @@ class EpisodeScenario(Protocol):
 
 
 @dataclass
-class ShippedEpisodes(Generic[C]):
+class ShippedEpisodes(ABC, Generic[C]):
     """Base of a loaded episode scenario: the model, the shipped cases (re-verified on load) and
     what was dropped. A subclass says how to serve a case on given tools (:meth:`run_on`; its
     episode's ``to_json()`` holds ``new_ids``), which fresh tools a case starts from
@@ -81,9 +82,14 @@ class ShippedEpisodes(Generic[C]):
     dropped: list[tuple[str, str]] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)
 
+    @abstractmethod
     def run_on(self, case: C, tools: Any) -> Any:
         """Serve ``case``'s episode on ``tools`` (greedy, batch 1)."""
-        raise NotImplementedError
+
+    @staticmethod
+    @abstractmethod
+    def failure(case: Any, episode: Any) -> str | None:
+        """Why an episode run now failed (None: it did not): the scenario's own label."""
 
     def tools_for(self, case: C) -> Any:
         """Fresh tools in ``case``'s starting state (None: the episode calls no tool)."""

@@ -194,8 +194,10 @@ def test_download_of_a_pending_incident_checks_it_first(
     with SidecarClient(addr) as c:
         c.upload("inc-1", data)
         assert c.get("inc-1").integrity == "pending"
+        assert [i.id for i in c.list(filter='integrity = "pending"').incidents] == ["inc-1"]
         assert c.download("inc-1") == data     # announced sha256 verified by the client
         assert c.get("inc-1").integrity == "verified"
+        assert not c.list(filter='integrity = "pending"').incidents
 
 
 def test_list_filter_order_paging(serve: Callable[..., tuple[Sidecar, str]]) -> None:
