@@ -16,7 +16,23 @@ from typing import Any
 
 from ._cli_common import client, client_args, rpc
 
-__all__ = ["register_report"]
+__all__ = ["default_report_name", "register_report"]
+
+
+def default_report_name(incident_id: str, *, tenant: str | None) -> str:
+    """The report's file name when ``-o`` is not given: ``<id>.html``, or with a tenant named
+    (admins: ids are unique per tenant only) ``<tenant dir>.<id>.html`` — the tenant as the store
+    names its directory (``t-acme``, or ``x-<sha256>`` for a name that is not a plain one), never
+    the raw name as a path.
+
+    Example::
+
+        default_report_name("inc-1", tenant=None)     # 'inc-1.html'
+        default_report_name("inc-1", tenant="acme")   # 't-acme.inc-1.html'
+    """
+    from ._store_layout import tenant_dir
+
+    return f"{incident_id}.html" if tenant is None else f"{tenant_dir(tenant)}.{incident_id}.html"
 
 
 def register_report(subparsers: Any) -> None:
@@ -30,7 +46,9 @@ def register_report(subparsers: Any) -> None:
     p.add_argument("--results", metavar="FILE",
                    help="with --incident: analysis results as JSON ({kind: result}, or the "
                         "output of `forensics incidents show --json`)")
-    p.add_argument("-o", "--output", help="HTML file to write (default ./<id>.html)")
+    p.add_argument("-o", "--output", help="HTML file to write (default ./<id>.html; with "
+                                           "--tenant ./<tenant dir>.<id>.html, so an admin's "
+                                           "reports of two tenants' same id never overwrite)")
     p.add_argument("--trace-url", help="link template for the trace id, e.g. "
                                        "http://localhost:16686/trace/{trace_id}")
     p.add_argument("--index", action="store_true",
@@ -52,7 +70,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
     else:
         with client(args) as c:
             data = data_from_sidecar(c, args.incident_id)
-    out = Path(args.output or f"{data.incident_id}.html")
+    out = Path(args.output or default_report_name(data.incident_id,
+                                                  tenant=getattr(args, "tenant", None)))
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(out, render_report(data, trace_url=args.trace_url).encode("utf-8"))
     print(f"wrote {out}")

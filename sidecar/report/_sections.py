@@ -76,6 +76,14 @@ def summary(data: ReportData) -> str:
     return f'<p>{"".join(badges)}</p><div class="cards">{"".join(cards)}</div>' + "".join(missing)
 
 
+def _tenant(stored: object, claimed: object) -> str:
+    """The tenant the sidecar stored the incident under (from the uploader's credentials: the
+    authoritative one), and what the manifest's request claims when it says something else."""
+    if stored in (None, "") or claimed in (None, "", stored):
+        return esc(stored or claimed)
+    return f"{esc(stored)} <small>(the manifest's request says {esc(claimed)})</small>"
+
+
 def _short(value: Any, n: int = 23) -> str:
     text = str(value) if value is not None else None
     return esc(text if text is None or len(text) <= n else text[:n] + "…")
@@ -94,7 +102,7 @@ def manifest(data: ReportData) -> str:
         ("trigger", f"{esc(trig.get('rule'))}: {esc(trig.get('reason'))} at step "
                     f"{esc(trig.get('step'))}"),
         ("captured by", f"{esc(captured_by.get('rule'))}"),
-        ("request", f"{esc(req.get('id'))} · tenant {esc(req.get('tenant') or f.get('tenant'))}"),
+        ("request", f"{esc(req.get('id'))} · tenant {_tenant(f.get('tenant'), req.get('tenant'))}"),
         ("traceparent", esc(req.get("traceparent"))),
         ("activations", f"{esc(m.get('activations'))} · {esc(len(m.get('sites') or []))} sites"
                         f" · {esc(m.get('steps'))} forward steps"),

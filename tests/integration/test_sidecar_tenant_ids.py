@@ -13,6 +13,7 @@ import hashlib
 import json
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import grpc
 import pytest
@@ -193,3 +194,31 @@ def test_the_cli_names_the_tenant_with_an_admin_token(serve: Serve,
         assert int(args.func(args)) == status
     out = capsys.readouterr()
     assert json.loads(out.out)["tenant"] == "globex"
+
+
+def test_an_admins_reports_of_two_tenants_same_id_do_not_overwrite(
+        serve: Serve, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """``forensics report inc-x --tenant T`` (no ``-o``) names the file after the tenant's store
+    directory, so the second tenant's report is a second file, each of its own incident."""
+    from sidecar.cli import register
+
+    _, addr = _serve(serve)
+    with _clients(addr) as c:
+        c["acme"].upload("inc-x", ACME_X)
+        c["globex"].upload("inc-x", GLOBEX_X)
+    parser = argparse.ArgumentParser(prog="forensics")
+    register(parser.add_subparsers(dest="command"))
+    monkeypatch.chdir(tmp_path)
+    for tenant in ("acme", "globex"):
+        args = parser.parse_args(["report", "inc-x", "--address", addr, "--token",
+                                  TOKENS["admin"], "--tenant", tenant])
+        assert int(args.func(args)) == 0
+    capsys.readouterr()
+    files = sorted(p.name for p in tmp_path.glob("*.html"))
+    assert files == ["t-acme.inc-x.html", "t-globex.inc-x.html"]
+    texts = {n: (tmp_path / n).read_text(encoding="utf-8") for n in files}
+    assert texts["t-acme.inc-x.html"] != texts["t-globex.inc-x.html"]
+    for tenant, other in (("acme", "globex"), ("globex", "acme")):
+        text = texts[f"t-{tenant}.inc-x.html"]
+        assert f"tenant {tenant}" in text and f"tenant {other}" not in text
