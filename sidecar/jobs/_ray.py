@@ -190,8 +190,8 @@ class RayExecutor:
             total = ray.cluster_resources()
         except Exception:
             return
-        for key in ("num_cpus", "num_gpus"):
-            have = float(total.get(key.removeprefix("num_").upper(), 0.0))
+        for key, resource in (("num_cpus", "CPU"), ("num_gpus", "GPU")):
+            have = float(total.get(resource, 0.0))
             if getattr(want, key) > have:
                 log.warning("the Ray cluster has %s %s in all, a job attempt asks for %s "
                             "(jobs.ray.%s or the kind's resources): it waits until a node "

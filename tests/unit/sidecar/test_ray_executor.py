@@ -9,6 +9,8 @@ the error mapping, without a cluster."""
 from __future__ import annotations
 
 import contextlib
+import json
+import logging
 import os
 import signal
 import subprocess
@@ -185,6 +187,18 @@ def test_job_errors_cross_the_ray_task_boundary(ray_cluster: Any, tmp_path: Path
 
 
 @pytest.mark.slow
+def test_a_request_no_node_has_is_logged_once(ray_cluster: Any, tmp_path: Path,
+                                              caplog: pytest.LogCaptureFixture) -> None:
+    executor = RayExecutor(_ray_config(tmp_path).jobs.ray)
+    with caplog.at_level(logging.WARNING, logger="sidecar.jobs"):
+        for want in (JobResources(num_cpus=1), JobResources(num_gpus=1),
+                     JobResources(num_gpus=1)):
+            executor._warn_if_unavailable(ray_cluster, want)
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 1 and "0.0 num_gpus in all" in said[0] and "jobs.ray.num_gpus" in said[0]
+
+
+@pytest.mark.slow
 def test_shutdown_never_waits_on_a_running_task_and_the_job_resumes(
         ray_cluster: Any, tmp_path: Path, make_incident: Any) -> None:
     log = tmp_path / "attempts.log"
@@ -204,6 +218,45 @@ def test_shutdown_never_waits_on_a_running_task_and_the_job_resumes(
         with _running(JobRunner(store, config=cfg, kinds=[kind])) as again:
             done = again.wait(job.id, timeout_s=120)
     assert (done.state, done.attempts) == ("done", 2)
+
+
+_OWN_RAY = """
+import json, sys
+import ray
+from sidecar._config import SidecarConfig
+from sidecar._store import LocalStore
+from sidecar.jobs import JobRunner, builtin_kinds
+from tests.unit.sidecar.conftest import build_incident
+
+data = sys.argv[1]
+cfg = SidecarConfig.from_dict({"data_dir": data, "jobs": {
+    "executor": "ray", "poll_interval_s": 0.05, "workers": 1}})
+with LocalStore(data) as store:
+    store.put("inc-1", build_incident("inc-1"), tenant="acme")
+    runner = JobRunner(store, config=cfg, kinds=builtin_kinds())
+    runner.start()
+    before = ray.is_initialized()
+    done = runner.wait(runner.submit("inc-1", "stats", tenant="acme").id, timeout_s=120)
+    during = ray.is_initialized()
+    runner.stop()
+print(json.dumps({"before": before, "during": during, "after": ray.is_initialized(),
+                  "state": done.state, "error": done.error, "result": done.result}))
+"""
+
+
+@pytest.mark.slow
+def test_a_sidecar_starts_its_own_ray_at_the_first_job_and_shuts_it_down(
+        tmp_path: Path) -> None:
+    pytest.importorskip("ray", reason="Ray (extra `fleet`) is not installed")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env.pop("RAY_ADDRESS", None)
+    out = subprocess.run([sys.executable, "-c", _OWN_RAY, str(tmp_path)], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert (got["before"], got["during"], got["after"]) == (False, True, False)
+    assert got["state"] == "done", got["error"]
+    assert got["result"]["n_tensors"] == 2       # the 2 activation sites, read on a Ray worker
 
 
 # -- without a cluster -----------------------------------------------------------------------
