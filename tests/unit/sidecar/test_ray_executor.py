@@ -8,10 +8,11 @@ the error mapping, without a cluster."""
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import json
 import logging
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -37,8 +38,10 @@ from sidecar.jobs import (
     builtin_kinds,
     make_executor,
 )
-from sidecar.jobs._ray import job_error
+from sidecar.jobs._ray import _shippable, job_error
 from tests._waiting import wait_for
+
+from .test_jobs import _running
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -46,15 +49,6 @@ REPO = Path(__file__).resolve().parents[3]
 def _config(tmp_path: Path, **raw: Any) -> SidecarConfig:
     jobs = {"poll_interval_s": 0.05, "workers": 1, **raw.pop("jobs", {})}
     return SidecarConfig.from_dict({"data_dir": str(tmp_path), "jobs": jobs, **raw})
-
-
-@contextlib.contextmanager
-def _running(runner: JobRunner) -> Iterator[JobRunner]:
-    runner.start()
-    try:
-        yield runner
-    finally:
-        runner.stop()
 
 
 # -- job kinds the Ray workers import from this module --------------------------------------
@@ -320,6 +314,17 @@ def test_the_local_executor_never_imports_ray(tmp_path: Path) -> None:
                          env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"     # not even a RayExecutor imports Ray before a job
+
+
+def test_the_job_context_goes_to_ray_without_the_auth_tokens(tmp_path: Path) -> None:
+    cfg = _config(tmp_path, auth={"tokens": [{"token": "s3cret-token", "tenant": "acme"}]})
+    ctx = JobContext(job_id="j", incident_id="i", kind="k", attempt=1, params={"a": 1},
+                     incident_path=str(tmp_path / "i.arrow"), config=cfg, tenant="acme")
+    shipped = _shippable(ctx)
+    assert "s3cret-token" not in pickle.dumps(shipped).decode("latin-1")
+    assert "s3cret-token" in pickle.dumps(ctx).decode("latin-1")      # the check can see it
+    assert shipped == dataclasses.replace(ctx, config=dataclasses.replace(
+        cfg, auth=dataclasses.replace(cfg.auth, tokens={})))
 
 
 def test_a_ray_executor_shut_down_refuses_work_retryably(tmp_path: Path) -> None:
