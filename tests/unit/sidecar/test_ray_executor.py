@@ -143,7 +143,8 @@ def test_cca_job_on_ray_is_identical_to_the_local_executor(
 
 @pytest.mark.slow
 def test_a_killed_ray_worker_is_retried_from_the_catalog(
-        ray_cluster: Any, tmp_path: Path, make_incident: Any) -> None:
+        ray_cluster: Any, tmp_path: Path, make_incident: Any,
+        caplog: pytest.LogCaptureFixture) -> None:
     log = tmp_path / "attempts.log"
     cfg = _ray_config(tmp_path, jobs={"max_attempts": 3})
     kind = JobKind("hold", run=hold_until_killed)
@@ -155,12 +156,15 @@ def test_a_killed_ray_worker_is_retried_from_the_catalog(
                              "attempt 1 to start on a Ray worker")
             pid = int(first[1])
             assert first[0] == "1" and pid != os.getpid()   # another process: the worker
-            os.kill(pid, signal.SIGKILL)
-            done = runner.wait(job.id, timeout_s=120)
+            with caplog.at_level(logging.WARNING, logger="sidecar.jobs"):
+                os.kill(pid, signal.SIGKILL)
+                done = runner.wait(job.id, timeout_s=120)
     lines = [tuple(map(int, line.split())) for line in log.read_text().splitlines()]
     assert (done.state, done.attempts, done.error) == ("done", 2, None)
     assert [a for a, _ in lines] == [1, 2]      # no retry by Ray itself (max_retries=0)
     assert lines[1][1] != pid and done.result == {"attempt": 2, "pid": lines[1][1]}
+    lost = [r.getMessage() for r in caplog.records if "was lost" in r.getMessage()]
+    assert len(lost) == 1 and "WorkerCrashedError" in lost[0]    # mapped: retryable
 
 
 @pytest.mark.slow
