@@ -194,6 +194,10 @@ class JobKind:
     #: What one attempt needs beyond ``jobs.ray``'s request (e.g. ``num_gpus=1`` for replays
     #: of a large model); ``None``: the configured request.
     resources: JobResources | None = None
+    #: ``run`` reads or writes files under the sidecar's ``data_dir`` (baselines, probes, result
+    #: files), which stays on the sidecar (DESIGN §12): the runner runs it on its own thread
+    #: pool whatever ``jobs.executor`` says (a remote worker would see another disk).
+    uses_data_dir: bool = False
 
     def check_options(self, params: Mapping[str, Any] | None) -> None:
         """Refuse params that are not among :attr:`options` (:class:`JobOptionsError`)."""

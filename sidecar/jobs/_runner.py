@@ -31,7 +31,7 @@ from integrations.errors import IncidentFormatError, SidecarError
 
 from .._observer import Telemetry, as_telemetry, counter, gauge, histogram
 from .._store_index import utcnow
-from ._executor import JobExecutor, make_executor
+from ._executor import JobExecutor, LocalExecutor, make_executor
 from ._host import RunnerHost
 from ._kind import JobContext, JobFailed, JobKind, JobKinds, UnknownJobKindError
 from ._queue import JOB_STATES, JobQueue, JobRecord
@@ -81,6 +81,9 @@ class JobRunner:
         self.telemetry = as_telemetry(telemetry)
         self.workers = config.jobs.workers
         self._executor = executor or make_executor(config)
+        #: For kinds that use the sidecar's data_dir (JobKind.uses_data_dir).
+        self._on_sidecar: JobExecutor = self._executor if isinstance(
+            self._executor, LocalExecutor) else LocalExecutor(workers=self.workers)
         self._own_executor = executor is None
         self._wake = threading.Event()
         self._stopping = threading.Event()
@@ -123,6 +126,8 @@ class JobRunner:
             self._closed = True
         if self._own_executor:
             self._executor.shutdown()
+        if self._on_sidecar is not self._executor:
+            self._on_sidecar.shutdown()
 
     # -- API ---------------------------------------------------------------------------------
 
@@ -269,7 +274,8 @@ class JobRunner:
                          incident_path=str(self.store.path(job.incident_id, tenant=job.tenant)),
                          config=self.config,
                          tenant=job.tenant)
-        return self._executor.run(kind.run, ctx, resources=kind.resources)
+        executor = self._on_sidecar if kind.uses_data_dir else self._executor
+        return executor.run(kind.run, ctx, resources=kind.resources)
 
     def _conclude(self, job: JobRecord, host: RunnerHost, state: str,
                   result: dict[str, Any] | None, error: str | None) -> str:

@@ -72,6 +72,11 @@ def fail_as_told(ctx: JobContext) -> dict[str, Any]:
     raise OSError("disk hiccup")
 
 
+def report_pid(ctx: JobContext) -> dict[str, Any]:
+    """The process the attempt ran in."""
+    return {"pid": os.getpid()}
+
+
 # -- a real local Ray, once for the module --------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -182,6 +187,21 @@ def test_job_errors_cross_the_ray_task_boundary(ray_cluster: Any, tmp_path: Path
     assert seen == {"retryable": ("failed", 2, "the GPU is busy, later"),
                     "permanent": ("failed", 1, "this incident has no logits"),
                     "os": ("failed", 2, "OSError: disk hiccup")}
+
+
+@pytest.mark.slow
+def test_kinds_that_use_the_data_dir_stay_on_the_sidecar(ray_cluster: Any, tmp_path: Path,
+                                                         make_incident: Any) -> None:
+    cfg = _ray_config(tmp_path, jobs={"workers": 2})
+    kinds = [JobKind("anywhere", run=report_pid),
+             JobKind("files", run=report_pid, uses_data_dir=True)]
+    with LocalStore(tmp_path / "data") as store:
+        store.put("inc-1", make_incident("inc-1"), tenant="acme")
+        with _running(JobRunner(store, config=cfg, kinds=kinds)) as runner:
+            jobs = [runner.submit("inc-1", k.name, tenant="acme") for k in kinds]
+            pids = [(runner.wait(j.id, timeout_s=120).result or {}).get("pid") for j in jobs]
+    assert pids[0] is not None and pids[0] != os.getpid()      # a Ray worker
+    assert pids[1] == os.getpid()                              # the sidecar's thread pool
 
 
 @pytest.mark.slow
@@ -297,6 +317,13 @@ def test_executor_keys_are_validated_naming_the_key(tmp_path: Path) -> None:
     for key, jobs in bad.items():
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
             _config(tmp_path, jobs=jobs)
+
+
+def test_the_builtin_kinds_that_touch_the_data_dir_are_marked() -> None:
+    # cf/probe_score read baselines/probes, baseline/probe write them, investigate writes its
+    # report: all under <data_dir>, which stays on the sidecar
+    assert {k.name for k in builtin_kinds() if k.uses_data_dir} == {
+        "baseline", "cf", "investigate", "probe", "probe_score"}
 
 
 def test_a_kind_hint_only_raises_the_request() -> None:
