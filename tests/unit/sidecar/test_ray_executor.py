@@ -319,6 +319,18 @@ def test_executor_keys_are_validated_naming_the_key(tmp_path: Path) -> None:
             _config(tmp_path, jobs=jobs)
 
 
+def test_the_ray_keys_come_from_the_environment_too() -> None:
+    from sidecar._config import load_config
+
+    cfg = load_config(REPO / "configs" / "sidecar.yaml", env={
+        "FORENSICS_SIDECAR__JOBS__EXECUTOR": "ray",
+        "FORENSICS_SIDECAR__JOBS__RAY__ADDRESS": "ray://head:10001",
+        "FORENSICS_SIDECAR__JOBS__RAY__NUM_GPUS": "1"})
+    assert (cfg.jobs.executor, cfg.jobs.ray.address, cfg.jobs.ray.num_gpus) == \
+        ("ray", "ray://head:10001", 1.0)
+    assert load_config(REPO / "configs" / "sidecar.yaml", env={}).jobs.executor == "local"
+
+
 def test_the_builtin_kinds_that_touch_the_data_dir_are_marked() -> None:
     # cf/probe_score read baselines/probes, baseline/probe write them, investigate writes its
     # report: all under <data_dir>, which stays on the sidecar
