@@ -74,6 +74,11 @@ def _first_line(error: BaseException) -> str:
     return text[0][:300] if text else "no detail"
 
 
+def _shut_down() -> JobFailed:
+    return JobFailed("the job executor is shut down; the job runs at the next start of the "
+                     "sidecar", retryable=True)
+
+
 def _shippable(ctx: JobContext) -> JobContext:
     """The context as sent to the cluster: the config without the sidecar's auth tokens."""
     return dataclasses.replace(ctx, config=dataclasses.replace(ctx.config, auth=AuthConfig()))
@@ -100,9 +105,11 @@ class RayExecutor:
         ray, task = self._connect()
         want = self.request.at_least(resources)
         self._warn_if_unavailable(ray, want)
-        ref = task.options(num_cpus=want.num_cpus, num_gpus=want.num_gpus,
-                           name=f"forensics-job-{ctx.kind}").remote(run, _shippable(ctx))
-        with self._lock:
+        with self._lock:   # submitted and tracked as one step: shutdown() cancels it
+            if self._closed:
+                raise _shut_down()
+            ref = task.options(num_cpus=want.num_cpus, num_gpus=want.num_gpus,
+                               name=f"forensics-job-{ctx.kind}").remote(run, _shippable(ctx))
             self._inflight.add(ref)
         try:
             return self._result(ray, ref)
@@ -138,8 +145,7 @@ class RayExecutor:
         be joined now is a retryable failure of the attempt."""
         with self._lock:
             if self._closed:
-                raise JobFailed("the job executor is shut down; the job runs at the next start",
-                                retryable=True)
+                raise _shut_down()
             if self._task is None:
                 import ray
 
@@ -171,8 +177,7 @@ class RayExecutor:
         try:
             while not ray.wait([ref], timeout=_POLL_S)[0]:
                 if self._closed:
-                    raise JobFailed("the job executor was shut down during the attempt; the job "
-                                    "runs at the next start", retryable=True)
+                    raise _shut_down()
             return dict(ray.get(ref))
         except rx.RayError as e:
             mapped = job_error(e)
