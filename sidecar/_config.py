@@ -23,6 +23,7 @@ from integrations.errors import ConfigError
 
 from ._config_sections import (
     DETECTORS,
+    EXECUTORS,
     AuthConfig,
     BaselinesConfig,
     GrpcConfig,
@@ -31,6 +32,7 @@ from ._config_sections import (
     MetricsConfig,
     MiB,
     ModelSpec,
+    RayConfig,
     SharedBaseline,
     TelemetryConfig,
     TlsConfig,
@@ -206,11 +208,37 @@ def _jobs(value: Any) -> JobsConfig:
     if "params" in jobs_raw:
         jobs_raw["params"] = {str(kind): dict(_mapping(p, f"jobs.params.{kind}"))
                               for kind, p in _mapping(jobs_raw["params"], "jobs.params").items()}
+    if "ray" in jobs_raw:
+        jobs_raw["ray"] = _ray(jobs_raw["ray"])
     jobs: JobsConfig = _section(JobsConfig, jobs_raw, "jobs")
     if jobs.workers < 1 or jobs.max_attempts < 1 or jobs.max_pending_per_tenant < 1:
         raise ConfigError("jobs.workers, jobs.max_attempts and jobs.max_pending_per_tenant "
                           "must be >= 1")
+    if jobs.executor not in EXECUTORS:
+        raise ConfigError(f"jobs.executor must be one of {', '.join(EXECUTORS)}, "
+                          f"got {jobs.executor!r}")
     return jobs
+
+
+def _ray(value: Any) -> RayConfig:
+    """``jobs.ray`` (:class:`RayConfig`): an address Ray can join, requests >= 0."""
+    ray: RayConfig = _section(RayConfig, value, "jobs.ray")
+    address = ray.address
+    if address not in ("", "auto", "local"):
+        host_port = address.removeprefix("ray://")
+        try:
+            _parse_address(host_port, "jobs.ray.address")
+        except ConfigError:
+            raise ConfigError("jobs.ray.address must be '' (a Ray instance of this sidecar), "
+                              "'auto', 'ray://host:port' or 'host:port', "
+                              f"got {address!r}") from None
+    if not ray.namespace.strip():
+        raise ConfigError("jobs.ray.namespace must be a non-empty string")
+    for key in ("num_cpus", "num_gpus"):
+        if not 0 <= getattr(ray, key) < float("inf"):
+            raise ConfigError(f"jobs.ray.{key} must be a finite number >= 0, "
+                              f"got {getattr(ray, key)!r}")
+    return ray
 
 
 def _shared_baselines(value: Any) -> tuple[SharedBaseline, ...]:

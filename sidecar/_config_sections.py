@@ -18,6 +18,7 @@ from typing import Any
 
 __all__ = [
     "DETECTORS",
+    "EXECUTORS",
     "AuthConfig",
     "BaselinesConfig",
     "GrpcConfig",
@@ -26,6 +27,7 @@ __all__ = [
     "MetricsConfig",
     "MiB",
     "ModelSpec",
+    "RayConfig",
     "SharedBaseline",
     "TelemetryConfig",
     "TlsConfig",
@@ -34,6 +36,8 @@ __all__ = [
 MiB = 1024 * 1024
 #: ``baselines.detector`` values (the detectors of ``analysis.cf`` the sidecar offers).
 DETECTORS = ("cf", "norm", "mahalanobis")
+#: ``jobs.executor`` values: today's thread pool, or Ray tasks (DESIGN §12).
+EXECUTORS = ("local", "ray")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,6 +147,19 @@ class TelemetryConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class RayConfig:
+    """``jobs.ray``: the Ray cluster ``jobs.executor: ray`` runs job attempts on, and what each
+    attempt asks for. ``address``: ``""`` starts a Ray instance owned by this sidecar (tests,
+    one machine), ``"auto"`` joins the cluster of this node (``RAY_ADDRESS`` or the running
+    local one), ``ray://head:10001`` (Ray Client) or ``host:port`` (GCS) a remote one."""
+
+    address: str = ""
+    namespace: str = "model-forensics"
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
 class JobsConfig:
     """Analysis job runner: worker threads, retries, kinds enqueued on every new incident, and
     default parameters per kind (``params: {cca: {permutations: 19}}``; a job's own params win).
@@ -154,6 +171,8 @@ class JobsConfig:
     poll_interval_s: float = 1.0
     params: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
     max_pending_per_tenant: int = 100
+    executor: str = "local"                  # local | ray (EXECUTORS)
+    ray: RayConfig = dataclasses.field(default_factory=RayConfig)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -5,7 +5,9 @@ that see a narrow :class:`JobHost`; the built-in kinds (``stats``, ``replay``, `
 ``baseline``, ``cca``, ``investigate``, ``probe``, ``probe_score``) are listed by
 :func:`builtin_kinds` and injected into the :class:`JobRunner`, which persists jobs in the
 store's DuckDB index (they survive restarts). There is no global registry: a runner knows
-exactly the kinds it was given.
+exactly the kinds it was given. Where ``run`` executes is the :class:`JobExecutor` seam:
+:class:`LocalExecutor` (a thread pool, the default) or :class:`RayExecutor` (``jobs.executor:
+ray``: one Ray task per attempt, with ``num_cpus`` / ``num_gpus`` requests).
 
 Example::
 
@@ -18,27 +20,35 @@ Example::
 """
 
 from ._builtin import builtin_kinds
+from ._executor import JobExecutor, LocalExecutor, make_executor
 from ._kind import (
     JobContext,
     JobFailed,
     JobHost,
     JobKind,
     JobOptionsError,
+    JobResources,
     UnknownJobKindError,
 )
 from ._queue import JOB_STATES, JobQuotaError, JobRecord
+from ._ray import RayExecutor
 from ._runner import JobRunner
 
 __all__ = [
     "JOB_STATES",
     "JobContext",
+    "JobExecutor",
     "JobFailed",
     "JobHost",
     "JobKind",
     "JobOptionsError",
     "JobQuotaError",
     "JobRecord",
+    "JobResources",
     "JobRunner",
+    "LocalExecutor",
+    "RayExecutor",
     "UnknownJobKindError",
     "builtin_kinds",
+    "make_executor",
 ]

@@ -123,4 +123,5 @@ def _after(host: JobHost, job: JobRecord, result: dict[str, Any]) -> None:
 
 
 BASELINE = JobKind("baseline", run=baseline_job, prepare=_prepare, record=record_baseline,
-                   after=_after, options=frozenset({"incident_ids", "fingerprint", "detector"}))
+                   after=_after, options=frozenset({"incident_ids", "fingerprint", "detector"}),
+                   uses_data_dir=True)

@@ -196,4 +196,5 @@ def _maybe_build(host: JobHost, job: JobRecord, fp: str, detector: str) -> None:
 
 
 CF = JobKind("cf", run=cf_job, record=record_cf, after=_after_cf,
-             metrics=(ANOMALY_SCORE, ANOMALY_P), options=frozenset({"detector"}))
+             metrics=(ANOMALY_SCORE, ANOMALY_P), options=frozenset({"detector"}),
+             uses_data_dir=True)

@@ -265,4 +265,4 @@ def _after(host: JobHost, job: JobRecord, result: dict[str, Any]) -> None:
 INVESTIGATE = JobKind("investigate", run=investigate_job, prepare=_prepare, after=_after,
                       metrics=(INVESTIGATIONS,),
                       options=frozenset({*_INPUTS, "budget_kl", "failure_text", "max_benign",
-                                         "max_variants", "steps"}))
+                                         "max_variants", "steps"}), uses_data_dir=True)

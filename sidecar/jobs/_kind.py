@@ -48,6 +48,7 @@ __all__ = [
     "JobKind",
     "JobKinds",
     "JobOptionsError",
+    "JobResources",
     "PrepareFn",
     "RecordFn",
     "RunFn",
@@ -81,7 +82,8 @@ class JobContext:
     kind: str
     attempt: int
     params: Mapping[str, Any]
-    incident_path: Path
+    #: Where the worker opens the incident: a string (a path today), never the store itself.
+    incident_path: str
     config: SidecarConfig
     #: The tenant the job runs for (its incident's owner): scopes what the kind may use.
     tenant: str = ""
@@ -137,6 +139,37 @@ class JobHost(Protocol):
         ...
 
 
+@dataclasses.dataclass(frozen=True)
+class JobResources:
+    """What one attempt of a job asks a distributed executor for (Ray's ``num_cpus`` /
+    ``num_gpus``; the local thread pool ignores it). A kind's hint only raises the configured
+    request (``jobs.ray``), never lowers it.
+
+    Example::
+
+        REPLAY_GPU = dataclasses.replace(REPLAY, resources=JobResources(num_gpus=1))
+        JobResources(num_cpus=1).at_least(REPLAY_GPU.resources)   # num_cpus=1, num_gpus=1
+    """
+
+    num_cpus: float = 0.0
+    num_gpus: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("num_cpus", "num_gpus"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or \
+                    not 0 <= value < float("inf"):
+                raise ValueError(f"JobResources.{name} must be a finite number >= 0, "
+                                 f"got {value!r}")
+
+    def at_least(self, hint: JobResources | None) -> JobResources:
+        """The larger of this request and a kind's ``hint``, resource by resource."""
+        if hint is None:
+            return self
+        return JobResources(num_cpus=max(self.num_cpus, hint.num_cpus),
+                            num_gpus=max(self.num_gpus, hint.num_gpus))
+
+
 RunFn = Callable[[JobContext], Mapping[str, Any]]
 PrepareFn = Callable[[JobHost, "JobRecord", dict[str, Any]], dict[str, Any]]
 RecordFn = Callable[[Any, "JobRecord", dict[str, Any]], None]
@@ -158,6 +191,13 @@ class JobKind:
     #: What ``prepare`` adds for ``run`` (resolved file paths, rankings) is never among them:
     #: a caller names incidents by id, the runner resolves them in the caller's tenant.
     options: frozenset[str] | None = None
+    #: What one attempt needs beyond ``jobs.ray``'s request (e.g. ``num_gpus=1`` for replays
+    #: of a large model); ``None``: the configured request.
+    resources: JobResources | None = None
+    #: ``run`` reads or writes files under the sidecar's ``data_dir`` (baselines, probes, result
+    #: files), which stays on the sidecar (DESIGN §12): the runner runs it on its own thread
+    #: pool whatever ``jobs.executor`` says (a remote worker would see another disk).
+    uses_data_dir: bool = False
 
     def check_options(self, params: Mapping[str, Any] | None) -> None:
         """Refuse params that are not among :attr:`options` (:class:`JobOptionsError`)."""

@@ -222,8 +222,8 @@ def _after_score(host: JobHost, job: JobRecord, result: dict[str, Any]) -> None:
 
 PROBE = JobKind("probe", run=probe_job, prepare=_prepare_train, record=record_probe,
                 options=frozenset({"folds", "max_per_class", "max_unlabelled", "min_per_class",
-                                   "reason", "sites"}))
+                                   "reason", "sites"}), uses_data_dir=True)
 #: Submitted by the sidecar after CF (its params are the sidecar's); a caller passes none.
 PROBE_SCORE = JobKind("probe_score", run=probe_score_job, prepare=_prepare_score,
                       record=record_probe_score, after=_after_score, metrics=(FAILURE_P,),
-                      options=frozenset())
+                      options=frozenset(), uses_data_dir=True)

@@ -3,8 +3,9 @@
 The runner knows kinds only through :class:`~sidecar.jobs.JobKind` (injected: ``kinds=``) and
 nothing of what their results mean: a kind's result tables, metrics and follow-up jobs are its
 own hooks, which see a narrow :class:`~sidecar.jobs.JobHost`. Each attempt runs in a
-``job.<kind>`` span linked to the incident's request trace; ``run`` goes through the executor
-(a thread pool unless another is given).
+``job.<kind>`` span linked to the incident's request trace; ``run`` goes through the
+:class:`~sidecar.jobs.JobExecutor` (``jobs.executor``: a thread pool, or Ray tasks, unless one
+is given); outcomes and retries are recorded here, in the catalog, whatever the executor.
 
 Example::
 
@@ -17,7 +18,6 @@ Example::
 
 from __future__ import annotations
 
-import concurrent.futures as cf
 import contextlib
 import datetime as dt
 import json
@@ -31,8 +31,9 @@ from integrations.errors import IncidentFormatError, SidecarError
 
 from .._observer import Telemetry, as_telemetry, counter, gauge, histogram
 from .._store_index import utcnow
+from ._executor import JobExecutor, LocalExecutor, make_executor
 from ._host import RunnerHost
-from ._kind import JobContext, JobFailed, JobKind, JobKinds, UnknownJobKindError, execute_job
+from ._kind import JobContext, JobFailed, JobKind, JobKinds, UnknownJobKindError
 from ._queue import JOB_STATES, JobQueue, JobRecord
 
 if TYPE_CHECKING:
@@ -71,7 +72,7 @@ class JobRunner:
     """Runs the jobs of ``store``'s queue with ``kinds`` (see the module doc)."""
 
     def __init__(self, store: IncidentStore, *, config: SidecarConfig, kinds: Iterable[JobKind],
-                 telemetry: Telemetry | None = None, executor: cf.Executor | None = None,
+                 telemetry: Telemetry | None = None, executor: JobExecutor | None = None,
                  clock: Callable[[], dt.datetime] = utcnow) -> None:
         self.store = store
         self.config = config
@@ -79,8 +80,10 @@ class JobRunner:
         self.queue = JobQueue(store.index, max_attempts=config.jobs.max_attempts, clock=clock)
         self.telemetry = as_telemetry(telemetry)
         self.workers = config.jobs.workers
-        self._executor = executor or cf.ThreadPoolExecutor(
-            max_workers=self.workers, thread_name_prefix="forensics-job")
+        self._executor = executor or make_executor(config)
+        #: For kinds that use the sidecar's data_dir (JobKind.uses_data_dir).
+        self._on_sidecar: JobExecutor = self._executor if isinstance(
+            self._executor, LocalExecutor) else LocalExecutor(workers=self.workers)
         self._own_executor = executor is None
         self._wake = threading.Event()
         self._stopping = threading.Event()
@@ -122,7 +125,9 @@ class JobRunner:
         with self._db_lock:   # no runner thread touches the index after this
             self._closed = True
         if self._own_executor:
-            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor.shutdown()
+        if self._on_sidecar is not self._executor:
+            self._on_sidecar.shutdown()
 
     # -- API ---------------------------------------------------------------------------------
 
@@ -266,10 +271,11 @@ class JobRunner:
                 params = kind.prepare(host, job, params)
         ctx = JobContext(job_id=job.id, incident_id=job.incident_id, kind=job.kind,
                          attempt=job.attempts, params=params,
-                         incident_path=self.store.path(job.incident_id, tenant=job.tenant),
+                         incident_path=str(self.store.path(job.incident_id, tenant=job.tenant)),
                          config=self.config,
                          tenant=job.tenant)
-        return self._executor.submit(execute_job, kind.run, ctx).result()
+        executor = self._on_sidecar if kind.uses_data_dir else self._executor
+        return executor.run(kind.run, ctx, resources=kind.resources)
 
     def _conclude(self, job: JobRecord, host: RunnerHost, state: str,
                   result: dict[str, Any] | None, error: str | None) -> str:
