@@ -22,7 +22,7 @@ from pathlib import Path
 
 from integrations.errors import SidecarError
 
-__all__ = ["IncomingFile", "StoreError"]
+__all__ = ["IncomingFile", "StoreError", "StoreUnavailableError"]
 
 
 #: The writer thread flushes the data written so far every this many bytes (off the receiving
@@ -32,6 +32,11 @@ SYNC_EVERY = 8 * 1024 * 1024
 
 class StoreError(SidecarError):
     """The store could not complete an operation (I/O or index failure)."""
+
+
+class StoreUnavailableError(StoreError):
+    """The object store holding the incident files (``store.uri``) could not be reached or
+    refused a write; nothing was acknowledged — retry later."""
 
 
 def _write_tmp(directory: Path, stem: str, data: bytes | memoryview) -> Path:
