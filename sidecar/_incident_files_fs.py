@@ -127,10 +127,7 @@ class FsFiles:
 
     def _put(self, src: Path, key: str) -> None:
         """One object from a local file, complete or not at all (checked by its size)."""
-        parent = key.rsplit("/", 1)[0]
-        if parent not in self._dirs:
-            self.fs.create_dir(parent, recursive=True)
-            self._dirs.add(parent)
+        parent = self._parent(key)
         size = src.stat().st_size
         target = key if self._atomic_put else f"{parent}/.{uuid.uuid4().hex}.tmp"
         with open(src, "rb") as f, self.fs.open_output_stream(target) as out:
@@ -150,6 +147,14 @@ class FsFiles:
         if stored != size:
             self._delete_quietly(key)
             raise OSError(f"object {key} has {stored} bytes after writing {size}")
+
+    def _parent(self, key: str) -> str:
+        """``key``'s directory, created once per process (S3: a marker object)."""
+        parent = key.rsplit("/", 1)[0]
+        if parent not in self._dirs:
+            self.fs.create_dir(parent, recursive=True)
+            self._dirs.add(parent)
+        return parent
 
     def _delete_quietly(self, key: str) -> None:
         try:
@@ -257,11 +262,12 @@ class FsFiles:
         self._cached(dir_name, incident_id).unlink(missing_ok=True)
 
     def _move_aside(self, key: str, dir_name: str, incident_id: str) -> None:
+        import pyarrow.fs as pafs
+
         target = self._quarantine_key(dir_name, f"{incident_id}.arrow")
-        try:
+        self._parent(target)
+        if self.fs.get_file_info(key).type == pafs.FileType.File:
             self.fs.move(key, target)
-        except FileNotFoundError:
-            pass
 
     # -- recovery (a FileListing for reconcile_listing) -------------------------------------
 
