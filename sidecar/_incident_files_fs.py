@@ -27,7 +27,6 @@ Example::
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -37,8 +36,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from integrations._crc32c import crc32c_extend
-
+from ._incident_cache import DEFAULT_CACHE_BYTES, LocalCache
 from ._store_files import StoreUnavailableError, _write_tmp
 from ._store_layout import is_tenant_dir, stored_path, tenant_dir
 from ._store_recovery import ReindexReport, _remove_tmp, reconcile_listing, row_from_file
@@ -63,39 +61,25 @@ def files_for(config: StoreConfig, *, data_dir: Path) -> IncidentFiles | None:
     return FsFiles(fs, base, data_dir=data_dir, uri=config.uri)
 
 
-def _digests(path: Path) -> tuple[str, int]:
-    """(sha256 hex, CRC32C) of a local file."""
-    h, crc = hashlib.sha256(), 0
-    with open(path, "rb") as f:
-        while block := f.read(_BLOCK):
-            h.update(block)
-            crc = crc32c_extend(crc, block)
-    return h.hexdigest(), crc
-
-
 class FsFiles:
     """Incidents and receipts in a ``pyarrow.fs`` filesystem under ``base`` (module doc)."""
 
-    def __init__(self, fs: Any, base: str, *, data_dir: Path, uri: str) -> None:
+    def __init__(self, fs: Any, base: str, *, data_dir: Path, uri: str,
+                 cache_bytes: int = DEFAULT_CACHE_BYTES) -> None:
         self.fs, self.base, self.uri = fs, base.rstrip("/"), uri
         self.spool_dir = data_dir / "spool"
-        self.cache_dir = data_dir / "cache"
-        for d in (self.spool_dir, self.cache_dir):
-            d.mkdir(parents=True, exist_ok=True)
+        self.spool_dir.mkdir(parents=True, exist_ok=True)
+        #: Local copies for jobs, least recently used evicted past ``cache_bytes``.
+        self.cache = LocalCache(data_dir / "cache", budget_bytes=cache_bytes)
         #: S3/GCS: one PUT is atomic. Elsewhere (a mounted path): write aside, then rename.
         self._atomic_put = fs.type_name in ("s3", "gcs")
         self._local = fs.type_name == "local"
         self._dirs: set[str] = set()
-        #: cache file -> ((mtime_ns, size), sha256, CRC32C) of its last check
-        self._checked: dict[Path, tuple[tuple[int, int], str, int]] = {}
 
     # -- names -------------------------------------------------------------------------------
 
     def _key(self, tenant: str, incident_id: str, suffix: str = ".arrow") -> str:
         return f"{self.base}/{stored_path(tenant, incident_id)[:-len('.arrow')]}{suffix}"
-
-    def _cached(self, dir_name: str, incident_id: str) -> Path:
-        return self.cache_dir / dir_name / f"{incident_id}.arrow"
 
     def _unavailable(self, what: str, error: BaseException) -> StoreUnavailableError:
         log.error("object store %s: %s failed: %s", self.uri, what, error)
@@ -121,9 +105,10 @@ class FsFiles:
                 raise
         except (OSError, ValueError) as e:   # pyarrow's errors are OSError subclasses
             raise self._unavailable(f"store incident {incident_id}", e) from e
-        cached = self._cached(tenant_dir(tenant), incident_id)
+        cached = self.cache.path(tenant_dir(tenant), incident_id)
         cached.parent.mkdir(parents=True, exist_ok=True)
         os.replace(data, cached)
+        self.cache.admit(cached)
 
     def _put(self, src: Path, key: str) -> None:
         """One object from a local file, complete or not at all (checked by its size)."""
@@ -171,33 +156,31 @@ class FsFiles:
         does not exist."""
         from integrations.errors import IncidentFormatError
 
-        cached, row = self._cached(tenant_dir(tenant), incident_id), row_of()
+        cached, row = self.cache.path(tenant_dir(tenant), incident_id), row_of()
         if row is not None and cached.exists() and self._matches(cached, row):
+            self.cache.touch(cached)
             return cached
         try:
             self._fetch(self._key(tenant, incident_id), cached)
         except FileNotFoundError:
-            cached.unlink(missing_ok=True)
+            self.cache.drop(cached)
             return cached
+        self.cache.admit(cached)
         if row is not None and not self._matches(cached, row):
+            self.cache.drop(cached)
             raise IncidentFormatError(
                 f"the stored object of incident {incident_id} is not the acknowledged one "
                 f"(its digest differs from the index row); see {self.uri}")
         return cached
 
     def _matches(self, path: Path, row: IncidentRow) -> bool:
-        """Whether a cached file holds the row's bytes: its sha256 when known, else (a row
-        still pending) its size and CRC32C. Digests are remembered per (mtime, size)."""
-        st = path.stat()
-        stamp = (st.st_mtime_ns, st.st_size)
-        known = self._checked.get(path)
-        if known is None or known[0] != stamp:
-            known = (stamp, *_digests(path))
-            self._checked[path] = known
-        _, sha, crc = known
+        """Whether a local copy holds the row's bytes: its sha256 when known, else (a row
+        still pending) its size and CRC32C."""
+        sha, crc = self.cache.digests(path)
         if row.sha256:
             return sha == row.sha256
-        return st.st_size == row.size_bytes and (row.crc32c is None or crc == row.crc32c)
+        return path.stat().st_size == row.size_bytes and (row.crc32c is None or
+                                                          crc == row.crc32c)
 
     def _fetch(self, key: str, target: Path) -> None:
         """Download ``key`` to ``target`` (temp file, then rename); FileNotFoundError when
@@ -237,7 +220,7 @@ class FsFiles:
                 self._delete_if_present(self._key(tenant, incident_id, suffix))
         except OSError as e:
             raise self._unavailable(f"delete incident {incident_id}", e) from e
-        self._cached(tenant_dir(tenant), incident_id).unlink(missing_ok=True)
+        self.cache.drop(self.cache.path(tenant_dir(tenant), incident_id))
 
     def _delete_if_present(self, key: str) -> None:
         try:
@@ -259,7 +242,7 @@ class FsFiles:
                 self._quarantine_key(dir_name, f"{incident_id}.reason.json")) as out:
             out.write(json.dumps({"reason": reason, "detail": detail}).encode("utf-8"))
         self._delete_if_present(self._key(tenant, incident_id, ".json"))
-        self._cached(dir_name, incident_id).unlink(missing_ok=True)
+        self.cache.drop(self.cache.path(dir_name, incident_id))
 
     def _move_aside(self, key: str, dir_name: str, incident_id: str) -> None:
         import pyarrow.fs as pafs
@@ -304,7 +287,7 @@ class FsFiles:
         bytes become the cached copy."""
         key = str(handle)
         stem = key.rsplit("/", 1)[1][:-len(".arrow")]
-        scratch = self.cache_dir / ".reindex" / dir_name
+        scratch = self.cache.root / ".reindex" / dir_name
         arrow, receipt = scratch / f"{stem}.arrow", scratch / f"{stem}.json"
         try:
             self._fetch(key, arrow)
@@ -313,9 +296,10 @@ class FsFiles:
             except FileNotFoundError:
                 receipt.unlink(missing_ok=True)
             row = row_from_file(arrow, dir_name=dir_name)
-            cached = self._cached(dir_name, stem)
+            cached = self.cache.path(dir_name, stem)
             cached.parent.mkdir(parents=True, exist_ok=True)
             os.replace(arrow, cached)
+            self.cache.admit(cached)
             return row
         finally:
             arrow.unlink(missing_ok=True)

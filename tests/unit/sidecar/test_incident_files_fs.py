@@ -83,6 +83,25 @@ def test_cached_copy_is_checked_against_the_row(
         store.path("inc-1", tenant="acme")
 
 
+def test_local_copies_stay_within_the_cache_budget(
+        tmp_path: Path, remote: Path, make_incident: Callable[..., bytes]) -> None:
+    data = {i: make_incident(i) for i in ("inc-1", "inc-2", "inc-3")}
+    budget = 2 * max(map(len, data.values()))
+    fs, base = StoreConfig(uri=remote.as_uri()).filesystem()
+    files = FsFiles(fs, base, data_dir=tmp_path / "data", uri=remote.as_uri(),
+                    cache_bytes=budget)
+    with LocalStore(tmp_path / "data", files=files) as store:
+        for incident_id, blob in data.items():
+            store.put(incident_id, blob, tenant="acme")
+        held = sorted(p.stem for p in files.cache.root.glob("*/*.arrow"))
+        assert held == ["inc-2", "inc-3"] and files.cache.size_bytes <= budget
+        assert store.path("inc-1", tenant="acme").read_bytes() == data["inc-1"]   # fetched
+        assert sorted(p.stem for p in files.cache.root.glob("*/*.arrow")) == ["inc-1", "inc-3"]
+    again = FsFiles(fs, base, data_dir=tmp_path / "data", uri=remote.as_uri(),
+                    cache_bytes=len(data["inc-1"]))       # a restart with a smaller budget
+    assert [p.stem for p in again.cache.root.glob("*/*.arrow")] == ["inc-1"]
+
+
 def test_delete_removes_both_objects_and_the_cache(
         open_store: Callable[[str], LocalStore], remote: Path,
         make_incident: Callable[..., bytes]) -> None:
