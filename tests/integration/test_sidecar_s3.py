@@ -123,8 +123,12 @@ def test_s3_emulator_upload_list_download_job_delete_reindex(
         assert e.value.code() == grpc.StatusCode.NOT_FOUND
     wait_for(lambda: jobs_idle(sc), 30, "jobs")
     before = sc.store.get("inc-1", tenant="acme")
+    with s3.fs().open_output_stream(f"{s3.bucket}/fleet/a/incidents/t-acme/junk.arrow") as f:
+        f.write(b"not an incident")                                   # written behind our back
     fresh, fresh_addr = serve(store=_store_config(s3), data_dir=str(sc.store.root.parent / "b"))
-    assert fresh.store.last_recovery.indexed == 1                     # listed from the bucket
+    report = fresh.store.last_recovery                                # listed from the bucket
+    assert (report.indexed, report.quarantined) == (1, ["t-acme/junk"])
+    assert s3.keys("fleet/a/quarantine") == ["fleet/a/quarantine/t-acme/junk.arrow"]
     again = fresh.store.get("inc-1", tenant="acme")
     assert before is not None and again is not None
     assert (again.sha256, again.received_at, again.integrity) == \
@@ -167,3 +171,25 @@ def test_s3_emulator_stopped_mid_upload_is_unavailable_then_recovers(
     fresh, _ = serve(store=_store_config(s3), data_dir=str(sc.store.root.parent / "b"))
     assert sorted(fresh.store.index.incident_ids()) == ["inc-1", "inc-2"]
     assert fresh.store.last_recovery.quarantined == []
+
+
+def test_s3_emulator_post_ack_check_quarantines_in_the_bucket(
+        s3: S3Emulator, serve: Callable[..., tuple[Sidecar, str]]) -> None:
+    """S3 API emulator: an acknowledged upload whose rows do not match its content digest is
+    moved to ``<uri>/quarantine/<tenant dir>/`` with a reason object, its receipt and row
+    removed, and counted."""
+    from integrations.incident import Incident
+    from sidecar._store_verify import INCIDENTS_QUARANTINED
+
+    sc, addr = serve(store=_store_config(s3))
+    good = build_incident("inc-1", n_sites=3)
+    bad = bytearray(good)
+    bad[len(good) - 100] ^= 0x40            # inside the last tensor: structure still valid
+    digest = Incident.from_bytes(good).manifest["integrity"]["sha256"]
+    with SidecarClient(addr) as c:
+        assert c.upload("inc-1", bytes(bad), content_sha256=digest).created   # acknowledged
+    assert sc.store.verifier.wait_idle(30) and sc.store.get("inc-1", tenant="acme") is None
+    assert s3.keys("fleet/a") == ["fleet/a/quarantine/t-acme/inc-1.arrow",
+                                  "fleet/a/quarantine/t-acme/inc-1.reason.json"]
+    assert sc.counters.totals(INCIDENTS_QUARANTINED, "reason") == {"content_digest_mismatch": 1}
+    assert not list((sc.store.root / "cache").glob("*/inc-1.arrow"))
