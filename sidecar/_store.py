@@ -98,7 +98,11 @@ class LocalStore:
         self._subs_lock = threading.Lock()
         #: Checks acknowledged CRC32C-protocol uploads against their rows' digest.
         self.verifier = ContentVerifier(self)
-        self.last_recovery = self.recover()
+        try:
+            self.last_recovery = self.recover()
+        except BaseException:   # e.g. the object store of store.uri is unreachable
+            self.index.close()
+            raise
         self.verifier.resume()
 
     @classmethod

@@ -163,6 +163,12 @@ def test_s3_emulator_stopped_mid_upload_is_unavailable_then_recovers(
         assert sc.store.get("inc-2", tenant="acme") is None          # nothing acknowledged
         assert [i.id for i in c.list().incidents] == ["inc-1"]
         assert not list((sc.store.root / "spool").iterdir())         # no temp file left
+        for call in (lambda: c.download("inc-1"), lambda: c.delete("inc-1")):
+            with pytest.raises(grpc.RpcError) as e:
+                call()
+            assert (e.value.code(), dict(e.value.trailing_metadata() or ())[
+                "forensics-reject-reason"]) == (grpc.StatusCode.UNAVAILABLE, "store_unavailable")
+        assert sc.counters.totals(INGEST_REJECTED, "reason") == {"store_unavailable": 3}
         s3.start()
         assert s3.keys("fleet/a") == ["fleet/a/incidents/t-acme/inc-1.arrow",
                                       "fleet/a/incidents/t-acme/inc-1.json"]
