@@ -43,7 +43,7 @@ from ._incident_files import IncidentFiles, LocalFiles
 from ._incident_files_fs import files_for
 from ._observer import Telemetry, as_telemetry, incident_attributes
 from ._store_api import AlreadyExistsError, AmbiguousIncidentError, IncidentStore, PutResult
-from ._store_files import IncomingFile, StoreError
+from ._store_files import IncomingFile, KeyLocks, StoreError
 from ._store_index import IncidentRow, Index, row_from_manifest, utcnow
 from ._store_layout import stored_path
 from ._store_recovery import ReindexReport, manifest_tenant, receipt_bytes
@@ -93,7 +93,9 @@ class LocalStore:
         self.telemetry = as_telemetry(telemetry)
         self._watch_queue = watch_queue
         self.index = Index(self.root / "index.duckdb")
-        self._put_lock = threading.Lock()   # id check + rename + insert are one step
+        self._put_lock = threading.Lock()   # delete, quarantine, reconcile
+        #: Per (tenant, id): id check + publish + insert are one step; other keys in parallel.
+        self._key_locks = KeyLocks()
         self._subs: list[queue.Queue[IncidentRow | None]] = []
         self._subs_lock = threading.Lock()
         #: Checks acknowledged CRC32C-protocol uploads against their rows' digest.
@@ -210,7 +212,7 @@ class LocalStore:
                                      content_sha256=content_sha256,
                                      digest_verified=digest_verified)
             tmp_receipt = self.files.stage_receipt(row.tenant, incident_id, receipt_bytes(row))
-            with self._put_lock:
+            with self._key_locks.hold((row.tenant, incident_id)):
                 existing = self.index.get_incident(incident_id, tenant=row.tenant)
                 if existing is not None:   # a concurrent upload of the same key won the race
                     return self._existing(existing, row.size_bytes, sha256, crc32c,

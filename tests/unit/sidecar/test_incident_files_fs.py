@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
+import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -19,7 +22,7 @@ from integrations.incident import Incident
 from sidecar._config import SidecarConfig
 from sidecar._config_store import StoreConfig, parse_store
 from sidecar._incident_files_fs import FsFiles, files_for
-from sidecar._store import LocalStore
+from sidecar._store import AlreadyExistsError, LocalStore
 
 
 def _tree(root: Path) -> list[str]:
@@ -175,3 +178,35 @@ def test_store_section_defaults_and_errors_name_the_key() -> None:
                      ({"uri": "s3://b/p?access_key=x"}, "store.uri")):
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
             parse_store(raw)
+
+
+def test_same_key_uploads_are_one_at_a_time_other_keys_in_parallel(
+        open_store: Callable[[str], LocalStore], remote: Path,
+        make_incident: Callable[..., bytes]) -> None:
+    store = open_store("data")
+    publish = store.files.publish
+
+    def slow_publish(*args: object, **kwargs: object) -> None:   # a slow object store PUT
+        time.sleep(0.3)
+        publish(*args, **kwargs)  # type: ignore[arg-type]
+
+    store.files.publish = slow_publish  # type: ignore[method-assign]
+    rivals = [make_incident("inc-1", seed=s) for s in range(4)]   # same key, different bytes
+    barrier = threading.Barrier(4)
+
+    def put_rival(blob: bytes) -> str:
+        barrier.wait()
+        try:
+            return "created" if store.put("inc-1", blob, tenant="acme").created else "same"
+        except AlreadyExistsError:
+            return "refused"
+
+    with ThreadPoolExecutor(4) as pool:
+        outcomes = list(pool.map(put_rival, rivals))
+        assert sorted(outcomes) == ["created", "refused", "refused", "refused"]
+        winner = rivals[outcomes.index("created")]
+        assert (remote / "incidents/t-acme/inc-1.arrow").read_bytes() == winner
+        others = [make_incident(f"inc-{n}") for n in range(2, 6)]
+        t0 = time.monotonic()
+        list(pool.map(lambda b: store.put(Incident.from_bytes(b).id, b, tenant="acme"), others))
+        assert time.monotonic() - t0 < 4 * 0.3      # four slow PUTs overlapped
