@@ -83,8 +83,10 @@ class FsFiles:
 
     def _unavailable(self, what: str, error: BaseException) -> StoreUnavailableError:
         log.error("object store %s: %s failed: %s", self.uri, what, error)
-        return StoreUnavailableError(f"the incident store ({self.uri}) could not {what}: "
-                                     f"{error}; nothing was acknowledged — retry later")
+        return StoreUnavailableError(
+            f"the incident store ({self.uri}) could not {what}: {error}; check that it is "
+            "reachable (store.uri, store.s3) and the credentials in the AWS environment "
+            "variables")
 
     # -- write -------------------------------------------------------------------------------
 
