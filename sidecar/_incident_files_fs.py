@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ._incident_cache import DEFAULT_CACHE_BYTES, LocalCache
-from ._store_files import StoreUnavailableError, _write_tmp
+from ._store_files import StoreError, StoreUnavailableError, _write_tmp
 from ._store_layout import is_tenant_dir, stored_path, tenant_dir
 from ._store_recovery import ReindexReport, _remove_tmp, reconcile_listing, row_from_file
 
@@ -257,7 +257,15 @@ class FsFiles:
     # -- recovery (a FileListing for reconcile_listing) -------------------------------------
 
     def reconcile(self, index: Index, *, full: bool, report: ReindexReport) -> ReindexReport:
-        """Make the index agree with the objects under ``<uri>/incidents/``."""
+        """Make the index agree with the objects under ``<uri>/incidents/``. Refused while
+        ``<data_dir>/incidents/`` still holds incidents of the local layout (their rows would
+        be dropped): copy them to the store first (the layout is the same)."""
+        local = self.spool_dir.parent / "incidents"
+        if next(local.glob("*/*.arrow"), None) is not None:
+            raise StoreError(
+                f"{local} holds incidents of the local layout but store.uri is {self.uri}; "
+                f"copy them there first (e.g. `aws s3 sync {local} {self.uri}/incidents`), "
+                f"then move {local} away, or set store.uri back to \"\"")
         _remove_tmp(self.spool_dir, report)
         return reconcile_listing(self, index, full=full, report=report)
 

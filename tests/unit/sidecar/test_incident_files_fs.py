@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -22,7 +23,7 @@ from integrations.incident import Incident
 from sidecar._config import SidecarConfig
 from sidecar._config_store import StoreConfig, parse_store
 from sidecar._incident_files_fs import FsFiles, files_for
-from sidecar._store import AlreadyExistsError, LocalStore
+from sidecar._store import AlreadyExistsError, LocalStore, StoreError
 
 
 def _tree(root: Path) -> list[str]:
@@ -139,6 +140,20 @@ def test_reindex_from_the_uri_into_a_fresh_index(
     assert not (remote / "incidents" / "t-acme" / "orphan.json").exists()
     first.delete("inc-1", tenant="acme")
     assert second.reindex().removed_rows == 1 and second.get("inc-1", tenant="acme") is None
+
+
+def test_a_data_dir_of_local_incidents_is_copied_before_switching(
+        tmp_path: Path, open_store: Callable[[str], LocalStore], remote: Path,
+        make_incident: Callable[..., bytes]) -> None:
+    with LocalStore(tmp_path / "data") as local:                # today's layout
+        row = local.put("inc-1", make_incident("inc-1"), tenant="acme").row
+    with pytest.raises(StoreError, match="holds incidents of the local layout"):
+        open_store("data")                                      # would drop the rows
+    shutil.copytree(tmp_path / "data" / "incidents", remote / "incidents")   # `aws s3 sync`
+    shutil.move(tmp_path / "data" / "incidents", tmp_path / "old-incidents")
+    store = open_store("data")
+    assert store.last_recovery.removed_rows == 0 and store.last_recovery.kept == 1
+    assert store.path("inc-1", tenant="acme").read_bytes() == (remote / row.path).read_bytes()
 
 
 def test_post_ack_check_quarantines_under_the_uri(
