@@ -285,7 +285,10 @@ class FsFiles:
             if info.type != pafs.FileType.File or len(parts) != 2 or not is_tenant_dir(parts[0]):
                 continue
             stem, dot, ext = parts[1].rpartition(".")
-            if dot and ext in ("arrow", "json") and not stem.startswith("."):
+            if stem.startswith(".") and ext == "tmp":   # a write cut short (not S3: no temps)
+                self._delete_if_present(info.path)
+                report.tmp_removed += 1
+            elif dot and ext in ("arrow", "json") and not stem.startswith("."):
                 found[(parts[0], stem, ext)] = info.path
         for (dir_name, stem, ext), key in found.items():
             if ext == "json" and (dir_name, stem, "arrow") not in found:

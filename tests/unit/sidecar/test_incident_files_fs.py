@@ -128,9 +128,11 @@ def test_reindex_from_the_uri_into_a_fresh_index(
             for i, t in (("inc-1", "acme"), ("inc-2", "Globex Inc"), ("inc-3", ""))}
     (remote / "incidents" / "t-acme" / "orphan.json").write_text("{}")   # receipt, no file
     (remote / "incidents" / "t-acme" / "junk.arrow").write_bytes(b"not arrow")
+    (remote / "incidents" / "t-acme" / ".0123.tmp").write_bytes(b"half a PUT")   # a crash
     second = open_store("b")                                    # another data_dir: empty index
     report = second.last_recovery
-    assert (report.indexed, report.quarantined) == (3, ["t-acme/junk"])
+    assert (report.indexed, report.quarantined, report.tmp_removed) == (3, ["t-acme/junk"], 1)
+    assert not (remote / "incidents" / "t-acme" / ".0123.tmp").exists()
     for incident_id, row in rows.items():
         again = second.get(incident_id, tenant=row.tenant)
         assert again is not None
