@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from sidecar._client import SidecarClient
     from sidecar._config import SidecarConfig, load_config
     from sidecar._filters import FilterError, compile_filter, compile_order_by
+    from sidecar._incident_files import IncidentFiles
     from sidecar._observer import Metric, NoopTelemetry, Telemetry
     from sidecar._server import Sidecar, create_server
     from sidecar._store import (
@@ -43,6 +44,7 @@ if TYPE_CHECKING:
 __all__ = [
     "AmbiguousIncidentError",
     "FilterError",
+    "IncidentFiles",
     "IncidentRow",
     "IncidentStore",
     "JobKind",
@@ -71,6 +73,7 @@ __all__ = [
 _LAZY = {
     "AmbiguousIncidentError": "sidecar._store",
     "FilterError": "sidecar._filters",
+    "IncidentFiles": "sidecar._incident_files",
     "IncidentRow": "sidecar._store",
     "IncidentStore": "sidecar._store",
     "JobKind": "sidecar.jobs",

@@ -37,6 +37,7 @@ from ._config_sections import (
     TelemetryConfig,
     TlsConfig,
 )
+from ._config_store import StoreConfig, parse_store
 
 if TYPE_CHECKING:
     from integrations.config import ModulesConfig
@@ -48,7 +49,7 @@ __all__ = ["SECTIONS", "SidecarConfig", "load_config"]   # sections: sidecar._co
 
 #: The top-level keys of the sidecar configuration.
 SECTIONS = ("data_dir", "grpc", "limits", "auth", "metrics", "telemetry", "jobs", "models",
-            "modules", "baselines")
+            "modules", "baselines", "store")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +68,8 @@ class SidecarConfig:
     #: same names, defaults and validation as ``configs/default.yaml``).
     modules: ModulesConfig = dataclasses.field(default_factory=lambda: _modules(None))
     baselines: BaselinesConfig = dataclasses.field(default_factory=BaselinesConfig)
+    #: Where incident files and receipts live (``sidecar._config_store``; "" = data_dir).
+    store: StoreConfig = dataclasses.field(default_factory=StoreConfig)
 
     def ingest_kinds(self) -> tuple[str, ...]:
         """Job kinds enqueued for every new incident: ``jobs.on_ingest`` plus ``cf`` when
@@ -108,7 +111,7 @@ class SidecarConfig:
         return cls(data_dir=data_dir, grpc=grpc_cfg, limits=limits,
                    auth=_auth(raw.get("auth")), metrics=metrics, telemetry=telemetry, jobs=jobs,
                    models=_models(raw.get("models")), modules=_modules(raw.get("modules")),
-                   baselines=baselines)
+                   baselines=baselines, store=parse_store(raw.get("store")))
 
     def find_model(self, *, name: str | None, fingerprint: str | None) -> ModelSpec | None:
         """The registered model for an incident's model reference: a fingerprint match first,

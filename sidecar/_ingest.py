@@ -43,6 +43,7 @@ from ._ingest_digest import VerifyingSink
 from ._observer import Telemetry, counter, incident_attributes
 from ._reject import Rejection
 from ._store import ID_PATTERN, AlreadyExistsError, IncidentStore, PutResult, StoreError
+from ._store_files import StoreUnavailableError
 from .api import v1
 
 __all__ = [
@@ -252,7 +253,13 @@ def _disk_full(error: BaseException) -> bool:
 def unavailable(error: StoreError) -> Rejection:
     """The rejection for a store failure (nothing was acknowledged; the client retries). The
     client is told what happened, never where (paths stay in the sidecar's log): reason
-    ``disk_full`` for a full disk or quota, else ``internal``."""
+    ``disk_full`` for a full disk or quota, ``store_unavailable`` when the object store of
+    ``store.uri`` failed, else ``internal``."""
+    if isinstance(error, StoreUnavailableError):
+        return Rejection(grpc.StatusCode.UNAVAILABLE, "store_unavailable",
+                         "the sidecar could not write the incident to its object store; "
+                         "nothing was acknowledged — retry later (operators: check store.uri "
+                         "and the sidecar's log)")
     if _disk_full(error) or "No space left" in str(error):
         return Rejection(grpc.StatusCode.UNAVAILABLE, "disk_full",
                          "the sidecar's disk is full; nothing was acknowledged — retry later "

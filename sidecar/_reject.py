@@ -65,6 +65,7 @@ REJECT_REASONS = (
     "bad_params",         # RunAnalysis kind, params_json or an option of the kind invalid
     "deadline_exceeded",  # the client's deadline passed before the incident was durable
     "disk_full",          # the data dir's disk (or quota) is full; nothing acknowledged
+    "store_unavailable",  # the object store of store.uri failed a read/write; nothing acknowledged
     "internal",           # store failure (I/O or index error); nothing acknowledged
 )
 

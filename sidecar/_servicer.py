@@ -346,12 +346,18 @@ class IncidentServicer(v1.IncidentServiceServicer):
                 yield v1.DownloadIncidentResponse(chunk=v1.Chunk(data=chunk))
         except FileNotFoundError:
             context.abort(grpc.StatusCode.NOT_FOUND, f"incident {row.id!r} was deleted")
+        except StoreError as e:   # the object store of store.uri failed: retry later
+            self._abort(context, unavailable(e))
 
     @typed_errors
     def DeleteIncident(self, request: v1.DeleteIncidentRequest,
                        context: grpc.ServicerContext) -> empty_pb2.Empty:
         row = self._row(request.incident_id, self._principal(context), context)
-        if not self.store.delete(row.id, tenant=row.tenant):   # deleted meanwhile
+        try:
+            deleted = self.store.delete(row.id, tenant=row.tenant)
+        except StoreError as e:
+            self._abort(context, unavailable(e))
+        if not deleted:   # deleted meanwhile
             self._abort(context, Rejection(grpc.StatusCode.NOT_FOUND, "not_found",
                                            f"incident {request.incident_id!r} not found"))
         return empty_pb2.Empty()

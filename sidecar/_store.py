@@ -37,15 +37,16 @@ from typing import TYPE_CHECKING, Any
 
 from integrations._crc32c import crc32c as crc32c_of
 from integrations.errors import IncidentFormatError, IncidentTooLargeError
-from integrations.incident import ID_PATTERN, fsync_dir
+from integrations.incident import ID_PATTERN
 
+from ._incident_files import IncidentFiles, LocalFiles
+from ._incident_files_fs import files_for
 from ._observer import Telemetry, as_telemetry, incident_attributes
 from ._store_api import AlreadyExistsError, AmbiguousIncidentError, IncidentStore, PutResult
-from ._store_files import IncomingFile, StoreError, _write_tmp
+from ._store_files import IncomingFile, KeyLocks, StoreError
 from ._store_index import IncidentRow, Index, row_from_manifest, utcnow
-from ._store_layout import incident_file, receipt_file, stored_path, tenant_dir
-from ._store_migration import migrate_flat
-from ._store_recovery import ReindexReport, manifest_tenant, receipt_bytes, reconcile
+from ._store_layout import stored_path
+from ._store_recovery import ReindexReport, manifest_tenant, receipt_bytes
 from ._store_verify import ContentVerifier
 
 if TYPE_CHECKING:
@@ -79,31 +80,41 @@ class LocalStore:
     def __init__(self, root: str | os.PathLike[str], *,
                  max_incident_bytes: int = 512 * 1024 * 1024, watch_queue: int = 1024,
                  decode_limits: DecodeLimits | None = None,
-                 telemetry: Telemetry | None = None) -> None:
+                 telemetry: Telemetry | None = None,
+                 files: IncidentFiles | None = None) -> None:
         self.root = Path(root)
         self.incidents_dir = self.root / "incidents"
         self.quarantine_dir = self.root / "quarantine"
-        self.incidents_dir.mkdir(parents=True, exist_ok=True)
+        #: Where the incident files and receipts live (default: ``<root>/incidents``).
+        self.files: IncidentFiles = LocalFiles(self.root) if files is None else files
         self.max_incident_bytes = max_incident_bytes
         #: What reading one stored or uploaded incident may cost (checked before decoding).
         self.decode_limits = decode_limits
         self.telemetry = as_telemetry(telemetry)
         self._watch_queue = watch_queue
         self.index = Index(self.root / "index.duckdb")
-        self._put_lock = threading.Lock()   # id check + rename + insert are one step
+        self._put_lock = threading.Lock()   # delete, quarantine, reconcile
+        #: Per (tenant, id): id check + publish + insert are one step; other keys in parallel.
+        self._key_locks = KeyLocks()
         self._subs: list[queue.Queue[IncidentRow | None]] = []
         self._subs_lock = threading.Lock()
         #: Checks acknowledged CRC32C-protocol uploads against their rows' digest.
         self.verifier = ContentVerifier(self)
-        self.last_recovery = self.recover()
+        try:
+            self.last_recovery = self.recover()
+        except BaseException:   # e.g. the object store of store.uri is unreachable
+            self.index.close()
+            raise
         self.verifier.resume()
 
     @classmethod
     def from_config(cls, config: SidecarConfig, *,
                     telemetry: Telemetry | None = None) -> LocalStore:
-        """The store of ``config.data_dir`` with its ``limits`` (incident size, decoding)."""
+        """The store of ``config.data_dir`` with its ``limits`` (incident size, decoding), its
+        files where ``store.uri`` says (:func:`~sidecar._incident_files_fs.files_for`)."""
         return cls(config.data_dir, max_incident_bytes=config.limits.max_incident_bytes,
-                   decode_limits=config.limits.decode_limits(), telemetry=telemetry)
+                   decode_limits=config.limits.decode_limits(), telemetry=telemetry,
+                   files=files_for(config.store, data_dir=Path(config.data_dir)))
 
     # -- paths -------------------------------------------------------------------------------
 
@@ -113,9 +124,8 @@ class LocalStore:
                 f"incident id {incident_id!r} must be 1-200 characters of [A-Za-z0-9._-] "
                 "starting with a letter or digit")
 
-    def path(self, incident_id: str, *, tenant: str | None = None) -> Path:
-        """The Arrow file of (``tenant``, ``incident_id``), which may not exist; without a
-        tenant, of the one tenant holding the id (:class:`StoreError` when none does,
+    def _owner(self, incident_id: str, tenant: str | None) -> str:
+        """``tenant``, or the one tenant holding the id (:class:`StoreError` when none does,
         :class:`AmbiguousIncidentError` when several do)."""
         self._check_id(incident_id)
         if tenant is None:
@@ -123,15 +133,15 @@ class LocalStore:
             if row is None:
                 raise StoreError(f"no stored incident {incident_id!r}")
             tenant = row.tenant
-        return incident_file(self.incidents_dir, tenant, incident_id)
+        return tenant
 
-    def _tenant_dir(self, tenant: str) -> Path:
-        """The tenant's directory, created (and made durable) on first use."""
-        directory = self.incidents_dir / tenant_dir(tenant)
-        if not directory.is_dir():
-            directory.mkdir(exist_ok=True)
-            fsync_dir(self.incidents_dir)
-        return directory
+    def path(self, incident_id: str, *, tenant: str | None = None) -> Path:
+        """A local Arrow file of (``tenant``, ``incident_id``), which may not exist (an object
+        store's: a cached copy checked against the index row); without a tenant, of the one
+        tenant holding the id (see :meth:`_owner`)."""
+        owner = self._owner(incident_id, tenant)
+        return self.files.local_path(owner, incident_id, row_of=lambda: self.index.get_incident(
+            incident_id, tenant=owner))
 
     # -- write -------------------------------------------------------------------------------
 
@@ -139,7 +149,7 @@ class LocalStore:
         """Start receiving ``incident_id``: chunks go to a temp file as they arrive (hashed
         with sha256 on the way unless ``sha256=False``: the CRC32C protocol)."""
         self._check_id(incident_id)
-        return IncomingFile(self.incidents_dir, incident_id, sha256=sha256)
+        return IncomingFile(self.files.spool_dir, incident_id, sha256=sha256)
 
     def put(self, incident_id: str, data: bytes, *, tenant: str | None,
             sha256: str | None = None) -> PutResult:
@@ -201,17 +211,14 @@ class LocalStore:
             row = self._verified_row(incoming, tenant=tenant, sha256=sha256, crc32c=crc32c,
                                      content_sha256=content_sha256,
                                      digest_verified=digest_verified)
-            directory = self._tenant_dir(row.tenant)
-            tmp_receipt = _write_tmp(directory, incident_id, receipt_bytes(row))
-            with self._put_lock:
+            tmp_receipt = self.files.stage_receipt(row.tenant, incident_id, receipt_bytes(row))
+            with self._key_locks.hold((row.tenant, incident_id)):
                 existing = self.index.get_incident(incident_id, tenant=row.tenant)
                 if existing is not None:   # a concurrent upload of the same key won the race
                     return self._existing(existing, row.size_bytes, sha256, crc32c,
                                           row.content_sha256)
-                os.replace(tmp_receipt, receipt_file(self.incidents_dir, row.tenant,
-                                                     incident_id))
-                os.replace(incoming.path, self.path(incident_id, tenant=row.tenant))
-                fsync_dir(directory)
+                self.files.publish(row.tenant, incident_id, data=incoming.path,
+                                   receipt=tmp_receipt)
                 with self.telemetry.span("index", traceparent=row.traceparent,
                                          attributes=incident_attributes(row)), \
                         self.index.write() as con:
@@ -296,9 +303,7 @@ class LocalStore:
     def read_chunks(self, incident_id: str, chunk_size: int, *,
                     tenant: str | None = None) -> Iterator[bytes]:
         """The stored bytes in chunks of at most ``chunk_size``."""
-        with open(self.path(incident_id, tenant=tenant), "rb") as f:
-            while chunk := f.read(chunk_size):
-                yield chunk
+        return self.files.read_chunks(self._owner(incident_id, tenant), incident_id, chunk_size)
 
     def delete(self, incident_id: str, *, tenant: str | None = None) -> bool:
         """Delete file, receipt, row, jobs and analyses of (``tenant``, ``incident_id``);
@@ -308,10 +313,7 @@ class LocalStore:
         if row is None:
             return False
         with self._put_lock:
-            path = self.path(row.id, tenant=row.tenant)
-            path.unlink(missing_ok=True)
-            receipt_file(self.incidents_dir, row.tenant, row.id).unlink(missing_ok=True)
-            fsync_dir(path.parent)
+            self.files.delete(row.tenant, row.id)
             return self.index.delete_incident(row.id, tenant=row.tenant)
 
     # -- watch -------------------------------------------------------------------------------
@@ -354,9 +356,7 @@ class LocalStore:
     def _reconcile(self, *, full: bool) -> ReindexReport:
         report = ReindexReport()
         with self._put_lock:
-            migrate_flat(self.incidents_dir, self.quarantine_dir, self.index, report)
-            return reconcile(self.incidents_dir, self.quarantine_dir, self.index, full=full,
-                             report=report)
+            return self.files.reconcile(self.index, full=full, report=report)
 
     def close(self) -> None:
         """Stop the post-ack checker (pending rows resume at the next start), close watchers

@@ -13,16 +13,18 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import queue
 import threading
 import uuid
+from collections.abc import Hashable, Iterator
 from pathlib import Path
 
 from integrations.errors import SidecarError
 
-__all__ = ["IncomingFile", "StoreError"]
+__all__ = ["IncomingFile", "KeyLocks", "StoreError", "StoreUnavailableError"]
 
 
 #: The writer thread flushes the data written so far every this many bytes (off the receiving
@@ -32,6 +34,43 @@ SYNC_EVERY = 8 * 1024 * 1024
 
 class StoreError(SidecarError):
     """The store could not complete an operation (I/O or index failure)."""
+
+
+class StoreUnavailableError(StoreError):
+    """The object store holding the incident files (``store.uri``) could not be reached or
+    refused a write; nothing was acknowledged — retry later."""
+
+
+class KeyLocks:
+    """One lock per key, held only while used: uploads of the same (tenant, id) are one at a
+    time, uploads of different keys (an object store's slow PUTs) run side by side.
+
+    Example::
+
+        locks = KeyLocks()
+        with locks.hold(("acme", "inc-1")):
+            ...
+    """
+
+    def __init__(self) -> None:
+        self._guard = threading.Lock()
+        self._locks: dict[Hashable, tuple[threading.Lock, int]] = {}
+
+    @contextlib.contextmanager
+    def hold(self, key: Hashable) -> Iterator[None]:
+        with self._guard:
+            lock, users = self._locks.get(key, (threading.Lock(), 0))
+            self._locks[key] = (lock, users + 1)
+        try:
+            with lock:
+                yield
+        finally:
+            with self._guard:
+                lock, users = self._locks[key]
+                if users == 1:
+                    del self._locks[key]
+                else:
+                    self._locks[key] = (lock, users - 1)
 
 
 def _write_tmp(directory: Path, stem: str, data: bytes | memoryview) -> Path:

@@ -26,15 +26,15 @@ import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from integrations.errors import IncidentFormatError
 
 from ._store_index import IncidentRow, Index, row_from_manifest, utcnow
 from ._store_layout import is_tenant_dir, stored_path, tenant_dir, tenant_from_dir
 
-__all__ = ["ReindexReport", "manifest_tenant", "quarantine", "read_receipt", "receipt_bytes",
-           "reconcile", "row_from_file"]
+__all__ = ["FileListing", "ReindexReport", "manifest_tenant", "quarantine", "read_receipt",
+           "receipt_bytes", "reconcile", "reconcile_listing", "row_from_file"]
 
 log = logging.getLogger("sidecar.store")
 
@@ -156,12 +156,51 @@ def _sweep(incidents_dir: Path, report: ReindexReport) -> dict[tuple[str, str], 
     return files
 
 
+class FileListing(Protocol):
+    """The file side :func:`reconcile_listing` works on: local directories or an object
+    store (:mod:`sidecar._incident_files_fs`); a ``handle`` names one incident file."""
+
+    def sweep(self, report: ReindexReport) -> dict[tuple[str, str], Any]:
+        """Remove temp files and receipts without a file; the incident files by (dir, id)."""
+        ...
+
+    def row_of(self, handle: Any, dir_name: str) -> IncidentRow:
+        """The file's index row (re-validated; :func:`row_from_file`)."""
+        ...
+
+    def quarantine_file(self, handle: Any, error: Exception, dir_name: str) -> str:
+        """Move an invalid file to quarantine; its name in the report."""
+        ...
+
+
+class _LocalListing:
+    def __init__(self, incidents_dir: Path, quarantine_dir: Path) -> None:
+        self.incidents_dir, self.quarantine_dir = incidents_dir, quarantine_dir
+
+    def sweep(self, report: ReindexReport) -> dict[tuple[str, str], Any]:
+        return _sweep(self.incidents_dir, report)
+
+    def row_of(self, handle: Any, dir_name: str) -> IncidentRow:
+        return row_from_file(handle, dir_name=dir_name)
+
+    def quarantine_file(self, handle: Any, error: Exception, dir_name: str) -> str:
+        return quarantine(handle, self.quarantine_dir, error, dir_name=dir_name)
+
+
 def reconcile(incidents_dir: Path, quarantine_dir: Path, index: Index, *, full: bool,
               report: ReindexReport | None = None) -> ReindexReport:
-    """Make the index agree with the files (module doc); the caller holds the store's write
-    lock. ``full``: re-validate and re-index every file, not only unindexed ones."""
+    """Make the index agree with the files under ``incidents_dir`` (module doc); the caller
+    holds the store's write lock. ``full``: re-validate and re-index every file, not only
+    unindexed ones."""
+    return reconcile_listing(_LocalListing(incidents_dir, quarantine_dir), index, full=full,
+                             report=report)
+
+
+def reconcile_listing(listing: FileListing, index: Index, *, full: bool,
+                      report: ReindexReport | None = None) -> ReindexReport:
+    """:func:`reconcile` over any :class:`FileListing` (a local directory, an object store)."""
     report = report or ReindexReport()
-    files = _sweep(incidents_dir, report)
+    files = listing.sweep(report)
     indexed = index.incident_paths()
     by_file = {(tenant_dir(t), i): (t, i) for t, i in indexed}
     for gone in sorted(set(by_file) - set(files)):
@@ -177,17 +216,17 @@ def reconcile(incidents_dir: Path, quarantine_dir: Path, index: Index, *, full: 
                     con.execute("UPDATE incidents SET path = ? WHERE tenant = ? AND id = ?",
                                 [stored_path(*owner), *owner])
             continue
-        _index_file(index, path, dir_name, owner, quarantine_dir, report)
+        _index_file(index, listing, path, dir_name, owner, report)
     return report
 
 
-def _index_file(index: Index, path: Path, dir_name: str, owner: tuple[str, str] | None,
-                quarantine_dir: Path, report: ReindexReport) -> None:
+def _index_file(index: Index, listing: FileListing, path: Any, dir_name: str,
+                owner: tuple[str, str] | None, report: ReindexReport) -> None:
     """(Re-)index one file, or quarantine it (dropping the row it had)."""
     try:
-        row = row_from_file(path, dir_name=dir_name)
+        row = listing.row_of(path, dir_name)
     except (IncidentFormatError, OSError, ValueError) as e:
-        report.quarantined.append(quarantine(path, quarantine_dir, e, dir_name=dir_name))
+        report.quarantined.append(listing.quarantine_file(path, e, dir_name))
         if owner is not None:
             index.delete_incident(owner[1], tenant=owner[0])
         return

@@ -7,7 +7,8 @@ here, on a background thread, after the ack. The same read computes the file's s
 index's ``sha256``, announced by ``DownloadIncident``). A row stays ``integrity = 'pending'``
 until then; a mismatch (bytes that passed the CRC32C but are not what the middleware built: a
 middleware bug or corruption before the CRC was taken) moves the file to ``<root>/quarantine/``
-(``quarantine/<tenant dir>/``) with a reason file, removes the index row and receipt, and counts
+(``quarantine/<tenant dir>/``; the same prefix of ``store.uri`` for an object store) with a
+reason file, removes the index row and receipt, and counts
 ``forensics_incidents_quarantined_total{reason}``. Pending rows left by a crash are queued
 again at start-up (:meth:`ContentVerifier.resume`).
 
@@ -22,7 +23,6 @@ Example::
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import queue
@@ -31,14 +31,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from integrations.errors import IncidentFormatError
-from integrations.incident import fsync_dir
 
 from ._observer import Telemetry, counter
-from ._store_layout import receipt_file, tenant_dir
 
 if TYPE_CHECKING:
     from integrations.incident import DecodeLimits
 
+    from ._incident_files import IncidentFiles
     from ._store_index import Index
 
 __all__ = ["INCIDENTS_QUARANTINED", "METRICS", "QUARANTINE_REASONS", "ContentVerifier"]
@@ -77,8 +76,7 @@ class _Store(Protocol):
     """What the checker needs of :class:`~sidecar._store.LocalStore`."""
 
     index: Index
-    incidents_dir: Path
-    quarantine_dir: Path
+    files: IncidentFiles
     decode_limits: DecodeLimits | None
     telemetry: Telemetry
     _put_lock: Any
@@ -158,18 +156,8 @@ class ContentVerifier:
 
     def _quarantine(self, incident_id: str, tenant: str, reason: str, detail: str) -> None:
         store = self.store
-        target = store.quarantine_dir / tenant_dir(tenant)
-        log.error("acknowledged incident %s failed its post-ack check (%s: %s); moved to %s",
-                  incident_id, reason, detail, target)
         with store._put_lock:
-            target.mkdir(parents=True, exist_ok=True)
-            src = store.path(incident_id, tenant=tenant)
-            if src.exists():
-                os.replace(src, target / src.name)
-            (target / f"{incident_id}.reason.json").write_text(
-                json.dumps({"reason": reason, "detail": detail}), encoding="utf-8")
-            receipt_file(store.incidents_dir, tenant, incident_id).unlink(missing_ok=True)
-            fsync_dir(src.parent)
+            store.files.quarantine(tenant, incident_id, reason=reason, detail=detail)
             store.index.delete_incident(incident_id, tenant=tenant)
         store.telemetry.observe(INCIDENTS_QUARANTINED, labels={"reason": reason})
 
