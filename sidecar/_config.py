@@ -25,6 +25,7 @@ from ._config_sections import (
     DETECTORS,
     AuthConfig,
     BaselinesConfig,
+    CatalogConfig,
     GrpcConfig,
     JobsConfig,
     LimitsConfig,
@@ -46,7 +47,7 @@ __all__ = ["SECTIONS", "SidecarConfig", "load_config"]   # sections: sidecar._co
 
 #: The top-level keys of the sidecar configuration.
 SECTIONS = ("data_dir", "grpc", "limits", "auth", "metrics", "telemetry", "jobs", "models",
-            "modules", "baselines")
+            "modules", "baselines", "catalog")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +66,7 @@ class SidecarConfig:
     #: same names, defaults and validation as ``configs/default.yaml``).
     modules: ModulesConfig = dataclasses.field(default_factory=lambda: _modules(None))
     baselines: BaselinesConfig = dataclasses.field(default_factory=BaselinesConfig)
+    catalog: CatalogConfig = dataclasses.field(default_factory=CatalogConfig)
 
     def ingest_kinds(self) -> tuple[str, ...]:
         """Job kinds enqueued for every new incident: ``jobs.on_ingest`` plus ``cf`` when
@@ -106,7 +108,7 @@ class SidecarConfig:
         return cls(data_dir=data_dir, grpc=grpc_cfg, limits=limits,
                    auth=_auth(raw.get("auth")), metrics=metrics, telemetry=telemetry, jobs=jobs,
                    models=_models(raw.get("models")), modules=_modules(raw.get("modules")),
-                   baselines=baselines)
+                   baselines=baselines, catalog=_catalog(raw.get("catalog")))
 
     def find_model(self, *, name: str | None, fingerprint: str | None) -> ModelSpec | None:
         """The registered model for an incident's model reference: a fingerprint match first,
@@ -229,6 +231,19 @@ def _shared_baselines(value: Any) -> tuple[SharedBaseline, ...]:
             raise ConfigError(f"{where} needs a fingerprint and at least one tenant")
         out.append(SharedBaseline(name=name, fingerprint=fp, tenants=tuple(tenants)))
     return tuple(out)
+
+
+def _catalog(value: Any) -> CatalogConfig:
+    catalog: CatalogConfig = _section(CatalogConfig, value, "catalog")
+    if catalog.kind not in ("duckdb", "postgres"):
+        raise ConfigError(f"catalog.kind must be 'duckdb' or 'postgres', got {catalog.kind!r}")
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", catalog.dsn_env):
+        raise ConfigError("catalog.dsn_env must name an environment variable (letters, digits, "
+                          f"_), got {catalog.dsn_env!r}; put the DSN in that variable, not here")
+    for key in ("connect_timeout_s", "backfill_interval_s"):
+        if not getattr(catalog, key) > 0:
+            raise ConfigError(f"catalog.{key} must be > 0, got {getattr(catalog, key)!r}")
+    return catalog
 
 
 def _baselines(value: Any) -> BaselinesConfig:

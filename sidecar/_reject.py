@@ -18,6 +18,8 @@ from typing import Any, NoReturn, TypeVar
 
 import grpc
 
+from integrations.errors import CatalogUnavailableError
+
 from ._observer import Telemetry, counter
 
 __all__ = [
@@ -26,6 +28,7 @@ __all__ = [
     "REASON_KEY",
     "REJECT_REASONS",
     "Rejection",
+    "catalog_unavailable",
     "count_rejection",
     "reject",
     "typed_errors",
@@ -66,6 +69,7 @@ REJECT_REASONS = (
     "deadline_exceeded",  # the client's deadline passed before the incident was durable
     "disk_full",          # the data dir's disk (or quota) is full; nothing acknowledged
     "internal",           # store failure (I/O or index error); nothing acknowledged
+    "catalog_unavailable",  # a query while the shared catalog (PostgreSQL) is unreachable
 )
 
 INGEST_REJECTED = counter("ingest_rejected", "Uploads and queries rejected, by reason.",
@@ -94,6 +98,11 @@ def reject(context: grpc.ServicerContext, telemetry: Telemetry, rej: Rejection) 
     context.abort(rej.code, rej.message)
 
 
+def catalog_unavailable(error: CatalogUnavailableError) -> Rejection:
+    """The refusal of a call that needs the unreachable shared catalog (the client retries)."""
+    return Rejection(grpc.StatusCode.UNAVAILABLE, "catalog_unavailable", str(error))
+
+
 def _terminated(context: grpc.ServicerContext) -> bool:
     """Whether the call already has a status (``context.abort`` raised on purpose)."""
     code = getattr(context, "code", None)
@@ -102,7 +111,8 @@ def _terminated(context: grpc.ServicerContext) -> bool:
 
 def typed_errors(method: F) -> F:
     """A servicer method whose *unexpected* exceptions become a counted ``INTERNAL`` with a
-    message, never gRPC's untyped ``UNKNOWN`` (deliberate aborts pass through untouched).
+    message, never gRPC's untyped ``UNKNOWN`` (deliberate aborts pass through untouched); an
+    unreachable shared catalog is ``UNAVAILABLE`` (``catalog_unavailable``: retry later).
 
     Example::
 
@@ -114,6 +124,9 @@ def typed_errors(method: F) -> F:
     def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
         try:
             return method(self, request, context)
+        except CatalogUnavailableError as e:
+            log.warning("%s: %s", method.__name__, e)
+            reject(context, self.telemetry, catalog_unavailable(e))
         except Exception as e:
             if _terminated(context):
                 raise

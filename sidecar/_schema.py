@@ -38,6 +38,7 @@ Example::
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 __all__ = ["BASELINES_DDL", "BASELINES_SCOPE_MIGRATION", "CATALOG_DDL", "INCIDENTS_DDL",
@@ -102,7 +103,9 @@ CATALOG_DDL = (
         request_id VARCHAR,
         created_at TIMESTAMP NOT NULL,
         started_at TIMESTAMP,
-        finished_at TIMESTAMP)""",
+        finished_at TIMESTAMP,
+        owner VARCHAR,
+        heartbeat_at TIMESTAMP)""",
     """CREATE TABLE IF NOT EXISTS analyses (
         job_id VARCHAR PRIMARY KEY,
         incident_id VARCHAR NOT NULL,
@@ -175,25 +178,36 @@ MIGRATIONS = ("ALTER TABLE cf_results ADD COLUMN IF NOT EXISTS p DOUBLE",
               "ALTER TABLE incidents ADD COLUMN IF NOT EXISTS content_sha256 VARCHAR",
               "ALTER TABLE incidents ADD COLUMN IF NOT EXISTS crc32c BIGINT",
               "ALTER TABLE incidents ADD COLUMN IF NOT EXISTS integrity VARCHAR",
-              "UPDATE incidents SET content_sha256 = coalesce(json_extract_string("
-              "manifest_json, '$.integrity.sha256'), '') WHERE content_sha256 IS NULL",
-              "UPDATE incidents SET integrity = 'verified' WHERE integrity IS NULL")
+              "UPDATE incidents SET content_sha256 = coalesce(CAST(manifest_json AS JSON) "
+              "-> 'integrity' ->> 'sha256', '') WHERE content_sha256 IS NULL",
+              "UPDATE incidents SET integrity = 'verified' WHERE integrity IS NULL",
+              # shared catalogs (DESIGN §12): which sidecar runs a job, and when it last said
+              # it still does (a silent owner's jobs are resumed by another: ``JobQueue``)
+              "ALTER TABLE jobs ADD COLUMN IF NOT EXISTS owner VARCHAR",
+              "ALTER TABLE jobs ADD COLUMN IF NOT EXISTS heartbeat_at TIMESTAMP")
 
 
-def migrate(con: Any) -> None:
-    """Upgrades that depend on what the file holds (run after :data:`MIGRATIONS`):
+def migrate(con: Any, *, ddl: Callable[[str], str] = str) -> None:
+    """Upgrades that depend on what the catalog holds (run after :data:`MIGRATIONS`):
     :data:`INCIDENT_KEY_MIGRATION` when ``incidents`` is keyed by id alone;
-    :data:`BASELINES_SCOPE_MIGRATION` when ``baselines`` has no ``scope`` column."""
-    key = con.execute("SELECT constraint_column_names FROM duckdb_constraints() WHERE "
-                      "table_name = 'incidents' AND constraint_type = 'PRIMARY KEY'").fetchall()
-    if key and list(key[0][0]) == ["id"]:
+    :data:`BASELINES_SCOPE_MIGRATION` when ``baselines`` has no ``scope`` column. ``ddl``
+    translates a statement into the engine's dialect (identity for DuckDB). Only standard
+    ``information_schema`` views are read, so DuckDB and PostgreSQL run the same queries."""
+    key = con.execute(
+        "SELECT k.column_name FROM information_schema.table_constraints c JOIN "
+        "information_schema.key_column_usage k ON k.constraint_name = c.constraint_name AND "
+        "k.table_name = c.table_name AND k.table_schema = c.table_schema WHERE c.table_name = "
+        "'incidents' AND c.constraint_type = 'PRIMARY KEY' AND c.table_schema = current_schema() "
+        "ORDER BY k.ordinal_position").fetchall()
+    if [r[0] for r in key] == ["id"]:
         for sql in INCIDENT_KEY_MIGRATION:
-            con.execute(sql)
+            con.execute(ddl(sql))
     cols = {r[0] for r in con.execute("SELECT column_name FROM information_schema.columns "
-                                      "WHERE table_name = 'baselines'").fetchall()}
+                                      "WHERE table_name = 'baselines' AND "
+                                      "table_schema = current_schema()").fetchall()}
     if cols and "scope" not in cols:
         for sql in BASELINES_SCOPE_MIGRATION:
-            con.execute(sql)
+            con.execute(ddl(sql))
 
 #: Per-incident analysis result tables (above), child rows first: deleting an
 #: incident deletes its rows in each.

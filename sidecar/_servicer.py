@@ -25,6 +25,8 @@ from typing import Any, NoReturn
 import grpc
 from google.protobuf import empty_pb2
 
+from integrations.errors import CatalogUnavailableError
+
 from ._auth import Authenticator, Principal, TenantNotPermittedError
 from ._config import SidecarConfig
 from ._filters import (
@@ -46,7 +48,7 @@ from ._ingest import (
 )
 from ._ingest_digest import VerifyingSink
 from ._observer import Telemetry, as_telemetry
-from ._reject import Rejection, reject, typed_errors
+from ._reject import Rejection, catalog_unavailable, reject, typed_errors
 from ._store import AmbiguousIncidentError, IncidentStore, PutResult, StoreError
 from ._store_index import IncidentRow
 from ._stream_guard import StreamGuard
@@ -168,6 +170,8 @@ class IncidentServicer(v1.IncidentServiceServicer):
         except AmbiguousIncidentError as e:   # only without a tenant: an admin's call
             self._abort(context, Rejection(grpc.StatusCode.FAILED_PRECONDITION, "ambiguous_id",
                                            str(e)))
+        except CatalogUnavailableError as e:   # streaming calls have no typed_errors
+            self._abort(context, catalog_unavailable(e))
         if row is None:
             self._abort(context, Rejection(grpc.StatusCode.NOT_FOUND, "not_found",
                                            f"incident {incident_id!r} not found"))
@@ -201,7 +205,8 @@ class IncidentServicer(v1.IncidentServiceServicer):
             self._abort(context, _client_gone(rej, context))
         if result.created:
             count_received(self.telemetry, result.row.size_bytes)
-            self._enqueue_ingest_jobs(result.row)
+            if not result.deferred:   # else the back-fill enqueues them once indexed
+                self.enqueue_ingest_jobs(result.row)
         row = result.row
         resp = v1.UploadIncidentResponse(incident_id=row.id, sha256=row.sha256,
                                          size=row.size_bytes, created=result.created,
@@ -226,7 +231,7 @@ class IncidentServicer(v1.IncidentServiceServicer):
                             "deadline passed before the incident was stored; retry")
         return store_upload(self.store, upload, tenant=tenant, telemetry=self.telemetry)
 
-    def _enqueue_ingest_jobs(self, row: IncidentRow) -> None:
+    def enqueue_ingest_jobs(self, row: IncidentRow) -> None:
         """The analyses every new incident gets (``SidecarConfig.ingest_kinds``)."""
         for kind in self.config.ingest_kinds():
             try:

@@ -36,9 +36,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from integrations._crc32c import crc32c as crc32c_of
-from integrations.errors import IncidentFormatError, IncidentTooLargeError
+from integrations.errors import CatalogUnavailableError, IncidentFormatError, IncidentTooLargeError
 from integrations.incident import ID_PATTERN, fsync_dir
 
+from ._catalog_backfill import Backfill
 from ._observer import Telemetry, as_telemetry, incident_attributes
 from ._store_api import AlreadyExistsError, AmbiguousIncidentError, IncidentStore, PutResult
 from ._store_files import IncomingFile, StoreError, _write_tmp
@@ -51,6 +52,7 @@ from ._store_verify import ContentVerifier
 if TYPE_CHECKING:
     from integrations.incident import DecodeLimits, Incident
 
+    from ._catalog import Catalog
     from ._config import SidecarConfig
 
 __all__ = [
@@ -79,7 +81,8 @@ class LocalStore:
     def __init__(self, root: str | os.PathLike[str], *,
                  max_incident_bytes: int = 512 * 1024 * 1024, watch_queue: int = 1024,
                  decode_limits: DecodeLimits | None = None,
-                 telemetry: Telemetry | None = None) -> None:
+                 telemetry: Telemetry | None = None, catalog: Catalog | None = None,
+                 backfill_interval_s: float = 10.0) -> None:
         self.root = Path(root)
         self.incidents_dir = self.root / "incidents"
         self.quarantine_dir = self.root / "quarantine"
@@ -89,21 +92,31 @@ class LocalStore:
         self.decode_limits = decode_limits
         self.telemetry = as_telemetry(telemetry)
         self._watch_queue = watch_queue
-        self.index = Index(self.root / "index.duckdb")
+        #: The catalog (``catalog:`` config; default: the DuckDB file ``index.duckdb``).
+        self.index: Catalog = Index(self.root / "index.duckdb") if catalog is None else catalog
         self._put_lock = threading.Lock()   # id check + rename + insert are one step
         self._subs: list[queue.Queue[IncidentRow | None]] = []
         self._subs_lock = threading.Lock()
         #: Checks acknowledged CRC32C-protocol uploads against their rows' digest.
         self.verifier = ContentVerifier(self)
+        #: Incidents acknowledged while the catalog was unreachable (:mod:`sidecar.
+        #: _catalog_backfill`).
+        self.backfill = Backfill(self, interval_s=backfill_interval_s)
         self.last_recovery = self.recover()
         self.verifier.resume()
+        self.backfill.start()
 
     @classmethod
     def from_config(cls, config: SidecarConfig, *,
                     telemetry: Telemetry | None = None) -> LocalStore:
-        """The store of ``config.data_dir`` with its ``limits`` (incident size, decoding)."""
+        """The store of ``config.data_dir`` with its ``limits`` (incident size, decoding) and
+        its ``catalog`` (:func:`sidecar._catalog.open_catalog`)."""
+        from ._catalog import open_catalog
+
         return cls(config.data_dir, max_incident_bytes=config.limits.max_incident_bytes,
-                   decode_limits=config.limits.decode_limits(), telemetry=telemetry)
+                   decode_limits=config.limits.decode_limits(), telemetry=telemetry,
+                   catalog=open_catalog(config),
+                   backfill_interval_s=config.catalog.backfill_interval_s)
 
     # -- paths -------------------------------------------------------------------------------
 
@@ -194,8 +207,7 @@ class LocalStore:
         tmp_receipt: Path | None = None
         try:
             self._check_size(incident_id, incoming.size)
-            existing = None if tenant is None or not self.index.has_incident(
-                incident_id, tenant=tenant) else self.index.get_incident(incident_id, tenant=tenant)
+            existing = None if tenant is None else self._stored(incident_id, tenant)
             if existing is not None:
                 return self._existing(existing, incoming.size, sha256, crc32c, content_sha256)
             row = self._verified_row(incoming, tenant=tenant, sha256=sha256, crc32c=crc32c,
@@ -204,7 +216,7 @@ class LocalStore:
             directory = self._tenant_dir(row.tenant)
             tmp_receipt = _write_tmp(directory, incident_id, receipt_bytes(row))
             with self._put_lock:
-                existing = self.index.get_incident(incident_id, tenant=row.tenant)
+                existing = self._stored(incident_id, row.tenant)
                 if existing is not None:   # a concurrent upload of the same key won the race
                     return self._existing(existing, row.size_bytes, sha256, crc32c,
                                           row.content_sha256)
@@ -212,10 +224,7 @@ class LocalStore:
                                                      incident_id))
                 os.replace(incoming.path, self.path(incident_id, tenant=row.tenant))
                 fsync_dir(directory)
-                with self.telemetry.span("index", traceparent=row.traceparent,
-                                         attributes=incident_attributes(row)), \
-                        self.index.write() as con:
-                    self.index.insert_incident(con, row)
+                deferred = not self._insert(row)
         except OSError as e:
             raise StoreError(f"cannot store incident {incident_id}: {e}; check free disk "
                              "space and permissions") from e
@@ -223,10 +232,34 @@ class LocalStore:
             incoming.path.unlink(missing_ok=True)
             if tmp_receipt is not None:
                 tmp_receipt.unlink(missing_ok=True)
+        if deferred:   # the back-fill publishes it (and its checks) once indexed
+            return PutResult(row=row, created=True, deferred=True)
         self._publish(row)
         if row.integrity == "pending":
             self.verifier.submit(row.id, tenant=row.tenant)
         return PutResult(row=row, created=True)
+
+    def _stored(self, incident_id: str, tenant: str) -> IncidentRow | None:
+        """The stored row of (tenant, id): the catalog's, else (unreachable) the file's."""
+        try:
+            if not self.index.has_incident(incident_id, tenant=tenant):
+                return None
+            return self.index.get_incident(incident_id, tenant=tenant)
+        except CatalogUnavailableError:
+            return self.backfill.stored_row(incident_id, tenant)
+
+    def _insert(self, row: IncidentRow) -> bool:
+        """Insert the row of a durable incident; False when the catalog is unreachable (the
+        incident is then marked for back-fill and still acknowledged)."""
+        try:
+            with self.telemetry.span("index", traceparent=row.traceparent,
+                                     attributes=incident_attributes(row)), \
+                    self.index.write() as con:
+                self.index.insert_incident(con, row)
+        except CatalogUnavailableError:
+            self.backfill.defer(row)
+            return False
+        return True
 
     def _verified_row(self, incoming: IncomingFile, *, tenant: str | None, sha256: str,
                       crc32c: int | None, content_sha256: str,
@@ -362,6 +395,7 @@ class LocalStore:
         """Stop the post-ack checker (pending rows resume at the next start), close watchers
         and the index."""
         self.verifier.close()
+        self.backfill.close()
         self._publish(None)
         self.index.close()
 

@@ -15,6 +15,7 @@ Example::
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import dataclasses
 import datetime as dt
@@ -31,6 +32,7 @@ __all__ = [
     "CF_ROW_COLUMNS",
     "INCIDENT_COLUMNS",
     "SCORE_COLUMNS",
+    "CatalogBase",
     "IncidentRow",
     "Index",
     "listing_from",
@@ -50,14 +52,15 @@ INCIDENT_COLUMNS = (
 CF_LISTING_COLUMNS = ("anomaly_score", "anomaly_p", "cf_flagged", "cf_status")
 
 # The current CF result of each incident: its newest scored result, else its newest result
-# (``no_baseline`` / ``no_activations``: status set, score and flag NULL). Constant SQL; every
-# value of a query on the listing stays a ``?`` parameter of the WHERE clause.
+# (``no_baseline`` / ``no_activations``: status set, score and flag NULL). Constant SQL that
+# DuckDB and PostgreSQL both run (a LATERAL join: each listed incident looks up its own result,
+# so a page of 50 reads 50 results, not a window over every result); every value of a query on
+# the listing stays a ``?`` parameter of the WHERE clause.
 _CF_JOIN = (
-    "incidents LEFT JOIN (SELECT incident_id AS cf_incident_id, tenant AS cf_tenant, "
-    "score AS anomaly_score, p AS anomaly_p, flagged AS cf_flagged, status AS cf_status "
-    "FROM cf_results QUALIFY row_number() OVER (PARTITION BY tenant, incident_id "
-    "ORDER BY (score IS NOT NULL) DESC, created_at DESC, job_id DESC) = 1) AS cf "
-    "ON cf.cf_incident_id = incidents.id AND cf.cf_tenant = incidents.tenant")
+    "incidents LEFT JOIN LATERAL (SELECT score AS anomaly_score, p AS anomaly_p, "
+    "flagged AS cf_flagged, status AS cf_status FROM cf_results "
+    "WHERE cf_results.incident_id = incidents.id AND cf_results.tenant = incidents.tenant "
+    "ORDER BY (score IS NOT NULL) DESC, created_at DESC, job_id DESC LIMIT 1) AS cf ON TRUE")
 _CF_REFS = tuple(f'"{c}"' for c in CF_LISTING_COLUMNS)
 #: The CF columns every listed or fetched :class:`IncidentRow` carries.
 CF_ROW_COLUMNS = ("anomaly_score", "anomaly_p", "cf_flagged")
@@ -162,61 +165,57 @@ def row_from_manifest(manifest: Mapping[str, Any], *, tenant: str, size_bytes: i
     )
 
 
-class Index:
-    """The DuckDB catalog file; thread-safe (one writer lock, cursors for reads)."""
+class CatalogBase(abc.ABC):
+    """The catalog's SQL on incidents, over an engine's :meth:`read` / :meth:`read_dicts` /
+    :meth:`write` (:class:`Index`: embedded DuckDB; ``sidecar._catalog_postgres``: a shared
+    PostgreSQL). Engines differ only in connections, DDL types and locks; every statement
+    here is the same text on both (``?`` parameters)."""
 
-    def __init__(self, path: Path) -> None:
-        import duckdb
+    #: Whether several sidecars share this catalog (jobs then carry leases: ``JobQueue``).
+    shared: bool = False
 
-        self.path = path
-        self._lock = threading.RLock()
-        self._con = duckdb.connect(str(path))
-        self._closed = False
+    @abc.abstractmethod
+    def read(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        """Run a read-only query; returns all rows."""
+
+    @abc.abstractmethod
+    def read_dicts(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
+        """Like :meth:`read`, each row as a column-name → value dict."""
+
+    @abc.abstractmethod
+    def write(self) -> contextlib.AbstractContextManager[Any]:
+        """A connection inside one transaction (committed on success, rolled back on error):
+        ``con.execute(sql, params)`` (``?`` parameters) returns a cursor."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Close the connections (idempotent)."""
+
+    def ddl(self, sql: str) -> str:
+        """``sql`` (a statement of :mod:`sidecar._schema`) in this engine's dialect."""
+        return sql
+
+    def lock(self, con: Any, name: str) -> None:
+        """Serialise the rest of the ``write`` transaction ``con`` with every other sidecar's
+        transaction that locks ``name`` (a no-op where one process owns the catalog)."""
+
+    def init_schema(self, where: str) -> None:
+        """Create / upgrade the schema (:mod:`sidecar._schema`) and check its version;
+        ``where`` names the catalog in the error."""
         with self.write() as con:
+            self.lock(con, "schema")
             for ddl in (*CATALOG_DDL, *RESULT_DDL, *MIGRATIONS):
-                con.execute(ddl)
-            migrate(con)
+                con.execute(self.ddl(ddl))
+            migrate(con, ddl=self.ddl)
             con.execute("INSERT INTO meta VALUES ('schema_version', ?) ON CONFLICT DO NOTHING",
                         [SCHEMA_VERSION])
         found = self.read("SELECT value FROM meta WHERE key = 'schema_version'")[0][0]
         if found != SCHEMA_VERSION:
             from integrations.errors import SidecarError
 
-            raise SidecarError(f"index {path} has schema version {found}, this sidecar reads "
+            raise SidecarError(f"catalog {where} has schema version {found}, this sidecar reads "
                                f"{SCHEMA_VERSION}; run `forensics sidecar reindex` on a fresh "
-                               "index file")
-
-    @contextlib.contextmanager
-    def write(self) -> Iterator[Any]:
-        """The write connection inside one transaction (committed on success)."""
-        with self._lock:
-            self._con.execute("BEGIN TRANSACTION")
-            try:
-                yield self._con
-            except BaseException:
-                self._con.execute("ROLLBACK")
-                raise
-            self._con.execute("COMMIT")
-
-    def read(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
-        """Run a read-only query on a fresh cursor; returns all rows."""
-        with self._lock:
-            cur = self._con.cursor()
-        try:
-            return cur.execute(sql, list(params)).fetchall()
-        finally:
-            cur.close()
-
-    def read_dicts(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
-        """Like :meth:`read`, each row as a column-name → value dict."""
-        with self._lock:
-            cur = self._con.cursor()
-        try:
-            res = cur.execute(sql, list(params))
-            names = [d[0] for d in res.description or []]
-            return [dict(zip(names, row)) for row in res.fetchall()]
-        finally:
-            cur.close()
+                               "catalog")
 
     # -- incidents ---------------------------------------------------------------------------
 
@@ -305,6 +304,51 @@ class Index:
             con.execute("DELETE FROM jobs WHERE incident_id = ? AND tenant = ?", key)
             con.execute("DELETE FROM incidents WHERE id = ? AND tenant = ?", key)
         return bool(found)
+
+
+class Index(CatalogBase):
+    """The embedded DuckDB catalog file; thread-safe (one writer lock, cursors for reads)."""
+
+    def __init__(self, path: Path) -> None:
+        import duckdb
+
+        self.path = path
+        self._lock = threading.RLock()
+        self._con = duckdb.connect(str(path))
+        self._closed = False
+        self.init_schema(str(path))
+
+    @contextlib.contextmanager
+    def write(self) -> Iterator[Any]:
+        """The write connection inside one transaction (committed on success)."""
+        with self._lock:
+            self._con.execute("BEGIN TRANSACTION")
+            try:
+                yield self._con
+            except BaseException:
+                self._con.execute("ROLLBACK")
+                raise
+            self._con.execute("COMMIT")
+
+    def read(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        """Run a read-only query on a fresh cursor; returns all rows."""
+        with self._lock:
+            cur = self._con.cursor()
+        try:
+            return cur.execute(sql, list(params)).fetchall()
+        finally:
+            cur.close()
+
+    def read_dicts(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
+        """Like :meth:`read`, each row as a column-name → value dict."""
+        with self._lock:
+            cur = self._con.cursor()
+        try:
+            res = cur.execute(sql, list(params))
+            names = [d[0] for d in res.description or []]
+            return [dict(zip(names, row)) for row in res.fetchall()]
+        finally:
+            cur.close()
 
     def close(self) -> None:
         with self._lock:

@@ -168,8 +168,15 @@ class JobRunner:
     # -- dispatch ----------------------------------------------------------------------------
 
     def _dispatch(self) -> None:
+        renewed = time.monotonic()
         while not self._stopping.is_set():
             try:
+                if self.queue.lease_s is not None and \
+                        time.monotonic() - renewed >= self.queue.lease_s / 6:
+                    with self._db():   # a shared catalog: keep our jobs, resume dead owners'
+                        self.queue.heartbeat()
+                        self.queue.resume()
+                    renewed = time.monotonic()
                 while self._inflight < self.workers and not self._stopping.is_set():
                     with self._db():
                         job = self.queue.claim()
