@@ -30,7 +30,7 @@ from typing import Any
 
 from integrations.errors import CatalogUnavailableError
 
-from ._store_index import CatalogBase
+from ._store_index import CF_JOIN_LATERAL, CatalogBase
 
 __all__ = ["PostgresCatalog", "pg_ddl", "pg_sql"]
 
@@ -90,6 +90,7 @@ class PostgresCatalog(CatalogBase):
     concurrent caller, reused)."""
 
     shared = True
+    cf_join = CF_JOIN_LATERAL   # PostgreSQL has no QUALIFY
 
     def __init__(self, dsn: str, *, connect_timeout_s: float = 5.0,
                  where: str = "catalog.kind=postgres") -> None:

@@ -26,12 +26,15 @@ import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from integrations.errors import IncidentFormatError
 
-from ._store_index import IncidentRow, Index, row_from_manifest, utcnow
+from ._store_index import IncidentRow, row_from_manifest, utcnow
 from ._store_layout import is_tenant_dir, stored_path, tenant_dir, tenant_from_dir
+
+if TYPE_CHECKING:
+    from ._catalog import Catalog
 
 __all__ = ["ReindexReport", "manifest_tenant", "quarantine", "read_receipt", "receipt_bytes",
            "reconcile", "row_from_file"]
@@ -156,7 +159,7 @@ def _sweep(incidents_dir: Path, report: ReindexReport) -> dict[tuple[str, str], 
     return files
 
 
-def reconcile(incidents_dir: Path, quarantine_dir: Path, index: Index, *, full: bool,
+def reconcile(incidents_dir: Path, quarantine_dir: Path, index: Catalog, *, full: bool,
               report: ReindexReport | None = None) -> ReindexReport:
     """Make the index agree with the files (module doc); the caller holds the store's write
     lock. ``full``: re-validate and re-index every file, not only unindexed ones."""
@@ -181,7 +184,7 @@ def reconcile(incidents_dir: Path, quarantine_dir: Path, index: Index, *, full: 
     return report
 
 
-def _index_file(index: Index, path: Path, dir_name: str, owner: tuple[str, str] | None,
+def _index_file(index: Catalog, path: Path, dir_name: str, owner: tuple[str, str] | None,
                 quarantine_dir: Path, report: ReindexReport) -> None:
     """(Re-)index one file, or quarantine it (dropping the row it had)."""
     try:

@@ -39,7 +39,7 @@ from ._store_layout import receipt_file, tenant_dir
 if TYPE_CHECKING:
     from integrations.incident import DecodeLimits
 
-    from ._store_index import Index
+    from ._catalog import Catalog
 
 __all__ = ["INCIDENTS_QUARANTINED", "METRICS", "QUARANTINE_REASONS", "ContentVerifier"]
 
@@ -76,7 +76,7 @@ def _checked_digest(path: os.PathLike[str], store: _Store) -> object:
 class _Store(Protocol):
     """What the checker needs of :class:`~sidecar._store.LocalStore`."""
 
-    index: Index
+    index: Catalog
     incidents_dir: Path
     quarantine_dir: Path
     decode_limits: DecodeLimits | None

@@ -34,7 +34,7 @@ def test_config_selects_the_catalog_and_names_the_key(tmp_path: Path, pg_dsn: st
     cat = open_catalog(cfg, environ={"TEST_CATALOG_DSN": pg_dsn})
     assert isinstance(cat, PostgresCatalog) and cat.shared
     cat.close()
-    with pytest.raises(CatalogUnavailableError, match="unreachable.*catalog.dsn_env"):
+    with pytest.raises(CatalogUnavailableError, match=r"unreachable.*catalog\.dsn_env"):
         open_catalog(cfg, environ={"TEST_CATALOG_DSN": "host=127.0.0.1 port=1 user=x"})
     assert not (tmp_path / "index.duckdb").exists()   # nothing embedded was opened
 

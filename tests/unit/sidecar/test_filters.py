@@ -21,7 +21,6 @@ from sidecar._filters import (
     query_key,
 )
 
-
 ENGINES = ("duckdb", "postgres")
 
 
