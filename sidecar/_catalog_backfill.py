@@ -2,8 +2,10 @@
 
 With a shared catalog (``catalog.kind: postgres``) the database can be down while uploads
 arrive. Ingest does not wait for it (DESIGN §11: acknowledged = durable): the Arrow file and its
-receipt are already durable when the index insert fails, so the store acknowledges, and
-:meth:`Backfill.defer` leaves a durable marker ``<data_dir>/backfill/<tenant dir>/<id>``.
+receipt are already durable when the index insert fails (:meth:`Backfill.insert`), so the
+store acknowledges, and :meth:`Backfill.defer` leaves a durable marker
+``<data_dir>/backfill/<tenant dir>/<id>``; meanwhile :meth:`Backfill.lookup` answers the store's
+"is this (tenant, id) stored?" from the files, so a retried upload stays idempotent.
 A daemon thread runs :meth:`Backfill.run_once` at start and every ``catalog.
 backfill_interval_s``: each marked incident is re-read from its file (fully validated, as
 reindexing does: :func:`~sidecar._store_recovery.row_from_file`), inserted unless a row exists,
@@ -14,7 +16,7 @@ nothing is lost, and a restart picks the markers up again.
 Example::
 
     backfill = Backfill(store, interval_s=10.0)
-    backfill.defer(row)           # the insert failed: CatalogUnavailableError
+    backfill.insert(row)          # False: the catalog is unreachable, the incident is marked
     backfill.run_once()           # 1 (when the catalog answers again)
 """
 
@@ -29,11 +31,13 @@ from typing import TYPE_CHECKING, Any, Protocol
 from integrations.errors import CatalogUnavailableError, IncidentFormatError
 from integrations.incident import fsync_dir
 
+from ._observer import incident_attributes
 from ._store_layout import incident_file, is_tenant_dir, tenant_dir
 from ._store_recovery import quarantine, row_from_file
 
 if TYPE_CHECKING:
     from ._catalog import Catalog
+    from ._observer import Telemetry
     from ._store_index import IncidentRow
 
 __all__ = ["Backfill"]
@@ -48,6 +52,7 @@ class _Store(Protocol):
     index: Catalog
     incidents_dir: Path
     quarantine_dir: Path
+    telemetry: Telemetry
     _put_lock: Any
 
     def _publish(self, row: IncidentRow | None) -> None: ...
@@ -64,6 +69,31 @@ class Backfill:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._pass = threading.Lock()
+
+    def lookup(self, incident_id: str, tenant: str) -> IncidentRow | None:
+        """The stored row of (tenant, id): the catalog's, else (unreachable) the file's
+        (:meth:`stored_row`)."""
+        index = self.store.index
+        try:
+            if not index.has_incident(incident_id, tenant=tenant):
+                return None
+            return index.get_incident(incident_id, tenant=tenant)
+        except CatalogUnavailableError:
+            return self.stored_row(incident_id, tenant)
+
+    def insert(self, row: IncidentRow) -> bool:
+        """Insert the row of a durable incident (an ``index`` span); False when the catalog
+        is unreachable: the incident is then marked for back-fill (:meth:`defer`)."""
+        index = self.store.index
+        try:
+            with self.store.telemetry.span("index", traceparent=row.traceparent,
+                                           attributes=incident_attributes(row)), \
+                    index.write() as con:
+                index.insert_incident(con, row)
+        except CatalogUnavailableError:
+            self.defer(row)
+            return False
+        return True
 
     def defer(self, row: IncidentRow) -> None:
         """Mark ``row``'s incident (its file is durable) for back-fill; durable on return."""

@@ -30,6 +30,7 @@ from typing import Any
 
 from integrations.errors import CatalogUnavailableError
 
+from ._schema import SHARED_CATALOG_INDEXES
 from ._store_index import CF_JOIN_LATERAL, CatalogBase
 
 __all__ = ["PostgresCatalog", "pg_ddl", "pg_sql"]
@@ -91,6 +92,7 @@ class PostgresCatalog(CatalogBase):
 
     shared = True
     cf_join = CF_JOIN_LATERAL   # PostgreSQL has no QUALIFY
+    indexes = SHARED_CATALOG_INDEXES
 
     def __init__(self, dsn: str, *, connect_timeout_s: float = 5.0,
                  where: str = "catalog.kind=postgres") -> None:

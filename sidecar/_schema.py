@@ -43,7 +43,7 @@ from typing import Any
 
 __all__ = ["BASELINES_DDL", "BASELINES_SCOPE_MIGRATION", "CATALOG_DDL", "INCIDENTS_DDL",
            "INCIDENT_KEY_MIGRATION", "MIGRATIONS", "RESULT_DDL", "RESULT_TABLES", "SCHEMA_VERSION",
-           "migrate"]
+           "SHARED_CATALOG_INDEXES", "migrate"]
 
 #: 2: ``incidents`` keyed by (tenant, id). A sidecar that reads version 1 refuses a version-2
 #: index (it would look for incident files in the old flat layout and drop every row).
@@ -208,6 +208,13 @@ def migrate(con: Any, *, ddl: Callable[[str], str] = str) -> None:
     if cols and "scope" not in cols:
         for sql in BASELINES_SCOPE_MIGRATION:
             con.execute(ddl(sql))
+
+#: Secondary indexes for catalogs that answer range scans from them (PostgreSQL, the shared
+#: catalog: a tenant's newest incidents without reading the tenant's every row; measured in
+#: benchmarks/RESULTS_fleet.md). DuckDB scans columns instead and keeps none.
+SHARED_CATALOG_INDEXES = (
+    "CREATE INDEX IF NOT EXISTS incidents_tenant_received ON incidents (tenant, received_at)",
+)
 
 #: Per-incident analysis result tables (above), child rows first: deleting an
 #: incident deletes its rows in each.

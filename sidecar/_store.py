@@ -36,11 +36,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from integrations._crc32c import crc32c as crc32c_of
-from integrations.errors import CatalogUnavailableError, IncidentFormatError, IncidentTooLargeError
+from integrations.errors import IncidentFormatError, IncidentTooLargeError
 from integrations.incident import ID_PATTERN, fsync_dir
 
 from ._catalog_backfill import Backfill
-from ._observer import Telemetry, as_telemetry, incident_attributes
+from ._observer import Telemetry, as_telemetry
 from ._store_api import AlreadyExistsError, AmbiguousIncidentError, IncidentStore, PutResult
 from ._store_files import IncomingFile, StoreError, _write_tmp
 from ._store_index import IncidentRow, Index, row_from_manifest, utcnow
@@ -207,7 +207,7 @@ class LocalStore:
         tmp_receipt: Path | None = None
         try:
             self._check_size(incident_id, incoming.size)
-            existing = None if tenant is None else self._stored(incident_id, tenant)
+            existing = None if tenant is None else self.backfill.lookup(incident_id, tenant)
             if existing is not None:
                 return self._existing(existing, incoming.size, sha256, crc32c, content_sha256)
             row = self._verified_row(incoming, tenant=tenant, sha256=sha256, crc32c=crc32c,
@@ -216,7 +216,7 @@ class LocalStore:
             directory = self._tenant_dir(row.tenant)
             tmp_receipt = _write_tmp(directory, incident_id, receipt_bytes(row))
             with self._put_lock:
-                existing = self._stored(incident_id, row.tenant)
+                existing = self.backfill.lookup(incident_id, row.tenant)
                 if existing is not None:   # a concurrent upload of the same key won the race
                     return self._existing(existing, row.size_bytes, sha256, crc32c,
                                           row.content_sha256)
@@ -224,7 +224,7 @@ class LocalStore:
                                                      incident_id))
                 os.replace(incoming.path, self.path(incident_id, tenant=row.tenant))
                 fsync_dir(directory)
-                deferred = not self._insert(row)
+                deferred = not self.backfill.insert(row)
         except OSError as e:
             raise StoreError(f"cannot store incident {incident_id}: {e}; check free disk "
                              "space and permissions") from e
@@ -238,28 +238,6 @@ class LocalStore:
         if row.integrity == "pending":
             self.verifier.submit(row.id, tenant=row.tenant)
         return PutResult(row=row, created=True)
-
-    def _stored(self, incident_id: str, tenant: str) -> IncidentRow | None:
-        """The stored row of (tenant, id): the catalog's, else (unreachable) the file's."""
-        try:
-            if not self.index.has_incident(incident_id, tenant=tenant):
-                return None
-            return self.index.get_incident(incident_id, tenant=tenant)
-        except CatalogUnavailableError:
-            return self.backfill.stored_row(incident_id, tenant)
-
-    def _insert(self, row: IncidentRow) -> bool:
-        """Insert the row of a durable incident; False when the catalog is unreachable (the
-        incident is then marked for back-fill and still acknowledged)."""
-        try:
-            with self.telemetry.span("index", traceparent=row.traceparent,
-                                     attributes=incident_attributes(row)), \
-                    self.index.write() as con:
-                self.index.insert_incident(con, row)
-        except CatalogUnavailableError:
-            self.backfill.defer(row)
-            return False
-        return True
 
     def _verified_row(self, incoming: IncomingFile, *, tenant: str | None, sha256: str,
                       crc32c: int | None, content_sha256: str,

@@ -184,6 +184,8 @@ class CatalogBase(abc.ABC):
     shared: bool = False
     #: The FROM clause joining each incident's current CF result (:func:`listing_from`).
     cf_join: str = _CF_JOIN
+    #: Engine-specific secondary indexes (``sidecar._schema.SHARED_CATALOG_INDEXES``).
+    indexes: tuple[str, ...] = ()
 
     @abc.abstractmethod
     def read(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
@@ -216,7 +218,7 @@ class CatalogBase(abc.ABC):
         ``where`` names the catalog in the error."""
         with self.write() as con:
             self.lock(con, "schema")
-            for ddl in (*CATALOG_DDL, *RESULT_DDL, *MIGRATIONS):
+            for ddl in (*CATALOG_DDL, *RESULT_DDL, *MIGRATIONS, *self.indexes):
                 con.execute(self.ddl(ddl))
             migrate(con, ddl=self.ddl)
             con.execute("INSERT INTO meta VALUES ('schema_version', ?) ON CONFLICT DO NOTHING",
