@@ -12,6 +12,7 @@ Example::
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 from collections.abc import Callable
 from typing import Any, NoReturn, TypeVar
@@ -113,6 +114,7 @@ def typed_errors(method: F) -> F:
     """A servicer method whose *unexpected* exceptions become a counted ``INTERNAL`` with a
     message, never gRPC's untyped ``UNKNOWN`` (deliberate aborts pass through untouched); an
     unreachable shared catalog is ``UNAVAILABLE`` (``catalog_unavailable``: retry later).
+    Server-streaming methods (generators) are covered while they stream.
 
     Example::
 
@@ -120,19 +122,31 @@ def typed_errors(method: F) -> F:
             @typed_errors
             def GetIncident(self, request, context): ...     # self.telemetry counts
     """
+    def refuse(self: Any, context: grpc.ServicerContext, e: Exception) -> NoReturn:
+        if isinstance(e, CatalogUnavailableError):
+            log.warning("%s: %s", method.__name__, e)
+            reject(context, self.telemetry, catalog_unavailable(e))
+        if _terminated(context):
+            raise e
+        log.exception("unexpected error in %s", method.__name__)
+        reject(context, self.telemetry, Rejection(
+            grpc.StatusCode.INTERNAL, "internal",
+            f"{method.__name__} failed unexpectedly ({type(e).__name__}); the sidecar "
+            "logged it with a traceback — please report it"))
+
+    if inspect.isgeneratorfunction(method):   # a server-streaming call
+        @functools.wraps(method)
+        def stream(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
+            try:
+                yield from method(self, request, context)
+            except Exception as e:
+                refuse(self, context, e)
+        return stream  # type: ignore[return-value]
+
     @functools.wraps(method)
     def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
         try:
             return method(self, request, context)
-        except CatalogUnavailableError as e:
-            log.warning("%s: %s", method.__name__, e)
-            reject(context, self.telemetry, catalog_unavailable(e))
         except Exception as e:
-            if _terminated(context):
-                raise
-            log.exception("unexpected error in %s", method.__name__)
-            reject(context, self.telemetry, Rejection(
-                grpc.StatusCode.INTERNAL, "internal",
-                f"{method.__name__} failed unexpectedly ({type(e).__name__}); the sidecar "
-                "logged it with a traceback — please report it"))
+            refuse(self, context, e)
     return wrapper  # type: ignore[return-value]

@@ -25,8 +25,6 @@ from typing import Any, NoReturn
 import grpc
 from google.protobuf import empty_pb2
 
-from integrations.errors import CatalogUnavailableError
-
 from ._auth import Authenticator, Principal, TenantNotPermittedError
 from ._config import SidecarConfig
 from ._filters import (
@@ -48,7 +46,7 @@ from ._ingest import (
 )
 from ._ingest_digest import VerifyingSink
 from ._observer import Telemetry, as_telemetry
-from ._reject import Rejection, catalog_unavailable, reject, typed_errors
+from ._reject import Rejection, reject, typed_errors
 from ._store import AmbiguousIncidentError, IncidentStore, PutResult, StoreError
 from ._store_index import IncidentRow
 from ._stream_guard import StreamGuard
@@ -170,8 +168,6 @@ class IncidentServicer(v1.IncidentServiceServicer):
         except AmbiguousIncidentError as e:   # only without a tenant: an admin's call
             self._abort(context, Rejection(grpc.StatusCode.FAILED_PRECONDITION, "ambiguous_id",
                                            str(e)))
-        except CatalogUnavailableError as e:   # streaming calls have no typed_errors
-            self._abort(context, catalog_unavailable(e))
         if row is None:
             self._abort(context, Rejection(grpc.StatusCode.NOT_FOUND, "not_found",
                                            f"incident {incident_id!r} not found"))
@@ -300,6 +296,7 @@ class IncidentServicer(v1.IncidentServiceServicer):
             resp.incidents.append(msg)
         return len(rows)
 
+    @typed_errors
     def WatchIncidents(self, request: v1.WatchIncidentsRequest,
                        context: grpc.ServicerContext) -> Iterator[v1.WatchIncidentsResponse]:
         scope = self._principal(context).scope()
@@ -332,6 +329,7 @@ class IncidentServicer(v1.IncidentServiceServicer):
         finally:
             self.store.unsubscribe(q)
 
+    @typed_errors
     def DownloadIncident(self, request: v1.DownloadIncidentRequest,
                          context: grpc.ServicerContext) -> Iterator[v1.DownloadIncidentResponse]:
         row = self._row(request.incident_id, self._principal(context), context)

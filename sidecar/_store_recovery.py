@@ -169,6 +169,8 @@ def reconcile(incidents_dir: Path, quarantine_dir: Path, index: Catalog, *, full
     by_file = {(tenant_dir(t), i): (t, i) for t, i in indexed}
     for gone in sorted(set(by_file) - set(files)):
         tenant, incident_id = by_file[gone]
+        if (incidents_dir / gone[0] / f"{incident_id}.arrow").exists():
+            continue   # stored meanwhile by another sidecar sharing the catalog and files
         index.delete_incident(incident_id, tenant=tenant)
         report.removed_rows += 1
     for (dir_name, incident_id), path in sorted(files.items()):

@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
-from integrations.errors import IncidentFormatError, SidecarError
+from integrations.errors import CatalogUnavailableError, IncidentFormatError, SidecarError
 
 from .._observer import Telemetry, as_telemetry, counter, gauge, histogram
 from .._store_index import utcnow
@@ -185,6 +185,8 @@ class JobRunner:
                         self._start(job)
             except _Stopped:
                 return
+            except CatalogUnavailableError as e:   # a shared catalog is down: wait for it
+                log.warning("job dispatcher: %s", e)
             except Exception:   # keep dispatching; the index error is logged
                 log.exception("job dispatcher error")
             self._wake.wait(self.config.jobs.poll_interval_s)
