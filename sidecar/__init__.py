@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING
 from integrations._lazy import lazy_exports
 
 if TYPE_CHECKING:
+    from sidecar._catalog import Catalog, open_catalog
+    from sidecar._catalog_postgres import PostgresCatalog
     from sidecar._client import SidecarClient
     from sidecar._config import SidecarConfig, load_config
     from sidecar._filters import FilterError, compile_filter, compile_order_by
@@ -42,6 +44,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "AmbiguousIncidentError",
+    "Catalog",
     "FilterError",
     "IncidentRow",
     "IncidentStore",
@@ -52,6 +55,7 @@ __all__ = [
     "Metric",
     "MetricsHTTPServer",
     "NoopTelemetry",
+    "PostgresCatalog",
     "ReindexReport",
     "Sidecar",
     "SidecarClient",
@@ -65,11 +69,13 @@ __all__ = [
     "compile_order_by",
     "create_server",
     "load_config",
+    "open_catalog",
 ]
 
 
 _LAZY = {
     "AmbiguousIncidentError": "sidecar._store",
+    "Catalog": "sidecar._catalog",
     "FilterError": "sidecar._filters",
     "IncidentRow": "sidecar._store",
     "IncidentStore": "sidecar._store",
@@ -80,6 +86,7 @@ _LAZY = {
     "Metric": "sidecar._observer",
     "MetricsHTTPServer": "sidecar.telemetry",
     "NoopTelemetry": "sidecar._observer",
+    "PostgresCatalog": "sidecar._catalog_postgres",
     "ReindexReport": "sidecar._store",
     "Sidecar": "sidecar._server",
     "SidecarClient": "sidecar._client",
@@ -93,6 +100,7 @@ _LAZY = {
     "compile_order_by": "sidecar._filters",
     "create_server": "sidecar._server",
     "load_config": "sidecar._config",
+    "open_catalog": "sidecar._catalog",
 }
 
 __getattr__, __dir__ = lazy_exports(__name__, _LAZY)

@@ -4,7 +4,10 @@ kinds use of it; :func:`open_catalog` picks the implementation from the ``catalo
 section — the embedded DuckDB file ``<data_dir>/index.duckdb`` (default, one per sidecar:
 :class:`~sidecar._store_index.Index`) or one PostgreSQL database shared by a fleet
 (:class:`~sidecar._catalog_postgres.PostgresCatalog`). Both run the same SQL text
-(``?`` parameters) on the same schema (:mod:`sidecar._schema`).
+(``?`` parameters) on the same schema (:mod:`sidecar._schema`); what an engine may differ in is
+named on :class:`~sidecar._store_index.CatalogBase`: DDL types (``ddl``), the join of each
+incident's current CF result (``cf_join``: DuckDB's QUALIFY or a LATERAL join, same rows),
+secondary ``indexes``, cross-sidecar ``lock`` (advisory locks), and whether it is ``shared``.
 
 Example::
 

@@ -1,5 +1,7 @@
-"""The DuckDB catalog of the local store: ``incidents``, ``jobs`` and ``analyses`` tables and the
-analysis result tables (their schema is :mod:`sidecar._schema`).
+"""The catalog's incident SQL (:class:`CatalogBase`, shared by every engine) and the embedded
+DuckDB catalog of the local store (:class:`Index`): ``incidents``, ``jobs`` and ``analyses``
+tables and the analysis result tables (their schema is :mod:`sidecar._schema`). The shared
+PostgreSQL catalog is :mod:`sidecar._catalog_postgres`; the seam is :mod:`sidecar._catalog`.
 
 One DuckDB connection owns every write, behind one lock (DuckDB is a single-writer engine);
 reads use short-lived cursors (own connections to the same database, MVCC snapshots). All SQL is
