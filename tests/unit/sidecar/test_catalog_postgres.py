@@ -134,3 +134,47 @@ def test_catalog_down_acknowledges_then_backfills(tmp_path: Path, postgres_serve
         assert row is not None and row.integrity == "verified"
     finally:
         store.close()
+
+
+def test_every_result_table_hook_writes_on_postgres(tmp_path: Path, pg_dsn: str) -> None:
+    """The kinds' ``record`` hooks (one SQL text for both engines) write their rows into the
+    PostgreSQL catalog in the job's finish transaction, and delete removes them again."""
+    from sidecar.jobs._baseline import record_baseline
+    from sidecar.jobs._cca import record_cca
+    from sidecar.jobs._probe import record_probe, record_probe_score
+
+    with LocalStore(tmp_path / "data", catalog=PostgresCatalog(pg_dsn)) as store:
+        store.put("inc-1", build_incident("inc-1"), tenant="acme")
+        queue = JobQueue(store.index, max_attempts=1)
+        results = {
+            "cca": (record_cca, {"status": "found", "fix_set": {
+                "flip": True, "interventions": [{"site": "blocks.0.mlp", "kind": "zero"}],
+                "one_minimal": True, "flip_rate": 1.0, "flip_rate_ci": [0.7, 1.0],
+                "p_value": 0.01, "side_effects": {"mean_kl": 0.1, "top1_agreement": 0.9},
+                "forward_passes": 12, "exhaustive_forward_passes": 64, "strategy": "greedy",
+                "intervention_kind": "zero", "necessity": [
+                    {"site": "blocks.0.mlp", "metric_without": 0.2, "delta": -0.5,
+                     "flips_without": False}]}}),
+            "baseline": (record_baseline, {
+                "scope": "tenant:acme", "fingerprint": "f" * 64, "detector": "cf", "version": 1,
+                "path": "baselines/x.npz", "model_name": "tiny", "sample_count": 30,
+                "sites": ["blocks.0.resid_post"], "incident_ids": ["inc-1"]}),
+            "probe": (record_probe, {
+                "status": "trained", "tenant": "acme", "model_fingerprint": "f" * 64,
+                "version": 1, "site": "blocks.0.resid_post", "path": "probes/p.json",
+                "quality": {"auroc": 0.9, "auroc_ci": [0.8, 0.95], "tpr_at_1pct_fpr": 0.5,
+                            "n_pos": 10, "n_neg": 12, "folds": 5}, "scores": {"inc-1": 0.25}}),
+            "probe_score": (record_probe_score, {"status": "scored", "failure_p": 0.75}),
+        }
+        for kind, (record, result) in results.items():
+            queue.submit("inc-1", kind, tenant="acme")
+            job = queue.claim()
+            assert job is not None and job.kind == kind
+            queue.finish(job, "done", result, None, record=record)
+        counts = {t: store.index.read(f"SELECT count(*) FROM {t}")[0][0]
+                  for t in ("cca_results", "cca_interventions", "baselines", "probes")}
+        assert counts == {"cca_results": 1, "cca_interventions": 1, "baselines": 1, "probes": 1}
+        row = store.get("inc-1", tenant="acme")
+        assert row is not None and row.failure_p == 0.75
+        assert store.delete("inc-1", tenant="acme")
+        assert store.index.read("SELECT count(*) FROM cca_results")[0][0] == 0
