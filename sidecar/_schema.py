@@ -38,12 +38,13 @@ Example::
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 
 __all__ = ["BASELINES_DDL", "BASELINES_SCOPE_MIGRATION", "CATALOG_DDL", "INCIDENTS_DDL",
            "INCIDENT_KEY_MIGRATION", "MIGRATIONS", "RESULT_DDL", "RESULT_TABLES", "SCHEMA_VERSION",
-           "SHARED_CATALOG_INDEXES", "migrate"]
+           "SHARED_CATALOG_INDEXES", "migrate", "needed"]
 
 #: 2: ``incidents`` keyed by (tenant, id). A sidecar that reads version 1 refuses a version-2
 #: index (it would look for incident files in the old flat layout and drop every row).
@@ -185,6 +186,21 @@ MIGRATIONS = ("ALTER TABLE cf_results ADD COLUMN IF NOT EXISTS p DOUBLE",
               # it still does (a silent owner's jobs are resumed by another: ``JobQueue``)
               "ALTER TABLE jobs ADD COLUMN IF NOT EXISTS owner VARCHAR",
               "ALTER TABLE jobs ADD COLUMN IF NOT EXISTS heartbeat_at TIMESTAMP")
+
+
+_ADD_COLUMN = re.compile(r"ALTER TABLE (\w+) ADD COLUMN IF NOT EXISTS (\w+)")
+
+
+def needed(con: Any, sql: str) -> bool:
+    """False for an ``ADD COLUMN IF NOT EXISTS`` whose column exists: skipped rather than run,
+    because PostgreSQL takes the table's exclusive lock even when there is nothing to add (a
+    sidecar starting would queue behind, and block, every query on the shared catalog)."""
+    found = _ADD_COLUMN.match(sql)
+    if found is None:
+        return True
+    return not con.execute("SELECT count(*) FROM information_schema.columns WHERE table_name = ? "
+                           "AND column_name = ? AND table_schema = current_schema()",
+                           list(found.groups())).fetchone()[0]
 
 
 def migrate(con: Any, *, ddl: Callable[[str], str] = str) -> None:

@@ -27,7 +27,15 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ._schema import CATALOG_DDL, MIGRATIONS, RESULT_DDL, RESULT_TABLES, SCHEMA_VERSION, migrate
+from ._schema import (
+    CATALOG_DDL,
+    MIGRATIONS,
+    RESULT_DDL,
+    RESULT_TABLES,
+    SCHEMA_VERSION,
+    migrate,
+    needed,
+)
 
 __all__ = [
     "CF_JOIN_LATERAL",
@@ -221,7 +229,8 @@ class CatalogBase(abc.ABC):
         with self.write() as con:
             self.lock(con, "schema")
             for ddl in (*CATALOG_DDL, *RESULT_DDL, *MIGRATIONS, *self.indexes):
-                con.execute(self.ddl(ddl))
+                if needed(con, ddl):
+                    con.execute(self.ddl(ddl))
             migrate(con, ddl=self.ddl)
             con.execute("INSERT INTO meta VALUES ('schema_version', ?) ON CONFLICT DO NOTHING",
                         [SCHEMA_VERSION])

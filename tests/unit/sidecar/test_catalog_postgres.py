@@ -178,3 +178,16 @@ def test_every_result_table_hook_writes_on_postgres(tmp_path: Path, pg_dsn: str)
         assert row is not None and row.failure_p == 0.75
         assert store.delete("inc-1", tenant="acme")
         assert store.index.read("SELECT count(*) FROM cca_results")[0][0] == 0
+
+
+def test_a_sidecar_starting_does_not_lock_the_shared_tables(pg_dsn: str) -> None:
+    """Opening the catalog again (every sidecar start) while a reader holds a transaction on
+    ``incidents`` neither waits for nor takes the tables' exclusive lock (no-op migrations are
+    skipped): with a 2 s lock timeout an ``ALTER TABLE`` would fail here."""
+    import psycopg
+
+    PostgresCatalog(pg_dsn).close()
+    with psycopg.connect(pg_dsn) as reader:
+        reader.execute("SELECT count(*) FROM incidents").fetchone()   # transaction stays open
+        PostgresCatalog(f"{pg_dsn} options='-c lock_timeout=2000'").close()
+        reader.rollback()
