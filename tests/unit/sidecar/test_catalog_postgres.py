@@ -191,3 +191,28 @@ def test_a_sidecar_starting_does_not_lock_the_shared_tables(pg_dsn: str) -> None
         reader.execute("SELECT count(*) FROM incidents").fetchone()   # transaction stays open
         PostgresCatalog(f"{pg_dsn} options='-c lock_timeout=2000'").close()
         reader.rollback()
+
+
+def test_a_running_sidecar_resumes_a_dead_ones_job(tmp_path: Path, pg_dsn: str) -> None:
+    """The runner renews its own leases and resumes a silent owner's job by itself (no
+    restart): a job claimed by a sidecar that then died is run to the end by another."""
+    from sidecar.jobs import JobRunner, builtin_kinds
+
+    cfg = SidecarConfig.from_dict({"data_dir": str(tmp_path / "data"),
+                                   "jobs": {"poll_interval_s": 0.05}})
+    with LocalStore(cfg.data_dir, catalog=PostgresCatalog(pg_dsn)) as store:
+        store.put("inc-1", build_incident("inc-1"), tenant="acme")
+        dead = JobQueue(PostgresCatalog(pg_dsn), max_attempts=3, owner="dead-sidecar")
+        job = dead.submit("inc-1", "stats", tenant="acme")
+        assert dead.claim() is not None          # ... and its sidecar is never heard of again
+        dead.index.close()
+        runner = JobRunner(store, config=cfg, kinds=builtin_kinds())
+        runner.queue.lease_s = 0.6               # JOB_LEASE_S (60 s) shortened for the test
+        runner.start()
+        try:
+            done = runner.wait(job.id, timeout_s=30)
+        finally:
+            runner.stop()
+        assert done.state == "done" and done.attempts == 2, done.error
+        assert store.index.read("SELECT owner FROM jobs WHERE id = ?", [job.id]) == \
+            [(runner.queue.owner,)]
