@@ -96,7 +96,7 @@ class PostgresServer:
             info = pwd.getpwnam(server._user)
             os.chown(root, info.pw_uid, info.pw_gid)
         server._run("initdb", "-D", str(server.data), "-U", "postgres", "--auth=trust",
-                    "--locale=C.UTF-8", "-E", "UTF8")
+                    "--locale=C", "-E", "UTF8")
         server.start()
         return server
 
