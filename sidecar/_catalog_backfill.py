@@ -7,10 +7,11 @@ store acknowledges, and :meth:`Backfill.defer` leaves a durable marker
 ``<data_dir>/backfill/<tenant dir>/<id>``; meanwhile :meth:`Backfill.lookup` answers the store's
 "is this (tenant, id) stored?" from the files, so a retried upload stays idempotent.
 A daemon thread runs :meth:`Backfill.run_once` at start and every ``catalog.
-backfill_interval_s``: each marked incident is re-read from its file (fully validated, as
-reindexing does: :func:`~sidecar._store_recovery.row_from_file`), inserted unless a row exists,
-announced to watchers and listeners (the server enqueues the ingest analyses), and its marker
-removed. While the catalog is still down a pass stops at the first failure and retries later;
+backfill_interval_s``: while markers exist it runs the store's own start-up reconciliation
+(``LocalStore.recover``: every stored file without a catalog row is validated and indexed, the
+marked ones included, whatever the file layer — a directory or object storage), then announces
+each marked incident to watchers and listeners (the server enqueues its ingest analyses) and
+removes its marker. While the catalog is still down a pass changes nothing and is retried;
 nothing is lost, and a restart picks the markers up again.
 
 Example::
@@ -22,18 +23,19 @@ Example::
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from integrations.errors import CatalogUnavailableError, IncidentFormatError
+from integrations.errors import CatalogUnavailableError
 from integrations.incident import fsync_dir
 
 from ._observer import incident_attributes
 from ._store_layout import incident_file, is_tenant_dir, tenant_dir
-from ._store_recovery import quarantine, row_from_file
+from ._store_recovery import row_from_file
 
 if TYPE_CHECKING:
     from ._catalog import Catalog
@@ -51,9 +53,9 @@ class _Store(Protocol):
     root: Path
     index: Catalog
     incidents_dir: Path
-    quarantine_dir: Path
     telemetry: Telemetry
-    _put_lock: Any
+
+    def recover(self) -> Any: ...
 
     def _publish(self, row: IncidentRow | None) -> None: ...
 
@@ -101,19 +103,25 @@ class Backfill:
         if not directory.is_dir():
             directory.mkdir(parents=True, exist_ok=True)
             fsync_dir(self.dir)
-        marker = directory / row.id
-        marker.touch()
+        (directory / row.id).write_text(json.dumps({"tenant": row.tenant}), encoding="utf-8")
         fsync_dir(directory)
         log.warning("catalog unreachable: incident %s (tenant %r) acknowledged to local disk; "
                     "it is back-filled when the catalog answers", row.id, row.tenant)
 
-    def pending(self) -> list[tuple[str, str]]:
-        """(tenant dir, id) of every incident waiting for back-fill, oldest marker first."""
+    def _marks(self) -> list[tuple[Path, str, str]]:
+        """(marker, tenant, id) of every incident waiting for back-fill, oldest first."""
         if not self.dir.is_dir():
             return []
-        found = [(m.stat().st_mtime_ns, d.name, m.name) for d in self.dir.iterdir()
-                 if d.is_dir() and is_tenant_dir(d.name) for m in d.iterdir() if m.is_file()]
-        return [(d, i) for _, d, i in sorted(found)]
+        found = []
+        for d in self.dir.iterdir():
+            for m in (d.iterdir() if d.is_dir() and is_tenant_dir(d.name) else ()):
+                tenant = json.loads(m.read_text(encoding="utf-8"))["tenant"]
+                found.append((m.stat().st_mtime_ns, m, str(tenant), m.name))
+        return [(m, t, i) for _, m, t, i in sorted(found)]
+
+    def pending(self) -> list[tuple[str, str]]:
+        """(tenant, id) of every incident waiting for back-fill, oldest first."""
+        return [(t, i) for _, t, i in self._marks()]
 
     def stored_row(self, incident_id: str, tenant: str) -> IncidentRow | None:
         """The row of an incident stored here, read from its file (when the catalog cannot
@@ -124,46 +132,27 @@ class Backfill:
         return row_from_file(path, dir_name=tenant_dir(tenant))
 
     def run_once(self) -> int:
-        """Back-fill every marked incident the catalog lacks; how many rows were inserted.
-        Stops early (markers kept) while the catalog is unreachable."""
-        done = 0
+        """One pass: while incidents are marked, reconcile the catalog with the stored files
+        (the store's start-up recovery: every file without a row is validated and indexed),
+        then announce each marked incident's row and drop its marker. How many were
+        announced; 0 with the markers kept while the catalog is unreachable."""
         with self._pass:
-            for dir_name, incident_id in self.pending():
-                try:
-                    row = self._fill(dir_name, incident_id)
-                except CatalogUnavailableError:
-                    return done
-                except Exception:   # e.g. a concurrent insert won: retried next pass
-                    log.exception("back-fill of %s/%s failed; retrying later", dir_name,
-                                  incident_id)
-                    continue
+            marks = self._marks()
+            if not marks:
+                return 0
+            try:
+                self.store.recover()
+                rows = [(m, self.store.index.get_incident(i, tenant=t)) for m, t, i in marks]
+            except CatalogUnavailableError:
+                return 0
+            for marker, row in rows:
                 if row is not None:
-                    done += 1
                     self._announce(row)
-        return done
-
-    def _fill(self, dir_name: str, incident_id: str) -> IncidentRow | None:
-        """Insert one marked incident (None: nothing to insert) and drop its marker."""
-        marker = self.dir / dir_name / incident_id
-        path = self.store.incidents_dir / dir_name / f"{incident_id}.arrow"
-        row = None
-        with self.store._put_lock:
-            if path.exists():
-                try:
-                    candidate = row_from_file(path, dir_name=dir_name)
-                except (IncidentFormatError, OSError, ValueError) as e:
-                    quarantine(path, self.store.quarantine_dir, e, dir_name=dir_name)
                 else:
-                    index = self.store.index
-                    with index.write() as con:
-                        found = con.execute("SELECT count(*) FROM incidents WHERE id = ? AND "
-                                            "tenant = ?", [candidate.id, candidate.tenant]
-                                            ).fetchone()[0]
-                        if not found:
-                            index.insert_incident(con, candidate)
-                            row = candidate
-            marker.unlink(missing_ok=True)
-        return row
+                    log.warning("incident %s marked for back-fill is no longer stored (deleted "
+                                "or quarantined by recovery)", marker.name)
+                marker.unlink(missing_ok=True)
+            return sum(row is not None for _, row in rows)
 
     def _announce(self, row: IncidentRow) -> None:
         log.info("back-filled incident %s (tenant %r) into the catalog", row.id, row.tenant)

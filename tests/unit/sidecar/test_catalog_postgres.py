@@ -121,7 +121,7 @@ def test_catalog_down_acknowledges_then_backfills(tmp_path: Path, postgres_serve
             assert res.created and res.deferred
             again = store.put("during", data, tenant="acme")
             assert not again.created                # idempotent from the file meanwhile
-            assert store.backfill.pending() == [("t-acme", "during")]
+            assert store.backfill.pending() == [("acme", "during")]
             assert store.backfill.run_once() == 0   # still down: kept
         finally:
             postgres_server.start()
