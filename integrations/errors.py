@@ -31,6 +31,7 @@ Tree::
     ├── AnalysisError               CF / CCA cannot run (e.g. no baseline) (also a RuntimeError)
     ├── ExportError                 an exporter failed to deliver (counted as a drop upstream)
     └── SidecarError                sidecar client/server failure (transport, auth, store)
+        └── CatalogUnavailableError the shared incident catalog (PostgreSQL) cannot be reached
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from __future__ import annotations
 __all__ = [
     "AnalysisError",
     "CaptureError",
+    "CatalogUnavailableError",
     "ConfigError",
     "DecodeLimitError",
     "ExportError",
@@ -139,3 +141,9 @@ class ExportError(ForensicsError):
 
 class SidecarError(ForensicsError):
     """A sidecar client or server operation failed."""
+
+
+class CatalogUnavailableError(SidecarError):
+    """The shared incident catalog (``catalog.kind: postgres``) cannot be reached: queries fail
+    with gRPC ``UNAVAILABLE``; uploads are still acknowledged to local disk and back-filled
+    into the catalog once it answers again (``catalog.backfill_interval_s``)."""

@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING
 from integrations._lazy import lazy_exports
 
 if TYPE_CHECKING:
+    from sidecar._catalog import Catalog, open_catalog
+    from sidecar._catalog_postgres import PostgresCatalog
     from sidecar._client import SidecarClient
     from sidecar._config import SidecarConfig, load_config
     from sidecar._filters import FilterError, compile_filter, compile_order_by
@@ -43,6 +45,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "AmbiguousIncidentError",
+    "Catalog",
     "FilterError",
     "IncidentFiles",
     "IncidentRow",
@@ -54,6 +57,7 @@ __all__ = [
     "Metric",
     "MetricsHTTPServer",
     "NoopTelemetry",
+    "PostgresCatalog",
     "ReindexReport",
     "Sidecar",
     "SidecarClient",
@@ -67,11 +71,13 @@ __all__ = [
     "compile_order_by",
     "create_server",
     "load_config",
+    "open_catalog",
 ]
 
 
 _LAZY = {
     "AmbiguousIncidentError": "sidecar._store",
+    "Catalog": "sidecar._catalog",
     "FilterError": "sidecar._filters",
     "IncidentFiles": "sidecar._incident_files",
     "IncidentRow": "sidecar._store",
@@ -83,6 +89,7 @@ _LAZY = {
     "Metric": "sidecar._observer",
     "MetricsHTTPServer": "sidecar.telemetry",
     "NoopTelemetry": "sidecar._observer",
+    "PostgresCatalog": "sidecar._catalog_postgres",
     "ReindexReport": "sidecar._store",
     "Sidecar": "sidecar._server",
     "SidecarClient": "sidecar._client",
@@ -96,6 +103,7 @@ _LAZY = {
     "compile_order_by": "sidecar._filters",
     "create_server": "sidecar._server",
     "load_config": "sidecar._config",
+    "open_catalog": "sidecar._catalog",
 }
 
 __getattr__, __dir__ = lazy_exports(__name__, _LAZY)

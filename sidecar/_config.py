@@ -26,6 +26,7 @@ from ._config_sections import (
     EXECUTORS,
     AuthConfig,
     BaselinesConfig,
+    CatalogConfig,
     GrpcConfig,
     JobsConfig,
     LimitsConfig,
@@ -49,7 +50,7 @@ __all__ = ["SECTIONS", "SidecarConfig", "load_config"]   # sections: sidecar._co
 
 #: The top-level keys of the sidecar configuration.
 SECTIONS = ("data_dir", "grpc", "limits", "auth", "metrics", "telemetry", "jobs", "models",
-            "modules", "baselines", "store")
+            "modules", "baselines", "store", "catalog")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +71,7 @@ class SidecarConfig:
     baselines: BaselinesConfig = dataclasses.field(default_factory=BaselinesConfig)
     #: Where incident files and receipts live (``sidecar._config_store``; "" = data_dir).
     store: StoreConfig = dataclasses.field(default_factory=StoreConfig)
+    catalog: CatalogConfig = dataclasses.field(default_factory=CatalogConfig)
 
     def ingest_kinds(self) -> tuple[str, ...]:
         """Job kinds enqueued for every new incident: ``jobs.on_ingest`` plus ``cf`` when
@@ -111,7 +113,8 @@ class SidecarConfig:
         return cls(data_dir=data_dir, grpc=grpc_cfg, limits=limits,
                    auth=_auth(raw.get("auth")), metrics=metrics, telemetry=telemetry, jobs=jobs,
                    models=_models(raw.get("models")), modules=_modules(raw.get("modules")),
-                   baselines=baselines, store=parse_store(raw.get("store")))
+                   baselines=baselines, store=parse_store(raw.get("store")),
+                   catalog=_catalog(raw.get("catalog")))
 
     def find_model(self, *, name: str | None, fingerprint: str | None) -> ModelSpec | None:
         """The registered model for an incident's model reference: a fingerprint match first,
@@ -260,6 +263,19 @@ def _shared_baselines(value: Any) -> tuple[SharedBaseline, ...]:
             raise ConfigError(f"{where} needs a fingerprint and at least one tenant")
         out.append(SharedBaseline(name=name, fingerprint=fp, tenants=tuple(tenants)))
     return tuple(out)
+
+
+def _catalog(value: Any) -> CatalogConfig:
+    catalog: CatalogConfig = _section(CatalogConfig, value, "catalog")
+    if catalog.kind not in ("duckdb", "postgres"):
+        raise ConfigError(f"catalog.kind must be 'duckdb' or 'postgres', got {catalog.kind!r}")
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", catalog.dsn_env):
+        raise ConfigError("catalog.dsn_env must name an environment variable (letters, digits, "
+                          f"_), got {catalog.dsn_env!r}; put the DSN in that variable, not here")
+    for key in ("connect_timeout_s", "backfill_interval_s"):
+        if not getattr(catalog, key) > 0:
+            raise ConfigError(f"catalog.{key} must be > 0, got {getattr(catalog, key)!r}")
+    return catalog
 
 
 def _baselines(value: Any) -> BaselinesConfig:

@@ -21,6 +21,7 @@ __all__ = [
     "EXECUTORS",
     "AuthConfig",
     "BaselinesConfig",
+    "CatalogConfig",
     "GrpcConfig",
     "JobsConfig",
     "LimitsConfig",
@@ -173,6 +174,20 @@ class JobsConfig:
     max_pending_per_tenant: int = 100
     executor: str = "local"                  # local | ray (EXECUTORS)
     ray: RayConfig = dataclasses.field(default_factory=RayConfig)
+
+
+@dataclasses.dataclass(frozen=True)
+class CatalogConfig:
+    """Where the incident catalog lives (DESIGN §12): ``duckdb`` (``<data_dir>/index.duckdb``,
+    one per sidecar) or ``postgres`` (one shared catalog for the fleet; the libpq DSN — it
+    carries the password — only from the environment variable named ``dsn_env``, never YAML).
+    ``backfill_interval_s``: how often incidents acknowledged while the catalog was unreachable
+    are written into it."""
+
+    kind: str = "duckdb"                 # duckdb | postgres
+    dsn_env: str = "FORENSICS_CATALOG_DSN"
+    connect_timeout_s: float = 5.0
+    backfill_interval_s: float = 10.0
 
 
 @dataclasses.dataclass(frozen=True)

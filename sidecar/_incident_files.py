@@ -33,7 +33,8 @@ from ._store_migration import migrate_flat
 from ._store_recovery import ReindexReport, reconcile
 
 if TYPE_CHECKING:
-    from ._store_index import IncidentRow, Index
+    from ._catalog import Catalog
+    from ._store_index import IncidentRow
 
 __all__ = ["IncidentFiles", "LocalFiles", "RowLookup"]
 
@@ -67,7 +68,7 @@ class IncidentFiles(Protocol):
 
     def quarantine(self, tenant: str, incident_id: str, *, reason: str, detail: str) -> None: ...
 
-    def reconcile(self, index: Index, *, full: bool, report: ReindexReport) -> ReindexReport: ...
+    def reconcile(self, index: Catalog, *, full: bool, report: ReindexReport) -> ReindexReport: ...
 
 
 class LocalFiles:
@@ -131,7 +132,7 @@ class LocalFiles:
         receipt_file(self.incidents_dir, tenant, incident_id).unlink(missing_ok=True)
         fsync_dir(src.parent)
 
-    def reconcile(self, index: Index, *, full: bool, report: ReindexReport) -> ReindexReport:
+    def reconcile(self, index: Catalog, *, full: bool, report: ReindexReport) -> ReindexReport:
         """Migrate a flat layout, then make the index agree with the files."""
         migrate_flat(self.incidents_dir, self.quarantine_dir, index, report)
         return reconcile(self.incidents_dir, self.quarantine_dir, index, full=full,

@@ -42,9 +42,10 @@ from ._store_layout import is_tenant_dir, stored_path, tenant_dir
 from ._store_recovery import ReindexReport, _remove_tmp, reconcile_listing, row_from_file
 
 if TYPE_CHECKING:
+    from ._catalog import Catalog
     from ._config_store import StoreConfig
     from ._incident_files import IncidentFiles, RowLookup
-    from ._store_index import IncidentRow, Index
+    from ._store_index import IncidentRow
 
 __all__ = ["FsFiles", "files_for"]
 
@@ -256,7 +257,7 @@ class FsFiles:
 
     # -- recovery (a FileListing for reconcile_listing) -------------------------------------
 
-    def reconcile(self, index: Index, *, full: bool, report: ReindexReport) -> ReindexReport:
+    def reconcile(self, index: Catalog, *, full: bool, report: ReindexReport) -> ReindexReport:
         """Make the index agree with the objects under ``<uri>/incidents/``. Refused while
         ``<data_dir>/incidents/`` still holds incidents of the local layout (their rows would
         be dropped): copy them to the store first (the layout is the same)."""
@@ -317,6 +318,17 @@ class FsFiles:
         finally:
             arrow.unlink(missing_ok=True)
             receipt.unlink(missing_ok=True)
+
+    def still_stored(self, dir_name: str, incident_id: str) -> bool:
+        """Whether the incident object exists now (reconcile's re-check before dropping a row:
+        a sidecar sharing the catalog may have stored it after the listing)."""
+        import pyarrow.fs as pafs
+
+        key = f"{self.base}/incidents/{dir_name}/{incident_id}.arrow"
+        try:
+            return bool(self.fs.get_file_info(key).type == pafs.FileType.File)
+        except OSError as e:
+            raise self._unavailable(f"check {key}", e) from e
 
     def quarantine_file(self, handle: Any, error: Exception, dir_name: str) -> str:
         """Move an invalid object (and drop its receipt) to ``<uri>/quarantine/<dir>/``."""

@@ -12,11 +12,14 @@ Example::
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 from collections.abc import Callable
 from typing import Any, NoReturn, TypeVar
 
 import grpc
+
+from integrations.errors import CatalogUnavailableError
 
 from ._observer import Telemetry, counter
 
@@ -26,6 +29,7 @@ __all__ = [
     "REASON_KEY",
     "REJECT_REASONS",
     "Rejection",
+    "catalog_unavailable",
     "count_rejection",
     "reject",
     "typed_errors",
@@ -67,6 +71,7 @@ REJECT_REASONS = (
     "disk_full",          # the data dir's disk (or quota) is full; nothing acknowledged
     "store_unavailable",  # the object store of store.uri failed a read/write; nothing acknowledged
     "internal",           # store failure (I/O or index error); nothing acknowledged
+    "catalog_unavailable",  # a query while the shared catalog (PostgreSQL) is unreachable
 )
 
 INGEST_REJECTED = counter("ingest_rejected", "Uploads and queries rejected, by reason.",
@@ -95,6 +100,11 @@ def reject(context: grpc.ServicerContext, telemetry: Telemetry, rej: Rejection) 
     context.abort(rej.code, rej.message)
 
 
+def catalog_unavailable(error: CatalogUnavailableError) -> Rejection:
+    """The refusal of a call that needs the unreachable shared catalog (the client retries)."""
+    return Rejection(grpc.StatusCode.UNAVAILABLE, "catalog_unavailable", str(error))
+
+
 def _terminated(context: grpc.ServicerContext) -> bool:
     """Whether the call already has a status (``context.abort`` raised on purpose)."""
     code = getattr(context, "code", None)
@@ -103,7 +113,9 @@ def _terminated(context: grpc.ServicerContext) -> bool:
 
 def typed_errors(method: F) -> F:
     """A servicer method whose *unexpected* exceptions become a counted ``INTERNAL`` with a
-    message, never gRPC's untyped ``UNKNOWN`` (deliberate aborts pass through untouched).
+    message, never gRPC's untyped ``UNKNOWN`` (deliberate aborts pass through untouched); an
+    unreachable shared catalog is ``UNAVAILABLE`` (``catalog_unavailable``: retry later).
+    Server-streaming methods (generators) are covered while they stream.
 
     Example::
 
@@ -111,16 +123,31 @@ def typed_errors(method: F) -> F:
             @typed_errors
             def GetIncident(self, request, context): ...     # self.telemetry counts
     """
+    def refuse(self: Any, context: grpc.ServicerContext, e: Exception) -> NoReturn:
+        if isinstance(e, CatalogUnavailableError):
+            log.warning("%s: %s", method.__name__, e)
+            reject(context, self.telemetry, catalog_unavailable(e))
+        if _terminated(context):
+            raise e
+        log.exception("unexpected error in %s", method.__name__)
+        reject(context, self.telemetry, Rejection(
+            grpc.StatusCode.INTERNAL, "internal",
+            f"{method.__name__} failed unexpectedly ({type(e).__name__}); the sidecar "
+            "logged it with a traceback — please report it"))
+
+    if inspect.isgeneratorfunction(method):   # a server-streaming call
+        @functools.wraps(method)
+        def stream(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
+            try:
+                yield from method(self, request, context)
+            except Exception as e:
+                refuse(self, context, e)
+        return stream  # type: ignore[return-value]
+
     @functools.wraps(method)
     def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
         try:
             return method(self, request, context)
         except Exception as e:
-            if _terminated(context):
-                raise
-            log.exception("unexpected error in %s", method.__name__)
-            reject(context, self.telemetry, Rejection(
-                grpc.StatusCode.INTERNAL, "internal",
-                f"{method.__name__} failed unexpectedly ({type(e).__name__}); the sidecar "
-                "logged it with a traceback — please report it"))
+            refuse(self, context, e)
     return wrapper  # type: ignore[return-value]

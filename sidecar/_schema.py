@@ -38,11 +38,13 @@ Example::
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
 from typing import Any
 
 __all__ = ["BASELINES_DDL", "BASELINES_SCOPE_MIGRATION", "CATALOG_DDL", "INCIDENTS_DDL",
            "INCIDENT_KEY_MIGRATION", "MIGRATIONS", "RESULT_DDL", "RESULT_TABLES", "SCHEMA_VERSION",
-           "migrate"]
+           "SHARED_CATALOG_INDEXES", "migrate", "needed"]
 
 #: 2: ``incidents`` keyed by (tenant, id). A sidecar that reads version 1 refuses a version-2
 #: index (it would look for incident files in the old flat layout and drop every row).
@@ -102,7 +104,9 @@ CATALOG_DDL = (
         request_id VARCHAR,
         created_at TIMESTAMP NOT NULL,
         started_at TIMESTAMP,
-        finished_at TIMESTAMP)""",
+        finished_at TIMESTAMP,
+        owner VARCHAR,
+        heartbeat_at TIMESTAMP)""",
     """CREATE TABLE IF NOT EXISTS analyses (
         job_id VARCHAR PRIMARY KEY,
         incident_id VARCHAR NOT NULL,
@@ -175,25 +179,58 @@ MIGRATIONS = ("ALTER TABLE cf_results ADD COLUMN IF NOT EXISTS p DOUBLE",
               "ALTER TABLE incidents ADD COLUMN IF NOT EXISTS content_sha256 VARCHAR",
               "ALTER TABLE incidents ADD COLUMN IF NOT EXISTS crc32c BIGINT",
               "ALTER TABLE incidents ADD COLUMN IF NOT EXISTS integrity VARCHAR",
-              "UPDATE incidents SET content_sha256 = coalesce(json_extract_string("
-              "manifest_json, '$.integrity.sha256'), '') WHERE content_sha256 IS NULL",
-              "UPDATE incidents SET integrity = 'verified' WHERE integrity IS NULL")
+              "UPDATE incidents SET content_sha256 = coalesce(CAST(manifest_json AS JSON) "
+              "-> 'integrity' ->> 'sha256', '') WHERE content_sha256 IS NULL",
+              "UPDATE incidents SET integrity = 'verified' WHERE integrity IS NULL",
+              # shared catalogs (DESIGN §12): which sidecar runs a job, and when it last said
+              # it still does (a silent owner's jobs are resumed by another: ``JobQueue``)
+              "ALTER TABLE jobs ADD COLUMN IF NOT EXISTS owner VARCHAR",
+              "ALTER TABLE jobs ADD COLUMN IF NOT EXISTS heartbeat_at TIMESTAMP")
 
 
-def migrate(con: Any) -> None:
-    """Upgrades that depend on what the file holds (run after :data:`MIGRATIONS`):
+_ADD_COLUMN = re.compile(r"ALTER TABLE (\w+) ADD COLUMN IF NOT EXISTS (\w+)")
+
+
+def needed(con: Any, sql: str) -> bool:
+    """False for an ``ADD COLUMN IF NOT EXISTS`` whose column exists: skipped rather than run,
+    because PostgreSQL takes the table's exclusive lock even when there is nothing to add (a
+    sidecar starting would queue behind, and block, every query on the shared catalog)."""
+    found = _ADD_COLUMN.match(sql)
+    if found is None:
+        return True
+    return not con.execute("SELECT count(*) FROM information_schema.columns WHERE table_name = ? "
+                           "AND column_name = ? AND table_schema = current_schema()",
+                           list(found.groups())).fetchone()[0]
+
+
+def migrate(con: Any, *, ddl: Callable[[str], str] = str) -> None:
+    """Upgrades that depend on what the catalog holds (run after :data:`MIGRATIONS`):
     :data:`INCIDENT_KEY_MIGRATION` when ``incidents`` is keyed by id alone;
-    :data:`BASELINES_SCOPE_MIGRATION` when ``baselines`` has no ``scope`` column."""
-    key = con.execute("SELECT constraint_column_names FROM duckdb_constraints() WHERE "
-                      "table_name = 'incidents' AND constraint_type = 'PRIMARY KEY'").fetchall()
-    if key and list(key[0][0]) == ["id"]:
+    :data:`BASELINES_SCOPE_MIGRATION` when ``baselines`` has no ``scope`` column. ``ddl``
+    translates a statement into the engine's dialect (identity for DuckDB). Only standard
+    ``information_schema`` views are read, so DuckDB and PostgreSQL run the same queries."""
+    key = con.execute(
+        "SELECT k.column_name FROM information_schema.table_constraints c JOIN "
+        "information_schema.key_column_usage k ON k.constraint_name = c.constraint_name AND "
+        "k.table_name = c.table_name AND k.table_schema = c.table_schema WHERE c.table_name = "
+        "'incidents' AND c.constraint_type = 'PRIMARY KEY' AND c.table_schema = current_schema() "
+        "ORDER BY k.ordinal_position").fetchall()
+    if [r[0] for r in key] == ["id"]:
         for sql in INCIDENT_KEY_MIGRATION:
-            con.execute(sql)
+            con.execute(ddl(sql))
     cols = {r[0] for r in con.execute("SELECT column_name FROM information_schema.columns "
-                                      "WHERE table_name = 'baselines'").fetchall()}
+                                      "WHERE table_name = 'baselines' AND "
+                                      "table_schema = current_schema()").fetchall()}
     if cols and "scope" not in cols:
         for sql in BASELINES_SCOPE_MIGRATION:
-            con.execute(sql)
+            con.execute(ddl(sql))
+
+#: Secondary indexes for catalogs that answer range scans from them (PostgreSQL, the shared
+#: catalog: a tenant's newest incidents without reading the tenant's every row; measured in
+#: benchmarks/RESULTS_fleet.md). DuckDB scans columns instead and keeps none.
+SHARED_CATALOG_INDEXES = (
+    "CREATE INDEX IF NOT EXISTS incidents_tenant_received ON incidents (tenant, received_at)",
+)
 
 #: Per-incident analysis result tables (above), child rows first: deleting an
 #: incident deletes its rows in each.

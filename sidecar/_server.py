@@ -95,6 +95,8 @@ class Sidecar:
         self.auth = Authenticator(config.auth)
         self.servicer = IncidentServicer(store=self.store, jobs=self.jobs, auth=self.auth,
                                          config=config, telemetry=self.telemetry)
+        # incidents acknowledged while the catalog was down get their analyses once indexed
+        self.store.backfill.listeners.append(self.servicer.enqueue_ingest_jobs)
         self.health = health.HealthServicer()
         self._serving = health_pb2.HealthCheckResponse.SERVING
         self._not_serving = health_pb2.HealthCheckResponse.NOT_SERVING

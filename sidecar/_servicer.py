@@ -45,13 +45,14 @@ from ._ingest import (
     upload_tenant,
 )
 from ._ingest_digest import VerifyingSink
+from ._messages import job_to_proto, row_to_proto
 from ._observer import Telemetry, as_telemetry
 from ._reject import Rejection, reject, typed_errors
 from ._store import AmbiguousIncidentError, IncidentStore, PutResult, StoreError
 from ._store_index import IncidentRow
 from ._stream_guard import StreamGuard
 from .api import v1
-from .jobs import JobOptionsError, JobQuotaError, JobRecord, JobRunner, UnknownJobKindError
+from .jobs import JobOptionsError, JobQuotaError, JobRunner, UnknownJobKindError
 
 __all__ = ["IncidentServicer", "job_to_proto", "row_to_proto"]
 
@@ -59,50 +60,6 @@ log = logging.getLogger("sidecar.servicer")
 
 #: Room kept in every response for framing beyond the messages counted.
 _HEADROOM = 64 * 1024
-
-_JOB_STATE = {"pending": v1.JOB_STATE_PENDING, "running": v1.JOB_STATE_RUNNING,
-              "done": v1.JOB_STATE_DONE, "failed": v1.JOB_STATE_FAILED}
-
-
-def row_to_proto(row: IncidentRow, *, full: bool = False) -> v1.Incident:
-    """The API message for an index row (``full``: with the manifest JSON)."""
-    msg = v1.Incident(
-        id=row.id, tenant=row.tenant, model_name=row.model_name or "",
-        model_fingerprint=row.model_fingerprint or "", trigger_rule=row.trigger_rule or "",
-        trigger_reason=row.trigger_reason or "", request_id=row.request_id or "",
-        traceparent=row.traceparent or "", size_bytes=row.size_bytes, sha256=row.sha256,
-        activations=row.activations or "", n_sites=row.n_sites,
-        manifest_json=row.manifest_json if full else "", content_sha256=row.content_sha256,
-        integrity=row.integrity)
-    if row.crc32c is not None:
-        msg.crc32c = row.crc32c
-    if row.created_at is not None:
-        msg.created_at.FromDatetime(row.created_at)
-    msg.received_at.FromDatetime(row.received_at)
-    if row.anomaly_score is not None:    # absent (not 0) until CF scored the incident
-        msg.anomaly_score = row.anomaly_score
-    if row.anomaly_p is not None:
-        msg.anomaly_p = row.anomaly_p
-    if row.cf_flagged is not None:
-        msg.cf_flagged = row.cf_flagged
-    if row.failure_p is not None:        # absent until a failure-signature probe scored it
-        msg.failure_p = row.failure_p
-    return msg
-
-
-def job_to_proto(job: JobRecord) -> v1.Analysis:
-    """The API message for a job record."""
-    msg = v1.Analysis(analysis_id=job.id, incident_id=job.incident_id, kind=job.kind,
-                      state=_JOB_STATE.get(job.state, v1.JOB_STATE_UNSPECIFIED),
-                      attempts=job.attempts, error=job.error or "", params_json=job.params_json,
-                      result_json=job.result_json or "")
-    msg.created_at.FromDatetime(job.created_at)
-    if job.started_at is not None:
-        msg.started_at.FromDatetime(job.started_at)
-    if job.finished_at is not None:
-        msg.finished_at.FromDatetime(job.finished_at)
-    return msg
-
 
 def _params(params_json: str) -> dict[str, Any]:
     """RunAnalysis ``params_json`` as a dict (:class:`JobOptionsError` when it is not one)."""
@@ -201,7 +158,8 @@ class IncidentServicer(v1.IncidentServiceServicer):
             self._abort(context, _client_gone(rej, context))
         if result.created:
             count_received(self.telemetry, result.row.size_bytes)
-            self._enqueue_ingest_jobs(result.row)
+            if not result.deferred:   # else the back-fill enqueues them once indexed
+                self.enqueue_ingest_jobs(result.row)
         row = result.row
         resp = v1.UploadIncidentResponse(incident_id=row.id, sha256=row.sha256,
                                          size=row.size_bytes, created=result.created,
@@ -226,7 +184,7 @@ class IncidentServicer(v1.IncidentServiceServicer):
                             "deadline passed before the incident was stored; retry")
         return store_upload(self.store, upload, tenant=tenant, telemetry=self.telemetry)
 
-    def _enqueue_ingest_jobs(self, row: IncidentRow) -> None:
+    def enqueue_ingest_jobs(self, row: IncidentRow) -> None:
         """The analyses every new incident gets (``SidecarConfig.ingest_kinds``)."""
         for kind in self.config.ingest_kinds():
             try:
@@ -295,6 +253,7 @@ class IncidentServicer(v1.IncidentServiceServicer):
             resp.incidents.append(msg)
         return len(rows)
 
+    @typed_errors
     def WatchIncidents(self, request: v1.WatchIncidentsRequest,
                        context: grpc.ServicerContext) -> Iterator[v1.WatchIncidentsResponse]:
         scope = self._principal(context).scope()
@@ -327,6 +286,7 @@ class IncidentServicer(v1.IncidentServiceServicer):
         finally:
             self.store.unsubscribe(q)
 
+    @typed_errors
     def DownloadIncident(self, request: v1.DownloadIncidentRequest,
                          context: grpc.ServicerContext) -> Iterator[v1.DownloadIncidentResponse]:
         row = self._row(request.incident_id, self._principal(context), context)

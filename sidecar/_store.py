@@ -39,9 +39,10 @@ from integrations._crc32c import crc32c as crc32c_of
 from integrations.errors import IncidentFormatError, IncidentTooLargeError
 from integrations.incident import ID_PATTERN
 
+from ._catalog_backfill import Backfill
 from ._incident_files import IncidentFiles, LocalFiles
 from ._incident_files_fs import files_for
-from ._observer import Telemetry, as_telemetry, incident_attributes
+from ._observer import Telemetry, as_telemetry
 from ._store_api import AlreadyExistsError, AmbiguousIncidentError, IncidentStore, PutResult
 from ._store_files import IncomingFile, KeyLocks, StoreError
 from ._store_index import IncidentRow, Index, row_from_manifest, utcnow
@@ -52,6 +53,7 @@ from ._store_verify import ContentVerifier
 if TYPE_CHECKING:
     from integrations.incident import DecodeLimits, Incident
 
+    from ._catalog import Catalog
     from ._config import SidecarConfig
 
 __all__ = [
@@ -81,7 +83,8 @@ class LocalStore:
                  max_incident_bytes: int = 512 * 1024 * 1024, watch_queue: int = 1024,
                  decode_limits: DecodeLimits | None = None,
                  telemetry: Telemetry | None = None,
-                 files: IncidentFiles | None = None) -> None:
+                 files: IncidentFiles | None = None, catalog: Catalog | None = None,
+                 backfill_interval_s: float = 10.0) -> None:
         self.root = Path(root)
         self.incidents_dir = self.root / "incidents"
         self.quarantine_dir = self.root / "quarantine"
@@ -92,7 +95,8 @@ class LocalStore:
         self.decode_limits = decode_limits
         self.telemetry = as_telemetry(telemetry)
         self._watch_queue = watch_queue
-        self.index = Index(self.root / "index.duckdb")
+        #: The catalog (``catalog:`` config; default: the DuckDB file ``index.duckdb``).
+        self.index: Catalog = Index(self.root / "index.duckdb") if catalog is None else catalog
         self._put_lock = threading.Lock()   # delete, quarantine, reconcile
         #: Per (tenant, id): id check + publish + insert are one step; other keys in parallel.
         self._key_locks = KeyLocks()
@@ -100,21 +104,30 @@ class LocalStore:
         self._subs_lock = threading.Lock()
         #: Checks acknowledged CRC32C-protocol uploads against their rows' digest.
         self.verifier = ContentVerifier(self)
+        #: Incidents acknowledged while the catalog was unreachable (:mod:`sidecar.
+        #: _catalog_backfill`).
+        self.backfill = Backfill(self, interval_s=backfill_interval_s)
         try:
             self.last_recovery = self.recover()
         except BaseException:   # e.g. the object store of store.uri is unreachable
             self.index.close()
             raise
         self.verifier.resume()
+        self.backfill.start()
 
     @classmethod
     def from_config(cls, config: SidecarConfig, *,
                     telemetry: Telemetry | None = None) -> LocalStore:
         """The store of ``config.data_dir`` with its ``limits`` (incident size, decoding), its
-        files where ``store.uri`` says (:func:`~sidecar._incident_files_fs.files_for`)."""
+        files where ``store.uri`` says (:func:`~sidecar._incident_files_fs.files_for`) and its
+        ``catalog`` (:func:`sidecar._catalog.open_catalog`)."""
+        from ._catalog import open_catalog
+
         return cls(config.data_dir, max_incident_bytes=config.limits.max_incident_bytes,
                    decode_limits=config.limits.decode_limits(), telemetry=telemetry,
-                   files=files_for(config.store, data_dir=Path(config.data_dir)))
+                   files=files_for(config.store, data_dir=Path(config.data_dir)),
+                   catalog=open_catalog(config),
+                   backfill_interval_s=config.catalog.backfill_interval_s)
 
     # -- paths -------------------------------------------------------------------------------
 
@@ -204,8 +217,7 @@ class LocalStore:
         tmp_receipt: Path | None = None
         try:
             self._check_size(incident_id, incoming.size)
-            existing = None if tenant is None or not self.index.has_incident(
-                incident_id, tenant=tenant) else self.index.get_incident(incident_id, tenant=tenant)
+            existing = None if tenant is None else self.backfill.lookup(incident_id, tenant)
             if existing is not None:
                 return self._existing(existing, incoming.size, sha256, crc32c, content_sha256)
             row = self._verified_row(incoming, tenant=tenant, sha256=sha256, crc32c=crc32c,
@@ -213,16 +225,13 @@ class LocalStore:
                                      digest_verified=digest_verified)
             tmp_receipt = self.files.stage_receipt(row.tenant, incident_id, receipt_bytes(row))
             with self._key_locks.hold((row.tenant, incident_id)):
-                existing = self.index.get_incident(incident_id, tenant=row.tenant)
+                existing = self.backfill.lookup(incident_id, row.tenant)
                 if existing is not None:   # a concurrent upload of the same key won the race
                     return self._existing(existing, row.size_bytes, sha256, crc32c,
                                           row.content_sha256)
                 self.files.publish(row.tenant, incident_id, data=incoming.path,
                                    receipt=tmp_receipt)
-                with self.telemetry.span("index", traceparent=row.traceparent,
-                                         attributes=incident_attributes(row)), \
-                        self.index.write() as con:
-                    self.index.insert_incident(con, row)
+                deferred = not self.backfill.insert(row)
         except OSError as e:
             raise StoreError(f"cannot store incident {incident_id}: {e}; check free disk "
                              "space and permissions") from e
@@ -230,6 +239,8 @@ class LocalStore:
             incoming.path.unlink(missing_ok=True)
             if tmp_receipt is not None:
                 tmp_receipt.unlink(missing_ok=True)
+        if deferred:   # the back-fill publishes it (and its checks) once indexed
+            return PutResult(row=row, created=True, deferred=True)
         self._publish(row)
         if row.integrity == "pending":
             self.verifier.submit(row.id, tenant=row.tenant)
@@ -362,6 +373,7 @@ class LocalStore:
         """Stop the post-ack checker (pending rows resume at the next start), close watchers
         and the index."""
         self.verifier.close()
+        self.backfill.close()
         self._publish(None)
         self.index.close()
 

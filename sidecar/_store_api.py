@@ -21,12 +21,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from ._store_files import IncomingFile, StoreError
-from ._store_index import IncidentRow, Index
+from ._store_index import IncidentRow
 from ._store_recovery import ReindexReport
 
 if TYPE_CHECKING:
     from integrations.incident import Incident
 
+    from ._catalog import Catalog
     from ._store_verify import ContentVerifier
 
 __all__ = ["AlreadyExistsError", "AmbiguousIncidentError", "IncidentStore", "PutResult"]
@@ -53,12 +54,15 @@ class PutResult:
 
     row: IncidentRow
     created: bool
+    #: Acknowledged (durable on disk) while the catalog was unreachable: indexed later by
+    #: the back-fill (``sidecar._catalog_backfill``), which then enqueues its analyses.
+    deferred: bool = False
 
 
 class IncidentStore(Protocol):
     """What the servicer and the job runner need from a store."""
 
-    index: Index
+    index: Catalog
     verifier: ContentVerifier
 
     def put(self, incident_id: str, data: bytes, *, tenant: str | None,

@@ -1,5 +1,7 @@
-"""The DuckDB catalog of the local store: ``incidents``, ``jobs`` and ``analyses`` tables and the
-analysis result tables (their schema is :mod:`sidecar._schema`).
+"""The catalog's incident SQL (:class:`CatalogBase`, shared by every engine) and the embedded
+DuckDB catalog of the local store (:class:`Index`): ``incidents``, ``jobs`` and ``analyses``
+tables and the analysis result tables (their schema is :mod:`sidecar._schema`). The shared
+PostgreSQL catalog is :mod:`sidecar._catalog_postgres`; the seam is :mod:`sidecar._catalog`.
 
 One DuckDB connection owns every write, behind one lock (DuckDB is a single-writer engine);
 reads use short-lived cursors (own connections to the same database, MVCC snapshots). All SQL is
@@ -15,6 +17,7 @@ Example::
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import dataclasses
 import datetime as dt
@@ -24,13 +27,23 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ._schema import CATALOG_DDL, MIGRATIONS, RESULT_DDL, RESULT_TABLES, SCHEMA_VERSION, migrate
+from ._schema import (
+    CATALOG_DDL,
+    MIGRATIONS,
+    RESULT_DDL,
+    RESULT_TABLES,
+    SCHEMA_VERSION,
+    migrate,
+    needed,
+)
 
 __all__ = [
+    "CF_JOIN_LATERAL",
     "CF_LISTING_COLUMNS",
     "CF_ROW_COLUMNS",
     "INCIDENT_COLUMNS",
     "SCORE_COLUMNS",
+    "CatalogBase",
     "IncidentRow",
     "Index",
     "listing_from",
@@ -51,13 +64,22 @@ CF_LISTING_COLUMNS = ("anomaly_score", "anomaly_p", "cf_flagged", "cf_status")
 
 # The current CF result of each incident: its newest scored result, else its newest result
 # (``no_baseline`` / ``no_activations``: status set, score and flag NULL). Constant SQL; every
-# value of a query on the listing stays a ``?`` parameter of the WHERE clause.
+# value of a query on the listing stays a ``?`` parameter of the WHERE clause. DuckDB's form
+# (QUALIFY: one window over the results, measured faster on DuckDB than the lateral join);
+# engines without QUALIFY use :data:`CF_JOIN_LATERAL` (``CatalogBase.cf_join``).
 _CF_JOIN = (
     "incidents LEFT JOIN (SELECT incident_id AS cf_incident_id, tenant AS cf_tenant, "
     "score AS anomaly_score, p AS anomaly_p, flagged AS cf_flagged, status AS cf_status "
     "FROM cf_results QUALIFY row_number() OVER (PARTITION BY tenant, incident_id "
     "ORDER BY (score IS NOT NULL) DESC, created_at DESC, job_id DESC) = 1) AS cf "
     "ON cf.cf_incident_id = incidents.id AND cf.cf_tenant = incidents.tenant")
+#: The same current CF result as a LATERAL join (standard SQL; PostgreSQL): each listed
+#: incident looks up its own result through ``cf_results_incident``.
+CF_JOIN_LATERAL = (
+    "incidents LEFT JOIN LATERAL (SELECT score AS anomaly_score, p AS anomaly_p, "
+    "flagged AS cf_flagged, status AS cf_status FROM cf_results "
+    "WHERE cf_results.incident_id = incidents.id AND cf_results.tenant = incidents.tenant "
+    "ORDER BY (score IS NOT NULL) DESC, created_at DESC, job_id DESC LIMIT 1) AS cf ON TRUE")
 _CF_REFS = tuple(f'"{c}"' for c in CF_LISTING_COLUMNS)
 #: The CF columns every listed or fetched :class:`IncidentRow` carries.
 CF_ROW_COLUMNS = ("anomaly_score", "anomaly_p", "cf_flagged")
@@ -68,7 +90,7 @@ _ROW_SELECT = ", ".join([*(f"incidents.{c}" for c in (*INCIDENT_COLUMNS, *SCORE_
                          *CF_ROW_COLUMNS])
 
 
-def listing_from(*sql: str) -> str:
+def listing_from(*sql: str, join: str = _CF_JOIN) -> str:
     """The FROM clause for a listing query whose WHERE / ORDER BY are ``sql``: ``incidents``, or
     ``incidents`` LEFT JOIN each incident's current CF result when ``sql`` references one of
     :data:`CF_LISTING_COLUMNS` (compiled filters quote every identifier, and values are always
@@ -79,7 +101,7 @@ def listing_from(*sql: str) -> str:
         listing_from('"anomaly_score" > ?')   # 'incidents LEFT JOIN (SELECT ...) AS cf ON ...'
         listing_from('"tenant" = ?')          # 'incidents'
     """
-    return _CF_JOIN if any(ref in part for part in sql for ref in _CF_REFS) else "incidents"
+    return join if any(ref in part for part in sql for ref in _CF_REFS) else "incidents"
 
 
 def utcnow() -> dt.datetime:
@@ -162,61 +184,63 @@ def row_from_manifest(manifest: Mapping[str, Any], *, tenant: str, size_bytes: i
     )
 
 
-class Index:
-    """The DuckDB catalog file; thread-safe (one writer lock, cursors for reads)."""
+class CatalogBase(abc.ABC):
+    """The catalog's SQL on incidents, over an engine's :meth:`read` / :meth:`read_dicts` /
+    :meth:`write` (:class:`Index`: embedded DuckDB; ``sidecar._catalog_postgres``: a shared
+    PostgreSQL). Engines differ only in connections, DDL types and locks; every statement
+    here is the same text on both (``?`` parameters)."""
 
-    def __init__(self, path: Path) -> None:
-        import duckdb
+    #: Whether several sidecars share this catalog (jobs then carry leases: ``JobQueue``).
+    shared: bool = False
+    #: The FROM clause joining each incident's current CF result (:func:`listing_from`).
+    cf_join: str = _CF_JOIN
+    #: Engine-specific secondary indexes (``sidecar._schema.SHARED_CATALOG_INDEXES``).
+    indexes: tuple[str, ...] = ()
 
-        self.path = path
-        self._lock = threading.RLock()
-        self._con = duckdb.connect(str(path))
-        self._closed = False
+    @abc.abstractmethod
+    def read(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        """Run a read-only query; returns all rows."""
+
+    @abc.abstractmethod
+    def read_dicts(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
+        """Like :meth:`read`, each row as a column-name → value dict."""
+
+    @abc.abstractmethod
+    def write(self) -> contextlib.AbstractContextManager[Any]:
+        """A connection inside one transaction (committed on success, rolled back on error):
+        ``con.execute(sql, params)`` (``?`` parameters) returns a cursor."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Close the connections (idempotent)."""
+
+    def ddl(self, sql: str) -> str:
+        """``sql`` (a statement of :mod:`sidecar._schema`) in this engine's dialect."""
+        return sql
+
+    def lock(self, con: Any, name: str) -> None:
+        """Serialise the rest of the ``write`` transaction ``con`` with every other sidecar's
+        transaction that locks ``name`` (a no-op where one process owns the catalog)."""
+        return None
+
+    def init_schema(self, where: str) -> None:
+        """Create / upgrade the schema (:mod:`sidecar._schema`) and check its version;
+        ``where`` names the catalog in the error."""
         with self.write() as con:
-            for ddl in (*CATALOG_DDL, *RESULT_DDL, *MIGRATIONS):
-                con.execute(ddl)
-            migrate(con)
+            self.lock(con, "schema")
+            for ddl in (*CATALOG_DDL, *RESULT_DDL, *MIGRATIONS, *self.indexes):
+                if needed(con, ddl):
+                    con.execute(self.ddl(ddl))
+            migrate(con, ddl=self.ddl)
             con.execute("INSERT INTO meta VALUES ('schema_version', ?) ON CONFLICT DO NOTHING",
                         [SCHEMA_VERSION])
         found = self.read("SELECT value FROM meta WHERE key = 'schema_version'")[0][0]
         if found != SCHEMA_VERSION:
             from integrations.errors import SidecarError
 
-            raise SidecarError(f"index {path} has schema version {found}, this sidecar reads "
+            raise SidecarError(f"catalog {where} has schema version {found}, this sidecar reads "
                                f"{SCHEMA_VERSION}; run `forensics sidecar reindex` on a fresh "
-                               "index file")
-
-    @contextlib.contextmanager
-    def write(self) -> Iterator[Any]:
-        """The write connection inside one transaction (committed on success)."""
-        with self._lock:
-            self._con.execute("BEGIN TRANSACTION")
-            try:
-                yield self._con
-            except BaseException:
-                self._con.execute("ROLLBACK")
-                raise
-            self._con.execute("COMMIT")
-
-    def read(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
-        """Run a read-only query on a fresh cursor; returns all rows."""
-        with self._lock:
-            cur = self._con.cursor()
-        try:
-            return cur.execute(sql, list(params)).fetchall()
-        finally:
-            cur.close()
-
-    def read_dicts(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
-        """Like :meth:`read`, each row as a column-name → value dict."""
-        with self._lock:
-            cur = self._con.cursor()
-        try:
-            res = cur.execute(sql, list(params))
-            names = [d[0] for d in res.description or []]
-            return [dict(zip(names, row)) for row in res.fetchall()]
-        finally:
-            cur.close()
+                               "catalog")
 
     # -- incidents ---------------------------------------------------------------------------
 
@@ -228,13 +252,13 @@ class Index:
 
     def get_incident(self, incident_id: str, *, tenant: str) -> IncidentRow | None:
         """The row of ``(tenant, incident_id)`` with its current CF result, or None."""
-        rows = self.read_dicts(f"SELECT {_ROW_SELECT} FROM {_CF_JOIN} WHERE incidents.id = ? "
+        rows = self.read_dicts(f"SELECT {_ROW_SELECT} FROM {self.cf_join} WHERE incidents.id = ? "
                                "AND incidents.tenant = ?", [incident_id, tenant])
         return IncidentRow(**rows[0]) if rows else None
 
     def find_incident(self, incident_id: str) -> list[IncidentRow]:
         """Every tenant's row of ``incident_id`` (ids are unique per tenant only), by tenant."""
-        rows = self.read_dicts(f"SELECT {_ROW_SELECT} FROM {_CF_JOIN} WHERE incidents.id = ? "
+        rows = self.read_dicts(f"SELECT {_ROW_SELECT} FROM {self.cf_join} WHERE incidents.id = ? "
                                "ORDER BY incidents.tenant", [incident_id])
         return [IncidentRow(**r) for r in rows]
 
@@ -245,13 +269,14 @@ class Index:
         Both may reference :data:`CF_LISTING_COLUMNS` (joined in by :func:`listing_from`).
         """
         rows = self.read_dicts(
-            f"SELECT {_ROW_SELECT} FROM {_CF_JOIN} WHERE {where_sql} "
+            f"SELECT {_ROW_SELECT} FROM {self.cf_join} WHERE {where_sql} "
             f"ORDER BY {order_sql} LIMIT ? OFFSET ?", [*params, limit, offset])
         return [IncidentRow(**r) for r in rows]
 
     def count_incidents(self, where_sql: str, params: Sequence[Any]) -> int:
         """How many rows match ``where_sql`` (which may reference CF listing columns)."""
-        return int(self.read(f"SELECT count(*) FROM {listing_from(where_sql)} "
+        return int(self.read(f"SELECT count(*) FROM "
+                             f"{listing_from(where_sql, join=self.cf_join)} "
                              f"WHERE {where_sql}", params)[0][0])
 
     def has_incident(self, incident_id: str, *, tenant: str) -> bool:
@@ -305,6 +330,51 @@ class Index:
             con.execute("DELETE FROM jobs WHERE incident_id = ? AND tenant = ?", key)
             con.execute("DELETE FROM incidents WHERE id = ? AND tenant = ?", key)
         return bool(found)
+
+
+class Index(CatalogBase):
+    """The embedded DuckDB catalog file; thread-safe (one writer lock, cursors for reads)."""
+
+    def __init__(self, path: Path) -> None:
+        import duckdb
+
+        self.path = path
+        self._lock = threading.RLock()
+        self._con = duckdb.connect(str(path))
+        self._closed = False
+        self.init_schema(str(path))
+
+    @contextlib.contextmanager
+    def write(self) -> Iterator[Any]:
+        """The write connection inside one transaction (committed on success)."""
+        with self._lock:
+            self._con.execute("BEGIN TRANSACTION")
+            try:
+                yield self._con
+            except BaseException:
+                self._con.execute("ROLLBACK")
+                raise
+            self._con.execute("COMMIT")
+
+    def read(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        """Run a read-only query on a fresh cursor; returns all rows."""
+        with self._lock:
+            cur = self._con.cursor()
+        try:
+            return cur.execute(sql, list(params)).fetchall()
+        finally:
+            cur.close()
+
+    def read_dicts(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
+        """Like :meth:`read`, each row as a column-name → value dict."""
+        with self._lock:
+            cur = self._con.cursor()
+        try:
+            res = cur.execute(sql, list(params))
+            names = [d[0] for d in res.description or []]
+            return [dict(zip(names, row)) for row in res.fetchall()]
+        finally:
+            cur.close()
 
     def close(self) -> None:
         with self._lock:

@@ -27,21 +27,25 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from integrations.errors import IncidentFormatError
 from integrations.incident import fsync_dir
 
 from ._store_files import _write_tmp
-from ._store_index import IncidentRow, Index
+from ._store_index import IncidentRow
 from ._store_layout import incident_file, receipt_file, tenant_dir
 from ._store_recovery import ReindexReport, quarantine, read_receipt, receipt_bytes, row_from_file
+
+if TYPE_CHECKING:
+    from ._catalog import Catalog
 
 __all__ = ["migrate_flat"]
 
 log = logging.getLogger("sidecar.store")
 
 
-def migrate_flat(incidents_dir: Path, quarantine_dir: Path, index: Index,
+def migrate_flat(incidents_dir: Path, quarantine_dir: Path, index: Catalog,
                  report: ReindexReport) -> None:
     """Move every incident of the flat layout into its tenant's directory (module doc); the
     caller holds the store's write lock."""
@@ -67,7 +71,7 @@ def _place_receipt(incidents_dir: Path, receipt: Path) -> None:
         receipt.unlink(missing_ok=True)
 
 
-def _owner(index: Index, path: Path) -> tuple[str, IncidentRow | None]:
+def _owner(index: Catalog, path: Path) -> tuple[str, IncidentRow | None]:
     """The flat file's tenant, and its index row when it has one (module doc)."""
     flat = f"incidents/{path.name}"
     rows = [r for r in index.find_incident(path.stem) if r.path == flat]
@@ -76,7 +80,7 @@ def _owner(index: Index, path: Path) -> tuple[str, IncidentRow | None]:
     return row_from_file(path, dir_name=None).tenant, None
 
 
-def _migrate(incidents_dir: Path, quarantine_dir: Path, index: Index, path: Path,
+def _migrate(incidents_dir: Path, quarantine_dir: Path, index: Catalog, path: Path,
              report: ReindexReport) -> None:
     incident_id = path.stem
     try:

@@ -26,12 +26,15 @@ import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from integrations.errors import IncidentFormatError
 
-from ._store_index import IncidentRow, Index, row_from_manifest, utcnow
+from ._store_index import IncidentRow, row_from_manifest, utcnow
 from ._store_layout import is_tenant_dir, stored_path, tenant_dir, tenant_from_dir
+
+if TYPE_CHECKING:
+    from ._catalog import Catalog
 
 __all__ = ["FileListing", "ReindexReport", "manifest_tenant", "quarantine", "read_receipt",
            "receipt_bytes", "reconcile", "reconcile_listing", "row_from_file"]
@@ -172,6 +175,11 @@ class FileListing(Protocol):
         """Move an invalid file to quarantine; its name in the report."""
         ...
 
+    def still_stored(self, dir_name: str, incident_id: str) -> bool:
+        """Whether the incident's file exists now (a sidecar sharing the catalog and the files
+        may have stored it after :meth:`sweep` listed them)."""
+        ...
+
 
 class _LocalListing:
     def __init__(self, incidents_dir: Path, quarantine_dir: Path) -> None:
@@ -186,8 +194,11 @@ class _LocalListing:
     def quarantine_file(self, handle: Any, error: Exception, dir_name: str) -> str:
         return quarantine(handle, self.quarantine_dir, error, dir_name=dir_name)
 
+    def still_stored(self, dir_name: str, incident_id: str) -> bool:
+        return (self.incidents_dir / dir_name / f"{incident_id}.arrow").exists()
 
-def reconcile(incidents_dir: Path, quarantine_dir: Path, index: Index, *, full: bool,
+
+def reconcile(incidents_dir: Path, quarantine_dir: Path, index: Catalog, *, full: bool,
               report: ReindexReport | None = None) -> ReindexReport:
     """Make the index agree with the files under ``incidents_dir`` (module doc); the caller
     holds the store's write lock. ``full``: re-validate and re-index every file, not only
@@ -196,7 +207,7 @@ def reconcile(incidents_dir: Path, quarantine_dir: Path, index: Index, *, full: 
                              report=report)
 
 
-def reconcile_listing(listing: FileListing, index: Index, *, full: bool,
+def reconcile_listing(listing: FileListing, index: Catalog, *, full: bool,
                       report: ReindexReport | None = None) -> ReindexReport:
     """:func:`reconcile` over any :class:`FileListing` (a local directory, an object store)."""
     report = report or ReindexReport()
@@ -205,6 +216,8 @@ def reconcile_listing(listing: FileListing, index: Index, *, full: bool,
     by_file = {(tenant_dir(t), i): (t, i) for t, i in indexed}
     for gone in sorted(set(by_file) - set(files)):
         tenant, incident_id = by_file[gone]
+        if listing.still_stored(gone[0], incident_id):
+            continue   # stored meanwhile by another sidecar sharing the catalog and files
         index.delete_incident(incident_id, tenant=tenant)
         report.removed_rows += 1
     for (dir_name, incident_id), path in sorted(files.items()):
@@ -220,7 +233,7 @@ def reconcile_listing(listing: FileListing, index: Index, *, full: bool,
     return report
 
 
-def _index_file(index: Index, listing: FileListing, path: Any, dir_name: str,
+def _index_file(index: Catalog, listing: FileListing, path: Any, dir_name: str,
                 owner: tuple[str, str] | None, report: ReindexReport) -> None:
     """(Re-)index one file, or quarantine it (dropping the row it had)."""
     try:

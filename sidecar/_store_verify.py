@@ -37,8 +37,8 @@ from ._observer import Telemetry, counter
 if TYPE_CHECKING:
     from integrations.incident import DecodeLimits
 
+    from ._catalog import Catalog
     from ._incident_files import IncidentFiles
-    from ._store_index import Index
 
 __all__ = ["INCIDENTS_QUARANTINED", "METRICS", "QUARANTINE_REASONS", "ContentVerifier"]
 
@@ -75,7 +75,7 @@ def _checked_digest(path: os.PathLike[str], store: _Store) -> object:
 class _Store(Protocol):
     """What the checker needs of :class:`~sidecar._store.LocalStore`."""
 
-    index: Index
+    index: Catalog
     files: IncidentFiles
     decode_limits: DecodeLimits | None
     telemetry: Telemetry

@@ -57,3 +57,30 @@ def tiny_llama():  # type: ignore[no-untyped-def]
 @pytest.fixture(scope="session")
 def tiny_bert():  # type: ignore[no-untyped-def]
     return make_tiny_bert()
+
+
+@pytest.fixture(scope="session")
+def postgres_server():  # type: ignore[no-untyped-def]
+    """One real PostgreSQL server for the test session (``tests._postgres``); the tests that
+    use it skip, saying why, where none can start here."""
+    from tests._postgres import PostgresServer, postgres_or_skip_reason
+
+    reason = postgres_or_skip_reason()
+    if reason is not None:
+        pytest.skip(f"no PostgreSQL: {reason}")
+    try:
+        server = PostgresServer.start_new()
+    except (RuntimeError, OSError) as e:
+        pytest.skip(f"PostgreSQL could not start here: {e}")
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def pg_dsn(postgres_server, request) -> str:  # type: ignore[no-untyped-def]
+    """The DSN of a new empty database on the session's PostgreSQL server (one per test)."""
+    import re
+    import uuid
+
+    name = re.sub(r"[^a-z0-9]", "_", request.node.name.lower())[:40] + "_" + uuid.uuid4().hex[:6]
+    return str(postgres_server.create_database(name))

@@ -1,8 +1,12 @@
-"""The persistent job queue: the ``jobs`` and ``analyses`` tables of the store's DuckDB index.
+"""The persistent job queue: the ``jobs`` and ``analyses`` tables of the store's catalog.
 
 States: pending → running → done | failed; a retryable failure goes back to pending until
-``max_attempts``. :meth:`JobQueue.resume` (at start-up) makes jobs left ``running`` by a crash
-pending again, or failed once their attempts are used up. Timestamps come from ``clock``
+``max_attempts``. :meth:`JobQueue.resume` makes jobs left ``running`` by a crash pending again,
+or failed once their attempts are used up: with a catalog of its own (DuckDB) every running job
+at start-up; with a catalog shared by several sidecars (PostgreSQL) only jobs whose owner has not
+sent a :meth:`JobQueue.heartbeat` for ``lease_s`` (a dead sidecar's), checked at start and
+periodically by the runner. A claim takes the row with ``FOR UPDATE SKIP LOCKED`` on a shared
+catalog, so two sidecars never claim the same job. Timestamps come from ``clock``
 (injectable: tests pass explicit times instead of waiting for the wall clock to move).
 
 Example::
@@ -27,9 +31,13 @@ from integrations.errors import SidecarError
 from .._store_index import utcnow
 
 if TYPE_CHECKING:
-    from .._store_index import Index
+    from .._catalog import Catalog
 
-__all__ = ["JOB_STATES", "JobQueue", "JobQuotaError", "JobRecord"]
+__all__ = ["JOB_LEASE_S", "JOB_STATES", "JobQueue", "JobQuotaError", "JobRecord"]
+
+#: On a shared catalog: a running job whose owner sent no heartbeat for this long is resumed
+#: by another sidecar (owners heartbeat every ``JOB_LEASE_S / 6``).
+JOB_LEASE_S = 60.0
 
 #: Job states (label values of ``forensics_jobs{state}``).
 JOB_STATES = ("pending", "running", "done", "failed")
@@ -79,23 +87,42 @@ def _check_quota(con: Any, tenant: str, quota: int) -> None:
 
 
 class JobQueue:
-    """Jobs persisted in ``index`` (survive restarts); every method is one transaction."""
+    """Jobs persisted in ``index`` (survive restarts); every method is one transaction.
+    ``owner`` names this sidecar in the jobs it claims; ``lease_s`` (default
+    :data:`JOB_LEASE_S` on a shared catalog, None otherwise) see the module doc."""
 
-    def __init__(self, index: Index, *, max_attempts: int,
-                 clock: Callable[[], dt.datetime] = utcnow) -> None:
+    def __init__(self, index: Catalog, *, max_attempts: int,
+                 clock: Callable[[], dt.datetime] = utcnow, owner: str | None = None,
+                 lease_s: float | None = None) -> None:
         self.index = index
         self.max_attempts = max_attempts
         self.clock = clock
+        self.owner = owner or f"sidecar-{uuid.uuid4().hex[:12]}"
+        self.lease_s = lease_s if lease_s is not None or not index.shared else JOB_LEASE_S
+        self._lock_rows = " FOR UPDATE OF p SKIP LOCKED" if index.shared else ""
 
-    def resume(self) -> None:
-        """Start-up: jobs left running by a stopped or crashed sidecar are pending again, or
-        failed when their attempts are used up."""
+    def resume(self) -> int:
+        """Jobs left running by a stopped or crashed sidecar are pending again, or failed
+        when their attempts are used up: every running job (own catalog), or those whose
+        owner's lease ran out (shared catalog). How many were running."""
+        where, params = "state = 'running'", []
+        if self.lease_s is not None:
+            where += " AND (heartbeat_at IS NULL OR heartbeat_at < ?)"
+            params = [self.clock() - dt.timedelta(seconds=self.lease_s)]
         with self.index.write() as con:
             con.execute("UPDATE jobs SET state = 'failed', finished_at = ?, error = "
                         "'interrupted ' || attempts || ' time(s) (sidecar stopped while running); "
                         "giving up — run the analysis again' "
-                        "WHERE state = 'running' AND attempts >= max_attempts", [self.clock()])
-            con.execute("UPDATE jobs SET state = 'pending' WHERE state = 'running'")
+                        f"WHERE {where} AND attempts >= max_attempts", [self.clock(), *params])
+            found = con.execute(f"UPDATE jobs SET state = 'pending', owner = NULL WHERE {where} "
+                                "RETURNING id", params).fetchall()
+        return len(found)
+
+    def heartbeat(self) -> None:
+        """This sidecar still runs the jobs it claimed (shared catalogs: renews the lease)."""
+        with self.index.write() as con:
+            con.execute("UPDATE jobs SET heartbeat_at = ? WHERE owner = ? AND state = 'running'",
+                        [self.clock(), self.owner])
 
     def submit(self, incident_id: str, kind: str, *, tenant: str,
                params: Mapping[str, Any] | None = None,
@@ -105,6 +132,7 @@ class JobQueue:
         (:class:`JobQuotaError`) while the tenant has that many pending or running."""
         params_json = json.dumps(dict(params or {}), sort_keys=True, allow_nan=False)
         with self.index.write() as con:
+            self.index.lock(con, f"jobs:{tenant}")   # quota and request_id: one at a time
             found = con.execute("SELECT id FROM jobs WHERE incident_id = ? AND tenant = ? AND "
                                 "request_id = ?", [incident_id, tenant, request_id]
                                 ).fetchone() if request_id else None
@@ -152,26 +180,35 @@ class JobQueue:
     def claim(self) -> JobRecord | None:
         """The next pending job, marked running (one more attempt); None when none. Fair
         between tenants: the oldest job of the tenant with the fewest jobs running, so one
-        tenant's thousand queued jobs never stand in front of another tenant's one."""
+        tenant's thousand queued jobs never stand in front of another tenant's one. On a
+        shared catalog a row another sidecar is claiming is skipped, never claimed twice."""
+        now = self.clock()
         with self.index.write() as con:
             row = con.execute(
                 "UPDATE jobs SET state = 'running', attempts = attempts + 1, started_at = ?, "
-                "finished_at = NULL WHERE id = (SELECT p.id FROM jobs p LEFT JOIN (SELECT "
-                "tenant, count(*) AS n FROM jobs WHERE state = 'running' GROUP BY tenant) r "
-                "ON r.tenant = p.tenant WHERE p.state = 'pending' "
-                "ORDER BY coalesce(r.n, 0), p.created_at, p.id LIMIT 1) RETURNING id",
-                [self.clock()]).fetchone()
+                "finished_at = NULL, owner = ?, heartbeat_at = ? WHERE id = (SELECT p.id FROM "
+                "jobs p LEFT JOIN (SELECT tenant, count(*) AS n FROM jobs WHERE state = "
+                "'running' GROUP BY tenant) r ON r.tenant = p.tenant WHERE p.state = 'pending' "
+                f"ORDER BY coalesce(r.n, 0), p.created_at, p.id LIMIT 1{self._lock_rows}) "
+                "AND state = 'pending' RETURNING id", [now, self.owner, now]).fetchone()
         return None if row is None else self.get(row[0])
 
     def finish(self, job: JobRecord, state: str, result: dict[str, Any] | None,
                error: str | None, *,
                record: Callable[[Any, JobRecord, dict[str, Any]], None] | None = None) -> None:
         """Record an attempt's outcome; a done job's result (and the result-table rows that
-        ``record(con, job, result)`` writes: a kind's hook) in the same transaction."""
+        ``record(con, job, result)`` writes: a kind's hook) in the same transaction. On a
+        shared catalog only while this sidecar still owns the job (after a lost lease another
+        sidecar's attempt owns it: this outcome is dropped)."""
         now = self.clock()
+        mine, params = ("", []) if not self.index.shared else (" AND owner = ?", [self.owner])
         with self.index.write() as con:
-            con.execute("UPDATE jobs SET state = ?, error = ?, finished_at = ? WHERE id = ?",
-                        [state, error, None if state == "pending" else now, job.id])
+            found = con.execute(f"UPDATE jobs SET state = ?, error = ?, finished_at = ? WHERE "
+                                f"id = ?{mine} RETURNING id",
+                                [state, error, None if state == "pending" else now, job.id,
+                                 *params]).fetchall()
+            if not found:
+                return
             if state == "done" and result is not None:
                 con.execute("DELETE FROM analyses WHERE job_id = ?", [job.id])
                 con.execute("INSERT INTO analyses (job_id, incident_id, kind, result_json, "

@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
-from integrations.errors import IncidentFormatError, SidecarError
+from integrations.errors import CatalogUnavailableError, IncidentFormatError, SidecarError
 
 from .._observer import Telemetry, as_telemetry, counter, gauge, histogram
 from .._store_index import utcnow
@@ -173,8 +173,15 @@ class JobRunner:
     # -- dispatch ----------------------------------------------------------------------------
 
     def _dispatch(self) -> None:
+        renewed = time.monotonic()
         while not self._stopping.is_set():
             try:
+                if self.queue.lease_s is not None and \
+                        time.monotonic() - renewed >= self.queue.lease_s / 6:
+                    with self._db():   # a shared catalog: keep our jobs, resume dead owners'
+                        self.queue.heartbeat()
+                        self.queue.resume()
+                    renewed = time.monotonic()
                 while self._inflight < self.workers and not self._stopping.is_set():
                     with self._db():
                         job = self.queue.claim()
@@ -183,6 +190,8 @@ class JobRunner:
                         self._start(job)
             except _Stopped:
                 return
+            except CatalogUnavailableError as e:   # a shared catalog is down: wait for it
+                log.warning("job dispatcher: %s", e)
             except Exception:   # keep dispatching; the index error is logged
                 log.exception("job dispatcher error")
             self._wake.wait(self.config.jobs.poll_interval_s)

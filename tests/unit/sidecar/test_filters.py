@@ -1,4 +1,6 @@
-"""AIP-160 filters / AIP-132 order_by compiled to parameterised SQL, run on real DuckDB."""
+"""AIP-160 filters / AIP-132 order_by compiled to parameterised SQL, run on real DuckDB and on a
+real PostgreSQL server (the shared catalog, DESIGN §12): the same suite gives the same rows on
+both engines (``engine`` parameter; PostgreSQL skips, saying why, where no server can start)."""
 
 from __future__ import annotations
 
@@ -19,13 +21,29 @@ from sidecar._filters import (
     query_key,
 )
 
+ENGINES = ("duckdb", "postgres")
 
-@pytest.fixture(scope="module")
-def db():  # type: ignore[no-untyped-def]
-    import duckdb
 
-    con = duckdb.connect()
-    con.execute("CREATE TABLE incidents (id VARCHAR, tenant VARCHAR, created_at TIMESTAMP, "
+def catalog_for(engine: str, request, directory):  # type: ignore[no-untyped-def]
+    """A new empty catalog of ``engine``: the DuckDB file in ``directory`` or a new database
+    on the session's PostgreSQL server."""
+    if engine == "duckdb":
+        from sidecar._store_index import Index
+
+        return Index(directory / "index.duckdb")
+    import uuid
+
+    from sidecar._catalog_postgres import PostgresCatalog
+
+    server = request.getfixturevalue("postgres_server")
+    return PostgresCatalog(server.create_database(f"f_{uuid.uuid4().hex[:10]}"))
+
+
+@pytest.fixture(scope="module", params=ENGINES)
+def db(request, tmp_path_factory):  # type: ignore[no-untyped-def]
+    cat = catalog_for(request.param, request, tmp_path_factory.mktemp("filters"))
+    con = _Autocommit(cat)
+    con.execute("CREATE TABLE rows (id VARCHAR, tenant VARCHAR, created_at TIMESTAMP, "
                 "received_at TIMESTAMP, model_name VARCHAR, model_fingerprint VARCHAR, "
                 "trigger_rule VARCHAR, trigger_reason VARCHAR, request_id VARCHAR, "
                 "traceparent VARCHAR, size_bytes BIGINT, sha256 VARCHAR, activations VARCHAR, "
@@ -37,17 +55,29 @@ def db():  # type: ignore[no-untyped-def]
         ("d", "o'hara", "2025-04-01 00:00:00", "gp_t", "flag", "100% bad", 70, 3, "tp"),
     ]
     for r in rows:
-        con.execute("INSERT INTO incidents (id, tenant, created_at, received_at, model_name, "
+        con.execute("INSERT INTO rows (id, tenant, created_at, received_at, model_name, "
                     "trigger_rule, trigger_reason, size_bytes, n_sites, traceparent) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", [*r[:3], r[2], *r[3:]])
-    yield con
-    con.close()
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    [*r[:2], *(dt.datetime.fromisoformat(r[2]),) * 2, *r[3:]])
+    yield cat
+    cat.close()
+
+
+class _Autocommit:
+    """``execute`` on a catalog, each statement its own transaction (DDL types translated)."""
+
+    def __init__(self, catalog) -> None:  # type: ignore[no-untyped-def]
+        self.catalog = catalog
+
+    def execute(self, sql: str, params: list[object] | None = None) -> None:
+        with self.catalog.write() as con:
+            con.execute(self.catalog.ddl(sql), params or [])
 
 
 def ids(db, text: str) -> list[str]:  # type: ignore[no-untyped-def]
     f = compile_filter(text)
-    return [r[0] for r in db.execute(f"SELECT id FROM incidents WHERE {f.sql} ORDER BY id",
-                                     list(f.params)).fetchall()]
+    return [r[0] for r in db.read(f"SELECT id FROM rows WHERE {f.sql} ORDER BY id",
+                                  list(f.params))]
 
 
 @pytest.mark.parametrize(("text", "expected"), [
@@ -176,14 +206,15 @@ def _cf(index, job_id: str, incident_id: str, *, status: str = "scored",  # type
         con.execute("UPDATE cf_results SET created_at = ? WHERE job_id = ?", [when, job_id])
 
 
-@pytest.fixture(scope="module")
-def scored(tmp_path_factory):  # type: ignore[no-untyped-def]
+@pytest.fixture(scope="module", params=ENGINES)
+def scored(request, tmp_path_factory):  # type: ignore[no-untyped-def]
     """Five stored incidents: s1 flagged (3.1), s2 benign (0.4), s3 re-scored (1.0 then 2.7,
-    flagged), s4 no baseline yet, s5 never analysed."""
+    flagged), s4 no baseline yet, s5 never analysed — in a store on each catalog engine."""
     from sidecar._store import LocalStore
     from tests.unit.sidecar.conftest import build_incident
 
-    store = LocalStore(tmp_path_factory.mktemp("scored"))
+    root = tmp_path_factory.mktemp("scored")
+    store = LocalStore(root, catalog=catalog_for(request.param, request, root))
     for i in range(1, 6):
         store.put(f"s{i}", build_incident(f"s{i}", tenant="acme" if i != 2 else "globex"),
                   tenant=None)
