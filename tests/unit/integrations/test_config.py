@@ -22,7 +22,8 @@ from integrations.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[3]
 DEFAULT_YAML = REPO / "configs" / "default.yaml"
-EXAMPLES = sorted((REPO / "configs" / "examples").glob("*.yaml"))
+#: Middleware configurations; ``fleet.yaml`` is a sidecar's (tests/unit/sidecar/test_deploy_fleet.py).
+EXAMPLES = sorted(p for p in (REPO / "configs" / "examples").glob("*.yaml") if p.name != "fleet.yaml")
 
 
 def test_embedded_defaults_equal_default_yaml() -> None:
