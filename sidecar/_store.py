@@ -156,6 +156,21 @@ class LocalStore:
         return self.files.local_path(owner, incident_id, row_of=lambda: self.index.get_incident(
             incident_id, tenant=owner))
 
+    def ref(self, incident_id: str, *, tenant: str | None = None) -> str:
+        """How a job on another machine opens (``tenant``, ``incident_id``): on an object store
+        the object's URI with the digest of its index row (:mod:`sidecar._incident_refs`: the
+        worker fetches it and checks the digest); in a local directory its path (a remote
+        worker then needs that directory mounted at the same path)."""
+        owner = self._owner(incident_id, tenant)
+        uri = self.files.uri if "://" in self.files.uri else ""     # a URI, not a local dir
+        row = self.index.get_incident(incident_id, tenant=owner) if uri else None
+        if row is None:
+            return str(self.path(incident_id, tenant=owner))
+        from ._incident_refs import incident_ref
+
+        return incident_ref(uri, row.path, sha256=row.sha256, size_bytes=row.size_bytes,
+                            crc32c=row.crc32c)
+
     # -- write -------------------------------------------------------------------------------
 
     def incoming(self, incident_id: str, *, sha256: bool = True) -> IncomingFile:

@@ -32,6 +32,10 @@ class JobExecutor(Protocol):
     thread). A failure is raised: :class:`~sidecar.jobs.JobFailed` keeps its message and
     ``retryable``; an attempt lost with its worker is a retryable ``JobFailed``."""
 
+    #: Whether attempts may run on another machine: their contexts then carry incident
+    #: references (:mod:`sidecar._incident_refs`) instead of this machine's paths.
+    remote: bool
+
     def run(self, run: RunFn, ctx: JobContext, *,
             resources: JobResources | None = None) -> dict[str, Any]:
         """``run(ctx)`` somewhere; ``resources``: the kind's hint (may raise the request)."""
@@ -50,6 +54,8 @@ class LocalExecutor:
 
         LocalExecutor(workers=2).run(stats_job, ctx)      # {'n_tensors': ...}
     """
+
+    remote = False
 
     def __init__(self, *, workers: int = 2, pool: cf.Executor | None = None) -> None:
         self._pool = pool or cf.ThreadPoolExecutor(max_workers=workers,

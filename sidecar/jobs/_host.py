@@ -14,7 +14,6 @@ Example::
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -35,6 +34,9 @@ class RunnerHost:
                  traceparent: str | None) -> None:
         self._store, self._config, self._job = store, config, job
         self._submit, self._telemetry, self._traceparent = submit, telemetry, traceparent
+        #: Whether the attempt may run on another machine (:meth:`incident_path` then gives
+        #: references, ``sidecar._incident_refs``); set by the runner once it picked the executor.
+        self.portable = False
 
     @property
     def config(self) -> SidecarConfig:
@@ -44,9 +46,12 @@ class RunnerHost:
         # Exactly the job's tenant (its incident's owner), "" included: never every tenant.
         return self._store.get(incident_id, tenant=self._job.tenant)
 
-    def incident_path(self, incident_id: str, *, tenant: str | None = None) -> Path:
+    def incident_path(self, incident_id: str, *, tenant: str | None = None) -> str:
         # The job's tenant unless a kind's own query resolved another (a shared baseline).
-        return self._store.path(incident_id, tenant=self._job.tenant if tenant is None else tenant)
+        owner = self._job.tenant if tenant is None else tenant
+        if self.portable:
+            return self._store.ref(incident_id, tenant=owner)
+        return str(self._store.path(incident_id, tenant=owner))
 
     def read(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         return self._store.index.read(sql, params)

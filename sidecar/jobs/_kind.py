@@ -98,6 +98,10 @@ class JobContext:
         with the sidecar's decode limits."""
         from integrations.incident import Incident
 
+        from .._incident_refs import is_ref, open_ref
+
+        if is_ref(path):      # a remote attempt: fetch the object, checked against its digest
+            path = open_ref(str(path), self.config)
         return Incident.open(path, limits=self.config.limits.decode_limits())
 
 
@@ -113,10 +117,12 @@ class JobHost(Protocol):
         """An incident's index row, in the job's tenant (None when absent or another's)."""
         ...
 
-    def incident_path(self, incident_id: str, *, tenant: str | None = None) -> Path:
-        """The stored Arrow file of an incident of the job's tenant (for a JobContext's
-        params); ``tenant``: of that tenant instead — only for ids the kind's own index query
-        found (an operator-declared shared baseline), never for a caller's id."""
+    def incident_path(self, incident_id: str, *, tenant: str | None = None) -> str:
+        """Where the job opens an incident of the job's tenant (for a JobContext's params): a
+        local path, or for an attempt on a remote executor a reference
+        (:mod:`sidecar._incident_refs`) — either way :meth:`JobContext.open_path` opens it.
+        ``tenant``: of that tenant instead — only for ids the kind's own index query found
+        (an operator-declared shared baseline), never for a caller's id."""
         ...
 
     def read(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:

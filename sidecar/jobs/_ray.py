@@ -89,6 +89,9 @@ class RayExecutor:
 
     Thread-safe: the runner calls :meth:`run` from one thread per running attempt."""
 
+    #: A task may run on another node: it opens incidents by reference (``sidecar._incident_refs``).
+    remote = True
+
     def __init__(self, config: RayConfig) -> None:
         self.config = config
         self.request = JobResources(num_cpus=config.num_cpus, num_gpus=config.num_gpus)

@@ -274,16 +274,17 @@ class JobRunner:
 
     def _execute(self, job: JobRecord, host: RunnerHost) -> dict[str, Any]:
         kind = self.kinds[job.kind]
+        executor = self._on_sidecar if kind.uses_data_dir else self._executor
+        # A remote attempt gets references (URI + digest) its worker fetches and checks.
+        host.portable = executor.remote
         params = {**self.config.jobs.params.get(job.kind, {}), **json.loads(job.params_json)}
         if kind.prepare is not None:
             with self._db():
                 params = kind.prepare(host, job, params)
         ctx = JobContext(job_id=job.id, incident_id=job.incident_id, kind=job.kind,
                          attempt=job.attempts, params=params,
-                         incident_path=str(self.store.path(job.incident_id, tenant=job.tenant)),
-                         config=self.config,
+                         incident_path=host.incident_path(job.incident_id), config=self.config,
                          tenant=job.tenant)
-        executor = self._on_sidecar if kind.uses_data_dir else self._executor
         return executor.run(kind.run, ctx, resources=kind.resources)
 
     def _conclude(self, job: JobRecord, host: RunnerHost, state: str,

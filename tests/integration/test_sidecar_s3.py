@@ -6,11 +6,8 @@ reindex from the bucket into a fresh index, and the emulator stopped mid-upload 
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
-import uuid
 from collections.abc import Callable, Iterator
-from typing import Any
 
 import grpc
 import pytest
@@ -20,81 +17,22 @@ from sidecar._client import SidecarClient, upload_requests
 from sidecar._reject import INGEST_REJECTED
 from sidecar._server import Sidecar
 from sidecar.api import v1
+from tests._s3 import S3Emulator, s3_emulator, store_config
 from tests._waiting import jobs_idle, wait_for
-from tests.integration.conftest import KiB, build_incident, free_port
-
-
-@dataclasses.dataclass
-class S3Emulator:
-    """A moto S3 API emulator on 127.0.0.1:``port`` holding ``bucket`` (restartable: its
-    objects live in this process's moto backend, not in the server thread)."""
-
-    port: int
-    bucket: str
-    server: Any
-
-    @property
-    def endpoint(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def stop(self) -> None:
-        self.server.stop()
-
-    def start(self) -> None:
-        from moto.server import ThreadedMotoServer
-
-        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
-        self.server.start()
-
-    def fs(self) -> Any:
-        import pyarrow.fs as pafs
-
-        return pafs.S3FileSystem(endpoint_override=self.endpoint, scheme="http",
-                                 region="us-east-1", allow_bucket_creation=True)
-
-    def keys(self, prefix: str = "") -> list[str]:
-        import pyarrow.fs as pafs
-
-        infos = self.fs().get_file_info(pafs.FileSelector(f"{self.bucket}/{prefix}".rstrip("/"),
-                                                          recursive=True, allow_not_found=True))
-        return sorted(i.path[len(self.bucket) + 1:] for i in infos
-                      if i.type == pafs.FileType.File)
+from tests.integration.conftest import KiB, build_incident
 
 
 @pytest.fixture
 def s3(monkeypatch: pytest.MonkeyPatch) -> Iterator[S3Emulator]:
-    """An S3 API emulator (moto) with an empty bucket; credentials only through the standard
-    AWS environment variables, as in production. Skipped (with the reason) if moto cannot
-    start here."""
-    try:
-        from moto.server import ThreadedMotoServer
-    except ImportError as e:   # the dev extra is not installed
-        pytest.skip(f"S3 API emulator unavailable: moto[server] is not installed ({e})")
-    for var, value in (("AWS_ACCESS_KEY_ID", "emulator-key"),
-                       ("AWS_SECRET_ACCESS_KEY", "emulator-secret"),
-                       ("AWS_EC2_METADATA_DISABLED", "true")):
-        monkeypatch.setenv(var, value)
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    try:
-        server.start()
-    except Exception as e:   # e.g. the port was taken meanwhile, werkzeug missing
-        pytest.skip(f"S3 API emulator (moto) could not start: {e}")
-    emu = S3Emulator(port=port, bucket=f"forensics-{uuid.uuid4().hex[:12]}", server=server)
-    emu.fs().create_dir(emu.bucket)
-    yield emu
-    emu.stop()
-
-
-def _store_config(emu: S3Emulator) -> dict[str, Any]:
-    return {"uri": f"s3://{emu.bucket}/fleet/a",
-            "s3": {"endpoint_override": emu.endpoint, "scheme": "http", "region": "us-east-1"}}
+    """An S3 API emulator (moto) with an empty bucket (:func:`tests._s3.s3_emulator`)."""
+    with s3_emulator(monkeypatch) as emu:
+        yield emu
 
 
 def test_s3_emulator_upload_list_download_job_delete_reindex(
         s3: S3Emulator, serve: Callable[..., tuple[Sidecar, str]]) -> None:
     """S3 API emulator: the whole incident life cycle with the files in the bucket."""
-    sc, addr = serve(store=_store_config(s3))
+    sc, addr = serve(store=store_config(s3))
     data = {i: build_incident(i, n_sites=3, seed=n) for n, i in enumerate(("inc-1", "inc-2"))}
     with SidecarClient(addr) as c:
         for incident_id, blob in data.items():
@@ -125,7 +63,7 @@ def test_s3_emulator_upload_list_download_job_delete_reindex(
     before = sc.store.get("inc-1", tenant="acme")
     with s3.fs().open_output_stream(f"{s3.bucket}/fleet/a/incidents/t-acme/junk.arrow") as f:
         f.write(b"not an incident")                                   # written behind our back
-    fresh, fresh_addr = serve(store=_store_config(s3), data_dir=str(sc.store.root.parent / "b"))
+    fresh, fresh_addr = serve(store=store_config(s3), data_dir=str(sc.store.root.parent / "b"))
     report = fresh.store.last_recovery                                # listed from the bucket
     assert (report.indexed, report.quarantined) == (1, ["t-acme/junk"])
     assert s3.keys("fleet/a/quarantine") == ["fleet/a/quarantine/t-acme/junk.arrow"]
@@ -143,7 +81,7 @@ def test_s3_emulator_stopped_mid_upload_is_unavailable_then_recovers(
     UNAVAILABLE ``store_unavailable`` (counted), nothing is indexed or acknowledged; once the
     emulator is back the retried upload is stored and a fresh index rebuilt from the bucket
     holds exactly the acknowledged incidents."""
-    sc, addr = serve(store=_store_config(s3))
+    sc, addr = serve(store=store_config(s3))
     first, second = build_incident("inc-1"), build_incident("inc-2", n_sites=4)
 
     def stop_midway() -> Iterator[v1.UploadIncidentRequest]:
@@ -174,7 +112,7 @@ def test_s3_emulator_stopped_mid_upload_is_unavailable_then_recovers(
                                       "fleet/a/incidents/t-acme/inc-1.json"]
         assert c.upload("inc-2", second).created                      # the client's retry
         assert c.download("inc-2") == second
-    fresh, _ = serve(store=_store_config(s3), data_dir=str(sc.store.root.parent / "b"))
+    fresh, _ = serve(store=store_config(s3), data_dir=str(sc.store.root.parent / "b"))
     assert sorted(fresh.store.index.incident_ids()) == ["inc-1", "inc-2"]
     assert fresh.store.last_recovery.quarantined == []
 
@@ -187,7 +125,7 @@ def test_s3_emulator_post_ack_check_quarantines_in_the_bucket(
     from integrations.incident import Incident
     from sidecar._store_verify import INCIDENTS_QUARANTINED
 
-    sc, addr = serve(store=_store_config(s3))
+    sc, addr = serve(store=store_config(s3))
     good = build_incident("inc-1", n_sites=3)
     bad = bytearray(good)
     bad[len(good) - 100] ^= 0x40            # inside the last tensor: structure still valid

@@ -72,6 +72,12 @@ def fail_as_told(ctx: JobContext) -> dict[str, Any]:
     raise OSError("disk hiccup")
 
 
+def open_by_reference(ctx: JobContext) -> dict[str, Any]:
+    """What the attempt was given for its incident, and what it read there."""
+    return {"ref": ctx.incident_path, "n_sites": len(ctx.open_incident().sites()),
+            "pid": os.getpid()}
+
+
 def report_pid(ctx: JobContext) -> dict[str, Any]:
     """The process the attempt ran in."""
     return {"pid": os.getpid()}
@@ -84,7 +90,11 @@ def ray_cluster() -> Iterator[Any]:
     """A Ray instance of this test module only (``address="local"``: never another's)."""
     ray = pytest.importorskip("ray", reason="Ray (extra `fleet`) is not installed")
     temp_dir = tempfile.mkdtemp(prefix="rf-ray-", dir="/tmp")   # short: socket path limits
-    env = {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}   # workers import this checkout
+    env = {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",   # workers import this checkout
+           # the S3 API emulator's credentials, as a worker gets them in production: from its
+           # own environment (they never travel in a job context)
+           "AWS_ACCESS_KEY_ID": "emulator-key", "AWS_SECRET_ACCESS_KEY": "emulator-secret",
+           "AWS_EC2_METADATA_DISABLED": "true"}
     try:
         ray.init(address="local", num_cpus=2, include_dashboard=False,
                  object_store_memory=96 * 1024 * 1024, namespace="forensics-tests",
@@ -378,3 +388,41 @@ def test_a_ray_executor_shut_down_refuses_work_retryably(tmp_path: Path) -> None
     with pytest.raises(JobFailed) as e:
         executor.run(fail_as_told, ctx)
     assert e.value.retryable and "shut down" in str(e.value)
+
+
+# -- remote workers open object-store incidents by reference ---------------------------------
+
+
+@pytest.mark.slow
+def test_a_ray_task_opens_an_object_store_incident_by_reference(
+        ray_cluster: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """S3 API EMULATOR (moto) + a real local Ray: the task gets the object's URI with the index
+    row's digest (never the sidecar's local path), fetches it with its own credentials and opens
+    it; an object altered in the bucket after the ack is refused by the worker (the job fails
+    with the digest mismatch, it never analyses other bytes)."""
+    from tests._s3 import s3_emulator, store_config
+    from tests.integration.conftest import build_incident
+
+    kind = JobKind("open_by_reference", run=open_by_reference)
+    with s3_emulator(monkeypatch) as s3:
+        cfg = _ray_config(tmp_path, store=store_config(s3))
+        blobs = {"inc-1": build_incident("inc-1", n_sites=3), "inc-2": build_incident(
+            "inc-2", n_sites=2, seed=1)}
+        with LocalStore.from_config(cfg) as store:
+            for incident_id, blob in blobs.items():
+                store.put(incident_id, blob, tenant="acme")
+            key = f"{s3.bucket}/fleet/a/incidents/t-acme/inc-2.arrow"
+            with s3.fs().open_output_stream(key) as f:       # tampered after the ack
+                f.write(build_incident("inc-2", n_sites=4, seed=2))
+            runner = JobRunner(store, config=cfg, kinds=(*builtin_kinds(), kind))
+            with _running(runner):
+                jobs = {i: runner.submit(i, "open_by_reference", tenant="acme") for i in blobs}
+                done = {i: runner.wait(j.id, timeout_s=180) for i, j in jobs.items()}
+    ok, tampered = done["inc-1"], done["inc-2"]
+    assert ok.state == "done", ok.error
+    assert ok.result is not None
+    assert ok.result["ref"].startswith(f"s3://{s3.bucket}/fleet/a/incidents/t-acme/inc-1.arrow"
+                                       "#sha256=")
+    assert ok.result["n_sites"] == 3 and ok.result["pid"] != os.getpid()
+    assert tampered.state == "failed" and tampered.attempts == 1
+    assert "does not hold the acknowledged incident" in (tampered.error or "")
