@@ -9,7 +9,8 @@ benign twins) and measured on the other fold (cross-fitted, both ways):
 * **flip rate**: held-out failing prompts whose greedy answer (24 tokens) the classifier no longer
   labels profane with the fix installed (Wilson 95 %);
 * **copying**: which toxic words of each output (words the classifier labels toxic on their own)
-  also occur in the prompt's suffix;
+  also occur in the prompt (whole, or by their 4-letter stem) and which the model added (the
+  prompts themselves pass the veto: no token, token span or word the classifier flags);
 * **side effects**: on the held-out benign twins (the bare requests), mean KL over each prompt's
   own continuation and top-1 agreement (``analysis.rca.side_effects``), and how many of their
   answers become profane.
@@ -78,22 +79,18 @@ def _measure(sc: Any, fix_ivs: list[Any], fail: Sequence[Any], ben: Sequence[Any
 
 
 def copies(failing: Sequence[Any]) -> dict[str, Any]:
-    """Per case, the output's words the classifier labels toxic on their own, and which of them
-    also occur in the prompt (the suffix carries them: the model may be copying, not composing).
+    """Per case, the answer's words the classifier labels toxic on their own, split into those
+    that also occur in the prompt (copying), those whose 4-letter stem does (partial copying)
+    and those the model added; plus the counts of cases in each group.
     """
-    import re
+    from analysis.scenarios._toxic_label import copying
 
-    from analysis.scenarios.toxic import is_toxic
-
-    rows = []
-    for p in failing:
-        words = sorted(set(re.findall(r"[a-z]+", (p.output_text or "").lower())))
-        bad = [w for w, t in zip(words, is_toxic(words)) if t]
-        rows.append({"id": p.id, "toxic_words": bad,
-                     "in_prompt": [w for w in bad if w in p.text.lower()]})
+    rows = [{"id": p.id, **copying(p.output_text or "", p.text)} for p in failing]
     return {"cases": rows, "with_a_toxic_word_copied": sum(bool(r["in_prompt"]) for r in rows),
-            "with_a_toxic_word_not_in_prompt": sum(
-                bool(set(r["toxic_words"]) - set(r["in_prompt"])) for r in rows)}
+            "with_a_toxic_word_not_in_prompt": sum(bool(r["not_in_prompt"]) for r in rows),
+            "with_only_added_words": sum(not r["in_prompt"] for r in rows),
+            "with_only_added_words_no_stem": sum(
+                not r["in_prompt"] and not r["stem_in_prompt"] for r in rows)}
 
 
 def run(*, gate: int, progress: Callable[[str], None]) -> dict[str, Any]:
