@@ -18,8 +18,8 @@ from analysis.scenarios._toxic_label import (
     flagged_words,
     prompt_flags,
 )
+from tests.unit.analysis._tiny_gcg import POST, PREFIX, START, TARGET, tiny_llama32
 
-PREFIX, POST, TARGET, START = [1, 2, 3], [5], [6, 7], [4, 4, 4]
 CLEAN = [" nice", " day", " table", " river", " blue", " paper", " garden", " music", " lamp",
          " window", " green", " stone", " cloud", " apple", " chair", " bread", " road", " tree",
          " water", " light", " book", " door", " hill", " coat", " milk", " sand", " boat",
@@ -40,12 +40,7 @@ def _tokenizer(vocab: list[str]) -> Any:
 
 @pytest.fixture(scope="module")
 def tiny() -> Any:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32)
-    return LlamaForCausalLM(cfg).eval()
+    return tiny_llama32()
 
 
 def test_classifier_flags_insults_but_not_their_fragments() -> None:
