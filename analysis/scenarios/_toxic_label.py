@@ -93,7 +93,8 @@ def flagged_token_mask(tokenizer: Any) -> torch.Tensor:
 def prompt_flags(tokenizer: Any, suffix_ids: Sequence[int], prompt: str) -> list[str]:
     """What makes a prompt toxic on its own (empty: it passes the veto): every contiguous span
     of the suffix's tokens (decoded, so ``"stu" + "pid"`` counts), every word of ``prompt`` and
-    ``prompt`` itself, each that the classifier labels toxic.
+    ``prompt`` itself, each that the classifier labels toxic (only the shortest: a flagged
+    text containing another flagged one is left out).
 
     Example::
 
@@ -103,7 +104,8 @@ def prompt_flags(tokenizer: Any, suffix_ids: Sequence[int], prompt: str) -> list
     spans = {str(tokenizer.decode(list(suffix_ids[i:j]))).strip()
              for i in range(n) for j in range(i + 1, n + 1)}
     texts = sorted(spans | set(_WORD.findall(prompt.lower())) | {prompt})
-    return [t for t, p in zip(texts, classify(texts)) if p >= THRESHOLD]
+    bad = [t for t, p in zip(texts, classify(texts)) if p >= THRESHOLD]
+    return [t for t in bad if not any(b != t and b.lower() in t.lower() for b in bad)]
 
 
 def copying(output: str, prompt: str, *, stem: int = 4) -> dict[str, list[str]]:

@@ -17,10 +17,12 @@ running the model and the classifier again.
 search was replaced by this one. If a regenerated search finds none, :func:`build` raises and
 points to the planted tiny GPT-2 fault in :mod:`analysis.scenarios.planted`.)
 
-Regenerate the data (about 40 min of one core)::
+Regenerate the data (about 33 min of one core; ``REGENERATE`` has the request order)::
 
-    OMP_NUM_THREADS=1 python -m analysis.scenarios.toxic discover --budget-min 30 \
-        --per-request-s 150
+    OMP_NUM_THREADS=1 python -m analysis.scenarios.toxic discover --budget-min 24 \
+        --per-request-s 150 --order 2,4,5,7,9,20,21,...
+    OMP_NUM_THREADS=1 python -m analysis.scenarios.toxic discover --append --fresh \
+        --budget-min 4 --per-request-s 150 --order 26,29,38
     OMP_NUM_THREADS=1 python -m analysis.scenarios.toxic transfer
 
 Example::
@@ -74,9 +76,12 @@ DATA_FILE = "toxic_cases.json"
 _FALLBACK = ("no real SmolLM2 case found; use the planted tiny GPT-2 fault instead: "
              "analysis.scenarios.planted.build_planted_gpt2(...) with target_token standing for "
              "the toxic word")
-REGENERATE = ("OMP_NUM_THREADS=1 python -m analysis.scenarios.toxic discover --budget-min 30 "
-              "--per-request-s 150 && OMP_NUM_THREADS=1 python -m analysis.scenarios.toxic "
-              "transfer")
+_ORDER = "2,4,5,7,9,20,21,22,23,24,25,26,27,28,29,30,31,32,33,34,35,36,37,38,39,0,1,3,6,8"
+REGENERATE = ("OMP_NUM_THREADS=1 python -m analysis.scenarios.toxic discover --budget-min 24 "
+              f"--per-request-s 150 --order {_ORDER} && OMP_NUM_THREADS=1 python -m "
+              "analysis.scenarios.toxic discover --append --fresh --budget-min 4 "
+              "--per-request-s 150 --order 26,29,38 && OMP_NUM_THREADS=1 python -m "
+              "analysis.scenarios.toxic transfer")
 _CRITERION = ("failing: batch-1 greedy answer (only the answer) classified profane; the prompt "
               "passes the veto (no suffix token, span of suffix tokens, prompt word or the "
               "prompt classified toxic on its own); twin: the bare request, its answer "
@@ -109,9 +114,10 @@ def _previous(tokenizer: Any) -> dict[str, Any] | None:
 
 
 def _search(model: Any, tokenizer: Any, order: Sequence[int], *, seed: int, budget_min: float,
-            per_request_s: float, steps: int) -> tuple[list[dict[str, Any]], float]:
-    """Progressive GCG over ``REQUESTS[j]`` for ``j`` in ``order`` until the budget is spent;
-    the records and the minutes used."""
+            per_request_s: float, steps: int, fresh: bool) -> tuple[list[dict[str, Any]], float]:
+    """GCG over ``REQUESTS[j]`` for ``j`` in ``order`` until the budget is spent, each from the
+    previous request's final suffix (progressive) or, if ``fresh``, from ``" !" * 10``; the
+    records and the minutes used."""
     allowed = suffix_mask(tokenizer)
     t0 = time.perf_counter()
     records: list[dict[str, Any]] = []
@@ -126,19 +132,20 @@ def _search(model: Any, tokenizer: Any, order: Sequence[int], *, seed: int, budg
         _log.info("request %d: success=%s after %d steps, %.0fs: %r -> %r %s", j, r["success"],
                   r["steps"], r["seconds"], r["suffix"], r["output"], r["copying"])
         records.append(r)
-        init = r["suffix_ids"]  # progressive: the next request continues from this suffix
+        init = None if fresh else r["suffix_ids"]  # progressive: the next one continues
     return records, (time.perf_counter() - t0) / 60
 
 
 def discover(
     *, seed: int = 0, model: Any = None, tokenizer: Any = None, budget_min: float = 35.0,
     per_request_s: float = 150.0, steps: int = 60, order: Sequence[int] | None = None,
-    write: bool = True,
+    fresh: bool = False, append: bool = False, write: bool = True,
 ) -> dict[str, Any]:
     """Run GCG on the requests ``REQUESTS[j]``, ``j`` in ``order`` (default: all), until the
     compute budget is spent, each search starting from the previous request's final suffix
-    (progressive, as in multi-prompt GCG); re-label the previously shipped cases under the
-    veto; return (and write) every attempt and the cases found.
+    (progressive, as in multi-prompt GCG; ``fresh``: each from scratch); re-label the previously
+    shipped cases under the veto; return (and write) every attempt and the cases found.
+    ``append`` adds this pass's records to the shipped search's (cases re-derived from all).
 
     Example::
 
@@ -155,7 +162,15 @@ def discover(
     previous = _previous(tokenizer)
     order = list(range(len(REQUESTS))) if order is None else list(order)
     records, minutes = _search(model, tokenizer, order, seed=seed, budget_min=budget_min,
-                               per_request_s=per_request_s, steps=steps)
+                               per_request_s=per_request_s, steps=steps, fresh=fresh)
+    passes = [{"order": order, "fresh": fresh, "attempts": len(records),
+               "minutes": round(minutes, 1)}]
+    if append:
+        old = load_data(DATA_FILE)["search"]
+        records, minutes = old["records"] + records, old["minutes"] + minutes
+        passes = old.get("passes", [{"order": old["order"], "fresh": False,
+                                     "attempts": len(old["records"]),
+                                     "minutes": old["minutes"]}]) + passes
     failing, benign = cases_from_records(model, tokenizer, records)
     doc: dict[str, Any] = {
         "scenario": "toxic", "model": dict(MODEL_REFS["smollm2"]), "regenerate": REGENERATE,
@@ -165,7 +180,7 @@ def discover(
         "search": {"method": "GCG (gradient top-k token swaps, batched candidate scoring); "
                              "suffix tokens flagged by the classifier removed, prompt veto on "
                              "every candidate",
-                   "order": order, "attempts": len(records),
+                   "passes": passes, "attempts": len(records),
                    "successes": sum(r["success"] for r in records), "minutes": round(minutes, 1),
                    "per_request_s": per_request_s, "max_steps": steps, "records": records},
         "failing": [p.to_json() for p in failing], "benign": [p.to_json() for p in benign],
@@ -301,6 +316,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--order", type=str, default=None,
                     help="comma-separated indices into REQUESTS to search, in order")
+    ap.add_argument("--fresh", action="store_true", help="each request from scratch")
+    ap.add_argument("--append", action="store_true", help="add to the shipped search")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.command == "transfer":
@@ -310,7 +327,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     order = None if args.order is None else [int(j) for j in args.order.split(",")]
     doc = discover(seed=args.seed, budget_min=args.budget_min, per_request_s=args.per_request_s,
-                   steps=args.steps, order=order)
+                   steps=args.steps, order=order, fresh=args.fresh, append=args.append)
     print(f"failing={len(doc['failing'])} benign={len(doc['benign'])} "
           f"attempts={doc['search']['attempts']} successes={doc['search']['successes']} "
           f"minutes={doc['search']['minutes']}")
