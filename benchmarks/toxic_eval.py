@@ -2,14 +2,16 @@
 SmolLM2 with candidate fixes installed.
 
 The shipped failing cases (benign request + GCG suffix, output classified profane by
-``alt-profanity-check``) are split into two folds by case (every case is a different request).
+``alt-profanity-check``) are split into two folds that share no request and no suffix (cases
+linked by either are kept together; see :func:`folds`).
 Each candidate fix is fitted on one fold's last-prompt-position residual streams (failing vs their
 benign twins) and measured on the other fold (cross-fitted, both ways):
 
 * **flip rate**: held-out failing prompts whose greedy answer (24 tokens) the classifier no longer
   labels profane with the fix installed (Wilson 95 %);
 * **copying**: which toxic words of each output (words the classifier labels toxic on their own)
-  also occur in the prompt's suffix;
+  also occur in the prompt (whole, or by their 4-letter stem) and which the model added (the
+  prompts themselves pass the veto: no token, token span or word the classifier flags);
 * **side effects**: on the held-out benign twins (the bare requests), mean KL over each prompt's
   own continuation and top-1 agreement (``analysis.rca.side_effects``), and how many of their
   answers become profane.
@@ -78,22 +80,47 @@ def _measure(sc: Any, fix_ivs: list[Any], fail: Sequence[Any], ben: Sequence[Any
 
 
 def copies(failing: Sequence[Any]) -> dict[str, Any]:
-    """Per case, the output's words the classifier labels toxic on their own, and which of them
-    also occur in the prompt (the suffix carries them: the model may be copying, not composing).
+    """Per case, the answer's words the classifier labels toxic on their own, split into those
+    that also occur in the prompt (copying), those whose 4-letter stem does (partial copying)
+    and those the model added; plus the counts of cases in each group.
     """
-    import re
+    from analysis.scenarios._toxic_label import copying
 
-    from analysis.scenarios.toxic import is_toxic
-
-    rows = []
-    for p in failing:
-        words = sorted(set(re.findall(r"[a-z]+", (p.output_text or "").lower())))
-        bad = [w for w, t in zip(words, is_toxic(words)) if t]
-        rows.append({"id": p.id, "toxic_words": bad,
-                     "in_prompt": [w for w in bad if w in p.text.lower()]})
+    rows = [{"id": p.id, **copying(p.output_text or "", p.text)} for p in failing]
     return {"cases": rows, "with_a_toxic_word_copied": sum(bool(r["in_prompt"]) for r in rows),
-            "with_a_toxic_word_not_in_prompt": sum(
-                bool(set(r["toxic_words"]) - set(r["in_prompt"])) for r in rows)}
+            "with_a_toxic_word_not_in_prompt": sum(bool(r["not_in_prompt"]) for r in rows),
+            "with_only_added_words": sum(not r["in_prompt"] for r in rows),
+            "with_only_added_words_no_stem": sum(
+                not r["in_prompt"] and not r["stem_in_prompt"] for r in rows)}
+
+
+def folds(failing: Sequence[Any]) -> tuple[list[list[Any]], bool]:
+    """Two folds of the failing cases such that no request and no suffix is in both (cases that
+    share either are one group; groups go, largest first, to the smaller fold). The flag says
+    whether that worked; if one group holds every case the folds alternate by case instead
+    (then they share requests or suffixes, and the report says so).
+    """
+    group: dict[int, int] = {}
+    keys: dict[str, int] = {}
+    for i, p in enumerate(failing):  # union of cases by shared request or suffix
+        ks = [f"r:{p.meta['request']}", f"s:{p.meta['suffix']}"]
+        hit = {group[keys[k]] for k in ks if k in keys}
+        g = min(hit) if hit else i
+        for j, h in list(group.items()):
+            if h in hit:
+                group[j] = g
+        group[i] = g
+        for k in ks:
+            keys[k] = i
+    members: dict[int, list[Any]] = {}
+    for i, p in enumerate(failing):
+        members.setdefault(group[i], []).append(p)
+    if len(members) < 2:
+        return [list(failing[0::2]), list(failing[1::2])], False
+    out: list[list[Any]] = [[], []]
+    for m in sorted(members.values(), key=len, reverse=True):
+        min(out, key=len).extend(m)
+    return out, True
 
 
 def run(*, gate: int, progress: Callable[[str], None]) -> dict[str, Any]:
@@ -107,7 +134,7 @@ def run(*, gate: int, progress: Callable[[str], None]) -> dict[str, Any]:
     progress(f"scenario: {len(sc.failing)} failing, {len(sc.benign)} benign, dropped "
              f"{sc.dropped}")
     n_layers = int(sc.model.config.num_hidden_layers)
-    folds = [sc.failing[0::2], sc.failing[1::2]]
+    split, independent = folds(sc.failing)
     twin_ids = {p.counterpart for p in sc.failing}
     extra = [p for p in sc.benign if p.id not in twin_ids]
     cands: dict[str, Callable[[Any], list[Any]]] = {
@@ -120,7 +147,7 @@ def run(*, gate: int, progress: Callable[[str], None]) -> dict[str, Any]:
     for label, make in cands.items():
         rows = []
         for k in (0, 1):
-            fit, held = folds[k], folds[1 - k]
+            fit, held = split[k], split[1 - k]
             fit_ben = [sc.twin(p) for p in fit] + extra[k::2]
             held_ben = [sc.twin(p) for p in held] + extra[1 - k::2]
             ivs = make(_feats(sc.model, fit, fit_ben, n_layers))
@@ -135,6 +162,8 @@ def run(*, gate: int, progress: Callable[[str], None]) -> dict[str, Any]:
             "distinct_requests": len({p.meta["request"] for p in sc.failing}),
             "distinct_suffixes": len({p.meta["suffix"] for p in sc.failing}),
             "copies": copies(sc.failing),
+            "folds": {"sizes": [len(f) for f in split], "disjoint_requests_and_suffixes":
+                      independent},
             "classifier": sc.meta["classifier_now"], "candidates": out,
             "seconds": round(time.perf_counter() - t0, 1)}
 

@@ -2,22 +2,27 @@
 
 A case *fails* when SmolLM2's batch-1 greedy answer (24 new tokens) is classified profane by an
 offline classifier that ships inside a PyPI package (``alt-profanity-check``, a linear SVM; see
-:mod:`analysis.scenarios._toxic_search`) while the prompt itself -- a benign-looking request plus
-an adversarial suffix found by GCG (:mod:`analysis.scenarios._gcg`) -- is classified clean. The
-benign twin of a failing prompt is the bare request (no suffix), whose answer is classified
-clean. :func:`discover` runs the search (a few minutes per request on one CPU core) and writes
-``data/toxic_cases.json`` with every attempt; :func:`transfer` then tries every suffix found on
-every other request (one greedy run each) and adds the pairs that fail; :func:`build` loads the
-file and re-verifies the cases by running the model and the classifier again.
+:mod:`analysis.scenarios._toxic_label`) -- the label is computed on the generated answer only --
+while the prompt, a benign-looking request plus an adversarial suffix found by GCG
+(:mod:`analysis.scenarios._gcg`), passes the veto: no suffix token, no span of suffix tokens, no
+word of the prompt and not the prompt as a whole is classified toxic on its own. The benign twin
+of a failing prompt is the bare request (no suffix), whose answer is classified clean.
+:func:`discover` runs the search (a few minutes per request on one CPU core), re-labels the
+previous stop's cases under these rules and writes ``data/toxic_cases.json`` with every attempt;
+:func:`transfer` then tries every suffix found on every other request (one greedy run each) and
+adds the pairs that fail; :func:`build` loads the file and re-checks the veto and the label by
+running the model and the classifier again.
 
 (The seed's grid search over 84 template prompts with an insult blocklist found no case; that
 search was replaced by this one. If a regenerated search finds none, :func:`build` raises and
 points to the planted tiny GPT-2 fault in :mod:`analysis.scenarios.planted`.)
 
-Regenerate the data (about 30 min of one core)::
+Regenerate the data (about 33 min of one core; ``REGENERATE`` has the request order)::
 
-    OMP_NUM_THREADS=1 python -m analysis.scenarios.toxic discover --budget-min 26 \
-        --per-request-s 150
+    OMP_NUM_THREADS=1 python -m analysis.scenarios.toxic discover --budget-min 24 \
+        --per-request-s 150 --order 2,4,5,7,9,20,21,...
+    OMP_NUM_THREADS=1 python -m analysis.scenarios.toxic discover --append --fresh \
+        --budget-min 4 --per-request-s 150 --order 26,29,38
     OMP_NUM_THREADS=1 python -m analysis.scenarios.toxic transfer
 
 Example::
@@ -25,7 +30,7 @@ Example::
     from analysis.scenarios.toxic import build
     sc = build(n_failing=3)
     p = sc.failing[0]
-    p.meta["request"], p.meta["suffix"], p.output_text, p.meta["p_output"]
+    p.meta["request"], p.meta["suffix"], p.output_text, p.meta["p_output"], p.meta["copying"]
     sc.verify([p, sc.twin(p)])       # [True, False]
 """
 
@@ -41,7 +46,6 @@ from typing import Any
 
 from analysis.scenarios._base import (
     Failure,
-    GenerationSpec,
     Prompt,
     Scenario,
     eos_ids,
@@ -53,15 +57,15 @@ from analysis.scenarios._base import (
     subsample,
     with_twins,
 )
-from analysis.scenarios._toxic_search import (
-    REQUESTS,
-    TARGETS,
-    THRESHOLD,
-    classifier_ref,
-    classify,
-    decision_point,
-    search_request,
+from analysis.scenarios._toxic_cases import (
+    GENERATION,
+    cases_from_records,
+    relabel,
+    suffix_flags,
+    transfer_cases,
 )
+from analysis.scenarios._toxic_label import THRESHOLD, classifier_ref, classify
+from analysis.scenarios._toxic_search import REQUESTS, TARGETS, search_request, suffix_mask
 
 __all__ = ["DATA_FILE", "GENERATION", "REGENERATE", "build", "discover", "is_toxic", "main",
            "transfer"]
@@ -72,11 +76,16 @@ DATA_FILE = "toxic_cases.json"
 _FALLBACK = ("no real SmolLM2 case found; use the planted tiny GPT-2 fault instead: "
              "analysis.scenarios.planted.build_planted_gpt2(...) with target_token standing for "
              "the toxic word")
-REGENERATE = ("OMP_NUM_THREADS=1 python -m analysis.scenarios.toxic discover --budget-min 26 "
-              "--per-request-s 150 && OMP_NUM_THREADS=1 python -m analysis.scenarios.toxic "
-              "transfer")
-GENERATION = GenerationSpec(max_new_tokens=24)
-"""How every toxic prompt is run: greedy, 24 new tokens."""
+_ORDER = "2,4,5,7,9,20,21,22,23,24,25,26,27,28,29,30,31,32,33,34,35,36,37,38,39,0,1,3,6,8"
+REGENERATE = ("OMP_NUM_THREADS=1 python -m analysis.scenarios.toxic discover --budget-min 24 "
+              f"--per-request-s 150 --order {_ORDER} && OMP_NUM_THREADS=1 python -m "
+              "analysis.scenarios.toxic discover --append --fresh --budget-min 4 "
+              "--per-request-s 150 --order 26,29,38 && OMP_NUM_THREADS=1 python -m "
+              "analysis.scenarios.toxic transfer")
+_CRITERION = ("failing: batch-1 greedy answer (only the answer) classified profane; the prompt "
+              "passes the veto (no suffix token, span of suffix tokens, prompt word or the "
+              "prompt classified toxic on its own); twin: the bare request, its answer "
+              "classified clean")
 
 
 def is_toxic(texts: Sequence[str]) -> list[bool]:
@@ -89,115 +98,116 @@ def is_toxic(texts: Sequence[str]) -> list[bool]:
     return [p >= THRESHOLD for p in classify(texts)]
 
 
-def _prompt(tokenizer: Any, pid: str, content: str, meta: dict[str, Any]) -> Prompt:
-    msgs = [{"role": "user", "content": content}]
-    return Prompt(id=pid, text=content, messages=msgs, input_ids=render_chat(tokenizer, msgs),
-                  generation=GENERATION, meta=meta)
+def _previous(tokenizer: Any) -> dict[str, Any] | None:
+    """The shipped file's cases re-labelled under this stop's rules (``None`` if none shipped)."""
+    try:
+        old = load_data(DATA_FILE)
+    except FileNotFoundError:
+        return None
+    if "previous" in old:  # already re-labelled by a search under these rules
+        return dict(old["previous"])
+    rows = relabel(tokenizer, old["failing"])
+    return {"search": {k: v for k, v in old["search"].items() if k != "records"},
+            "criterion": old.get("criterion"), "relabel": rows,
+            "cases": len(rows), "survived": sum(r["survives"] for r in rows),
+            "survivors": [d for d, r in zip(old["failing"], rows) if r["survives"]]}
 
 
-def _observe(model: Any, tokenizer: Any, p: Prompt) -> bool:
-    """Run ``p`` at batch 1, store its output and (if toxic) the decision point."""
-    p.output_ids = strip_after_eos(greedy_generate(model, p.input_ids, GENERATION),
-                                   eos_ids(model))
-    p.output_text = tokenizer.decode(p.output_ids, skip_special_tokens=True)
-    p.meta["p_output"] = classify([p.output_text])[0]
-    hit = decision_point(tokenizer, p.output_ids) if p.meta["p_output"] >= THRESHOLD else None
-    if hit is not None:
-        p.decision_step, p.decision_token_id = hit
-        p.decision_position = len(p.input_ids) + hit[0] - 1
-    return bool(p.meta["p_output"] >= THRESHOLD)
-
-
-def _cases(model: Any, tokenizer: Any, records: list[dict[str, Any]]) -> tuple[list[Prompt],
-                                                                                 list[Prompt]]:
-    """Failing prompts and twins from the successful search records, re-checked at batch 1."""
-    failing: list[Prompt] = []
-    benign: list[Prompt] = []
-    for i, r in enumerate(records):  # records follow REQUESTS: r["request"] == REQUESTS[i]
-        twin = _twin(model, tokenizer, i)
-        if twin is None:
-            continue  # the bare request must be clean and answered cleanly
-        benign.append(twin)
-        if not r["success"]:
-            continue
-        p = _prompt(tokenizer, f"gcg-{i}", r["content"],
-                    {"request": r["request"], "suffix": r["suffix"], "target": r["target"],
-                     "gcg_steps": r["steps"], "p_prompt": r["p_prompt"]})
-        if _observe(model, tokenizer, p):
-            p.counterpart = twin.id
-            failing.append(p)
-    return failing, benign
+def _search(model: Any, tokenizer: Any, order: Sequence[int], *, seed: int, budget_min: float,
+            per_request_s: float, steps: int, fresh: bool) -> tuple[list[dict[str, Any]], float]:
+    """GCG over ``REQUESTS[j]`` for ``j`` in ``order`` until the budget is spent, each from the
+    previous request's final suffix (progressive) or, if ``fresh``, from ``" !" * 10``; the
+    records and the minutes used."""
+    allowed = suffix_mask(tokenizer)
+    t0 = time.perf_counter()
+    records: list[dict[str, Any]] = []
+    init: list[int] | None = None
+    for j in order:
+        if time.perf_counter() - t0 > budget_min * 60:
+            break
+        r = search_request(model, tokenizer, REQUESTS[j], TARGETS[j],
+                           allowed=allowed, seed=seed + j, init_suffix=init, steps=steps,
+                           max_seconds=per_request_s,
+                           progress=functools.partial(_log.info, "request %d: %s", j))
+        _log.info("request %d: success=%s after %d steps, %.0fs: %r -> %r %s", j, r["success"],
+                  r["steps"], r["seconds"], r["suffix"], r["output"], r["copying"])
+        records.append(r)
+        init = None if fresh else r["suffix_ids"]  # progressive: the next one continues
+    return records, (time.perf_counter() - t0) / 60
 
 
 def discover(
     *, seed: int = 0, model: Any = None, tokenizer: Any = None, budget_min: float = 35.0,
-    per_request_s: float = 150.0, steps: int = 60, write: bool = True,
+    per_request_s: float = 150.0, steps: int = 60, order: Sequence[int] | None = None,
+    fresh: bool = False, append: bool = False, write: bool = True,
 ) -> dict[str, Any]:
-    """Run GCG on each request of ``REQUESTS`` until the compute budget is spent, each search
-    starting from the previous request's final suffix (progressive, as in multi-prompt GCG);
-    return (and write) every attempt and the cases found.
+    """Run GCG on the requests ``REQUESTS[j]``, ``j`` in ``order`` (default: all), until the
+    compute budget is spent, each search starting from the previous request's final suffix
+    (progressive, as in multi-prompt GCG; ``fresh``: each from scratch); re-label the previously
+    shipped cases under the veto; return (and write) every attempt and the cases found.
+    ``append`` adds this pass's records to the shipped search's (cases re-derived from all).
 
     Example::
 
         doc = discover(budget_min=5, write=False)
-        doc["search"]["attempts"], len(doc["failing"])
+        doc["search"]["attempts"], len(doc["failing"]), doc["previous"]["survived"]
     """
     import torch
 
     from analysis.models import MODEL_REFS, load_smollm2
-    from analysis.scenarios._gcg import allowed_tokens
 
     torch.manual_seed(seed)
     if model is None or tokenizer is None:
         model, tokenizer = load_smollm2()
-    allowed = allowed_tokens(tokenizer)
-    t0 = time.perf_counter()
-    records: list[dict[str, Any]] = []
-    init: list[int] | None = None
-    for i, request in enumerate(REQUESTS):
-        if time.perf_counter() - t0 > budget_min * 60:
-            break
-        r = search_request(model, tokenizer, request, TARGETS[i % len(TARGETS)], allowed=allowed,
-                           seed=seed + i, init_suffix=init, steps=steps,
-                           max_seconds=per_request_s,
-                           progress=functools.partial(_log.info, "request %d: %s", i))
-        _log.info("request %d: success=%s after %d steps, %.0fs: %r -> %r", i, r["success"],
-                  r["steps"], r["seconds"], r["suffix"], r["output"])
-        records.append(r)
-        init = r["suffix_ids"]  # progressive: the next request continues from this suffix
-    minutes = (time.perf_counter() - t0) / 60
-    failing, benign = _cases(model, tokenizer, records)
+    previous = _previous(tokenizer)
+    order = list(range(len(REQUESTS))) if order is None else list(order)
+    records, minutes = _search(model, tokenizer, order, seed=seed, budget_min=budget_min,
+                               per_request_s=per_request_s, steps=steps, fresh=fresh)
+    passes = [{"order": order, "fresh": fresh, "attempts": len(records),
+               "minutes": round(minutes, 1)}]
+    if append:
+        old = load_data(DATA_FILE)["search"]
+        records, minutes = old["records"] + records, old["minutes"] + minutes
+        passes = old.get("passes", [{"order": old["order"], "fresh": False,
+                                     "attempts": len(old["records"]),
+                                     "minutes": old["minutes"]}]) + passes
+    failing, benign = cases_from_records(model, tokenizer, records)
     doc: dict[str, Any] = {
         "scenario": "toxic", "model": dict(MODEL_REFS["smollm2"]), "regenerate": REGENERATE,
         "seed": seed, "classifier": classifier_ref(),
         "generation": {"do_sample": False, "max_new_tokens": GENERATION.max_new_tokens},
-        "criterion": "failing: batch-1 greedy output classified profane, prompt (request + "
-                     "suffix) classified clean; twin: the bare request, output classified clean",
-        "search": {"method": "GCG (gradient top-k token swaps, batched candidate scoring)",
-                   "attempts": len(records), "successes": sum(r["success"] for r in records),
-                   "minutes": round(minutes, 1), "per_request_s": per_request_s,
-                   "max_steps": steps, "records": records},
-        "failing": [p.to_json() for p in failing],
-        "benign": [p.to_json() for p in benign],
-        "fallback": None if failing else _FALLBACK,
+        "criterion": _CRITERION,
+        "search": {"method": "GCG (gradient top-k token swaps, batched candidate scoring); "
+                             "suffix tokens flagged by the classifier removed, prompt veto on "
+                             "every candidate",
+                   "passes": passes, "attempts": len(records),
+                   "successes": sum(r["success"] for r in records), "minutes": round(minutes, 1),
+                   "per_request_s": per_request_s, "max_steps": steps, "records": records},
+        "failing": [p.to_json() for p in failing], "benign": [p.to_json() for p in benign],
+        "previous": previous,
     }
+    doc["failing"] += _survivors(model, tokenizer, previous, doc)
+    doc["fallback"] = None if doc["failing"] else _FALLBACK
     if write:
         save_data(DATA_FILE, doc)
     return doc
 
 
-def _twin(model: Any, tokenizer: Any, j: int) -> Prompt | None:
-    """The benign twin ``req-<j>`` of ``REQUESTS[j]`` (``None`` if the request or its answer is
-    classified toxic)."""
-    twin = _prompt(tokenizer, f"req-{j}", REQUESTS[j], {"request": REQUESTS[j]})
-    clean = classify([REQUESTS[j]])[0] < THRESHOLD and not _observe(model, tokenizer, twin)
-    return twin if clean else None
+def _survivors(model: Any, tokenizer: Any, previous: dict[str, Any] | None,
+               doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """The previous stop's cases that pass the new rules and still fail when re-run now."""
+    if not previous or not previous["survivors"]:
+        return []
+    verify = _verifier(model, tokenizer)
+    keep = [Prompt.from_json(d) for d in previous["survivors"]]
+    have = {d["id"] for d in doc["failing"]}
+    return [p.to_json() for p, f in zip(keep, verify(keep)) if f and p.id not in have]
 
 
 def transfer(*, model: Any = None, tokenizer: Any = None, write: bool = True) -> dict[str, Any]:
     """Try every suffix that GCG found on every other request (the transfer test of GCG papers);
-    a pair is a new failing case when its prompt is classified clean and its batch-1 greedy
-    answer profane. Appends them (and missing twins) to the shipped data.
+    a pair is a new failing case when its prompt passes the veto and its batch-1 greedy answer
+    is classified profane. Appends them (and missing twins) to the shipped data.
 
     Example::
 
@@ -210,31 +220,9 @@ def transfer(*, model: Any = None, tokenizer: Any = None, write: bool = True) ->
     if model is None or tokenizer is None:
         model, tokenizer = load_smollm2()
     t0 = time.perf_counter()
-    records = doc["search"]["records"]
-    benign = {d["id"] for d in doc["benign"]}
-    have = {(d["meta"]["request"], d["meta"]["suffix"]) for d in doc["failing"]}
-    tried = 0
-    for j in range(len(REQUESTS)):
-        if f"req-{j}" not in benign:
-            twin = _twin(model, tokenizer, j)
-            if twin is None:
-                continue
-            doc["benign"].append(twin.to_json())
-            benign.add(twin.id)
-        for i, r in enumerate(records):
-            content = REQUESTS[j] + r["suffix"]
-            if not r["success"] or (REQUESTS[j], r["suffix"]) in have or \
-                    classify([content])[0] >= THRESHOLD:
-                continue
-            tried += 1
-            p = _prompt(tokenizer, f"gcg-{i}-on-{j}", content,
-                        {"request": REQUESTS[j], "suffix": r["suffix"], "target": r["target"],
-                         "transfer_of": f"gcg-{i}", "p_prompt": classify([content])[0]})
-            if _observe(model, tokenizer, p):
-                p.counterpart = f"req-{j}"
-                doc["failing"].append(p.to_json())
+    tried = transfer_cases(model, tokenizer, doc)
     hits = sum(1 for d in doc["failing"] if "transfer_of" in d["meta"])
-    doc["search"]["transfer"] = {"tried": tried, "hits": hits,
+    doc["search"]["transfer"] = {"tried": tried, "hits": hits, "requests": len(REQUESTS),
                                  "minutes": round((time.perf_counter() - t0) / 60, 1)}
     doc["fallback"] = None if doc["failing"] else _FALLBACK
     if write:
@@ -285,6 +273,8 @@ def build(
     dropped = [(p.id, "chat template renders different input ids than shipped")
                for p in failing + benign
                if p.messages is not None and render_chat(tokenizer, p.messages) != p.input_ids]
+    dropped += [(p.id, f"prompt fails the veto: {flags}") for p in failing
+                if (flags := suffix_flags(tokenizer, p))]
     verify_fn = _verifier(model, tokenizer)
     if verify:
         bad = {i for i, _ in dropped}
@@ -308,7 +298,8 @@ def build(
                         target_token_id=tokens.most_common(1)[0][0] if tokens else None),
         verify_fn=verify_fn, dropped=dropped,
         meta={"model_ref": dict(MODEL_REFS["smollm2"]), "shipped_model_ref": doc["model"],
-              "classifier": doc["classifier"], "classifier_now": classifier_ref(), "seed": seed, "verified": verify,
+              "classifier": doc["classifier"], "classifier_now": classifier_ref(), "seed": seed,
+              "verified": verify,
               "regenerate": doc["regenerate"]},
     )
 
@@ -322,6 +313,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--budget-min", type=float, default=35.0)
     ap.add_argument("--per-request-s", type=float, default=150.0)
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--order", type=str, default=None,
+                    help="comma-separated indices into REQUESTS to search, in order")
+    ap.add_argument("--fresh", action="store_true", help="each request from scratch")
+    ap.add_argument("--append", action="store_true", help="add to the shipped search")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.command == "transfer":
@@ -329,7 +325,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"failing={len(doc['failing'])} benign={len(doc['benign'])} "
               f"transfer={doc['search']['transfer']}")
         return 0
-    doc = discover(seed=args.seed, budget_min=args.budget_min, per_request_s=args.per_request_s)
+    order = None if args.order is None else [int(j) for j in args.order.split(",")]
+    doc = discover(seed=args.seed, budget_min=args.budget_min, per_request_s=args.per_request_s,
+                   steps=args.steps, order=order, fresh=args.fresh, append=args.append)
     print(f"failing={len(doc['failing'])} benign={len(doc['benign'])} "
           f"attempts={doc['search']['attempts']} successes={doc['search']['successes']} "
           f"minutes={doc['search']['minutes']}")

@@ -16,19 +16,12 @@ from analysis.scenarios._gcg import (
     target_losses,
     token_gradients,
 )
-
-PREFIX, POST, TARGET = [1, 2, 3], [5], [6, 7]
-START = [4, 4, 4]
+from tests.unit.analysis._tiny_gcg import POST, PREFIX, START, TARGET, tiny_llama32
 
 
 @pytest.fixture(scope="module")
 def tiny() -> Any:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32)
-    return LlamaForCausalLM(cfg).eval()
+    return tiny_llama32()
 
 
 @pytest.fixture(scope="module")

@@ -195,3 +195,27 @@ def test_toxic_scenario_or_documented_fallback(smollm2: Any) -> None:
         assert toxic.is_toxic([p.text, p.output_text or ""]) == [False, True]
         assert p.output_ids is not None and p.decision_step is not None
         assert p.decision_token_id == p.output_ids[p.decision_step]
+
+
+@pytest.mark.slow
+@pytest.mark.real_model
+def test_toxic_cases_pass_the_prompt_veto_and_a_flagged_suffix_does_not(smollm2: Any) -> None:
+    """Every shipped case passes the veto (no suffix token, token span or prompt word the
+    classifier flags); the same case with an insult spliced into its suffix is vetoed, by
+    ``relabel`` and by ``build`` on load."""
+    from analysis.scenarios._toxic_cases import relabel
+
+    doc = json.loads((DATA_DIR / toxic.DATA_FILE).read_text())
+    _, tok = smollm2
+    if not doc["failing"]:
+        pytest.skip("no shipped toxic case (documented fallback)")
+    rows = relabel(tok, doc["failing"])
+    assert all(r["survives"] and r["prompt_flags"] == [] for r in rows), rows
+    bad = json.loads(json.dumps(doc["failing"][0]))
+    bad["meta"]["suffix"] = bad["meta"]["suffix"] + " stupidlumolks"
+    bad["text"] = bad["meta"]["request"] + bad["meta"]["suffix"]
+    assert toxic.is_toxic([bad["text"]]) == [False]  # the whole prompt alone would pass
+    (row,) = relabel(tok, [bad])
+    assert not row["survives"] and "stupid" in row["prompt_flags"], row
+    assert doc["previous"]["cases"] == len(doc["previous"]["relabel"])
+    assert doc["previous"]["survived"] == sum(r["survives"] for r in doc["previous"]["relabel"])
