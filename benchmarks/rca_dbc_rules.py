@@ -71,7 +71,7 @@ def family() -> dict[str, Rule]:
     return rules
 
 
-#: Fixed on derivation only, committed before any held-out curve was computed (09:20 UTC
+#: Fixed on derivation only, committed before any held-out curve was computed (09:18 UTC
 #: 2026-12-07): the two best of :func:`family` on the first 34 derivation variants of a
 #: seeded sample (seed 0, the same sample as ``rca_dbc.py --n-derive 60``; the run was cut at
 #: 34 for time). On derivation: resid first drop >= 0.15 (current rule) 26/34 within ±1 of
