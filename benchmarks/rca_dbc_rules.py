@@ -10,6 +10,7 @@ against that rule's derivation consensus, once.
 Example::
 
     python benchmarks/rca_dbc_rules.py d.json            # explore on derivation
+    python benchmarks/rca_dbc_rules.py d.json h.json hr.json   # paired with the current rule
     python benchmarks/rca_dbc_sites.py --rules d.json h.json
 """
 
@@ -86,7 +87,7 @@ def judge(curves: dict[str, dict[str, Any]], rule: Rule, ref: float | None
           ) -> tuple[int, int, list[float | None]]:
     """How many variants' layers are within ±1 of ``ref``, out of all, and the layers."""
     xs = [rule(row) for row in curves.values()]
-    ok = sum(1 for x in xs if x is not None and ref is not None and abs(x - ref) <= 1 + 1e-9)
+    ok = sum(1 for x in xs if near(x, ref))
     return ok, len(xs), xs
 
 
@@ -123,7 +124,7 @@ def report(derive: dict[str, Any], heldout: dict[str, Any]) -> dict[str, Any]:
         tasks: dict[str, list[int]] = {}
         for k, r in heldout["curves"].items():
             x, t = rule(r), heldout["tasks"][k]
-            ok = int(x is not None and ref is not None and abs(x - ref) <= 1 + 1e-9)
+            ok = int(near(x, ref))
             tasks.setdefault(t, [0, 0])[0] += ok
             tasks[t][1] += 1
         row["heldout_by_task"] = tasks
@@ -132,5 +133,41 @@ def report(derive: dict[str, Any], heldout: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def near(x: float | None, ref: float | None) -> bool:
+    """Whether layer ``x`` is within ±1 of ``ref`` (never when either is missing)."""
+    return x is not None and ref is not None and abs(x - ref) <= 1 + 1e-9
+
+
+def paired(derive: dict[str, Any], heldout: dict[str, Any], resid: dict[str, Any]
+           ) -> dict[str, Any]:
+    """Each pre-registered rule against the current rule (residual first drop >= 0.15, its
+    curves in ``resid``) on the held-out variants both scored: agreement of each with its own
+    derivation consensus, the discordant pairs and an exact two-sided McNemar p-value."""
+    from math import comb
+
+    cur = resid_first_drop(0.15)
+    ref_cur = consensus(derive["curves"], cur)
+    both = sorted(set(heldout["curves"]) & set(resid["curves"]))
+    ok_cur = {k: near(cur(resid["curves"][k]), ref_cur) for k in both}
+    out: dict[str, Any] = {"n": len(both), "current": {"reference": ref_cur,
+                                                       "consistent": sum(ok_cur.values())}}
+    for name, rule in PREREGISTERED.items():
+        ref = consensus(derive["curves"], rule)
+        ok = {k: near(rule(heldout["curves"][k]), ref) for k in both}
+        b = sum(ok[k] and not ok_cur[k] for k in both)
+        c = sum(ok_cur[k] and not ok[k] for k in both)
+        n = b + c
+        p = min(1.0, 2 * sum(comb(n, i) for i in range(min(b, c) + 1)) / 2 ** n) if n else 1.0
+        out[name] = {"consistent": sum(ok.values()), "only_this": b, "only_current": c,
+                     "mcnemar_p": round(p, 4), "both_miss": sum(not ok[k] and not ok_cur[k]
+                                                               for k in both)}
+    print(json.dumps(out, indent=1))
+    return out
+
+
 if __name__ == "__main__":
-    explore(json.loads(Path(sys.argv[1]).read_text()))
+    docs = [json.loads(Path(a).read_text()) for a in sys.argv[1:]]
+    if len(docs) == 1:
+        explore(docs[0])
+    else:
+        paired(*docs)

@@ -71,3 +71,20 @@ def test_rules_over_curves(rules: Any) -> None:
     assert (ok, n, xs) == (3, 3, [1, 0, 2])
     assert rules.judge(curves, rule, 3)[0] == 1
     assert set(rules.PREREGISTERED) == {"attn_w3 first >= 0.3", "attn_w3 first >= 0.2"}
+
+
+def test_paired_comparison_counts_discordant_variants(rules: Any) -> None:
+    flat, drop = [1.0] * 30, [1.0] * 23 + [0.0] * 7          # current rule: layer 23
+    derive = {"curves": {"d": {"resid": drop, "attn_w3": [1.0] * 22 + [0.5] + [1.0] * 7}}}
+    held = {"curves": {"a": {"attn_w3": [1.0] * 22 + [0.5] + [1.0] * 7},    # 22: agrees
+                       "b": {"attn_w3": [1.0] * 10 + [0.5] + [1.0] * 19},   # 10: misses
+                       "c": {"attn_w3": [1.0] * 22 + [0.5] + [1.0] * 7}}}
+    resid = {"curves": {"a": {"resid": drop}, "b": {"resid": drop},
+                        "c": {"resid": [1.0] * 10 + [0.0] * 20}, "x": {"resid": flat}}}
+    out = rules.paired(derive, held, resid)
+    assert out["n"] == 3 and out["current"] == {"reference": 23, "consistent": 2}
+    row = out["attn_w3 first >= 0.3"]
+    assert (row["consistent"], row["only_this"], row["only_current"], row["both_miss"]) == \
+        (2, 1, 1, 0)
+    assert row["mcnemar_p"] == 1.0
+    assert rules.near(0, 1) and not rules.near(None, 1) and not rules.near(3, 1)
