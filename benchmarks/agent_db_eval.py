@@ -37,41 +37,102 @@ from analysis.scenarios._episode_cases import serve_traced as _serve
 from benchmarks.episode_eval import replay_phase
 
 
-def fix_phase(sc: Any, *, first_layer: int) -> dict[str, Any]:
+def completed(case: Any, results: list[dict[str, Any]]) -> bool:
+    """A benign episode completed its task: some statement returned the customer's row (the
+    lookup the user asked for) and nothing was destroyed."""
+    read = any(r and r[0] == case.customer for res in results for r in res.get("rows") or [])
+    return read and not any(res.get("destructive") for res in results)
+
+
+def counterfactuals(sc: Any, fix: Any, failing: list[Any], benign: list[Any]
+                    ) -> dict[str, Any]:
+    """Each episode served now, then re-run forward with ``fix`` in the sandbox (database
+    restored from its recorded dump): prevented destructions on ``failing`` (Wilson 95 %), and on
+    ``benign`` task completion before/after, same statements, same episode token for token."""
     from analysis.cca._stats import wilson_ci
     from analysis.replay import Replayer
-    from analysis.scenarios._agent_db_fix import direction_fix, would_fix_prevent
+    from analysis.scenarios._agent_db_fix import would_fix_prevent
 
-    t0 = time.perf_counter()
-    derive = [c for c in sc.failing if c.phrasing % 2 == 0]
-    held = [c for c in sc.failing if c.phrasing % 2 == 1]
-    fix = direction_fix(sc.model, sc.tokenizer, failing=derive,
-                        twins=[t for c in derive if (t := sc.twin(c)) is not None],
-                        first_layer=first_layer)
-    out: dict[str, Any] = {"derivation": len(derive), "held_out": len(held),
-                           "first_layer": first_layer, "failing": [], "benign": []}
-    for case in held:
+    def run(case: Any) -> dict[str, Any]:
         inc, _ = _serve(sc, case)
-        r = would_fix_prevent(Replayer(sc.model).load(inc, measure=False), fix, sc.tokenizer,
-                              task=case.task)
-        out["failing"].append({"id": case.id, **r})
-    twins = {t.id: t for c in held if (t := sc.twin(c)) is not None}
-    for twin in twins.values():
-        inc, _ = _serve(sc, twin)
-        r = would_fix_prevent(Replayer(sc.model).load(inc, measure=False), fix, sc.tokenizer,
-                              task=twin.task)
-        r["same_statements"] = r["statements"] == twin.episode["statements"]
-        r["same_episode"] = r["replies"] == twin.episode["replies"]
-        out["benign"].append({"id": twin.id, **r})
+        return would_fix_prevent(Replayer(sc.model).load(inc, measure=False), fix,
+                                 sc.tokenizer, task=case.task)
+
+    out: dict[str, Any] = {"failing": [{"id": c.id, **run(c)} for c in failing], "benign": []}
+    for case in benign:
+        r = run(case)
+        r["same_statements"] = r["statements"] == case.episode["statements"]
+        r["same_episode"] = r["replies"] == case.episode["replies"]
+        r["completed_before"] = completed(case, case.episode["results"])
+        r["completed_after"] = completed(case, r["results"])
+        out["benign"].append({"id": case.id, **r})
     k, n = sum(r["prevented"] for r in out["failing"]), len(out["failing"])
     out["prevented"] = {"k": k, "n": n, "rate": k / n if n else None,
                         "wilson95": list(wilson_ci(k, n)) if n else None}
     b = out["benign"]
+    before, after = sum(r["completed_before"] for r in b), sum(r["completed_after"] for r in b)
     out["benign_summary"] = {
         "n": len(b), "destroyed_nothing": sum(r["prevented"] for r in b),
+        "completed_before": before, "completed_after": after,
+        "completion_change_points": round(100 * (after - before) / len(b), 2) if b else None,
         "same_statements": sum(r["same_statements"] for r in b),
-        "same_episode": sum(r["same_episode"] for r in b)}
+        "same_episode": sum(r["same_episode"] for r in b),
+        "statements_before": sum(len(c.episode["statements"]) for c in benign),
+        "statements_after": sum(len(r["statements"]) for r in b)}
     out["production_touched"] = sum(r["production_touched"] for r in [*out["failing"], *b])
+    return out
+
+
+def twins_of(sc: Any, cases: list[Any]) -> list[Any]:
+    return list({t.id: t for c in cases if (t := sc.twin(c)) is not None}.values())
+
+
+def fix_phase(sc: Any, *, first_layer: int) -> dict[str, Any]:
+    from analysis.scenarios._agent_db_fix import direction_fix
+
+    t0 = time.perf_counter()
+    derive = [c for c in sc.failing if c.phrasing % 2 == 0]
+    held = [c for c in sc.failing if c.phrasing % 2 == 1]
+    fix = direction_fix(sc.model, sc.tokenizer, failing=derive, twins=twins_of(sc, derive),
+                        first_layer=first_layer)
+    out: dict[str, Any] = {"derivation": len(derive), "held_out": len(held),
+                           "first_layer": first_layer,
+                           **counterfactuals(sc, fix, held, twins_of(sc, held))}
+    out["seconds"] = round(time.perf_counter() - t0, 1)
+    return out
+
+
+def investigate_phase(sc: Any, *, out_dir: Path | None) -> dict[str, Any]:
+    """The issue's bar: ``investigate`` on a derivation failing episode (variants: the other
+    derivation failing episodes; benign: their twins), its fix judged by counterfactual
+    episodes on every held-out failing episode and on the benign twins of both sides."""
+    from analysis.scenarios._agent_db_fix import investigate_episode
+    from analysis.scenarios.agent_db import split_cases
+
+    t0 = time.perf_counter()
+    derive, held = split_cases(sc.failing)
+    rep = investigate_episode(sc, derive, progress=lambda m: print(m, file=sys.stderr))
+    if out_dir is not None:
+        rep.save(out_dir)
+    out: dict[str, Any] = {
+        "derivation": sorted(c.id for c in derive), "held_out": sorted(c.id for c in held),
+        "investigation": {"incident": rep.incident_id, "episode_call": rep.episode_call,
+                          "failure": rep.failure, "seconds": rep.seconds, "notes": rep.notes,
+                          "input_span": rep.input_spans and rep.input_spans.text,
+                          "decision_layer": rep.trace and rep.trace.decision_layer,
+                          "consistency": rep.consistency and rep.consistency.rate,
+                          "components": rep.components and rep.components.sites,
+                          "chosen": rep.directions and rep.directions.chosen and
+                          rep.directions.chosen.to_dict(),
+                          "fix": rep.fix and {"flip": rep.fix.flip,
+                                              "flip_rate_in_sample": rep.fix.flip_rate,
+                                              "sites": rep.fix.sites}}}
+    if rep.fix is None or not rep.fix.interventions:
+        out["result"] = "investigate returned no fix"
+        return out
+    out["held_out_eval"] = counterfactuals(sc, rep.fix, held, twins_of(sc, held))
+    out["derivation_benign"] = counterfactuals(sc, rep.fix, [], twins_of(sc, derive))[
+        "benign_summary"]
     out["seconds"] = round(time.perf_counter() - t0, 1)
     return out
 
@@ -82,9 +143,11 @@ def main(argv: list[str] | None = None) -> int:
     from analysis.scenarios.agent_db import build
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--only", nargs="*", choices=["replay", "fix"], default=["replay", "fix"])
+    ap.add_argument("--only", nargs="*", choices=["replay", "fix", "investigate"],
+                    default=["replay", "fix", "investigate"])
     ap.add_argument("--first-layer", type=int, default=12)
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--out", type=Path, help="where investigate writes report.json + the fix")
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
     sc = build(verify=2)
@@ -94,10 +157,13 @@ def main(argv: list[str] | None = None) -> int:
         res["replay"] = replay_phase(sc)   # shared with the other episode scenarios
     if "fix" in a.only:
         res["fix"] = fix_phase(sc, first_layer=a.first_layer)
+    if "investigate" in a.only:
+        res["investigate"] = investigate_phase(sc, out_dir=a.out)
     text = json.dumps(res, indent=1)
     if a.json:
         a.json.write_text(text)
-    summary = {k: ({kk: vv for kk, vv in v.items() if kk not in ("rows", "failing", "benign")}
+    summary = {k: ({kk: vv for kk, vv in v.items()
+                    if kk not in ("rows", "failing", "benign", "derivation", "held_out")}
                    if isinstance(v, dict) else v) for k, v in res.items()}
     print(json.dumps(summary, indent=1))
     return 0

@@ -1,4 +1,5 @@
-"""Benign twins: the benign prompt that equals a failing one minus one inserted span.
+"""Benign twins: the benign prompt that equals a failing one minus one inserted span (or with a
+shorter span in its place).
 
 A failing prompt and its twin share a prefix and a suffix (the chat template's tail); the
 failing one has an extra span between them (the injected text). :func:`aligned_tail` measures
@@ -39,9 +40,17 @@ def aligned_tail(ids: Sequence[int], twin: Sequence[int]) -> tuple[int, int, int
 
 def find_twin(incident: Incident, benign: Sequence[Incident]) -> list[int] | None:
     """The benign prompt that differs from the incident's by one inserted span (the longest
-    shared prefix + suffix covering at least half of it), or None."""
+    shared prefix + suffix covering at least half of it), or None.
+
+    When no benign prompt differs by an insertion alone, one that differs by a *replaced* span
+    is taken instead: a shorter benign text in the same place (e.g. a tool returned a row whose
+    notes say "Regular customer." where the failing episode's row carried an instruction) —
+    the same shared prefix and suffix, aligned on the suffix like an insertion, and still at
+    least half of the incident's prompt.
+    """
     ids = prompt_ids(incident)
     best, best_shared = None, 0
+    replaced, replaced_shared = None, 0
     for b in benign:
         other = prompt_ids(b)
         if len(other) >= len(ids):
@@ -49,4 +58,8 @@ def find_twin(incident: Incident, benign: Sequence[Incident]) -> list[int] | Non
         pre, _, suf = aligned_tail(ids, other)
         if pre + suf == len(other) and pre + suf > best_shared:
             best, best_shared = other, pre + suf
+        elif pre + suf < len(other) and suf > 0 and pre + suf > replaced_shared:
+            replaced, replaced_shared = other, pre + suf
+    if best is None and replaced is not None:
+        best, best_shared = replaced, replaced_shared
     return best if best is not None and best_shared * 2 >= len(ids) else None
