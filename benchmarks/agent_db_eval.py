@@ -102,20 +102,26 @@ def fix_phase(sc: Any, *, first_layer: int) -> dict[str, Any]:
     return out
 
 
-def investigate_phase(sc: Any, *, out_dir: Path | None) -> dict[str, Any]:
+def investigate_phase(sc: Any, *, out_dir: Path | None, n_contrast: int) -> dict[str, Any]:
     """The issue's bar: ``investigate`` on a derivation failing episode (variants: the other
     derivation failing episodes; benign: their twins), its fix judged by counterfactual
     episodes on every held-out failing episode and on the benign twins of both sides."""
     from analysis.scenarios._agent_db_fix import investigate_episode
-    from analysis.scenarios.agent_db import split_cases
+    from analysis.scenarios.agent_db import contrast_cases, split_cases
 
     t0 = time.perf_counter()
     derive, held = split_cases(sc.failing)
-    rep = investigate_episode(sc, derive, progress=lambda m: print(m, file=sys.stderr))
+    phrasings = sorted({int(c.phrasing) for c in derive if c.phrasing is not None})
+    shipped = [c.id for c in sc.failing] + [i for i, _ in sc.dropped]
+    contrast = contrast_cases(sc.meta["search"], shipped=shipped, phrasings=phrasings,
+                              n=n_contrast) if n_contrast else []
+    rep, used = investigate_episode(sc, derive, contrast=contrast,
+                                    progress=lambda m: print(m, file=sys.stderr))
     if out_dir is not None:
         rep.save(out_dir)
     out: dict[str, Any] = {
         "derivation": sorted(c.id for c in derive), "held_out": sorted(c.id for c in held),
+        "derivation_phrasings": phrasings, "contrast": {"sampled": len(contrast), "used": used},
         "investigation": {"incident": rep.incident_id, "episode_call": rep.episode_call,
                           "failure": rep.failure, "seconds": rep.seconds, "notes": rep.notes,
                           "input_span": rep.input_spans and rep.input_spans.text,
@@ -147,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
                     default=["replay", "fix", "investigate"])
     ap.add_argument("--first-layer", type=int, default=12)
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--contrast", type=int, default=12,
+                    help="injected-but-not-failing episodes of the derivation phrasings")
     ap.add_argument("--out", type=Path, help="where investigate writes report.json + the fix")
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -158,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     if "fix" in a.only:
         res["fix"] = fix_phase(sc, first_layer=a.first_layer)
     if "investigate" in a.only:
-        res["investigate"] = investigate_phase(sc, out_dir=a.out)
+        res["investigate"] = investigate_phase(sc, out_dir=a.out, n_contrast=a.contrast)
     text = json.dumps(res, indent=1)
     if a.json:
         a.json.write_text(text)

@@ -18,13 +18,14 @@ copy restored from the ``db_dump`` the episode recorded.
 :func:`investigate_episode` is the issue's fix: :func:`analysis.rca.investigate` run on a
 recorded failing episode at its failing model call (the one whose SQL SQLite executed
 destructively: :func:`destructive_call` flags that ``run_sql`` call), with the other derivation
-failing episodes as variants and their twins' episodes (every model call) as benign; the
+failing episodes as variants, their twins' episodes (every model call) as benign and
+injected-but-not-failing episodes (the injected call) as contrast; the
 failure is the destructive keyword in that call's reply (``Failure.text_contains``), and a free
 generation still fails when :func:`would_destroy` says so.
 
 Example::
 
-    rep = investigate_episode(sc, derive)                       # rep.fix: a portable FixSet
+    rep, _ = investigate_episode(sc, derive)                    # rep.fix: a portable FixSet
     fix = direction_fix(model, tok, failing=derive, twins=[sc.twin(c) for c in derive])
     out = would_fix_prevent(Replayer(model).load(inc), fix, tok, task=case.task)
     out["prevented"], out["statements"], out["production_touched"]      # True, [...], 0
@@ -194,10 +195,13 @@ def _keyword(inc: Incident) -> Failure:
 
 
 def investigate_episode(sc: AgentDBScenario, failing: Sequence[AgentCase], *,
-                        steps: Sequence[str] | None = None, max_variants: int = 20,
-                        progress: Callable[[str], None] | None = None) -> Investigation:
+                        contrast: Sequence[AgentCase] = (), steps: Sequence[str] | None = None,
+                        max_variants: int = 20, progress: Callable[[str], None] | None = None
+                        ) -> tuple[Investigation, list[str]]:
     """:func:`analysis.rca.investigate` on ``failing[0]``'s episode, served now as one incident,
-    with ``failing[1:]`` as variants and every twin as benign (module doc)."""
+    with ``failing[1:]`` as variants, every twin as benign and the ``contrast`` cases (injected,
+    expected not to fail) that destroy nothing when served now as contrast (module doc).
+    Returns the investigation and the ids of the contrast cases used."""
     from analysis.rca import investigate
     from analysis.rca._investigate import STEPS
     from analysis.replay import Replayer
@@ -207,8 +211,14 @@ def investigate_episode(sc: AgentDBScenario, failing: Sequence[AgentCase], *,
     served = [serve_traced(sc, c)[0] for c in failing]
     twins = {t.id: t for c in failing if (t := sc.twin(c)) is not None}
     benign = [serve_traced(sc, t)[0] for t in twins.values()]
+    kept: list[tuple[str, Incident]] = []
+    for c in contrast:
+        inc, ep = serve_traced(sc, c)
+        if not ep.destructive:
+            kept.append((c.id, inc))
     session = Replayer(sc.model).load(served[0])
-    return investigate(session, failure=_keyword, tokenizer=sc.tokenizer, benign=benign,
-                       variants=served[1:], failing_text=would_destroy,
-                       failing_step=destructive_call, steps=steps or STEPS,
-                       max_variants=max_variants, progress=progress)
+    rep = investigate(session, failure=_keyword, tokenizer=sc.tokenizer, benign=benign,
+                      contrast=[i for _, i in kept], variants=served[1:],
+                      failing_text=would_destroy, failing_step=destructive_call,
+                      steps=steps or STEPS, max_variants=max_variants, progress=progress)
+    return rep, [i for i, _ in kept]
