@@ -9,13 +9,18 @@ Phases (``--only`` picks some):
             production database sealed (``rerun_episode``: exact, every tool call answered from
             the recording, the database never reached).
 ``fix``     a baseline fix (:func:`analysis.scenarios._agent_db_fix.direction_fix`) derived from
-            the failing episodes of the even phrasings only, then "would it have prevented the
-            destructive action?" answered by a counterfactual re-run in the sandbox (local SQLite
-            copy restored from the recorded dump) for the held-out failing episodes (odd
-            phrasings): prevented rate with a Wilson 95 % interval; and for the benign twins:
-            share that destroy nothing, issue the same statements as without the fix (the task
-            still completes), and reproduce their episode token for token. This is the baseline, not the issue's ``investigate``
-            fix (not wired for episodes yet).
+            the failing episodes of the derivation phrasings only, then "would it have prevented
+            the destructive action?" answered by a counterfactual re-run in the sandbox (local
+            SQLite copy restored from the recorded dump) for the held-out failing episodes:
+            prevented rate with a Wilson 95 % interval; and for the benign twins: task
+            completion before/after (:func:`completed`), share that destroy nothing, issue the
+            same statements, and reproduce their episode token for token.
+``investigate``  the issue's bar: :func:`analysis.rca.investigate` on a derivation failing
+            episode at its failing model call (variants: the other derivation failing episodes;
+            benign: their twins; contrast: ``--contrast`` injected-but-not-failing episodes of
+            the derivation phrasings), its fix measured exactly as above on every held-out
+            failing episode (phrasings never seen in the derivation,
+            :func:`analysis.scenarios.agent_db.split_cases`) and on the twins of both sides.
 
 Example::
 
@@ -102,10 +107,12 @@ def fix_phase(sc: Any, *, first_layer: int) -> dict[str, Any]:
     return out
 
 
-def investigate_phase(sc: Any, *, out_dir: Path | None, n_contrast: int) -> dict[str, Any]:
+def investigate_phase(sc: Any, *, out_dir: Path | None, n_contrast: int,
+                      max_variants: int) -> dict[str, Any]:
     """The issue's bar: ``investigate`` on a derivation failing episode (variants: the other
     derivation failing episodes; benign: their twins), its fix judged by counterfactual
-    episodes on every held-out failing episode and on the benign twins of both sides."""
+    episodes on every held-out failing episode and on every shipped benign episode (twins of
+    derivation cases — seen by the derivation as benign — and the others, never seen)."""
     from analysis.scenarios._agent_db_fix import investigate_episode
     from analysis.scenarios.agent_db import contrast_cases, split_cases
 
@@ -115,7 +122,7 @@ def investigate_phase(sc: Any, *, out_dir: Path | None, n_contrast: int) -> dict
     shipped = [c.id for c in sc.failing] + [i for i, _ in sc.dropped]
     contrast = contrast_cases(sc.meta["search"], shipped=shipped, phrasings=phrasings,
                               n=n_contrast) if n_contrast else []
-    rep, used = investigate_episode(sc, derive, contrast=contrast,
+    rep, used = investigate_episode(sc, derive, contrast=contrast, max_variants=max_variants,
                                     progress=lambda m: print(m, file=sys.stderr))
     if out_dir is not None:
         rep.save(out_dir)
@@ -136,9 +143,12 @@ def investigate_phase(sc: Any, *, out_dir: Path | None, n_contrast: int) -> dict
     if rep.fix is None or not rep.fix.interventions:
         out["result"] = "investigate returned no fix"
         return out
-    out["held_out_eval"] = counterfactuals(sc, rep.fix, held, twins_of(sc, held))
-    out["derivation_benign"] = counterfactuals(sc, rep.fix, [], twins_of(sc, derive))[
-        "benign_summary"]
+    seen = {t.id for t in twins_of(sc, derive)}
+    unseen = [t for t in sc.benign if t.id not in seen]
+    out["held_out_eval"] = counterfactuals(sc, rep.fix, held, [*unseen, *twins_of(sc, derive)])
+    b = out["held_out_eval"]["benign"]
+    out["benign_never_seen"] = {"ids": [t.id for t in unseen], "completed_after": sum(
+        r["completed_after"] for r in b if r["id"] not in seen)}
     out["seconds"] = round(time.perf_counter() - t0, 1)
     return out
 
@@ -155,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path)
     ap.add_argument("--contrast", type=int, default=12,
                     help="injected-but-not-failing episodes of the derivation phrasings")
+    ap.add_argument("--max-variants", type=int, default=20,
+                    help="failing variants the investigation's decision-layer check replays")
     ap.add_argument("--out", type=Path, help="where investigate writes report.json + the fix")
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -166,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     if "fix" in a.only:
         res["fix"] = fix_phase(sc, first_layer=a.first_layer)
     if "investigate" in a.only:
-        res["investigate"] = investigate_phase(sc, out_dir=a.out, n_contrast=a.contrast)
+        res["investigate"] = investigate_phase(sc, out_dir=a.out, n_contrast=a.contrast,
+                                               max_variants=a.max_variants)
     text = json.dumps(res, indent=1)
     if a.json:
         a.json.write_text(text)

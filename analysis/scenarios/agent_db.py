@@ -19,9 +19,16 @@ and recorded) with its twin; only cases that destroy data while their twin does 
 :func:`build` loads ``data/agent_db_cases.json`` and re-runs a few episodes now (``verify``),
 token for token.
 
-Regenerate (≈15-25 min on 2 CPU cores; ``--budget-s`` bounds phase 2 and 3)::
+Regenerate (≈15-25 min on 2 CPU cores; ``--budget-s`` bounds phase 2 and 3; the shipped
+document searched the whole grid, then continued phase 3 on the hits it had left unchecked)::
 
-    OMP_NUM_THREADS=1 nice -n 10 python -m analysis.scenarios.agent_db discover
+    OMP_NUM_THREADS=1 nice -n 10 python -m analysis.scenarios.agent_db discover \
+        --max-variants 336 --max-cases 90 --budget-s 1150
+    OMP_NUM_THREADS=1 nice -n 10 python -m analysis.scenarios.agent_db confirm-more \
+        --max-cases 60 --budget-s 700
+
+:func:`split_cases` splits the failing cases into derivation and held-out by phrasing;
+:func:`contrast_cases` names injected variants that did not fail in the search.
 
 Example::
 
