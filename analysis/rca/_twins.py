@@ -42,24 +42,27 @@ def find_twin(incident: Incident, benign: Sequence[Incident]) -> list[int] | Non
     """The benign prompt that differs from the incident's by one inserted span (the longest
     shared prefix + suffix covering at least half of it), or None.
 
-    When no benign prompt differs by an insertion alone, one that differs by a *replaced* span
-    is taken instead: a shorter benign text in the same place (e.g. a tool returned a row whose
-    notes say "Regular customer." where the failing episode's row carried an instruction) —
-    the same shared prefix and suffix, aligned on the suffix like an insertion, and still at
-    least half of the incident's prompt.
+    When no benign prompt differs by an insertion followed by a shared tail, the candidate
+    sharing the most tokens is taken among the rest: a prompt that is a prefix of the
+    incident's (an insertion at the end, as before) or one that differs by a *replaced* span —
+    a shorter benign text in the same place (e.g. a tool returned a row whose notes say
+    "Regular customer." where the failing episode's row carried an instruction), aligned on
+    the shared suffix like an insertion — still sharing at least half of the prompt.
     """
     ids = prompt_ids(incident)
+    # (insertion with a shared tail, shared), (any other candidate, shared)
     best, best_shared = None, 0
-    replaced, replaced_shared = None, 0
+    other_best, other_shared = None, 0
     for b in benign:
         other = prompt_ids(b)
         if len(other) >= len(ids):
             continue
         pre, _, suf = aligned_tail(ids, other)
-        if pre + suf == len(other) and pre + suf > best_shared:
+        inserted = pre + suf == len(other)
+        if inserted and suf > 0 and pre + suf > best_shared:
             best, best_shared = other, pre + suf
-        elif pre + suf < len(other) and suf > 0 and pre + suf > replaced_shared:
-            replaced, replaced_shared = other, pre + suf
-    if best is None and replaced is not None:
-        best, best_shared = replaced, replaced_shared
+        elif (inserted or suf > 0) and pre + suf > other_shared:
+            other_best, other_shared = other, pre + suf
+    if best is None:
+        best, best_shared = other_best, other_shared
     return best if best is not None and best_shared * 2 >= len(ids) else None

@@ -21,5 +21,10 @@ def test_insertion_twin_first_then_replacement() -> None:
     assert find_twin(failing, [replaced, inserted, unrelated]) == [1, 2, 3, 4, 5, 6]
     assert find_twin(failing, [replaced, unrelated]) == [1, 2, 3, 60, 4, 5, 6]
     assert find_twin(failing, [unrelated]) is None
+    # a prompt that is only a prefix (an earlier model call's) loses to a replaced span that
+    # shares more, and to an insertion with a shared tail
+    prefix = _inc([1, 2, 3, 50], "prefix")
+    assert find_twin(failing, [prefix, replaced]) == [1, 2, 3, 60, 4, 5, 6]
+    assert find_twin(failing, [prefix, inserted]) == [1, 2, 3, 4, 5, 6]
     # a replacement with no shared tail cannot be aligned
     assert find_twin(failing, [_inc([1, 2, 3, 60, 61], "notail")]) is None
