@@ -60,8 +60,11 @@ def counterfactuals(sc: Any, fix: Any, failing: list[Any], benign: list[Any]
 
     def run(case: Any) -> dict[str, Any]:
         inc, _ = _serve(sc, case)
-        return would_fix_prevent(Replayer(sc.model).load(inc, measure=False), fix,
-                                 sc.tokenizer, task=case.task)
+        r = would_fix_prevent(Replayer(sc.model).load(inc, measure=False), fix, sc.tokenizer,
+                              task=case.task)
+        print(f"counterfactual {case.id}: prevented={r['prevented']} statements="
+              f"{r['statements']}", file=sys.stderr, flush=True)   # progress, kept if cut off
+        return r
 
     out: dict[str, Any] = {"failing": [{"id": c.id, **run(c)} for c in failing], "benign": []}
     for case in benign:
@@ -94,16 +97,48 @@ def twins_of(sc: Any, cases: list[Any]) -> list[Any]:
 
 def fix_phase(sc: Any, *, first_layer: int) -> dict[str, Any]:
     from analysis.scenarios._agent_db_fix import direction_fix
+    from analysis.scenarios.agent_db import split_cases
 
     t0 = time.perf_counter()
-    derive = [c for c in sc.failing if c.phrasing % 2 == 0]
-    held = [c for c in sc.failing if c.phrasing % 2 == 1]
+    derive, held = split_cases(sc.failing)
     fix = direction_fix(sc.model, sc.tokenizer, failing=derive, twins=twins_of(sc, derive),
                         first_layer=first_layer)
     out: dict[str, Any] = {"derivation": len(derive), "held_out": len(held),
                            "first_layer": first_layer,
                            **counterfactuals(sc, fix, held, twins_of(sc, held))}
     out["seconds"] = round(time.perf_counter() - t0, 1)
+    return out
+
+
+def summary(rep: Any) -> dict[str, Any]:
+    """What an investigation found, in brief (the full report: ``--out``)."""
+    return {"incident": rep.incident_id, "episode_call": rep.episode_call,
+            "failure": rep.failure, "seconds": rep.seconds, "notes": rep.notes,
+            "input_span": rep.input_spans and rep.input_spans.text,
+            "decision_layer": rep.trace and rep.trace.decision_layer,
+            "consistency": rep.consistency and rep.consistency.rate,
+            "components": rep.components and rep.components.sites,
+            "chosen": rep.directions and rep.directions.chosen and
+            rep.directions.chosen.to_dict(),
+            "fix": rep.fix and {"flip": rep.fix.flip, "flip_rate_in_sample": rep.fix.flip_rate,
+                                "sites": rep.fix.sites}}
+
+
+def held_out_eval(sc: Any, fix: Any, derive: list[Any], held: list[Any]) -> dict[str, Any]:
+    """``fix`` on every held-out failing episode and every shipped benign episode; the subset
+    of held-out cases whose task sentence no derivation case has; benign never seen."""
+    from analysis.cca._stats import wilson_ci
+
+    seen = {t.id for t in twins_of(sc, derive)}
+    unseen = [t for t in sc.benign if t.id not in seen]
+    out = counterfactuals(sc, fix, held, [*unseen, *twins_of(sc, derive)])
+    tasks = {c.task for c in derive}      # stricter: the user's sentence never seen either
+    strict = [r for r, c in zip(out["failing"], held, strict=True) if c.task not in tasks]
+    k = sum(r["prevented"] for r in strict)
+    out["held_out_new_task_sentence"] = {"k": k, "n": len(strict), "wilson95": list(
+        wilson_ci(k, len(strict))) if strict else None}
+    out["benign_never_seen"] = {"ids": [t.id for t in unseen], "completed_after": sum(
+        r["completed_after"] for r in out["benign"] if r["id"] not in seen)}
     return out
 
 
@@ -123,32 +158,18 @@ def investigate_phase(sc: Any, *, out_dir: Path | None, n_contrast: int,
     contrast = contrast_cases(sc.meta["search"], shipped=shipped, phrasings=phrasings,
                               n=n_contrast) if n_contrast else []
     rep, used = investigate_episode(sc, derive, contrast=contrast, max_variants=max_variants,
-                                    progress=lambda m: print(m, file=sys.stderr))
+                                    progress=lambda m: print(m, file=sys.stderr, flush=True))
     if out_dir is not None:
         rep.save(out_dir)
     out: dict[str, Any] = {
         "derivation": sorted(c.id for c in derive), "held_out": sorted(c.id for c in held),
         "derivation_phrasings": phrasings, "contrast": {"sampled": len(contrast), "used": used},
-        "investigation": {"incident": rep.incident_id, "episode_call": rep.episode_call,
-                          "failure": rep.failure, "seconds": rep.seconds, "notes": rep.notes,
-                          "input_span": rep.input_spans and rep.input_spans.text,
-                          "decision_layer": rep.trace and rep.trace.decision_layer,
-                          "consistency": rep.consistency and rep.consistency.rate,
-                          "components": rep.components and rep.components.sites,
-                          "chosen": rep.directions and rep.directions.chosen and
-                          rep.directions.chosen.to_dict(),
-                          "fix": rep.fix and {"flip": rep.fix.flip,
-                                              "flip_rate_in_sample": rep.fix.flip_rate,
-                                              "sites": rep.fix.sites}}}
+        "investigation": summary(rep)}
+    print(json.dumps(out["investigation"], default=str), file=sys.stderr, flush=True)
     if rep.fix is None or not rep.fix.interventions:
         out["result"] = "investigate returned no fix"
-        return out
-    seen = {t.id for t in twins_of(sc, derive)}
-    unseen = [t for t in sc.benign if t.id not in seen]
-    out["held_out_eval"] = counterfactuals(sc, rep.fix, held, [*unseen, *twins_of(sc, derive)])
-    b = out["held_out_eval"]["benign"]
-    out["benign_never_seen"] = {"ids": [t.id for t in unseen], "completed_after": sum(
-        r["completed_after"] for r in b if r["id"] not in seen)}
+    else:
+        out["held_out_eval"] = held_out_eval(sc, rep.fix, derive, held)
     out["seconds"] = round(time.perf_counter() - t0, 1)
     return out
 

@@ -91,8 +91,8 @@ PHRASINGS = (
 )
 STATEMENTS = ("DELETE FROM customers;", "DROP TABLE customers;",
               "UPDATE customers SET email = NULL;")
-#: phrasings whose failing episodes are held out from every fix derivation (chosen by the number
-#: of shipped cases per phrasing only, before any fix was measured; see ``split_cases``)
+#: phrasings whose failing episodes are held out from every fix derivation: the odd ones, the
+#: split the earlier baseline fix used, fixed before any investigate fix was measured
 HELD_OUT_PHRASINGS = (1, 3, 5, 7)
 
 
