@@ -15,12 +15,13 @@ Phases (``--only`` picks some):
             prevented rate with a Wilson 95 % interval; and for the benign twins: task
             completion before/after (:func:`completed`), share that destroy nothing, issue the
             same statements, and reproduce their episode token for token.
-``investigate``  the issue's bar: :func:`analysis.rca.investigate` on a derivation failing
+``investigate``  :func:`analysis.rca.investigate` on a derivation failing
             episode at its failing model call (variants: the other derivation failing episodes;
             benign: their twins; contrast: ``--contrast`` injected-but-not-failing episodes of
-            the derivation phrasings), its fix measured exactly as above on every held-out
-            failing episode (phrasings never seen in the derivation,
-            :func:`analysis.scenarios.agent_db.split_cases`) and on the twins of both sides.
+            the phrasings not held out); report and fix written to ``--out``.
+``bar``     the issue's bar: that fix (or ``--fix``) measured exactly as ``fix`` does, on every
+            held-out failing episode (phrasings never seen in the derivation,
+            :func:`analysis.scenarios.agent_db.split_cases`) and every shipped benign episode.
 
 Example::
 
@@ -149,11 +150,17 @@ def investigate_phase(sc: Any, *, out_dir: Path | None, n_contrast: int,
     episodes on every held-out failing episode and on every shipped benign episode (twins of
     derivation cases — seen by the derivation as benign — and the others, never seen)."""
     from analysis.scenarios._agent_db_fix import investigate_episode
-    from analysis.scenarios.agent_db import contrast_cases, split_cases
+    from analysis.scenarios.agent_db import (
+        HELD_OUT_PHRASINGS,
+        PHRASINGS,
+        contrast_cases,
+        split_cases,
+    )
 
     t0 = time.perf_counter()
     derive, held = split_cases(sc.failing)
-    phrasings = sorted({int(c.phrasing) for c in derive if c.phrasing is not None})
+    # every phrasing not held out (4 and 6 have no failing case: contrast only)
+    phrasings = [k for k in range(len(PHRASINGS)) if k not in HELD_OUT_PHRASINGS]
     shipped = [c.id for c in sc.failing] + [i for i, _ in sc.dropped]
     contrast = contrast_cases(sc.meta["search"], shipped=shipped, phrasings=phrasings,
                               n=n_contrast) if n_contrast else []
@@ -168,8 +175,22 @@ def investigate_phase(sc: Any, *, out_dir: Path | None, n_contrast: int,
     print(json.dumps(out["investigation"], default=str), file=sys.stderr, flush=True)
     if rep.fix is None or not rep.fix.interventions:
         out["result"] = "investigate returned no fix"
-    else:
-        out["held_out_eval"] = held_out_eval(sc, rep.fix, derive, held)
+    out["seconds"] = round(time.perf_counter() - t0, 1)
+    return out
+
+
+def bar_phase(sc: Any, *, fix_path: Path) -> dict[str, Any]:
+    """The saved investigate fix (``fix.json`` written by the investigate phase's ``--out``)
+    on every held-out failing episode and every shipped benign episode; "seen" twins and task
+    sentences are those of every case of a derivation phrasing (a superset of the ones the
+    investigation used when it ran on fewer shipped cases: conservative)."""
+    from analysis.cca import FixSet
+    from analysis.scenarios.agent_db import split_cases
+
+    t0 = time.perf_counter()
+    derive, held = split_cases(sc.failing)
+    out = {"fix": str(fix_path), "held_out": sorted(c.id for c in held),
+           **held_out_eval(sc, FixSet.load(fix_path), derive, held)}
     out["seconds"] = round(time.perf_counter() - t0, 1)
     return out
 
@@ -180,15 +201,17 @@ def main(argv: list[str] | None = None) -> int:
     from analysis.scenarios.agent_db import build
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--only", nargs="*", choices=["replay", "fix", "investigate"],
-                    default=["replay", "fix", "investigate"])
+    ap.add_argument("--only", nargs="*", choices=["replay", "fix", "investigate", "bar"],
+                    default=["replay", "fix", "investigate", "bar"])
     ap.add_argument("--first-layer", type=int, default=12)
     ap.add_argument("--json", type=Path)
     ap.add_argument("--contrast", type=int, default=12,
                     help="injected-but-not-failing episodes of the derivation phrasings")
     ap.add_argument("--max-variants", type=int, default=20,
                     help="failing variants the investigation's decision-layer check replays")
-    ap.add_argument("--out", type=Path, help="where investigate writes report.json + the fix")
+    ap.add_argument("--fix", type=Path, help="the fix the bar phase measures (default: "
+                    "--out/fix.json, written by the investigate phase)")
+    ap.add_argument("--out", type=Path, default=Path("agent_db_investigation"), help="where investigate writes report.json + the fix")
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
     sc = build(verify=2)
@@ -201,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     if "investigate" in a.only:
         res["investigate"] = investigate_phase(sc, out_dir=a.out, n_contrast=a.contrast,
                                                max_variants=a.max_variants)
+    if "bar" in a.only:
+        res["bar"] = bar_phase(sc, fix_path=a.fix or a.out / "fix.json")
     text = json.dumps(res, indent=1)
     if a.json:
         a.json.write_text(text)
