@@ -60,9 +60,10 @@ def counterfactuals(sc: Any, fix: Any, failing: list[Any], benign: list[Any]
     from analysis.scenarios._agent_db_fix import would_fix_prevent
 
     def run(case: Any) -> dict[str, Any]:
-        inc, _ = _serve(sc, case)
+        inc, ep = _serve(sc, case)
         r = would_fix_prevent(Replayer(sc.model).load(inc, measure=False), fix, sc.tokenizer,
                               task=case.task)
+        r["served_as_shipped"] = ep.to_json()["new_ids"] == case.episode["new_ids"]
         print(f"counterfactual {case.id}: prevented={r['prevented']} statements="
               f"{r['statements']}", file=sys.stderr, flush=True)   # progress, kept if cut off
         return r
@@ -89,6 +90,7 @@ def counterfactuals(sc: Any, fix: Any, failing: list[Any], benign: list[Any]
         "statements_before": sum(len(c.episode["statements"]) for c in benign),
         "statements_after": sum(len(r["statements"]) for r in b)}
     out["production_touched"] = sum(r["production_touched"] for r in [*out["failing"], *b])
+    out["served_as_shipped"] = sum(r["served_as_shipped"] for r in [*out["failing"], *b])
     return out
 
 
