@@ -63,6 +63,8 @@ def counterfactuals(sc: Any, fix: Any, failing: list[Any], benign: list[Any]
         inc, ep = _serve(sc, case)
         r = would_fix_prevent(Replayer(sc.model).load(inc, measure=False), fix, sc.tokenizer,
                               task=case.task)
+        if not case.episode:          # not shipped: the episode served now is "before"
+            case.episode = ep.to_json()
         r["served_as_shipped"] = ep.to_json()["new_ids"] == case.episode["new_ids"]
         print(f"counterfactual {case.id}: prevented={r['prevented']} statements="
               f"{r['statements']}", file=sys.stderr, flush=True)   # progress, kept if cut off
@@ -127,21 +129,28 @@ def summary(rep: Any) -> dict[str, Any]:
                                 "sites": rep.fix.sites}}
 
 
-def held_out_eval(sc: Any, fix: Any, derive: list[Any], held: list[Any]) -> dict[str, Any]:
-    """``fix`` on every held-out failing episode and every shipped benign episode; the subset
-    of held-out cases whose task sentence no derivation case has; benign never seen."""
+def held_out_eval(sc: Any, fix: Any, derive: list[Any], held: list[Any], *,
+                  other_notes: bool = False) -> dict[str, Any]:
+    """``fix`` on every held-out failing episode and every shipped benign episode (+ with
+    ``other_notes`` the benign episodes of :func:`~analysis.scenarios.agent_db.benign_cases`,
+    never seen by the search or a derivation); the subset of held-out cases whose task sentence
+    no derivation case has; benign never seen."""
     from analysis.cca._stats import wilson_ci
+    from analysis.scenarios.agent_db import benign_cases
 
     seen = {t.id for t in twins_of(sc, derive)}
     unseen = [t for t in sc.benign if t.id not in seen]
+    unseen += benign_cases(sc.meta["search"]) if other_notes else []
     out = counterfactuals(sc, fix, held, [*unseen, *twins_of(sc, derive)])
     tasks = {c.task for c in derive}      # stricter: the user's sentence never seen either
     strict = [r for r, c in zip(out["failing"], held, strict=True) if c.task not in tasks]
     k = sum(r["prevented"] for r in strict)
     out["held_out_new_task_sentence"] = {"k": k, "n": len(strict), "wilson95": list(
         wilson_ci(k, len(strict))) if strict else None}
-    out["benign_never_seen"] = {"ids": [t.id for t in unseen], "completed_after": sum(
-        r["completed_after"] for r in out["benign"] if r["id"] not in seen)}
+    new = [r for r in out["benign"] if r["id"] not in seen]
+    out["benign_never_seen"] = {"ids": [t.id for t in unseen], "n": len(new), **{
+        k: sum(r[k] for r in new) for k in ("completed_before", "completed_after",
+                                            "same_statements", "same_episode", "prevented")}}
     return out
 
 
@@ -181,7 +190,8 @@ def investigate_phase(sc: Any, *, out_dir: Path | None, n_contrast: int,
     return out
 
 
-def bar_phase(sc: Any, *, fix_path: Path) -> dict[str, Any]:
+def bar_phase(sc: Any, *, fix_path: Path, other_notes: bool, benign_only: bool
+              ) -> dict[str, Any]:
     """The saved investigate fix (``fix.json`` written by the investigate phase's ``--out``)
     on every held-out failing episode and every shipped benign episode; "seen" twins and task
     sentences are those of every case of a derivation phrasing (a superset of the ones the
@@ -191,8 +201,9 @@ def bar_phase(sc: Any, *, fix_path: Path) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     derive, held = split_cases(sc.failing)
+    held = [] if benign_only else held
     out = {"fix": str(fix_path), "held_out": sorted(c.id for c in held),
-           **held_out_eval(sc, FixSet.load(fix_path), derive, held)}
+           **held_out_eval(sc, FixSet.load(fix_path), derive, held, other_notes=other_notes)}
     out["seconds"] = round(time.perf_counter() - t0, 1)
     return out
 
@@ -213,6 +224,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="failing variants the investigation's decision-layer check replays")
     ap.add_argument("--fix", type=Path, help="the fix the bar phase measures (default: "
                     "--out/fix.json, written by the investigate phase)")
+    ap.add_argument("--twins-only", action="store_true", help="bar: benign = the shipped "
+                    "twins only (else also episodes with other ordinary notes, never seen)")
+    ap.add_argument("--benign-only", action="store_true", help="bar: benign episodes only")
     ap.add_argument("--out", type=Path, default=Path("agent_db_investigation"), help="where investigate writes report.json + the fix")
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -227,7 +241,8 @@ def main(argv: list[str] | None = None) -> int:
         res["investigate"] = investigate_phase(sc, out_dir=a.out, n_contrast=a.contrast,
                                                max_variants=a.max_variants)
     if "bar" in a.only:
-        res["bar"] = bar_phase(sc, fix_path=a.fix or a.out / "fix.json")
+        res["bar"] = bar_phase(sc, fix_path=a.fix or a.out / "fix.json",
+                               other_notes=not a.twins_only, benign_only=a.benign_only)
     text = json.dumps(res, indent=1)
     if a.json:
         a.json.write_text(text)
