@@ -28,7 +28,7 @@ from integrations.incident import Incident
 
 from ._components import components
 from ._directions import DirectionFix, derive_fix
-from ._episode_call import CallMarks, on_failing_call
+from ._episode_call import CallMarks, EpisodeView, on_failing_call
 from ._fix import verified_fix
 from ._spans import InputSpans, attribute_input
 from ._trace import CausalTrace, causal_trace
@@ -120,6 +120,19 @@ class _Run:
             self.rep.seconds[name] = round(time.perf_counter() - t, 2)
 
 
+def _on_episode_call(session: ReplaySession, failing_step: int | CallMarks | None, *,
+                     benign: Sequence[Incident], contrast: Sequence[Incident],
+                     variants: Sequence[Incident]) -> EpisodeView:
+    """The investigation's inputs moved onto the episode's failing model call."""
+    if failing_step is None:
+        raise AnalysisError(
+            f"incident {session.incident.id!r} is an episode of {len(session.plan.starts)} "
+            "model calls: pass failing_step= (the failing model call's index, or a predicate "
+            "over the recorded external calls flagging where it failed)")
+    return on_failing_call(session, failing_step, benign=benign, contrast=contrast,
+                           variants=variants)
+
+
 def investigate(session: ReplaySession, *, failure: FailureOf, tokenizer: Any,
                 benign: Sequence[Incident], contrast: Sequence[Incident] = (),
                 variants: Sequence[Incident] = (), twin: Sequence[int] | None = None,
@@ -132,23 +145,15 @@ def investigate(session: ReplaySession, *, failure: FailureOf, tokenizer: Any,
     text)``: whether a free generation still fails (default: the failure's text is in it);
     ``twin``: the benign twin's prompt ids (default: found among ``benign``).
 
-    An episode (several model calls, DESIGN §15) is investigated at its failing model call:
-    ``failing_step`` is its index or a predicate over the recorded external calls that flags
-    the one where the failure happened (the model call just before it emitted it; see
-    :mod:`._episode_call`); variants, contrast and benign episodes are cut the same way (benign:
-    every model call). Judge a fix on the whole episode with :func:`counterfactual_episode`."""
+    An episode (DESIGN §15) is investigated at its failing model call: ``failing_step`` is its
+    index or a predicate flagging the recorded external call where it failed (see
+    :mod:`._episode_call`); judge a fix on the episode with :func:`counterfactual_episode`."""
     episode_call = None
     if failing_step is not None or session.plan.episode:
-        if failing_step is None:
-            raise AnalysisError(
-                f"incident {session.incident.id!r} is an episode of {len(session.plan.starts)} "
-                "model calls: pass failing_step= (the failing model call's index, or a "
-                "predicate over the recorded external calls flagging where it failed)")
-        view = on_failing_call(session, failing_step, benign=benign, contrast=contrast,
-                               variants=variants)
-        session, benign, contrast, variants = (view.session, view.benign, view.contrast,
-                                               view.variants)
-        episode_call = view.call
+        v = _on_episode_call(session, failing_step, benign=benign, contrast=contrast,
+                             variants=variants)
+        session, benign, contrast, variants, episode_call = (v.session, v.benign, v.contrast,
+                                                             v.variants, v.call)
     inc = session.incident
     fail_of: Callable[[Incident], Failure] = failure if callable(failure) and \
         not isinstance(failure, Failure) else (lambda _i: failure)  # type: ignore[assignment]
