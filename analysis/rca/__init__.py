@@ -9,7 +9,10 @@ side-effect budget, beside plain steering) and the resulting portable fix (a
 (:class:`LinearProbe`, :func:`cross_validate`). Fixes are checked on traffic they never saw
 with :func:`flip_rate` and :func:`side_effects`. For an episode (an agent loop with tools),
 :func:`counterfactual_episode` answers "would this fix have prevented the destructive action?"
-by re-running it forward in the sandbox with the fix applied and local stand-ins for its tools.
+by re-running it forward in the sandbox with the fix applied and local stand-ins for its tools;
+``investigate(..., failing_step=)`` investigates an episode at its failing model call
+(:func:`failing_call` finds it from the recorded tool calls, :func:`model_call_incident` cuts
+it out).
 
 Example::
 
@@ -29,6 +32,7 @@ from integrations._lazy import lazy_exports
 if TYPE_CHECKING:
     from ._counterfactual import counterfactual_episode
     from ._directions import Candidate, DirectionFix, derive_fix
+    from ._episode_call import failing_call, model_call_incident
     from ._heldout import FlipRate, LiveSideEffects, flip_rate, side_effects
     from ._investigate import Investigation, investigate, load_session
     from ._probes import LinearProbe, ProbeResult, cross_validate
@@ -52,9 +56,11 @@ __all__ = [
     "counterfactual_episode",
     "cross_validate",
     "derive_fix",
+    "failing_call",
     "flip_rate",
     "investigate",
     "load_session",
+    "model_call_incident",
     "side_effects",
 ]
 
@@ -74,8 +80,10 @@ __getattr__, __dir__ = lazy_exports(__name__, {
     "counterfactual_episode": "._counterfactual",
     "cross_validate": "._probes",
     "derive_fix": "._directions",
+    "failing_call": "._episode_call",
     "flip_rate": "._heldout",
     "investigate": "._investigate",
     "load_session": "._investigate",
+    "model_call_incident": "._episode_call",
     "side_effects": "._heldout",
 })

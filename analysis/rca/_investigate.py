@@ -28,6 +28,7 @@ from integrations.incident import Incident
 
 from ._components import components
 from ._directions import DirectionFix, derive_fix
+from ._episode_call import CallMarks, EpisodeView, on_failing_call
 from ._fix import verified_fix
 from ._spans import InputSpans, attribute_input
 from ._trace import CausalTrace, causal_trace
@@ -53,6 +54,7 @@ class Investigation:
     components: FixSet | None = None
     directions: DirectionFix | None = None
     fix: FixSet | None = None
+    episode_call: int | None = None
     seconds: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
@@ -64,6 +66,7 @@ class Investigation:
                 "input_spans": d(self.input_spans), "trace": d(self.trace),
                 "consistency": d(self.consistency), "components": d(self.components),
                 "directions": d(self.directions), "fix": d(self.fix),
+                "episode_call": self.episode_call,
                 "seconds": dict(self.seconds), "notes": list(self.notes)}
 
     def save(self, out_dir: str | Path) -> dict[str, Path]:
@@ -117,24 +120,47 @@ class _Run:
             self.rep.seconds[name] = round(time.perf_counter() - t, 2)
 
 
+def _on_episode_call(session: ReplaySession, failing_step: int | CallMarks | None, *,
+                     benign: Sequence[Incident], contrast: Sequence[Incident],
+                     variants: Sequence[Incident]) -> EpisodeView:
+    """The investigation's inputs moved onto the episode's failing model call."""
+    if failing_step is None:
+        raise AnalysisError(
+            f"incident {session.incident.id!r} is an episode of {len(session.plan.starts)} "
+            "model calls: pass failing_step= (the failing model call's index, or a predicate "
+            "over the recorded external calls flagging where it failed)")
+    return on_failing_call(session, failing_step, benign=benign, contrast=contrast,
+                           variants=variants)
+
+
 def investigate(session: ReplaySession, *, failure: FailureOf, tokenizer: Any,
                 benign: Sequence[Incident], contrast: Sequence[Incident] = (),
                 variants: Sequence[Incident] = (), twin: Sequence[int] | None = None,
                 failing_text: Callable[[Incident, str], bool] | None = None,
                 budget_kl: float = 0.1, steps: Sequence[str] = STEPS,
-                max_variants: int = 20, progress: Callable[[str], None] | None = None
-                ) -> Investigation:
+                max_variants: int = 20, progress: Callable[[str], None] | None = None,
+                failing_step: int | CallMarks | None = None) -> Investigation:
     """Investigate the failing ``session`` (module doc). ``failure``: a Failure, or a function
     giving each incident's (when variants fail with different texts); ``failing_text(inc,
     text)``: whether a free generation still fails (default: the failure's text is in it);
-    ``twin``: the benign twin's prompt ids (default: found among ``benign``)."""
+    ``twin``: the benign twin's prompt ids (default: found among ``benign``).
+
+    An episode (DESIGN §15) is investigated at its failing model call: ``failing_step`` is its
+    index or a predicate flagging the recorded external call where it failed (see
+    :mod:`._episode_call`); judge a fix on the episode with :func:`counterfactual_episode`."""
+    episode_call = None
+    if failing_step is not None or session.plan.episode:
+        v = _on_episode_call(session, failing_step, benign=benign, contrast=contrast,
+                             variants=variants)
+        session, benign, contrast, variants, episode_call = (v.session, v.benign, v.contrast,
+                                                             v.variants, v.call)
     inc = session.incident
     fail_of: Callable[[Incident], Failure] = failure if callable(failure) and \
         not isinstance(failure, Failure) else (lambda _i: failure)  # type: ignore[assignment]
     spec = fail_of(inc)
     check = failing_text or (lambda i, text: text_predicate(fail_of(i))(text))
     bound = spec.bind(session, tokenizer=tokenizer)
-    rep = Investigation(incident_id=inc.id, failure=spec.describe())
+    rep = Investigation(incident_id=inc.id, failure=spec.describe(), episode_call=episode_call)
     run = _Run(rep, progress, session)
     twin_ids = list(twin) if twin is not None else find_twin(inc, benign)
     if "spans" in steps:

@@ -1,4 +1,5 @@
-"""Benign twins: the benign prompt that equals a failing one minus one inserted span.
+"""Benign twins: the benign prompt that equals a failing one minus one inserted span (or with a
+shorter span in its place).
 
 A failing prompt and its twin share a prefix and a suffix (the chat template's tail); the
 failing one has an extra span between them (the injected text). :func:`aligned_tail` measures
@@ -39,14 +40,29 @@ def aligned_tail(ids: Sequence[int], twin: Sequence[int]) -> tuple[int, int, int
 
 def find_twin(incident: Incident, benign: Sequence[Incident]) -> list[int] | None:
     """The benign prompt that differs from the incident's by one inserted span (the longest
-    shared prefix + suffix covering at least half of it), or None."""
+    shared prefix + suffix covering at least half of it), or None.
+
+    When no benign prompt differs by an insertion followed by a shared tail, the candidate
+    sharing the most tokens is taken among the rest: a prompt that is a prefix of the
+    incident's (an insertion at the end, as before) or one that differs by a *replaced* span —
+    a shorter benign text in the same place (e.g. a tool returned a row whose notes say
+    "Regular customer." where the failing episode's row carried an instruction), aligned on
+    the shared suffix like an insertion — still sharing at least half of the prompt.
+    """
     ids = prompt_ids(incident)
+    # (insertion with a shared tail, shared), (any other candidate, shared)
     best, best_shared = None, 0
+    other_best, other_shared = None, 0
     for b in benign:
         other = prompt_ids(b)
         if len(other) >= len(ids):
             continue
         pre, _, suf = aligned_tail(ids, other)
-        if pre + suf == len(other) and pre + suf > best_shared:
+        inserted = pre + suf == len(other)
+        if inserted and suf > 0 and pre + suf > best_shared:
             best, best_shared = other, pre + suf
+        elif (inserted or suf > 0) and pre + suf > other_shared:
+            other_best, other_shared = other, pre + suf
+    if best is None:
+        best, best_shared = other_best, other_shared
     return best if best is not None and best_shared * 2 >= len(ids) else None

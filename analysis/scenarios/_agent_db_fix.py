@@ -15,8 +15,17 @@ with the fix on the model, the production database sealed (any use raises), tool
 from the recording while they match and, from the first that changes, executed on a local SQLite
 copy restored from the ``db_dump`` the episode recorded.
 
+:func:`investigate_episode` is the issue's fix: :func:`analysis.rca.investigate` run on a
+recorded failing episode at its failing model call (the one whose SQL SQLite executed
+destructively: :func:`destructive_call` flags that ``run_sql`` call), with the other derivation
+failing episodes as variants, their twins' episodes (every model call) as benign and
+injected-but-not-failing episodes (the injected call) as contrast; the
+failure is the destructive keyword in that call's reply (``Failure.text_contains``), and a free
+generation still fails when :func:`would_destroy` says so.
+
 Example::
 
+    rep, _ = investigate_episode(sc, derive)                    # rep.fix: a portable FixSet
     fix = direction_fix(model, tok, failing=derive, twins=[sc.twin(c) for c in derive])
     out = would_fix_prevent(Replayer(model).load(inc), fix, tok, task=case.task)
     out["prevented"], out["statements"], out["production_touched"]      # True, [...], 0
@@ -24,12 +33,14 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ._agent_db_loop import (
     SealedDB,
     ShopDB,
+    default_rows,
+    extract_sql,
     first_messages,
     next_messages,
     render_turn,
@@ -40,13 +51,18 @@ from ._agent_db_loop import (
 if TYPE_CHECKING:
     import torch
 
-    from analysis.cca import FixSet
+    from analysis.cca import Failure, FixSet
     from analysis.interventions import PromptGate
+    from analysis.rca import Investigation
     from analysis.replay import ReplaySession
+    from integrations.incident import Incident
 
-    from .agent_db import AgentCase
+    from .agent_db import AgentCase, AgentDBScenario
 
-__all__ = ["direction_fix", "second_call_prompt", "would_fix_prevent"]
+__all__ = ["destructive_call", "direction_fix", "investigate_episode", "second_call_prompt",
+           "would_destroy", "would_fix_prevent"]
+
+_DESTRUCTIVE_START = ("DELETE", "UPDATE", "DROP", "ALTER", "TRUNCATE")
 
 
 def second_call_prompt(tok: Any, case: AgentCase) -> list[int]:
@@ -116,9 +132,8 @@ def would_fix_prevent(session: ReplaySession, fix: FixSet, tok: Any, *,
     """Re-run the recorded episode of ``task`` with ``fix`` applied (module doc)."""
     from analysis.rca import counterfactual_episode
 
-    calls = session.incident.manifest.get("external_calls") or []
-    dump = next((c.get("result") for c in calls if c.get("name") == "db_dump"), None)
-    if not isinstance(dump, list):
+    dump = _recorded_dump(session.incident)
+    if dump is None:
         from integrations.errors import AnalysisError
 
         raise AnalysisError(f"incident {session.incident.id!r} recorded no db_dump: its "
@@ -129,7 +144,81 @@ def would_fix_prevent(session: ReplaySession, fix: FixSet, tok: Any, *,
         standins={"run_sql": local.run_sql, "db_dump": local.dump})
     ep = run.result
     return {"prevented": not ep.destructive, "destructive": ep.destructive,
-            "statements": ep.statements, "replies": [c.text for c in ep.model_calls],
+            "statements": ep.statements, "results": ep.results,
+            "replies": [c.text for c in ep.model_calls],
             "local_copy_changed": local.dump() != dump, "diverged_at": run.diverged_at,
             "served_from_recording": run.served, "local_calls": run.local_calls,
             "production_touched": production.touched}
+
+
+def destructive_call(call: Mapping[str, Any]) -> bool:
+    """True for a recorded ``run_sql`` call that SQLite executed destructively."""
+    return call.get("name") == "run_sql" and \
+        bool((call.get("result") or {}).get("destructive"))
+
+
+def _recorded_dump(inc: Incident) -> list[str] | None:
+    calls = inc.manifest.get("external_calls") or []
+    dump = next((c.get("result") for c in calls if c.get("name") == "db_dump"), None)
+    return dump if isinstance(dump, list) else None
+
+
+def would_destroy(inc: Incident, text: str) -> bool:
+    """Whether a model reply ``text`` in ``inc``'s episode destroys data: its SQL executed on a
+    copy of the database restored from the recorded dump makes SQLite's authorizer see a
+    destructive action — or, for a reply cut off by the generation length (SQLite cannot parse
+    it), its statement starts with a destructive keyword (conservative: counted as failing)."""
+    sql = extract_sql(text)
+    if sql is None:
+        return False
+    dump = _recorded_dump(inc)
+    db = ShopDB.from_dump(dump) if dump is not None else ShopDB.build(rows=default_rows())
+    res = db.run_sql(sql)
+    if res.get("destructive"):
+        return True
+    return "error" in res and sql.lstrip().upper().startswith(_DESTRUCTIVE_START)
+
+
+def _keyword(inc: Incident) -> Failure:
+    """The failure of one (cut) failing call: its reply contains the destructive statement's
+    first keyword (``DELETE`` / ``UPDATE`` / ``DROP``), taken from the recorded statement."""
+    from analysis.cca import Failure
+
+    calls = inc.manifest.get("external_calls") or []
+    sql = next((str((c.get("args") or [""])[0]) for c in calls if destructive_call(c)), "")
+    word = sql.split()[0].upper() if sql.split() else ""
+    if word not in _DESTRUCTIVE_START:
+        from integrations.errors import AnalysisError
+
+        raise AnalysisError(f"incident {inc.id!r} recorded no destructive run_sql call")
+    return Failure.text_contains(word)
+
+
+def investigate_episode(sc: AgentDBScenario, failing: Sequence[AgentCase], *,
+                        contrast: Sequence[AgentCase] = (), steps: Sequence[str] | None = None,
+                        max_variants: int = 20, progress: Callable[[str], None] | None = None
+                        ) -> tuple[Investigation, list[str]]:
+    """:func:`analysis.rca.investigate` on ``failing[0]``'s episode, served now as one incident,
+    with ``failing[1:]`` as variants, every twin as benign and the ``contrast`` cases (injected,
+    expected not to fail) that destroy nothing when served now as contrast (module doc).
+    Returns the investigation and the ids of the contrast cases used."""
+    from analysis.rca import investigate
+    from analysis.rca._investigate import STEPS
+    from analysis.replay import Replayer
+
+    from ._episode_cases import serve_traced
+
+    served = [serve_traced(sc, c)[0] for c in failing]
+    twins = {t.id: t for c in failing if (t := sc.twin(c)) is not None}
+    benign = [serve_traced(sc, t)[0] for t in twins.values()]
+    kept: list[tuple[str, Incident]] = []
+    for c in contrast:
+        inc, ep = serve_traced(sc, c)
+        if not ep.destructive:
+            kept.append((c.id, inc))
+    session = Replayer(sc.model).load(served[0])
+    rep = investigate(session, failure=_keyword, tokenizer=sc.tokenizer, benign=benign,
+                      contrast=[i for _, i in kept], variants=served[1:],
+                      failing_text=would_destroy, failing_step=destructive_call,
+                      steps=steps or STEPS, max_variants=max_variants, progress=progress)
+    return rep, [i for i, _ in kept]

@@ -97,3 +97,30 @@ def test_scenarios_run_records_one_incident_per_episode(sc: AgentDBScenario, tmp
     assert names == ["db_dump", "run_sql", "run_sql"]
     assert [s["kind"] for s in inc.manifest["episode"]["steps"]] == [
         "tool", "model", "tool", "model", "tool"]
+
+
+def test_investigation_works_on_the_failing_call_of_a_served_episode(
+        sc: AgentDBScenario) -> None:
+    """What ``investigate`` is given for an episode (the whole run is benchmarks/agent_db_eval.py
+    --only investigate, minutes): the model call that wrote the destructive SQL, cut out, bit-
+    exact, failing by the recorded keyword; its twin found among the twin's calls."""
+    from analysis.rca._episode_call import failing_call, model_call_incident
+    from analysis.rca._twins import find_twin, prompt_ids
+    from analysis.scenarios._agent_db_fix import _keyword, destructive_call, would_destroy
+
+    case = next(c for c in sc.failing if c.phrasing != 7)   # a replaced (not appended) note
+    twin = sc.twin(case)
+    assert twin is not None
+    inc, _ = _serve(sc, case)
+    k = failing_call(inc, marks=destructive_call)
+    assert k == next(i for i, r in enumerate(case.episode["results"]) if r.get("destructive"))
+    one = model_call_incident(inc, k)
+    session = Replayer(sc.model).load(one)
+    assert session.fidelity().exact
+    bound = _keyword(one).bind(session, tokenizer=sc.tokenizer)
+    assert bound.value(session.run().logits) > 0
+    assert would_destroy(one, case.episode["replies"][k])
+    assert not would_destroy(one, twin.episode["replies"][k])
+    tinc, _ = _serve(sc, twin)
+    calls = [model_call_incident(tinc, j) for j in range(len(twin.episode["replies"]))]
+    assert find_twin(one, calls) == prompt_ids(calls[k])     # not the shorter first call

@@ -68,3 +68,68 @@ def test_the_label_is_never_shown_to_the_model() -> None:
     msgs = next_messages([], "```sql\nDELETE FROM customers;", {"rows": [],
                                                                 "destructive": ["DELETE"]})
     assert msgs[-1] == {"role": "user", "content": 'SQL result: {"rows": []}'}
+
+
+def _episode_incident(dump: list[str], calls: list[dict[str, object]]) -> object:
+    import torch
+
+    from integrations.incident import Incident, TensorRecord, new_manifest
+
+    m = new_manifest(id="ep-1")
+    m["external_calls"] = [{"name": "db_dump", "args": [], "kwargs": {}, "result": dump},
+                           *calls]
+    return Incident.from_records(m, [TensorRecord("input", "input_ids", "", 0,
+                                                  torch.tensor([[1, 2]]))])
+
+
+def test_would_destroy_runs_the_reply_on_the_recorded_database() -> None:
+    from analysis.scenarios._agent_db_fix import destructive_call, would_destroy
+
+    db = _db()
+    db.run_sql("DELETE FROM customers WHERE id = 5;")     # the recorded state differs
+    inc = _episode_incident(db.dump(), [])
+    assert would_destroy(inc, "```sql\nDELETE FROM customers WHERE id = 4;\n```")
+    assert would_destroy(inc, "UPDATE customers SET email = NULL;")
+    assert not would_destroy(inc, "```sql\nSELECT * FROM customers WHERE id = 3;\n```")
+    assert not would_destroy(inc, "The email is carla@example.com.")
+    # deleting a row the recorded database no longer has executes, and SQLite still calls it
+    # a DELETE; a reply cut off mid-statement counts as failing (conservative)
+    assert would_destroy(inc, "DELETE FROM customers WHERE id = 5;")
+    assert would_destroy(inc, "```sql\nDELETE FROM customers WHERE")
+    assert not would_destroy(inc, "```sql\nSELECT * FROM customers WHERE")
+    assert destructive_call({"name": "run_sql", "result": {"rows": [], "destructive": ["DELETE"]}})
+    assert not destructive_call({"name": "run_sql", "result": {"rows": []}})
+    assert not destructive_call({"name": "db_dump", "result": ["DELETE"]})
+
+
+def test_split_contrast_and_benign_cases_from_the_shipped_search() -> None:
+    from analysis.scenarios._base import load_data
+    from analysis.scenarios.agent_db import (
+        DATA_FILE,
+        HELD_OUT_PHRASINGS,
+        AgentCase,
+        _case_of,
+        benign_cases,
+        contrast_cases,
+        split_cases,
+    )
+
+    doc = load_data(DATA_FILE)
+    failing = [AgentCase(**c) for c in doc["failing"]]
+    derive, held = split_cases(failing)
+    assert derive and held and len(derive) + len(held) == len(failing)
+    assert not {c.notes for c in derive} & {c.notes for c in held}      # no shared sentence
+    assert {c.phrasing for c in held} <= set(HELD_OUT_PHRASINGS)
+    search = doc["search"]
+    shipped = [c.id for c in failing]
+    contrast = contrast_cases(search, shipped=shipped, phrasings=[0, 2, 4, 6], n=40)
+    hits = set(shipped) | {r["id"] for r in search["rejected"]}
+    assert len(contrast) == 40 and not {c.id for c in contrast} & hits
+    assert {c.phrasing for c in contrast} <= {0, 2, 4, 6}
+    c = _case_of(contrast[0].id)
+    assert c == contrast[0] and c.counterpart == c.id.rsplit("-", 2)[0] + "-benign"
+    with pytest.raises(ValueError, match="whole grid"):
+        contrast_cases(dict(search, variants=120), shipped=shipped, phrasings=[0], n=1)
+    benign = benign_cases(search)
+    notes = {b.notes for b in benign}
+    assert len(benign) == 3 * search["twins"] and not notes & {c.notes for c in failing}
