@@ -78,8 +78,9 @@ class SidecarProc:
     """One sidecar subprocess with a fixed config (data dir, ports); see the module doc."""
 
     def __init__(self, name: str, config: Path, log: Path, *, address: str,
-                 metrics_address: str, data_dir: Path) -> None:
+                 metrics_address: str, data_dir: Path, env: dict[str, str] | None = None) -> None:
         self.name, self.config, self.log = name, config, log
+        self.env = env or {}
         self.address, self.metrics_address, self.data_dir = address, metrics_address, data_dir
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
@@ -97,7 +98,7 @@ class SidecarProc:
         t0 = time.monotonic()
         mark = self.log.stat().st_size if self.log.exists() else 0
         with open(self.log, "ab") as out:
-            env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+            env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **self.env}
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "model_forensics", "sidecar", "serve", "--config",
                  str(self.config), "--log-level", "WARNING"],
@@ -185,6 +186,9 @@ class Lab:
         self.keep = keep
         self.root = Path(tempfile.mkdtemp(prefix="forensics-chaos-"))
         self.tokens = {t: f"chaos-{t}-{os.urandom(8).hex()}" for t in TENANTS}
+        self.admin_token = f"chaos-admin-{os.urandom(8).hex()}"
+        #: Called last by :meth:`close` (e.g. ``ray stop``).
+        self.cleanups: list[Any] = []
         self.sidecars: dict[str, SidecarProc] = {}
         self.children: list[subprocess.Popen[bytes]] = []
         self.mounts: list[Path] = []
@@ -277,6 +281,9 @@ class Lab:
             sc.stop()
         for path in list(self.mounts):
             self.umount(path)
+        for cleanup in self.cleanups:
+            with contextlib.suppress(Exception):
+                cleanup()
         if not self.keep:
             shutil.rmtree(self.root, ignore_errors=True)
 

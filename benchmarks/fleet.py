@@ -221,7 +221,28 @@ def main(argv: list[str] | None = None) -> int:
                    default=["duckdb", "postgres"])
     q.add_argument("--reps", type=int, default=21)
     q.add_argument("--json", action="store_true", help="print the results as JSON")
+    g = sub.add_parser("ingest", help="N sidecars ingesting into one PostgreSQL catalog")
+    g.add_argument("--ns", type=int, nargs="+", default=[1, 2, 4])
+    g.add_argument("--reps", type=int, default=3)
+    g.add_argument("--incidents", type=int, default=200)
+    g.add_argument("--clients", type=int, default=4)
+    g.add_argument("--floats", type=int, default=16384, help="floats per incident (64 KiB)")
+    g.add_argument("--json", action="store_true")
+    c = sub.add_parser("chaos", help="catalog stopped, then Ray workers killed, mid-stream")
+    c.add_argument("--incidents", type=int, default=200)
+    c.add_argument("--floats", type=int, default=4096)
+    c.add_argument("--catalog-down-at", type=int, default=50)
+    c.add_argument("--catalog-up-at", type=int, default=100)
+    c.add_argument("--kill-at", type=int, nargs="*", default=[130, 165])
+    c.add_argument("--recovery-timeout-s", type=float, default=600.0)
+    c.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
+    if args.section != "query":
+        from benchmarks.fleet_runs import run_chaos, run_ingest
+
+        out = (run_ingest if args.section == "ingest" else run_chaos)(args)
+        print(json.dumps(out, indent=2, default=str))
+        return 0
     results = run_query(args)
     if args.json:
         print(json.dumps(results, indent=2, default=str))

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -82,6 +83,9 @@ class LocalFiles:
         self.uri = str(root)
         #: Uploads are received beside the files they become (a rename publishes them).
         self.spool_dir = self.incidents_dir
+        #: Temp files older than this are left by a previous run (removed by reconciling);
+        #: newer ones belong to uploads in flight.
+        self.opened_at = time.time()
 
     def _tenant_dir(self, tenant: str) -> Path:
         """The tenant's directory, created (and made durable) on first use."""
@@ -135,5 +139,6 @@ class LocalFiles:
     def reconcile(self, index: Catalog, *, full: bool, report: ReindexReport) -> ReindexReport:
         """Migrate a flat layout, then make the index agree with the files."""
         migrate_flat(self.incidents_dir, self.quarantine_dir, index, report)
-        return reconcile(self.incidents_dir, self.quarantine_dir, index, full=full,
+        return reconcile(self.incidents_dir, self.quarantine_dir, index, tmp_before=self.opened_at,
+                         full=full,
                          report=report)

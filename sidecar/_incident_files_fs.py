@@ -31,6 +31,7 @@ import json
 import logging
 import os
 import shutil
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -53,6 +54,15 @@ log = logging.getLogger("sidecar.store")
 _BLOCK = 8 * 1024 * 1024
 
 
+#: A temp object of a shared store younger than this may be another sidecar's write in flight.
+TMP_OBJECT_MIN_AGE_S = 3600.0
+
+
+def _stale(info: Any) -> bool:
+    mtime = getattr(info, "mtime", None)
+    return mtime is None or time.time() - mtime.timestamp() > TMP_OBJECT_MIN_AGE_S
+
+
 def files_for(config: StoreConfig, *, data_dir: Path) -> IncidentFiles | None:
     """The file side ``store`` configures: ``None`` for the default local layout (the store
     builds :class:`~sidecar._incident_files.LocalFiles`), else :class:`FsFiles`."""
@@ -69,6 +79,9 @@ class FsFiles:
                  cache_bytes: int = DEFAULT_CACHE_BYTES) -> None:
         self.fs, self.base, self.uri = fs, base.rstrip("/"), uri
         self.spool_dir = data_dir / "spool"
+        #: Spool temp files older than this were left by a previous run; newer ones are
+        #: uploads in flight (a reconcile while running, the catalog's back-fill, keeps them).
+        self.opened_at = time.time()
         self.spool_dir.mkdir(parents=True, exist_ok=True)
         #: Local copies for jobs, least recently used evicted past ``cache_bytes``.
         self.cache = LocalCache(data_dir / "cache", budget_bytes=cache_bytes)
@@ -267,7 +280,7 @@ class FsFiles:
                 f"{local} holds incidents of the local layout but store.uri is {self.uri}; "
                 f"copy them there first (e.g. `aws s3 sync {local} {self.uri}/incidents`), "
                 f"then move {local} away, or set store.uri back to \"\"")
-        _remove_tmp(self.spool_dir, report)
+        _remove_tmp(self.spool_dir, report, before=self.opened_at)
         return reconcile_listing(self, index, full=full, report=report)
 
     def sweep(self, report: ReindexReport) -> dict[tuple[str, str], Any]:
@@ -287,8 +300,9 @@ class FsFiles:
                 continue
             stem, dot, ext = parts[1].rpartition(".")
             if stem.startswith(".") and ext == "tmp":   # a write cut short (not S3: no temps)
-                self._delete_if_present(info.path)
-                report.tmp_removed += 1
+                if _stale(info):      # not another sidecar's write in flight (a shared store)
+                    self._delete_if_present(info.path)
+                    report.tmp_removed += 1
             elif dot and ext in ("arrow", "json") and not stem.startswith("."):
                 found[(parts[0], stem, ext)] = info.path
         for (dir_name, stem, ext), key in found.items():

@@ -381,7 +381,7 @@ class LocalStore:
 
     def _reconcile(self, *, full: bool) -> ReindexReport:
         report = ReindexReport()
-        with self._put_lock:
+        with self._put_lock, self._key_locks.exclusive():   # no upload publishes meanwhile
             return self.files.reconcile(self.index, full=full, report=report)
 
     def close(self) -> None:

@@ -53,12 +53,30 @@ class KeyLocks:
     """
 
     def __init__(self) -> None:
-        self._guard = threading.Lock()
+        self._guard = threading.Condition()
         self._locks: dict[Hashable, tuple[threading.Lock, int]] = {}
+        self._exclusive = False
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """Hold every key at once: waits until no key is held, and no key can be taken until
+        it ends (a reconciliation of the index with the files must not interleave with an
+        upload's publish + insert)."""
+        with self._guard:
+            self._guard.wait_for(lambda: not self._exclusive)
+            self._exclusive = True
+            self._guard.wait_for(lambda: not self._locks)
+        try:
+            yield
+        finally:
+            with self._guard:
+                self._exclusive = False
+                self._guard.notify_all()
 
     @contextlib.contextmanager
     def hold(self, key: Hashable) -> Iterator[None]:
         with self._guard:
+            self._guard.wait_for(lambda: not self._exclusive)
             lock, users = self._locks.get(key, (threading.Lock(), 0))
             self._locks[key] = (lock, users + 1)
         try:
@@ -69,6 +87,7 @@ class KeyLocks:
                 lock, users = self._locks[key]
                 if users == 1:
                     del self._locks[key]
+                    self._guard.notify_all()
                 else:
                     self._locks[key] = (lock, users - 1)
 

@@ -18,6 +18,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import hashlib
@@ -138,20 +139,28 @@ def quarantine(path: Path, quarantine_dir: Path, error: Exception, *,
     return path.stem if dir_name is None else f"{dir_name}/{path.stem}"
 
 
-def _remove_tmp(directory: Path, report: ReindexReport) -> None:
+def _remove_tmp(directory: Path, report: ReindexReport, *,
+                before: float | None = None) -> None:
+    """Remove the temp files in ``directory`` — only those last written before ``before`` (a
+    time stamp) when given: a reconciliation while the store runs (the catalog's back-fill) must
+    not remove the temp file of an upload still streaming in."""
     for tmp in directory.glob(".*.tmp"):
-        tmp.unlink(missing_ok=True)
-        report.tmp_removed += 1
+        with contextlib.suppress(FileNotFoundError):
+            if before is None or tmp.stat().st_mtime < before:
+                tmp.unlink(missing_ok=True)
+                report.tmp_removed += 1
 
 
-def _sweep(incidents_dir: Path, report: ReindexReport) -> dict[tuple[str, str], Path]:
-    """Remove temp files and receipts without a file; the incident files by (dir, id)."""
-    _remove_tmp(incidents_dir, report)
+def _sweep(incidents_dir: Path, report: ReindexReport, *,
+           tmp_before: float | None = None) -> dict[tuple[str, str], Path]:
+    """Remove temp files (written before ``tmp_before``, when given) and receipts without a
+    file; the incident files by (dir, id)."""
+    _remove_tmp(incidents_dir, report, before=tmp_before)
     files: dict[tuple[str, str], Path] = {}
     for d in sorted(incidents_dir.iterdir()):
         if not d.is_dir() or not is_tenant_dir(d.name):
             continue
-        _remove_tmp(d, report)
+        _remove_tmp(d, report, before=tmp_before)
         files.update({(d.name, p.stem): p for p in d.glob("*.arrow")})
         for receipt in d.glob("*.json"):
             if (d.name, receipt.stem) not in files:
@@ -182,11 +191,13 @@ class FileListing(Protocol):
 
 
 class _LocalListing:
-    def __init__(self, incidents_dir: Path, quarantine_dir: Path) -> None:
+    def __init__(self, incidents_dir: Path, quarantine_dir: Path,
+                 tmp_before: float | None) -> None:
         self.incidents_dir, self.quarantine_dir = incidents_dir, quarantine_dir
+        self.tmp_before = tmp_before
 
     def sweep(self, report: ReindexReport) -> dict[tuple[str, str], Any]:
-        return _sweep(self.incidents_dir, report)
+        return _sweep(self.incidents_dir, report, tmp_before=self.tmp_before)
 
     def row_of(self, handle: Any, dir_name: str) -> IncidentRow:
         return row_from_file(handle, dir_name=dir_name)
@@ -199,12 +210,14 @@ class _LocalListing:
 
 
 def reconcile(incidents_dir: Path, quarantine_dir: Path, index: Catalog, *, full: bool,
-              report: ReindexReport | None = None) -> ReindexReport:
+              report: ReindexReport | None = None,
+              tmp_before: float | None = None) -> ReindexReport:
     """Make the index agree with the files under ``incidents_dir`` (module doc); the caller
     holds the store's write lock. ``full``: re-validate and re-index every file, not only
-    unindexed ones."""
-    return reconcile_listing(_LocalListing(incidents_dir, quarantine_dir), index, full=full,
-                             report=report)
+    unindexed ones; ``tmp_before``: remove only temp files written before it (module doc of
+    :func:`_remove_tmp`)."""
+    return reconcile_listing(_LocalListing(incidents_dir, quarantine_dir, tmp_before), index,
+                             full=full, report=report)
 
 
 def reconcile_listing(listing: FileListing, index: Catalog, *, full: bool,

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import threading
 import time
 from typing import TYPE_CHECKING, Any
@@ -37,6 +38,8 @@ __all__ = ["RayExecutor", "job_error"]
 
 log = logging.getLogger("sidecar.jobs")
 
+#: Ray's setting of how long a driver waits for a lost GCS before it exits, and ours (a day).
+GCS_RECONNECT_ENV, GCS_RECONNECT_S = "RAY_gcs_rpc_server_reconnect_timeout_s", 86_400
 #: How often a waiting attempt checks that the executor is still open (seconds).
 _POLL_S = 0.25
 #: How long :meth:`RayExecutor.shutdown` lets abandoned attempts notice before ``ray.shutdown``.
@@ -163,6 +166,12 @@ class RayExecutor:
         options: dict[str, Any] = {"namespace": self.config.namespace}
         if address == "local":
             options["include_dashboard"] = False
+        else:
+            # A Ray driver terminates its whole process when the cluster's GCS stays unreachable
+            # for RAY_gcs_rpc_server_reconnect_timeout_s (60 s by default): for a sidecar that
+            # would turn a Ray outage into an ingest outage. Wait for the cluster instead (jobs
+            # stay in the catalog meanwhile); an operator's own setting wins.
+            os.environ.setdefault(GCS_RECONNECT_ENV, str(GCS_RECONNECT_S))
         try:
             ray.init(address=address, **options)
         except Exception as e:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import threading
 import time
@@ -128,11 +129,15 @@ def test_reindex_from_the_uri_into_a_fresh_index(
             for i, t in (("inc-1", "acme"), ("inc-2", "Globex Inc"), ("inc-3", ""))}
     (remote / "incidents" / "t-acme" / "orphan.json").write_text("{}")   # receipt, no file
     (remote / "incidents" / "t-acme" / "junk.arrow").write_bytes(b"not arrow")
-    (remote / "incidents" / "t-acme" / ".0123.tmp").write_bytes(b"half a PUT")   # a crash
+    crashed = remote / "incidents" / "t-acme" / ".0123.tmp"
+    crashed.write_bytes(b"half a PUT")                               # a crash, 2 h ago
+    os.utime(crashed, (time.time() - 7200, time.time() - 7200))
+    in_flight = remote / "incidents" / "t-acme" / ".0456.tmp"       # another sidecar's write,
+    in_flight.write_bytes(b"being written")                          # just now (shared store)
     second = open_store("b")                                    # another data_dir: empty index
     report = second.last_recovery
     assert (report.indexed, report.quarantined, report.tmp_removed) == (3, ["t-acme/junk"], 1)
-    assert not (remote / "incidents" / "t-acme" / ".0123.tmp").exists()
+    assert not crashed.exists() and in_flight.exists()
     for incident_id, row in rows.items():
         again = second.get(incident_id, tenant=row.tenant)
         assert again is not None

@@ -203,3 +203,55 @@ def test_delete_removes_derived_rows(store: LocalStore,
     assert store.delete("inc-1", tenant="acme")
     assert set(counts("inc-1").values()) == {0}
     assert counts("inc-2") == before and store.get("inc-2") is not None
+
+
+def test_a_reconcile_while_running_keeps_an_upload_in_flight(
+        store: LocalStore, make_incident: Callable[..., bytes]) -> None:
+    """The shared catalog's back-fill reconciles while uploads stream in: it must not remove
+    an in-flight upload's temp file (start-up recovery removes the temps a crash left)."""
+    data = make_incident("inc-1", n_sites=2)
+    inc = store.incoming("inc-1")
+    inc.write(data[:100])                      # the stream has begun: a temp file exists
+    assert store.recover().tmp_removed == 0
+    inc.write(data[100:])
+    sha = inc.finish()
+    assert store.put_incoming(inc, tenant="acme", sha256=sha).created
+
+
+def test_key_locks_exclusive_waits_for_holders_and_holds_off_new_ones() -> None:
+    import threading
+    import time
+
+    from sidecar._store_files import KeyLocks
+
+    locks, order = KeyLocks(), []
+    held, release = threading.Event(), threading.Event()
+
+    def upload(key: str) -> None:
+        with locks.hold(key):
+            order.append(f"hold {key}")
+            held.set()
+            release.wait(5)
+
+    first = threading.Thread(target=upload, args=("a",))
+    first.start()
+    held.wait(5)
+
+    def reconcile() -> None:
+        with locks.exclusive():
+            order.append("exclusive")
+            time.sleep(0.2)
+            order.append("exclusive done")
+
+    excl = threading.Thread(target=reconcile)
+    excl.start()
+    time.sleep(0.2)
+    assert order == ["hold a"]                 # waits for the holder
+    release.set()
+    first.join(5)
+    time.sleep(0.05)
+    second = threading.Thread(target=upload, args=("b",))
+    second.start()                             # taken only after the exclusive section
+    excl.join(5)
+    second.join(5)
+    assert order == ["hold a", "exclusive", "exclusive done", "hold b"]
