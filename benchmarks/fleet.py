@@ -234,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--catalog-down-at", type=int, default=50)
     c.add_argument("--catalog-up-at", type=int, default=100)
     c.add_argument("--kill-at", type=int, nargs="*", default=[130, 165])
+    c.add_argument("--interval-s", type=float, default=0.05, help="pause between uploads")
     c.add_argument("--recovery-timeout-s", type=float, default=600.0)
     c.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)

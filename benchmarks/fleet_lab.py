@@ -108,8 +108,9 @@ def ray_worker_pids() -> list[int]:
             cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ")
         except OSError:
             continue
-        name = cmd.split(b" ", 1)[0]
-        if (b"default_worker.py" in cmd or name.startswith(b"ray::")) and \
-                not name.endswith(b"Agent"):      # ray::DashboardAgent, ray::RuntimeEnvAgent
+        name = cmd.split(b" ", 1)[0].rstrip()
+        # workers retitle themselves ray::IDLE / ray::<task>; the raylet's own command line
+        # names default_worker.py too (as a flag), so only the title counts
+        if name.startswith(b"ray::") and not name.endswith(b"Agent"):
             pids.append(int(proc.name))
     return pids

@@ -171,6 +171,7 @@ def run_chaos(args: argparse.Namespace) -> dict[str, Any]:
             blob = _blob(incident_id, floats=args.floats, seed=k)
             _upload_until_acked(lab, fleet[k % 2], incident_id, blob, errors)
             acked[incident_id] = hashlib.sha256(blob).hexdigest()
+            time.sleep(args.interval_s)
         stream_s = time.monotonic() - t0
         t1 = time.monotonic()
         while time.monotonic() - t1 < args.recovery_timeout_s:

@@ -23,7 +23,7 @@ import dataclasses
 import datetime as dt
 import json
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import TYPE_CHECKING, Any
 
 from integrations.errors import SidecarError
@@ -118,11 +118,17 @@ class JobQueue:
                                 "RETURNING id", params).fetchall()
         return len(found)
 
-    def heartbeat(self) -> None:
-        """This sidecar still runs the jobs it claimed (shared catalogs: renews the lease)."""
+    def heartbeat(self, job_ids: Collection[str]) -> None:
+        """This sidecar still runs these jobs it claimed (shared catalogs: renews their lease).
+        Only the attempts really in flight: a job whose runner gave up on it (its outcome could
+        not be recorded) loses its lease and is resumed, here or by another sidecar."""
+        ids = sorted(job_ids)
+        if not ids:
+            return
         with self.index.write() as con:
-            con.execute("UPDATE jobs SET heartbeat_at = ? WHERE owner = ? AND state = 'running'",
-                        [self.clock(), self.owner])
+            con.execute("UPDATE jobs SET heartbeat_at = ? WHERE owner = ? AND state = 'running' "
+                        f"AND id IN ({', '.join('?' * len(ids))})", [self.clock(), self.owner,
+                                                                       *ids])
 
     def submit(self, incident_id: str, kind: str, *, tenant: str,
                params: Mapping[str, Any] | None = None,

@@ -90,6 +90,8 @@ class JobRunner:
         self._changed = threading.Condition()
         self._inflight = 0
         self._inflight_lock = threading.Lock()
+        #: Ids of the attempts running now (their leases are renewed; see JobQueue.heartbeat).
+        self._running_ids: set[str] = set()
         self._counts_lock = threading.Lock()
         self._db_lock = threading.RLock()
         self._closed = False
@@ -179,7 +181,9 @@ class JobRunner:
                 if self.queue.lease_s is not None and \
                         time.monotonic() - renewed >= self.queue.lease_s / 6:
                     with self._db():   # a shared catalog: keep our jobs, resume dead owners'
-                        self.queue.heartbeat()
+                        with self._inflight_lock:
+                            running = set(self._running_ids)
+                        self.queue.heartbeat(running)
                         self.queue.resume()
                     renewed = time.monotonic()
                 while self._inflight < self.workers and not self._stopping.is_set():
@@ -201,6 +205,7 @@ class JobRunner:
         self._report_counts()
         with self._inflight_lock:
             self._inflight += 1
+            self._running_ids.add(job.id)
         threading.Thread(target=self._run, args=(job,), name=f"forensics-job-{job.kind}",
                          daemon=True).start()
 
@@ -231,7 +236,7 @@ class JobRunner:
                 state, result, error = self._attempt(job, host, found=row is not None)
                 # Recorded and followed up inside the span: a metric the kind observes in
                 # ``after`` gets this trace as exemplar when the request had no traceparent.
-                state = self._conclude(job, host, state, result, error)
+                state = self._conclude_when_reachable(job, host, state, result, error)
                 span.set_attribute("forensics.job.state", state)
             self.telemetry.observe(JOB_DURATION, time.monotonic() - t0,
                                    labels={"kind": job.kind})
@@ -246,6 +251,7 @@ class JobRunner:
                 self._report_counts()
             with self._inflight_lock:
                 self._inflight -= 1
+                self._running_ids.discard(job.id)
             self._wake.set()
             with self._changed:
                 self._changed.notify_all()
@@ -287,6 +293,18 @@ class JobRunner:
                          tenant=job.tenant)
         return executor.run(kind.run, ctx, resources=kind.resources)
 
+    def _conclude_when_reachable(self, job: JobRecord, host: RunnerHost, state: str,
+                                 result: dict[str, Any] | None, error: str | None) -> str:
+        """:meth:`_conclude`, retried while a shared catalog is unreachable (the attempt's
+        result is kept, not recomputed); a stop meanwhile leaves the job to be resumed."""
+        while True:
+            try:
+                return self._conclude(job, host, state, result, error)
+            except CatalogUnavailableError as e:
+                log.warning("job %s: cannot record its outcome yet (%s); retrying", job.id, e)
+                if self._stopping.wait(max(self.config.jobs.poll_interval_s, 1.0)):
+                    raise _Stopped from e
+
     def _conclude(self, job: JobRecord, host: RunnerHost, state: str,
                   result: dict[str, Any] | None, error: str | None) -> str:
         """Record the outcome (the kind's ``record`` in the same transaction), then the kind's
@@ -297,6 +315,8 @@ class JobRunner:
             try:
                 self.queue.finish(job, state, result, error,
                                   record=kind.record if kind is not None else None)
+            except CatalogUnavailableError:   # not the result's fault: recorded once it answers
+                raise
             except Exception as e:   # e.g. a result table rejected the row
                 log.exception("recording the result of job %s failed", job.id)
                 state, kind = "failed", None

@@ -92,7 +92,7 @@ def test_a_dead_sidecars_job_is_resumed_by_another(pg_dsn: str) -> None:
     assert dead.claim() is not None                 # ... and then its sidecar dies
     assert alive.claim() is None
     now[0] += dt.timedelta(seconds=30)
-    alive.heartbeat()
+    alive.heartbeat([])
     assert alive.resume() == 0                      # the lease has not run out yet
     now[0] += dt.timedelta(seconds=61)
     assert alive.resume() == 1
@@ -216,3 +216,19 @@ def test_a_running_sidecar_resumes_a_dead_ones_job(tmp_path: Path, pg_dsn: str) 
         assert done.state == "done" and done.attempts == 2, done.error
         assert store.index.read("SELECT owner FROM jobs WHERE id = ?", [job.id]) == \
             [(runner.queue.owner,)]
+
+
+def test_only_attempts_in_flight_keep_their_lease(pg_dsn: str) -> None:
+    """A job its own sidecar gave up on (its outcome could not be recorded) must not be kept
+    alive by that sidecar's heartbeat: its lease runs out and it is resumed."""
+    now = [dt.datetime(2026, 1, 1, 12, 0, 0)]
+    (q,) = _queues(pg_dsn, 1, lease_s=60.0, clock=lambda: now[0])
+    running, orphan = (q.submit(f"inc-{i}", "stats", tenant="acme") for i in (1, 2))
+    assert q.claim() is not None and q.claim() is not None
+    for _ in range(3):                              # three minutes of heartbeats
+        now[0] += dt.timedelta(seconds=59)
+        q.heartbeat([running.id])
+    assert q.resume() == 1                          # the orphan only
+    states = {j: q.get(j).state for j in (running.id, orphan.id)}  # type: ignore[union-attr]
+    assert states == {running.id: "running", orphan.id: "pending"}
+    q.index.close()
