@@ -123,6 +123,11 @@ def test_compose_fleet_agrees_with_its_config(tmp_path: Path,
     images = {s["image"] for n, s in services.items() if n.startswith(("sidecar-", "ray-"))}
     assert len(images) == 1
     assert services["ray-head"]["build"]["args"]["EXTRAS"] == ",fleet"
+    # one Ray auth token for head, workers and sidecars (Ray drivers)
+    for name in ("ray-head", "ray-worker", *sidecars):
+        assert services[name]["environment"]["RAY_AUTH_MODE"] == "token"
+        assert services[name]["environment"]["RAY_AUTH_TOKEN"] == \
+            sidecars["sidecar-a"]["environment"]["RAY_AUTH_TOKEN"]
 
 
 def test_dockerfile_installs_the_requested_extras() -> None:
@@ -162,10 +167,12 @@ def test_overlay_config_secrets_and_ray_cluster_agree(tmp_path: Path,
     _assert_fleet(cfg)
     # the patch maps every fleet secret key to the sidecar's env, from that key
     container = _fleet("StatefulSet")["spec"]["template"]["spec"]["containers"][0]
-    refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container["env"]}
+    refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container["env"]
+            if "valueFrom" in e}
     assert set(refs) == set(fleet_secret)
     assert all(r == {"name": "forensics-fleet", "key": n} for n, r in refs.items())
-    assert raw["catalog"]["dsn_env"] in refs
+    assert raw["catalog"]["dsn_env"] in refs and "RAY_AUTH_TOKEN" in refs
+    assert {"name": "RAY_AUTH_MODE", "value": "token"} in container["env"]
     assert _fleet("StatefulSet")["spec"]["replicas"] > 1
     # the DSN's host is the catalog Service
     dsn = urllib.parse.urlsplit(fleet_secret[raw["catalog"]["dsn_env"]])
@@ -185,6 +192,7 @@ def test_overlay_config_secrets_and_ray_cluster_agree(tmp_path: Path,
         (c,) = group["template"]["spec"]["containers"]
         assert c["image"] == image
         assert c["envFrom"] == [{"secretRef": {"name": "forensics-fleet"}}]
+        assert {"name": "RAY_AUTH_MODE", "value": "token"} in c["env"]    # as the sidecars
         assert group["template"]["spec"]["securityContext"]["runAsNonRoot"]
     gpu = [g for g in cluster["spec"]["workerGroupSpecs"]
            if "nvidia.com/gpu" in g["template"]["spec"]["containers"][0]["resources"]["limits"]]
