@@ -26,6 +26,7 @@ import hashlib
 import os
 import signal
 import statistics
+import sys
 import threading
 import time
 from typing import Any
@@ -81,7 +82,7 @@ def run_ingest(args: argparse.Namespace) -> dict[str, Any]:
                        "bytes": len(next(iter(blobs.values())))}
                 out["runs"].append(run)
                 print(f"ingest rep {rep} N={n}: {run['per_s']}/s, ack median "
-                      f"{run['ack_median_ms']} ms", flush=True)
+                      f"{run['ack_median_ms']} ms", file=sys.stderr, flush=True)
         for n, fleet in fleets.items():     # every incident listed through sidecar 0
             with lab.client(fleet[0], TENANT) as c:
                 out.setdefault("listed", {})[n] = sum(1 for _ in c.list_all(page_size=1000))
