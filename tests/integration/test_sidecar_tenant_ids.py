@@ -175,8 +175,8 @@ def test_a_tenant_token_cannot_name_another_tenant(serve: Serve) -> None:
     assert sc.stats()["rejected"]["permission_denied"] == 3
 
 
-def test_the_cli_names_the_tenant_with_an_admin_token(serve: Serve,
-                                                      capsys: pytest.CaptureFixture[str]) -> None:
+def _both_hold_inc_x(serve: Serve) -> tuple[str, argparse.ArgumentParser]:
+    """A sidecar where acme and globex each hold an ``inc-x``; the ``forensics`` CLI parser."""
     from sidecar.cli import register
 
     _, addr = _serve(serve)
@@ -185,6 +185,12 @@ def test_the_cli_names_the_tenant_with_an_admin_token(serve: Serve,
         c["globex"].upload("inc-x", GLOBEX_X)
     parser = argparse.ArgumentParser(prog="forensics")
     register(parser.add_subparsers(dest="command"))
+    return addr, parser
+
+
+def test_the_cli_names_the_tenant_with_an_admin_token(serve: Serve,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    addr, parser = _both_hold_inc_x(serve)
     common = ["--address", addr, "--token", TOKENS["admin"]]
     for argv, status in ((["incidents", "show", "inc-x", *common, "--json"], 1),
                          (["incidents", "show", "inc-x", *common, "--json", "--tenant", "globex"],
@@ -201,14 +207,7 @@ def test_an_admins_reports_of_two_tenants_same_id_do_not_overwrite(
         capsys: pytest.CaptureFixture[str]) -> None:
     """``forensics report inc-x --tenant T`` (no ``-o``) names the file after the tenant's store
     directory, so the second tenant's report is a second file, each of its own incident."""
-    from sidecar.cli import register
-
-    _, addr = _serve(serve)
-    with _clients(addr) as c:
-        c["acme"].upload("inc-x", ACME_X)
-        c["globex"].upload("inc-x", GLOBEX_X)
-    parser = argparse.ArgumentParser(prog="forensics")
-    register(parser.add_subparsers(dest="command"))
+    addr, parser = _both_hold_inc_x(serve)
     monkeypatch.chdir(tmp_path)
     for tenant in ("acme", "globex"):
         args = parser.parse_args(["report", "inc-x", "--address", addr, "--token",
