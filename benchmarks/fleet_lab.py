@@ -16,10 +16,14 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -80,9 +84,7 @@ def start_ray_head(lab: Lab, *, num_cpus: int = 2) -> tuple[str, dict[str, str]]
     child = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL, start_new_session=True)
     lab.children.append(child)
-    lab.cleanups.append(lambda: subprocess.run(
-        [sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"], env=env,
-        capture_output=True, check=False, timeout=60))
+    lab.cleanups.append(lambda: _stop_ray(temp, auth["RAY_AUTH_TOKEN"]))
     address = f"127.0.0.1:{port}"
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
@@ -97,20 +99,44 @@ def start_ray_head(lab: Lab, *, num_cpus: int = 2) -> tuple[str, dict[str, str]]
     raise RuntimeError(f"the Ray head at {address} did not come up in 90 s")
 
 
+def _cmdlines() -> Iterator[tuple[int, bytes]]:
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                yield int(proc.name), (proc / "cmdline").read_bytes().replace(b"\0", b" ")
+            except OSError:
+                continue
+
+
+def _stop_ray(temp: Path, token: str) -> None:
+    """Stop this lab's Ray only (never another Ray on the machine, as ``ray stop`` would):
+    every process that holds the lab's Ray token in its environment (GCS, raylet, workers) or
+    a file open under the lab's Ray temp dir (the node's agents, which get neither the token
+    nor the dir on their command line), then remove the dir."""
+    mark, where = f"RAY_AUTH_TOKEN={token}".encode(), str(temp)
+    for pid, _ in _cmdlines():
+        if pid == os.getpid():
+            continue
+        try:
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            files = [os.readlink(fd) for fd in Path(f"/proc/{pid}/fd").iterdir()]
+        except OSError:
+            continue
+        if mark in env or any(f == where or f.startswith(where + "/") for f in files):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    time.sleep(1.0)
+    shutil.rmtree(temp, ignore_errors=True)
+
+
 def ray_worker_pids() -> list[int]:
     """The pids of Ray's worker processes on this machine (``ray::IDLE``, ``ray::<task>``;
     not the raylet, the GCS, the node's agents or a driver)."""
     pids = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ")
-        except OSError:
-            continue
+    for pid, cmd in _cmdlines():
         name = cmd.split(b" ", 1)[0].rstrip()
         # workers retitle themselves ray::IDLE / ray::<task>; the raylet's own command line
         # names default_worker.py too (as a flag), so only the title counts
         if name.startswith(b"ray::") and not name.endswith(b"Agent"):
-            pids.append(int(proc.name))
+            pids.append(pid)
     return pids

@@ -95,12 +95,13 @@ def open_ref(ref: str, config: SidecarConfig) -> Path:
 
 
 def _cache(config: SidecarConfig) -> LocalCache:
-    """One bounded cache per process: under the data dir when this machine has it (the
-    sidecar itself), else the temp dir (a remote worker)."""
+    """One bounded cache per process: ``<data_dir>/ref-cache`` when this machine has the data
+    dir (a worker beside the sidecar; never the sidecar's own ``cache/``, which another
+    :class:`LocalCache` budgets and evicts), else the temp dir (a remote worker)."""
     from ._incident_cache import LocalCache
 
     data_dir = Path(config.data_dir)
-    root = (data_dir / "cache" if data_dir.is_dir() and os.access(data_dir, os.W_OK)
+    root = (data_dir / "ref-cache" if data_dir.is_dir() and os.access(data_dir, os.W_OK)
             else Path(tempfile.gettempdir()) / "forensics-job-cache")
     with _caches_lock:
         if root not in _caches:

@@ -39,3 +39,26 @@ def test_query_command_runs(fleet: Any, capsys: pytest.CaptureFixture[str]) -> N
     assert fleet.main(["query", "--sizes", "500", "--engines", "duckdb", "--reps", "2"]) == 0
     out = capsys.readouterr().out
     assert "duckdb" in out and "median" in out and "worst CF score first" in out
+
+
+@pytest.mark.slow
+def test_chaos_at_a_small_size_loses_nothing_and_finishes_every_job(
+        fleet: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    """``fleet.py chaos`` end to end, small: real PostgreSQL, a real ``ray start --head``, two
+    sidecar processes; the catalog stopped and restarted, the Ray workers killed mid-stream."""
+    from tests._postgres import postgres_or_skip_reason
+
+    reason = postgres_or_skip_reason()
+    if reason is not None:
+        pytest.skip(f"no PostgreSQL: {reason}")
+    pytest.importorskip("ray", reason="Ray (extra `fleet`) is not installed")
+    assert fleet.main(["chaos", "--incidents", "30", "--catalog-down-at", "5",
+                       "--catalog-up-at", "12", "--kill-at", "18", "--interval-s", "0.05",
+                       "--recovery-timeout-s", "240"]) == 0
+    import json
+
+    out = json.loads(capsys.readouterr().out)
+    assert (out["acknowledged"], out["lost"]) == (30, 0)
+    assert out["byte_identical_through_the_other_sidecar"] == 30
+    assert out["jobs"] == {"done": 30} and out["jobs_per_incident"] == 1.0
+    assert [e["at"] for e in out["events"]] == [5, 12, 18]

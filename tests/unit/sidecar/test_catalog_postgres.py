@@ -232,3 +232,44 @@ def test_only_attempts_in_flight_keep_their_lease(pg_dsn: str) -> None:
     states = {j: q.get(j).state for j in (running.id, orphan.id)}  # type: ignore[union-attr]
     assert states == {running.id: "running", orphan.id: "pending"}
     q.index.close()
+
+
+_ENTERED, _RELEASE = threading.Event(), threading.Event()
+
+
+def _held(ctx: object) -> dict[str, int]:
+    """A job attempt that ends when the test says so."""
+    _ENTERED.set()
+    _RELEASE.wait(30)
+    return {"n": 7}
+
+
+def test_an_outcome_reached_while_the_catalog_is_down_is_recorded_once_it_is_back(
+        tmp_path: Path, pg_dsn: str, postgres_server) -> None:  # type: ignore[no-untyped-def]
+    """The attempt finishes while PostgreSQL is stopped: its result is kept and recorded when
+    the catalog answers again (before: logged, and the job stayed 'running' for good)."""
+    import time
+
+    from sidecar.jobs import JobKind, JobRunner
+
+    cfg = SidecarConfig.from_dict({"data_dir": str(tmp_path / "d"),
+                                   "jobs": {"poll_interval_s": 0.05, "workers": 1}})
+    _ENTERED.clear()
+    _RELEASE.clear()
+    with LocalStore(tmp_path / "d", catalog=PostgresCatalog(pg_dsn)) as store:
+        store.put("inc-1", build_incident("inc-1"), tenant="acme")
+        runner = JobRunner(store, config=cfg, kinds=(JobKind("held", run=_held),))
+        runner.start()
+        try:
+            job = runner.submit("inc-1", "held", tenant="acme")
+            assert _ENTERED.wait(30)
+            postgres_server.stop()
+            try:
+                _RELEASE.set()
+                time.sleep(2.0)          # the attempt ends, its outcome cannot be recorded
+            finally:
+                postgres_server.start()
+            done = runner.wait(job.id, timeout_s=30)
+        finally:
+            runner.stop()
+    assert (done.state, done.attempts, done.result) == ("done", 1, {"n": 7})

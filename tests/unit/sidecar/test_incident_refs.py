@@ -47,6 +47,7 @@ def test_a_reference_names_the_object_and_its_digest_and_opens_to_the_same_bytes
                    f"#sha256={hashlib.sha256(data).hexdigest()}")
     local = open_ref(ref, cfg)
     assert local.read_bytes() == data
+    assert local.is_relative_to(Path(cfg.data_dir) / "ref-cache")   # not the store's cache/
     assert len(_ctx(cfg, ref).open_incident().sites()) == 3
     assert open_ref(ref, cfg) == local                 # the checked copy is reused
 

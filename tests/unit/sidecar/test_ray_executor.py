@@ -426,3 +426,23 @@ def test_a_ray_task_opens_an_object_store_incident_by_reference(
     assert ok.result["n_sites"] == 3 and ok.result["pid"] != os.getpid()
     assert tampered.state == "failed" and tampered.attempts == 1
     assert "does not hold the acknowledged incident" in (tampered.error or "")
+
+
+def test_joining_a_cluster_never_lets_a_ray_outage_end_the_sidecar(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Ray driver exits when its GCS stays unreachable for RAY_gcs_rpc_server_reconnect_
+    timeout_s (60 s): the sidecar (a driver) raises it before joining a cluster — the fleet chaos
+    run lost both sidecars to this — and keeps an operator's own value. (``ray.init`` is
+    replaced by a recorder: the setting must be in place when it runs; no cluster here.)"""
+    import types
+
+    from sidecar._config_sections import RayConfig
+    from sidecar.jobs._ray import GCS_RECONNECT_ENV, GCS_RECONNECT_S
+
+    seen: list[str | None] = []
+    ray = types.SimpleNamespace(init=lambda **kw: seen.append(os.environ.get(GCS_RECONNECT_ENV)))
+    monkeypatch.delenv(GCS_RECONNECT_ENV, raising=False)
+    RayExecutor(RayConfig(address="127.0.0.1:6379"))._init(ray)
+    monkeypatch.setenv(GCS_RECONNECT_ENV, "120")
+    RayExecutor(RayConfig(address="127.0.0.1:6379"))._init(ray)
+    assert seen == [str(GCS_RECONNECT_S), "120"]
