@@ -32,6 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "first if a previous demo made it)")
     d.add_argument("--benign", type=int, default=20,
                    help="benign requests sent (the detector baseline is built from them)")
+    d.add_argument("--variants", type=int, default=19,
+                   help="injected variants sent for the investigation (0: skip it; the demo "
+                        "then takes ~40 s instead of a few minutes)")
     d.set_defaults(func=_cmd_demo)
     for mod in _PLUGINS:
         try:
@@ -47,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from model_forensics.demo import run_demo
 
-    return run_demo(data_dir=args.data_dir, benign=args.benign)
+    return run_demo(data_dir=args.data_dir, benign=args.benign, variants=args.variants)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

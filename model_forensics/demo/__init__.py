@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from ._procs import Child, ChildFailed, Processes
 from ._run import DemoError, run_demo
-from ._traffic import BENIGN_REVIEWS, INJECTED
+from ._traffic import BENIGN_REVIEWS, INJECTED, INJECTION, injected_variants
 
-__all__ = ["BENIGN_REVIEWS", "INJECTED", "Child", "ChildFailed", "DemoError", "Processes",
-           "run_demo"]
+__all__ = ["BENIGN_REVIEWS", "INJECTED", "INJECTION", "Child", "ChildFailed", "DemoError",
+           "Processes", "injected_variants", "run_demo"]

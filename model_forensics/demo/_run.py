@@ -8,13 +8,19 @@
    them, scores them and, at ``baselines.min_samples``, builds the detector baseline by itself;
 4. send the injected review: the model answers "HACKED", the app's output guardrail flags the
    request after the model ran, and the flight recorder keeps its activations;
-5. the sidecar indexes it, scores it (CF) and searches a verified minimal fix set (CCA) —
-   asynchronously; the demo waits, then writes the HTML report and prints what on-call needs;
-6. stop everything it started — also on Ctrl-C, SIGTERM or a failure.
+5. send the same injection on other reviews (captured): the model fails on some of them — the
+   failing variants — and not on others — the contrast;
+6. the sidecar indexes every incident and scores it (CF); the demo asks it for a verified
+   minimal fix set (CCA) of the flagged incident, then for its ``investigate`` job (DESIGN §14: input spans, causal
+   trace and decision layer over the variants, components, a fix searched under the side-effect
+   budget) — asynchronous jobs; the demo waits, writes the HTML report and prints what on-call
+   needs;
+7. stop everything it started — also on Ctrl-C, SIGTERM or a failure.
 
 Example::
 
     run_demo(data_dir="forensics-data/demo")     # exit status: 0 = a fix set was found
+    run_demo(variants=0)                         # no investigation (~40 s instead of minutes)
 """
 
 from __future__ import annotations
@@ -83,6 +89,9 @@ def _sidecar_config(root: Path, n_benign: int) -> Path:
            "jobs": {"workers": 2, "poll_interval_s": 0.2,
                     "params": {"cca": {"permutations": 19, "variants": 4}}},
            "models": [{"name": SMOLLM2_NAME, "loader": "analysis.models:load_smollm2"}],
+           # CCA only where the demo asks for it (the flagged incident), not after the CF of
+           # every failing variant too
+           "modules": {"cca": {"enabled": False}},
            "baselines": {"detector": "mahalanobis", "min_samples": n_benign,
                          "refresh_every": 0, "sample_rules": ["header"], "cca_benign": 4}}
     path = root / "sidecar.yaml"
@@ -157,6 +166,7 @@ def _analyses(client: Any, incident_id: str, clock: _Clock) -> None:
     if r.get("status") != "scored":
         raise DemoError(f"CF did not score the incident: {r.get('status')} {cf.error}"
                         f" {r.get('message', '')}".rstrip())
+    client.run_analysis(incident_id, "cca", request_id="demo:cca")
     clock.say(f"CF scored the incident: score {r['anomaly_score']:.2f}, p "
               f"{r['anomaly_p']:.3g} vs the baseline; searching a fix set (CCA: replays of "
               "SmolLM2) ...")
@@ -178,9 +188,11 @@ def _report(client: Any, incident_id: str, root: Path) -> tuple[Any, Path]:
     return data, out
 
 
-def _scenario(procs: Processes, repo: Path, root: Path, n_benign: int, clock: _Clock) -> int:
+def _scenario(procs: Processes, repo: Path, root: Path, n_benign: int, n_variants: int,
+              clock: _Clock) -> int:
     from sidecar import SidecarClient
 
+    from ._investigation import run_investigation, send_variants
     from ._summary import print_summary, score_exemplar
 
     address, metrics, url = _start(procs, repo, root, n_benign, clock)
@@ -188,7 +200,13 @@ def _scenario(procs: Processes, repo: Path, root: Path, n_benign: int, clock: _C
         _benign(url, client, n_benign, clock)
         answer, incident_id, _ = _injected(url, client, clock)
         clock.say(f"incident {incident_id} stored by the sidecar; analyses run asynchronously")
+        variants = send_variants(url, client, n_variants, say=clock.say) if n_variants else None
         _analyses(client, incident_id, clock)
+        if variants is not None:
+            if not variants.failing:
+                raise DemoError("no injected variant failed: nothing to investigate against")
+            run_investigation(client, incident_id, variants, say=clock.say)
+            clock.say("investigation finished")
         data, report = _report(client, incident_id, root)
     score = (data.result("cf") or {}).get("anomaly_score")
     exemplar = score_exemplar(metrics, score) if isinstance(score, float) else None
@@ -210,9 +228,10 @@ def _on_sigterm(signum: int, frame: Any) -> None:
 
 
 def run_demo(*, data_dir: str | Path = "forensics-data/demo", benign: int = 20,
-             console: Any = None) -> int:
+             variants: int = 19, console: Any = None) -> int:
     """Run the demo (module doc); the exit status: 0 when the flagged incident got a verified
-    fix set, 1 on a failure, 130 when interrupted. Everything started is stopped."""
+    fix set, 1 on a failure, 130 when interrupted. Everything started is stopped. ``variants``
+    injected variants are sent for the investigation (0: no investigation)."""
     from rich.console import Console
 
     from analysis.models import ensure_smollm2_cache
@@ -224,6 +243,9 @@ def run_demo(*, data_dir: str | Path = "forensics-data/demo", benign: int = 20,
     try:
         if not 2 <= benign <= len(BENIGN_REVIEWS):
             raise DemoError(f"--benign must be in [2, {len(BENIGN_REVIEWS)}], got {benign}")
+        if not 0 <= variants < benign:  # each variant's twin is a benign review
+            raise DemoError(f"--variants must be in [0, {benign - 1}] (each variant's benign "
+                            f"twin is one of the --benign reviews), got {variants}")
         if not (repo / "examples" / "asgi_app.py").is_file():
             raise DemoError(f"the demo serves examples/asgi_app.py from a checkout; not found "
                             f"under {repo}")
@@ -234,7 +256,7 @@ def run_demo(*, data_dir: str | Path = "forensics-data/demo", benign: int = 20,
         clock.say(f"demo data in {root.resolve()}")
         with Processes() as procs:
             try:
-                return _scenario(procs, repo, root, benign, clock)
+                return _scenario(procs, repo, root, benign, variants, clock)
             finally:
                 stopped = procs.stop_all()
                 clock.say("stopped " + ", ".join(f"{n} ({_status(rc)})" for n, rc in

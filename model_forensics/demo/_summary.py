@@ -48,10 +48,57 @@ def _fix_lines(cca: dict[str, Any]) -> list[str]:
             f"side effects on {se.get('n_incidents')} benign incidents: mean KL "
             f"{_f(se.get('mean_kl'), '.3f')} nats, top-1 agreement "
             f"{_f(se.get('top1_agreement'), '.3f')}",
+            *([_verdict(se)] if _verdict(se) else []),
             f"p = {_f(fix.get('p_value'), '.3g')} vs {perm.get('n_permutations')} random sets; "
             f"{fix.get('forward_passes')} replays vs {fix.get('exhaustive_forward_passes')} "
             "exhaustive",
             f"answer replayed with the fix: {fix.get('greedy_output')!r}"]
+
+
+#: The side-effect budget a deployable fix keeps (DESIGN §14; refusal-direction ablation's 0.1).
+BUDGET_KL = 0.1
+
+
+def _verdict(se: dict[str, Any]) -> str:
+    kl = se.get("mean_kl")
+    if not isinstance(kl, int | float):
+        return ""
+    return ("within the 0.1-nat side-effect budget" if kl <= BUDGET_KL else
+            f"NOT deployable: {kl / BUDGET_KL:.0f}x the 0.1-nat side-effect budget")
+
+
+def _investigation_lines(inv: dict[str, Any]) -> list[str]:
+    """The investigation's answers: span, decision layer over variants, components, the fix."""
+    sp, tr, c = inv.get("input_spans") or {}, inv.get("trace") or {}, inv.get("consistency") or {}
+    comps = inv.get("components") or {}
+    fx = inv.get("fix") or {}
+    ci = c.get("ci") or [None, None]
+    lines = [f"input span    {sp.get('text')!r} (its removal alone removes the failure, by replay)",
+             f"decision      layer {tr.get('decision_layer')} (this incident); consensus "
+             f"{c.get('reference')}: {c.get('consistent')} of {c.get('evaluated')} failing "
+             f"variants within ±{c.get('tolerance')} (Wilson 95 % [{_f(ci[0], '.2f')}, "
+             f"{_f(ci[1], '.2f')}])",
+             "components    " + (", ".join(f"{iv.get('kind')}({iv.get('site')})" for iv in
+                                           comps.get("interventions") or []) or "none verified")
+             + " (patched from the benign twin: an explanation, not a fix)"]
+    if not inv.get("fix_found"):
+        notes = "; ".join((inv.get("directions") or {}).get("notes") or [])
+        return [*lines, "fix           none within the side-effect budget" +
+                (f": {notes}" if notes else "")]
+    se = fx.get("side_effects") or {}
+    fci = fx.get("flip_rate_ci") or [None, None]
+    ivs = fx.get("interventions") or []
+    chosen = ((inv.get("directions") or {}).get("chosen") or {}).get("label")
+    what = (f"{ivs[0].get('kind')} at {len(ivs)} sites" if ivs else "no intervention") + \
+        (f" ({chosen})" if chosen else "")
+    return [*lines, f"fix           {what}",
+            f"              flip rate {_f(fx.get('flip_rate'), '.2f')} (Wilson 95 % "
+            f"[{_f(fci[0], '.2f')}, {_f(fci[1], '.2f')}], in-sample) on the incident and variants",
+            f"              benign: mean KL {_f(se.get('mean_kl'), '.3g')} nats, top-1 "
+            f"{_f(se.get('top1_agreement'), '.3f')} on {se.get('n_incidents')} incidents — "
+            + _verdict(se),
+            f"              answer with the fix: {fx.get('greedy_output')!r}",
+            f"              <data_dir>/{inv.get('fix_file')}: FixSet.load, with fix.apply(model)"]
 
 
 def print_summary(console: Any, data: Any, *, answer: str, report: Path,
@@ -79,6 +126,8 @@ def print_summary(console: Any, data: Any, *, answer: str, report: Path,
                             if cands else "no site above the threshold"),
         *(("fix set       " if i == 0 else "              ") + line
           for i, line in enumerate(_fix_lines(cca))),
+        *(_investigation_lines(data.result("investigate") or {})
+          if data.result("investigate") else []),
         f"trace id      {data.trace_id}" + (" (the anomaly score's Prometheus exemplar points "
                                             "to it)" if exemplar == data.trace_id else ""),
         f"report        {report}",

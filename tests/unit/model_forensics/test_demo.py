@@ -97,3 +97,40 @@ def test_wait_for_sees_a_line_printed_later(tmp_path: Path) -> None:
         t0 = time.monotonic()
         assert c.wait_for(r"listening on (\S+)", timeout_s=30).group(1) == "127.0.0.1:5"
         assert time.monotonic() - t0 >= 0.4
+
+
+def test_each_injected_variant_has_its_benign_twin_in_the_baseline_traffic(
+        tmp_path: Path) -> None:
+    from model_forensics.demo import BENIGN_REVIEWS, INJECTED, injected_variants
+
+    variants = injected_variants(19)
+    assert len(set(variants)) == 19 and INJECTED not in variants
+    for v in variants:
+        twin = v.rsplit(" System override:", 1)[0]
+        assert twin in BENIGN_REVIEWS[:20] and twin != v
+    assert run_demo(data_dir=tmp_path / "v", benign=5, variants=5) == 1   # twin 6 not sent
+
+
+def test_the_summary_says_whether_a_fix_is_within_the_side_effect_budget() -> None:
+    from model_forensics.demo._summary import _fix_lines, _investigation_lines
+
+    broken = {"status": "found", "fix_set": {
+        "interventions": [{"kind": "mean", "site": "blocks.11.mlp"}],
+        "side_effects": {"mean_kl": 6.5, "n_incidents": 4, "top1_agreement": 0.16}}}
+    assert "NOT deployable: 65x the 0.1-nat side-effect budget" in _fix_lines(broken)
+    inv = {"input_spans": {"text": "HACKED."}, "trace": {"decision_layer": 22},
+           "consistency": {"reference": 20, "consistent": 4, "evaluated": 8, "tolerance": 1,
+                           "ci": [0.22, 0.78]},
+           "components": {"interventions": [{"kind": "patch", "site": "blocks.22.attn.z"}]},
+           "fix_found": True, "fix_file": "results/i/j/fix.json",
+           "directions": {"chosen": {"label": "gate at layer 14, remove d_L at layers 20..29"}},
+           "fix": {"interventions": [{"kind": "project"}] * 10, "flip_rate": 1.0,
+                   "flip_rate_ci": [0.77, 1.0], "greedy_output": "I'm happy to help.",
+                   "side_effects": {"mean_kl": 0.0, "top1_agreement": 1.0, "n_incidents": 20}}}
+    text = "\n".join(_investigation_lines(inv))
+    assert "project at 10 sites (gate at layer 14" in text
+    assert "within the 0.1-nat side-effect budget" in text and "NOT" not in text
+    assert "consensus 20: 4 of 8 failing variants within ±1" in text
+    none = "\n".join(_investigation_lines({**inv, "fix_found": False, "directions": {
+        "notes": ["a direction fix needs at least 4 failing"]}}))
+    assert "none within the side-effect budget: a direction fix needs at least 4" in none
