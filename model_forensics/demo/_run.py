@@ -202,9 +202,10 @@ def _scenario(procs: Processes, repo: Path, root: Path, n_benign: int, n_variant
         clock.say(f"incident {incident_id} stored by the sidecar; analyses run asynchronously")
         variants = send_variants(url, client, n_variants, say=clock.say) if n_variants else None
         _analyses(client, incident_id, clock)
-        if variants is not None:
-            if not variants.failing:
-                raise DemoError("no injected variant failed: nothing to investigate against")
+        if variants is not None and not variants.failing:
+            clock.say("no injected variant failed on this machine: the investigation needs "
+                      "failing variants (decision layer, direction fix); skipped")
+        elif variants is not None:
             run_investigation(client, incident_id, variants, say=clock.say)
             clock.say("investigation finished")
         data, report = _report(client, incident_id, root)
