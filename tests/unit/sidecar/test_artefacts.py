@@ -150,3 +150,27 @@ def test_a_probe_that_is_not_a_probe_document_fails_as_an_artefact_error(
     bad = put_artefact(cfg, rel, b'{"format": "forensics-probe/1"}')
     with pytest.raises(ArtefactError, match="is not a forensics-probe/1 probe document"):
         load_probe(cfg, {"what": "probe", "path": rel, "sha256": bad, "version": 1})
+
+
+def test_s3_emulator_a_baseline_object_is_written_once_and_read_checked(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """S3 API EMULATOR (moto), not AWS S3: the artefact is one object under the store's prefix;
+    a reader with another data dir fetches and checks it; an altered object is refused."""
+    from tests._s3 import s3_emulator, store_config
+
+    rel = f"baselines/tenant-acme/{FP}/norm-v0001-0123456789ab.npz"
+    with s3_emulator(monkeypatch) as s3:
+        raw = {"store": store_config(s3), "data_dir": str(tmp_path / "a")}
+        writer = SidecarConfig.from_dict(raw)
+        sha = put_artefact(writer, rel, b"baseline bytes")
+        assert s3.keys("fleet/a/baselines") == [f"fleet/a/{rel}"]
+        ref = {"what": "baseline", "path": rel, "sha256": sha, "version": 1}
+        (tmp_path / "b").mkdir()
+        reader = SidecarConfig.from_dict({**raw, "data_dir": str(tmp_path / "b")})
+        assert read_artefact(reader, ref) == b"baseline bytes"
+        with s3.fs().open_output_stream(f"{s3.bucket}/fleet/a/{rel}") as f:
+            f.write(b"other bytes")
+        (tmp_path / "c").mkdir()
+        fresh = SidecarConfig.from_dict({**raw, "data_dir": str(tmp_path / "c")})
+        with pytest.raises(ArtefactError, match="does not hold the acknowledged baseline"):
+            read_artefact(fresh, ref)
