@@ -174,3 +174,47 @@ def test_s3_emulator_a_baseline_object_is_written_once_and_read_checked(
         fresh = SidecarConfig.from_dict({**raw, "data_dir": str(tmp_path / "c")})
         with pytest.raises(ArtefactError, match="does not hold the acknowledged baseline"):
             read_artefact(fresh, ref)
+
+
+def test_a_probe_lives_in_the_shared_store_and_an_altered_one_fails_probe_score(
+        tmp_path: Path) -> None:
+    """The planted-head tiny GPT-2's incidents (``_rca_cases``): the ``probe`` job writes its
+    JSON to the store (not ``data_dir``) with the sha256 in its ``probes`` row; ``probe_score``
+    reads it from there, refuses it once altered and scores with it once restored."""
+    from ._rca_cases import model_entry, record_cases
+
+    shared = tmp_path / "store"
+    cfg = SidecarConfig.from_dict({
+        "data_dir": str(tmp_path / "a"), "store": {"uri": f"file://{shared}"},
+        "jobs": {"poll_interval_s": 0.05}, "models": [model_entry()],
+        "modules": {"cf": {"enabled": False}, "cca": {"enabled": False}}})
+    cases = record_cases(8)
+    with LocalStore.from_config(cfg) as store:
+        for inc in (*cases["failing"], *cases["contrast"], *cases["benign"]):
+            store.put(inc.id, inc.to_bytes(), tenant="acme")
+        runner = JobRunner(store, config=cfg, kinds=builtin_kinds())
+        first = cases["failing"][0].id
+
+        def run(kind: str) -> Any:
+            return runner.wait(runner.submit(first, kind, tenant="acme").id, timeout_s=120)
+
+        runner.start()
+        try:
+            trained = run("probe")
+            assert trained.state == "done" and trained.result["status"] == "trained", \
+                trained.error
+            obj = shared / trained.result["path"]
+            original = obj.read_bytes()
+            (row,) = store.index.read_dicts("SELECT path, sha256 FROM probes")
+            assert row == {"path": trained.result["path"],
+                           "sha256": hashlib.sha256(original).hexdigest()}
+            assert not (tmp_path / "a" / "probes").exists()
+            _flip_a_byte(obj)
+            tampered = run("probe_score")
+            obj.write_bytes(original)
+            scored = run("probe_score")
+        finally:
+            runner.stop()
+    assert tampered.state == "failed" and (tampered.error or "").startswith("ArtefactError: ")
+    assert scored.state == "done" and scored.result["status"] == "scored", scored.error
+    assert scored.result["probe"]["sha256"] == row["sha256"]
