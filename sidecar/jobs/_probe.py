@@ -12,6 +12,7 @@ position (:mod:`sidecar.jobs._probe_features`):
 * **sites**: ``params.sites`` (default every ``blocks.*.resid_post``), each cross-validated
   (``params.folds`` stratified folds, default 5): out-of-fold AUROC with a bootstrap 95 %
   interval and TPR at 1 % FPR per site — the decodability curve over layers. The probe kept
+  reads the best site (by AUROC: its AUROC is optimistic by that choice, which the result
   says); it is refitted on every labelled incident and saved as a new version through the
   store (:mod:`sidecar.jobs._probe_files`, JSON, no pickle) with a ``probes`` row carrying its
   sha256 (written once the object is durable);
