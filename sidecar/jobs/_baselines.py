@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import re
-import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeGuard
@@ -42,8 +41,6 @@ _FP = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,199}")   # e.g. "sha256:<hex>"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 #: The shape of a hashed scope name: a plain name of this shape is hashed too (no collisions).
 _HASHED = re.compile(r"h[0-9a-f]{24}")
-_CACHE: dict[str, Any] = {}
-_CACHE_LOCK = threading.Lock()
 
 
 def usable_fingerprint(fingerprint: Any) -> TypeGuard[str]:
@@ -127,24 +124,19 @@ def baseline_rel(scope: str, fingerprint: str, detector: str, version: int, *,
 
 def load_baseline(config: SidecarConfig, ref: Mapping[str, Any]) -> Any:
     """The ``CFBaseline`` a catalog reference names: its bytes checked against the row's
-    sha256 (:func:`sidecar._artefacts.read_artefact`), then parsed without pickle; parsed once
-    per content per process. ``ArtefactError`` when missing, altered or not a baseline."""
+    sha256, then parsed without pickle, once while its file is unchanged
+    (:func:`sidecar._artefacts.load_artefact`). ``ArtefactError`` when missing, altered or not
+    a baseline."""
+    from .._artefacts import load_artefact
+
+    return load_artefact(config, ref, lambda data: _parse_baseline(data, ref))
+
+
+def _parse_baseline(data: bytes, ref: Mapping[str, Any]) -> Any:
+    from analysis.cf import CFBaseline
     from integrations.errors import AnalysisError, ArtefactError
 
-    from .._artefacts import read_artefact
-
-    data = read_artefact(config, ref)
-    key = hashlib.sha256(data).hexdigest()
-    with _CACHE_LOCK:
-        base = _CACHE.get(key)
-    if base is None:
-        from analysis.cf import CFBaseline
-
-        try:
-            base = CFBaseline.from_bytes(data)
-        except AnalysisError as e:
-            raise ArtefactError(f"baseline {ref.get('path')} is not a valid baseline: {e}") from e
-        with _CACHE_LOCK:
-            _CACHE.clear()   # one model's newest baseline per process is the common case
-            _CACHE[key] = base
-    return base
+    try:
+        return CFBaseline.from_bytes(data)
+    except AnalysisError as e:
+        raise ArtefactError(f"baseline {ref.get('path')} is not a valid baseline: {e}") from e

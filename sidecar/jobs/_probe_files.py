@@ -23,12 +23,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .._artefacts import put_artefact, read_artefact
+from .._artefacts import load_artefact, put_artefact
 from ._baselines import usable_fingerprint
 from ._kind import JobFailed
 
@@ -41,8 +40,6 @@ __all__ = ["PROBE_FORMAT", "claim_probe", "load_probe", "next_probe_version", "t
 
 #: The ``format`` of a probe file.
 PROBE_FORMAT = "forensics-probe/1"
-_CACHE: dict[str, dict[str, Any]] = {}
-_CACHE_LOCK = threading.Lock()
 
 
 def tenant_key(tenant: str) -> str:
@@ -95,25 +92,21 @@ def write_probe(config: SidecarConfig, rel: str, doc: dict[str, Any]) -> str:
 
 def load_probe(config: SidecarConfig, ref: Mapping[str, Any]) -> dict[str, Any]:
     """The probe document a catalog reference names: checked against the row's sha256, then
-    validated (a document that is not a probe fails the job, saying which); parsed once per
-    content per process."""
+    validated (a document that is not a probe fails the job, saying which), once while its file
+    is unchanged (:func:`sidecar._artefacts.load_artefact`)."""
+    return load_artefact(config, ref, lambda data: _parse_probe(data, ref))
+
+
+def _parse_probe(data: bytes, ref: Mapping[str, Any]) -> dict[str, Any]:
     from integrations.errors import ArtefactError
 
-    data = read_artefact(config, ref)
-    key = hashlib.sha256(data).hexdigest()
-    with _CACHE_LOCK:
-        doc = _CACHE.get(key)
-    if doc is None:
-        try:
-            doc = json.loads(data.decode("utf-8"))
-        except ValueError as e:
-            raise ArtefactError(f"probe {ref.get('path')} is not JSON ({e}); train a new probe "
-                                "(job kind probe)") from e
-        if not isinstance(doc, dict) or doc.get("format") != PROBE_FORMAT or \
-                not isinstance(doc.get("probe"), dict) or not isinstance(doc.get("site"), str):
-            raise ArtefactError(f"{ref.get('path')} is not a {PROBE_FORMAT} probe document; "
-                                "train a new probe (job kind probe)")
-        with _CACHE_LOCK:
-            _CACHE.clear()
-            _CACHE[key] = doc
+    try:
+        doc = json.loads(data.decode("utf-8"))
+    except ValueError as e:
+        raise ArtefactError(f"probe {ref.get('path')} is not JSON ({e}); train a new probe "
+                            "(job kind probe)") from e
+    if not isinstance(doc, dict) or doc.get("format") != PROBE_FORMAT or \
+            not isinstance(doc.get("probe"), dict) or not isinstance(doc.get("site"), str):
+        raise ArtefactError(f"{ref.get('path')} is not a {PROBE_FORMAT} probe document; "
+                            "train a new probe (job kind probe)")
     return doc

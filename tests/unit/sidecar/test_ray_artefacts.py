@@ -32,9 +32,9 @@ def _cf(store: LocalStore, runner: JobRunner) -> dict[str, Any]:
 def test_a_cf_job_on_ray_with_a_shared_store_equals_the_local_executors(
         ray_cluster: Any, tmp_path: Path, make_incident: Any,  # noqa: F811
         monkeypatch: pytest.MonkeyPatch) -> None:
-    from sidecar.jobs import _baselines
+    from sidecar import _artefacts
 
-    monkeypatch.setattr(_baselines, "_CACHE", {})      # parsed here = ran here
+    monkeypatch.setattr(_artefacts, "_PARSED", {})     # parsed here = ran here
     cfg = _ray_config(tmp_path / "data", store={"uri": f"file://{tmp_path / 'store'}"},
                       modules={"cf": {"enabled": False}}, baselines={"detector": "norm"})
     with LocalStore.from_config(cfg) as store:
@@ -48,10 +48,10 @@ def test_a_cf_job_on_ray_with_a_shared_store_equals_the_local_executors(
                                               params={"fingerprint": FP}).id, timeout_s=180)
         assert built.state == "done", built.error
         on_ray = _cf(store, JobRunner(store, config=cfg, kinds=builtin_kinds()))
-        assert _baselines._CACHE == {}                 # the baseline was parsed on a worker
+        assert _artefacts._PARSED == {}                # the baseline was parsed on a worker
         local = _cf(store, JobRunner(store, config=cfg, kinds=builtin_kinds(),
                                      executor=LocalExecutor(workers=1)))
-        assert len(_baselines._CACHE) == 1             # ... and here on the thread pool
+        assert list(_artefacts._PARSED) == ["baseline"]    # ... and here on the thread pool
     assert on_ray["baseline"]["version"] == 1
     assert on_ray["baseline"]["sha256"] == built.result["sha256"]
     differ = sorted(k for k in local.keys() | on_ray.keys() if local.get(k) != on_ray.get(k))
