@@ -13,8 +13,11 @@ scored again (flagged ones first). Options: ``incident_ids``, ``fingerprint``, `
 The version is claimed from the catalog when the job is prepared; the object is written through
 the store (:func:`sidecar._artefacts.put_artefact`: durable before ``run`` returns) and the row,
 with the object's sha256, is written in the transaction that marks the job done — so a row
-always names a complete object. The kind runs on the sidecar (``uses_data_dir``): it writes
-with the sidecar's store credentials, Ray workers only read.
+always names a complete object. On a shared store the object's name carries the job's id, so
+two builds of one scope at once (two sidecars) never overwrite each other: the second row is
+refused by the catalog's primary key (that job fails, saying so; its object stays unused). The
+kind runs on the sidecar (``uses_data_dir``): it writes with the sidecar's store credentials,
+Ray workers only read.
 
 Example::
 

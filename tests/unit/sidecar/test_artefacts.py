@@ -218,3 +218,45 @@ def test_a_probe_lives_in_the_shared_store_and_an_altered_one_fails_probe_score(
     assert tampered.state == "failed" and (tampered.error or "").startswith("ArtefactError: ")
     assert scored.state == "done" and scored.result["status"] == "scored", scored.error
     assert scored.result["probe"]["sha256"] == row["sha256"]
+
+
+def test_jobs_resolve_baselines_and_probes_of_their_own_tenant_only(
+        tmp_path: Path, make_incident: Make) -> None:
+    """The runner resolves the artefact (prepare) in the job's tenant; whatever the params say
+    (a caller cannot pass them: not a declared option) is replaced."""
+    from sidecar._observer import CountingTelemetry
+    from sidecar.jobs import JobOptionsError
+    from sidecar.jobs._cf import CF
+    from sidecar.jobs._host import RunnerHost
+    from sidecar.jobs._probe import PROBE_SCORE
+
+    cfg = _config(tmp_path)
+    with LocalStore.from_config(cfg) as store:
+        for tenant in ("acme", "globex"):
+            store.put("x", make_incident("x", tenant=tenant), tenant=tenant)
+        with store.index.write() as con:
+            con.execute("INSERT INTO baselines (scope, fingerprint, detector, version, path, "
+                        "sample_count, sites_json, incident_ids_json, created_at, sha256) "
+                        "VALUES ('tenant:acme', ?, 'norm', 1, 'baselines/tenant-acme/f/n.npz', "
+                        "3, '[]', '[]', now(), 'ab')", [FP])
+            con.execute("INSERT INTO probes (tenant, fingerprint, version, site, path, n_pos, "
+                        "n_neg, created_at, sha256) VALUES ('acme', ?, 2, 's', "
+                        "'probes/k/f/probe-v0002.json', 8, 8, now(), 'cd')", [FP])
+        runner = JobRunner(store, config=cfg, kinds=builtin_kinds())
+        with pytest.raises(JobOptionsError, match="no option"):
+            runner.submit("x", "cf", tenant="globex", params={"baseline": {}}, caller=True)
+        got = {}
+        for tenant in ("acme", "globex"):
+            job = runner.submit("x", "cf", tenant=tenant)
+            host = RunnerHost(store, config=cfg, job=job, submit=runner.submit,
+                              telemetry=CountingTelemetry(), traceparent=None)
+            assert CF.prepare is not None and PROBE_SCORE.prepare is not None
+            injected = {"what": "baseline", "path": "baselines/tenant-acme/f/n.npz",
+                        "sha256": "ab", "version": 1, "fingerprint": FP}
+            got[tenant] = (CF.prepare(host, job, {"baseline": injected})["baseline"],
+                           PROBE_SCORE.prepare(host, job, {"probe": injected})["probe"])
+    assert got["globex"] == (None, None)
+    assert got["acme"] == ({"what": "baseline", "path": "baselines/tenant-acme/f/n.npz",
+                            "sha256": "ab", "version": 1, "fingerprint": FP},
+                           {"what": "probe", "path": "probes/k/f/probe-v0002.json",
+                            "sha256": "cd", "version": 2, "fingerprint": FP})
