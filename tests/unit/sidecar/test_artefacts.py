@@ -260,3 +260,43 @@ def test_jobs_resolve_baselines_and_probes_of_their_own_tenant_only(
                             "sha256": "ab", "version": 1, "fingerprint": FP},
                            {"what": "probe", "path": "probes/k/f/probe-v0002.json",
                             "sha256": "cd", "version": 2, "fingerprint": FP})
+
+
+def test_two_builds_of_one_scope_at_once_never_share_an_object_and_one_row_wins(
+        tmp_path: Path, make_incident: Make) -> None:
+    """Shared store: two baseline jobs prepared before either finished claim the same version;
+    their objects have distinct names (the job id), the catalog keeps the first row and
+    refuses the second."""
+    import duckdb
+
+    from sidecar._observer import CountingTelemetry
+    from sidecar.jobs import JobContext
+    from sidecar.jobs._baseline import BASELINE, baseline_job, record_baseline
+    from sidecar.jobs._host import RunnerHost
+
+    cfg = _config(tmp_path / "a", store_uri=f"file://{tmp_path / 'store'}")
+    with LocalStore.from_config(cfg) as store:
+        for i in range(3):
+            store.put(f"b-{i}", make_incident(f"b-{i}", rule="ratio", seed=i + 1), tenant="acme")
+        runner = JobRunner(store, config=cfg, kinds=builtin_kinds())
+        jobs = [runner.submit("b-0", "baseline", tenant="acme", params={"fingerprint": FP})
+                for _ in range(2)]
+        results = []
+        for job in jobs:
+            host = RunnerHost(store, config=cfg, job=job, submit=runner.submit,
+                              telemetry=CountingTelemetry(), traceparent=None)
+            assert BASELINE.prepare is not None
+            params = BASELINE.prepare(host, job, {"fingerprint": FP})
+            results.append(baseline_job(JobContext(
+                job_id=job.id, incident_id="b-0", kind="baseline", attempt=1, params=params,
+                incident_path="", config=cfg, tenant="acme")))
+        assert [r["version"] for r in results] == [1, 1]
+        assert results[0]["path"] != results[1]["path"]
+        with store.index.write() as con:
+            record_baseline(con, jobs[0], results[0])
+        with pytest.raises(duckdb.ConstraintException, match=r"(?i)primary key"), \
+                store.index.write() as con:
+            record_baseline(con, jobs[1], results[1])
+        rows = store.index.read("SELECT path, sha256 FROM baselines")
+    assert rows == [(results[0]["path"], results[0]["sha256"])]
+    assert all((tmp_path / "store" / r["path"]).is_file() for r in results)
