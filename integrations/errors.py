@@ -31,6 +31,7 @@ Tree::
     ├── AnalysisError               CF / CCA cannot run (e.g. no baseline) (also a RuntimeError)
     ├── ExportError                 an exporter failed to deliver (counted as a drop upstream)
     └── SidecarError                sidecar client/server failure (transport, auth, store)
+        ├── ArtefactError           a stored baseline/probe is missing, altered or malformed
         └── CatalogUnavailableError the shared incident catalog (PostgreSQL) cannot be reached
 """
 
@@ -38,6 +39,7 @@ from __future__ import annotations
 
 __all__ = [
     "AnalysisError",
+    "ArtefactError",
     "CaptureError",
     "CatalogUnavailableError",
     "ConfigError",
@@ -147,3 +149,10 @@ class CatalogUnavailableError(SidecarError):
     """The shared incident catalog (``catalog.kind: postgres``) cannot be reached: queries fail
     with gRPC ``UNAVAILABLE``; uploads are still acknowledged to local disk and back-filled
     into the catalog once it answers again (``catalog.backfill_interval_s``)."""
+
+
+class ArtefactError(SidecarError):
+    """A detector baseline or failure-signature probe that the catalog names cannot be used:
+    its object is missing, its bytes differ from the sha256 its catalog row carries (altered
+    after it was written), or it is not a valid baseline/probe. The job fails (no retry);
+    rebuild the baseline (``forensics baseline build``) or train the probe again."""

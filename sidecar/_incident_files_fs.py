@@ -48,7 +48,7 @@ if TYPE_CHECKING:
     from ._incident_files import IncidentFiles, RowLookup
     from ._store_index import IncidentRow
 
-__all__ = ["FsFiles", "files_for"]
+__all__ = ["FsFiles", "files_for", "put_file"]
 
 log = logging.getLogger("sidecar.store")
 _BLOCK = 8 * 1024 * 1024
@@ -61,6 +61,43 @@ TMP_OBJECT_MIN_AGE_S = 3600.0
 def _stale(info: Any) -> bool:
     mtime = getattr(info, "mtime", None)
     return mtime is None or time.time() - mtime.timestamp() > TMP_OBJECT_MIN_AGE_S
+
+
+def put_file(fs: Any, src: Path, key: str) -> None:
+    """Write the object ``key`` of ``fs`` from the local file ``src``, complete or not at all:
+    S3/GCS: one PUT (atomic); elsewhere (a mounted path) a temp object renamed into place and,
+    on a local file system, fsynced like the local store. Checked by its size afterwards
+    (``OSError`` and the object removed when it differs). ``key``'s directory must exist.
+
+    Example::
+
+        fs, base = StoreConfig(uri="s3://forensics/prod").filesystem()
+        put_file(fs, Path("/tmp/x.npz"), f"{base}/baselines/tenant-acme/fp/norm-v0001.npz")
+    """
+    parent = key.rsplit("/", 1)[0]
+    size = src.stat().st_size
+    atomic = fs.type_name in ("s3", "gcs")
+    target = key if atomic else f"{parent}/.{uuid.uuid4().hex}.tmp"
+    with open(src, "rb") as f, fs.open_output_stream(target) as out:
+        shutil.copyfileobj(f, out, _BLOCK)
+    if not atomic:
+        fs.move(target, key)
+        if fs.type_name == "local":   # a mounted path: make the rename durable
+            from integrations.incident import fsync_dir
+
+            fd = os.open(key, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            fsync_dir(Path(parent))
+    stored = fs.get_file_info(key).size
+    if stored != size:
+        try:
+            fs.delete_file(key)
+        except OSError as e:
+            log.warning("could not remove %s after a failed write: %s", key, e)
+        raise OSError(f"object {key} has {stored} bytes after writing {size}")
 
 
 def files_for(config: StoreConfig, *, data_dir: Path) -> IncidentFiles | None:
@@ -85,9 +122,6 @@ class FsFiles:
         self.spool_dir.mkdir(parents=True, exist_ok=True)
         #: Local copies for jobs, least recently used evicted past ``cache_bytes``.
         self.cache = LocalCache(data_dir / "cache", budget_bytes=cache_bytes)
-        #: S3/GCS: one PUT is atomic. Elsewhere (a mounted path): write aside, then rename.
-        self._atomic_put = fs.type_name in ("s3", "gcs")
-        self._local = fs.type_name == "local"
         self._dirs: set[str] = set()
 
     # -- names -------------------------------------------------------------------------------
@@ -127,27 +161,9 @@ class FsFiles:
         self.cache.admit(cached)
 
     def _put(self, src: Path, key: str) -> None:
-        """One object from a local file, complete or not at all (checked by its size)."""
-        parent = self._parent(key)
-        size = src.stat().st_size
-        target = key if self._atomic_put else f"{parent}/.{uuid.uuid4().hex}.tmp"
-        with open(src, "rb") as f, self.fs.open_output_stream(target) as out:
-            shutil.copyfileobj(f, out, _BLOCK)
-        if not self._atomic_put:
-            self.fs.move(target, key)
-            if self._local:   # a mounted path: make the rename durable like the local store
-                from integrations.incident import fsync_dir
-
-                fd = os.open(key, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-                fsync_dir(Path(parent))
-        stored = self.fs.get_file_info(key).size
-        if stored != size:
-            self._delete_quietly(key)
-            raise OSError(f"object {key} has {stored} bytes after writing {size}")
+        """One object from a local file, complete or not at all (:func:`put_file`)."""
+        self._parent(key)
+        put_file(self.fs, src, key)
 
     def _parent(self, key: str) -> str:
         """``key``'s directory, created once per process (S3: a marker object)."""

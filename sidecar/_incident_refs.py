@@ -64,20 +64,21 @@ def is_ref(path: str | os.PathLike[str]) -> bool:
     return "://" in text and "#" in text
 
 
-def open_ref(ref: str, config: SidecarConfig) -> Path:
+def open_ref(ref: str, config: SidecarConfig, *, what: str = "incident") -> Path:
     """A local copy of the referenced object, fetched through ``config.store`` (reused while it
-    still matches) and checked against the reference's digest.
+    still matches) and checked against the reference's digest. ``what`` names the object in
+    errors (``"incident"``; ``"baseline"`` / ``"probe"``: :mod:`sidecar._artefacts`).
 
     Raises :class:`~integrations.errors.IncidentFormatError` for a reference outside
     ``store.uri``, a missing object, or bytes that do not match the digest."""
     base_uri = config.store.uri.rstrip("/")
     location, _, fragment = ref.partition("#")
     if config.store.is_local or not location.startswith(base_uri + "/"):
-        raise IncidentFormatError(f"incident reference {location!r} is not in this sidecar's "
+        raise IncidentFormatError(f"{what} reference {location!r} is not in this sidecar's "
                                   f"incident store ({base_uri or 'a local data_dir'})")
     rel = location[len(base_uri) + 1:]
     if not rel or any(part in ("", ".", "..") for part in rel.split("/")):
-        raise IncidentFormatError(f"incident reference {location!r} is not a stored incident")
+        raise IncidentFormatError(f"{what} reference {location!r} is not a stored {what}")
     want = dict(urllib.parse.parse_qsl(fragment))
     cache = _cache(config)
     target = cache.path("refs", hashlib.sha256(ref.encode("utf-8")).hexdigest()[:32])
@@ -85,12 +86,12 @@ def open_ref(ref: str, config: SidecarConfig) -> Path:
         cache.touch(target)
         return target
     fs, base = config.store.filesystem()
-    _fetch(fs, f"{base}/{rel}", target, location)
+    _fetch(fs, f"{base}/{rel}", target, location, what)
     cache.admit(target)
     if not _matches(cache, target, want):
         cache.drop(target)
-        raise IncidentFormatError(f"the object {location} does not hold the acknowledged "
-                                  "incident (its digest differs from the index row's)")
+        raise IncidentFormatError(f"the object {location} does not hold the acknowledged {what} "
+                                  "(its digest differs from the index row's)")
     return target
 
 
@@ -119,7 +120,7 @@ def _matches(cache: LocalCache, path: Path, want: dict[str, str]) -> bool:
         "crc32c" not in want or crc == int(want["crc32c"]))
 
 
-def _fetch(fs: object, key: str, target: Path, location: str) -> None:
+def _fetch(fs: object, key: str, target: Path, location: str, what: str) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
     try:
@@ -127,7 +128,7 @@ def _fetch(fs: object, key: str, target: Path, location: str) -> None:
             shutil.copyfileobj(src, dst, _BLOCK)
         os.replace(tmp, target)
     except FileNotFoundError as e:
-        raise IncidentFormatError(f"the incident object {location} does not exist (deleted "
+        raise IncidentFormatError(f"the {what} object {location} does not exist (deleted "
                                   "after the job was queued?)") from e
     except OSError as e:     # the store unreachable from this worker: the attempt runs again
         raise StoreUnavailableError(f"could not fetch {location} ({e}); check that this worker "

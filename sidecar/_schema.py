@@ -17,14 +17,15 @@ done):
 * ``cf_site_scores``: one row per scored site of a CF job — rank, score, stat, p, q, flagged,
   significant, and where the worst unit was (step, position).
 * ``baselines``: one row per built baseline version (scope — the tenant, or a shared group an
-  operator declared —, fingerprint, detector, version, file path
-  relative to the data dir, sample count, sites, the incident ids it was built from).
+  operator declared —, fingerprint, detector, version, object path relative to the store's
+  root (the data dir for the local store), its sha256 (NULL for rows from before it was
+  recorded), sample count, sites, the incident ids it was built from).
 * ``cca_results`` / ``cca_interventions``: one row per CCA job (flip, size, flip rate and its
   Wilson interval, p-value, side effects, forward passes vs exhaustive) and one per element of
   the fix set (site, kind, necessity).
 * ``probes``: one row per trained failure-signature probe (tenant, model fingerprint, version,
-  site, file path relative to the data dir, out-of-fold AUROC with its bootstrap 95 % interval,
-  TPR at 1 % FPR, class counts).
+  site, object path relative to the store's root and its sha256, out-of-fold AUROC with its
+  bootstrap 95 % interval, TPR at 1 % FPR, class counts).
 
 Every table is ``CREATE TABLE IF NOT EXISTS``, created when the index opens; :data:`MIGRATIONS`
 and :func:`migrate` upgrade index files written by earlier versions (schema version 1 keyed
@@ -124,7 +125,8 @@ BASELINES_DDL = """CREATE TABLE IF NOT EXISTS baselines (
         fingerprint VARCHAR NOT NULL, detector VARCHAR NOT NULL, version INTEGER NOT NULL,
         path VARCHAR NOT NULL, model_name VARCHAR, sample_count INTEGER NOT NULL,
         sites_json VARCHAR NOT NULL, incident_ids_json VARCHAR NOT NULL, job_id VARCHAR,
-        created_at TIMESTAMP NOT NULL, PRIMARY KEY (scope, fingerprint, detector, version))"""
+        created_at TIMESTAMP NOT NULL, sha256 VARCHAR,
+        PRIMARY KEY (scope, fingerprint, detector, version))"""
 
 #: Index files from before baselines had a scope: their rows were built from every tenant's
 #: incidents, so they move to scope ``legacy:unscoped`` (kept for the record, never used).
@@ -163,7 +165,7 @@ RESULT_DDL = (
         tenant VARCHAR NOT NULL, fingerprint VARCHAR NOT NULL, version INTEGER NOT NULL,
         site VARCHAR NOT NULL, path VARCHAR NOT NULL, auroc DOUBLE, auroc_lo DOUBLE,
         auroc_hi DOUBLE, tpr_at_1pct_fpr DOUBLE, n_pos INTEGER NOT NULL, n_neg INTEGER NOT NULL,
-        folds INTEGER, job_id VARCHAR, created_at TIMESTAMP NOT NULL,
+        folds INTEGER, job_id VARCHAR, created_at TIMESTAMP NOT NULL, sha256 VARCHAR,
         PRIMARY KEY (tenant, fingerprint, version))""",
     "CREATE INDEX IF NOT EXISTS cf_results_incident ON cf_results (incident_id)",
     "CREATE INDEX IF NOT EXISTS cca_results_incident ON cca_results (incident_id)",
@@ -185,7 +187,11 @@ MIGRATIONS = ("ALTER TABLE cf_results ADD COLUMN IF NOT EXISTS p DOUBLE",
               # shared catalogs (DESIGN §12): which sidecar runs a job, and when it last said
               # it still does (a silent owner's jobs are resumed by another: ``JobQueue``)
               "ALTER TABLE jobs ADD COLUMN IF NOT EXISTS owner VARCHAR",
-              "ALTER TABLE jobs ADD COLUMN IF NOT EXISTS heartbeat_at TIMESTAMP")
+              "ALTER TABLE jobs ADD COLUMN IF NOT EXISTS heartbeat_at TIMESTAMP",
+              # baselines and probes in the store (sidecar._artefacts): each row carries its
+              # object's sha256, checked when read; older rows keep NULL (local store only)
+              "ALTER TABLE baselines ADD COLUMN IF NOT EXISTS sha256 VARCHAR",
+              "ALTER TABLE probes ADD COLUMN IF NOT EXISTS sha256 VARCHAR")
 
 
 _ADD_COLUMN = re.compile(r"ALTER TABLE (\w+) ADD COLUMN IF NOT EXISTS (\w+)")

@@ -7,6 +7,7 @@
     forensics sidecar reindex [--config FILE] [--data-dir DIR]
     forensics incidents list|show|push|download|delete|analyze ...   (sidecar._cli_incidents)
     forensics baseline build (--fingerprint FP | --from-dir DIR) [--detector cf]
+    forensics baseline to-store --config cfg.yaml
     forensics report ID [-o report.html] [--index]                      (sidecar._cli_report)
     forensics investigate INCIDENT.arrow --benign DIR --out DIR   (sidecar._cli_investigate)
 
@@ -82,6 +83,11 @@ def _register_baseline(subparsers: Any) -> None:
                        help="default: the sidecar's baselines.detector")
     build.add_argument("--wait", type=float, default=600.0, metavar="SECONDS")
     build.set_defaults(func=rpc(_cmd_baseline_build))
+    to_store = bls.add_parser("to-store", help="copy this sidecar's baselines and probes from "
+                                               "data_dir to store.uri (moving to a shared "
+                                               "store; run while the sidecar is stopped)")
+    _server_args(to_store)
+    to_store.set_defaults(func=_cmd_baseline_to_store)
 
 
 def _server_args(p: argparse.ArgumentParser) -> None:
@@ -161,6 +167,28 @@ def _cmd_reindex(args: argparse.Namespace) -> int:
           f"removed {report.removed_rows} stale row(s), {report.tmp_removed} temp file(s); "
           f"quarantined {len(quarantined)}" + (f": {', '.join(quarantined)}" if quarantined else ""))
     return 1 if quarantined else 0
+
+
+def _cmd_baseline_to_store(args: argparse.Namespace) -> int:
+    from ._artefacts_migrate import copy_to_store
+    from ._catalog import open_catalog
+
+    cfg = _config(args)
+    catalog = open_catalog(cfg)
+    try:
+        r = copy_to_store(cfg, catalog)
+    finally:
+        catalog.close()
+    print(f"copied {len(r.copied)} baseline/probe file(s) to {cfg.store.uri}; "
+          f"{len(r.already)} already there")
+    for label, paths, what in (
+            ("absent", r.absent, "neither in data_dir nor in the store: rebuild them, or run "
+                                 "this on the sidecar that has them"),
+            ("altered", r.altered, "differ from the sha256 their rows carry: not copied; "
+                                   "rebuild them")):
+        if paths:
+            print(f"{len(paths)} {label} ({what}): {', '.join(paths)}", file=sys.stderr)
+    return 1 if r.altered else 0
 
 
 def _cmd_baseline_build(args: argparse.Namespace) -> int:

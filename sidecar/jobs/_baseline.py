@@ -10,6 +10,15 @@ baseline is saved as a new version of its scope (see :mod:`sidecar.jobs._baselin
 one ``baselines`` row; afterwards, the scope's incidents of that model that had no baseline are
 scored again (flagged ones first). Options: ``incident_ids``, ``fingerprint``, ``detector``.
 
+The version is claimed from the catalog when the job is prepared; the object is written through
+the store (:func:`sidecar._artefacts.put_artefact`: durable before ``run`` returns) and the row,
+with the object's sha256, is written in the transaction that marks the job done — so a row
+always names a complete object. On a shared store the object's name carries the job's id, so
+two builds of one scope at once (two sidecars) never overwrite each other: the second row is
+refused by the catalog's primary key (that job fails, saying so; its object stays unused). The
+kind runs on the sidecar (``uses_data_dir``): it writes with the sidecar's store credentials,
+Ray workers only read.
+
 Example::
 
     runner.submit("inc-1", "baseline", tenant="acme", params={"fingerprint": fp})
@@ -20,8 +29,16 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any
 
+from .._artefacts import put_artefact
+from .._config_sections import DETECTORS
 from .._store_index import utcnow
-from ._baselines import detector_class, detector_name, next_baseline_path, usable_fingerprint
+from ._baselines import (
+    baseline_rel,
+    detector_class,
+    detector_name,
+    next_baseline_version,
+    usable_fingerprint,
+)
 from ._kind import JobContext, JobFailed, JobHost, JobKind
 from ._queries import benign_candidates
 
@@ -62,7 +79,11 @@ def _prepare(host: JobHost, job: JobRecord, params: dict[str, Any]) -> dict[str,
         scope, tenants = cfg.baselines.scope(job.tenant, fp)
         keys = benign_candidates(host, fp, cfg.baselines.sample_rules, tenants=tenants,
                                  limit=cfg.modules.cf.baseline_samples)
-    return {**params, "baseline_scope": scope,
+    detector = detector_name(params, cfg)
+    version = next_baseline_version(host, cfg, scope, fp, detector) \
+        if usable_fingerprint(fp) and detector in DETECTORS else None
+    return {**params, "baseline_scope": scope, "baseline_fingerprint": fp,
+            "baseline_version": version,
             "incident_paths": [str(host.incident_path(i, tenant=t)) for t, i in keys]}
 
 
@@ -84,12 +105,15 @@ def baseline_job(ctx: JobContext) -> dict[str, Any]:
     fp = base.model_fingerprint
     if not usable_fingerprint(fp):
         raise JobFailed(f"the benign incidents have no usable model fingerprint ({fp!r})")
-    scope = str(ctx.params["baseline_scope"])
-    version, path = next_baseline_path(ctx.config.data_dir, scope, fp, detector)
-    base.save(path)
+    scope, version = str(ctx.params["baseline_scope"]), ctx.params.get("baseline_version")
+    if fp != ctx.params.get("baseline_fingerprint") or not isinstance(version, int):
+        raise JobFailed(f"the benign incidents are of model {fp!r}, not the "
+                        f"{ctx.params.get('baseline_fingerprint')!r} the job was prepared for")
+    rel = baseline_rel(scope, fp, detector, version,
+                       job_id=None if ctx.config.store.is_local else ctx.job_id)
+    sha256 = put_artefact(ctx.config, rel, base.to_bytes())
     return {"status": "built", "scope": scope, "fingerprint": fp, "detector": detector,
-            "version": version,
-            "path": str(path.relative_to(ctx.config.data_dir)), "model_name": base.model_name,
+            "version": version, "path": rel, "sha256": sha256, "model_name": base.model_name,
             "sample_count": base.sample_count, "sites": list(base.sites),
             "incident_ids": list(base.incident_ids), "created_at": base.created_at}
 
@@ -98,12 +122,12 @@ def record_baseline(con: Any, job: JobRecord, result: dict[str, Any]) -> None:
     """Insert a built baseline's ``baselines`` row."""
     con.execute(
         "INSERT INTO baselines (scope, fingerprint, detector, version, path, model_name, "
-        "sample_count, sites_json, incident_ids_json, job_id, created_at) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        "sample_count, sites_json, incident_ids_json, job_id, created_at, sha256) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         [result["scope"], result["fingerprint"], result["detector"], result["version"],
          result["path"],
          result.get("model_name"), result["sample_count"], json.dumps(result["sites"]),
-         json.dumps(result["incident_ids"]), job.id, utcnow()])
+         json.dumps(result["incident_ids"]), job.id, utcnow(), result.get("sha256")])
 
 
 def _after(host: JobHost, job: JobRecord, result: dict[str, Any]) -> None:

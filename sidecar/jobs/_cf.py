@@ -13,6 +13,13 @@ position, z]; the report's heatmaps). The score and p-value are observed in
 ``forensics_anomaly_score`` / ``forensics_anomaly_p`` (exemplar: the request's trace, else the
 job's own).
 
+The baseline is the catalog's newest ``baselines`` row of the job tenant's scope, the model and
+the detector, resolved when the job is prepared (runner side, tenant-scoped: DESIGN §10); its
+object is read by reference from the store and checked against the row's sha256
+(:mod:`sidecar._artefacts`; an altered object fails the job with ``ArtefactError``). So with a
+shared store (``store.uri``) and a shared catalog any sidecar — and any Ray worker — scores
+against the baseline another sidecar built; with the default local store nothing moved.
+
 Follow-ups: after a CF job on a sampled benign incident the sidecar builds the model's first
 baseline once ``baselines.min_samples`` exist and refreshes it every ``baselines.refresh_every``
 new ones; failures of registered models get a ``cca`` job; incidents of a (tenant, model) with a
@@ -27,18 +34,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from .._artefacts import artefact_ref
 from .._observer import histogram
 from .._store_index import utcnow
-from ._baselines import (
-    detector_class,
-    detector_name,
-    latest_baseline,
-    usable_fingerprint,
-)
+from ._baselines import detector_class, detector_name, load_baseline, usable_fingerprint
 from ._kind import JobContext, JobFailed, JobHost, JobKind
 from ._models import load_registered, model_ref, registered_spec
-from ._probe_files import has_probe
-from ._queries import benign_candidates, clean_json, latest_baseline_row, num
+from ._queries import benign_candidates, clean_json, latest_baseline_row, latest_probe_row, num
 from ._unit_map import unit_z_map
 
 if TYPE_CHECKING:
@@ -80,6 +82,19 @@ def _no_baseline(ctx: JobContext, detector: str, fp: str | None) -> dict[str, An
                        "nothing was scored"}
 
 
+def _prepare(host: JobHost, job: JobRecord, params: dict[str, Any]) -> dict[str, Any]:
+    """Runner side: the newest baseline row of the job tenant's scope for the incident's model
+    and the job's detector (``params["baseline"]``: a reference, or None when there is none)."""
+    row = host.incident(job.incident_id)
+    fp = row.model_fingerprint if row is not None else None
+    found = None
+    if usable_fingerprint(fp):
+        scope = host.config.baselines.scope(job.tenant, fp)[0]
+        found = latest_baseline_row(host, scope, fp, detector_name(params, host.config))
+    return {**params, "baseline": None if found is None else {
+        **artefact_ref(found, what="baseline"), "fingerprint": fp}}
+
+
 def cf_job(ctx: JobContext) -> dict[str, Any]:
     """Job kind ``cf`` (module doc)."""
     inc = ctx.open_incident()
@@ -89,11 +104,13 @@ def cf_job(ctx: JobContext) -> dict[str, Any]:
     threshold = ctx.config.modules.cf.anomaly_threshold
     out: dict[str, Any] = {"incident_id": inc.id, "detector": detector, "model_fingerprint": fp,
                            "anomaly_score": None, "flagged": None, "threshold": threshold}
-    scope = ctx.config.baselines.scope(ctx.tenant, fp)[0] if fp else ""
-    found = latest_baseline(ctx.config.data_dir, scope, fp, detector) if fp else None
-    if found is None:
+    ref = ctx.params.get("baseline")
+    if ref is not None and ref.get("fingerprint") != fp:
+        raise JobFailed(f"incident {inc.id} is of model {fp!r}, not the "
+                        f"{ref.get('fingerprint')!r} its catalog row says; reindex the store")
+    if ref is None:
         return {**out, **_no_baseline(ctx, detector, fp)}
-    version, path, base = found
+    base = load_baseline(ctx.config, ref)
     target = inc
     if not inc.sites("activation"):
         target = _materialize(ctx, inc, list(base.sites))
@@ -114,8 +131,9 @@ def cf_job(ctx: JobContext) -> dict[str, Any]:
             "flagged": bool(report.flagged), "top_sites": rep["ranked_sites"][:10],
             "anomaly_p": rep.get("p"), "first_flagged": report.first_flagged,
             "root_cause_candidates": report.root_cause_candidates[:10],
-            "baseline": {"version": version, "path": str(path.relative_to(ctx.config.data_dir)),
-                         "sample_count": base.sample_count, "created_at": base.created_at},
+            "baseline": {"version": int(ref["version"]), "path": ref["path"],
+                         "sha256": ref["sha256"], "sample_count": base.sample_count,
+                         "created_at": base.created_at},
             "report": rep, "units": unit_z_map(det, target, sites=list(report.sites)),
             "activations": "captured" if target is inc else "replayed"}
 
@@ -166,7 +184,8 @@ def _after_cf(host: JobHost, job: JobRecord, result: dict[str, Any]) -> None:
     if cfg.modules.cca.enabled and (not sampled or result.get("flagged")) and \
             cfg.find_model(name=row.model_name, fingerprint=row.model_fingerprint) is not None:
         host.submit(job.incident_id, "cca", request_id="after_cf:cca")
-    if has_probe(cfg.data_dir, row.tenant, row.model_fingerprint):
+    if usable_fingerprint(row.model_fingerprint) and \
+            latest_probe_row(host, row.tenant, row.model_fingerprint) is not None:
         host.submit(job.incident_id, "probe_score", request_id="after_cf:probe_score")
 
 
@@ -195,6 +214,6 @@ def _maybe_build(host: JobHost, job: JobRecord, fp: str, detector: str) -> None:
                     request_id=f"auto-baseline:{detector}:v{version}")
 
 
-CF = JobKind("cf", run=cf_job, record=record_cf, after=_after_cf,
+CF = JobKind("cf", run=cf_job, prepare=_prepare, record=record_cf, after=_after_cf,
              metrics=(ANOMALY_SCORE, ANOMALY_P), options=frozenset({"detector"}),
-             uses_data_dir=True)
+             uses_data_dir=True, reads_store_artefacts=True)

@@ -204,6 +204,15 @@ class JobKind:
     #: files), which stays on the sidecar (DESIGN §12): the runner runs it on its own thread
     #: pool whatever ``jobs.executor`` says (a remote worker would see another disk).
     uses_data_dir: bool = False
+    #: The only ``data_dir`` files ``run`` reads are baselines/probes fetched by reference from
+    #: the store (:mod:`sidecar._artefacts`) and it writes none: with a shared store
+    #: (``store.uri`` set) it runs on any executor despite :attr:`uses_data_dir`.
+    reads_store_artefacts: bool = False
+
+    def on_sidecar(self, config: SidecarConfig) -> bool:
+        """Whether an attempt must run on the sidecar's own thread pool under ``config``."""
+        return self.uses_data_dir and not (self.reads_store_artefacts and
+                                           not config.store.is_local)
 
     def check_options(self, params: Mapping[str, Any] | None) -> None:
         """Refuse params that are not among :attr:`options` (:class:`JobOptionsError`)."""

@@ -13,8 +13,9 @@ position (:mod:`sidecar.jobs._probe_features`):
   (``params.folds`` stratified folds, default 5): out-of-fold AUROC with a bootstrap 95 %
   interval and TPR at 1 % FPR per site — the decodability curve over layers. The probe kept
   reads the best site (by AUROC: its AUROC is optimistic by that choice, which the result
-  says); it is refitted on every labelled incident and saved as a new version
-  (:mod:`sidecar.jobs._probe_files`, JSON, no pickle) with a ``probes`` row;
+  says); it is refitted on every labelled incident and saved as a new version through the
+  store (:mod:`sidecar.jobs._probe_files`, JSON, no pickle) with a ``probes`` row carrying its
+  sha256 (written once the object is durable);
 * **scores**: every incident of the tenant and model it read gets ``failure_p`` in the index —
   labelled ones their out-of-fold probability (never one from a probe fitted on them), the
   others (``params.max_unlabelled``, default 1000) the kept probe's. Historic scores are not
@@ -26,7 +27,11 @@ the newest probe of its (tenant, model): ``failure_p`` in the index and the
 ``forensics_failure_p`` histogram (label ``serving_flag``: flagged | unflagged; exemplar = the
 request's trace). It follows CF on every new incident whose (tenant, model) has a probe
 (``sidecar.jobs._cf``); with CF disabled, list it in ``jobs.on_ingest`` (``status: "no_probe"``
-while there is none).
+while there is none). The newest probe is the catalog's newest ``probes`` row of the job's
+tenant and model, resolved when the job is prepared; its object is read by reference and checked
+against the row's sha256 (:mod:`sidecar._artefacts`), so with a shared store (``store.uri``)
+``probe_score`` runs on any executor and any sidecar of the fleet. ``probe`` writes, so it stays
+on the sidecar.
 
 Example::
 
@@ -39,15 +44,16 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from .._artefacts import artefact_ref
 from .._observer import histogram
 from .._store_index import utcnow
 from ._baselines import usable_fingerprint
 from ._kind import JobContext, JobFailed, JobHost, JobKind
 from ._models import load_registered, model_ref, registered_spec
 from ._probe_features import DEFAULT_SITES, NoFeaturesError, incident_features
-from ._probe_files import latest_probe
+from ._probe_files import load_probe, next_probe_version
 from ._probe_train import train_probe
-from ._queries import num
+from ._queries import latest_probe_row, num
 
 if TYPE_CHECKING:
     from ._queue import JobRecord
@@ -93,6 +99,7 @@ def _prepare_train(host: JobHost, job: JobRecord, params: dict[str, Any]) -> dic
             picked[label].append(iid)
     flag = "trigger_rule = flag" + (f" AND trigger_reason = {reason!r}" if reason else "")
     return {**params, "tenant": job.tenant, "fingerprint": fp, "model_name": row.model_name,
+            "probe_version": next_probe_version(host, job.tenant, fp),
             "labels": {"positive": flag, "negative": f"trigger_rule in {list(rules)}"},
             "incidents": [[i, str(host.incident_path(i)), label]
                           for label, ids in picked.items() for i in ids]}
@@ -149,12 +156,12 @@ def record_probe(con: Any, job: JobRecord, result: dict[str, Any]) -> None:
     ci = q.get("auroc_ci") or [None, None]
     con.execute(
         "INSERT INTO probes (tenant, fingerprint, version, site, path, auroc, auroc_lo, "
-        "auroc_hi, tpr_at_1pct_fpr, n_pos, n_neg, folds, job_id, created_at) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        "auroc_hi, tpr_at_1pct_fpr, n_pos, n_neg, folds, job_id, created_at, sha256) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         [result["tenant"], result["model_fingerprint"], result["version"], result["site"],
          result["path"], num(q.get("auroc")), num(ci[0]), num(ci[1]),
          num(q.get("tpr_at_1pct_fpr")), q["n_pos"], q["n_neg"], q.get("folds"), job.id,
-         utcnow()])
+         utcnow(), result.get("sha256")])
     rows = [[num(v), iid, job.tenant] for iid, v in (result.get("scores") or {}).items()]
     if rows:
         con.executemany("UPDATE incidents SET failure_p = ? WHERE id = ? AND tenant = ?", rows)
@@ -166,8 +173,12 @@ def record_probe(con: Any, job: JobRecord, result: dict[str, Any]) -> None:
 def _prepare_score(host: JobHost, job: JobRecord, params: dict[str, Any]) -> dict[str, Any]:
     row = host.incident(job.incident_id)
     flagged = row is not None and row.trigger_rule == "flag"
+    fp = row.model_fingerprint if row is not None else None
+    found = latest_probe_row(host, job.tenant, fp) if usable_fingerprint(fp) else None
     return {**params, "tenant": job.tenant,
-            "serving_flag": "flagged" if flagged else "unflagged"}
+            "serving_flag": "flagged" if flagged else "unflagged",
+            "probe": None if found is None else {**artefact_ref(found, what="probe"),
+                                                 "fingerprint": fp}}
 
 
 def probe_score_job(ctx: JobContext) -> dict[str, Any]:
@@ -176,16 +187,18 @@ def probe_score_job(ctx: JobContext) -> dict[str, Any]:
 
     inc = ctx.open_incident()
     name, fp = model_ref(inc)
-    tenant = str(ctx.params.get("tenant", ""))
     out: dict[str, Any] = {"incident_id": inc.id, "model_fingerprint": fp,
                            "serving_flag": ctx.params.get("serving_flag"), "failure_p": None}
-    found = latest_probe(ctx.config.data_dir, tenant, fp)
-    if found is None:
+    ref = ctx.params.get("probe")
+    if ref is not None and ref.get("fingerprint") != fp:
+        raise JobFailed(f"incident {inc.id} is of model {fp!r}, not the {ref.get('fingerprint')!r} "
+                        "its catalog row says; reindex the store")
+    if ref is None:
         return {**out, "status": "no_probe",
                 "message": f"no failure-signature probe for this tenant and model {name!r}: "
                            "train one with a `probe` job (forensics incidents analyze <id> "
                            "--kind probe) once flagged and sampled incidents are stored"}
-    version, path, doc = found
+    version, doc = int(ref["version"]), load_probe(ctx.config, ref)
     site = doc["site"]
     try:
         x, how = features(inc, [site], _Model(ctx, inc))
@@ -194,15 +207,15 @@ def probe_score_job(ctx: JobContext) -> dict[str, Any]:
     try:
         score = float(LinearProbe.from_dict(doc["probe"]).score(x[site][None, :])[0])
     except ValueError as e:
-        raise JobFailed(f"probe v{version} ({path.name}) cannot score incident {inc.id}: {e}; "
-                        "train a new probe") from e
+        raise JobFailed(f"probe v{version} ({ref['path']}) cannot score incident {inc.id}: "
+                        f"{e}; train a new probe") from e
     q = doc.get("quality") or {}
     return {**out, "status": "scored", "failure_p": score, "features": how,
             "probe": {"version": version, "site": site, "auroc": q.get("auroc"),
                       "auroc_ci": q.get("auroc_ci"),
                       "tpr_at_1pct_fpr": q.get("tpr_at_1pct_fpr"),
                       "threshold_at_1pct_fpr": doc.get("threshold_at_1pct_fpr"),
-                      "path": str(path.relative_to(ctx.config.data_dir))}}
+                      "path": ref["path"], "sha256": ref["sha256"]}}
 
 
 def record_probe_score(con: Any, job: JobRecord, result: dict[str, Any]) -> None:
@@ -226,4 +239,4 @@ PROBE = JobKind("probe", run=probe_job, prepare=_prepare_train, record=record_pr
 #: Submitted by the sidecar after CF (its params are the sidecar's); a caller passes none.
 PROBE_SCORE = JobKind("probe_score", run=probe_score_job, prepare=_prepare_score,
                       record=record_probe_score, after=_after_score, metrics=(FAILURE_P,),
-                      options=frozenset(), uses_data_dir=True)
+                      options=frozenset(), uses_data_dir=True, reads_store_artefacts=True)

@@ -23,7 +23,7 @@ import numpy as np
 
 from ._kind import JobContext, JobFailed
 from ._probe_features import NoFeaturesError, probe_sites
-from ._probe_files import claim_probe_path, write_probe
+from ._probe_files import claim_probe, write_probe
 from ._queries import clean_json
 
 __all__ = ["oof_scores", "threshold_at_fpr", "train_probe"]
@@ -137,7 +137,8 @@ def train_probe(ctx: JobContext, *, items: Sequence[tuple[str, Any, int | None]]
     y = np.array([read.labels[i] for i in labelled])
     probe = LinearProbe.fit(read.matrix(site, labelled), y)
     scores, threshold = _scores(read, site, labelled, folds, probe)
-    version, path = claim_probe_path(ctx.config.data_dir, p["tenant"], p["fingerprint"])
+    version, rel = claim_probe(ctx.config, p["tenant"], p["fingerprint"],
+                               version=int(p.get("probe_version") or 1), job_id=ctx.job_id)
     doc = clean_json({
         **base, "version": version, "site": site, "position": "last prompt position (step 0)",
         "probe": probe.to_dict(), "quality": curve[best].to_dict(),
@@ -145,13 +146,13 @@ def train_probe(ctx: JobContext, *, items: Sequence[tuple[str, Any, int | None]]
         "job_id": ctx.job_id, "created_at": utcnow_iso(),
         "incident_ids": {"positive": [read.ids[i] for i in labelled if read.labels[i] == 1],
                          "negative": [read.ids[i] for i in labelled if read.labels[i] == 0]}})
-    write_probe(path, doc)
+    sha256 = write_probe(ctx.config, rel, doc)
     note = (f"the site was chosen as the best of {len(sites)} by out-of-fold AUROC, so its "
             "AUROC is optimistic by that choice; the curve is the honest picture"
             if len(sites) > 1 else None)
     return clean_json({
         **common, "status": "trained", "version": version, "site": site,
-        "path": str(path.relative_to(ctx.config.data_dir)), "quality": doc["quality"],
+        "path": rel, "sha256": sha256, "quality": doc["quality"],
         "curve": doc["curve"], "threshold_at_1pct_fpr": threshold, "selection_note": note,
         "n_unlabelled": len(read.ids) - len(labelled), "scores": scores})
 

@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 __all__ = ["Reader", "benign_candidates", "clean_json", "latest_baseline_row", "latest_cf",
-           "num"]
+           "latest_probe_row", "num"]
 
 
 class Reader(Protocol):
@@ -59,6 +59,13 @@ def latest_baseline_row(reader: Reader, scope: str, fingerprint: str,
     rows = reader.read_dicts("SELECT * FROM baselines WHERE scope = ? AND fingerprint = ? AND "
                              "detector = ? ORDER BY version DESC LIMIT 1",
                              [scope, fingerprint, detector])
+    return rows[0] if rows else None
+
+
+def latest_probe_row(reader: Reader, tenant: str, fingerprint: str) -> dict[str, Any] | None:
+    """The newest failure-signature probe row of (tenant, model), or None."""
+    rows = reader.read_dicts("SELECT * FROM probes WHERE tenant = ? AND fingerprint = ? "
+                             "ORDER BY version DESC LIMIT 1", [tenant, fingerprint])
     return rows[0] if rows else None
 
 

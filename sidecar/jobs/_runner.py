@@ -27,7 +27,12 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
-from integrations.errors import CatalogUnavailableError, IncidentFormatError, SidecarError
+from integrations.errors import (
+    ArtefactError,
+    CatalogUnavailableError,
+    IncidentFormatError,
+    SidecarError,
+)
 
 from .._observer import Telemetry, as_telemetry, counter, gauge, histogram
 from .._store_index import utcnow
@@ -81,7 +86,7 @@ class JobRunner:
         self.telemetry = as_telemetry(telemetry)
         self.workers = config.jobs.workers
         self._executor = executor or make_executor(config)
-        #: For kinds that use the sidecar's data_dir (JobKind.uses_data_dir).
+        #: For kinds that use the sidecar's data_dir (JobKind.on_sidecar).
         self._on_sidecar: JobExecutor = self._executor if isinstance(
             self._executor, LocalExecutor) else LocalExecutor(workers=self.workers)
         self._own_executor = executor is None
@@ -270,7 +275,7 @@ class JobRunner:
         except JobFailed as e:
             error = str(e)
             state = "pending" if e.retryable and job.attempts < job.max_attempts else "failed"
-        except (IncidentFormatError, UnknownJobKindError) as e:
+        except (IncidentFormatError, ArtefactError, UnknownJobKindError) as e:
             error = f"{type(e).__name__}: {e}"
         except Exception as e:   # a bug or a transient failure: retry, then fail
             log.exception("job %s (%s) failed", job.id, job.kind)
@@ -280,7 +285,7 @@ class JobRunner:
 
     def _execute(self, job: JobRecord, host: RunnerHost) -> dict[str, Any]:
         kind = self.kinds[job.kind]
-        executor = self._on_sidecar if kind.uses_data_dir else self._executor
+        executor = self._on_sidecar if kind.on_sidecar(self.config) else self._executor
         # A remote attempt gets references (URI + digest) its worker fetches and checks.
         host.portable = executor.remote
         params = {**self.config.jobs.params.get(job.kind, {}), **json.loads(job.params_json)}

@@ -343,7 +343,7 @@ def test_the_ray_keys_come_from_the_environment_too() -> None:
 
 def test_the_builtin_kinds_that_touch_the_data_dir_are_marked() -> None:
     # cf/probe_score read baselines/probes, baseline/probe write them, investigate writes its
-    # report: all under <data_dir>, which stays on the sidecar
+    # report: all under <data_dir> with the local store (a shared one: test_ray_artefacts.py)
     assert {k.name for k in builtin_kinds() if k.uses_data_dir} == {
         "baseline", "cf", "investigate", "probe", "probe_score"}
 
