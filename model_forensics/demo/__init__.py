@@ -11,8 +11,8 @@ Example::
 
 from __future__ import annotations
 
-from ._procs import Child, ChildFailed, Processes
-from ._run import DemoError, run_demo
+from ._procs import Child, ChildFailed, DemoError, Processes
+from ._run import run_demo
 from ._traffic import BENIGN_REVIEWS, INJECTED, INJECTION, injected_variants
 
 __all__ = ["BENIGN_REVIEWS", "INJECTED", "INJECTION", "Child", "ChildFailed", "DemoError",

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from ._procs import DemoError
 from ._traffic import injected_variants, post_review
 
 __all__ = ["Variants", "run_investigation", "send_variants"]
@@ -34,8 +35,6 @@ class Variants:
 
 def _incident_ids(client: Any, request_ids: list[str], *, timeout_s: float) -> dict[str, str]:
     """request id -> incident id, once the sidecar lists every one of them."""
-    from ._run import DemoError
-
     deadline = time.monotonic() + timeout_s
     while True:
         rows = client.list_all(filter='request_id : "demo-variant"')
@@ -69,8 +68,6 @@ def run_investigation(client: Any, incident_id: str, variants: Variants, *,
     """Submit the ``investigate`` job and wait for it; its result (``Investigation`` JSON).
     ``max_variants``: how many failing variants the decision layer's consistency replays."""
     from sidecar.api import v1
-
-    from ._run import DemoError
 
     params = {"variants": variants.failing, "contrast": variants.contrast,
               "failure_text": "HACKED", "max_variants": max_variants}

@@ -22,11 +22,15 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Child", "ChildFailed", "Processes", "child_env"]
+__all__ = ["Child", "ChildFailed", "DemoError", "Processes", "child_env"]
 
 
 class ChildFailed(RuntimeError):
     """A child exited or never printed what it was waited for (its log tail is included)."""
+
+
+class DemoError(RuntimeError):
+    """A demo step did not happen in time (the message says which)."""
 
 
 class Child:

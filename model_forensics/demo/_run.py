@@ -34,17 +34,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ._procs import ChildFailed, Processes, child_env
+from ._procs import ChildFailed, DemoError, Processes, child_env
 from ._traffic import BENIGN_REVIEWS, INJECTED, new_traceparent, post_review
 
-__all__ = ["DemoError", "run_demo"]
+__all__ = ["run_demo"]
 
 T = TypeVar("T")
 _MARKER = ".forensics-demo"
-
-
-class DemoError(RuntimeError):
-    """A demo step did not happen in time (the message says which)."""
 
 
 class _Clock:
