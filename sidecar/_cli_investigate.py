@@ -57,8 +57,9 @@ def register_investigate(subparsers: Any) -> None:
                    help="side-effect budget: mean KL on benign prompts (default 0.1)")
     p.add_argument("--max-variants", type=int, default=20)
     p.add_argument("--failing-call", type=int, metavar="K",
-                   help="an episode's failing model call, counted from 0 (default: the one "
-                        "before the tool call its tool marked destructive, or the only one)")
+                   help="an episode's failing model call, counted from 0, here and in each "
+                        "variant (default: in each episode the one before the tool call its "
+                        "tool marked destructive, or the only one)")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")
     p.set_defaults(func=_cmd_investigate)
 
