@@ -126,6 +126,7 @@ def _cmd_investigate(args: argparse.Namespace) -> int:
     from analysis.replay import Replayer
     from integrations.incident import Incident
 
+    from .jobs._episode import failing_target
     from .jobs._investigate import (
         NoBenignIncidentsError,
         investigation_result,
@@ -139,6 +140,7 @@ def _cmd_investigate(args: argparse.Namespace) -> int:
     if args.benign is not None and not inputs["benign"]:
         raise NoBenignIncidentsError(f"--benign {args.benign}: no .arrow incident in it")
     model, tok = load_model(args.model, inc)
+    failing_target(inc, failing_call=args.failing_call, tokenizer=tok)   # before any replay
     _say(f"incident {inc.id}: model {(inc.manifest.get('model') or {}).get('name')}, "
          + ", ".join(f"{len(v)} {k}" for k, v in inputs.items()))
     session = Replayer(model).load(inc)

@@ -128,7 +128,9 @@ def test_episode_errors_list_the_model_calls(episodes: dict[str, list[Incident]]
               "--model", LOADER, "--out", str(tmp_path / "out")]
     twin = dirs["twins"] / f"{episodes['twins'][0].id}.arrow"     # no tool call marked
     assert main(["investigate", str(twin), *common]) == 1
-    err = capsys.readouterr().err
+    said = capsys.readouterr()
+    err = said.err
+    assert "replay fidelity" not in said.out                  # told before any replay
     assert "none of its 2 recorded tool calls is marked destructive" in err
     assert "pass its index (--failing-call K" in err
     assert "its model calls: 0 (forward calls 0..1) -> ' w" in err
