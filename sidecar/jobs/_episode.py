@@ -5,9 +5,9 @@ shows them (DESIGN §15; ``forensics investigate --failing-call K``, the ``inves
 An episode (an agent loop: model calls and the recorded tool calls between them) is investigated
 at one model call (:func:`analysis.rca.investigate`'s ``failing_step``). :func:`failing_target`
 picks it: the index the caller gave; else the only model call; else the call just before the
-first recorded tool call whose result the tool itself marked destructive (``{"destructive":
-true}``, as the shipped agents' tools report it — agent-db's ``run_sql`` — so each failing
-variant gets its own); else :class:`FailingCallError`, listing the episode's model calls and
+first recorded tool call whose result the tool itself marked destructive (a true or non-empty
+``destructive``, as the shipped agents' tools report it — agent-db's ``run_sql`` records
+``{"rows": [], "destructive": ["DELETE"]}`` — so each failing variant gets its own); else :class:`FailingCallError`, listing the episode's model calls and
 saying to pass the index. An incident that is not an episode gives None (investigated as always).
 
 :func:`episode_steps` is the episode in order for the report: every model call (its forward
@@ -44,9 +44,10 @@ class FailingCallError(AnalysisError):
 
 
 def destructive_mark(call: Mapping[str, Any]) -> bool:
-    """True for a recorded tool call whose result the tool marked ``{"destructive": true}``."""
+    """True for a recorded tool call whose result the tool marked destructive: a true or
+    non-empty ``destructive`` (``{"destructive": true}``, agent-db's ``["DELETE"]``)."""
     result = call.get("result")
-    return isinstance(result, Mapping) and result.get("destructive") is True
+    return isinstance(result, Mapping) and bool(result.get("destructive"))
 
 
 def is_episode(incident: Incident) -> bool:

@@ -56,7 +56,7 @@ def _from_manifest(manifest: Mapping[str, Any]) -> list[dict[str, Any]]:
                         "args": _cut(json.dumps(c.get("args"), default=str)),
                         "result": _cut(json.dumps(result, default=str)),
                         "destructive": isinstance(result, Mapping)
-                        and result.get("destructive") is True})
+                        and bool(result.get("destructive"))})
     return out
 
 

@@ -32,7 +32,7 @@ def _hostile(inc: Incident) -> Incident:
     """The episode with tool results an attacker wrote: markup, and one far too long to show."""
     calls = inc.manifest["external_calls"]
     calls[0]["result"] = HOSTILE + "x" * 5000
-    calls[1]["result"] = {"destructive": True, "note": HOSTILE}
+    calls[1]["result"] = {"destructive": ["DELETE"], "note": HOSTILE}   # agent-db's form
     return inc.with_manifest(external_calls=calls)
 
 
