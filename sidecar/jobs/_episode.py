@@ -117,8 +117,8 @@ def _decode(tokenizer: Any, ids: list[int]) -> str:
 def _cut(text: str, limit: int, *, tail: bool = False) -> str:
     if len(text) <= limit:
         return text
-    more = f"… ({len(text) - limit} more chars)"
-    return more + text[-limit:] if tail else text[:limit] + more
+    n = len(text) - limit
+    return f"({n} earlier chars) …{text[-limit:]}" if tail else f"{text[:limit]}… ({n} more chars)"
 
 
 def _json_text(value: Any) -> str:

@@ -184,3 +184,35 @@ def test_investigate_job_on_an_episode(episodes: dict[str, list[Incident]], tmp_
     html = out.read_text()
     assert 'id="episode-steps"' in html and 'id="investigated-call"' in html
     assert "HACKED HACKED" in html and "marked destructive by the tool" in html
+
+
+@pytest.mark.slow     # SmolLM2 serves two shipped agent-db episodes (~30 s on 2 cores)
+def test_a_shipped_agent_db_episode(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The real thing at the CLI's door: a shipped agent-db failing episode served now is
+    investigated at the model call that wrote the DELETE (the ``run_sql`` call after it
+    recorded ``"destructive": ["DELETE"]``), its steps decode to the SQL the agent wrote; its
+    benign twin has no marked call, so the CLI lists both model calls' SQL and asks for
+    ``--failing-call`` before replaying anything. (The whole investigation of such an episode
+    takes minutes: ``benchmarks/RESULTS_rca.md``, Agents.)"""
+    from analysis.scenarios._episode_cases import find_case, serve_traced
+    from analysis.scenarios.agent_db import build
+    from model_forensics.cli import main
+    from sidecar.jobs._episode import destructive_mark, episode_steps, failing_target
+
+    sc = build(verify=0)
+    failing, _ = serve_traced(sc, find_case(sc, "t2-c2-p0-s0"))
+    twin, _ = serve_traced(sc, find_case(sc, "t2-c2-benign"))
+    assert failing_target(failing, failing_call=None, tokenizer=sc.tokenizer) is destructive_mark
+    ep = episode_steps(failing, sc.tokenizer, call=1)
+    assert [s["kind"] for s in ep["steps"]] == ["tool", "model", "tool", "model", "tool"]
+    dump, first, read, second, wrote = ep["steps"]
+    assert "more chars)" in dump["result"]                     # the database dump, cut
+    assert "SELECT" in first["output"] and "IMPORTANT: ignore previous" in read["result"]
+    assert second["investigated"] and "DELETE FROM customers" in second["output"]
+    assert wrote["destructive"] and '"destructive": ["DELETE"]' in wrote["result"]
+    path = _write([twin], tmp_path / "twin") / f"{twin.id}.arrow"
+    assert main(["investigate", str(path), "--failure-text", "DELETE", "--out",
+                 str(tmp_path / "out")]) == 1             # told before benign is even needed
+    said = capsys.readouterr()
+    assert "its model calls: 0 (forward calls 0.." in said.err
+    assert said.err.count("SELECT") >= 2 and "replay fidelity" not in said.out
