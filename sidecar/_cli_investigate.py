@@ -7,12 +7,17 @@ registered name or alias (``smollm2``), or a ``package.module:function`` loader 
 ``(model, tokenizer)`` like the sidecar's ``models:`` entries. Incidents come from directories
 of ``.arrow`` files. Progress is printed as the investigation goes; the output directory gets
 ``report.json`` (the investigation), ``fix.json`` + ``fix.safetensors`` when a deployable fix
-was found (``FixSet.load``, ``with fix.apply(model):``) and ``report.html``.
+was found (``FixSet.load``, ``with fix.apply(model):``) and ``report.html``. An episode (an
+agent loop with recorded tool calls, DESIGN §15) is investigated at its failing model call:
+``--failing-call K``, else the call before the tool call its tool marked destructive
+(:mod:`sidecar.jobs._episode`); the report shows the episode's steps.
 
 Example::
 
     forensics investigate failing/inc-1.arrow --benign benign/ --contrast controls/ \\
         --variants failing/ --failure-text HACKED --model smollm2 --out out/
+    forensics investigate agent/ep-1.arrow --benign agent-benign/ --failing-call 1 \\
+        --failure-text DELETE --steps spans,directions --out out/
 """
 
 from __future__ import annotations
@@ -51,6 +56,10 @@ def register_investigate(subparsers: Any) -> None:
     p.add_argument("--budget-kl", type=float, default=0.1, metavar="NATS",
                    help="side-effect budget: mean KL on benign prompts (default 0.1)")
     p.add_argument("--max-variants", type=int, default=20)
+    p.add_argument("--failing-call", type=int, metavar="K",
+                   help="an episode's failing model call, counted from 0, here and in each "
+                        "variant (default: in each episode the one before the tool call its "
+                        "tool marked destructive, or the only one)")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")
     p.set_defaults(func=_cmd_investigate)
 
@@ -117,6 +126,7 @@ def _cmd_investigate(args: argparse.Namespace) -> int:
     from analysis.replay import Replayer
     from integrations.incident import Incident
 
+    from .jobs._episode import failing_target
     from .jobs._investigate import (
         NoBenignIncidentsError,
         investigation_result,
@@ -130,6 +140,7 @@ def _cmd_investigate(args: argparse.Namespace) -> int:
     if args.benign is not None and not inputs["benign"]:
         raise NoBenignIncidentsError(f"--benign {args.benign}: no .arrow incident in it")
     model, tok = load_model(args.model, inc)
+    failing_target(inc, failing_call=args.failing_call, tokenizer=tok)   # before any replay
     _say(f"incident {inc.id}: model {(inc.manifest.get('model') or {}).get('name')}, "
          + ", ".join(f"{len(v)} {k}" for k, v in inputs.items()))
     session = Replayer(model).load(inc)
@@ -138,7 +149,7 @@ def _cmd_investigate(args: argparse.Namespace) -> int:
     rep = run_investigation(session, tok, **inputs, failure_text=args.failure_text,
                             steps=[s.strip() for s in args.steps.split(",") if s.strip()],
                             budget_kl=args.budget_kl, max_variants=args.max_variants,
-                            progress=_say)
+                            progress=_say, failing_call=args.failing_call)
     result = investigation_result(rep, session, tok,
                                   inputs={k: len(v) for k, v in inputs.items()})
     out = Path(args.out)
@@ -157,7 +168,8 @@ def _write_html(inc: Any, result: dict[str, Any], out: Path, *, source: str) -> 
     from .report import ReportData, default_sections, investigation_sections, render_report
 
     base = {s.id: s for s in default_sections()}
-    sections = [base["manifest"], base["content"], *investigation_sections(), base["links"]]
+    sections = [base["manifest"], base["content"], base["episode"], *investigation_sections(),
+                base["links"]]
     data = ReportData(incident_id=inc.id, manifest=inc.manifest,
                       facts={"activations": inc.manifest.get("activations"),
                              "n_sites": len(inc.sites("activation"))},

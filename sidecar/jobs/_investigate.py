@@ -10,11 +10,14 @@ the injected span, among them),
 ``contrast`` (same kind of input, no failure), ``variants`` (other failing incidents: the
 decision layer's consistency, and the direction fix is fitted on them), ``failure_text`` (the
 text of the failing output, e.g. "HACKED"; default from the flag reason), ``steps`` (subset of
-spans, trace, components, directions), ``budget_kl`` (0.1 nats), ``max_variants`` (20).
+spans, trace, components, directions), ``budget_kl`` (0.1 nats), ``max_variants`` (20),
+``failing_call`` (an episode's failing model call, from 0; default: the one before the tool call
+its tool marked destructive, :mod:`._episode`).
 
 The result (``GetAnalysis`` JSON) is ``Investigation.to_dict()`` plus what a report needs:
 the prompt's tokens (decoded), the greedy output replayed, the inputs used, the progress lines,
-``fix_found`` and ``fix_file``: the fix (``FixSet.save``: JSON + safetensors, no pickle) in the
+``fix_found``, ``episode`` (an episode's ordered steps, the call investigated marked) and
+``fix_file``: the fix (``FixSet.save``: JSON + safetensors, no pickle) in the
 job's results area ``<data_dir>/results/<incident id>/<job id>/`` beside ``report.json``.
 ``forensics_investigations_total{outcome}`` counts finished investigations (fix | no_fix).
 
@@ -96,10 +99,15 @@ def run_investigation(session: ReplaySession, tokenizer: Any, *, benign: Sequenc
                       contrast: Sequence[Incident] = (), variants: Sequence[Incident] = (),
                       failure_text: str | None = None, steps: Sequence[str] = STEPS,
                       budget_kl: float = 0.1, max_variants: int = 20,
-                      progress: Callable[[str], None] | None = None) -> Investigation:
-    """Check the inputs (typed errors that say what to do), then investigate."""
+                      progress: Callable[[str], None] | None = None,
+                      failing_call: int | None = None) -> Investigation:
+    """Check the inputs (typed errors that say what to do), then investigate. An episode is
+    investigated at its failing model call (``failing_call``, else the default of
+    :func:`._episode.failing_target`); ``rep.episode_call`` says which."""
     from analysis.rca import investigate
     from analysis.rca._twins import find_twin  # not exported by analysis.rca (yet)
+
+    from ._episode import failing_target
 
     bad = [s for s in steps if s not in STEPS]
     if bad or not steps:
@@ -113,6 +121,18 @@ def run_investigation(session: ReplaySession, tokenizer: Any, *, benign: Sequenc
             "the injected text) for the causal trace, and normal traffic for the side-effect "
             "budget; record them (e.g. triggers.Ratio sampling, or the scenario's benign set) "
             "and pass them (--benign DIR, or params.benign)")
+    target = failing_target(session.incident, failing_call=failing_call, tokenizer=tokenizer)
+    call = None
+    if target is not None:
+        from analysis.rca._episode_call import on_failing_call
+
+        view = on_failing_call(session, target, benign=benign, contrast=contrast,
+                               variants=variants)
+        session, benign, contrast, variants, call = (view.session, view.benign, view.contrast,
+                                                     view.variants, view.call)
+        if progress is not None:
+            progress(f"episode: investigating model call {call} ({len(benign)} benign model "
+                     f"calls, {len(variants)} variants at their failing call)")
     failure = failure_for(session.incident, tokenizer, failure_text)
     if {"trace", "components"} & set(steps) and find_twin(session.incident, benign) is None:
         raise NoTwinError(
@@ -120,9 +140,11 @@ def run_investigation(session: ReplaySession, tokenizer: Any, *, benign: Sequenc
             "prompt minus one inserted span): record the same request without the injected "
             "text among the benign incidents, or leave out the steps that need it "
             "(--steps spans,directions)")
-    return investigate(session, failure=failure, tokenizer=tokenizer, benign=list(benign),
-                       contrast=list(contrast), variants=list(variants), steps=list(steps),
-                       budget_kl=budget_kl, max_variants=max_variants, progress=progress)
+    rep = investigate(session, failure=failure, tokenizer=tokenizer, benign=list(benign),
+                      contrast=list(contrast), variants=list(variants), steps=list(steps),
+                      budget_kl=budget_kl, max_variants=max_variants, progress=progress)
+    rep.episode_call = call
+    return rep
 
 
 def _text(tokenizer: Any, ids: list[int]) -> str:
@@ -131,19 +153,34 @@ def _text(tokenizer: Any, ids: list[int]) -> str:
 
 def investigation_result(rep: Investigation, session: ReplaySession, tokenizer: Any,
                          **extra: Any) -> dict[str, Any]:
-    """The result JSON: ``rep.to_dict()`` and the prompt's tokens, the output, ``fix_found``."""
+    """The result JSON: ``rep.to_dict()`` and the prompt's tokens, the output, ``fix_found``;
+    for an episode, those of the model call investigated and ``episode`` (its ordered steps,
+    :func:`._episode.episode_steps`)."""
+    from ._episode import episode_steps, is_episode
+
+    episode = None
+    if is_episode(session.incident):
+        from analysis.rca._episode_call import model_call_incident
+
+        episode = episode_steps(session.incident, tokenizer, call=rep.episode_call)
+        if rep.episode_call is not None:
+            session = session.replayer.load(model_call_incident(session.incident,
+                                                                rep.episode_call))
     inc = session.incident
     ids = [int(t) for t in inc.tensor("input_ids", step=0, kind="input").reshape(-1)]
     greedy = session.run(greedy=True)
     out_ids = [int(lg[0].argmax()) for lg in greedy.logits if lg is not None]
     content = inc.manifest.get("content") or {}
     recorded = content.get("output_text") if inc.manifest.get("content_captured") else None
+    if episode is not None:      # the call's own output, not the whole episode's text
+        recorded = next((s["output"] for s in episode["steps"] if s.get("investigated")),
+                        recorded)
     d = rep.to_dict()
     d.update(prompt_tokens=[str(tokenizer.decode([t])) for t in ids],
              output={"recorded": recorded, "replayed": _text(tokenizer, out_ids)},
              fix_found=bool(rep.fix is not None and rep.fix.flip and rep.fix.interventions),
              model={k: (inc.manifest.get("model") or {}).get(k) for k in ("name", "fingerprint")},
-             **extra)
+             episode=episode, **extra)
     return dict(clean_json(json.loads(json.dumps(d, default=str))))
 
 
@@ -216,7 +253,12 @@ def _options(p: dict[str, Any]) -> dict[str, Any]:
         raise JobFailed(f"params.max_variants must be an integer >= 0, got {mv!r}")
     if text is not None and not isinstance(text, str):
         raise JobFailed("params.failure_text must be a string")
-    return {"steps": steps, "budget_kl": float(kl), "max_variants": mv, "failure_text": text}
+    call = p.get("failing_call")
+    if call is not None and (isinstance(call, bool) or not isinstance(call, int) or call < 0):
+        raise JobFailed("params.failing_call must be an integer >= 0 (the episode's failing "
+                        f"model call, counted from 0), got {call!r}")
+    return {"steps": steps, "budget_kl": float(kl), "max_variants": mv, "failure_text": text,
+            "failing_call": call}
 
 
 def _model_lock() -> contextlib.AbstractContextManager[Any]:
@@ -264,5 +306,6 @@ def _after(host: JobHost, job: JobRecord, result: dict[str, Any]) -> None:
 
 INVESTIGATE = JobKind("investigate", run=investigate_job, prepare=_prepare, after=_after,
                       metrics=(INVESTIGATIONS,),
-                      options=frozenset({*_INPUTS, "budget_kl", "failure_text", "max_benign",
-                                         "max_variants", "steps"}), uses_data_dir=True)
+                      options=frozenset({*_INPUTS, "budget_kl", "failing_call", "failure_text",
+                                         "max_benign", "max_variants", "steps"}),
+                      uses_data_dir=True)

@@ -7,7 +7,8 @@ results JSON (:func:`data_from_files`). :func:`render_report` renders :func:`def
 ``data.result("<kind>")`` and returning HTML built with :func:`table`, :func:`kv_table`,
 :func:`heatmap_svg`, :func:`bars_svg`, :func:`note`, :func:`esc` and :func:`fmt`; an
 investigation (``forensics investigate``, job kind ``investigate``) renders with
-:func:`investigation_sections` (part of the defaults). :func:`write_index` lists a
+:func:`investigation_sections` (part of the defaults); an episode (an agent loop recorded as one
+incident) gets a section listing its model and tool calls in order. :func:`write_index` lists a
 folder of reports. CLI: ``forensics report ID -o report.html``.
 
 Example::

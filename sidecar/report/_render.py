@@ -45,14 +45,16 @@ class Section:
 
 def default_sections() -> list[Section]:
     """The built-in sections, in reading order: summary, incident (manifest), input and
-    output, anomaly heatmaps, root-cause candidates, fix set, before/after the fix, the
+    output, an episode's steps (agent loops, conversations), anomaly heatmaps, root-cause candidates, fix set, before/after the fix, the
     investigation (:func:`investigation_sections`), the failure signature, links."""
     from . import _sections as s
+    from . import _sections_episode as ep
     from . import _sections_rca as rca
 
     return [Section("summary", "Summary", s.summary),
             Section("manifest", "Incident", s.manifest),
             Section("content", "Input and output", s.content),
+            Section("episode", "Episode: model and tool calls in order", ep.episode),
             Section("heatmap-site-step", "Anomaly by site and step", s.site_step_heatmap),
             Section("heatmap-layer-position", "Anomaly by layer and position",
                     s.layer_position_heatmap),
