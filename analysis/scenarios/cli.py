@@ -22,7 +22,8 @@ def register(sub: Any) -> None:
     ls.set_defaults(func=_list)
     run = ss.add_parser("run", help="serve a scenario's benign and failing cases through the "
                                     "recorder and write one incident per case")
-    run.add_argument("name")
+    run.add_argument("name", help="the scenario: one of `forensics scenarios list` (e.g. "
+                                  "injection, agent-db, multiturn, tool-misuse, toxic)")
     run.add_argument("--out", help="output directory (default forensics-data/scenarios/NAME)")
     run.add_argument("--benign", type=int, default=20, help="benign cases (default 20)")
     run.add_argument("--failing", type=int, default=10, help="failing cases (default 10)")
