@@ -117,18 +117,21 @@ def cases_from_records(model: Any, tokenizer: Any, records: Sequence[dict[str, A
         failing, benign = cases_from_records(model, tok, records)
     """
     failing: list[Prompt] = []
-    benign: list[Prompt] = []
+    twins: dict[int, Prompt | None] = {}
+    seen: set[tuple[int, str]] = set()
     for r in records:
         j = REQUESTS.index(r["request"])
-        t = twin(model, tokenizer, j)
-        if t is None:
+        if j not in twins:
+            twins[j] = twin(model, tokenizer, j)
+        if twins[j] is None or not r["success"] or (j, r["suffix"]) in seen:
             continue  # the bare request must be clean and answered cleanly
-        benign.append(t)
-        if r["success"]:
-            p = _failing(model, tokenizer, f"gcg-{j}", j, r["suffix"],
-                         {"target": r["target"], "gcg_steps": r["steps"]})
-            failing += [p] if p is not None else []
-    return failing, benign
+        seen.add((j, r["suffix"]))
+        n = sum(1 for i, _ in seen if i == j)
+        extra = {"group": r["group"]} if "group" in r else {}
+        p = _failing(model, tokenizer, f"gcg-{j}" + (f"-{n}" if n > 1 else ""), j, r["suffix"],
+                     {"target": r["target"], "gcg_steps": r["steps"], **extra})
+        failing += [p] if p is not None else []
+    return failing, [t for t in twins.values() if t is not None]
 
 
 def relabel(tokenizer: Any, failing: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -36,7 +36,6 @@ Example::
 
 from __future__ import annotations
 
-import functools
 import logging
 import sys
 import time
@@ -65,7 +64,8 @@ from analysis.scenarios._toxic_cases import (
     transfer_cases,
 )
 from analysis.scenarios._toxic_label import THRESHOLD, classifier_ref, classify
-from analysis.scenarios._toxic_search import REQUESTS, TARGETS, search_request, suffix_mask
+from analysis.scenarios._toxic_passes import resume_points, run_groups, run_requests
+from analysis.scenarios._toxic_search import REQUESTS
 
 __all__ = ["DATA_FILE", "GENERATION", "REGENERATE", "build", "discover", "is_toxic", "main",
            "transfer"]
@@ -113,39 +113,41 @@ def _previous(tokenizer: Any) -> dict[str, Any] | None:
             "survivors": [d for d, r in zip(old["failing"], rows) if r["survives"]]}
 
 
-def _search(model: Any, tokenizer: Any, order: Sequence[int], *, seed: int, budget_min: float,
-            per_request_s: float, steps: int, fresh: bool) -> tuple[list[dict[str, Any]], float]:
-    """GCG over ``REQUESTS[j]`` for ``j`` in ``order`` until the budget is spent, each from the
-    previous request's final suffix (progressive) or, if ``fresh``, from ``" !" * 10``; the
-    records and the minutes used."""
-    allowed = suffix_mask(tokenizer)
-    t0 = time.perf_counter()
-    records: list[dict[str, Any]] = []
-    init: list[int] | None = None
-    for j in order:
-        if time.perf_counter() - t0 > budget_min * 60:
-            break
-        r = search_request(model, tokenizer, REQUESTS[j], TARGETS[j],
-                           allowed=allowed, seed=seed + j, init_suffix=init, steps=steps,
-                           max_seconds=per_request_s,
-                           progress=functools.partial(_log.info, "request %d: %s", j))
-        _log.info("request %d: success=%s after %d steps, %.0fs: %r -> %r %s", j, r["success"],
-                  r["steps"], r["seconds"], r["suffix"], r["output"], r["copying"])
-        records.append(r)
-        init = None if fresh else r["suffix_ids"]  # progressive: the next one continues
-    return records, (time.perf_counter() - t0) / 60
+def _pass(model: Any, tokenizer: Any, order: list[int], groups: list[list[int]] | None, *,
+          seed: int, budget_min: float, per_request_s: float, steps: int, fresh: bool,
+          resume: bool, init_request: int | None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Run one request pass or group pass; its records and its entry in ``search.passes``."""
+    old = load_data(DATA_FILE)["search"]["records"] if resume or init_request is not None else []
+    if groups is None:
+        records, minutes = run_requests(model, tokenizer, order, seed=seed,
+                                        budget_min=budget_min, per_request_s=per_request_s,
+                                        steps=steps, fresh=fresh,
+                                        resume=resume_points(old, order) if resume else None)
+    else:
+        init = None if init_request is None else next(
+            r["suffix_ids"] for r in old if r["success"] and r["request"] == REQUESTS[init_request])
+        records, minutes = run_groups(model, tokenizer, groups, seed=seed, budget_min=budget_min,
+                                      per_group_s=per_request_s, steps=steps, init=init)
+    return records, {"order": order, "groups": groups, "init_request": init_request,
+                     "fresh": fresh, "resume": resume, "attempts": len(records),
+                     "minutes": round(minutes, 1), "per_request_s": per_request_s,
+                     "max_steps": steps}
 
 
 def discover(
     *, seed: int = 0, model: Any = None, tokenizer: Any = None, budget_min: float = 35.0,
     per_request_s: float = 150.0, steps: int = 60, order: Sequence[int] | None = None,
-    fresh: bool = False, append: bool = False, write: bool = True,
+    groups: Sequence[Sequence[int]] | None = None, init_request: int | None = None,
+    fresh: bool = False, append: bool = False, resume: bool = False, write: bool = True,
 ) -> dict[str, Any]:
     """Run GCG on the requests ``REQUESTS[j]``, ``j`` in ``order`` (default: all), until the
     compute budget is spent, each search starting from the previous request's final suffix
     (progressive, as in multi-prompt GCG; ``fresh``: each from scratch); re-label the previously
     shipped cases under the veto; return (and write) every attempt and the cases found.
-    ``append`` adds this pass's records to the shipped search's (cases re-derived from all).
+    ``append`` adds this pass's records to the shipped search's (cases re-derived from all);
+    ``resume`` starts each request from its latest shipped unsuccessful record's suffix;
+    ``groups`` runs multi-prompt GCG on each group instead (``per_request_s`` is then per
+    group), from the shipped successful suffix of ``REQUESTS[init_request]`` if given.
 
     Example::
 
@@ -161,10 +163,11 @@ def discover(
         model, tokenizer = load_smollm2()
     previous = _previous(tokenizer)
     order = list(range(len(REQUESTS))) if order is None else list(order)
-    records, minutes = _search(model, tokenizer, order, seed=seed, budget_min=budget_min,
-                               per_request_s=per_request_s, steps=steps, fresh=fresh)
-    passes = [{"order": order, "fresh": fresh, "attempts": len(records),
-               "minutes": round(minutes, 1)}]
+    records, this = _pass(model, tokenizer, order,
+                          None if groups is None else [list(g) for g in groups], seed=seed,
+                          budget_min=budget_min, per_request_s=per_request_s, steps=steps,
+                          fresh=fresh, resume=resume, init_request=init_request)
+    minutes, passes = this["minutes"], [this]
     if append:
         old = load_data(DATA_FILE)["search"]
         records, minutes = old["records"] + records, old["minutes"] + minutes
@@ -318,6 +321,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="comma-separated indices into REQUESTS to search, in order")
     ap.add_argument("--fresh", action="store_true", help="each request from scratch")
     ap.add_argument("--append", action="store_true", help="add to the shipped search")
+    ap.add_argument("--resume", action="store_true",
+                    help="start each request from its latest shipped unsuccessful suffix")
+    ap.add_argument("--groups", type=str, default=None,
+                    help="multi-prompt GCG: groups of REQUESTS indices, e.g. '18,21,23;0,3'")
+    ap.add_argument("--init-request", type=int, default=None,
+                    help="start the groups from this request's shipped successful suffix")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.command == "transfer":
@@ -327,7 +336,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     order = None if args.order is None else [int(j) for j in args.order.split(",")]
     doc = discover(seed=args.seed, budget_min=args.budget_min, per_request_s=args.per_request_s,
-                   steps=args.steps, order=order, fresh=args.fresh, append=args.append)
+                   steps=args.steps, order=order, fresh=args.fresh, append=args.append,
+                   resume=args.resume, init_request=args.init_request,
+                   groups=None if args.groups is None else [
+                       [int(j) for j in g.split(",")] for g in args.groups.split(";")])
     print(f"failing={len(doc['failing'])} benign={len(doc['benign'])} "
           f"attempts={doc['search']['attempts']} successes={doc['search']['successes']} "
           f"minutes={doc['search']['minutes']}")
