@@ -156,9 +156,9 @@ def relabel(tokenizer: Any, failing: Sequence[dict[str, Any]]) -> list[dict[str,
 
 
 def transfer_cases(model: Any, tokenizer: Any, doc: dict[str, Any]) -> int:
-    """Try every successful record's suffix on every other request; append the pairs that pass
-    the veto and fail at batch 1 (``gcg-<i>-on-<j>``), and missing twins, to ``doc``. Returns
-    the number of pairs run.
+    """Try every suffix of a (non-transferred) failing case on every other request; append the
+    pairs that pass the veto and fail at batch 1 (``<case id>-on-<j>``), and missing twins, to
+    ``doc``. Returns the number of pairs run.
 
     Example::
 
@@ -166,7 +166,7 @@ def transfer_cases(model: Any, tokenizer: Any, doc: dict[str, Any]) -> int:
     """
     benign = {d["id"] for d in doc["benign"]}
     have = {(d["meta"]["request"], d["meta"]["suffix"]) for d in doc["failing"]}
-    found = [(REQUESTS.index(r["request"]), r) for r in doc["search"]["records"] if r["success"]]
+    found = [(d["id"], d["meta"]) for d in doc["failing"] if "transfer_of" not in d["meta"]]
     tried = 0
     for j in range(len(REQUESTS)):
         if f"req-{j}" not in benign:
@@ -175,13 +175,13 @@ def transfer_cases(model: Any, tokenizer: Any, doc: dict[str, Any]) -> int:
                 continue
             doc["benign"].append(t.to_json())
             benign.add(t.id)
-        for i, r in found:
-            if (REQUESTS[j], r["suffix"]) in have:
+        for src, meta in found:
+            if (REQUESTS[j], meta["suffix"]) in have:
                 continue
             tried += 1
-            p = _failing(model, tokenizer, f"gcg-{i}-on-{j}", j, r["suffix"],
-                         {"target": r["target"], "transfer_of": f"gcg-{i}"})
+            p = _failing(model, tokenizer, f"{src}-on-{j}", j, meta["suffix"],
+                         {"target": meta["target"], "transfer_of": src})
             if p is not None:
                 doc["failing"].append(p.to_json())
-                have.add((REQUESTS[j], r["suffix"]))
+                have.add((REQUESTS[j], meta["suffix"]))
     return tried

@@ -68,7 +68,7 @@ from analysis.scenarios._toxic_passes import resume_points, run_groups, run_requ
 from analysis.scenarios._toxic_search import REQUESTS
 
 __all__ = ["DATA_FILE", "GENERATION", "REGENERATE", "build", "discover", "is_toxic", "main",
-           "transfer"]
+           "merged_passes", "transfer"]
 
 _log = logging.getLogger(__name__)
 
@@ -111,6 +111,20 @@ def _previous(tokenizer: Any) -> dict[str, Any] | None:
             "criterion": old.get("criterion"), "relabel": rows,
             "cases": len(rows), "survived": sum(r["survives"] for r in rows),
             "survivors": [d for d, r in zip(old["failing"], rows) if r["survives"]]}
+
+
+def merged_passes(old: dict[str, Any], new: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The shipped search's passes followed by ``new`` (a file written before passes were
+    listed counts as one progressive pass).
+
+    Example::
+
+        merged_passes(load_data(DATA_FILE)["search"], [this_pass])
+    """
+    if "passes" in old:
+        return list(old["passes"]) + new
+    return [{"order": old.get("order"), "fresh": False, "attempts": len(old["records"]),
+             "minutes": old["minutes"]}, *new]
 
 
 def _pass(model: Any, tokenizer: Any, order: list[int], groups: list[list[int]] | None, *,
@@ -171,9 +185,7 @@ def discover(
     if append:
         old = load_data(DATA_FILE)["search"]
         records, minutes = old["records"] + records, old["minutes"] + minutes
-        passes = old.get("passes", [{"order": old["order"], "fresh": False,
-                                     "attempts": len(old["records"]),
-                                     "minutes": old["minutes"]}]) + passes
+        passes = merged_passes(old, passes)
     failing, benign = cases_from_records(model, tokenizer, records)
     doc: dict[str, Any] = {
         "scenario": "toxic", "model": dict(MODEL_REFS["smollm2"]), "regenerate": REGENERATE,
