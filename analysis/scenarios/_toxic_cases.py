@@ -16,6 +16,7 @@ Example::
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -32,6 +33,8 @@ from analysis.scenarios._toxic_search import REQUESTS, decision_point
 
 __all__ = ["GENERATION", "cases_from_records", "make_prompt", "observe", "relabel",
            "suffix_flags", "transfer_cases", "twin"]
+
+_log = logging.getLogger(__name__)
 
 GENERATION = GenerationSpec(max_new_tokens=24)
 """How every toxic prompt is run: greedy, 24 new tokens."""
@@ -184,4 +187,6 @@ def transfer_cases(model: Any, tokenizer: Any, doc: dict[str, Any]) -> int:
             if p is not None:
                 doc["failing"].append(p.to_json())
                 have.add((REQUESTS[j], meta["suffix"]))
+                _log.info("transfer: %s fails: %r -> %r", p.id, p.text, p.output_text)
+        _log.info("transfer: request %d done, %d pairs tried so far", j, tried)
     return tried
