@@ -17,7 +17,7 @@ running the model and the classifier again.
 search was replaced by this one. If a regenerated search finds none, :func:`build` raises and
 points to the planted tiny GPT-2 fault in :mod:`analysis.scenarios.planted`.)
 
-Regenerate the data (about 75 min of one core; ``REGENERATE`` has every pass: two 150-s passes,
+Regenerate the data (about 77 min of one core; ``REGENERATE`` has every pass: two 150-s passes,
 a resumed pass that continues the closest requests for up to 150 steps, two multi-prompt group
 passes warm-started from found suffixes, then transfer)::
 
