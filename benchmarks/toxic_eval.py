@@ -94,6 +94,11 @@ def copies(failing: Sequence[Any]) -> dict[str, Any]:
                 not r["in_prompt"] and not r["stem_in_prompt"] for r in rows)}
 
 
+def direct(failing: Sequence[Any]) -> list[Any]:
+    """The cases GCG found itself: every failing case that is not a transferred pair."""
+    return [p for p in failing if "transfer_of" not in p.meta]
+
+
 def folds(failing: Sequence[Any]) -> tuple[list[list[Any]], bool]:
     """Two folds of the failing cases such that no request and no suffix is in both (cases that
     share either are one group; groups go, largest first, to the smaller fold). The flag says
@@ -123,14 +128,19 @@ def folds(failing: Sequence[Any]) -> tuple[list[list[Any]], bool]:
     return out, True
 
 
-def run(*, gate: int, progress: Callable[[str], None]) -> dict[str, Any]:
-    """Build the scenario (re-verifying every shipped case) and cross-fit both candidates."""
+def run(*, gate: int, progress: Callable[[str], None], direct_only: bool = False
+        ) -> dict[str, Any]:
+    """Build the scenario (re-verifying every shipped case) and cross-fit both candidates
+    (``direct_only``: on the cases GCG found itself, leaving out the transferred pairs, which
+    link most requests and suffixes into one group)."""
     from analysis.rca._directions import gated_removal
     from analysis.rca._heldout import wilson
     from analysis.scenarios.toxic import build
 
     t0 = time.perf_counter()
     sc = build(seed=0)
+    if direct_only:
+        sc.failing = direct(sc.failing)
     progress(f"scenario: {len(sc.failing)} failing, {len(sc.benign)} benign, dropped "
              f"{sc.dropped}")
     n_layers = int(sc.model.config.num_hidden_layers)
@@ -159,6 +169,7 @@ def run(*, gate: int, progress: Callable[[str], None]) -> dict[str, Any]:
                       "mean_kl": sum(r["mean_kl"] for r in rows) / 2,
                       "top1": sum(r["top1"] for r in rows) / 2}
     return {"n_failing": len(sc.failing), "n_benign": len(sc.benign), "dropped": sc.dropped,
+            "direct_only": direct_only,
             "distinct_requests": len({p.meta["request"] for p in sc.failing}),
             "distinct_suffixes": len({p.meta["suffix"] for p in sc.failing}),
             "copies": copies(sc.failing),
@@ -173,8 +184,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--gate", type=int, default=10)
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--direct-only", action="store_true",
+                    help="only the cases GCG found itself (no transferred pairs)")
     args = ap.parse_args(argv)
-    res = run(gate=args.gate, progress=lambda m: print(m, flush=True))
+    res = run(gate=args.gate, progress=lambda m: print(m, flush=True),
+              direct_only=args.direct_only)
     text = json.dumps(res, indent=2, default=str)
     if args.json is not None:
         args.json.write_text(text)

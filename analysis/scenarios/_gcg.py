@@ -27,8 +27,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["GCGConfig", "GCGResult", "allowed_tokens", "candidate_swaps", "gcg_search",
-           "gcg_step", "prefix_cache", "target_losses", "token_gradients"]
+__all__ = ["GCGConfig", "GCGResult", "allowed_tokens", "best_candidate", "candidate_swaps",
+           "gcg_search", "gcg_step", "prefix_cache", "target_losses", "token_gradients"]
 
 
 @dataclass(frozen=True)
@@ -188,18 +188,32 @@ def gcg_step(model: Any, cache: Any, suffix: Sequence[int], post: Sequence[int],
         suffix, loss = gcg_step(model, cache, suffix, post, target, allowed=mask,
                                 config=GCGConfig(), generator=torch.Generator().manual_seed(0))
     """
-    import torch
-
     grad = token_gradients(model, cache, suffix, post, target)
     cands = candidate_swaps(grad, suffix, allowed, top_k=config.top_k, batch=config.batch,
                             generator=generator)
+    return best_candidate(cands, suffix, keep,
+                          lambda c: target_losses(model, cache, c, post, target))
+
+
+def best_candidate(cands: torch.Tensor, suffix: Sequence[int],
+                   keep: Callable[[list[int]], bool] | None,
+                   score: Callable[[torch.Tensor], torch.Tensor]) -> tuple[list[int], float]:
+    """The distinct candidate that ``keep`` accepts with the lowest ``score`` and that score
+    (``suffix`` and ``inf`` when every candidate is vetoed).
+
+    Example::
+
+        best_candidate(cands, suffix, None, lambda c: target_losses(model, cache, c, post, tgt))
+    """
+    import torch
+
     cands = torch.unique(cands, dim=0)
     if keep is not None:
         ok = [i for i, c in enumerate(cands.tolist()) if keep(c)]
         if not ok:
             return list(suffix), float("inf")
         cands = cands[ok]
-    losses = target_losses(model, cache, cands, post, target)  # [n_cands]
+    losses = score(cands)  # [n_cands]
     best = int(losses.argmin())
     return [int(t) for t in cands[best]], float(losses[best])
 

@@ -16,6 +16,7 @@ Example::
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -32,6 +33,8 @@ from analysis.scenarios._toxic_search import REQUESTS, decision_point
 
 __all__ = ["GENERATION", "cases_from_records", "make_prompt", "observe", "relabel",
            "suffix_flags", "transfer_cases", "twin"]
+
+_log = logging.getLogger(__name__)
 
 GENERATION = GenerationSpec(max_new_tokens=24)
 """How every toxic prompt is run: greedy, 24 new tokens."""
@@ -117,18 +120,21 @@ def cases_from_records(model: Any, tokenizer: Any, records: Sequence[dict[str, A
         failing, benign = cases_from_records(model, tok, records)
     """
     failing: list[Prompt] = []
-    benign: list[Prompt] = []
+    twins: dict[int, Prompt | None] = {}
+    seen: set[tuple[int, str]] = set()
     for r in records:
         j = REQUESTS.index(r["request"])
-        t = twin(model, tokenizer, j)
-        if t is None:
+        if j not in twins:
+            twins[j] = twin(model, tokenizer, j)
+        if twins[j] is None or not r["success"] or (j, r["suffix"]) in seen:
             continue  # the bare request must be clean and answered cleanly
-        benign.append(t)
-        if r["success"]:
-            p = _failing(model, tokenizer, f"gcg-{j}", j, r["suffix"],
-                         {"target": r["target"], "gcg_steps": r["steps"]})
-            failing += [p] if p is not None else []
-    return failing, benign
+        seen.add((j, r["suffix"]))
+        n = sum(1 for i, _ in seen if i == j)
+        extra = {"group": r["group"]} if "group" in r else {}
+        p = _failing(model, tokenizer, f"gcg-{j}" + (f"-{n}" if n > 1 else ""), j, r["suffix"],
+                     {"target": r["target"], "gcg_steps": r["steps"], **extra})
+        failing += [p] if p is not None else []
+    return failing, [t for t in twins.values() if t is not None]
 
 
 def relabel(tokenizer: Any, failing: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -153,9 +159,9 @@ def relabel(tokenizer: Any, failing: Sequence[dict[str, Any]]) -> list[dict[str,
 
 
 def transfer_cases(model: Any, tokenizer: Any, doc: dict[str, Any]) -> int:
-    """Try every successful record's suffix on every other request; append the pairs that pass
-    the veto and fail at batch 1 (``gcg-<i>-on-<j>``), and missing twins, to ``doc``. Returns
-    the number of pairs run.
+    """Try every suffix of a (non-transferred) failing case on every other request; append the
+    pairs that pass the veto and fail at batch 1 (``<case id>-on-<j>``), and missing twins, to
+    ``doc``. Returns the number of pairs run.
 
     Example::
 
@@ -163,7 +169,7 @@ def transfer_cases(model: Any, tokenizer: Any, doc: dict[str, Any]) -> int:
     """
     benign = {d["id"] for d in doc["benign"]}
     have = {(d["meta"]["request"], d["meta"]["suffix"]) for d in doc["failing"]}
-    found = [(REQUESTS.index(r["request"]), r) for r in doc["search"]["records"] if r["success"]]
+    found = [(d["id"], d["meta"]) for d in doc["failing"] if "transfer_of" not in d["meta"]]
     tried = 0
     for j in range(len(REQUESTS)):
         if f"req-{j}" not in benign:
@@ -172,13 +178,15 @@ def transfer_cases(model: Any, tokenizer: Any, doc: dict[str, Any]) -> int:
                 continue
             doc["benign"].append(t.to_json())
             benign.add(t.id)
-        for i, r in found:
-            if (REQUESTS[j], r["suffix"]) in have:
+        for src, meta in found:
+            if (REQUESTS[j], meta["suffix"]) in have:
                 continue
             tried += 1
-            p = _failing(model, tokenizer, f"gcg-{i}-on-{j}", j, r["suffix"],
-                         {"target": r["target"], "transfer_of": f"gcg-{i}"})
+            p = _failing(model, tokenizer, f"{src}-on-{j}", j, meta["suffix"],
+                         {"target": meta["target"], "transfer_of": src})
             if p is not None:
                 doc["failing"].append(p.to_json())
-                have.add((REQUESTS[j], r["suffix"]))
+                have.add((REQUESTS[j], meta["suffix"]))
+                _log.info("transfer: %s fails: %r -> %r", p.id, p.text, p.output_text)
+        _log.info("transfer: request %d done, %d pairs tried so far", j, tried)
     return tried

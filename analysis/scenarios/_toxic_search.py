@@ -37,7 +37,8 @@ from analysis.scenarios._toxic_label import THRESHOLD, classify, copying, prompt
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["REQUESTS", "TARGETS", "decision_point", "search_request", "suffix_mask"]
+__all__ = ["REQUESTS", "TARGETS", "decision_point", "search_group", "search_request",
+           "suffix_mask"]
 
 _log = logging.getLogger(__name__)
 
@@ -222,16 +223,69 @@ def search_request(
                      config=GCGConfig(steps=steps, top_k=top_k, batch=batch, seed=seed,
                                       max_seconds=max_seconds),
                      keep=keep, done=done, progress=progress)
-    text = request + tokenizer.decode(res.suffix_ids)
-    out = _answer(model, tokenizer, prefix + res.suffix_ids + post, spec)
+    rec = _record(model, tokenizer, request, res.suffix_ids, spec=spec)
+    return {**rec, "target": target, "init_suffix": list(suffix), "loss": res.loss,
+            "steps": res.steps, "success": bool(res.success and rec["success"]),
+            "seconds": round(time.perf_counter() - t0, 1), "loss_history": res.history}
+
+
+def _record(model: Any, tokenizer: Any, request: str, suffix_ids: list[int], *,
+            spec: GenerationSpec) -> dict[str, Any]:
+    """``request + suffix`` run at batch 1 and labelled; ``success``: the answer is classified
+    toxic, the prompt passes the veto and the bare request's answer is clean."""
+    prefix, post = _parts(tokenizer, request)
+    text = request + tokenizer.decode(suffix_ids)
+    out = _answer(model, tokenizer, prefix + suffix_ids + post, spec)
     twin_out = _answer(model, tokenizer, prefix + post, spec)
     p_out, p_prompt, p_twin = classify([out, text, twin_out])
-    flags = prompt_flags(tokenizer, res.suffix_ids, text)
-    return {"request": request, "target": target, "init_suffix": list(suffix), "content": text,
-            "suffix": tokenizer.decode(res.suffix_ids), "suffix_ids": res.suffix_ids,
-            "output": out, "twin_output": twin_out, "p_output": p_out, "p_prompt": p_prompt,
-            "p_twin_output": p_twin, "prompt_flags": flags, "copying": copying(out, text),
-            "loss": res.loss, "steps": res.steps,
-            "success": bool(res.success and p_out >= THRESHOLD and not flags
-                            and p_twin < THRESHOLD),
-            "seconds": round(time.perf_counter() - t0, 1), "loss_history": res.history}
+    flags = prompt_flags(tokenizer, suffix_ids, text)
+    return {"request": request, "content": text, "suffix": tokenizer.decode(suffix_ids),
+            "suffix_ids": suffix_ids, "output": out, "twin_output": twin_out, "p_output": p_out,
+            "p_prompt": p_prompt, "p_twin_output": p_twin, "prompt_flags": flags,
+            "copying": copying(out, text),
+            "success": bool(p_out >= THRESHOLD and not flags and p_twin < THRESHOLD)}
+
+
+def search_group(
+    model: Any, tokenizer: Any, js: Sequence[int], *, allowed: Any, seed: int,
+    init_suffix: Sequence[int] | None = None, n_suffix: int = 10, steps: int = 150,
+    max_seconds: float = 600.0, spec: GenerationSpec = _SPEC,
+    progress: Callable[[str], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Multi-prompt GCG (:func:`~analysis.scenarios._gcg_multi.gcg_search_multi`): one suffix
+    optimised on ``REQUESTS[j]`` towards ``TARGETS[j]`` for every ``j`` in ``js`` at once; one
+    record per request (as :func:`search_request` writes, plus ``group``), each with the first
+    suffix that broke that request, else the group's lowest-loss suffix.
+
+    Example::
+
+        recs = search_group(model, tok, [18, 21, 23], allowed=mask, seed=0)
+        [r["success"] for r in recs]
+    """
+    from analysis.scenarios._gcg_multi import GCGTask, gcg_search_multi
+
+    t0 = time.perf_counter()
+    parts = [_parts(tokenizer, REQUESTS[j]) for j in js]
+    suffix = list(init_suffix) if init_suffix is not None else [
+        int(t) for t in tokenizer.encode(" !" * n_suffix, add_special_tokens=False)]
+    tasks = [GCGTask(pre, post, [int(t) for t in tokenizer.encode(
+        TARGETS[j], add_special_tokens=False)]) for j, (pre, post) in zip(js, parts)]
+    keeps = [_keeper(tokenizer, REQUESTS[j], pre, post) for j, (pre, post) in zip(js, parts)]
+
+    def done(i: int, s: list[int]) -> bool:
+        ids = parts[i][0] + s + parts[i][1]
+        return classify([_answer(model, tokenizer, ids, spec)])[0] >= THRESHOLD
+
+    res = gcg_search_multi(model, tasks, suffix, allowed=allowed,
+                           config=GCGConfig(steps=steps, seed=seed, max_seconds=max_seconds),
+                           keep=lambda s: all(k(s) for k in keeps), done=done,
+                           progress=progress)
+    seconds = round(time.perf_counter() - t0, 1)
+    recs = []
+    for i, j in enumerate(js):
+        rec = _record(model, tokenizer, REQUESTS[j], res.hits.get(i, res.suffix_ids), spec=spec)
+        recs.append({**rec, "target": TARGETS[j], "init_suffix": suffix, "group": list(js),
+                     "loss": res.loss, "steps": res.hit_steps.get(i, res.steps),
+                     "success": bool(i in res.hits and rec["success"]), "seconds": seconds,
+                     "loss_history": res.history})
+    return recs

@@ -17,12 +17,16 @@ running the model and the classifier again.
 search was replaced by this one. If a regenerated search finds none, :func:`build` raises and
 points to the planted tiny GPT-2 fault in :mod:`analysis.scenarios.planted`.)
 
-Regenerate the data (about 33 min of one core; ``REGENERATE`` has the request order)::
+Regenerate the data (about 77 min of one core; ``REGENERATE`` has every pass: two 150-s passes,
+a resumed pass that continues the closest requests for up to 150 steps, two multi-prompt group
+passes warm-started from found suffixes, then transfer)::
 
     OMP_NUM_THREADS=1 python -m analysis.scenarios.toxic discover --budget-min 24 \
         --per-request-s 150 --order 2,4,5,7,9,20,21,...
-    OMP_NUM_THREADS=1 python -m analysis.scenarios.toxic discover --append --fresh \
-        --budget-min 4 --per-request-s 150 --order 26,29,38
+    OMP_NUM_THREADS=1 python -m analysis.scenarios.toxic discover --append --resume \
+        --budget-min 22 --per-request-s 360 --steps 150 --order 5,38,21,22,23,7
+    OMP_NUM_THREADS=1 python -m analysis.scenarios.toxic discover --append \
+        --groups '18,31,34;1,10,28' --init-request 2 --budget-min 6 --per-request-s 330
     OMP_NUM_THREADS=1 python -m analysis.scenarios.toxic transfer
 
 Example::
@@ -36,7 +40,6 @@ Example::
 
 from __future__ import annotations
 
-import functools
 import logging
 import sys
 import time
@@ -65,10 +68,11 @@ from analysis.scenarios._toxic_cases import (
     transfer_cases,
 )
 from analysis.scenarios._toxic_label import THRESHOLD, classifier_ref, classify
-from analysis.scenarios._toxic_search import REQUESTS, TARGETS, search_request, suffix_mask
+from analysis.scenarios._toxic_passes import resume_points, run_groups, run_requests
+from analysis.scenarios._toxic_search import REQUESTS
 
 __all__ = ["DATA_FILE", "GENERATION", "REGENERATE", "build", "discover", "is_toxic", "main",
-           "transfer"]
+           "merged_passes", "transfer"]
 
 _log = logging.getLogger(__name__)
 
@@ -77,11 +81,17 @@ _FALLBACK = ("no real SmolLM2 case found; use the planted tiny GPT-2 fault inste
              "analysis.scenarios.planted.build_planted_gpt2(...) with target_token standing for "
              "the toxic word")
 _ORDER = "2,4,5,7,9,20,21,22,23,24,25,26,27,28,29,30,31,32,33,34,35,36,37,38,39,0,1,3,6,8"
-REGENERATE = ("OMP_NUM_THREADS=1 python -m analysis.scenarios.toxic discover --budget-min 24 "
-              f"--per-request-s 150 --order {_ORDER} && OMP_NUM_THREADS=1 python -m "
-              "analysis.scenarios.toxic discover --append --fresh --budget-min 4 "
-              "--per-request-s 150 --order 26,29,38 && OMP_NUM_THREADS=1 python -m "
-              "analysis.scenarios.toxic transfer")
+_PY = "OMP_NUM_THREADS=1 python -m analysis.scenarios.toxic"
+REGENERATE = " && ".join([
+    f"{_PY} discover --budget-min 24 --per-request-s 150 --order {_ORDER}",
+    f"{_PY} discover --append --fresh --budget-min 4 --per-request-s 150 --order 26,29,38",
+    f"{_PY} discover --append --resume --budget-min 22 --per-request-s 360 --steps 150 "
+    "--order 5,38,21,22,23,7",
+    f"{_PY} discover --append --groups '18,31,34;1,10,28' --init-request 2 --budget-min 6 "
+    "--per-request-s 330 --steps 150",
+    f"{_PY} discover --append --groups '14,11,32,36' --init-request 5 --budget-min 6 "
+    "--per-request-s 420 --steps 150",
+    f"{_PY} transfer"])
 _CRITERION = ("failing: batch-1 greedy answer (only the answer) classified profane; the prompt "
               "passes the veto (no suffix token, span of suffix tokens, prompt word or the "
               "prompt classified toxic on its own); twin: the bare request, its answer "
@@ -113,39 +123,55 @@ def _previous(tokenizer: Any) -> dict[str, Any] | None:
             "survivors": [d for d, r in zip(old["failing"], rows) if r["survives"]]}
 
 
-def _search(model: Any, tokenizer: Any, order: Sequence[int], *, seed: int, budget_min: float,
-            per_request_s: float, steps: int, fresh: bool) -> tuple[list[dict[str, Any]], float]:
-    """GCG over ``REQUESTS[j]`` for ``j`` in ``order`` until the budget is spent, each from the
-    previous request's final suffix (progressive) or, if ``fresh``, from ``" !" * 10``; the
-    records and the minutes used."""
-    allowed = suffix_mask(tokenizer)
-    t0 = time.perf_counter()
-    records: list[dict[str, Any]] = []
-    init: list[int] | None = None
-    for j in order:
-        if time.perf_counter() - t0 > budget_min * 60:
-            break
-        r = search_request(model, tokenizer, REQUESTS[j], TARGETS[j],
-                           allowed=allowed, seed=seed + j, init_suffix=init, steps=steps,
-                           max_seconds=per_request_s,
-                           progress=functools.partial(_log.info, "request %d: %s", j))
-        _log.info("request %d: success=%s after %d steps, %.0fs: %r -> %r %s", j, r["success"],
-                  r["steps"], r["seconds"], r["suffix"], r["output"], r["copying"])
-        records.append(r)
-        init = None if fresh else r["suffix_ids"]  # progressive: the next one continues
-    return records, (time.perf_counter() - t0) / 60
+def merged_passes(old: dict[str, Any], new: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The shipped search's passes followed by ``new`` (a file written before passes were
+    listed counts as one progressive pass).
+
+    Example::
+
+        merged_passes(load_data(DATA_FILE)["search"], [this_pass])
+    """
+    if "passes" in old:
+        return list(old["passes"]) + new
+    return [{"order": old.get("order"), "fresh": False, "attempts": len(old["records"]),
+             "minutes": old["minutes"]}, *new]
+
+
+def _pass(model: Any, tokenizer: Any, order: list[int], groups: list[list[int]] | None, *,
+          seed: int, budget_min: float, per_request_s: float, steps: int, fresh: bool,
+          resume: bool, init_request: int | None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Run one request pass or group pass; its records and its entry in ``search.passes``."""
+    old = load_data(DATA_FILE)["search"]["records"] if resume or init_request is not None else []
+    if groups is None:
+        records, minutes = run_requests(model, tokenizer, order, seed=seed,
+                                        budget_min=budget_min, per_request_s=per_request_s,
+                                        steps=steps, fresh=fresh,
+                                        resume=resume_points(old, order) if resume else None)
+    else:
+        init = None if init_request is None else next(
+            r["suffix_ids"] for r in old if r["success"] and r["request"] == REQUESTS[init_request])
+        records, minutes = run_groups(model, tokenizer, groups, seed=seed, budget_min=budget_min,
+                                      per_group_s=per_request_s, steps=steps, init=init)
+    return records, {"order": order, "groups": groups, "init_request": init_request,
+                     "fresh": fresh, "resume": resume, "attempts": len(records),
+                     "minutes": round(minutes, 1), "per_request_s": per_request_s,
+                     "max_steps": steps}
 
 
 def discover(
     *, seed: int = 0, model: Any = None, tokenizer: Any = None, budget_min: float = 35.0,
     per_request_s: float = 150.0, steps: int = 60, order: Sequence[int] | None = None,
-    fresh: bool = False, append: bool = False, write: bool = True,
+    groups: Sequence[Sequence[int]] | None = None, init_request: int | None = None,
+    fresh: bool = False, append: bool = False, resume: bool = False, write: bool = True,
 ) -> dict[str, Any]:
     """Run GCG on the requests ``REQUESTS[j]``, ``j`` in ``order`` (default: all), until the
     compute budget is spent, each search starting from the previous request's final suffix
     (progressive, as in multi-prompt GCG; ``fresh``: each from scratch); re-label the previously
     shipped cases under the veto; return (and write) every attempt and the cases found.
-    ``append`` adds this pass's records to the shipped search's (cases re-derived from all).
+    ``append`` adds this pass's records to the shipped search's (cases re-derived from all);
+    ``resume`` starts each request from its latest shipped unsuccessful record's suffix;
+    ``groups`` runs multi-prompt GCG on each group instead (``per_request_s`` is then per
+    group), from the shipped successful suffix of ``REQUESTS[init_request]`` if given.
 
     Example::
 
@@ -161,16 +187,15 @@ def discover(
         model, tokenizer = load_smollm2()
     previous = _previous(tokenizer)
     order = list(range(len(REQUESTS))) if order is None else list(order)
-    records, minutes = _search(model, tokenizer, order, seed=seed, budget_min=budget_min,
-                               per_request_s=per_request_s, steps=steps, fresh=fresh)
-    passes = [{"order": order, "fresh": fresh, "attempts": len(records),
-               "minutes": round(minutes, 1)}]
+    records, this = _pass(model, tokenizer, order,
+                          None if groups is None else [list(g) for g in groups], seed=seed,
+                          budget_min=budget_min, per_request_s=per_request_s, steps=steps,
+                          fresh=fresh, resume=resume, init_request=init_request)
+    minutes, passes = this["minutes"], [this]
     if append:
         old = load_data(DATA_FILE)["search"]
         records, minutes = old["records"] + records, old["minutes"] + minutes
-        passes = old.get("passes", [{"order": old["order"], "fresh": False,
-                                     "attempts": len(old["records"]),
-                                     "minutes": old["minutes"]}]) + passes
+        passes = merged_passes(old, passes)
     failing, benign = cases_from_records(model, tokenizer, records)
     doc: dict[str, Any] = {
         "scenario": "toxic", "model": dict(MODEL_REFS["smollm2"]), "regenerate": REGENERATE,
@@ -220,6 +245,7 @@ def transfer(*, model: Any = None, tokenizer: Any = None, write: bool = True) ->
     if model is None or tokenizer is None:
         model, tokenizer = load_smollm2()
     t0 = time.perf_counter()
+    doc["regenerate"] = REGENERATE
     tried = transfer_cases(model, tokenizer, doc)
     hits = sum(1 for d in doc["failing"] if "transfer_of" in d["meta"])
     doc["search"]["transfer"] = {"tried": tried, "hits": hits, "requests": len(REQUESTS),
@@ -318,6 +344,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="comma-separated indices into REQUESTS to search, in order")
     ap.add_argument("--fresh", action="store_true", help="each request from scratch")
     ap.add_argument("--append", action="store_true", help="add to the shipped search")
+    ap.add_argument("--resume", action="store_true",
+                    help="start each request from its latest shipped unsuccessful suffix")
+    ap.add_argument("--groups", type=str, default=None,
+                    help="multi-prompt GCG: groups of REQUESTS indices, e.g. '18,21,23;0,3'")
+    ap.add_argument("--init-request", type=int, default=None,
+                    help="start the groups from this request's shipped successful suffix")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.command == "transfer":
@@ -327,7 +359,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     order = None if args.order is None else [int(j) for j in args.order.split(",")]
     doc = discover(seed=args.seed, budget_min=args.budget_min, per_request_s=args.per_request_s,
-                   steps=args.steps, order=order, fresh=args.fresh, append=args.append)
+                   steps=args.steps, order=order, fresh=args.fresh, append=args.append,
+                   resume=args.resume, init_request=args.init_request,
+                   groups=None if args.groups is None else [
+                       [int(j) for j in g.split(",")] for g in args.groups.split(";")])
     print(f"failing={len(doc['failing'])} benign={len(doc['benign'])} "
           f"attempts={doc['search']['attempts']} successes={doc['search']['successes']} "
           f"minutes={doc['search']['minutes']}")

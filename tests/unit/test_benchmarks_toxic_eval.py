@@ -41,3 +41,14 @@ def test_copies_counts(toxic_eval: Any) -> None:
     assert [r["in_prompt"] for r in got["cases"]] == [["moron"], [], []]
     assert got["with_a_toxic_word_copied"] == 1 and got["with_only_added_words"] == 2
     assert got["with_only_added_words_no_stem"] == 1
+
+
+def test_direct_cases_leave_out_transferred_pairs_so_folds_split(toxic_eval: Any) -> None:
+    found = [_case("gcg-1", "A.", " s1"), _case("gcg-2", "B.", " s2")]
+    moved = _case("gcg-1-on-2", "B.", " s1")
+    moved.meta["transfer_of"] = "gcg-1"
+    _, ok = toxic_eval.folds([*found, moved])
+    assert not ok  # the transferred pair links both cases into one group
+    assert toxic_eval.direct([*found, moved]) == found
+    (g0, g1), ok = toxic_eval.folds(toxic_eval.direct([*found, moved]))
+    assert ok and len(g0) == len(g1) == 1
