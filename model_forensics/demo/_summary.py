@@ -55,16 +55,15 @@ def _fix_lines(cca: dict[str, Any]) -> list[str]:
             f"answer replayed with the fix: {fix.get('greedy_output')!r}"]
 
 
-#: The side-effect budget a deployable fix keeps (DESIGN §14; refusal-direction ablation's 0.1).
-BUDGET_KL = 0.1
-
-
 def _verdict(se: dict[str, Any]) -> str:
-    kl = se.get("mean_kl")
-    if not isinstance(kl, int | float):
+    """Whether measured side effects keep the budget a deployable fix keeps (DESIGN §14)."""
+    from sidecar.report import SIDE_EFFECT_BUDGET_KL, over_budget
+
+    if not isinstance(se.get("mean_kl"), int | float):
         return ""
-    return ("within the 0.1-nat side-effect budget" if kl <= BUDGET_KL else
-            f"NOT deployable: {kl / BUDGET_KL:.0f}x the 0.1-nat side-effect budget")
+    ratio = over_budget({"side_effects": se})
+    return (f"NOT deployable: {ratio:.0f}x the {SIDE_EFFECT_BUDGET_KL}-nat side-effect budget"
+            if ratio else f"within the {SIDE_EFFECT_BUDGET_KL}-nat side-effect budget")
 
 
 def _investigation_lines(inv: dict[str, Any]) -> list[str]:

@@ -33,8 +33,10 @@ from ._render import (
     render_report,
     report_meta,
 )
+from ._sections import SIDE_EFFECT_BUDGET_KL, over_budget
 
 __all__ = [
+    "SIDE_EFFECT_BUDGET_KL",
     "ReportData",
     "Section",
     "bars_svg",
@@ -47,6 +49,7 @@ __all__ = [
     "investigation_sections",
     "kv_table",
     "note",
+    "over_budget",
     "read_report_meta",
     "render_report",
     "report_meta",

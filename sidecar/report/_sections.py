@@ -15,13 +15,33 @@ from typing import Any
 from ._data import ReportData
 from ._html import esc, fmt, heatmap_svg, kv_table, note, table
 
-__all__ = ["before_after", "content", "fix_set", "interactions", "layer_position_heatmap",
-           "links", "manifest", "root_causes", "site_step_heatmap", "summary"]
+__all__ = ["SIDE_EFFECT_BUDGET_KL", "before_after", "content", "fix_set", "interactions",
+           "layer_position_heatmap", "links", "manifest", "over_budget", "root_causes",
+           "site_step_heatmap", "summary"]
 
 
 def _card(key: str, value: str, *, card_id: str) -> str:
     return f'<div class="card" id="{esc(card_id)}"><div class="k">{esc(key)}</div>' \
            f'<div class="v">{value}</div></div>'
+
+
+#: The side-effect budget a deployable fix keeps: mean KL on benign inputs, nats (DESIGN §14; the
+#: default ``budget_kl`` of an investigation; refusal-direction ablation keeps 0.1).
+SIDE_EFFECT_BUDGET_KL = 0.1
+
+
+def over_budget(fix: Mapping[str, Any]) -> float | None:
+    """How many times the side-effect budget a fix's measured mean benign KL is, when over it
+    (else None: within budget, or not measured).
+
+    Example::
+
+        over_budget({"side_effects": {"mean_kl": 6.5}})   # 65.0
+    """
+    kl = (fix.get("side_effects") or {}).get("mean_kl")
+    if isinstance(kl, int | float) and not isinstance(kl, bool) and kl > SIDE_EFFECT_BUDGET_KL:
+        return float(kl) / SIDE_EFFECT_BUDGET_KL
+    return None
 
 
 def _badge(text: str, kind: str) -> str:
@@ -35,7 +55,9 @@ def _fix_card(cca: Mapping[str, Any]) -> str:
     if cca.get("status") != "found":
         return "none found"
     sites = ", ".join(esc(iv.get("site")) for iv in fix.get("interventions") or [])
-    return f"{sites} <small>(flip rate {fmt(fix.get('flip_rate'), '.2f')})</small>"
+    ratio = over_budget(fix)
+    cost = f"; {ratio:.0f}× the side-effect budget: not deployable" if ratio else ""
+    return f"{sites} <small>(flip rate {fmt(fix.get('flip_rate'), '.2f')}{cost})</small>"
 
 
 def summary(data: ReportData) -> str:
@@ -50,8 +72,10 @@ def summary(data: ReportData) -> str:
                              f"threshold ({cf.get('threshold')})", "bad" if flagged else "ok"))
     if cca:
         found = cca.get("status") == "found"
-        badges.append(_badge("fix set verified" if found else "no fix set", "ok" if found
-                             else "neutral"))
+        costly = found and over_budget(cca.get("fix_set") or {}) is not None
+        badges.append(_badge("fix set verified, over the side-effect budget" if costly else
+                             "fix set verified" if found else "no fix set",
+                             "neutral" if costly or not found else "ok"))
     inv = data.result("investigate")
     if inv is not None:
         badges.append(_badge("investigation: deployable fix verified" if inv.get("fix_found")
@@ -295,6 +319,15 @@ def fix_set(data: ReportData) -> str | None:
             for i, iv in enumerate(fix.get("interventions") or [], 1)]
     intro = (f"<p>{esc(len(rows))} intervention(s), 1-minimal: {esc(fix.get('one_minimal'))} "
              "(removing any one, replayed, un-flips the failure).</p>")
+    ratio = over_budget(fix)
+    if ratio:
+        intro += note(f"Its side effects on benign incidents are {ratio:.0f}× the "
+                      f"{SIDE_EFFECT_BUDGET_KL} nat budget (mean KL): it shows where the failure "
+                      "is carried, and is not a mitigation to deploy"
+                      + ("; the investigation below searches fixes under the budget."
+                         if data.result("investigate") is not None else
+                         "; an investigation (job kind investigate, forensics investigate) "
+                         "searches fixes under the budget."), kind="warn")
     return intro + table(["#", "site", "intervention", "metric without it",
                           "still flips without it", "role"], rows, table_id="fix-table") + \
         _stats(fix, cca) + interactions(fix)

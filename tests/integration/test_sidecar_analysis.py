@@ -233,6 +233,8 @@ def _check_report(addr: str, inc_id: str, fixed_sites: list[str], tmp_path: Path
         assert f'id="{ident}"' in html, ident
     assert all(site in html for site in fixed_sites) and TRACE_ID in html
     assert "flip rate" in html and "19 random sets" in html      # jobs.params.cca
+    # a planted neuron's fix leaves benign traffic alone: no over-budget verdict
+    assert "fix set verified</span>" in html and "not deployable" not in html
     assert f'href="{inc_id}.html"' in (tmp_path / "reports" / "index.html").read_text()
     capsys.readouterr()
 

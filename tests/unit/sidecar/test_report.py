@@ -180,3 +180,27 @@ def test_headless_chromium_renders_the_report(scored, tmp_path: Path) -> None:  
     for ident in ("incident-id", "card-score", "card-trace", "svg-site-step", "root-causes",
                   "trace-id"):
         assert f'id="{ident}"' in dom, ident
+
+
+def test_a_fix_over_the_side_effect_budget_is_labelled_not_deployable(  # type: ignore[no-untyped-def]
+        scored, tmp_path: Path) -> None:
+    """The verdict follows the measured mean benign KL against the 0.1-nat budget (the
+    numbers are those ``make demo`` measured for SmolLM2's whole-MLP ablation)."""
+    from sidecar.report import SIDE_EFFECT_BUDGET_KL, over_budget
+
+    data, tmp = scored
+    fix = {"interventions": [{"site": "blocks.11.mlp", "kind": "mean"}], "flip_rate": 1.0,
+           "one_minimal": True, "side_effects": {"mean_kl": 6.495, "top1_agreement": 0.161,
+                                                  "n_incidents": 4}}
+    html = {}
+    for kl in (6.495, 0.004):
+        results = tmp_path / f"r{kl}.json"
+        costly = {**fix, "side_effects": {**fix["side_effects"], "mean_kl": kl}}
+        results.write_text(json.dumps({"cf": data.result("cf"),
+                                       "cca": {"status": "found", "fix_set": costly}}))
+        html[kl] = render_report(data_from_files(tmp / "flagged.arrow", results))
+    assert SIDE_EFFECT_BUDGET_KL == 0.1 and over_budget(fix) == pytest.approx(64.95)
+    assert "65× the side-effect budget: not deployable" in html[6.495]
+    assert "fix set verified, over the side-effect budget" in html[6.495]
+    assert "is not a mitigation to deploy" in html[6.495]
+    assert "not deployable" not in html[0.004] and "fix set verified</span>" in html[0.004]
