@@ -102,6 +102,14 @@ def render_cca(console: Any, r: dict[str, Any]) -> None:
         console.print(f"  side effects on {se.get('n_incidents')} benign incidents: mean KL "
                       f"{_f(se.get('mean_kl'), '.4f')} nats, top-1 agreement "
                       f"{_f(se.get('top1_agreement'), '.3f')}")
+        from .report import SIDE_EFFECT_BUDGET_KL, over_budget
+
+        ratio = over_budget(fix)
+        if ratio:
+            console.print(f"  [bold]not deployable[/bold]: {ratio:.0f}x the "
+                          f"{SIDE_EFFECT_BUDGET_KL}-nat side-effect budget (it shows where the "
+                          "failure is carried; `forensics investigate` searches fixes under "
+                          "the budget)")
     if fix.get("p_value") is not None:
         console.print(f"  permutation p = {_f(fix['p_value'])} vs random same-size sets")
     console.print(f"  {fix.get('forward_passes')} replays vs "

@@ -57,3 +57,18 @@ def test_the_cli_prints_the_interactions_with_the_fix_set(fix_dict: dict[str, An
     sites = [iv["site"] for iv in fix_dict["interventions"]]
     assert all(out.count(s) == 2 for s in sites), out
     assert "[-1.00, -1.00]" in out
+
+
+def test_the_cli_says_when_a_fix_set_is_over_the_side_effect_budget(
+        fix_dict: dict[str, Any]) -> None:
+    from rich.console import Console
+
+    def printed(fix: dict[str, Any]) -> str:
+        buf = io.StringIO()
+        render_cca(Console(file=buf, width=200), {"status": "found", "fix_set": fix})
+        return buf.getvalue()
+
+    assert fix_dict["side_effects"]["mean_kl"] < 0.1      # the planted OR pair: measured
+    assert "not deployable" not in printed(fix_dict)
+    costly = dict(fix_dict, side_effects={**fix_dict["side_effects"], "mean_kl": 6.5})
+    assert "not deployable: 65x the 0.1-nat side-effect budget" in printed(costly)
