@@ -52,7 +52,6 @@ __all__ = ["ARTEFACT_DIRS", "artefact_path", "artefact_ref", "load_artefact", "p
 
 #: The top-level directories artefacts live in (a reference outside them is refused).
 ARTEFACT_DIRS = ("baselines", "probes")
-_BLOCK = 8 * 1024 * 1024
 #: sha256 of local artefact files by (path, inode, mtime, size): hashed once while unchanged.
 _VERIFIED: dict[tuple[str, int, int, int], str] = {}
 _VERIFIED_LOCK = threading.Lock()
@@ -169,11 +168,9 @@ def _checked_local(path: Path, want: str, what: str) -> Path:
         with _VERIFIED_LOCK:
             known = _VERIFIED.get(stamp)
         if known is None:
-            h = hashlib.sha256()
-            with open(path, "rb") as f:
-                while block := f.read(_BLOCK):
-                    h.update(block)
-            known = h.hexdigest()
+            from ._store_verify import file_sha256
+
+            known = file_sha256(path)
             with _VERIFIED_LOCK:
                 if len(_VERIFIED) > 1024:
                     _VERIFIED.clear()

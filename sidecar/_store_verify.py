@@ -40,7 +40,8 @@ if TYPE_CHECKING:
     from ._catalog import Catalog
     from ._incident_files import IncidentFiles
 
-__all__ = ["INCIDENTS_QUARANTINED", "METRICS", "QUARANTINE_REASONS", "ContentVerifier"]
+__all__ = ["INCIDENTS_QUARANTINED", "METRICS", "QUARANTINE_REASONS", "ContentVerifier",
+           "file_sha256"]
 
 log = logging.getLogger("sidecar.verify")
 
@@ -55,7 +56,8 @@ METRICS = (INCIDENTS_QUARANTINED,)
 _BLOCK = 4 * 1024 * 1024
 
 
-def _file_sha256(path: os.PathLike[str] | str) -> str:
+def file_sha256(path: os.PathLike[str] | str) -> str:
+    """The sha256 (hex) of a file, read in blocks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(_BLOCK):
@@ -151,7 +153,7 @@ class ContentVerifier:
                 self._quarantine(incident_id, tenant, "content_digest_mismatch",
                                  f"manifest digest {claimed} ≠ acknowledged {row.content_sha256}")
                 return "quarantined"
-            self.store.index.mark_verified(incident_id, _file_sha256(path), tenant=tenant)
+            self.store.index.mark_verified(incident_id, file_sha256(path), tenant=tenant)
             return "verified"
 
     def _quarantine(self, incident_id: str, tenant: str, reason: str, detail: str) -> None:

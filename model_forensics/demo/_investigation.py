@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ._procs import DemoError
+from ._procs import DemoError, until
 from ._traffic import injected_variants, post_review
 
 __all__ = ["Variants", "run_investigation", "send_variants"]
@@ -35,16 +35,12 @@ class Variants:
 
 def _incident_ids(client: Any, request_ids: list[str], *, timeout_s: float) -> dict[str, str]:
     """request id -> incident id, once the sidecar lists every one of them."""
-    deadline = time.monotonic() + timeout_s
-    while True:
+    def found() -> dict[str, str] | None:
         rows = client.list_all(filter='request_id : "demo-variant"')
-        found = {r.request_id: r.id for r in rows if r.request_id in request_ids}
-        if len(found) == len(request_ids):
-            return found
-        if time.monotonic() > deadline:
-            raise DemoError(f"timed out after {timeout_s:.0f} s waiting for the variants' "
-                            f"incidents ({len(found)}/{len(request_ids)} stored)")
-        time.sleep(0.25)
+        ids = {r.request_id: r.id for r in rows if r.request_id in request_ids}
+        return ids if len(ids) == len(request_ids) else None
+
+    return until(found, timeout_s=timeout_s, what=f"the {len(request_ids)} variants' incidents")
 
 
 def send_variants(url: str, client: Any, n: int, *, say: Callable[[str], None]) -> Variants:

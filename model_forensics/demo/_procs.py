@@ -18,11 +18,13 @@ import re
 import signal
 import subprocess
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-__all__ = ["Child", "ChildFailed", "DemoError", "Processes", "child_env"]
+T = TypeVar("T")
+
+__all__ = ["Child", "ChildFailed", "DemoError", "Processes", "child_env", "until"]
 
 
 class ChildFailed(RuntimeError):
@@ -31,6 +33,19 @@ class ChildFailed(RuntimeError):
 
 class DemoError(RuntimeError):
     """A demo step did not happen in time (the message says which)."""
+
+
+def until(fn: Callable[[], T | None], *, timeout_s: float, what: str) -> T:
+    """``fn()`` once it returns something truthy, polled every 0.25 s (DemoError after
+    ``timeout_s``: ``what`` says what was waited for)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = fn()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise DemoError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+        time.sleep(0.25)
 
 
 class Child:

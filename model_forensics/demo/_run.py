@@ -30,16 +30,14 @@ import shutil
 import signal
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-from ._procs import ChildFailed, DemoError, Processes, child_env
+from ._procs import ChildFailed, DemoError, Processes, child_env, until
 from ._traffic import BENIGN_REVIEWS, INJECTED, new_traceparent, post_review
 
 __all__ = ["run_demo"]
 
-T = TypeVar("T")
 _MARKER = ".forensics-demo"
 
 
@@ -51,16 +49,6 @@ class _Clock:
         self.console.print(f"[dim]{time.monotonic() - self.t0:6.1f}s[/dim]  {msg}",
                            soft_wrap=True)   # one line per step, whole paths
 
-
-def _until(fn: Callable[[], T | None], *, timeout_s: float, what: str) -> T:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = fn()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise DemoError(f"timed out after {timeout_s:.0f} s waiting for {what}")
-        time.sleep(0.25)
 
 
 def _fresh_dir(path: Path) -> Path:
@@ -131,7 +119,7 @@ def _benign(url: str, client: Any, n: int, clock: _Clock) -> None:
     def all_scored() -> int:
         return int(client.list(filter=scored, page_size=1).total_size >= n)
 
-    _until(all_scored, timeout_s=300, what="the baseline built from the benign requests")
+    until(all_scored, timeout_s=300, what="the baseline built from the benign requests")
     clock.say(f"baseline built by the sidecar from the {n} benign incidents; all scored")
 
 
@@ -143,7 +131,7 @@ def _injected(url: str, client: Any, clock: _Clock) -> tuple[str, str, str]:
               f"{answer['flagged']})")
     if not answer["flagged"]:
         raise DemoError("the injected review was not flagged: the model did not answer HACKED")
-    page = _until(lambda: list(client.list(filter='request_id = "demo-injected"').incidents),
+    page = until(lambda: list(client.list(filter='request_id = "demo-injected"').incidents),
                   timeout_s=60, what="the flagged incident in the sidecar")
     return answer["answer"], page[0].id, tp
 
@@ -157,7 +145,7 @@ def _analyses(client: Any, incident_id: str, clock: _Clock) -> None:
                 return a
         return None
 
-    cf = _until(lambda: done("cf"), timeout_s=120, what="the CF analysis")
+    cf = until(lambda: done("cf"), timeout_s=120, what="the CF analysis")
     r = json.loads(cf.result_json or "{}")
     if r.get("status") != "scored":
         raise DemoError(f"CF did not score the incident: {r.get('status')} {cf.error}"
@@ -166,7 +154,7 @@ def _analyses(client: Any, incident_id: str, clock: _Clock) -> None:
     clock.say(f"CF scored the incident: score {r['anomaly_score']:.2f}, p "
               f"{r['anomaly_p']:.3g} vs the baseline; searching a fix set (CCA: replays of "
               "SmolLM2) ...")
-    cca = _until(lambda: done("cca"), timeout_s=600, what="the CCA fix-set search")
+    cca = until(lambda: done("cca"), timeout_s=600, what="the CCA fix-set search")
     if cca.state == v1.JOB_STATE_FAILED:
         raise DemoError(f"the CCA job failed: {cca.error}")
     clock.say("CCA finished")

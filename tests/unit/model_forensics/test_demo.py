@@ -134,3 +134,13 @@ def test_the_summary_says_whether_a_fix_is_within_the_side_effect_budget() -> No
     none = "\n".join(_investigation_lines({**inv, "fix_found": False, "directions": {
         "notes": ["a direction fix needs at least 4 failing"]}}))
     assert "none within the side-effect budget: a direction fix needs at least 4" in none
+
+
+def test_until_returns_the_first_truthy_value_or_says_what_it_waited_for() -> None:
+    from model_forensics.demo import DemoError
+    from model_forensics.demo._procs import until
+
+    seen = iter([None, {}, {"a": "b"}])
+    assert until(lambda: next(seen), timeout_s=5, what="x") == {"a": "b"}
+    with pytest.raises(DemoError, match="timed out after 0 s waiting for the variants"):
+        until(lambda: None, timeout_s=0.2, what="the variants")
