@@ -12,7 +12,11 @@ backfill_interval_s``: while markers exist it runs the store's own start-up reco
 marked ones included, whatever the file layer — a directory or object storage), then announces
 each marked incident to watchers and listeners (the server enqueues its ingest analyses) and
 removes its marker. While the catalog is still down a pass changes nothing and is retried;
-nothing is lost, and a restart picks the markers up again.
+nothing is lost, and a restart picks the markers up again. A listener that cannot reach the
+catalog (:class:`~integrations.errors.CatalogUnavailableError`) keeps the marker for the next
+pass (listeners are idempotent: ingest jobs carry a request id); the same marker is left by
+the server for an incident indexed just before the catalog stopped answering, whose analyses
+could not be enqueued (``IncidentStore.defer_analyses``).
 
 Example::
 
@@ -72,6 +76,8 @@ class Backfill:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._pass = threading.Lock()
+        #: (tenant, id) announced to watchers whose listeners still have to succeed
+        self._published: set[tuple[str, str]] = set()
 
     def lookup(self, incident_id: str, tenant: str) -> IncidentRow | None:
         """The stored row of (tenant, id): the catalog's, else (unreachable) the file's
@@ -98,7 +104,7 @@ class Backfill:
             return False
         return True
 
-    def defer(self, row: IncidentRow) -> None:
+    def defer(self, row: IncidentRow, *, reason: str = "acknowledged to local disk") -> None:
         """Mark ``row``'s incident (its file is durable) for back-fill; durable on return."""
         directory = self.dir / tenant_dir(row.tenant)
         if not directory.is_dir():
@@ -106,8 +112,8 @@ class Backfill:
             fsync_dir(self.dir)
         (directory / row.id).write_text(json.dumps({"tenant": row.tenant}), encoding="utf-8")
         fsync_dir(directory)
-        log.warning("catalog unreachable: incident %s (tenant %r) acknowledged to local disk; "
-                    "it is back-filled when the catalog answers", row.id, row.tenant)
+        log.warning("catalog unreachable: incident %s (tenant %r): %s; it is back-filled when "
+                    "the catalog answers", row.id, row.tenant, reason)
 
     def _marks(self) -> list[tuple[Path, str, str]]:
         """(marker, tenant, id) of every incident waiting for back-fill, oldest first."""
@@ -148,23 +154,36 @@ class Backfill:
                 rows = [(m, self.store.index.get_incident(i, tenant=t)) for m, t, i in marks]
             except CatalogUnavailableError:
                 return 0
+            announced = 0
             for marker, row in rows:
-                if row is not None:
-                    self._announce(row)
-                else:
+                if row is None:
                     log.warning("incident %s marked for back-fill is no longer stored (deleted "
                                 "or quarantined by recovery)", marker.name)
+                elif not self._announce(row):
+                    continue   # the catalog stopped answering: the marker stays for next pass
+                else:
+                    announced += 1
                 marker.unlink(missing_ok=True)
-            return sum(row is not None for _, row in rows)
+            return announced
 
-    def _announce(self, row: IncidentRow) -> None:
-        log.info("back-filled incident %s (tenant %r) into the catalog", row.id, row.tenant)
-        self.store._publish(row)
+    def _announce(self, row: IncidentRow) -> bool:
+        """Publish ``row`` (once per process) and call the listeners; False when one could
+        not reach the catalog (retried on the next pass)."""
+        key = (row.tenant, row.id)
+        if key not in self._published:
+            log.info("back-filled incident %s (tenant %r) into the catalog", row.id, row.tenant)
+            self.store._publish(row)
+            self._published.add(key)
         for listener in list(self.listeners):
             try:
                 listener(row)
+            except CatalogUnavailableError as e:
+                log.warning("back-fill of %s kept for the next pass: %s", row.id, e)
+                return False
             except Exception:
                 log.exception("back-fill listener failed for %s", row.id)
+        self._published.discard(key)
+        return True
 
     def start(self) -> None:
         """Run a pass now (in the thread) and every ``interval_s`` until :meth:`close`."""

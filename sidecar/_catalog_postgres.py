@@ -134,6 +134,7 @@ class PostgresCatalog(CatalogBase):
             yield con
         except (psycopg.OperationalError, psycopg.InterfaceError) as e:
             con.close()
+            self._drop_idle()   # a restarted server broke them all: the next call reconnects
             raise self._unavailable(e) from e
         except BaseException:
             if con.closed:
@@ -141,6 +142,12 @@ class PostgresCatalog(CatalogBase):
             self._release(con)
             raise
         self._release(con)
+
+    def _drop_idle(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for con in idle:
+            con.close()
 
     def _release(self, con: Any) -> None:
         with self._lock:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import collections
 import hashlib
 import threading
+import time
 from pathlib import Path
 
 from integrations._crc32c import crc32c_extend
@@ -30,6 +31,9 @@ __all__ = ["DEFAULT_CACHE_BYTES", "LocalCache"]
 #: Default budget of the local copies (bytes): a few large incidents, many small ones.
 DEFAULT_CACHE_BYTES = 2 * 1024 ** 3
 _BLOCK = 8 * 1024 * 1024
+#: A temp file untouched this long (seconds) is a download cut short by a crash: removed when
+#: a cache is built. Downloads in flight write continuously, so their files stay younger.
+STRAY_TMP_AGE_S = 600.0
 
 
 class LocalCache:
@@ -44,9 +48,21 @@ class LocalCache:
         copies = [p for p in root.glob("*/*.arrow") if p.is_file()]
         for p in sorted(copies, key=lambda p: p.stat().st_mtime_ns):   # oldest first
             self._sizes[p] = p.stat().st_size
-        for stray in root.glob("**/.*.tmp"):   # a download cut short by a crash
-            stray.unlink(missing_ok=True)
+        self._drop_strays()
         self._evict()
+
+    def _drop_strays(self) -> None:
+        """Remove downloads cut short by a crash: temp files untouched for
+        :data:`STRAY_TMP_AGE_S`. A younger one may be another process's download in flight
+        (workers beside the sidecar share the directory, and a restarted worker builds its
+        cache while the others fetch), so it is left alone."""
+        now = time.time()
+        for stray in self.root.glob("**/.*.tmp"):
+            try:
+                if now - stray.stat().st_mtime > STRAY_TMP_AGE_S:
+                    stray.unlink()
+            except FileNotFoundError:   # its download finished (renamed) meanwhile
+                pass
 
     def path(self, dir_name: str, incident_id: str) -> Path:
         """Where the copy of (tenant dir, id) lives (which may not exist)."""

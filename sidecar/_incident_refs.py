@@ -124,12 +124,14 @@ def _fetch(fs: object, key: str, target: Path, location: str, what: str) -> None
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
     try:
-        with fs.open_input_stream(key) as src, open(tmp, "wb") as dst:   # type: ignore[attr-defined]
+        try:
+            src = fs.open_input_stream(key)   # type: ignore[attr-defined]
+        except FileNotFoundError as e:   # the source only: a local error is not "missing"
+            raise IncidentFormatError(f"the {what} object {location} does not exist (deleted "
+                                      "after the job was queued?)") from e
+        with src, open(tmp, "wb") as dst:
             shutil.copyfileobj(src, dst, _BLOCK)
         os.replace(tmp, target)
-    except FileNotFoundError as e:
-        raise IncidentFormatError(f"the {what} object {location} does not exist (deleted "
-                                  "after the job was queued?)") from e
     except OSError as e:     # the store unreachable from this worker: the attempt runs again
         raise StoreUnavailableError(f"could not fetch {location} ({e}); check that this worker "
                                     "reaches store.uri with the AWS credentials in its "

@@ -25,6 +25,8 @@ from typing import Any, NoReturn
 import grpc
 from google.protobuf import empty_pb2
 
+from integrations.errors import CatalogUnavailableError
+
 from ._auth import Authenticator, Principal, TenantNotPermittedError
 from ._config import SidecarConfig
 from ._filters import (
@@ -159,7 +161,7 @@ class IncidentServicer(v1.IncidentServiceServicer):
         if result.created:
             count_received(self.telemetry, result.row.size_bytes)
             if not result.deferred:   # else the back-fill enqueues them once indexed
-                self.enqueue_ingest_jobs(result.row)
+                self._enqueue_or_defer(result.row)
         row = result.row
         resp = v1.UploadIncidentResponse(incident_id=row.id, sha256=row.sha256,
                                          size=row.size_bytes, created=result.created,
@@ -185,12 +187,30 @@ class IncidentServicer(v1.IncidentServiceServicer):
         return store_upload(self.store, upload, tenant=tenant, telemetry=self.telemetry)
 
     def enqueue_ingest_jobs(self, row: IncidentRow) -> None:
-        """The analyses every new incident gets (``SidecarConfig.ingest_kinds``)."""
+        """The analyses every new incident gets (``SidecarConfig.ingest_kinds``); idempotent
+        (each carries a request id). Raises :class:`CatalogUnavailableError` when the catalog
+        does not answer (the caller keeps the incident for the back-fill); any other failure is
+        logged and the next kind is enqueued."""
         for kind in self.config.ingest_kinds():
             try:
                 self.jobs.submit(row.id, kind, tenant=row.tenant, request_id=f"on_ingest:{kind}")
+            except CatalogUnavailableError:
+                raise
             except Exception:
                 log.exception("could not enqueue %s for %s", kind, row.id)
+
+    def _enqueue_or_defer(self, row: IncidentRow) -> None:
+        """Enqueue a new incident's analyses; when the catalog stopped answering after the
+        incident was indexed, leave it to the back-fill (never lost, never raised: the upload
+        is acknowledged either way)."""
+        try:
+            self.enqueue_ingest_jobs(row)
+        except CatalogUnavailableError:
+            try:
+                self.store.defer_analyses(row)
+            except Exception:
+                log.exception("could not mark %s for back-fill: its ingest analyses are not "
+                              "enqueued (run them with RunAnalysis)", row.id)
 
     # -- queries -----------------------------------------------------------------------------
 

@@ -70,6 +70,11 @@ class IncidentStore(Protocol):
 
     def incoming(self, incident_id: str, *, sha256: bool = True) -> IncomingFile: ...
 
+    def defer_analyses(self, row: IncidentRow) -> None:
+        """Mark an acknowledged incident whose ingest analyses could not be enqueued (the
+        catalog stopped answering after it was indexed): the back-fill enqueues them later."""
+        ...
+
     def put_incoming(self, incoming: IncomingFile, *, tenant: str | None, sha256: str = "",
                      crc32c: int | None = None, content_sha256: str = "",
                      digest_verified: bool = False) -> PutResult: ...

@@ -9,6 +9,7 @@ import hashlib
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pyarrow as pa
@@ -397,3 +398,35 @@ def test_restart_keeps_incidents_and_resumes_jobs(tmp_path: Path) -> None:
         assert c.download("inc-1") == data
         sc2.jobs.wait(pending.analysis_id, timeout_s=30)
         assert c.get_analysis(pending.analysis_id).state == v1.JOB_STATE_DONE
+
+
+def test_analyses_that_could_not_be_enqueued_are_back_filled(
+        serve: Callable[..., tuple[Sidecar, str]], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The catalog stops answering between indexing an incident and enqueuing its analyses
+    (a shared catalog restarting; injected here, since that window cannot be timed against a
+    real server): the upload is still acknowledged, the incident is marked for the back-fill,
+    whose pass — kept while the catalog is still down — enqueues the analyses once it answers."""
+    from integrations.errors import CatalogUnavailableError
+
+    sc, addr = serve(jobs={"on_ingest": ["stats"]}, catalog={"backfill_interval_s": 3600})
+    real_submit, down = sc.jobs.submit, [True]
+
+    def submit(*args: Any, **kwargs: Any) -> Any:
+        if down[0]:
+            raise CatalogUnavailableError("the shared incident catalog is unreachable (test)")
+        return real_submit(*args, **kwargs)
+
+    monkeypatch.setattr(sc.jobs, "submit", submit)
+    with SidecarClient(addr) as c:
+        assert c.upload("inc-1", build_incident("inc-1")).created
+        assert c.list_analyses("inc-1") == []
+        assert sc.store.backfill.pending() == [("acme", "inc-1")]
+        assert sc.store.backfill.run_once() == 0            # still down: the marker stays
+        assert sc.store.backfill.pending() == [("acme", "inc-1")]
+        down[0] = False
+        assert sc.store.backfill.run_once() == 1
+        assert sc.store.backfill.pending() == []
+        kinds = sorted(a.kind for a in c.list_analyses("inc-1"))
+        assert kinds == ["cf", "stats"]
+        assert sc.store.backfill.run_once() == 0            # enqueued once, not again
+        assert sorted(a.kind for a in c.list_analyses("inc-1")) == kinds

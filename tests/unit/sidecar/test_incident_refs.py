@@ -91,3 +91,25 @@ def test_a_local_store_gives_its_path(tmp_path: Path,
     with LocalStore(tmp_path) as store:
         store.put("inc-1", make_incident("inc-1"), tenant="acme")
         assert store.ref("inc-1", tenant="acme") == str(store.path("inc-1", tenant="acme"))
+
+
+def test_a_worker_starting_leaves_another_workers_download_alone(tmp_path: Path) -> None:
+    """Workers beside the sidecar share ``<data_dir>/ref-cache``; a worker restarted after a
+    kill builds its cache while another fetches. Building it removes only temp files left by
+    a crash (untouched for ``STRAY_TMP_AGE_S``), never a download in flight (which, removed,
+    once failed a job as "the object does not exist")."""
+    import os
+    import time
+
+    from sidecar._incident_cache import STRAY_TMP_AGE_S, LocalCache
+
+    root = tmp_path / "ref-cache"
+    (root / "refs").mkdir(parents=True)
+    in_flight = root / "refs" / ".abc.1111.tmp"
+    crashed = root / "refs" / ".def.2222.tmp"
+    for p in (in_flight, crashed):
+        p.write_bytes(b"partial")
+    old = time.time() - STRAY_TMP_AGE_S - 5
+    os.utime(crashed, (old, old))
+    LocalCache(root)
+    assert in_flight.exists() and not crashed.exists()
