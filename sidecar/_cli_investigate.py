@@ -182,6 +182,12 @@ def _write_html(inc: Any, result: dict[str, Any], out: Path, *, source: str) -> 
 def _summary(rep: Any, result: dict[str, Any], paths: dict[str, Path]) -> None:
     spans = rep.input_spans.text if rep.input_spans is not None else "—"
     layer = rep.trace.decision_layer if rep.trace is not None else "—"
+    if rep.span_trace is not None:
+        layer = f"{rep.span_trace.decision_layer} from the span (read out from layer {layer})"
+        sc = rep.span_consistency
+        if sc is not None and sc.evaluated:
+            layer += (f"; {sc.consistent} of {sc.evaluated} variants within ±{sc.tolerance} of "
+                      f"layer {sc.reference}")
     _say(f"input spans: {spans}; decision layer: {layer}")
     if result.get("fix_found"):
         fx = rep.fix

@@ -1,7 +1,9 @@
 """The progressive investigation of one real failure (DESIGN §14), every step verified by
 replay, with progress shown: input spans → causal trace and decision layer (consistency over
-failing variants) → components → directions (a deployable, gated fix) → the fix, checked on
-the incident itself by replay.
+failing variants), from the tail (where the failure is read out of the injected span) and from
+the span itself (after which layer removing it no longer removes the failure, DESIGN §14's
+wording; ``span_trace``, ``span_consistency``) → components → directions (a deployable, gated
+fix) → the fix, checked on the incident itself by replay.
 
 Example::
 
@@ -21,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from analysis.cca import Failure, FixSet
+from analysis.cca import BoundFailure, Failure, FixSet
 from analysis.replay import Replayer, ReplaySession
 from integrations.errors import AnalysisError, ForensicsError
 from integrations.incident import Incident
@@ -30,6 +32,7 @@ from ._components import components
 from ._directions import DirectionFix, derive_fix
 from ._episode_call import CallMarks, EpisodeView, on_failing_call
 from ._fix import verified_fix
+from ._span_trace import SpanTrace, benign_means, span_trace
 from ._spans import InputSpans, attribute_input
 from ._trace import CausalTrace, causal_trace
 from ._twins import find_twin
@@ -38,6 +41,8 @@ from ._variants import Consistency, decision_consistency
 __all__ = ["Investigation", "investigate", "load_session", "text_predicate"]
 
 STEPS = ("spans", "trace", "components", "directions")
+#: The benign incidents whose residual means the span trace ablates with (the first ones).
+MAX_MEAN_BENIGN = 32
 FailureOf = Failure | Callable[[Incident], Failure]
 
 
@@ -51,6 +56,8 @@ class Investigation:
     input_spans: InputSpans | None = None
     trace: CausalTrace | None = None
     consistency: Consistency | None = None
+    span_trace: SpanTrace | None = None
+    span_consistency: Consistency | None = None
     components: FixSet | None = None
     directions: DirectionFix | None = None
     fix: FixSet | None = None
@@ -64,7 +71,8 @@ class Investigation:
 
         return {"incident_id": self.incident_id, "failure": self.failure,
                 "input_spans": d(self.input_spans), "trace": d(self.trace),
-                "consistency": d(self.consistency), "components": d(self.components),
+                "consistency": d(self.consistency), "span_trace": d(self.span_trace),
+                "span_consistency": d(self.span_consistency), "components": d(self.components),
                 "directions": d(self.directions), "fix": d(self.fix),
                 "episode_call": self.episode_call,
                 "seconds": dict(self.seconds), "notes": list(self.notes)}
@@ -172,6 +180,11 @@ def investigate(session: ReplaySession, *, failure: FailureOf, tokenizer: Any,
         rep.consistency = run.step("decision layer over variants", lambda: decision_consistency(
             session.model, variants[:max_variants], benign, failure_of=fail_of,
             tokenizer=tokenizer, reference=rep.trace, load=run.load))
+        rep.span_trace, rep.span_consistency = run.step(
+            "decision layer from the span, over variants", lambda: _span_side(
+                session, run.load, twin_ids, bound, benign=benign,
+                variants=variants[:max_variants], failure_of=fail_of,
+                tokenizer=tokenizer)) or (None, None)
     elif "trace" in steps:
         rep.notes.append("causal trace: no benign twin (a benign prompt equal to this one "
                          "minus one span) among the benign incidents; pass twin=")
@@ -193,6 +206,18 @@ def investigate(session: ReplaySession, *, failure: FailureOf, tokenizer: Any,
                 tokenizer=tokenizer, bound=bound, load=run.load))
     run.say(f"[{time.perf_counter() - run.t0:6.1f}s] done")
     return rep
+
+
+def _span_side(session: ReplaySession, load: Callable[[Incident], ReplaySession],
+               twin_ids: Sequence[int], bound: BoundFailure, *, benign: Sequence[Incident],
+               variants: Sequence[Incident], failure_of: Callable[[Incident], Failure],
+               tokenizer: Any) -> tuple[SpanTrace, Consistency]:
+    """The incident's span trace and the span-side decision layers of its variants."""
+    means = benign_means(benign[:MAX_MEAN_BENIGN], load=load)
+    st = span_trace(session, twin_ids=twin_ids, failure=bound, means=means)
+    return st, decision_consistency(session.model, variants, benign, failure_of=failure_of,
+                                    tokenizer=tokenizer, reference=st, load=load,
+                                    measure="span", means=means)
 
 
 def load_session(model: Any, path: str | Path) -> ReplaySession:

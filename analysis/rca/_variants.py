@@ -13,6 +13,12 @@ bound, are counted as skipped, with the reason. ``flip_layers`` keeps each varia
 the earlier rule (:func:`~analysis.rca._trace.flip_layer`) for comparison, ``curves`` each
 tail curve.
 
+``measure="span"`` judges the decision layer from the span's side instead
+(:mod:`~analysis.rca._span_trace`, DESIGN §14's wording: the earliest layer from which removing
+the injected span no longer removes most of the failure); ``means`` are the benign means it
+ablates with. ``flip_layers`` then keeps each variant's ``settled_layer``, ``curves`` its span
+curve, ``shares`` the share of the failure the ablation still removes at the decision layer.
+
 Example::
 
     c = decision_consistency(model, variants, benign, failure_of=f, tokenizer=tok,
@@ -23,9 +29,11 @@ Example::
 from __future__ import annotations
 
 import statistics
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+import torch
 
 from analysis.cca import Failure
 from analysis.replay import Replayer, ReplaySession
@@ -33,6 +41,7 @@ from integrations.errors import ForensicsError
 from integrations.incident import Incident
 
 from ._heldout import wilson
+from ._span_trace import SpanTrace, benign_means, span_trace
 from ._trace import CausalTrace, causal_trace
 from ._twins import find_twin
 
@@ -59,6 +68,8 @@ class Consistency:
     exact: int
     skipped: dict[str, str] = field(default_factory=dict)
     reference_from: str = ""
+    measure: str = "tail"
+    rule: str = ""
     incident_layer: int | None = None
     shares: dict[str, float | None] = field(default_factory=dict)
     flip_layers: dict[str, int | None] = field(default_factory=dict)
@@ -98,16 +109,67 @@ def variant_traces(variants: Sequence[Incident], benign: Sequence[Incident], *,
     return traces, skipped
 
 
+def variant_span_traces(variants: Sequence[Incident], benign: Sequence[Incident], *,
+                        failure_of: Callable[[Incident], Failure], tokenizer: Any, load: Loader,
+                        means: torch.Tensor) -> tuple[dict[str, SpanTrace], dict[str, str]]:
+    """Each variant's span trace against its twin, and the skipped ones."""
+    traces: dict[str, SpanTrace] = {}
+    skipped: dict[str, str] = {}
+    for v in variants:
+        twin = find_twin(v, benign)
+        if twin is None:
+            skipped[v.id] = "no benign twin among the benign incidents"
+            continue
+        try:
+            s = load(v)
+            traces[v.id] = span_trace(s, twin_ids=twin, means=means,
+                                      failure=failure_of(v).bind(s, tokenizer=tokenizer))
+        except ForensicsError as e:
+            skipped[v.id] = str(e)
+    return traces, skipped
+
+
 def decision_consistency(model: Any, variants: Sequence[Incident], benign: Sequence[Incident],
                          *, failure_of: Callable[[Incident], Failure], tokenizer: Any,
-                         reference: CausalTrace | None = None,
+                         reference: CausalTrace | SpanTrace | None = None,
                          reference_layer: int | None = None, tolerance: int = 1,
-                         load: Loader | None = None) -> Consistency:
+                         load: Loader | None = None, measure: str = "tail",
+                         means: torch.Tensor | None = None) -> Consistency:
     """Decision layers over ``variants`` against the reference (module doc). ``load``: how to
     open a variant's replay session (default: one :class:`Replayer` for all of them)."""
     opener = load if load is not None else Replayer(model).load
+    if measure == "span":
+        if means is None:
+            means = benign_means(benign, load=opener)
+        spans, skipped = variant_span_traces(variants, benign, failure_of=failure_of,
+                                             tokenizer=tokenizer, load=opener, means=means)
+        return _judged(spans, skipped, reference, reference_layer, tolerance, measure="span",
+                       rule=SpanTrace.rule,
+                       shares={k: _removed(t) for k, t in spans.items()},
+                       flips={k: t.settled_layer for k, t in spans.items()},
+                       curves={k: t.curve for k, t in spans.items()})
+    if measure != "tail":
+        raise ValueError(f"measure must be 'tail' or 'span', not {measure!r}")
     traces, skipped = variant_traces(variants, benign, failure_of=failure_of,
                                      tokenizer=tokenizer, load=opener)
+    return _judged(traces, skipped, reference, reference_layer, tolerance, measure="tail",
+                   rule=CausalTrace.rule,
+                   shares={k: t.decision_share for k, t in traces.items()},
+                   flips={k: t.flip_layer for k, t in traces.items()},
+                   curves={k: t.tail_curve for k, t in traces.items()})
+
+
+def _removed(t: SpanTrace) -> float | None:
+    """The share of the failure the span's ablation still removes at the decision layer."""
+    if t.decision_layer is None:
+        return None
+    return max(0.0, min(1.0, 1.0 - t.curve[t.layers.index(t.decision_layer)]))
+
+
+def _judged(traces: Mapping[str, CausalTrace | SpanTrace], skipped: dict[str, str],
+            reference: CausalTrace | SpanTrace | None, reference_layer: int | None,
+            tolerance: int, *, measure: str, rule: str, shares: dict[str, float | None],
+            flips: dict[str, int | None], curves: dict[str, list[float]]) -> Consistency:
     layers = {k: t.decision_layer for k, t in traces.items()}
     own = reference.decision_layer if reference is not None else None
     ref: int | None
@@ -122,7 +184,6 @@ def decision_consistency(model: Any, variants: Sequence[Incident], benign: Seque
     exact = sum(1 for x in layers.values() if x is not None and x == ref)
     return Consistency(reference=ref, layers=layers, tolerance=tolerance, consistent=ok,
                        evaluated=len(layers), exact=exact, skipped=skipped,
-                       reference_from=origin, incident_layer=own,
-                       shares={k: t.decision_share for k, t in traces.items()},
-                       flip_layers={k: t.flip_layer for k, t in traces.items()},
-                       curves={k: [round(v, 4) for v in t.tail_curve] for k, t in traces.items()})
+                       reference_from=origin, incident_layer=own, measure=measure, rule=rule,
+                       shares=shares, flip_layers=flips,
+                       curves={k: [round(v, 4) for v in c] for k, c in curves.items()})

@@ -66,6 +66,18 @@ def _verdict(se: dict[str, Any]) -> str:
             if ratio else f"within the {SIDE_EFFECT_BUDGET_KL}-nat side-effect budget")
 
 
+def _span_line(inv: dict[str, Any]) -> list[str]:
+    """The decision layer from the span's side (when measured)."""
+    st, sc = inv.get("span_trace") or {}, inv.get("span_consistency") or {}
+    if not st:
+        return []
+    ci = sc.get("ci") or [None, None]
+    return [f"from the span layer {st.get('decision_layer')} (removing the injected text no "
+            f"longer removes most of the failure); consensus {sc.get('reference')}: "
+            f"{sc.get('consistent')} of {sc.get('evaluated')} variants within "
+            f"±{sc.get('tolerance')} (Wilson 95 % [{_f(ci[0], '.2f')}, {_f(ci[1], '.2f')}])"]
+
+
 def _investigation_lines(inv: dict[str, Any]) -> list[str]:
     """The investigation's answers: span, decision layer over variants, components, the fix."""
     sp, tr, c = inv.get("input_spans") or {}, inv.get("trace") or {}, inv.get("consistency") or {}
@@ -77,6 +89,7 @@ def _investigation_lines(inv: dict[str, Any]) -> list[str]:
              f"{c.get('reference')}: {c.get('consistent')} of {c.get('evaluated')} failing "
              f"variants within ±{c.get('tolerance')} (Wilson 95 % [{_f(ci[0], '.2f')}, "
              f"{_f(ci[1], '.2f')}])",
+             *_span_line(inv),
              "components    " + (", ".join(f"{iv.get('kind')}({iv.get('site')})" for iv in
                                            comps.get("interventions") or []) or "none verified")
              + " (patched from the benign twin: an explanation, not a fix)"]

@@ -76,6 +76,8 @@ def investigation_sections() -> list[Section]:
             Section("investigation-spans", "Investigation: input spans", rca.input_spans),
             Section("causal-trace", "Investigation: causal trace and decision layer",
                     rca.causal_trace),
+            Section("span-trace", "Investigation: decision layer from the injected span",
+                    rca.span_trace),
             Section("decision-consistency", "Investigation: decision layer over variants",
                     rca.decision_consistency),
             Section("components", "Investigation: components", rca.components),

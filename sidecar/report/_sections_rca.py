@@ -21,7 +21,7 @@ from ._html import bars_svg, esc, fmt, heatmap_svg, kv_table, note, table
 from ._sections import interactions
 
 __all__ = ["causal_trace", "components", "decision_consistency", "direction_fix",
-           "failure_signature", "final_fix", "input_spans", "overview"]
+           "failure_signature", "final_fix", "input_spans", "overview", "span_trace"]
 
 
 def _inv(data: ReportData) -> Mapping[str, Any] | None:
@@ -58,11 +58,19 @@ def overview(data: ReportData) -> str | None:
     se = fx.get("side_effects") or {}
     fix = (f"flips: {esc(fx.get('flip'))} <small>(benign KL {fmt(se.get('mean_kl'), '.2g')} "
            "nats)</small>") if r.get("fix_found") else "none within budget"
+    st, sc = r.get("span_trace") or {}, r.get("span_consistency") or {}
+    layer = esc(tr.get("decision_layer"))
     rate = c.get("rate")
+    consistent = fmt(rate, ".0%") if rate is not None else "—"
+    if st:   # the span's side first (DESIGN §14's decision layer), the tail's read-out beside
+        layer = (f"{esc(st.get('decision_layer'))} <small>(from the span; read out of it "
+                 f"from layer {layer})</small>")
+        if sc.get("rate") is not None:
+            consistent = (f"{fmt(sc['rate'], '.0%')} <small>(from the span; tail: "
+                          f"{consistent})</small>")
     cards = [_card("minimal input span", esc(sp.get("text")), "card-span"),
-             _card("decision layer", esc(tr.get("decision_layer")), "card-decision-layer"),
-             _card("consistent over variants", fmt(rate, ".0%") if rate is not None else "—",
-                   "card-consistency"),
+             _card("decision layer", layer, "card-decision-layer"),
+             _card("consistent over variants", consistent, "card-consistency"),
              _card("deployable fix", fix, "card-investigation-fix")]
     took = sum(v for v in (r.get("seconds") or {}).values() if isinstance(v, int | float))
     return (f'<p>{esc(r.get("failure"))} · {fmt(took, ".1f")} s of replays and searches'
@@ -141,14 +149,51 @@ def causal_trace(data: ReportData) -> str | None:
     return "".join(out) + "".join(note(n) for n in tr.get("notes") or [])
 
 
+def span_trace(data: ReportData) -> str | None:
+    """Removing the injected span from the residual stream at each layer, and the decision
+    layer from the span's side (DESIGN §14's wording)."""
+    r = _inv(data)
+    if r is None:
+        return None
+    st = r.get("span_trace")
+    if st is None:
+        return _missing(r, "span trace", "the decision layer from the span")
+    layers, decision = st.get("layers") or [], st.get("decision_layer")
+    span = st.get("span") or ["?", "?"]
+    return bars_svg(
+        st.get("curve") or [], labels=[str(L) for L in layers], svg_id="svg-span-curve",
+        marked=layers.index(decision) if decision in layers else None,
+        marked_text="decision layer",
+        caption=f"the injected span (prompt positions {span[0]}–{span[1]}) replaced by the "
+                "benign mean residual at one layer (1 = still failing, 0 = the twin's level); "
+                f"decision layer: {st.get('rule')}") + kv_table([
+        ("decision layer from the span", f'<b id="span-decision-layer">{esc(decision)}</b>'),
+        ("earliest layer from which removing the span no longer flips the failure",
+         esc(st.get("settled_layer"))),
+        ("metric failing → twin", f"{fmt(st.get('metric_failing'))} → "
+                                  f"{fmt(st.get('metric_twin'))}"),
+        ("replays", esc(st.get("runs")))], table_id="span-trace-table") + \
+        "".join(note(n) for n in st.get("notes") or [])
+
+
 def decision_consistency(data: ReportData) -> str | None:
-    """The decision layer of each failing variant against the incident's."""
+    """The decision layer of each failing variant against the consensus: from the span's side
+    (when measured) and from the tail."""
     r = _inv(data)
     if r is None:
         return None
     c = r.get("consistency")
     if c is None:
         return _missing(r, "decision layer", "the consistency over variants")
+    out = []
+    if r.get("span_consistency"):
+        out.append("<h3>From the span (removing it no longer removes the failure)</h3>" +
+                   _consistency(r["span_consistency"], "span-consistency-table"))
+        out.append("<h3>From the tail (where the failure is read out of the span)</h3>")
+    return "".join(out) + _consistency(c, "consistency-table")
+
+
+def _consistency(c: dict[str, Any], table_id: str) -> str:
     rate = c.get("rate")
     rows = [[esc(v), esc(layer), "yes" if layer is not None and c.get("reference") is not None
              and abs(layer - c["reference"]) <= c.get("tolerance", 1) else "no"]
@@ -161,9 +206,10 @@ def decision_consistency(data: ReportData) -> str | None:
                else "") +
             f") within ±{esc(c.get('tolerance'))} layer of layer {esc(c.get('reference'))}"
             + (f" ({esc(c.get('reference_from'))})" if c.get("reference_from") else "") +
-            f"; exactly equal in {esc(c.get('exact'))}. The seed's target is ≥ 90 %.</p>")
+            f"; exactly equal in {esc(c.get('exact'))}. The seed's target is ≥ 90 %."
+            + (f" Rule: {esc(c.get('rule'))}." if c.get("rule") else "") + "</p>")
     return head + (table(["variant", "decision layer", "consistent"], rows,
-                         table_id="consistency-table") if rows else
+                         table_id=table_id) if rows else
                    note("no failing variants were given (--variants DIR, params.variants)"))
 
 

@@ -67,6 +67,11 @@ def test_investigate_finds_what_was_planted(planted: PlantedModel, cases: dict[s
     assert rep.trace is not None and rep.trace.decision_layer == LAYER
     assert rep.consistency is not None and rep.consistency.rate == 1.0
     assert rep.consistency.evaluated == len(variants)
+    # from the span's side: removing the trigger before the planted head's layer removes it
+    assert rep.span_trace is not None and rep.span_trace.decision_layer == LAYER
+    sc = rep.span_consistency
+    assert sc is not None and sc.measure == "span" and sc.reference == LAYER
+    assert (sc.consistent, sc.evaluated) == (len(variants), len(variants))
     assert rep.components is not None and rep.components.flip
     assert any(s.startswith(f"blocks.{LAYER}.attn.z[head={HEAD}]") for s in rep.components.sites)
     assert rep.directions is not None and rep.directions.chosen is not None

@@ -158,3 +158,26 @@ def test_user_region_is_the_last_user_turns_content() -> None:
     llama3 = [1, 3, 2, 5, 1, 6, 2, 7, 8, 1, 9, 2]         # role between two special tokens
     assert user_region(llama3, tok) == (7, 9)
     assert user_region([5, 7, 8], tok) is None            # a plain prompt: no user turn
+
+
+def test_span_trace_finds_the_layer_that_reads_the_trigger(
+        planted: PlantedModel, case: tuple[list[int], list[int]]) -> None:
+    """Removing the trigger from the residual stream (the benign mean in its place) before the
+    planted head reads it removes the failure; from the head's layer on it no longer does:
+    both decision layers of the span trace are the fault's layer."""
+    from analysis.rca._span_trace import benign_means, last_removing, span_trace
+
+    failing, twin = case
+    benign = [_session(planted, p).incident for p in planted.benign_prompts(6, seed=8)]
+    means = benign_means(benign, load=Replayer(planted.model).load)
+    assert means.shape == (4, planted.model.config.n_embd)
+    s = _session(planted, failing)
+    st = span_trace(s, twin_ids=twin, failure=Failure.token(TARGET, step=0).bind(s),
+                    means=means)
+    assert st.span == (3, 4)
+    assert st.decision_layer == LAYER == st.settled_layer
+    assert max(st.curve[:LAYER]) < 0.5 <= min(st.curve[LAYER:])
+    assert st.metric_failing > 0 >= st.metric_twin
+    assert st.runs == 2 + 4 + 2       # base + twin, the curve, two values re-run at batch 1
+    assert last_removing([True, False, True, False, False]) == 3
+    assert last_removing([True, True]) is None and last_removing([False]) == 0

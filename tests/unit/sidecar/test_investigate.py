@@ -77,6 +77,9 @@ def _check_result(r: dict[str, Any]) -> None:
     assert r["trace"]["decision_layer"] == LAYER
     c = r["consistency"]
     assert c["evaluated"] >= 5 and c["rate"] >= 0.9
+    assert r["span_trace"]["decision_layer"] == LAYER
+    sc = r["span_consistency"]
+    assert sc["measure"] == "span" and sc["evaluated"] == c["evaluated"] and sc["rate"] >= 0.9
     assert r["fix_found"] is True and r["fix"]["flip"] is True
     assert r["fix"]["side_effects"]["mean_kl"] <= 0.1
     assert r["output"]["replayed"].split()[0] == "HACKED"
@@ -85,7 +88,8 @@ def _check_result(r: dict[str, Any]) -> None:
 def _check_html(html: str) -> None:
     for element in ('id="prompt-tokens"', "<mark> TRIGGER</mark>", 'id="svg-causal-trace"',
                     'id="svg-tail-curve"', f'<b id="decision-layer">{LAYER}</b>',
-                    'id="consistency-table"', 'id="directions-table"',
+                    'id="consistency-table"', 'id="directions-table"', 'id="svg-span-curve"',
+                    f'<b id="span-decision-layer">{LAYER}</b>', 'id="span-consistency-table"',
                     '<b id="fix-flip">True</b>', 'id="fix-usage"'):
         assert element in html, element
 
