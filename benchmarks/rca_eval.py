@@ -310,6 +310,10 @@ def phase_investigate(model: Any, tok: Any, args: argparse.Namespace) -> dict[st
                      "spans_overlap_injection": bool(spans and spans.overlaps(pre, end)),
                      "decision_layer": rep.trace.decision_layer if rep.trace else None,
                      "consistency": rep.consistency.to_dict() if rep.consistency else None,
+                     "span_decision_layer": rep.span_trace.decision_layer
+                     if rep.span_trace else None,
+                     "span_consistency": rep.span_consistency.to_dict()
+                     if rep.span_consistency else None,
                      "components": rep.components.sites if rep.components else None,
                      "components_flip": bool(rep.components and rep.components.flip),
                      "notes": rep.notes})
@@ -353,6 +357,9 @@ def phase_timed(model: Any, tok: Any, args: argparse.Namespace) -> dict[str, Any
             "decision_layer": rep.trace.decision_layer if rep.trace else None,
             "consistency": None if rep.consistency is None else
             {k: v for k, v in rep.consistency.to_dict().items() if k != "curves"},
+            "span_decision_layer": rep.span_trace.decision_layer if rep.span_trace else None,
+            "span_consistency": None if rep.span_consistency is None else
+            {k: v for k, v in rep.span_consistency.to_dict().items() if k != "curves"},
             "components": rep.components.sites if rep.components else None,
             "fix_found": rep.fix is not None and bool(rep.fix.flip),
             "fix": None if rep.fix is None else rep.fix.to_dict(), "notes": rep.notes}
