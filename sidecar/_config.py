@@ -220,6 +220,8 @@ def _jobs(value: Any) -> JobsConfig:
     if jobs.workers < 1 or jobs.max_attempts < 1 or jobs.max_pending_per_tenant < 1:
         raise ConfigError("jobs.workers, jobs.max_attempts and jobs.max_pending_per_tenant "
                           "must be >= 1")
+    if not jobs.lease_s >= 1:
+        raise ConfigError(f"jobs.lease_s must be >= 1 (seconds), got {jobs.lease_s!r}")
     if jobs.executor not in EXECUTORS:
         raise ConfigError(f"jobs.executor must be one of {', '.join(EXECUTORS)}, "
                           f"got {jobs.executor!r}")

@@ -164,6 +164,9 @@ class RayConfig:
 class JobsConfig:
     """Analysis job runner: worker threads, retries, kinds enqueued on every new incident, and
     default parameters per kind (``params: {cca: {permutations: 19}}``; a job's own params win).
+    ``lease_s`` (a shared catalog only): a running job whose owner has not heartbeaten for
+    that long is resumed by another sidecar (owners heartbeat every ``lease_s / 6``); shorter
+    resumes a dead sidecar's jobs sooner, longer tolerates longer pauses of a live one.
     """
 
     workers: int = 2
@@ -173,6 +176,7 @@ class JobsConfig:
     params: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
     max_pending_per_tenant: int = 100
     executor: str = "local"                  # local | ray (EXECUTORS)
+    lease_s: float = 60.0
     ray: RayConfig = dataclasses.field(default_factory=RayConfig)
 
 

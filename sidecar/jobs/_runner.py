@@ -82,7 +82,8 @@ class JobRunner:
         self.store = store
         self.config = config
         self.kinds = JobKinds(kinds)
-        self.queue = JobQueue(store.index, max_attempts=config.jobs.max_attempts, clock=clock)
+        self.queue = JobQueue(store.index, max_attempts=config.jobs.max_attempts, clock=clock,
+                              lease_s=config.jobs.lease_s if store.index.shared else None)
         self.telemetry = as_telemetry(telemetry)
         self.workers = config.jobs.workers
         self._executor = executor or make_executor(config)

@@ -199,7 +199,7 @@ def test_a_running_sidecar_resumes_a_dead_ones_job(tmp_path: Path, pg_dsn: str) 
     from sidecar.jobs import JobRunner, builtin_kinds
 
     cfg = SidecarConfig.from_dict({"data_dir": str(tmp_path / "data"),
-                                   "jobs": {"poll_interval_s": 0.05}})
+                                   "jobs": {"poll_interval_s": 0.05, "lease_s": 1}})
     with LocalStore(cfg.data_dir, catalog=PostgresCatalog(pg_dsn)) as store:
         store.put("inc-1", build_incident("inc-1"), tenant="acme")
         dead = JobQueue(PostgresCatalog(pg_dsn), max_attempts=3, owner="dead-sidecar")
@@ -207,7 +207,7 @@ def test_a_running_sidecar_resumes_a_dead_ones_job(tmp_path: Path, pg_dsn: str) 
         assert dead.claim() is not None          # ... and its sidecar is never heard of again
         dead.index.close()
         runner = JobRunner(store, config=cfg, kinds=builtin_kinds())
-        runner.queue.lease_s = 0.6               # JOB_LEASE_S (60 s) shortened for the test
+        assert runner.queue.lease_s == 1         # jobs.lease_s (default 60 s)
         runner.start()
         try:
             done = runner.wait(job.id, timeout_s=30)

@@ -33,6 +33,7 @@ def test_shipped_yaml_is_the_embedded_defaults() -> None:
     ({"limits": {"max_chunk_bytes": 64 * 1024 * 1024}}, "max_chunk_bytes"),
     ({"jobs": {"workers": 0}}, "jobs.workers"),
     ({"jobs": {"max_pending_per_tenant": 0}}, "max_pending_per_tenant must be >= 1"),
+    ({"jobs": {"lease_s": 0.5}}, "jobs.lease_s must be >= 1"),
     ({"limits": {"max_decoded_bytes": 0}}, "limits.max_decoded_bytes must be positive"),
     ({"limits": {"idle_timeout_s": 0}}, "limits.idle_timeout_s must be positive"),
     ({"limits": {"max_concurrent_uploads": 16}}, "must be below grpc.max_workers"),
