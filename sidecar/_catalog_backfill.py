@@ -16,7 +16,7 @@ nothing is lost, and a restart picks the markers up again. A listener that canno
 catalog (:class:`~integrations.errors.CatalogUnavailableError`) keeps the marker for the next
 pass (listeners are idempotent: ingest jobs carry a request id); the same marker is left by
 the server for an incident indexed just before the catalog stopped answering, whose analyses
-could not be enqueued (``IncidentStore.defer_analyses``).
+could not be enqueued (:meth:`Backfill.defer` with a reason).
 
 Example::
 

@@ -207,7 +207,7 @@ class IncidentServicer(v1.IncidentServiceServicer):
             self.enqueue_ingest_jobs(row)
         except CatalogUnavailableError:
             try:
-                self.store.defer_analyses(row)
+                self.store.backfill.defer(row, reason="its analyses could not be enqueued")
             except Exception:
                 log.exception("could not mark %s for back-fill: its ingest analyses are not "
                               "enqueued (run them with RunAnalysis)", row.id)

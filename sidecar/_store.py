@@ -355,10 +355,6 @@ class LocalStore:
         with self._subs_lock, contextlib.suppress(ValueError):
             self._subs.remove(q)
 
-    def defer_analyses(self, row: IncidentRow) -> None:
-        """:meth:`IncidentStore.defer_analyses`: a back-fill marker (durable on return)."""
-        self.backfill.defer(row, reason="its analyses could not be enqueued")
-
     def _publish(self, row: IncidentRow | None) -> None:
         with self._subs_lock:
             subs = list(self._subs)

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from integrations.incident import Incident
 
     from ._catalog import Catalog
+    from ._catalog_backfill import Backfill
     from ._store_verify import ContentVerifier
 
 __all__ = ["AlreadyExistsError", "AmbiguousIncidentError", "IncidentStore", "PutResult"]
@@ -64,16 +65,14 @@ class IncidentStore(Protocol):
 
     index: Catalog
     verifier: ContentVerifier
+    #: Incidents acknowledged while the catalog could not index them or enqueue their
+    #: analyses: the back-fill does it once the catalog answers (``defer(row, reason=...)``).
+    backfill: Backfill
 
     def put(self, incident_id: str, data: bytes, *, tenant: str | None,
             sha256: str | None = None) -> PutResult: ...
 
     def incoming(self, incident_id: str, *, sha256: bool = True) -> IncomingFile: ...
-
-    def defer_analyses(self, row: IncidentRow) -> None:
-        """Mark an acknowledged incident whose ingest analyses could not be enqueued (the
-        catalog stopped answering after it was indexed): the back-fill enqueues them later."""
-        ...
 
     def put_incoming(self, incoming: IncomingFile, *, tenant: str | None, sha256: str = "",
                      crc32c: int | None = None, content_sha256: str = "",

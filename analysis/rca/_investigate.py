@@ -175,16 +175,8 @@ def investigate(session: ReplaySession, *, failure: FailureOf, tokenizer: Any,
         rep.input_spans = run.step("input spans", lambda: attribute_input(
             session, failing=lambda text: check(inc, text), tokenizer=tokenizer))
     if "trace" in steps and twin_ids is not None:
-        rep.trace = run.step("causal trace", lambda: causal_trace(
-            session, twin_ids=twin_ids, failure=bound, tokenizer=tokenizer))
-        rep.consistency = run.step("decision layer over variants", lambda: decision_consistency(
-            session.model, variants[:max_variants], benign, failure_of=fail_of,
-            tokenizer=tokenizer, reference=rep.trace, load=run.load))
-        rep.span_trace, rep.span_consistency = run.step(
-            "decision layer from the span, over variants", lambda: _span_side(
-                session, run.load, twin_ids, bound, benign=benign,
-                variants=variants[:max_variants], failure_of=fail_of,
-                tokenizer=tokenizer)) or (None, None)
+        _trace_steps(run, session, twin_ids, bound, benign=benign,
+                     variants=variants[:max_variants], failure_of=fail_of, tokenizer=tokenizer)
     elif "trace" in steps:
         rep.notes.append("causal trace: no benign twin (a benign prompt equal to this one "
                          "minus one span) among the benign incidents; pass twin=")
@@ -206,6 +198,24 @@ def investigate(session: ReplaySession, *, failure: FailureOf, tokenizer: Any,
                 tokenizer=tokenizer, bound=bound, load=run.load))
     run.say(f"[{time.perf_counter() - run.t0:6.1f}s] done")
     return rep
+
+
+def _trace_steps(run: _Run, session: ReplaySession, twin_ids: Sequence[int],
+                 bound: BoundFailure, *, benign: Sequence[Incident],
+                 variants: Sequence[Incident], failure_of: Callable[[Incident], Failure],
+                 tokenizer: Any) -> None:
+    """The causal trace and the decision layer, from the tail and from the span, over the
+    variants (into ``run.rep``)."""
+    rep = run.rep
+    rep.trace = run.step("causal trace", lambda: causal_trace(
+        session, twin_ids=twin_ids, failure=bound, tokenizer=tokenizer))
+    rep.consistency = run.step("decision layer over variants", lambda: decision_consistency(
+        session.model, variants, benign, failure_of=failure_of, tokenizer=tokenizer,
+        reference=rep.trace, load=run.load))
+    rep.span_trace, rep.span_consistency = run.step(
+        "decision layer from the span, over variants", lambda: _span_side(
+            session, run.load, twin_ids, bound, benign=benign, variants=variants,
+            failure_of=failure_of, tokenizer=tokenizer)) or (None, None)
 
 
 def _span_side(session: ReplaySession, load: Callable[[Incident], ReplaySession],
