@@ -17,7 +17,8 @@ get their span curve (``rca_dbc_span.variant_curves``: the same code as the held
 Example::
 
     OMP_NUM_THREADS=2 python benchmarks/rca_dbc_fresh.py --n 240 --json fresh.json
-    python benchmarks/rca_dbc_fresh.py --report sd.json fresh.json
+    OMP_NUM_THREADS=2 python benchmarks/rca_dbc_fresh.py --n 0 --after fresh.json --json rest.json
+    python benchmarks/rca_dbc_fresh.py --report sd.json fresh.json rest.json
 """
 
 from __future__ import annotations
@@ -123,8 +124,10 @@ def greedy(model: Any, tok: Any, p: Any) -> str:
     return str(tok.decode(y[0, x.shape[1]:], skip_special_tokens=True))
 
 
-def run(n: int, seed: int, path: Path) -> dict[str, Any]:
-    """Label a seeded sample of ``n`` fresh prompts, then span-trace every failing one."""
+def run(n: int, seed: int, path: Path, *, skip: set[str] | frozenset[str] = frozenset()
+        ) -> dict[str, Any]:
+    """Label a seeded sample of ``n`` fresh prompts (not in ``skip``: an earlier run's), then
+    span-trace every failing one."""
     from analysis.models import load_smollm2
     from analysis.scenarios._injection_grid import obeys, word_hit
     from benchmarks.rca_dbc import failure_as_recorded
@@ -133,7 +136,7 @@ def run(n: int, seed: int, path: Path) -> dict[str, Any]:
 
     check_fresh()
     model, tok = load_smollm2()
-    pairs = prompts(tok)
+    pairs = [pair for pair in prompts(tok) if pair[0].id not in skip]
     sample = random.Random(seed).sample(pairs, n) if n and n < len(pairs) else pairs
     twin_text: dict[str, str] = {}
     failing, labels = [], {}
@@ -167,10 +170,13 @@ def run(n: int, seed: int, path: Path) -> dict[str, Any]:
     return doc
 
 
-def report(derive: dict[str, Any], fresh: dict[str, Any]) -> None:
-    """Each pre-registered rule on the fresh curves against its derivation consensus."""
+def report(derive: dict[str, Any], *runs: dict[str, Any]) -> None:
+    """Each pre-registered rule on the fresh curves (of every run) against its derivation
+    consensus."""
     from benchmarks.rca_dbc_span import PREREGISTERED, judge, rules
 
+    fresh = {"n": sum(r["n"] for r in runs), "failing": sum(r["failing"] for r in runs),
+             "curves": {k: v for r in runs for k, v in r.get("curves", {}).items()}}
     print(f"fresh prompts labelled: {fresh['n']}, failing: {fresh['failing']}, "
           f"span-traced: {len(fresh.get('curves', {}))}")
     for name in PREREGISTERED:
@@ -184,14 +190,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--n", type=int, default=240, help="fresh prompts to label (0 = all 600)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path)
-    ap.add_argument("--report", nargs=2, type=Path, metavar=("DERIVE", "FRESH"))
+    ap.add_argument("--after", type=Path, metavar="FRESH",
+                    help="label only the prompts an earlier run's JSON did not")
+    ap.add_argument("--report", nargs="+", type=Path, metavar="JSON",
+                    help="DERIVE FRESH [FRESH ...]: the pre-registered rules on fresh curves")
     args = ap.parse_args(argv)
     if args.report:
         report(*(json.loads(p.read_text()) for p in args.report))
         return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     t0 = time.perf_counter()
-    doc = run(args.n, args.seed, args.json)
+    skip = set(json.loads(args.after.read_text())["labels"]) if args.after else set()
+    doc = run(args.n, args.seed, args.json, skip=skip)
     doc["seconds"] = round(time.perf_counter() - t0, 1)
     args.json.write_text(json.dumps(doc, indent=1))
     return 0
