@@ -31,11 +31,11 @@ from __future__ import annotations
 import statistics
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
-from analysis.cca import Failure
+from analysis.cca import BoundFailure, Failure
 from analysis.replay import Replayer, ReplaySession
 from integrations.errors import ForensicsError
 from integrations.incident import Incident
@@ -48,6 +48,7 @@ from ._twins import find_twin
 __all__ = ["Consistency", "consensus_layer", "decision_consistency"]
 
 Loader = Callable[[Incident], ReplaySession]
+T = TypeVar("T")
 
 
 def consensus_layer(layers: Sequence[int | None]) -> int | None:
@@ -89,10 +90,12 @@ class Consistency:
 
 
 def variant_traces(variants: Sequence[Incident], benign: Sequence[Incident], *,
-                   failure_of: Callable[[Incident], Failure], tokenizer: Any, load: Loader
-                   ) -> tuple[dict[str, CausalTrace], dict[str, str]]:
-    """Each variant's tail-restoration trace against its twin, and the skipped ones."""
-    traces: dict[str, CausalTrace] = {}
+                   failure_of: Callable[[Incident], Failure], tokenizer: Any, load: Loader,
+                   trace: Callable[[ReplaySession, list[int], BoundFailure], T]
+                   ) -> tuple[dict[str, T], dict[str, str]]:
+    """``trace(session, twin_ids, bound)`` of each variant against its twin, and the skipped
+    ones (no twin among ``benign``, or a failure that cannot be bound or traced)."""
+    traces: dict[str, T] = {}
     skipped: dict[str, str] = {}
     for v in variants:
         twin = find_twin(v, benign)
@@ -101,29 +104,7 @@ def variant_traces(variants: Sequence[Incident], benign: Sequence[Incident], *,
             continue
         try:
             s = load(v)
-            bound = failure_of(v).bind(s, tokenizer=tokenizer)
-            traces[v.id] = causal_trace(s, twin_ids=twin, failure=bound, heatmap=False,
-                                        verify_flips=False)
-        except ForensicsError as e:
-            skipped[v.id] = str(e)
-    return traces, skipped
-
-
-def variant_span_traces(variants: Sequence[Incident], benign: Sequence[Incident], *,
-                        failure_of: Callable[[Incident], Failure], tokenizer: Any, load: Loader,
-                        means: torch.Tensor) -> tuple[dict[str, SpanTrace], dict[str, str]]:
-    """Each variant's span trace against its twin, and the skipped ones."""
-    traces: dict[str, SpanTrace] = {}
-    skipped: dict[str, str] = {}
-    for v in variants:
-        twin = find_twin(v, benign)
-        if twin is None:
-            skipped[v.id] = "no benign twin among the benign incidents"
-            continue
-        try:
-            s = load(v)
-            traces[v.id] = span_trace(s, twin_ids=twin, means=means,
-                                      failure=failure_of(v).bind(s, tokenizer=tokenizer))
+            traces[v.id] = trace(s, twin, failure_of(v).bind(s, tokenizer=tokenizer))
         except ForensicsError as e:
             skipped[v.id] = str(e)
     return traces, skipped
@@ -141,8 +122,11 @@ def decision_consistency(model: Any, variants: Sequence[Incident], benign: Seque
     if measure == "span":
         if means is None:
             means = benign_means(benign, load=opener)
-        spans, skipped = variant_span_traces(variants, benign, failure_of=failure_of,
-                                             tokenizer=tokenizer, load=opener, means=means)
+        span_means = means
+        spans, skipped = variant_traces(
+            variants, benign, failure_of=failure_of, tokenizer=tokenizer, load=opener,
+            trace=lambda s, twin, bound: span_trace(s, twin_ids=twin, failure=bound,
+                                                    means=span_means))
         return _judged(spans, skipped, reference, reference_layer, tolerance, measure="span",
                        rule=SpanTrace.rule,
                        shares={k: _removed(t) for k, t in spans.items()},
@@ -150,8 +134,10 @@ def decision_consistency(model: Any, variants: Sequence[Incident], benign: Seque
                        curves={k: t.curve for k, t in spans.items()})
     if measure != "tail":
         raise ValueError(f"measure must be 'tail' or 'span', not {measure!r}")
-    traces, skipped = variant_traces(variants, benign, failure_of=failure_of,
-                                     tokenizer=tokenizer, load=opener)
+    traces, skipped = variant_traces(
+        variants, benign, failure_of=failure_of, tokenizer=tokenizer, load=opener,
+        trace=lambda s, twin, bound: causal_trace(s, twin_ids=twin, failure=bound,
+                                                  heatmap=False, verify_flips=False))
     return _judged(traces, skipped, reference, reference_layer, tolerance, measure="tail",
                    rule=CausalTrace.rule,
                    shares={k: t.decision_share for k, t in traces.items()},
