@@ -92,7 +92,12 @@ class Backfill:
 
     def insert(self, row: IncidentRow) -> bool:
         """Insert the row of a durable incident (an ``index`` span); False when the catalog
-        is unreachable: the incident is then marked for back-fill (:meth:`defer`)."""
+        is unreachable: the incident is then marked for back-fill (:meth:`defer`).
+
+        On a shared store another sidecar's reconcile (its back-fill pass) may index the file
+        between this upload's publish and its insert; the insert then conflicts with a row of
+        the same bytes, which counts as inserted (the upload goes on: acknowledged, its
+        analyses enqueued). A conflicting row of other bytes is an error."""
         index = self.store.index
         try:
             with self.store.telemetry.span("index", traceparent=row.traceparent,
@@ -102,6 +107,15 @@ class Backfill:
         except CatalogUnavailableError:
             self.defer(row)
             return False
+        except Exception:
+            try:
+                found = index.get_incident(row.id, tenant=row.tenant)
+            except CatalogUnavailableError:
+                found = None
+            if found is None or found.sha256 != row.sha256:
+                raise
+            log.info("incident %s (tenant %r) was indexed by a reconcile of the shared store "
+                     "before this upload's insert", row.id, row.tenant)
         return True
 
     def defer(self, row: IncidentRow, *, reason: str = "acknowledged to local disk") -> None:

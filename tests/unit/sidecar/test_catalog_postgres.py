@@ -296,3 +296,36 @@ def test_a_restarted_catalog_fails_one_call_then_reconnects(postgres_server) -> 
         assert failures == 1
     finally:
         cat.close()
+
+
+def test_an_upload_indexed_by_another_sidecars_reconcile_still_counts_as_created(
+        tmp_path: Path, pg_dsn: str) -> None:
+    """Two sidecars on one catalog and one shared store: sidecar A's back-fill pass reconciles
+    the store (indexing every file without a row) between sidecar B's publish of an upload
+    and B's insert. B's insert then meets a row of the same bytes: the upload is still
+    created (so B acknowledges it and enqueues its analyses) — it once failed, the client
+    retried, found the row and got ``created=False``, and the incident never had its ingest
+    job. The interleaving is forced by running A's reconcile inside B's publish."""
+    from sidecar._incident_files_fs import files_for
+
+    cfg = SidecarConfig.from_dict({"data_dir": str(tmp_path / "a"),
+                                   "store": {"uri": (tmp_path / "shared").as_uri()}})
+    (tmp_path / "shared").mkdir()
+
+    def store(name: str) -> LocalStore:
+        return LocalStore(tmp_path / name, catalog=PostgresCatalog(pg_dsn),
+                          files=files_for(cfg.store, data_dir=tmp_path / name))
+
+    with store("a") as a, store("b") as b:
+        publish = b.files.publish
+
+        def publish_then_reconcile(*args: object, **kwargs: object) -> None:
+            publish(*args, **kwargs)   # type: ignore[arg-type]
+            assert a.recover().indexed == 1          # A indexes B's file first
+
+        b.files.publish = publish_then_reconcile    # type: ignore[method-assign]
+        data = build_incident("raced")
+        res = b.put("raced", data, tenant="acme")
+        assert res.created and not res.deferred
+        row = b.get("raced", tenant="acme")
+        assert row is not None and row.sha256 == res.row.sha256
