@@ -160,8 +160,11 @@ class IncidentServicer(v1.IncidentServiceServicer):
             self._abort(context, _client_gone(rej, context))
         if result.created:
             count_received(self.telemetry, result.row.size_bytes)
-            if not result.deferred:   # else the back-fill enqueues them once indexed
-                self._enqueue_or_defer(result.row)
+        # Also on an idempotent retry (created=False): the first attempt may have stored the
+        # incident and failed before enqueuing; submits carry request ids, so this is a no-op
+        # when its analyses exist.
+        if not result.deferred:   # else the back-fill enqueues them once indexed
+            self._enqueue_or_defer(result.row)
         row = result.row
         resp = v1.UploadIncidentResponse(incident_id=row.id, sha256=row.sha256,
                                          size=row.size_bytes, created=result.created,

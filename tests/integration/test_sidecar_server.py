@@ -430,3 +430,28 @@ def test_analyses_that_could_not_be_enqueued_are_back_filled(
         assert kinds == ["cf", "stats"]
         assert sc.store.backfill.run_once() == 0            # enqueued once, not again
         assert sorted(a.kind for a in c.list_analyses("inc-1")) == kinds
+
+
+def test_a_retried_upload_enqueues_what_the_failed_attempt_did_not(
+        serve: Callable[..., tuple[Sidecar, str]], monkeypatch: pytest.MonkeyPatch) -> None:
+    """An attempt that stored the incident and then failed (here: announcing it to watchers
+    raises once) never enqueued its analyses; the exporter's retry finds the incident stored
+    (created=False) and must enqueue them — once, however often it is retried."""
+    sc, addr = serve(jobs={"on_ingest": ["stats"]})
+    real, fail = sc.store._publish, [True]
+
+    def publish(row: Any) -> None:
+        if fail[0]:
+            fail[0] = False
+            raise RuntimeError("injected: the attempt fails after the incident is stored")
+        real(row)
+
+    monkeypatch.setattr(sc.store, "_publish", publish)
+    data = build_incident("inc-1")
+    with SidecarClient(addr) as c:
+        with pytest.raises(grpc.RpcError):
+            c.upload("inc-1", data)
+        assert c.list_analyses("inc-1") == []
+        for _ in range(2):
+            assert not c.upload("inc-1", data).created
+        assert sorted(a.kind for a in c.list_analyses("inc-1")) == ["cf", "stats"]
