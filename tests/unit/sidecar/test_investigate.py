@@ -125,7 +125,9 @@ def test_investigate_errors_say_what_to_do(cases: dict[str, list[Any]], tmp_path
     from model_forensics.cli import main
     from sidecar.jobs._models import model_ref
 
-    # other tests (the seed recorder) register their tiny GPT-2 under the same class name
+    # other tests (the seed recorder) register their tiny GPT-2 under the same class name;
+    # the built-ins are registered first, so that restoring _ENTRIES keeps them for later tests
+    registry.registered()
     monkeypatch.setattr(registry, "_ENTRIES", {k: v for k, v in registry._ENTRIES.items()
                                                if k != model_ref(cases["failing"][0])[0]})
 
