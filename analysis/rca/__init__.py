@@ -1,8 +1,9 @@
 """Root-cause analysis of one real failure: from "unusual" to "why", and a fix you could deploy.
 
 DESIGN §14: :func:`investigate` runs, each step verified by replay, input attribution
-(:class:`InputSpans`), the causal trace and decision layer (:class:`CausalTrace`, with its
-:class:`Consistency` over failing variants), components (a CCA fix set patched from the twin),
+(:class:`InputSpans`), the causal trace and decision layer (:class:`CausalTrace`: where the
+failure is read out of the injected span; :class:`SpanTrace`: after which layer removing the
+span no longer removes it; each with its :class:`Consistency` over failing variants), components (a CCA fix set patched from the twin),
 directions (:class:`DirectionFix`: gated removal of contrast directions, searched under a
 side-effect budget, beside plain steering) and the resulting portable fix (a
 :class:`~analysis.cca.FixSet`). Failure signatures are cross-validated linear probes
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
     from ._heldout import FlipRate, LiveSideEffects, flip_rate, side_effects
     from ._investigate import Investigation, investigate, load_session
     from ._probes import LinearProbe, ProbeResult, cross_validate
+    from ._span_trace import SpanTrace, span_trace
     from ._spans import InputSpans, attribute_input
     from ._trace import CausalTrace, causal_trace
     from ._variants import Consistency
@@ -51,6 +53,7 @@ __all__ = [
     "LinearProbe",
     "LiveSideEffects",
     "ProbeResult",
+    "SpanTrace",
     "attribute_input",
     "causal_trace",
     "counterfactual_episode",
@@ -62,6 +65,7 @@ __all__ = [
     "load_session",
     "model_call_incident",
     "side_effects",
+    "span_trace",
 ]
 
 __getattr__, __dir__ = lazy_exports(__name__, {
@@ -75,6 +79,7 @@ __getattr__, __dir__ = lazy_exports(__name__, {
     "LinearProbe": "._probes",
     "LiveSideEffects": "._heldout",
     "ProbeResult": "._probes",
+    "SpanTrace": "._span_trace",
     "attribute_input": "._spans",
     "causal_trace": "._trace",
     "counterfactual_episode": "._counterfactual",
@@ -86,4 +91,5 @@ __getattr__, __dir__ = lazy_exports(__name__, {
     "load_session": "._investigate",
     "model_call_incident": "._episode_call",
     "side_effects": "._heldout",
+    "span_trace": "._span_trace",
 })
