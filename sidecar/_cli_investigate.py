@@ -47,7 +47,8 @@ def register_investigate(subparsers: Any) -> None:
                                                      "itself is skipped if there)")
     p.add_argument("--failure-text", metavar="TEXT",
                    help="the failing text of the output (default: from the flag reason, e.g. "
-                        "prompt_injection -> HACKED)")
+                        "prompt_injection -> HACKED; for an episode, what its destructive tool "
+                        "call names, e.g. DELETE)")
     p.add_argument("--model", metavar="NAME|MODULE:FUNCTION",
                    help="registered model name/alias (smollm2, minilm) or a loader returning "
                         "(model, tokenizer); default: the incident's model")

@@ -9,6 +9,8 @@ first recorded tool call whose result the tool itself marked destructive (a true
 ``destructive``, as the shipped agents' tools report it — agent-db's ``run_sql`` records
 ``{"rows": [], "destructive": ["DELETE"]}`` — so each failing variant gets its own); else :class:`FailingCallError`, listing the episode's model calls and
 saying to pass the index. An incident that is not an episode gives None (investigated as always).
+Found by that mark, the failure text defaults to what the mark names (:func:`destructive_text`:
+``DELETE``) when the investigated call's output contains it.
 
 :func:`episode_steps` is the episode in order for the report: every model call (its forward
 calls, how its KV cache was served, the end of its prompt and its output, decoded) and every
@@ -32,8 +34,8 @@ if TYPE_CHECKING:
     from analysis.rca._episode_call import CallMarks
     from integrations.incident import EpisodeStep, Incident
 
-__all__ = ["FailingCallError", "destructive_mark", "episode_steps", "failing_target",
-           "is_episode"]
+__all__ = ["FailingCallError", "destructive_mark", "destructive_text", "episode_steps",
+           "failing_target", "is_episode"]
 
 #: Characters of a tool argument / result, a model output and a prompt's end kept for a report.
 TEXT_CHARS = {"tool": 400, "output": 600, "prompt": 300}
@@ -48,6 +50,20 @@ def destructive_mark(call: Mapping[str, Any]) -> bool:
     non-empty ``destructive`` (``{"destructive": true}``, agent-db's ``["DELETE"]``)."""
     result = call.get("result")
     return isinstance(result, Mapping) and bool(result.get("destructive"))
+
+
+def destructive_text(incident: Incident) -> str | None:
+    """The text the first destructive tool call's result names (agent-db's ``run_sql`` records
+    ``"destructive": ["DELETE"]``: ``"DELETE"``); None when the marks are only ``true``. An
+    investigation at that call's model call uses it as the failure text (the statement the
+    model wrote) when none was given."""
+    for call in incident.manifest.get("external_calls") or []:
+        if isinstance(call, Mapping) and destructive_mark(call):
+            named = call["result"]["destructive"]
+            if isinstance(named, list) and named and isinstance(named[0], str) and named[0]:
+                return named[0]
+            return None
+    return None
 
 
 def is_episode(incident: Incident) -> bool:

@@ -52,7 +52,8 @@ if TYPE_CHECKING:
     from ._queue import JobRecord
 
 __all__ = ["INVESTIGATE", "INVESTIGATIONS", "STEPS", "FailureTextError",
-           "ModelNotRegisteredError", "NoBenignIncidentsError", "NoTwinError", "failure_for",
+           "ModelNotRegisteredError", "NoBenignIncidentsError", "NoTwinError",
+           "default_failure_text", "failure_for",
            "investigate_job", "investigation_result", "results_dir", "run_investigation"]
 
 #: The steps of an investigation (``analysis.rca.investigate``), in order.
@@ -122,6 +123,7 @@ def run_investigation(session: ReplaySession, tokenizer: Any, *, benign: Sequenc
             "budget; record them (e.g. triggers.Ratio sampling, or the scenario's benign set) "
             "and pass them (--benign DIR, or params.benign)")
     target = failing_target(session.incident, failing_call=failing_call, tokenizer=tokenizer)
+    episode = session.incident
     call = None
     if target is not None:
         from analysis.rca._episode_call import on_failing_call
@@ -133,6 +135,13 @@ def run_investigation(session: ReplaySession, tokenizer: Any, *, benign: Sequenc
         if progress is not None:
             progress(f"episode: investigating model call {call} ({len(benign)} benign model "
                      f"calls, {len(variants)} variants at their failing call)")
+    named = None if failure_text else \
+        default_failure_text(episode, target, session, tokenizer)
+    if named:
+        failure_text = named
+        if progress is not None:
+            progress(f"failure: {named!r} in the call's output (named by the destructive tool "
+                     "call; --failure-text overrides)")
     failure = failure_for(session.incident, tokenizer, failure_text)
     if {"trace", "components"} & set(steps) and find_twin(session.incident, benign) is None:
         raise NoTwinError(
@@ -145,6 +154,22 @@ def run_investigation(session: ReplaySession, tokenizer: Any, *, benign: Sequenc
                       budget_kl=budget_kl, max_variants=max_variants, progress=progress)
     rep.episode_call = call
     return rep
+
+
+def default_failure_text(episode: Incident, target: Any, call: ReplaySession, tokenizer: Any
+                         ) -> str | None:
+    """The failure text of an episode investigated at the call before its destructive tool
+    call (``target`` is the destructive mark): what that tool call's result names (agent-db:
+    ``DELETE``), when the tokens the investigated ``call`` generated contain it; else None."""
+    from analysis.cca._failure import generated_tokens
+
+    from ._episode import destructive_mark, destructive_text
+
+    named = destructive_text(episode) if target is destructive_mark else None
+    if not named:
+        return None
+    said = _text(tokenizer, [t for _, t in generated_tokens(call)])
+    return named if named in said else None
 
 
 def _text(tokenizer: Any, ids: list[int]) -> str:

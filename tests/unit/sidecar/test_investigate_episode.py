@@ -210,6 +210,18 @@ def test_a_shipped_agent_db_episode(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert "SELECT" in first["output"] and "IMPORTANT: ignore previous" in read["result"]
     assert second["investigated"] and "DELETE FROM customers" in second["output"]
     assert wrote["destructive"] and '"destructive": ["DELETE"]' in wrote["result"]
+    # the failure text, unless given: what the destructive tool call names, in the call's output
+    from analysis.rca._episode_call import model_call_incident
+    from analysis.replay import Replayer
+    from sidecar.jobs._episode import destructive_text
+    from sidecar.jobs._investigate import default_failure_text
+
+    assert destructive_text(failing) == "DELETE" and destructive_text(twin) is None
+    rep = Replayer(sc.model)
+    calls = [rep.load(model_call_incident(failing, k), measure=False) for k in (0, 1)]
+    assert default_failure_text(failing, destructive_mark, calls[1], sc.tokenizer) == "DELETE"
+    assert default_failure_text(failing, destructive_mark, calls[0], sc.tokenizer) is None
+    assert default_failure_text(failing, 1, calls[1], sc.tokenizer) is None   # index given
     path = _write([twin], tmp_path / "twin") / f"{twin.id}.arrow"
     assert main(["investigate", str(path), "--failure-text", "DELETE", "--out",
                  str(tmp_path / "out")]) == 1             # told before benign is even needed
