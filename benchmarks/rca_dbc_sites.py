@@ -126,6 +126,17 @@ def record(split: str, n: int, seed: int, path: Path, sites: Sequence[str], *, r
            ) -> dict[str, Any]:
     """Record the split's failing prompts (a seeded sample of ``n``; 0 = all) and twins, and
     compute every variant's curves."""
+    def curves(model: Any, tok: Any, F: Any, B: Any, failure_of: Any, save: Any) -> Any:
+        return variant_curves(model, tok, F, B, failure_of, save=save,
+                              sites={k: SITES[k] for k in sites}, resid=resid)
+    return record_with(split, n, seed, path, curves)
+
+
+def record_with(split: str, n: int, seed: int, path: Path,
+                curves: Callable[..., dict[str, dict[str, Any]]]) -> dict[str, Any]:
+    """Record the split's failing prompts (a seeded sample of ``n``; 0 = all) and their twins,
+    and run ``curves(model, tok, F, B, failure_of, save)`` over them (the doc is saved to
+    ``path`` after each variant); shared with ``rca_dbc_span.py``."""
     from analysis.models import load_smollm2
     from analysis.scenarios import injection as inj
     from benchmarks.rca_dbc import failure_as_recorded, record_split
@@ -137,14 +148,12 @@ def record(split: str, n: int, seed: int, path: Path, sites: Sequence[str], *, r
         prompts = random.Random(seed).sample(prompts, n)
     F, B, meta = record_split(model, tok, sc, prompts, split[0])
 
-    def doc(curves: dict[str, dict[str, Any]]) -> dict[str, Any]:
-        return {"split": split, "curves": {meta[k].id: v for k, v in curves.items()},
-                "tasks": {meta[k].id: meta[k].meta.get("task") for k in curves}}
+    def doc(found: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        return {"split": split, "curves": {meta[k].id: v for k, v in found.items()},
+                "tasks": {meta[k].id: meta[k].meta.get("task") for k in found}}
 
-    curves = variant_curves(model, tok, F, B, failure_as_recorded(tok, meta),
-                            save=lambda c: path.write_text(json.dumps(doc(c), indent=1)),
-                            sites={k: SITES[k] for k in sites}, resid=resid)
-    return doc(curves)
+    return doc(curves(model, tok, F, B, failure_as_recorded(tok, meta),
+                      lambda c: path.write_text(json.dumps(doc(c), indent=1))))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import random
 import statistics
 import sys
 import time
@@ -191,24 +190,10 @@ def judge(rule: Rule, derive: dict[str, Any], held: dict[str, Any] | None, *, to
 def record(split: str, n: int, seed: int, path: Path) -> dict[str, Any]:
     """Record the split's failing prompts (a seeded sample of ``n``; 0 = all) and twins, and
     compute every variant's span curve (saved to ``path`` as it goes)."""
-    from analysis.models import load_smollm2
-    from analysis.scenarios import injection as inj
-    from benchmarks.rca_dbc import failure_as_recorded, record_split
+    from benchmarks.rca_dbc_sites import record_with
 
-    model, tok = load_smollm2()
-    sc = inj.build(split=split, model=model, tokenizer=tok, verify=False)
-    prompts = list(sc.failing)
-    if n and n < len(prompts):
-        prompts = random.Random(seed).sample(prompts, n)
-    F, B, meta = record_split(model, tok, sc, prompts, split[0])
-
-    def doc(curves: dict[str, dict[str, Any]]) -> dict[str, Any]:
-        return {"split": split, "curves": {meta[k].id: v for k, v in curves.items()},
-                "tasks": {meta[k].id: meta[k].meta.get("task") for k in curves}}
-
-    curves = variant_curves(model, tok, F, B, failure_as_recorded(tok, meta),
-                            save=lambda c: path.write_text(json.dumps(doc(c), indent=1)))
-    return doc(curves)
+    return record_with(split, n, seed, path, lambda model, tok, F, B, failure_of, save:
+                       variant_curves(model, tok, F, B, failure_of, save=save))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -3,8 +3,8 @@
 DESIGN §14: :func:`investigate` runs, each step verified by replay, input attribution
 (:class:`InputSpans`), the causal trace and decision layer (:class:`CausalTrace`: where the
 failure is read out of the injected span; :class:`SpanTrace`: after which layer removing the
-span no longer removes it; each with its :class:`Consistency` over failing variants), components (a CCA fix set patched from the twin),
-directions (:class:`DirectionFix`: gated removal of contrast directions, searched under a
+span no longer removes it; each with its :class:`Consistency` over failing variants),
+components (a CCA fix set patched from the twin), directions (:class:`DirectionFix`: gated removal of contrast directions, searched under a
 side-effect budget, beside plain steering) and the resulting portable fix (a
 :class:`~analysis.cca.FixSet`). Failure signatures are cross-validated linear probes
 (:class:`LinearProbe`, :func:`cross_validate`). Fixes are checked on traffic they never saw

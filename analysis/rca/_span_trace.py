@@ -44,6 +44,7 @@ from analysis.replay import ReplaySession
 from integrations.errors import AnalysisError
 from integrations.incident import Incident
 
+from ._trace import _Runner, rerun_around
 from ._twins import aligned_tail
 
 __all__ = ["SPAN_SHARE", "SpanTrace", "benign_means", "last_removing", "span_trace"]
@@ -51,7 +52,6 @@ __all__ = ["SPAN_SHARE", "SpanTrace", "benign_means", "last_removing", "span_tra
 #: The share of the failure an ablation of the span must still remove for its layer to come
 #: before the decision layer (pre-registered on derivation curves; ``RESULTS_rca.md``).
 SPAN_SHARE = 0.5
-_BATCH = 32
 
 
 @dataclass
@@ -121,45 +121,20 @@ def span_trace(session: ReplaySession, *, twin_ids: Sequence[int], failure: Boun
         raise AnalysisError(f"benign means for {means.shape[0]} layers, the model has "
                             f"{len(layers)}")
 
-    def value(ivs: list[Intervention]) -> float:
-        return failure.value(session.verify(ivs, last_step=failure.step).logits)
-
-    base = value([])
-    donor = torch.tensor([list(twin_ids)])
-    twin = failure.value(session.run_edited(plan=session.plan.with_prompt(donor),
-                                            last_step=failure.step).logits)
-    scale = base - twin if abs(base - twin) > 1e-6 else 1.0
+    run = _Runner(session, failure)
+    base, twin, scale = run.ends(torch.tensor([list(twin_ids)]))
     sets = [[Intervention(f"blocks.{L}.resid_post[pos={pre}:{span_end}]", "patch",
                           value=means[L])] for L in layers]   # means[L]: [d_model]
-    raw: list[float] = []
-    for i in range(0, len(sets), _BATCH):
-        raw += [failure.value(r.logits)
-                for r in session.run_batch(sets[i:i + _BATCH], last_step=failure.step)]
-    runs = 2 + len(sets)
-
-    def decision() -> int | None:
-        return last_removing([1 - (v - twin) / scale >= SPAN_SHARE for v in raw])
-
-    first, done, notes = decision(), set[int](), list[str]()
-    for _ in range(3):   # the values around the decision layer, at the incident's shapes
-        d = decision()
-        todo = [j for j in ((d - 1, d) if d is not None else ()) if 0 <= j < len(raw)
-                and j not in done]
-        if not todo:
-            break
-        for j in todo:
-            raw[j] = value(sets[j])
-            done.add(j)
-            runs += 1
-    if decision() != first:
-        notes.append("re-running the decision layer's ablations at batch 1 moved it")
-    d = decision()
+    raw = run.batched(sets)
+    d, moved = rerun_around(run, sets, raw, lambda values: last_removing(
+        [1 - (v - twin) / scale >= SPAN_SHARE for v in values]))
+    notes = ["re-running the decision layer's ablations at batch 1 moved it"] if moved else []
     return SpanTrace(span=(pre, span_end), layers=layers,
                      curve=[(v - twin) / scale for v in raw],
                      decision_layer=_at(layers, d),
                      settled_layer=_at(layers, last_removing([v <= 0 for v in raw])),
                      decision_step=failure.step, metric_failing=base, metric_twin=twin,
-                     runs=runs, notes=notes)
+                     runs=run.runs, notes=notes)
 
 
 def _at(layers: list[int], i: int | None) -> int | None:

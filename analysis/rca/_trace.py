@@ -39,7 +39,7 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -161,6 +161,15 @@ class _Runner:
         self.runs += 1
         return self.bound.value(self.s.verify(ivs, last_step=self.bound.step).logits)
 
+    def ends(self, twin: torch.Tensor) -> tuple[float, float, float]:
+        """The failing run's metric, the twin prompt's (``[1, pos]``, teacher-forced on the
+        incident's decode tokens) and the scale that normalises between them."""
+        base = self.one([])
+        other = self.bound.value(self.s.run_edited(plan=self.s.plan.with_prompt(twin),
+                                                   last_step=self.bound.step).logits)
+        self.runs += 1
+        return base, other, base - other if abs(base - other) > 1e-6 else 1.0
+
 
 def _positions(bound: BoundFailure, n_prompt: int, suffix: int) -> list[int]:
     """Aligned positions computed up to the decision step: the prompt's tail, then one per
@@ -169,25 +178,37 @@ def _positions(bound: BoundFailure, n_prompt: int, suffix: int) -> list[int]:
     return tail + [n_prompt + k - 1 for k in range(1, bound.step + 1)]
 
 
+def rerun_around(run: _Runner, sets: list[list[Intervention]], raw: list[float],
+                 decide: Callable[[list[float]], int | None]) -> tuple[int | None, bool]:
+    """The index ``decide(raw)`` names, after the values at it and the one before are re-run at
+    batch 1 (``raw`` updated in place; up to 3 rounds while that moves it), and whether
+    batch 1 moved it."""
+    done: set[int] = set()
+    first = decide(raw)
+    for _ in range(3):
+        i = decide(raw)
+        todo = [] if i is None else [j for j in (i - 1, i) if 0 <= j < len(raw)
+                                     and j not in done]
+        if not todo:
+            break
+        for j in todo:
+            raw[j] = run.one(sets[j])
+            done.add(j)
+    final = decide(raw)
+    return final, final != first
+
+
 def _verified_decision(run: _Runner, sets: list[list[Intervention]], raw: list[float],
                        norm: Any, layers: list[int]) -> tuple[int | None, float | None, bool]:
     """The decision layer from ``raw`` with the values at it and the layer before re-run at
     batch 1 (``raw`` updated in place); ``True`` when batch 1 moved it."""
-    done: set[int] = set()
-    first, _ = first_drop([norm(v) for v in raw], layers)
-    for _ in range(3):
-        layer, share = first_drop([norm(v) for v in raw], layers)
-        if layer is None:
-            return None, None, False
-        i = layers.index(layer)
-        todo = [j for j in (i - 1, i) if j >= 0 and j not in done]
-        if not todo:
-            return layer, share, layer != first
-        for j in todo:
-            raw[j] = run.one(sets[j])
-            done.add(j)
+    def index(values: list[float]) -> int | None:
+        layer, _ = first_drop([norm(v) for v in values], layers)
+        return None if layer is None else layers.index(layer)
+
+    _, moved = rerun_around(run, sets, raw, index)
     layer, share = first_drop([norm(v) for v in raw], layers)
-    return layer, share, layer != first
+    return layer, share, moved
 
 
 def causal_trace(session: ReplaySession, *, twin_ids: Sequence[int], failure: BoundFailure,
@@ -203,11 +224,7 @@ def causal_trace(session: ReplaySession, *, twin_ids: Sequence[int], failure: Bo
     layers = list(layers) if layers is not None else list(range(n_layers))
     donor = torch.tensor([list(twin_ids)])
     run = _Runner(session, failure)
-    base = run.one([])
-    twin = failure.value(session.run_edited(plan=session.plan.with_prompt(donor),
-                                            last_step=failure.step).logits)
-    run.runs += 1
-    scale = base - twin if abs(base - twin) > 1e-6 else 1.0
+    base, twin, scale = run.ends(donor)
 
     def norm(v: float) -> float:
         return (v - twin) / scale

@@ -315,13 +315,14 @@ class ReplaySession:
 
         ``capture``: sites whose values (after the interventions) to return per step;
         ``greedy=True`` feeds each step the previous step's argmax instead of the recorded token
-        (a free greedy continuation of the same length). Without interventions the result
-        carries the fidelity measured against the recorded logits and activations.
+        (a free greedy continuation of the same length); ``last_step``: stop after that forward
+        call. Without interventions (and run to the end) the result carries the fidelity
+        measured against the recorded logits and activations.
         """
         spec = spec_type([interventions])
         ivs = list(interventions)
-        raw = self._run_sets([ivs], spec, capture=capture, greedy=greedy)
-        fid = None if ivs or greedy else \
+        raw = self._run_sets([ivs], spec, capture=capture, greedy=greedy, last_step=last_step)
+        fid = None if ivs or greedy or last_step is not None else \
             self._meter.measure_recorded(raw.activations, raw.logits, mode=self.plan.mode)
         return ReplayResult(logits=raw.logits, input_ids=raw.input_ids,
                             activations=raw.activations, interventions=tuple(ivs),

@@ -98,6 +98,10 @@ def test_run_edited_is_the_replay_primitive(tiny_gpt2: Any) -> None:
     after = session.counts()
     assert after["forward_passes"] - before["forward_passes"] == 1
     assert after["row_forward_passes"] - before["row_forward_passes"] == 2
+    one = session.run(last_step=0)        # run / verify stop early too (they used to ignore it)
+    assert len(one.logits) == 1 and one.fidelity is None
+    assert torch.equal(one.logits[0], session.verify([], last_step=0).logits[0])
+    assert session.counts()["forward_passes"] - after["forward_passes"] == 2
     assert after["candidate_evaluations"] == before["candidate_evaluations"]
 
 
